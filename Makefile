@@ -1,0 +1,41 @@
+# The README's commands: `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-out
+
+.PHONY: demo test lint typecheck pytest bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Reinstall only when the project's metadata changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mvi-node phantom $(DEMO_DIR)/phantom --studies 1 --seed 7 --force
+	$(BIN)/mvi-node inspect $(DEMO_DIR)/phantom
+
+lint: $(STAMP)
+	$(BIN)/ruff check node model dicom_sr tests bench
+	$(BIN)/ruff format --check node model dicom_sr tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/phantom_bench.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The DICOM objects the node produces (SEG, SR, Secondary Capture), one module per IOD."""

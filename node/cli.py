@@ -1,0 +1,291 @@
+"""The ``mvi-node`` command line: each command a thin call into the modules that do the work.
+
+Exit codes: 0 success, 1 the work failed, 2 bad usage or bad configuration — always with one
+line that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from node import __version__
+from node.logging import configure_logging, get_logger, study_key
+from node.settings import ConfigError, config_path_from_env, load_settings, redacted_dict, to_toml
+
+app = typer.Typer(
+    name="mvi-node",
+    help="DICOM AI node: scores contrast liver CT for microvascular invasion (MVI) of HCC.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+PHASE_ALIASES = {
+    "non_contrast": "non_contrast",
+    "nc": "non_contrast",
+    "arterial": "arterial",
+    "ap": "arterial",
+    "portal_venous": "portal_venous",
+    "portal-venous": "portal_venous",
+    "pv": "portal_venous",
+    "pvp": "portal_venous",
+    "delayed": "delayed",
+    "dp": "delayed",
+}
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise."""
+    err.print(f"mvi-node: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mvi-node {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """DICOM AI node beside the PACS: receives dual-phase liver CT, returns SEG, SR and SC."""
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="TOML file to check (default: $MVI_CONFIG, else the defaults)."),
+    ] = None,
+) -> None:
+    """Print the effective configuration (secrets redacted), or one line per bad key and exit 2."""
+    path = config_path_from_env(file)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"{exc.source}: {problem}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    source = str(path) if path is not None else "built-in defaults"
+    out.print(f"# effective configuration from {source} and MVI_* environment", markup=False)
+    out.print(to_toml(redacted_dict(settings)), markup=False, highlight=False, soft_wrap=True)
+
+
+def _parse_dates(value: str | None) -> tuple[dt.date, dt.date] | None:
+    if value is None:
+        return None
+    try:
+        start_text, end_text = value.split(":")
+        start, end = dt.date.fromisoformat(start_text), dt.date.fromisoformat(end_text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r}: expected FROM:TO as YYYY-MM-DD:YYYY-MM-DD", param_hint="--dates"
+        ) from None
+    if end < start:
+        raise typer.BadParameter(f"{value!r}: TO is before FROM", param_hint="--dates")
+    return start, end
+
+
+def _parse_phases(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    phases: list[str] = []
+    for name in (part.strip().lower() for part in value.split(",") if part.strip()):
+        if name not in PHASE_ALIASES:
+            raise typer.BadParameter(
+                f"unknown phase {name!r}; use non_contrast, arterial, portal_venous, delayed",
+                param_hint="--phases",
+            )
+        if PHASE_ALIASES[name] not in phases:
+            phases.append(PHASE_ALIASES[name])
+    if not phases:
+        raise typer.BadParameter("name at least one phase", param_hint="--phases")
+    from model.phantom import PHASE_NAMES
+
+    return tuple(p for p in PHASE_NAMES if p in phases)
+
+
+#: What a previous run of `mvi-node phantom` leaves in its output folder (``--force`` removes it).
+_PHANTOM_OUTPUTS = ("study_*", "masks", "labels.csv", "truth.csv")
+
+
+def _prepare_output(folder: Path, force: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise fail(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not force:
+            raise fail(f"{folder} is not empty; choose an empty folder or pass --force to replace")
+        for pattern in _PHANTOM_OUTPUTS:
+            for path in folder.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+
+@app.command()
+def phantom(
+    output: Annotated[Path, typer.Argument(help="Output folder (empty or new).")],
+    studies: Annotated[int, typer.Option(min=1, max=10000, help="Number of studies.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Cohort seed; same seed, same cohort.")] = 0,
+    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
+    slices: Annotated[int, typer.Option(min=8, max=1000, help="Slices per series.")] = 64,
+    masks: Annotated[
+        bool, typer.Option("--masks", help="Truth masks as NRRD under OUTPUT/masks/.")
+    ] = False,
+    seg: Annotated[
+        bool, typer.Option("--seg", help="A manual DICOM SEG of the truth in each study.")
+    ] = False,
+    no_tumor: Annotated[bool, typer.Option("--no-tumor", help="Livers without a tumor.")] = False,
+    phases: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset: non_contrast, arterial, portal_venous, delayed."
+        ),
+    ] = None,
+    no_descriptions: Annotated[
+        bool,
+        typer.Option("--no-descriptions", help="Empty SeriesDescription and ProtocolName."),
+    ] = False,
+    dates: Annotated[
+        str | None, typer.Option(help="Spread study dates over FROM:TO (YYYY-MM-DD:YYYY-MM-DD).")
+    ] = None,
+    non_liver: Annotated[
+        bool, typer.Option("--non-liver", help="CT of another region, no contrast phases.")
+    ] = False,
+    enhanced: Annotated[
+        bool, typer.Option("--enhanced", help="Enhanced CT multi-frame series.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a previous phantom cohort in OUTPUT.")
+    ] = False,
+) -> None:
+    """Write a synthetic cohort of multi-phase liver CT studies with labels.csv and truth.csv."""
+    from node.phantom_study import CohortOptions, write_cohort
+
+    configure_logging("info")
+    log = get_logger("phantom")
+    options = CohortOptions(
+        studies=studies,
+        seed=seed,
+        size=size,
+        slices=slices,
+        masks=masks,
+        seg=seg,
+        tumor=not no_tumor,
+        phases=_parse_phases(phases),
+        descriptions=not no_descriptions,
+        dates=_parse_dates(dates),
+        non_liver=non_liver,
+        enhanced=enhanced,
+    )
+    _prepare_output(output, force)
+    started = time.perf_counter()
+    table = Table(title=f"phantom cohort in {output}")
+    for column in ("study", "mvi", "max diam mm", "tumor ml", "LOAT cm²", "LOAT ml", "series"):
+        table.add_column(column)
+    with Progress(
+        TextColumn("[bold]phantom"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("studies", total=studies)
+
+        def on_study(written: object) -> None:
+            from node.phantom_study import WrittenStudy
+
+            assert isinstance(written, WrittenStudy)
+            truth = written.phantom.truth
+            log.info(
+                "study written",
+                study_key=study_key(written.study_instance_uid),
+                folder=written.folder.name,
+                series=len(written.files),
+            )
+            table.add_row(
+                written.folder.name,
+                "-" if truth.mvi is None else str(truth.mvi),
+                f"{truth.max_diameter_mm:.1f}",
+                f"{truth.tumor_volume_ml:.1f}",
+                f"{truth.loat_max_area_cm2:.2f}",
+                f"{truth.loat_volume_ml:.1f}",
+                ", ".join(written.files),
+            )
+            progress.advance(task)
+
+        write_cohort(output, options, on_study=on_study)
+    elapsed = time.perf_counter() - started
+    size_mb = sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) / 1e6
+    out.print(table)
+    out.print(f"{studies} studies, {size_mb:.1f} MB, {elapsed:.1f} s → {output}", markup=False)
+    log.info("cohort written", studies=studies, seconds=round(elapsed, 2), megabytes=size_mb)
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+) -> None:
+    """Load every series of a folder of DICOM files and print its geometry and HU range."""
+    from node.dicomio import DicomIOError, load_series, scan_folder
+
+    if not folder.is_dir():
+        raise fail(f"{folder}: not a folder")
+    studies = scan_folder(folder)
+    if not studies:
+        raise fail(f"{folder}: no DICOM files found", code=1)
+    for study_uid, series_map in studies.items():
+        table = Table(title=f"study {study_key(study_uid)}")
+        for column in ("series", "description", "images", "size", "spacing mm", "HU min/mean/max"):
+            table.add_column(column)
+        for series in sorted(series_map.values(), key=lambda s: s.series_description):
+            row = [series.series_instance_uid[-12:], series.series_description or "(none)"]
+            if series.modality != "CT":
+                table.add_row(*row, str(len(series.paths)), series.modality, "", "")
+                continue
+            try:
+                import SimpleITK as sitk
+
+                image = load_series(series.paths)
+                array = sitk.GetArrayViewFromImage(image)
+                spacing = "×".join(f"{s:.2f}" for s in image.GetSpacing())
+                size_text = "×".join(str(s) for s in image.GetSize())
+                hu = f"{array.min():.0f} / {array.mean():.0f} / {array.max():.0f}"
+                table.add_row(*row, str(len(series.paths)), size_text, spacing, hu)
+            except DicomIOError as exc:
+                table.add_row(*row, str(len(series.paths)), "error", str(exc), "")
+        out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

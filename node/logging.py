@@ -1,0 +1,147 @@
+"""Structured logging for the node: JSON lines for machines, console lines for people, no PHI.
+
+Every log line that concerns a study names it by :func:`study_key`, a short keyed hash of the
+StudyInstanceUID, never by the UID or by patient identifiers. :func:`scrub_phi` is a structlog
+processor that enforces it: patient name, patient ID, birth date and accession number are
+dropped from every event, whatever the caller passed, and raw UIDs are replaced by their keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+#: Event keys that can carry protected health information; never written to a log.
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patientname",
+        "patient_id",
+        "patientid",
+        "patient_birth_date",
+        "patientbirthdate",
+        "birth_date",
+        "birthdate",
+        "accession_number",
+        "accessionnumber",
+        "accession",
+        "other_patient_ids",
+        "otherpatientids",
+        "patient_address",
+        "patientaddress",
+    }
+)
+
+#: Identifier keys that are replaced by a short hash instead of being dropped.
+HASHED_KEYS = {
+    "study_instance_uid": "study_key",
+    "studyinstanceuid": "study_key",
+    "series_instance_uid": "series_key",
+    "seriesinstanceuid": "series_key",
+    "sop_instance_uid": "instance_key",
+    "sopinstanceuid": "instance_key",
+}
+
+_KEY_LENGTH = 12
+
+
+def study_key(study_instance_uid: str) -> str:
+    """Short, stable hash that names a study in logs, metrics and paths.
+
+    Parameters
+    ----------
+    study_instance_uid
+        The StudyInstanceUID.
+
+    Returns
+    -------
+    str
+        12 hexadecimal characters of SHA-256 over the UID (48 bits: collisions are negligible for
+        the studies one node ever sees, and the UID cannot be read back from it).
+    """
+    return uid_key(study_instance_uid)
+
+
+def uid_key(uid: str) -> str:
+    """Short hash of any DICOM UID (series, instance), as :func:`study_key` does for studies."""
+    digest = hashlib.sha256(uid.strip().encode("ascii", "replace")).hexdigest()
+    return digest[:_KEY_LENGTH]
+
+
+def scrub_phi(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: drop patient identifiers, hash UIDs.
+
+    Keys are compared case-insensitively and without separators, so ``PatientName``,
+    ``patient_name`` and ``patient-name`` are all caught.
+    """
+    for key in list(event_dict):
+        normal = key.lower().replace("-", "_")
+        flat = normal.replace("_", "")
+        if normal in PHI_KEYS or flat in PHI_KEYS:
+            del event_dict[key]
+            continue
+        target = HASHED_KEYS.get(normal) or HASHED_KEYS.get(flat)
+        if target is not None:
+            value = event_dict.pop(key)
+            event_dict[target] = uid_key(str(value)) if value else value
+    return event_dict
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog (and the standard library's logging) for the whole process.
+
+    Parameters
+    ----------
+    level
+        ``debug``, ``info``, ``warning`` or ``error``.
+    stream
+        Where lines go (default ``sys.stderr``). JSON lines when it is not a TTY (journald,
+        files, pipes), coloured console lines when it is.
+    """
+    out = stream if stream is not None else sys.stderr
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    is_tty = bool(getattr(out, "isatty", lambda: False)())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=True)
+        if is_tty
+        else structlog.processors.JSONRenderer(sort_keys=False)
+    )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_phi,
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (pynetdicom, apscheduler) log through the standard library: same stream, never
+    # below INFO, so their per-dataset debug dumps cannot reach the log.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO))
+    # pynetdicom's debug handlers print whole datasets (patient identifiers included).
+    logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+
+
+def get_logger(name: str | None = None, **initial: Any) -> Any:
+    """A structlog logger bound to ``component=name`` and any initial values."""
+    logger = structlog.get_logger()
+    if name is not None:
+        initial = {"component": name, **initial}
+    return logger.bind(**initial) if initial else logger

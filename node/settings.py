@@ -1,0 +1,525 @@
+"""The node's configuration: one pydantic-settings schema for every section of ``node.toml``.
+
+Sources, lowest to highest priority: the defaults in this module, a TOML file (``--config FILE``
+or ``MVI_CONFIG``), then environment variables ``MVI_<SECTION>__<KEY>`` (for a peer:
+``MVI_PEERS__<NAME>__<KEY>``). Every model forbids unknown keys: a typo in a site's file must
+fail loudly instead of silently falling back to a default.
+
+``config/node.toml`` documents every default below; ``tests/node/test_settings.py`` keeps the two
+equal.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "MVI_CONFIG"
+ENV_PREFIX = "MVI_"
+REDACTED = "********"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _empty_to_none(value: Any) -> Any:
+    # TOML has no null: the documented way to leave an optional key unset is an empty string.
+    if isinstance(value, str) and value.strip() == "":
+        return None
+    return value
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if not value.isascii() or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ValueError("an AE title is printable ASCII without backslash")
+    if value.strip() == "":
+        raise ValueError("an AE title cannot be only spaces")
+    return value
+
+
+def _check_patterns(values: list[str]) -> list[str]:
+    for pattern in values:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"regular expression {pattern!r} does not compile: {exc}") from exc
+    return values
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class NodeSection(_Section):
+    """``[node]``: the node's own DICOM identity, listening address and limits."""
+
+    ae_title: str = "MVI_NODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    data_dir: Path = Path("~/.local/share/mvi-node")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu: int = Field(default=0, ge=0)
+    acse_timeout: PositiveSeconds = 30.0
+    dimse_timeout: PositiveSeconds = 60.0
+    network_timeout: PositiveSeconds = 60.0
+    free_disk_floor_mb: int = Field(default=1024, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, value: int) -> int:
+        # 0 means unlimited; anything else must hold at least one PDV header.
+        if value != 0 and value < 4096:
+            raise ValueError("max_pdu is 0 (unlimited) or at least 4096 bytes")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class SecuritySection(_Section):
+    """``[security]``: who may associate, DICOM TLS, and the key for pseudonymised exports."""
+
+    allow_unknown_callers: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    require_client_cert: bool = True
+    pseudonym_key: SecretStr = SecretStr("")
+
+    _none = field_validator("tls_cert", "tls_key", "tls_ca", mode="before")(_empty_to_none)
+
+
+class PeerSection(_Section):
+    """``[peers.NAME]``: a DICOM application entity the node talks to or accepts."""
+
+    ae_title: str
+    host: str | None = None
+    port: Port | None = None
+    tls: bool = False
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+    _none = field_validator("host", "port", mode="before")(_empty_to_none)
+
+
+class CompletionSection(_Section):
+    """``[completion]``: when a study counts as complete."""
+
+    quiet_seconds: PositiveSeconds = 10.0
+
+
+class PhasesSection(_Section):
+    """``[phases]``: case-insensitive patterns matched against SeriesDescription and ProtocolName."""
+
+    arterial: list[str] = [r"arter", r"\bart\b", r"\bap\b", r"\blap\b"]
+    portal_venous: list[str] = [r"portal", r"\bpvp?\b", r"ven(ous|ös|eux)", r"\bpv[ _-]?phase"]
+    non_contrast: list[str] = [
+        r"non[ _-]?contrast",
+        r"\bnc\b",
+        r"plain",
+        r"nati(ve|v)\b",
+        r"pre[ _-]?contrast",
+        r"unenhanced",
+        r"\bw/?o\b",
+    ]
+    delayed: list[str] = [r"delay", r"equilib", r"\beq\b", r"\bdp\b", r"\d+\s*min"]
+
+    _patterns = field_validator("arterial", "portal_venous", "non_contrast", "delayed")(
+        _check_patterns
+    )
+
+
+class SuppliedSegLabels(_Section):
+    """Segment-label patterns that map a supplied SEG's segments to tumor and LOAT."""
+
+    tumor: list[str] = [r"tumou?r", r"lesion", r"\bhcc\b", r"neoplasm", r"mass"]
+    loat: list[str] = [r"\bloat\b", r"lesser\s+omental", r"omental\s+fat", r"omentum"]
+
+    _patterns = field_validator("tumor", "loat")(_check_patterns)
+
+
+class PipelineSection(_Section):
+    """``[pipeline]``: how a job runs and which models it uses."""
+
+    device: str = "auto"
+    segmenter: Literal["unet"] = "unet"
+    segmenter_dir: Path | None = None
+    model_dir: Path | None = None
+    workers: int = Field(default=1, ge=1, le=64)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    working_spacing_mm: float | None = Field(default=None, gt=0.25, le=10.0)
+    risk_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    supplied_seg_algorithm_types: list[Literal["MANUAL", "SEMIAUTOMATIC", "AUTOMATIC"]] = [
+        "MANUAL",
+        "SEMIAUTOMATIC",
+    ]
+    supplied_seg_labels: SuppliedSegLabels = SuppliedSegLabels()
+
+    _none = field_validator(
+        "segmenter_dir", "model_dir", "working_spacing_mm", "risk_threshold", mode="before"
+    )(_empty_to_none)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("device is 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @field_validator("segmenter_dir", "model_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("supplied_seg_algorithm_types", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v.upper() if isinstance(v, str) else v for v in value]
+        return value
+
+
+class ResultsSection(_Section):
+    """``[results]``: what the node sends back and where."""
+
+    destinations: list[str] = []
+    formats: list[Literal["seg", "sr", "sc"]] = ["seg", "sr", "sc"]
+    sr_sop_class: Literal["comprehensive", "comprehensive3d"] = "comprehensive"
+    disclaimer: str = "For research use only. Not for diagnostic use."
+    notify_failures: bool = True
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("formats lists each of seg, sr, sc at most once")
+        return value
+
+
+class OutboxSection(_Section):
+    """``[outbox]``: retries of result delivery."""
+
+    backoff_initial_s: PositiveSeconds = 30.0
+    backoff_max_s: PositiveSeconds = 3600.0
+    give_up_after_s: PositiveSeconds = 86400.0
+
+
+class RequerySection(_Section):
+    """``[requery]``: retrospective query/retrieve from the PACS."""
+
+    peer: str | None = None
+    use_c_get: bool = False
+    max_concurrent: int = Field(default=2, ge=1, le=32)
+    send_results: bool = False
+    schedule: str | None = None
+    safety_net_days: int = Field(default=3, ge=1, le=365)
+
+    _none = field_validator("peer", "schedule", mode="before")(_empty_to_none)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a 5-field cron expression: {exc}") from exc
+        return value
+
+
+class RetentionSection(_Section):
+    """``[retention]``: how long received instances stay in the spool."""
+
+    spool_days: int = Field(default=30, ge=0)
+
+
+class MetricsSection(_Section):
+    """``[metrics]``: the Prometheus ``/metrics`` and ``/healthz`` endpoint."""
+
+    port: Port | None = None
+
+    _none = field_validator("port", mode="before")(_empty_to_none)
+
+
+class DatabaseSection(_Section):
+    """``[database]``: the one database (SQLite file under data_dir when url is empty)."""
+
+    url: str | None = None
+
+    _none = field_validator("url", mode="before")(_empty_to_none)
+
+
+class Settings(BaseSettings):
+    """The node's whole configuration; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    node: NodeSection = NodeSection()
+    security: SecuritySection = SecuritySection()
+    peers: dict[str, PeerSection] = {}
+    completion: CompletionSection = CompletionSection()
+    phases: PhasesSection = PhasesSection()
+    pipeline: PipelineSection = PipelineSection()
+    results: ResultsSection = ResultsSection()
+    outbox: OutboxSection = OutboxSection()
+    requery: RequerySection = RequerySection()
+    retention: RetentionSection = RetentionSection()
+    metrics: MetricsSection = MetricsSection()
+    database: DatabaseSection = DatabaseSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment outranks them.
+        return (env_settings, init_settings)
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_names(cls, value: dict[str, PeerSection]) -> dict[str, PeerSection]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+                raise ValueError(f"peer name {name!r}: letters, digits, '_' and '-' only")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL of the store (SQLite under ``data_dir`` unless configured)."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.node.data_dir / 'mvi-node.sqlite3'}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad configuration key: where it is, what it holds, and why it is refused."""
+
+    path: str
+    value: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path} = {self.value}: {self.why}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; :attr:`problems` has one entry per bad key."""
+
+    def __init__(self, problems: list[Problem], source: str) -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def config_path_from_env(path: Path | None) -> Path | None:
+    """The file to read: the explicit argument, else ``$MVI_CONFIG``, else none."""
+    if path is not None:
+        return path
+    env = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(env) if env else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a configuration file, turning every failure into a one-line :class:`ConfigError`."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(path), "-", "file not found")], str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), "-", f"not valid TOML: {exc}")], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "-", exc.strerror or str(exc))], str(path)) from None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Build the effective settings from defaults, a TOML file and the environment.
+
+    Parameters
+    ----------
+    path
+        The TOML file; when None, ``$MVI_CONFIG`` names it, and without either only the defaults
+        and the environment apply.
+
+    Raises
+    ------
+    ConfigError
+        With one :class:`Problem` per bad key: unknown keys, wrong types, values out of range,
+        and references to peers that are not configured.
+    """
+    path = config_path_from_env(path)
+    source = str(path) if path is not None else "defaults"
+    data = read_toml(path) if path is not None else {}
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        # Report dangling references too, so one run of `config check` lists every problem.
+        problems = _problems_from(exc) + list(_reference_problems(data))
+        raise ConfigError(problems, source) from None
+    problems = list(_reference_problems(settings.model_dump()))
+    if problems:
+        raise ConfigError(problems, source)
+    return settings
+
+
+def _problems_from(error: ValidationError) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        why = item["msg"]
+        if item["type"] == "extra_forbidden":
+            why = "unknown key (check the spelling against config/node.toml)"
+        elif item["type"] == "missing":
+            value = None
+            why = "required key is missing"
+        env_name = ENV_PREFIX + "__".join(str(part) for part in item["loc"]).upper()
+        if any(name.upper() == env_name for name in os.environ):
+            why += f" (from the environment variable {env_name})"
+        problems.append(Problem(path, _show(value, path), why))
+    return problems
+
+
+def _show(value: Any, path: str) -> str:
+    if value is None:
+        return "-"
+    if _is_secret(path):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return "{...}"
+    return repr(value)
+
+
+def _is_secret(path: str) -> bool:
+    return path.endswith("pseudonym_key") or path.endswith("database.url")
+
+
+def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
+    """Keys that name a peer or a file pair must be consistent with the rest of the file.
+
+    Works on plain data (the validated settings dumped, or the raw file when validation failed),
+    so it must tolerate values of the wrong type.
+    """
+    peers = data.get("peers")
+    peers = peers if isinstance(peers, Mapping) else {}
+    results = data.get("results")
+    destinations = results.get("destinations", []) if isinstance(results, Mapping) else []
+    for index, name in enumerate(destinations if isinstance(destinations, list) else []):
+        peer = peers.get(name)
+        if not isinstance(peer, Mapping):
+            yield Problem(
+                f"results.destinations[{index}]",
+                repr(name),
+                f"no [peers.{name}] section is configured",
+            )
+        elif not peer.get("host") or not peer.get("port"):
+            yield Problem(
+                f"results.destinations[{index}]",
+                repr(name),
+                f"[peers.{name}] needs host and port to receive results",
+            )
+    requery = data.get("requery")
+    peer_name = requery.get("peer") if isinstance(requery, Mapping) else None
+    if peer_name and peer_name not in peers:
+        yield Problem(
+            "requery.peer", repr(peer_name), f"no [peers.{peer_name}] section is configured"
+        )
+    security = data.get("security")
+    security = security if isinstance(security, Mapping) else {}
+    given = {key for key in ("tls_cert", "tls_key") if security.get(key)}
+    if len(given) == 1:
+        missing = ({"tls_cert", "tls_key"} - given).pop()
+        yield Problem(f"security.{missing}", "-", "TLS needs both tls_cert and tls_key")
+
+
+def redacted_dict(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets replaced by ``********``."""
+    data = settings.model_dump(mode="json")
+    key = settings.security.pseudonym_key.get_secret_value()
+    data["security"]["pseudonym_key"] = REDACTED if key else ""
+    if settings.database.url:
+        data["database"]["url"] = _redact_url(settings.database.url)
+    return data
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Write nested plain data as TOML (tables for mappings, ``""`` for unset values)."""
+    lines: list[str] = []
+    _emit_table(lines, [], data)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _emit_table(lines: list[str], prefix: list[str], table: Mapping[str, Any]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+    if prefix and (scalars or not tables):
+        lines.append(f"[{'.'.join(prefix)}]")
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    if prefix and (scalars or not tables):
+        lines.append("")
+    for key, value in tables.items():
+        _emit_table(lines, [*prefix, key], value)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

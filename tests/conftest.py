@@ -1,0 +1,71 @@
+"""Shared fixtures and helpers.
+
+Tools from Debian packages (DCMTK, dicom3tools, gdcm, Orthanc) are real peers in these tests.
+Outside CI a missing tool skips its test with the package to install; under ``CI=true`` it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_tool(name: str, package: str) -> str:
+    """Return the path of command-line tool ``name`` or stop the test.
+
+    Under ``CI=true`` a missing tool is a failure (CI installs every package the tests need);
+    elsewhere the test is skipped with a message naming the Debian package.
+    """
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found: apt-get install {package}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def run_tool(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command-line tool and capture its text output."""
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, check=check, timeout=300
+    )
+
+
+# Small phantoms keep the suite fast: 96×96 pixels, 24 slices, generated once per session.
+SMALL = {"size": 96, "slices": 24}
+
+
+@pytest.fixture(scope="session")
+def cohort_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Write (once per session and per set of options) a small phantom cohort; returns its folder.
+
+    Call it with fields of :class:`node.phantom_study.CohortOptions`: ``cohort_factory(seg=True)``.
+    """
+    from node.phantom_study import CohortOptions, write_cohort
+
+    cache: dict[tuple[tuple[str, object], ...], Path] = {}
+
+    def make(**fields: object) -> Path:
+        merged = {**SMALL, **fields}
+        key = tuple(sorted(merged.items()))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp("cohort")
+            write_cohort(folder, CohortOptions(**merged))
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_cohort(cohort_factory: Callable[..., Path]) -> Path:
+    """Two small studies with truth masks and a manual truth SEG."""
+    return cohort_factory(studies=2, seed=11, masks=True, seg=True)
