@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,6 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from dicom_sr import codes
 from model.phantom import PHANTOM_VERSION, PhantomSpec, PhantomStudy, make_study
@@ -103,7 +103,10 @@ def study_seed(cohort_seed: int, index: int) -> int:
 
 
 def _uid(*parts: object) -> str:
-    return str(generate_uid(prefix=None, entropy_srcs=[PHANTOM_VERSION, *map(str, parts)]))
+    # A 2.25 UID is a 128-bit integer; hashing the parts makes it reproducible per seed
+    # (pydicom's generate_uid ignores its entropy sources when the prefix is 2.25).
+    text = "/".join([PHANTOM_VERSION, *map(str, parts)])
+    return _UID_PREFIX + str(int(hashlib.sha256(text.encode()).hexdigest()[:32], 16))
 
 
 def _pick(rng: np.random.Generator, choices: Sequence[str]) -> str:
@@ -435,7 +438,7 @@ def write_cohort(
     options: CohortOptions,
     on_study: Callable[[WrittenStudy], None] | None = None,
 ) -> list[WrittenStudy]:
-    """Write ``options.studies`` phantom studies under ``out`` with ``labels.csv`` and ``truth.csv``.
+    """Write ``options.studies`` phantom studies under ``out``, with labels.csv and truth.csv.
 
     Parameters
     ----------
@@ -462,9 +465,9 @@ def write_cohort(
         writer.writeheader()
         writer.writerows(truth_rows)
     with (out / "labels.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["study_instance_uid", "mvi"])
+        labels = csv.writer(handle)
+        labels.writerow(["study_instance_uid", "mvi"])
         for row in truth_rows:
             if row["mvi"] != "":
-                writer.writerow([row["study_instance_uid"], row["mvi"]])
+                labels.writerow([row["study_instance_uid"], row["mvi"]])
     return written_all

@@ -136,7 +136,7 @@ class CompletionSection(_Section):
 
 
 class PhasesSection(_Section):
-    """``[phases]``: case-insensitive patterns matched against SeriesDescription and ProtocolName."""
+    """``[phases]``: case-insensitive patterns for SeriesDescription and ProtocolName."""
 
     arterial: list[str] = [r"arter", r"\bart\b", r"\bap\b", r"\blap\b"]
     portal_venous: list[str] = [r"portal", r"\bpvp?\b", r"ven(ous|ös|eux)", r"\bpv[ _-]?phase"]

@@ -1,0 +1,1099 @@
+"""Synthetic multi-phase contrast liver CT with known truth.
+
+The phantom is a numerical abdomen rendered in continuous millimetre coordinates (LPS, identity
+direction) and sampled onto a voxel grid, so anatomy does not depend on the grid resolution. Each
+study is driven by a seed and two independent latent variables:
+
+* ``z1`` ("aggressiveness") drives tumour size, margin irregularity and peritumoral arterial
+  enhancement;
+* ``z2`` ("loat") drives the size of the lesser omental adipose tissue (LOAT) pad between the
+  left lateral liver lobe and the lesser curvature of the stomach.
+
+The microvascular-invasion label is drawn from a logistic model of both latents (see
+:data:`MVI_LOGIT_COEFFICIENTS`), so an image model that sees both the tumour and the LOAT can do
+better than one that only sees the tumour.
+
+Array index order is ``[k, j, i] = [slice, row, column]``; the centre of voxel ``[k, j, i]`` is at
+``x = origin_x + i * spacing_x``, ``y = origin_y + j * spacing_y``, ``z = origin_z + k * spacing_z``
+(columns toward patient left, rows toward posterior, slices toward superior). The liver is on the
+negative-x side.
+
+Nothing here does file I/O, DICOM or settings; everything is numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "MVI_LOGIT_COEFFICIENTS",
+    "PHANTOM_VERSION",
+    "PHASE_NAMES",
+    "PhantomSpec",
+    "PhantomStudy",
+    "PhaseVolume",
+    "Truth",
+    "draw_latents",
+    "feret_diameter_mm",
+    "localizer",
+    "make_study",
+    "max_axial_diameter_mm",
+    "measure_truth",
+]
+
+PHANTOM_VERSION: str = "1"
+"""Bump whenever :func:`make_study` output changes for a given seed and spec (cache key)."""
+
+PHASE_NAMES: tuple[str, ...] = ("non_contrast", "arterial", "portal_venous", "delayed")
+
+# Label model: mvi ~ Bernoulli(sigmoid(a*z1 + b*z2 + c)), z1, z2 iid N(0, 1).
+# Tuned by Monte Carlo (400k draws): prevalence 0.44, AUC(a*z1 + b*z2) 0.90, AUC(z1) 0.80,
+# AUC(z2) 0.74. Larger |a|, |b| push the ideal AUC above 0.92; b much smaller than a closes the gap
+# between the ideal score and z1 alone, which would make the LOAT uninformative.
+MVI_LOGIT_COEFFICIENTS: tuple[float, float, float] = (2.0, 1.6, -0.5)
+
+FloatVolume = npt.NDArray[np.float32]
+MaskVolume = npt.NDArray[np.uint8]
+_Bool = npt.NDArray[np.bool_]
+_F64 = npt.NDArray[np.float64]
+_F32 = npt.NDArray[np.float32]
+_Vec = tuple[float, float, float]
+
+# LPS z of the anatomy's origin (liver hilum level); the grid is centred on it.
+_Z_CENTRE_MM = -100.0
+# Slices per block when blurring and adding noise: bounds temporaries for 512x512x200 volumes.
+_SLAB = 16
+
+# --------------------------------------------------------------------------------------------
+# Labels and their HU per phase
+# --------------------------------------------------------------------------------------------
+
+(
+    _AIR,
+    _FAT,
+    _MUSCLE,
+    _CAVITY,
+    _LIVER,
+    _TUMOR,
+    _TUMOR_CORE,
+    _RIM,
+    _PORTAL,
+    _HEPATIC_VEIN,
+    _AORTA,
+    _IVC,
+    _STOMACH_WALL,
+    _STOMACH_FLUID,
+    _STOMACH_AIR,
+    _SPLEEN,
+    _KIDNEY,
+    _RETRO_FAT,
+    _BONE,
+    _CORTEX,
+    _DISC,
+    _CSF,
+    _LOAT,
+    _LUNG,
+    _HEART,
+) = range(25)
+_N_LABELS = 25
+
+# (non_contrast, arterial, portal_venous, delayed). _CAVITY stands for bowel and mesentery.
+# _TUMOR's arterial value and _RIM are replaced per study (they carry the z1 signal).
+_HU_TABLE: dict[int, tuple[float, float, float, float]] = {
+    _AIR: (-1000.0, -1000.0, -1000.0, -1000.0),
+    _FAT: (-100.0, -100.0, -100.0, -100.0),
+    _MUSCLE: (50.0, 58.0, 65.0, 62.0),
+    _CAVITY: (35.0, 55.0, 75.0, 65.0),
+    _LIVER: (55.0, 70.0, 110.0, 90.0),
+    _TUMOR: (40.0, 120.0, 80.0, 60.0),
+    _TUMOR_CORE: (35.0, 95.0, 75.0, 60.0),
+    _RIM: (55.0, 70.0, 110.0, 90.0),
+    _PORTAL: (40.0, 120.0, 180.0, 110.0),
+    _HEPATIC_VEIN: (40.0, 55.0, 160.0, 110.0),
+    _AORTA: (40.0, 300.0, 150.0, 110.0),
+    _IVC: (40.0, 75.0, 140.0, 110.0),
+    _STOMACH_WALL: (40.0, 90.0, 100.0, 85.0),
+    _STOMACH_FLUID: (10.0, 10.0, 10.0, 10.0),
+    _STOMACH_AIR: (-1000.0, -1000.0, -1000.0, -1000.0),
+    _SPLEEN: (45.0, 120.0, 120.0, 95.0),
+    _KIDNEY: (35.0, 170.0, 180.0, 140.0),
+    _RETRO_FAT: (-100.0, -100.0, -100.0, -100.0),
+    _BONE: (400.0, 400.0, 400.0, 400.0),
+    _CORTEX: (700.0, 700.0, 700.0, 700.0),
+    _DISC: (80.0, 80.0, 80.0, 80.0),
+    _CSF: (10.0, 10.0, 10.0, 10.0),
+    _LOAT: (-100.0, -100.0, -100.0, -100.0),
+    _LUNG: (-850.0, -850.0, -850.0, -850.0),
+    _HEART: (40.0, 250.0, 140.0, 110.0),
+}
+
+_PHASE_DELAY_S: dict[str, tuple[float, float]] = {
+    # (nominal, half-width of the per-study uniform jitter)
+    "non_contrast": (-60.0, 0.0),
+    "arterial": (35.0, 5.0),
+    "portal_venous": (70.0, 8.0),
+    "delayed": (180.0, 15.0),
+}
+
+
+def _overwrite(*labels: int) -> _Bool:
+    """Boolean lookup table: which existing labels a structure may paint over."""
+    table = np.zeros(256, dtype=bool)
+    table[list(labels)] = True
+    return table
+
+
+_IN_CAVITY = _overwrite(_CAVITY)
+
+
+# --------------------------------------------------------------------------------------------
+# Public data classes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """What to render.
+
+    Parameters
+    ----------
+    size
+        Rows and columns of each axial slice (32..1024).
+    slices
+        Number of axial slices (8..1000).
+    field_of_view_mm
+        In-plane field of view; pixel spacing is ``field_of_view_mm / size``.
+    z_extent_mm
+        Cranio-caudal coverage; slice spacing is ``z_extent_mm / slices``.
+    tumor
+        ``False`` renders a liver study without a tumour (``Truth.mvi`` is ``None``).
+    non_liver
+        ``True`` renders a chest phantom with a single non-contrast phase and empty masks;
+        ``phases`` is then ignored.
+    phases
+        Subset of :data:`PHASE_NAMES` to render (rendered in canonical order).
+    noise_hu
+        Standard deviation of the additive Gaussian noise.
+    """
+
+    size: int = 256
+    slices: int = 64
+    field_of_view_mm: float = 380.0
+    z_extent_mm: float = 160.0
+    tumor: bool = True
+    non_liver: bool = False
+    phases: tuple[str, ...] = PHASE_NAMES
+    noise_hu: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.size <= 1024:
+            raise ValueError(f"size must be in 32..1024, got {self.size}")
+        if not 8 <= self.slices <= 1000:
+            raise ValueError(f"slices must be in 8..1000, got {self.slices}")
+        if not (math.isfinite(self.field_of_view_mm) and 100.0 <= self.field_of_view_mm <= 1000.0):
+            raise ValueError(
+                f"field_of_view_mm must be in 100..1000 mm, got {self.field_of_view_mm}"
+            )
+        if not (math.isfinite(self.z_extent_mm) and 20.0 <= self.z_extent_mm <= 2000.0):
+            raise ValueError(f"z_extent_mm must be in 20..2000 mm, got {self.z_extent_mm}")
+        if not (math.isfinite(self.noise_hu) and self.noise_hu >= 0.0):
+            raise ValueError(f"noise_hu must be finite and >= 0, got {self.noise_hu}")
+        if isinstance(self.phases, str) or not isinstance(self.phases, Sequence):
+            raise ValueError(f"phases must be a tuple of phase names, got {self.phases!r}")
+        # A list is accepted for convenience but stored as a tuple to keep the spec hashable.
+        object.__setattr__(self, "phases", tuple(self.phases))
+        if not self.phases:
+            raise ValueError("phases must not be empty")
+        unknown = [p for p in self.phases if p not in PHASE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown phases {unknown}; expected a subset of {PHASE_NAMES}")
+        if len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"duplicate phases in {self.phases}")
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel spacing ``(x, y, z)`` in mm."""
+        pixel = self.field_of_view_mm / self.size
+        return (pixel, pixel, self.z_extent_mm / self.slices)
+
+    @property
+    def origin_mm(self) -> tuple[float, float, float]:
+        """LPS position of the centre of voxel ``[0, 0, 0]``: the grid is centred on the body."""
+        sx, sy, sz = self.spacing_mm
+        return (
+            -self.field_of_view_mm / 2.0 + sx / 2.0,
+            -self.field_of_view_mm / 2.0 + sy / 2.0,
+            _Z_CENTRE_MM - self.z_extent_mm / 2.0 + sz / 2.0,
+        )
+
+    @property
+    def rendered_phases(self) -> tuple[str, ...]:
+        """Phases :func:`make_study` renders, in canonical order."""
+        if self.non_liver:
+            return ("non_contrast",)
+        return tuple(p for p in PHASE_NAMES if p in self.phases)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Ground truth measured on the arterial-frame masks (see :func:`measure_truth`)."""
+
+    mvi: int | None
+    max_diameter_mm: float
+    tumor_volume_ml: float
+    loat_max_area_cm2: float
+    loat_volume_ml: float
+
+
+@dataclass
+class PhaseVolume:
+    """One rendered contrast phase.
+
+    ``shift_mm`` is the displacement ``(x, y, z)`` of the abdominal viscera relative to the
+    arterial phase (breathing); body wall, spine and aorta do not move.
+    """
+
+    name: str
+    hu: FloatVolume
+    shift_mm: tuple[float, float, float]
+    delay_s: float
+
+
+@dataclass
+class PhantomStudy:
+    """A rendered study; masks are on the arterial frame (viscera without breathing shift)."""
+
+    seed: int
+    spec: PhantomSpec
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    phases: dict[str, PhaseVolume]
+    masks: dict[str, MaskVolume]
+    latents: dict[str, float]
+    truth: Truth
+
+
+# --------------------------------------------------------------------------------------------
+# Latents and the MVI label
+# --------------------------------------------------------------------------------------------
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def _streams(
+    seed: int,
+) -> tuple[np.random.SeedSequence, np.random.SeedSequence, list[np.random.SeedSequence]]:
+    """Independent streams: latents, anatomy, and one noise stream per phase.
+
+    Separate streams keep the latents cheap to draw and make a phase's noise independent of which
+    other phases are rendered.
+    """
+    latent_ss, anatomy_ss, noise_ss = np.random.SeedSequence(int(seed)).spawn(3)
+    return latent_ss, anatomy_ss, noise_ss.spawn(len(PHASE_NAMES))
+
+
+def _sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value))
+
+
+def draw_latents(seed: int) -> dict[str, float]:
+    """Draw the per-study latents and MVI label without rendering anything.
+
+    :func:`make_study` uses exactly this draw, so ``draw_latents(s)["mvi"]`` is the label of
+    ``make_study(s)`` (when it has a tumour).
+
+    Parameters
+    ----------
+    seed
+        Non-negative study seed.
+
+    Returns
+    -------
+    dict
+        ``aggressiveness`` (z1), ``loat`` (z2), ``mvi_probability``, ``mvi`` (0.0 or 1.0),
+        the independent jitters ``diameter_jitter`` and ``loat_jitter``, and the derived
+        ``tumor_nominal_diameter_mm``, ``tumor_irregularity``, ``peritumoral_enhancement_hu``,
+        ``tumor_arterial_hu`` and ``loat_scale``.
+    """
+    _check_seed(seed)
+    rng = np.random.default_rng(_streams(seed)[0])
+    z1, z2 = (float(v) for v in rng.standard_normal(2))
+    u = float(rng.random())
+    e_diameter, e_loat = (float(v) for v in rng.standard_normal(2))
+    a, b, c = MVI_LOGIT_COEFFICIENTS
+    probability = _sigmoid(a * z1 + b * z2 + c)
+    return {
+        "aggressiveness": z1,
+        "loat": z2,
+        "mvi_probability": probability,
+        "mvi": 1.0 if u < probability else 0.0,
+        "diameter_jitter": e_diameter,
+        "loat_jitter": e_loat,
+        # Log-linear in z1 with independent jitter: monotone but not deterministic.
+        "tumor_nominal_diameter_mm": float(
+            np.clip(34.0 * math.exp(0.35 * z1 + 0.12 * e_diameter), 14.0, 64.0)
+        ),
+        "tumor_irregularity": 0.04 + 0.08 * _sigmoid(1.5 * z1),
+        "peritumoral_enhancement_hu": float(np.clip(20.0 + 14.0 * z1, 0.0, 55.0)),
+        "tumor_arterial_hu": 118.0 + 6.0 * float(np.clip(z1, -2.0, 2.0)),
+        "loat_scale": math.exp(0.25 * z2 + 0.08 * e_loat),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Anatomy parameters (per seed)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ellipsoid:
+    centre: _Vec
+    semi: _Vec
+    power: float = 2.0
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    # fixed frame (does not breathe)
+    body_semi: tuple[float, float]
+    fat_mm: float
+    wall_mm: float
+    spine_y: float
+    disc_phase_mm: float
+    aorta: tuple[float, float, float]  # x, y, radius
+    # viscera (arterial frame)
+    liver_right: _Ellipsoid
+    liver_left: _Ellipsoid
+    ivc: tuple[float, float, float, float]  # x, y, semi-x, semi-y
+    portal: tuple[tuple[_Vec, ...], ...]  # polylines
+    portal_radius: tuple[float, ...]
+    hepatic_veins: tuple[tuple[_Vec, _Vec], ...]
+    stomach: _Ellipsoid
+    air_level: float  # y of the air-fluid level relative to the stomach centre
+    spleen: _Ellipsoid
+    spleen_wave: tuple[float, float, float, float, float, float]  # wavelengths, phases
+    kidneys: tuple[_Ellipsoid, _Ellipsoid]
+    loat: _Ellipsoid
+    tumor_centre: _Vec
+    tumor_radius: float
+    tumor_irregularity: float
+    harmonics: tuple[tuple[int, float, _Vec], ...]  # (degree, weight, axis)
+    rim_mm: float
+    core_fraction: float
+    # contrast
+    gains: tuple[float, float, float, float]
+    tumor_arterial_hu: float
+    peritumoral_hu: float
+    shifts: dict[str, _Vec]
+    delays: dict[str, float]
+    # chest phantom (non_liver)
+    lungs: tuple[_Ellipsoid, _Ellipsoid]
+    heart: _Ellipsoid
+
+
+def _draw_anatomy(rng: np.random.Generator, latents: Mapping[str, float]) -> _Anatomy:
+    """Per-seed anatomy. The draw order is fixed, independent of the spec."""
+
+    def jit(sd: float, n: int = 1) -> _F64:
+        # Truncated at 2 sd so no draw can push an organ through the body wall.
+        return np.clip(rng.standard_normal(n), -2.0, 2.0) * sd
+
+    def vec(base: _Vec, sd: float) -> _Vec:
+        d = jit(sd, 3)
+        return (base[0] + float(d[0]), base[1] + float(d[1]), base[2] + float(d[2]))
+
+    def scaled(base: _Vec, sd: float) -> _Vec:
+        f = 1.0 + jit(sd, 3)
+        return (base[0] * float(f[0]), base[1] * float(f[1]), base[2] * float(f[2]))
+
+    body = 1.0 + jit(0.03, 2)
+    body_semi = (165.0 * float(body[0]), 120.0 * float(body[1]))
+    fat_mm = 18.0 + float(jit(3.0)[0])
+    wall_mm = 10.0 + float(jit(1.0)[0])
+    spine_y = 52.0 + float(jit(2.0)[0])
+    disc_phase_mm = float(rng.uniform(0.0, 30.0))
+    aorta_xy = vec((18.0, 22.0, 0.0), 1.5)
+    aorta = (aorta_xy[0], aorta_xy[1], 12.0 + float(jit(0.8)[0]))
+
+    liver_right = _Ellipsoid(vec((-62.0, 0.0, -5.0), 3.0), scaled((72.0, 80.0, 68.0), 0.04), 2.2)
+    liver_left = _Ellipsoid(vec((20.0, -50.0, 15.0), 3.0), scaled((55.0, 28.0, 35.0), 0.06), 2.2)
+    ivc_xy = vec((-25.0, 30.0, 0.0), 1.5)
+    ivc = (ivc_xy[0], ivc_xy[1], 13.0, 10.0)
+
+    hilum = vec((-30.0, 5.0, -20.0), 2.0)
+    portal = (
+        (vec((0.0, 0.0, -85.0), 2.0), hilum),
+        (hilum, vec((-60.0, -5.0, -5.0), 3.0), vec((-95.0, -25.0, 15.0), 3.0)),
+        (hilum, vec((-5.0, -30.0, 10.0), 2.0), vec((20.0, -55.0, 20.0), 3.0)),
+    )
+    portal_radius = (7.0, 5.5, 4.5)
+    confluence = (ivc[0], ivc[1] - 5.0, 50.0)
+    hepatic_veins = tuple(
+        (confluence, vec(end, 4.0))
+        for end in ((-100.0, 0.0, 40.0), (-55.0, -45.0, 45.0), (-5.0, -50.0, 45.0))
+    )
+
+    loat_scale = latents["loat_scale"]
+    # A larger LOAT pad pushes the stomach laterally, as it would in a patient.
+    stomach = _Ellipsoid(
+        vec((80.0 + 10.0 * (loat_scale - 1.0), -5.0, 22.0), 3.0),
+        scaled((38.0, 38.0, 40.0), 0.05),
+        2.2,
+    )
+    air_level = -stomach.semi[1] * float(rng.uniform(0.15, 0.55))
+    spleen = _Ellipsoid(vec((105.0, 50.0, 15.0), 3.0), scaled((26.0, 42.0, 45.0), 0.06), 2.2)
+    spleen_wave = (
+        float(rng.uniform(12.0, 20.0)),
+        float(rng.uniform(12.0, 20.0)),
+        float(rng.uniform(14.0, 24.0)),
+        float(rng.uniform(0.0, 2.0 * math.pi)),
+        float(rng.uniform(0.0, 2.0 * math.pi)),
+        float(rng.uniform(0.0, 2.0 * math.pi)),
+    )
+    kidneys = (
+        _Ellipsoid(vec((-72.0, 60.0, -70.0), 3.0), scaled((24.0, 22.0, 38.0), 0.05), 2.2),
+        _Ellipsoid(vec((72.0, 58.0, -55.0), 3.0), scaled((24.0, 22.0, 38.0), 0.05), 2.2),
+    )
+    loat_semi = (16.0 * loat_scale, 12.0 * loat_scale, 18.0 * loat_scale)
+    loat = _Ellipsoid(vec((28.0, -12.0, 10.0), 1.5), loat_semi, 2.0)
+
+    tumor_centre = vec((-85.0, 15.0, -15.0), 3.0)
+    tumor_radius = latents["tumor_nominal_diameter_mm"] / 2.0
+    axes = rng.standard_normal((3, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    weights = rng.standard_normal(3)
+    weights /= np.linalg.norm(weights)
+    harmonics = tuple(
+        (degree, float(w), (float(v[0]), float(v[1]), float(v[2])))
+        for degree, w, v in zip((2, 3, 4), weights, axes, strict=True)
+    )
+    rim_mm = 4.0 + float(jit(0.5)[0])
+    # Large tumours get a hypo-enhancing (necrotic) core.
+    core_fraction = float(np.clip((2.0 * tumor_radius - 35.0) / 70.0, 0.0, 0.5))
+
+    gains = np.clip(1.0 + rng.standard_normal(4) * 0.06, 0.85, 1.15)
+    gains[0] = 1.0
+
+    def breath(z_lo: float, z_hi: float, xy: float) -> _Vec:
+        z = float(rng.uniform(z_lo, z_hi)) * (1.0 if rng.random() < 0.5 else -1.0)
+        x, y = (float(v) for v in rng.uniform(-xy, xy, 2))
+        return (x, y, z)
+
+    shifts = {
+        "non_contrast": breath(0.0, 3.0, 1.5),
+        "arterial": (0.0, 0.0, 0.0),
+        "portal_venous": breath(2.0, 8.0, 3.0),
+        "delayed": breath(2.0, 8.0, 3.0),
+    }
+    delays = {
+        name: nominal + float(rng.uniform(-half, half)) if half else nominal
+        for name, (nominal, half) in _PHASE_DELAY_S.items()
+    }
+    lung_jit = scaled((1.0, 1.0, 1.0), 0.04)
+    lungs = (
+        _Ellipsoid((-75.0, 5.0, 0.0), (60.0 * lung_jit[0], 80.0 * lung_jit[1], 400.0), 2.5),
+        _Ellipsoid((75.0, 5.0, 0.0), (60.0 * lung_jit[0], 80.0 * lung_jit[1], 400.0), 2.5),
+    )
+    heart = _Ellipsoid(vec((20.0, -25.0, -20.0), 4.0), scaled((60.0, 55.0, 70.0), 0.05), 2.0)
+    return _Anatomy(
+        body_semi=body_semi,
+        fat_mm=fat_mm,
+        wall_mm=wall_mm,
+        spine_y=spine_y,
+        disc_phase_mm=disc_phase_mm,
+        aorta=aorta,
+        liver_right=liver_right,
+        liver_left=liver_left,
+        ivc=ivc,
+        portal=portal,
+        portal_radius=portal_radius,
+        hepatic_veins=hepatic_veins,
+        stomach=stomach,
+        air_level=air_level,
+        spleen=spleen,
+        spleen_wave=spleen_wave,
+        kidneys=kidneys,
+        loat=loat,
+        tumor_centre=tumor_centre,
+        tumor_radius=tumor_radius,
+        tumor_irregularity=latents["tumor_irregularity"],
+        harmonics=harmonics,
+        rim_mm=rim_mm,
+        core_fraction=core_fraction,
+        gains=(float(gains[0]), float(gains[1]), float(gains[2]), float(gains[3])),
+        tumor_arterial_hu=latents["tumor_arterial_hu"],
+        peritumoral_hu=latents["peritumoral_enhancement_hu"],
+        shifts=shifts,
+        delays=delays,
+        lungs=lungs,
+        heart=heart,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: shapes evaluated only inside their bounding boxes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Voxel grid in anatomy coordinates (LPS with z measured from ``_Z_CENTRE_MM``)."""
+
+    shape: tuple[int, int, int]  # (slices, rows, cols)
+    origin: _Vec  # x, y, z
+    spacing: _Vec  # x, y, z
+
+    def axis(self, a: int, start: int = 0, stop: int | None = None) -> _F64:
+        """Coordinates (mm) of voxel centres along axis ``a`` (0 = x, 1 = y, 2 = z)."""
+        n = self.shape[2 - a]
+        stop = n if stop is None else stop
+        return self.origin[a] + np.arange(start, stop, dtype=np.float64) * self.spacing[a]
+
+    def index_range(self, a: int, lo: float, hi: float) -> slice | None:
+        n = self.shape[2 - a]
+        o, s = self.origin[a], self.spacing[a]
+        i0 = max(0, math.ceil((lo - o) / s - 1e-9))
+        i1 = min(n, math.floor((hi - o) / s + 1e-9) + 1)
+        return slice(i0, i1) if i1 > i0 else None
+
+
+def _grid(spec: PhantomSpec) -> _Grid:
+    """The spec's grid in anatomy coordinates: LPS shifted so z = 0 is at ``_Z_CENTRE_MM``."""
+    ox, oy, oz = spec.origin_mm
+    return _Grid((spec.slices, spec.size, spec.size), (ox, oy, oz - _Z_CENTRE_MM), spec.spacing_mm)
+
+
+@dataclass
+class _Shape:
+    """A boolean mask on a sub-box of the grid, with the box's voxel-centre coordinates."""
+
+    region: tuple[slice, slice, slice]
+    mask: _Bool
+    x: _F64
+    y: _F64
+    z: _F64
+
+
+def _box(
+    grid: _Grid, lo: _Vec, hi: _Vec
+) -> tuple[tuple[slice, slice, slice], _F64, _F64, _F64] | None:
+    ranges = [grid.index_range(a, lo[a], hi[a]) for a in range(3)]
+    sx, sy, sz = ranges
+    if sx is None or sy is None or sz is None:
+        return None
+    return (
+        (sz, sy, sx),
+        grid.axis(0, sx.start, sx.stop),
+        grid.axis(1, sy.start, sy.stop),
+        grid.axis(2, sz.start, sz.stop),
+    )
+
+
+def _moved(centre: _Vec, shift: _Vec) -> _Vec:
+    return (centre[0] + shift[0], centre[1] + shift[1], centre[2] + shift[2])
+
+
+def _superquadric(grid: _Grid, e: _Ellipsoid, shift: _Vec = (0.0, 0.0, 0.0)) -> _Shape | None:
+    """``|dx/a|^p + |dy/b|^p + |dz/c|^p <= 1``; separable, so only 1-D powers are computed."""
+    c = _moved(e.centre, shift)
+    lo = (c[0] - e.semi[0], c[1] - e.semi[1], c[2] - e.semi[2])
+    hi = (c[0] + e.semi[0], c[1] + e.semi[1], c[2] + e.semi[2])
+    b = _box(grid, lo, hi)
+    if b is None:
+        return None
+    region, x, y, z = b
+    tx = (np.abs((x - c[0]) / e.semi[0]) ** e.power).astype(np.float32)
+    ty = (np.abs((y - c[1]) / e.semi[1]) ** e.power).astype(np.float32)
+    tz = (np.abs((z - c[2]) / e.semi[2]) ** e.power).astype(np.float32)
+    mask = (tz[:, None, None] + ty[None, :, None]) + tx[None, None, :] <= 1.0
+    return _Shape(region, mask, x, y, z)
+
+
+def _capsule(grid: _Grid, a: _Vec, b: _Vec, radius: float, shift: _Vec) -> _Shape | None:
+    """Points within ``radius`` of segment ``ab`` (a vessel segment)."""
+    a = _moved(a, shift)
+    b = _moved(b, shift)
+    lo = (min(a[0], b[0]) - radius, min(a[1], b[1]) - radius, min(a[2], b[2]) - radius)
+    hi = (max(a[0], b[0]) + radius, max(a[1], b[1]) + radius, max(a[2], b[2]) + radius)
+    box = _box(grid, lo, hi)
+    if box is None:
+        return None
+    region, x, y, z = box
+    d = (b[0] - a[0], b[1] - a[1], b[2] - a[2])
+    dd = max(d[0] ** 2 + d[1] ** 2 + d[2] ** 2, 1e-12)
+    px = (x - a[0]).astype(np.float32)[None, None, :]
+    py = (y - a[1]).astype(np.float32)[None, :, None]
+    pz = (z - a[2]).astype(np.float32)[:, None, None]
+    t = np.clip((px * d[0] + py * d[1] + pz * d[2]) / dd, 0.0, 1.0)
+    dist2 = (px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2
+    return _Shape(region, dist2 <= radius * radius, x, y, z)
+
+
+def _paint(labels: npt.NDArray[np.uint8], shape: _Shape | None, value: int, over: _Bool) -> None:
+    """Set ``value`` where the shape is and the current label may be overwritten."""
+    if shape is None:
+        return
+    sub = labels[shape.region]
+    sub[shape.mask & over[sub]] = value
+
+
+def _plane_superquadric(
+    x: _F64, y: _F64, cx: float, cy: float, ax: float, ay: float, p: float
+) -> _Bool:
+    if ax <= 0.0 or ay <= 0.0:
+        return np.zeros((y.size, x.size), dtype=bool)
+    tx = np.abs((x - cx) / ax) ** p
+    ty = np.abs((y - cy) / ay) ** p
+    return np.asarray(ty[:, None] + tx[None, :] <= 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Label maps
+# --------------------------------------------------------------------------------------------
+
+
+def _fixed_labels(grid: _Grid, anat: _Anatomy) -> npt.NDArray[np.uint8]:
+    """Body wall, spine and aorta: extruded along z and not moved by breathing."""
+    x = grid.axis(0)
+    y = grid.axis(1)
+    plane = np.zeros((y.size, x.size), dtype=np.uint8)
+    ax, ay = anat.body_semi
+    plane[_plane_superquadric(x, y, 0.0, 0.0, ax, ay, 2.4)] = _FAT
+    inner = anat.fat_mm
+    plane[_plane_superquadric(x, y, 0.0, 0.0, ax - inner, ay - inner, 2.4)] = _MUSCLE
+    inner += anat.wall_mm
+    plane[_plane_superquadric(x, y, 0.0, 0.0, ax - inner, ay - inner, 2.4)] = _CAVITY
+
+    sy = anat.spine_y
+    for side in (-1.0, 1.0):
+        para = _plane_superquadric(x, y, 32.0 * side, sy + 36.0, 24.0, 20.0, 2.2)
+        plane[para & ((plane == _CAVITY) | (plane == _MUSCLE))] = _MUSCLE
+    tissue = plane != _AIR
+    body_outer = _plane_superquadric(x, y, 0.0, sy, 22.0, 18.0, 2.2)
+    body_inner = _plane_superquadric(x, y, 0.0, sy, 19.5, 15.5, 2.2)
+    arch = _plane_superquadric(x, y, 0.0, sy + 30.0, 15.0, 14.0, 2.0)
+    canal = _plane_superquadric(x, y, 0.0, sy + 30.0, 9.0, 8.5, 2.0)
+    spinous = _plane_superquadric(x, y, 0.0, sy + 48.0, 5.0, 14.0, 2.0)
+    plane[tissue & (arch | spinous)] = _BONE
+    plane[tissue & arch & ~_plane_superquadric(x, y, 0.0, sy + 30.0, 13.0, 12.0, 2.0)] = _CORTEX
+    plane[canal] = _CSF
+    plane[tissue & body_outer] = _CORTEX
+    plane[body_inner] = _BONE
+    aorta = _plane_superquadric(
+        x, y, anat.aorta[0], anat.aorta[1], anat.aorta[2], anat.aorta[2], 2.0
+    )
+    plane[aorta & (plane == _CAVITY)] = _AORTA
+
+    labels = np.empty(grid.shape, dtype=np.uint8)
+    labels[:] = plane
+    # Intervertebral discs: 6 mm every 30 mm, replacing the vertebral body.
+    z_rel = grid.axis(2)
+    in_disc = np.mod(z_rel - anat.disc_phase_mm, 30.0) < 6.0
+    for k in np.flatnonzero(in_disc):
+        labels[k][body_outer] = _DISC
+    return labels
+
+
+def _tumor_shapes(grid: _Grid, anat: _Anatomy, shift: _Vec) -> tuple[_Shape, _Bool, _Bool] | None:
+    """Tumour (with margin harmonics), its necrotic core and the peritumoral rim.
+
+    The radius in direction ``u`` is ``R0 * (1 + irregularity * sum_l w_l P_l(u . v_l))``: low-order
+    Legendre lobes around random axes, a smooth analogue of low-order spherical harmonics.
+    """
+    c = _moved(anat.tumor_centre, shift)
+    reach = anat.tumor_radius * (1.0 + anat.tumor_irregularity * 1.8) + anat.rim_mm + 1.0
+    box = _box(
+        grid, (c[0] - reach, c[1] - reach, c[2] - reach), (c[0] + reach, c[1] + reach, c[2] + reach)
+    )
+    if box is None:
+        return None
+    region, x, y, z = box
+    px = (x - c[0]).astype(np.float32)[None, None, :]
+    py = (y - c[1]).astype(np.float32)[None, :, None]
+    pz = (z - c[2]).astype(np.float32)[:, None, None]
+    r = np.sqrt(px * px + py * py + pz * pz)
+    inv_r = 1.0 / np.maximum(r, np.float32(1e-3))
+    f = np.zeros_like(r)
+    for degree, weight, v in anat.harmonics:
+        cos = (px * v[0] + py * v[1] + pz * v[2]) * inv_r
+        if degree == 2:
+            legendre = 1.5 * cos * cos - 0.5
+        elif degree == 3:
+            legendre = (2.5 * cos * cos - 1.5) * cos
+        else:
+            c2 = cos * cos
+            legendre = (4.375 * c2 - 3.75) * c2 + 0.375
+        f += weight * legendre
+    radius = anat.tumor_radius * (1.0 + anat.tumor_irregularity * f)
+    tumor = r <= radius
+    rim = (r <= radius + anat.rim_mm) & ~tumor
+    core = r <= radius * anat.core_fraction
+    return _Shape(region, tumor, x, y, z), core, rim
+
+
+def _draw_viscera(
+    labels: npt.NDArray[np.uint8], grid: _Grid, anat: _Anatomy, tumor: bool, shift: _Vec
+) -> None:
+    """Paint the abdominal viscera, displaced by ``shift``; later structures overwrite earlier."""
+    liver_over = _overwrite(_CAVITY)
+    _paint(labels, _superquadric(grid, anat.liver_right, shift), _LIVER, liver_over)
+    _paint(labels, _superquadric(grid, anat.liver_left, shift), _LIVER, liver_over)
+
+    stomach = _superquadric(grid, anat.stomach, shift)
+    _paint(labels, stomach, _STOMACH_WALL, _overwrite(_CAVITY, _LIVER))
+    wall = 4.0
+    semi = anat.stomach.semi
+    lumen_e = _Ellipsoid(
+        anat.stomach.centre, (semi[0] - wall, semi[1] - wall, semi[2] - wall), anat.stomach.power
+    )
+    lumen = _superquadric(grid, lumen_e, shift)
+    if lumen is not None:
+        level = anat.stomach.centre[1] + shift[1] + anat.air_level
+        # Supine patient: gas rises anteriorly (toward -y) above the fluid level.
+        is_air = np.broadcast_to((lumen.y < level)[None, :, None], lumen.mask.shape)
+        sub = labels[lumen.region]
+        inside = lumen.mask & (sub == _STOMACH_WALL)
+        sub[inside & is_air] = _STOMACH_AIR
+        sub[inside & ~is_air] = _STOMACH_FLUID
+
+    _paint(labels, _superquadric(grid, anat.spleen, shift), _SPLEEN, _IN_CAVITY)
+    for kidney in anat.kidneys:
+        fat = _Ellipsoid(
+            kidney.centre, (kidney.semi[0] + 8.0, kidney.semi[1] + 8.0, kidney.semi[2] + 8.0)
+        )
+        _paint(labels, _superquadric(grid, fat, shift), _RETRO_FAT, _IN_CAVITY)
+        _paint(
+            labels,
+            _superquadric(grid, kidney, shift),
+            _KIDNEY,
+            _overwrite(_CAVITY, _RETRO_FAT, _LIVER, _SPLEEN),
+        )
+
+    ivc = _Ellipsoid((anat.ivc[0], anat.ivc[1], 0.0), (anat.ivc[2], anat.ivc[3], 1e6))
+    _paint(labels, _superquadric(grid, ivc, shift), _IVC, _overwrite(_CAVITY, _LIVER, _RETRO_FAT))
+    vessel_over = _overwrite(_CAVITY, _LIVER)
+    for path, radius in zip(anat.portal, anat.portal_radius, strict=True):
+        for a, b in itertools.pairwise(path):
+            _paint(labels, _capsule(grid, a, b, radius, shift), _PORTAL, vessel_over)
+    for a, b in anat.hepatic_veins:
+        _paint(labels, _capsule(grid, a, b, 4.0, shift), _HEPATIC_VEIN, _overwrite(_LIVER))
+
+    if tumor:
+        shapes = _tumor_shapes(grid, anat, shift)
+        if shapes is not None:
+            shape, core, rim = shapes
+            sub = labels[shape.region]
+            # The tumour replaces parenchyma and the intrahepatic vessels it engulfs.
+            tumor_voxels = shape.mask & _overwrite(_LIVER, _PORTAL, _HEPATIC_VEIN)[sub]
+            sub[tumor_voxels] = _TUMOR
+            sub[tumor_voxels & core] = _TUMOR_CORE
+            sub[rim & (sub == _LIVER)] = _RIM
+
+    _paint(labels, _superquadric(grid, anat.loat, shift), _LOAT, _IN_CAVITY)
+
+
+def _draw_chest(labels: npt.NDArray[np.uint8], grid: _Grid, anat: _Anatomy) -> None:
+    for lung in anat.lungs:
+        _paint(labels, _superquadric(grid, lung), _LUNG, _IN_CAVITY)
+    _paint(labels, _superquadric(grid, anat.heart), _HEART, _overwrite(_CAVITY, _LUNG))
+
+
+def _masks(labels: npt.NDArray[np.uint8]) -> dict[str, MaskVolume]:
+    def lut(*members: int) -> MaskVolume:
+        table = np.zeros(256, dtype=np.uint8)
+        table[list(members)] = 1
+        return np.take(table, labels)
+
+    return {
+        "liver": lut(_LIVER, _RIM, _TUMOR, _TUMOR_CORE),
+        "tumor": lut(_TUMOR, _TUMOR_CORE),
+        "loat": lut(_LOAT),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Intensities
+# --------------------------------------------------------------------------------------------
+
+
+def _phase_lut(anat: _Anatomy, phase: int) -> _F32:
+    base = np.zeros(256, dtype=np.float64)
+    target = np.zeros(256, dtype=np.float64)
+    for label, values in _HU_TABLE.items():
+        base[label] = values[0]
+        target[label] = values[phase]
+    if phase == 1:
+        target[_TUMOR] = anat.tumor_arterial_hu
+        target[_RIM] = target[_LIVER] + anat.peritumoral_hu
+    # One gain per phase scales every enhancement: contrast dose/timing varies between patients.
+    return (base + anat.gains[phase] * (target - base)).astype(np.float32)
+
+
+def _blur_in_plane(block: _F32) -> None:
+    """In-place [1, 2, 1]/4 smoothing along rows and columns (partial-volume softening)."""
+    tmp = block.copy()
+    tmp[:, :, 1:-1] = 0.5 * block[:, :, 1:-1] + 0.25 * (block[:, :, :-2] + block[:, :, 2:])
+    block[:, 1:-1, :] = 0.5 * tmp[:, 1:-1, :] + 0.25 * (tmp[:, :-2, :] + tmp[:, 2:, :])
+    block[:, 0, :] = tmp[:, 0, :]
+    block[:, -1, :] = tmp[:, -1, :]
+
+
+def _render_phase(
+    labels: npt.NDArray[np.uint8],
+    grid: _Grid,
+    anat: _Anatomy,
+    phase: int,
+    shift: _Vec,
+    noise_hu: float,
+    noise_ss: np.random.SeedSequence,
+    chest: bool,
+) -> FloatVolume:
+    hu: FloatVolume = np.take(_phase_lut(anat, phase), labels)
+    if phase == 1 and not chest:
+        # Arterial-phase splenic heterogeneity: a smooth separable wave pattern.
+        spleen = _superquadric(grid, anat.spleen, shift)
+        if spleen is not None:
+            lx, ly, lz, phx, phy, phz = anat.spleen_wave
+            c = _moved(anat.spleen.centre, shift)
+            wx = np.sin(2.0 * math.pi * (spleen.x - c[0]) / lx + phx).astype(np.float32)
+            wy = np.sin(2.0 * math.pi * (spleen.y - c[1]) / ly + phy).astype(np.float32)
+            wz = np.sin(2.0 * math.pi * (spleen.z - c[2]) / lz + phz).astype(np.float32)
+            wave = 30.0 * anat.gains[1] * wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+            sub = hu[spleen.region]
+            is_spleen = labels[spleen.region] == _SPLEEN
+            sub[is_spleen] += wave[is_spleen]
+    rng = np.random.default_rng(noise_ss)
+    sigma = np.float32(noise_hu)
+    for k0 in range(0, hu.shape[0], _SLAB):
+        block = hu[k0 : k0 + _SLAB]
+        _blur_in_plane(block)
+        if noise_hu > 0.0:
+            noise = rng.standard_normal(block.shape, dtype=np.float32)
+            noise *= sigma
+            block += noise
+    return hu
+
+
+# --------------------------------------------------------------------------------------------
+# Truth
+# --------------------------------------------------------------------------------------------
+
+
+def feret_diameter_mm(mask2d: npt.NDArray[np.generic], spacing_xy: tuple[float, float]) -> float:
+    """Maximum Feret diameter of a pixelated 2-D region, in mm.
+
+    Each nonzero pixel ``[j, i]`` is the closed square ``[i, i+1] x [j, j+1]`` (in pixel-edge
+    units) scaled by ``spacing_xy = (column spacing, row spacing)``. The diameter is the largest
+    distance between any two corner points of region pixels, i.e. the diameter of the union of
+    the squares (the region need not be connected).
+
+    Only the outer corners of the leftmost and rightmost pixel of each row can be convex-hull
+    vertices, so the brute-force search runs over at most ``4 * rows`` points; the result is exact.
+    """
+    mask: _Bool = np.asarray(mask2d, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask2d must be 2-D, got shape {mask.shape}")
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return 0.0
+    sub = mask[rows]
+    first = np.argmax(sub, axis=1)
+    last = sub.shape[1] - np.argmax(sub[:, ::-1], axis=1)  # right edge of the last pixel
+    sx, sy = spacing_xy
+    xs = np.concatenate([first, first, last, last]).astype(np.float64) * sx
+    ys = np.concatenate([rows, rows + 1, rows, rows + 1]).astype(np.float64) * sy
+    d2 = (xs[:, None] - xs[None, :]) ** 2 + (ys[:, None] - ys[None, :]) ** 2
+    return float(math.sqrt(float(d2.max())))
+
+
+def max_axial_diameter_mm(
+    mask3d: npt.NDArray[np.generic], spacing_xy: tuple[float, float]
+) -> float:
+    """Largest :func:`feret_diameter_mm` over the axial slices (axis 0) of ``mask3d``.
+
+    Slices are visited in decreasing order of their bounding-box diagonal (an upper bound of the
+    diameter) and the search stops once no remaining slice can beat the best found.
+    """
+    mask: _Bool = np.asarray(mask3d, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask3d must be 3-D, got shape {mask.shape}")
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if ks.size == 0:
+        return 0.0
+    mask = mask[int(ks[0]) : int(ks[-1]) + 1]
+    row_any: _Bool = np.any(mask, axis=2)
+    col_any: _Bool = np.any(mask, axis=1)
+    present: _Bool = np.any(row_any, axis=1)
+    n_rows, n_cols = row_any.shape[1], col_any.shape[1]
+    height = n_rows - np.argmax(row_any[:, ::-1], axis=1) - np.argmax(row_any, axis=1)
+    width = n_cols - np.argmax(col_any[:, ::-1], axis=1) - np.argmax(col_any, axis=1)
+    sx, sy = spacing_xy
+    bound = np.where(present, np.hypot(width * sx, height * sy), -1.0)
+    best = 0.0
+    for k in np.argsort(-bound, kind="stable"):
+        if bound[k] <= best:
+            break
+        best = max(best, feret_diameter_mm(mask[k], spacing_xy))
+    return best
+
+
+def measure_truth(
+    masks: Mapping[str, npt.NDArray[np.generic]],
+    spacing_mm: tuple[float, float, float],
+    mvi: int | None,
+) -> Truth:
+    """Measure the ground truth from masks.
+
+    Parameters
+    ----------
+    masks
+        ``"tumor"`` and ``"loat"`` volumes ``(slices, rows, cols)``, nonzero inside; a missing key
+        counts as an empty mask.
+    spacing_mm
+        ``(x, y, z)`` voxel spacing.
+    mvi
+        The label to carry over (1, 0 or ``None``).
+
+    Returns
+    -------
+    Truth
+        ``max_diameter_mm``: largest axial :func:`feret_diameter_mm` of the tumour (pixels as
+        squares, distance between extreme pixel corners); ``tumor_volume_ml`` and
+        ``loat_volume_ml``: voxel count times voxel volume; ``loat_max_area_cm2``: largest axial
+        LOAT pixel count times pixel area.
+    """
+    if mvi not in (None, 0, 1):
+        raise ValueError(f"mvi must be 0, 1 or None, got {mvi!r}")
+    sx, sy, sz = (float(s) for s in spacing_mm)
+    if min(sx, sy, sz) <= 0.0:
+        raise ValueError(f"spacing must be positive, got {spacing_mm}")
+    tumor = masks.get("tumor")
+    loat = masks.get("loat")
+    diameter = tumor_ml = loat_ml = loat_cm2 = 0.0
+    if tumor is not None:
+        diameter = max_axial_diameter_mm(tumor, (sx, sy))
+        tumor_ml = float(np.count_nonzero(tumor)) * sx * sy * sz / 1000.0
+    if loat is not None and np.any(loat):
+        per_slice = np.count_nonzero(np.asarray(loat).reshape(loat.shape[0], -1), axis=1)
+        loat_ml = float(per_slice.sum()) * sx * sy * sz / 1000.0
+        loat_cm2 = float(per_slice.max()) * sx * sy / 100.0
+    return Truth(
+        mvi=None if mvi is None else int(mvi),
+        max_diameter_mm=diameter,
+        tumor_volume_ml=tumor_ml,
+        loat_max_area_cm2=loat_cm2,
+        loat_volume_ml=loat_ml,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Studies
+# --------------------------------------------------------------------------------------------
+
+
+def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
+    """Render one synthetic study.
+
+    Deterministic per ``(seed, spec)``; the anatomy and latents depend on the seed only, so the
+    same seed at a different resolution is the same patient.
+
+    Parameters
+    ----------
+    seed
+        Non-negative study seed.
+    spec
+        What to render; defaults to ``PhantomSpec()``.
+
+    Returns
+    -------
+    PhantomStudy
+        Phases in canonical order, arterial-frame masks and the measured :class:`Truth`.
+    """
+    _check_seed(seed)
+    spec = PhantomSpec() if spec is None else spec
+    latents = draw_latents(seed)
+    _, anatomy_ss, noise_ss = _streams(seed)
+    anat = _draw_anatomy(np.random.default_rng(anatomy_ss), latents)
+    grid = _grid(spec)
+    chest = spec.non_liver
+    with_tumor = spec.tumor and not chest
+
+    base = _fixed_labels(grid, anat)
+    if chest:
+        _draw_chest(base, grid, anat)
+        arterial_labels = base
+    else:
+        arterial_labels = base.copy()
+        _draw_viscera(arterial_labels, grid, anat, with_tumor, (0.0, 0.0, 0.0))
+    masks = _masks(arterial_labels)
+
+    phases: dict[str, PhaseVolume] = {}
+    for name in spec.rendered_phases:
+        index = PHASE_NAMES.index(name)
+        shift = (0.0, 0.0, 0.0) if chest else anat.shifts[name]
+        if shift == (0.0, 0.0, 0.0):
+            labels = arterial_labels
+        else:
+            labels = base.copy()
+            _draw_viscera(labels, grid, anat, with_tumor, shift)
+        hu = _render_phase(labels, grid, anat, index, shift, spec.noise_hu, noise_ss[index], chest)
+        phases[name] = PhaseVolume(name=name, hu=hu, shift_mm=shift, delay_s=anat.delays[name])
+        del labels
+
+    study_latents = dict(latents)
+    study_latents.update(
+        {
+            "tumor_radius_mm": anat.tumor_radius,
+            "tumor_core_fraction": anat.core_fraction,
+            "peritumoral_rim_mm": anat.rim_mm,
+            "loat_semi_x_mm": anat.loat.semi[0],
+            "loat_semi_y_mm": anat.loat.semi[1],
+            "loat_semi_z_mm": anat.loat.semi[2],
+            # LPS positions (arterial frame) for tests and sanity checks of later modules.
+            "tumor_centre_x_mm": anat.tumor_centre[0],
+            "tumor_centre_y_mm": anat.tumor_centre[1],
+            "tumor_centre_z_mm": anat.tumor_centre[2] + _Z_CENTRE_MM,
+            "aorta_x_mm": anat.aorta[0],
+            "aorta_y_mm": anat.aorta[1],
+            "aorta_radius_mm": anat.aorta[2],
+        }
+    )
+    mvi = int(latents["mvi"]) if with_tumor else None
+    return PhantomStudy(
+        seed=int(seed),
+        spec=spec,
+        spacing_mm=spec.spacing_mm,
+        origin_mm=spec.origin_mm,
+        phases=phases,
+        masks=masks,
+        latents=study_latents,
+        truth=measure_truth(masks, spec.spacing_mm, mvi),
+    )
+
+
+def localizer(study: PhantomStudy) -> tuple[FloatVolume, tuple[float, float]]:
+    """Coronal projection "scout" of the first rendered phase.
+
+    The mean HU along y (anterior-posterior) of each ``(z, x)`` ray, so values stay HU-like
+    (air -1000, soft tissue around 0..100, brighter over bone).
+
+    Returns
+    -------
+    image, spacing
+        ``image`` float32 ``(slices, cols)`` with row 0 the most superior slice and columns along
+        +x; ``spacing`` ``(row spacing = z, column spacing = x)`` in mm.
+    """
+    if not study.phases:
+        raise ValueError("study has no rendered phase")
+    hu = next(iter(study.phases.values())).hu
+    image = np.ascontiguousarray(hu.mean(axis=1, dtype=np.float64)[::-1].astype(np.float32))
+    return image, (study.spacing_mm[2], study.spacing_mm[0])
