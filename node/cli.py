@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from node import __version__
-from node.logging import configure_logging, get_logger, study_key
+from node.logging import configure_logging, get_logger, study_key, uid_key
 from node.settings import ConfigError, config_path_from_env, load_settings, redacted_dict, to_toml
 
 app = typer.Typer(
@@ -32,8 +32,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-out = Console()
-err = Console(stderr=True)
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 
 PHASE_ALIASES = {
     "non_contrast": "non_contrast",
@@ -69,6 +70,7 @@ def main_callback(
     ] = False,
 ) -> None:
     """DICOM AI node beside the PACS: receives dual-phase liver CT, returns SEG, SR and SC."""
+    configure_logging("info")
 
 
 @config_app.command("check")
@@ -124,6 +126,14 @@ def _parse_phases(value: str | None) -> tuple[str, ...] | None:
 
     return tuple(p for p in PHASE_NAMES if p in phases)
 
+
+PHASE_ABBREVIATIONS = {
+    "localizer": "LOC",
+    "non_contrast": "NC",
+    "arterial": "AP",
+    "portal_venous": "PVP",
+    "delayed": "DP",
+}
 
 #: What a previous run of `mvi-node phantom` leaves in its output folder (``--force`` removes it).
 _PHANTOM_OUTPUTS = ("study_*", "masks", "labels.csv", "truth.csv")
@@ -183,7 +193,6 @@ def phantom(
     """Write a synthetic cohort of multi-phase liver CT studies with labels.csv and truth.csv."""
     from node.phantom_study import CohortOptions, write_cohort
 
-    configure_logging("info")
     log = get_logger("phantom")
     options = CohortOptions(
         studies=studies,
@@ -202,7 +211,7 @@ def phantom(
     _prepare_output(output, force)
     started = time.perf_counter()
     table = Table(title=f"phantom cohort in {output}")
-    for column in ("study", "mvi", "max diam mm", "tumor ml", "LOAT cm²", "LOAT ml", "series"):
+    for column in ("study", "mvi", "max diam mm", "tumor ml", "LOAT cm²", "LOAT ml", "phases"):
         table.add_column(column)
     with Progress(
         TextColumn("[bold]phantom"),
@@ -232,7 +241,7 @@ def phantom(
                 f"{truth.tumor_volume_ml:.1f}",
                 f"{truth.loat_max_area_cm2:.2f}",
                 f"{truth.loat_volume_ml:.1f}",
-                ", ".join(written.files),
+                " ".join(PHASE_ABBREVIATIONS.get(p, p) for p in written.files),
             )
             progress.advance(task)
 
@@ -258,10 +267,10 @@ def inspect(
         raise fail(f"{folder}: no DICOM files found", code=1)
     for study_uid, series_map in studies.items():
         table = Table(title=f"study {study_key(study_uid)}")
-        for column in ("series", "description", "images", "size", "spacing mm", "HU min/mean/max"):
+        for column in ("series key", "description", "images", "size", "spacing mm", "HU min/mean/max"):
             table.add_column(column)
         for series in sorted(series_map.values(), key=lambda s: s.series_description):
-            row = [series.series_instance_uid[-12:], series.series_description or "(none)"]
+            row = [uid_key(series.series_instance_uid), series.series_description or "(none)"]
             if series.modality != "CT":
                 table.add_row(*row, str(len(series.paths)), series.modality, "", "")
                 continue

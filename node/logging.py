@@ -141,7 +141,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A structlog logger bound to ``component=name`` and any initial values."""
-    logger = structlog.get_logger()
     if name is not None:
         initial = {"component": name, **initial}
-    return logger.bind(**initial) if initial else logger
+    # A lazy proxy: modules create their loggers at import time, before configure_logging runs,
+    # and must still follow the configuration that is in force when they log.
+    return structlog.get_logger(**initial)
