@@ -253,6 +253,9 @@ def phantom(
     log.info("cohort written", studies=studies, seconds=round(elapsed, 2), megabytes=size_mb)
 
 
+INSPECT_COLUMNS = ("series key", "description", "images", "size", "spacing mm", "HU min/mean/max")
+
+
 @app.command()
 def inspect(
     folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
@@ -267,7 +270,7 @@ def inspect(
         raise fail(f"{folder}: no DICOM files found", code=1)
     for study_uid, series_map in studies.items():
         table = Table(title=f"study {study_key(study_uid)}")
-        for column in ("series key", "description", "images", "size", "spacing mm", "HU min/mean/max"):
+        for column in INSPECT_COLUMNS:
             table.add_column(column)
         for series in sorted(series_map.values(), key=lambda s: s.series_description):
             row = [uid_key(series.series_instance_uid), series.series_description or "(none)"]
