@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from node.dicomio import load_series, scan_folder
 from tests.conftest import require_tool, run_tool
+from tests.node.test_dicomio import COMPRESSIONS
 
 CONTRAST_PHASES = ("arterial", "portal_venous", "delayed")
 
@@ -216,3 +217,53 @@ def test_enhanced_cohort_is_one_multiframe_object_per_phase(
         for path in series.paths:
             result = run_tool(dciodvfy, path, check=False)
             assert not [line for line in result.stderr.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize(
+    ("tool", "package", "arguments", "transfer_syntax"),
+    [c for c in COMPRESSIONS if c[0] != "dcmconv"],
+    ids=[c[0] for c in COMPRESSIONS if c[0] != "dcmconv"],
+)
+def test_compressed_phantom_loads_to_the_same_volume(
+    small_cohort: Path,
+    tmp_path: Path,
+    tool: str,
+    package: str,
+    arguments: list[str],
+    transfer_syntax: str,
+) -> None:
+    executable = require_tool(tool, package)
+    row = read_csv(small_cohort / "truth.csv")[0]
+    study = scan_folder(small_cohort / row["study_folder"])[row["study_instance_uid"]]
+    original = study[row["arterial_series_uid"]].paths
+    compressed = []
+    for path in original:
+        run_tool(executable, *arguments, path, tmp_path / path.name)
+        compressed.append(tmp_path / path.name)
+    syntaxes = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        for p in compressed
+    }
+    assert syntaxes == {transfer_syntax}
+    reference, image = load_series(original), load_series(compressed)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(reference))
+    assert image.GetOrigin() == reference.GetOrigin()
+    assert image.GetSpacing() == reference.GetSpacing()
+    assert image.GetDirection() == reference.GetDirection()
+
+
+def test_enhanced_and_classic_phantoms_load_identically(
+    cohort_factory: Callable[..., Path],
+) -> None:
+    volumes = []
+    for enhanced in (False, True):
+        cohort = cohort_factory(seed=9, enhanced=enhanced, seg=enhanced)
+        row = read_csv(cohort / "truth.csv")[0]
+        study = scan_folder(cohort / row["study_folder"])[row["study_instance_uid"]]
+        volumes.append(load_series(study[row["portal_venous_series_uid"]].paths))
+    classic, enhanced_image = volumes
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(classic), sitk.GetArrayFromImage(enhanced_image)
+    )
+    assert classic.GetOrigin() == pytest.approx(enhanced_image.GetOrigin())
+    assert classic.GetSpacing() == pytest.approx(enhanced_image.GetSpacing())
