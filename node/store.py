@@ -1,0 +1,643 @@
+"""The node's one database: studies, series, instances, jobs, results and the outbox.
+
+SQLAlchemy Core over SQLite in WAL mode by default (several processes on one host: the receiver
+and the workers), PostgreSQL by URL. Every arrow of the data flow that crosses a process restart
+goes through here: an instance is acknowledged only after its row is committed, and a job or an
+outbox item is never only in memory.
+
+Study states: ``receiving`` (instances arriving, quiet timer running) → ``queued`` (complete, a
+job waits) → ``running`` → ``done`` | ``failed`` | ``needs_review`` | ``not_applicable``.
+Job states: ``queued``, ``running``, ``done``, ``failed``, ``needs_review``, ``not_applicable``,
+``superseded`` (a later job of the same study replaced it), ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+SCHEMA_VERSION = 1
+
+STUDY_STATES = (
+    "receiving",
+    "queued",
+    "running",
+    "done",
+    "failed",
+    "needs_review",
+    "not_applicable",
+)
+JOB_FINAL_STATES = ("done", "failed", "needs_review", "not_applicable", "superseded", "cancelled")
+
+#: Job priorities: lower runs first. Live studies go before retrospective re-queries.
+PRIORITY_LIVE = 0
+PRIORITY_RETROSPECTIVE = 10
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("study_key", String(16), nullable=False, index=True),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
+    Column("priority", Integer, nullable=False, default=PRIORITY_LIVE),
+    # Identifiers stay in the database (results export, `studies list --show-identifiers`),
+    # never in logs.
+    Column("patient_id", String(64)),
+    Column("patient_name", String(324)),
+    Column("accession_number", String(16)),
+    Column("study_date", String(8)),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("first_received_at", DateTime(timezone=True)),
+    Column("last_received_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("pairing", JSON),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_uid", String(64), primary_key=True),
+    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("modality", String(16)),
+    Column("sop_class_uid", String(64)),
+    Column("series_number", Integer),
+    Column("series_description", String(64)),
+    Column("analysable", Boolean, nullable=False, default=False),
+    Column("own_output", Boolean, nullable=False, default=False),
+    Column("instance_count", Integer, nullable=False, default=0),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("series_uid", String(64), ForeignKey("series.series_uid"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax_uid", String(64)),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("calling_ae", String(16)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("priority", Integer, nullable=False, default=PRIORITY_LIVE),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("reason", Text),
+    Column("pairing", JSON),
+    Column("arterial_uid", String(64)),
+    Column("portal_venous_uid", String(64)),
+    Column("supersedes", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+results = Table(
+    "results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
+    Column("result", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_status", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+)
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware now (the store keeps every time in UTC)."""
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the receiver knows about one stored instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    calling_ae: str
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    analysable: bool = False
+    own_output: bool = False
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job row."""
+
+    id: int
+    study_uid: str
+    state: str
+    priority: int
+    attempts: int
+    reason: str | None
+    pairing: dict[str, Any] | None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the receiver write while workers read; synchronous=FULL makes a commit durable
+    # before the C-STORE response goes out; busy_timeout lets processes queue for the lock.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    """Access to the database; one per process (workers open their own).
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL. SQLite files get WAL mode and durable commits.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            current = conn.execute(select(func.max(schema_version.c.version))).scalar()
+            if current is None:
+                conn.execute(
+                    insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow())
+                )
+            elif current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database schema version {current} is newer than this node's "
+                    f"({SCHEMA_VERSION}): upgrade mvi-node"
+                )
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction (committed on exit, rolled back on error)."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+        except Exception:
+            return False
+        return True
+
+    # -- instances ---------------------------------------------------------------------------
+
+    def instance_sha256(self, sop_instance_uid: str) -> str | None:
+        """The stored hash of an instance's bytes, or None when it is new."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(instances.c.sha256).where(instances.c.sop_instance_uid == sop_instance_uid)
+            ).scalar()
+
+    def record_instance(self, record: InstanceRecord, *, reopen: bool = True) -> str:
+        """Commit an instance row (and its series and study); returns 'new' or 'replaced'.
+
+        A new instance of an own-output series never changes the study's state; any other
+        instance puts the study back to ``receiving`` when ``reopen`` (the quiet timer restarts).
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            study = conn.execute(
+                select(studies.c.state).where(studies.c.study_uid == record.study_uid)
+            ).first()
+            if study is None:
+                from node.logging import study_key
+
+                conn.execute(
+                    insert(studies).values(
+                        study_uid=record.study_uid,
+                        study_key=study_key(record.study_uid),
+                        state="receiving",
+                        priority=PRIORITY_LIVE,
+                        patient_id=record.patient_id,
+                        patient_name=record.patient_name,
+                        accession_number=record.accession_number,
+                        study_date=record.study_date,
+                        instance_count=0,
+                        first_received_at=now,
+                    )
+                )
+            if (
+                conn.execute(
+                    select(series.c.series_uid).where(series.c.series_uid == record.series_uid)
+                ).first()
+                is None
+            ):
+                conn.execute(
+                    insert(series).values(
+                        series_uid=record.series_uid,
+                        study_uid=record.study_uid,
+                        modality=record.modality,
+                        sop_class_uid=record.sop_class_uid,
+                        series_number=record.series_number,
+                        series_description=record.series_description[:64],
+                        analysable=record.analysable,
+                        own_output=record.own_output,
+                        instance_count=0,
+                    )
+                )
+            existing = conn.execute(
+                select(instances.c.sop_instance_uid).where(
+                    instances.c.sop_instance_uid == record.sop_instance_uid
+                )
+            ).first()
+            values = {
+                "series_uid": record.series_uid,
+                "study_uid": record.study_uid,
+                "sop_class_uid": record.sop_class_uid,
+                "transfer_syntax_uid": record.transfer_syntax_uid,
+                "path": record.path,
+                "size": record.size,
+                "sha256": record.sha256,
+                "calling_ae": record.calling_ae,
+                "received_at": now,
+            }
+            if existing is None:
+                conn.execute(
+                    insert(instances).values(sop_instance_uid=record.sop_instance_uid, **values)
+                )
+                conn.execute(
+                    update(series)
+                    .where(series.c.series_uid == record.series_uid)
+                    .values(instance_count=series.c.instance_count + 1)
+                )
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == record.study_uid)
+                    .values(instance_count=studies.c.instance_count + 1)
+                )
+                outcome = "new"
+            else:
+                conn.execute(
+                    update(instances)
+                    .where(instances.c.sop_instance_uid == record.sop_instance_uid)
+                    .values(**values)
+                )
+                outcome = "replaced"
+            study_values: dict[str, Any] = {"last_received_at": now}
+            if reopen and not record.own_output:
+                study_values["state"] = "receiving"
+                study_values["reason"] = None
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == record.study_uid)
+                .values(**study_values)
+            )
+        return outcome
+
+    def instance_paths(self, study_uid: str) -> list[tuple[str, str, str, bool, bool]]:
+        """(series_uid, path, sop_class_uid, analysable, own_output) of a study's instances."""
+        query = (
+            select(
+                instances.c.series_uid,
+                instances.c.path,
+                instances.c.sop_class_uid,
+                series.c.analysable,
+                series.c.own_output,
+            )
+            .join(series, series.c.series_uid == instances.c.series_uid)
+            .where(instances.c.study_uid == study_uid)
+            .order_by(instances.c.series_uid, instances.c.path)
+        )
+        with self.engine.connect() as conn:
+            return [
+                (row[0], row[1], row[2], bool(row[3]), bool(row[4])) for row in conn.execute(query)
+            ]
+
+    def delete_instances(self, study_uid: str) -> list[str]:
+        """Forget a study's instance rows (retention); returns their spool paths."""
+        with self.engine.begin() as conn:
+            paths = [
+                row[0]
+                for row in conn.execute(
+                    select(instances.c.path).where(instances.c.study_uid == study_uid)
+                )
+            ]
+            conn.execute(instances.delete().where(instances.c.study_uid == study_uid))
+        return paths
+
+    # -- studies -----------------------------------------------------------------------------
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        """A study row as a dict, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
+        return dict(row._mapping) if row is not None else None
+
+    def list_studies(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recently received studies first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
+            )
+            return [dict(row._mapping) for row in rows]
+
+    def studies_in_state(self, *states: str) -> list[str]:
+        """UIDs of the studies in any of ``states``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(studies.c.study_uid).where(studies.c.state.in_(states)))
+            return [row[0] for row in rows]
+
+    def set_study_state(self, study_uid: str, state: str, reason: str | None = None) -> None:
+        """Move a study to ``state``."""
+        if state not in STUDY_STATES:
+            raise ValueError(f"unknown study state {state!r}")
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(state=state, reason=reason)
+            )
+
+    def has_analysable_instances(self, study_uid: str) -> bool:
+        """True when the study holds an instance that is not the node's own output."""
+        query = (
+            select(func.count())
+            .select_from(series)
+            .where(series.c.study_uid == study_uid, series.c.own_output.is_(False))
+        )
+        with self.engine.connect() as conn:
+            return bool(conn.execute(query).scalar())
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def complete_study(
+        self, study_uid: str, *, only_if_quiet_since: dt.datetime | None = None
+    ) -> int | None:
+        """Mark a receiving study complete and queue its job; returns the job id.
+
+        Earlier jobs of the study that have not started are superseded; a running one finishes
+        but its result is superseded by the new job's. With ``only_if_quiet_since``, nothing
+        happens when an instance arrived after that time (the timer fired late).
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(studies.c.state, studies.c.last_received_at, studies.c.priority).where(
+                    studies.c.study_uid == study_uid
+                )
+            ).first()
+            if row is None or row.state != "receiving":
+                return None
+            last = row.last_received_at
+            if last is not None and last.tzinfo is None:
+                last = last.replace(tzinfo=dt.UTC)
+            if only_if_quiet_since is not None and last is not None and last > only_if_quiet_since:
+                return None
+            previous = conn.execute(
+                select(func.max(jobs.c.id)).where(jobs.c.study_uid == study_uid)
+            ).scalar()
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.study_uid == study_uid, jobs.c.state == "queued")
+                .values(state="superseded", finished_at=now, reason="a newer job replaced it")
+            )
+            inserted = conn.execute(
+                insert(jobs).values(
+                    study_uid=study_uid,
+                    state="queued",
+                    priority=row.priority,
+                    attempts=0,
+                    supersedes=previous,
+                    created_at=now,
+                )
+            )
+            key = inserted.inserted_primary_key
+            if key is None:
+                raise RuntimeError("the database returned no id for the new job")
+            job_id = int(key[0])
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(state="queued", completed_at=now, reason=None)
+            )
+        return job_id
+
+    def claim_job(self) -> Job | None:
+        """Take the most urgent queued job (lowest priority value, then oldest) for this worker."""
+        for _ in range(5):
+            with self.engine.begin() as conn:
+                row = conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.state == "queued")
+                    .order_by(jobs.c.priority, jobs.c.id)
+                    .limit(1)
+                ).first()
+                if row is None:
+                    return None
+                # Compare-and-set: another worker may have taken it between select and update.
+                taken = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == row.id, jobs.c.state == "queued")
+                    .values(state="running", started_at=utcnow(), attempts=jobs.c.attempts + 1)
+                ).rowcount
+                if taken != 1:
+                    continue
+                job = conn.execute(select(jobs).where(jobs.c.id == row.id)).one()
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == job.study_uid, studies.c.state == "queued")
+                    .values(state="running")
+                )
+                return Job(
+                    id=job.id,
+                    study_uid=job.study_uid,
+                    state=job.state,
+                    priority=job.priority,
+                    attempts=job.attempts,
+                    reason=job.reason,
+                    pairing=job.pairing,
+                )
+        return None
+
+    def finish_job(
+        self,
+        job_id: int,
+        state: str,
+        *,
+        reason: str | None = None,
+        pairing: dict[str, Any] | None = None,
+        arterial_uid: str | None = None,
+        portal_venous_uid: str | None = None,
+    ) -> None:
+        """Record a job's outcome; the study follows unless a newer job superseded this one."""
+        if state not in ("queued", *JOB_FINAL_STATES):
+            raise ValueError(f"unknown job state {state!r}")
+        now = utcnow()
+        with self.engine.begin() as conn:
+            job = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    state=state,
+                    reason=reason,
+                    pairing=pairing,
+                    arterial_uid=arterial_uid,
+                    portal_venous_uid=portal_venous_uid,
+                    finished_at=None if state == "queued" else now,
+                )
+            )
+            newest = conn.execute(
+                select(func.max(jobs.c.id)).where(jobs.c.study_uid == job.study_uid)
+            ).scalar()
+            study_state = conn.execute(
+                select(studies.c.state).where(studies.c.study_uid == job.study_uid)
+            ).scalar()
+            # A study that is receiving again, or has a newer job, keeps its own state.
+            if newest == job_id and study_state in ("queued", "running"):
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == job.study_uid)
+                    .values(state=state, reason=reason, pairing=pairing)
+                )
+
+    def requeue_interrupted(self) -> int:
+        """On start: jobs left running by a crash go back to the queue. Returns how many."""
+        with self.engine.begin() as conn:
+            count = conn.execute(
+                update(jobs)
+                .where(jobs.c.state == "running")
+                .values(state="queued", started_at=None)
+            ).rowcount
+            conn.execute(update(studies).where(studies.c.state == "running").values(state="queued"))
+        return int(count)
+
+    def list_jobs(self, limit: int = 100, states: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The newest jobs first."""
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if states:
+            query = query.where(jobs.c.state.in_(states))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job; False when it is not queued."""
+        with self.engine.begin() as conn:
+            count = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == "queued")
+                .values(state="cancelled", finished_at=utcnow(), reason="cancelled by operator")
+            ).rowcount
+        return bool(count)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def studies_delivered_before(self, cutoff: dt.datetime) -> list[str]:
+        """Studies whose results were all delivered before ``cutoff`` and that still hold files.
+
+        Also studies that ended without results to deliver (not_applicable, needs_review) and
+        were completed before ``cutoff``.
+        """
+        with self.engine.connect() as conn:
+            delivered = (
+                select(outbox.c.study_uid)
+                .group_by(outbox.c.study_uid)
+                .having(
+                    func.count(outbox.c.delivered_at) == func.count(),
+                    func.max(outbox.c.delivered_at) < cutoff,
+                )
+            )
+            done_without = select(studies.c.study_uid).where(
+                studies.c.state.in_(("not_applicable", "needs_review", "done")),
+                studies.c.completed_at < cutoff,
+                ~studies.c.study_uid.in_(select(outbox.c.study_uid)),
+            )
+            holding = select(instances.c.study_uid).distinct()
+            rows = conn.execute(
+                select(studies.c.study_uid).where(
+                    studies.c.study_uid.in_(holding),
+                    studies.c.state.notin_(("receiving", "queued", "running")),
+                    studies.c.study_uid.in_(delivered) | studies.c.study_uid.in_(done_without),
+                )
+            )
+            return [row[0] for row in rows]
