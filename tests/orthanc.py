@@ -12,6 +12,8 @@ ever talk to 127.0.0.1.
 
 Typical use from a test::
 
+    from tests.orthanc import Orthanc, orthanc_fixture  # noqa: F401
+
     def test_something(orthanc: Orthanc, cohort_factory) -> None:
         orthanc.upload_folder(cohort_factory(seed=1) / "study_0001")
 """
@@ -160,7 +162,7 @@ class Orthanc:
         return [study["MainDicomTags"]["StudyInstanceUID"] for study in expanded]
 
     def find_study_id(self, study_instance_uid: str) -> str | None:
-        """The Orthanc ID of a study, by StudyInstanceUID (``POST /tools/lookup``); None if absent."""
+        """Orthanc ID of a study by StudyInstanceUID (``POST /tools/lookup``), None if absent."""
         for match in self.rest("POST", "/tools/lookup", study_instance_uid):
             if match.get("Type") == "Study":
                 return str(match["ID"])
@@ -317,6 +319,7 @@ def _start(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
     return Orthanc(
         aet=aet,
@@ -329,7 +332,7 @@ def _start(
 
 
 def _wait_ready(server: Orthanc, timeout: float) -> bool:
-    """Poll ``GET /system`` until it answers (True) or the process dies (False); raise on timeout."""
+    """Poll ``GET /system`` until it answers (True) or Orthanc exits (False); raise on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -381,8 +384,12 @@ def running_orthanc(
             server.stop()
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """A fresh Orthanc for one test (import this fixture into the test module to use it)."""
+@pytest.fixture(name="orthanc")
+def orthanc_fixture(tmp_path: Path) -> Iterator[Orthanc]:
+    """Fixture ``orthanc``: a fresh, empty Orthanc for one test.
+
+    Import it into a test module (``from tests.orthanc import orthanc_fixture  # noqa: F401``)
+    and ask for ``orthanc``.
+    """
     with running_orthanc(tmp_path / "orthanc") as server:
         yield server
