@@ -20,7 +20,14 @@ from rich.table import Table
 
 from node import __version__
 from node.logging import configure_logging, get_logger, study_key, uid_key
-from node.settings import ConfigError, config_path_from_env, load_settings, redacted_dict, to_toml
+from node.settings import (
+    ConfigError,
+    Settings,
+    config_path_from_env,
+    load_settings,
+    redacted_dict,
+    to_toml,
+)
 
 app = typer.Typer(
     name="mvi-node",
@@ -31,6 +38,13 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+studies_app = typer.Typer(help="Studies the node has received.", no_args_is_help=True)
+app.add_typer(studies_app, name="studies")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: $MVI_CONFIG)."),
+]
 
 # Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=160)
@@ -91,6 +105,110 @@ def config_check(
     source = str(path) if path is not None else "built-in defaults"
     out.print(f"# effective configuration from {source} and MVI_* environment", markup=False)
     out.print(to_toml(redacted_dict(settings)), markup=False, highlight=False, soft_wrap=True)
+
+
+def _settings(config: Path | None) -> Settings:
+    """Load the configuration or exit 2 with one line per problem; set up logging from it."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"{exc.source}: {problem}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.node.log_level)
+    return settings
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receive studies, pair their phases, run jobs (until SIGTERM)."""
+    from node.service import serve as run
+
+    settings = _settings(config)
+    try:
+        run(settings)
+    except OSError as exc:
+        # Typically the port: in use, or below 1024 without the capability.
+        raise fail(
+            f"cannot start on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}",
+            code=1,
+        ) from None
+
+
+@app.command()
+def echo(
+    peer: Annotated[str, typer.Argument(help="A [peers.NAME] of the configuration.")],
+    config: ConfigOption = None,
+) -> None:
+    """C-ECHO a configured peer from the node's AE title."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    settings = _settings(config)
+    target = settings.peers.get(peer)
+    if target is None:
+        known = ", ".join(sorted(settings.peers)) or "none configured"
+        raise fail(f"no [peers.{peer}] in the configuration (peers: {known})")
+    if target.host is None or target.port is None:
+        raise fail(f"[peers.{peer}] needs host and port to be called")
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = settings.node.acse_timeout
+    ae.network_timeout = settings.node.network_timeout
+    ae.add_requested_context(Verification)
+    started = time.perf_counter()
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise fail(
+            f"{peer} ({target.ae_title}@{target.host}:{target.port}): association "
+            f"{'rejected' if assoc.is_rejected else 'failed'}; does the peer know "
+            f"{settings.node.ae_title!r} from this host?",
+            code=1,
+        )
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code != 0:
+        raise fail(f"{peer}: C-ECHO answered {code if code is not None else 'nothing'}", code=1)
+    elapsed = (time.perf_counter() - started) * 1000
+    out.print(f"{peer} ({target.ae_title}@{target.host}:{target.port}): success, {elapsed:.0f} ms")
+
+
+@studies_app.command("list")
+def studies_list(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="Newest studies shown.")] = 50,
+    show_identifiers: Annotated[
+        bool,
+        typer.Option("--show-identifiers", help="Show patient ID, accession number and UID."),
+    ] = False,
+) -> None:
+    """Studies received, newest first: state, phases chosen, counts."""
+    from node.store import Store
+
+    settings = _settings(config)
+    store = Store(settings.database_url)
+    rows = store.list_studies(limit)
+    table = Table(title=f"studies in {settings.database_url.split('@')[-1]}")
+    columns = ["study key", "state", "instances", "arterial", "portal venous", "pairing", "reason"]
+    if show_identifiers:
+        columns += ["patient ID", "accession", "study UID"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        pairing = row["pairing"] or {}
+        cells = [
+            row["study_key"],
+            row["state"],
+            str(row["instance_count"]),
+            uid_key(pairing["arterial"]) if pairing.get("arterial") else "-",
+            uid_key(pairing["portal_venous"]) if pairing.get("portal_venous") else "-",
+            str(pairing.get("method") or "-"),
+            row["reason"] or "",
+        ]
+        if show_identifiers:
+            cells += [row["patient_id"] or "", row["accession_number"] or "", row["study_uid"]]
+        table.add_row(*cells)
+    out.print(table)
 
 
 def _parse_dates(value: str | None) -> tuple[dt.date, dt.date] | None:

@@ -130,6 +130,7 @@ jobs = Table(
     Column("arterial_uid", String(64)),
     Column("portal_venous_uid", String(64)),
     Column("supersedes", Integer),
+    Column("worker_pid", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
@@ -296,7 +297,9 @@ class Store:
                     insert(studies).values(
                         study_uid=record.study_uid,
                         study_key=study_key(record.study_uid),
-                        state="receiving",
+                        # A study first seen through the node's own outputs is not one to analyse.
+                        state="not_applicable" if record.own_output else "receiving",
+                        reason="only the node's own outputs" if record.own_output else None,
                         priority=PRIORITY_LIVE,
                         patient_id=record.patient_id,
                         patient_name=record.patient_name,
@@ -439,11 +442,11 @@ class Store:
             )
 
     def has_analysable_instances(self, study_uid: str) -> bool:
-        """True when the study holds an instance that is not the node's own output."""
+        """True when the study holds CT, Enhanced CT or SEG instances not written by the node."""
         query = (
             select(func.count())
             .select_from(series)
-            .where(series.c.study_uid == study_uid, series.c.own_output.is_(False))
+            .where(series.c.study_uid == study_uid, series.c.analysable.is_(True))
         )
         with self.engine.connect() as conn:
             return bool(conn.execute(query).scalar())
@@ -502,8 +505,8 @@ class Store:
             )
         return job_id
 
-    def claim_job(self) -> Job | None:
-        """Take the most urgent queued job (lowest priority value, then oldest) for this worker."""
+    def claim_job(self, worker_pid: int | None = None) -> Job | None:
+        """Take the most urgent queued job (lowest priority value, then oldest) for a worker."""
         for _ in range(5):
             with self.engine.begin() as conn:
                 row = conn.execute(
@@ -518,7 +521,12 @@ class Store:
                 taken = conn.execute(
                     update(jobs)
                     .where(jobs.c.id == row.id, jobs.c.state == "queued")
-                    .values(state="running", started_at=utcnow(), attempts=jobs.c.attempts + 1)
+                    .values(
+                        state="running",
+                        started_at=utcnow(),
+                        attempts=jobs.c.attempts + 1,
+                        worker_pid=worker_pid,
+                    )
                 ).rowcount
                 if taken != 1:
                     continue
@@ -591,6 +599,21 @@ class Store:
             ).rowcount
             conn.execute(update(studies).where(studies.c.state == "running").values(state="queued"))
         return int(count)
+
+    def recover_worker_jobs(self, worker_pid: int, max_attempts: int) -> list[int]:
+        """A worker died: its running jobs go back to the queue, or fail past max_attempts."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.attempts).where(
+                    jobs.c.state == "running", jobs.c.worker_pid == worker_pid
+                )
+            ).all()
+        for job_id, attempts in rows:
+            if attempts >= max_attempts:
+                self.finish_job(job_id, "failed", reason="the worker process died during the job")
+            else:
+                self.finish_job(job_id, "queued", reason="the worker process died; retrying")
+        return [row[0] for row in rows]
 
     def list_jobs(self, limit: int = 100, states: Sequence[str] = ()) -> list[dict[str, Any]]:
         """The newest jobs first."""

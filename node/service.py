@@ -1,0 +1,118 @@
+"""`mvi-node serve`: wire the store, the spool, the timers, the workers and the AE together.
+
+Start order matters for restart safety: the store opens (and jobs a crash left running go back
+to the queue), studies still receiving get their timers back, workers start, and only then does
+the AE listen. Stop order is the reverse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.assembler import Assembler
+from node.logging import get_logger, study_key
+from node.receiver import ReceiverState, start_receiver
+from node.settings import Settings
+from node.spool import remove_files
+from node.store import Store, utcnow
+from node.worker import WorkerPool
+
+log = get_logger("node.service")
+
+
+@dataclass
+class Node:
+    """A running node: everything :func:`stop_node` must shut down."""
+
+    settings: Settings
+    store: Store
+    scheduler: BackgroundScheduler
+    assembler: Assembler
+    workers: WorkerPool
+    receiver: ReceiverState
+    server: Any
+
+    @property
+    def spool_root(self) -> Path:
+        """Where received instances live."""
+        return self.settings.node.data_dir / "spool"
+
+
+def apply_retention(store: Store, spool_root: Path, spool_days: int) -> int:
+    """Delete spooled instances of studies delivered more than ``spool_days`` ago."""
+    cutoff = utcnow() - dt.timedelta(days=spool_days)
+    removed = 0
+    for study_uid in store.studies_delivered_before(cutoff):
+        removed += remove_files(spool_root, store.delete_instances(study_uid))
+        log.info("retention: spooled instances deleted", study_key=study_key(study_uid))
+    return removed
+
+
+def start_node(settings: Settings) -> Node:
+    """Start every part of the node; returns when the AE listens."""
+    data_dir = settings.node.data_dir
+    spool_root = data_dir / "spool"
+    spool_root.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.database_url)
+    requeued = store.requeue_interrupted()
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    assembler = Assembler(store, scheduler, settings.completion.quiet_seconds)
+    scheduler.start()
+    restored = assembler.restore()
+    scheduler.add_job(
+        apply_retention,
+        trigger="interval",
+        days=1,
+        args=[store, spool_root, settings.retention.spool_days],
+        id="retention",
+        next_run_time=utcnow() + dt.timedelta(minutes=5),
+    )
+    workers = WorkerPool(settings, store, settings.pipeline.workers)
+    workers.start()
+    receiver = ReceiverState(
+        settings=settings, store=store, spool_root=spool_root, on_instance=assembler.on_instance
+    )
+    server = start_receiver(receiver)
+    log.info(
+        "node started",
+        data_dir=str(data_dir),
+        jobs_requeued=requeued,
+        timers_restored=restored,
+        workers=settings.pipeline.workers,
+    )
+    return Node(settings, store, scheduler, assembler, workers, receiver, server)
+
+
+def stop_node(node: Node) -> None:
+    """Stop listening, stop the workers and timers, close the store."""
+    node.server.shutdown()
+    node.workers.stop()
+    node.scheduler.shutdown(wait=False)
+    node.store.close()
+    log.info("node stopped", counters=dict(node.receiver.counters))
+
+
+def serve(settings: Settings) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node = start_node(settings)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        stop_node(node)

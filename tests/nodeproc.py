@@ -1,0 +1,164 @@
+"""Run a real `mvi-node serve` process on a free loopback port, as an administrator would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.settings import Settings, load_settings, redacted_dict, to_toml
+from node.store import Store
+
+NODE_AET = "MVI_NODE"
+SCU_AET = "STORESCU"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {predicate}")
+        time.sleep(every)
+
+
+def mvi_node_script() -> str:
+    """The installed console script next to this interpreter."""
+    return shutil.which("mvi-node", path=str(Path(sys.executable).parent)) or "mvi-node"
+
+
+@dataclass
+class NodeProcess:
+    """A node started by a test."""
+
+    settings: Settings
+    config_path: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def port(self) -> int:
+        """The DICOM port."""
+        return self.settings.node.port
+
+    @property
+    def spool(self) -> Path:
+        """The spool folder."""
+        return self.settings.node.data_dir / "spool"
+
+    def store(self) -> Store:
+        """A store on the node's database (the test is a second process, as a worker is)."""
+        return Store(self.settings.database_url)
+
+    def log(self) -> str:
+        """Everything the node logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9: no clean-up at all."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def node_settings(
+    data_dir: Path, port: int | None = None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A test node's configuration: loopback, fast timers, the test's SCU as a peer."""
+    data: dict[str, Any] = {
+        "node": {
+            "ae_title": NODE_AET,
+            "host": "127.0.0.1",
+            "port": port or free_port(),
+            "data_dir": str(data_dir),
+            "log_level": "info",
+            "free_disk_floor_mb": 1,
+        },
+        "peers": {"scu": {"ae_title": SCU_AET, "host": "127.0.0.1"}},
+        "completion": {"quiet_seconds": 1.0},
+        "pipeline": {"workers": 1},
+    }
+    for section, values in (extra or {}).items():
+        if isinstance(values, Mapping) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return data
+
+
+@contextmanager
+def running_node(
+    workdir: Path, extra: Mapping[str, Any] | None = None, port: int | None = None
+) -> Iterator[NodeProcess]:
+    """Start `mvi-node serve` with a fresh configuration under ``workdir``; stop it after."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "node.toml"
+    if not config.exists():
+        config.write_text(to_toml(node_settings(workdir / "data", port, extra)))
+    node = start_node_process(config, workdir / "node.log")
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def start_node_process(config: Path, log_path: Path) -> NodeProcess:
+    """Start the node on an existing configuration file and wait until it answers."""
+    settings = load_settings(config)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MVI_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    handle = log_path.open("ab")
+    process = subprocess.Popen(
+        [mvi_node_script(), "serve", "--config", str(config)],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    node = NodeProcess(settings, config, process, log_path)
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the node exited with {process.returncode}:\n{node.log()}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex(("127.0.0.1", settings.node.port)) == 0
+
+    wait_for(listening, timeout=60)
+    return node
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK tools: without TCP_NODELAY they wait on Nagle's algorithm."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def settings_text(settings: Settings) -> str:
+    """The configuration as TOML (for a test that edits and restarts)."""
+    return to_toml(redacted_dict(settings))
