@@ -10,6 +10,7 @@ The node's own outputs coming back never re-open a study.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -37,12 +38,21 @@ class Assembler:
         self.store = store
         self.scheduler = scheduler
         self.quiet = dt.timedelta(seconds=quiet_seconds)
+        # Last arrival per study with a timer pending. The timer is not moved on every instance
+        # (hundreds a second): when it fires early it re-arms itself from the last arrival.
+        self._last_seen: dict[str, dt.datetime] = {}
+        self._lock = threading.Lock()
 
     def on_instance(self, study_uid: str, own_output: bool) -> None:
         """An instance was stored: (re)start the study's timer, unless it is our own output."""
         if own_output:
             return
-        self._schedule(study_uid, utcnow() + self.quiet)
+        now = utcnow()
+        with self._lock:
+            pending = study_uid in self._last_seen
+            self._last_seen[study_uid] = now
+        if not pending:
+            self._schedule(study_uid, now + self.quiet)
 
     def _schedule(self, study_uid: str, when: dt.datetime) -> None:
         self.scheduler.add_job(
@@ -57,6 +67,12 @@ class Assembler:
 
     def _fire(self, study_uid: str) -> None:
         key = study_key(study_uid)
+        with self._lock:
+            last = self._last_seen.get(study_uid)
+            if last is not None and utcnow() - last < self.quiet:
+                self._schedule(study_uid, last + self.quiet)
+                return
+            self._last_seen.pop(study_uid, None)
         try:
             if not self.store.has_analysable_instances(study_uid):
                 study = self.store.study(study_uid)

@@ -35,6 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import MANUFACTURER, MODEL_NAME
@@ -176,9 +177,12 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
 
     request: Any = event.request
     try:
-        data = event.encoded_dataset(include_meta=True)
+        # The dataset exactly as the peer encoded it, and the file meta pynetdicom derives from
+        # the presentation context: written side by side, never joined or re-encoded.
+        payload = event.encoded_dataset(include_meta=False)
+        prefix = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
         header = pydicom.dcmread(
-            io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS
+            io.BytesIO(prefix + payload), stop_before_pixels=True, specific_tags=_HEADER_TAGS
         )
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
         state.count("store_failed_unparseable")
@@ -203,17 +207,22 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
         log.warning("store failed: SOP instance differs from the request")
         return DATASET_SOP_INSTANCE_MISMATCH
 
-    return _persist(event, state, data, header, uids)
+    return _persist(event, state, (prefix, payload), header, uids)
 
 
 def _persist(
-    event: evt.Event, state: ReceiverState, data: bytes, header: Any, uids: dict[str, str]
+    event: evt.Event,
+    state: ReceiverState,
+    chunks: tuple[bytes, bytes],
+    header: Any,
+    uids: dict[str, str],
 ) -> int:
     study_uid = uids["StudyInstanceUID"]
     sop_uid = uids["SOPInstanceUID"]
-    # The hash covers the dataset alone: the file meta pynetdicom adds names the sender and the
-    # negotiated syntax, which differ between two sends of the same instance.
-    digest = hashlib.sha256(event.encoded_dataset(include_meta=False)).hexdigest()
+    # The hash covers the dataset alone: the file meta names the sender and the negotiated
+    # syntax, which differ between two sends of the same instance.
+    digest = hashlib.sha256(chunks[1]).hexdigest()
+    size = len(chunks[0]) + len(chunks[1])
     try:
         previous = state.store.instance_sha256(sop_uid)
     except Exception:
@@ -234,7 +243,7 @@ def _persist(
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax_uid=str(event.context.transfer_syntax),
         path=relative,
-        size=len(data),
+        size=size,
         sha256=digest,
         calling_ae=str(event.assoc.requestor.ae_title).strip(),
         modality=str(header.get("Modality", "") or ""),
@@ -248,7 +257,7 @@ def _persist(
         study_date=str(header.get("StudyDate", "") or ""),
     )
     try:
-        write_durably(state.spool_root, relative, data)
+        write_durably(state.spool_root, relative, chunks)
         outcome = state.store.record_instance(record)
     except Exception:
         state.count("store_failed_persistence")
@@ -261,7 +270,7 @@ def _persist(
             instance_key=uid_key(sop_uid),
         )
     state.count("instances_received")
-    state.count("bytes_received", len(data))
+    state.count("bytes_received", size)
     if not record.analysable:
         state.count("instances_not_analysed")
     state.on_instance(study_uid, own)

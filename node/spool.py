@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,6 @@ class SpooledFile:
     path: Path
     relative: str
     size: int
-    sha256: str
 
 
 def instance_relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
@@ -44,8 +44,15 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
-def write_durably(root: Path, relative: str, data: bytes) -> SpooledFile:
-    """Write ``data`` to ``root/relative`` so that it survives a crash once this returns.
+# Folders known to exist (and to be durable in their parent): skips a stat and a mkdir per file.
+_known_folders: set[Path] = set()
+
+
+def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> SpooledFile:
+    """Write ``chunks`` (concatenated) to ``root/relative``; durable once this returns.
+
+    Temp file in the target folder, ``fdatasync``, rename over the target, ``fsync`` of the
+    folder (and, for a new folder, of its parents up to the spool root).
 
     Raises
     ------
@@ -54,26 +61,35 @@ def write_durably(root: Path, relative: str, data: bytes) -> SpooledFile:
     """
     target = root / relative
     folder = target.parent
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
+    created = False
+    if folder not in _known_folders:
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".incoming-{target.stem}-{threading.get_ident()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    size = 0
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     _fsync_directory(folder)
     if created:
         # A new folder's own entry lives in its parent (and so on up to the spool root).
         for parent in (folder.parent, root):
             _fsync_directory(parent)
-    return SpooledFile(
-        path=target, relative=relative, size=len(data), sha256=hashlib.sha256(data).hexdigest()
-    )
+    _known_folders.add(folder)
+    return SpooledFile(path=target, relative=relative, size=size)
 
 
 def remove_files(root: Path, relatives: list[str]) -> int:

@@ -233,6 +233,8 @@ class Store:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url, future=True)
+        self._known_studies: set[str] = set()
+        self._known_series: set[str] = set()
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._create_schema()
@@ -287,47 +289,12 @@ class Store:
         """
         now = utcnow()
         with self.engine.begin() as conn:
-            study = conn.execute(
-                select(studies.c.state).where(studies.c.study_uid == record.study_uid)
-            ).first()
-            if study is None:
-                from node.logging import study_key
-
-                conn.execute(
-                    insert(studies).values(
-                        study_uid=record.study_uid,
-                        study_key=study_key(record.study_uid),
-                        # A study first seen through the node's own outputs is not one to analyse.
-                        state="not_applicable" if record.own_output else "receiving",
-                        reason="only the node's own outputs" if record.own_output else None,
-                        priority=PRIORITY_LIVE,
-                        patient_id=record.patient_id,
-                        patient_name=record.patient_name,
-                        accession_number=record.accession_number,
-                        study_date=record.study_date,
-                        instance_count=0,
-                        first_received_at=now,
-                    )
-                )
-            if (
-                conn.execute(
-                    select(series.c.series_uid).where(series.c.series_uid == record.series_uid)
-                ).first()
-                is None
-            ):
-                conn.execute(
-                    insert(series).values(
-                        series_uid=record.series_uid,
-                        study_uid=record.study_uid,
-                        modality=record.modality,
-                        sop_class_uid=record.sop_class_uid,
-                        series_number=record.series_number,
-                        series_description=record.series_description[:64],
-                        analysable=record.analysable,
-                        own_output=record.own_output,
-                        instance_count=0,
-                    )
-                )
+            # Study and series rows are created once; this process remembers which exist so a
+            # busy C-STORE path does not look them up again for every instance.
+            if record.study_uid not in self._known_studies:
+                self._ensure_study(conn, record, now)
+            if record.series_uid not in self._known_series:
+                self._ensure_series(conn, record)
             existing = conn.execute(
                 select(instances.c.sop_instance_uid).where(
                     instances.c.sop_instance_uid == record.sop_instance_uid
@@ -344,6 +311,7 @@ class Store:
                 "calling_ae": record.calling_ae,
                 "received_at": now,
             }
+            study_values: dict[str, Any] = {"last_received_at": now}
             if existing is None:
                 conn.execute(
                     insert(instances).values(sop_instance_uid=record.sop_instance_uid, **values)
@@ -353,11 +321,7 @@ class Store:
                     .where(series.c.series_uid == record.series_uid)
                     .values(instance_count=series.c.instance_count + 1)
                 )
-                conn.execute(
-                    update(studies)
-                    .where(studies.c.study_uid == record.study_uid)
-                    .values(instance_count=studies.c.instance_count + 1)
-                )
+                study_values["instance_count"] = studies.c.instance_count + 1
                 outcome = "new"
             else:
                 conn.execute(
@@ -366,7 +330,6 @@ class Store:
                     .values(**values)
                 )
                 outcome = "replaced"
-            study_values: dict[str, Any] = {"last_received_at": now}
             if reopen and not record.own_output:
                 study_values["state"] = "receiving"
                 study_values["reason"] = None
@@ -376,6 +339,51 @@ class Store:
                 .values(**study_values)
             )
         return outcome
+
+    def _ensure_study(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> None:
+        exists = conn.execute(
+            select(studies.c.study_uid).where(studies.c.study_uid == record.study_uid)
+        ).first()
+        if exists is not None:
+            return
+        from node.logging import study_key
+
+        conn.execute(
+            insert(studies).values(
+                study_uid=record.study_uid,
+                study_key=study_key(record.study_uid),
+                # A study first seen through the node's own outputs is not one to analyse.
+                state="not_applicable" if record.own_output else "receiving",
+                reason="only the node's own outputs" if record.own_output else None,
+                priority=PRIORITY_LIVE,
+                patient_id=record.patient_id,
+                patient_name=record.patient_name,
+                accession_number=record.accession_number,
+                study_date=record.study_date,
+                instance_count=0,
+                first_received_at=now,
+            )
+        )
+
+    def _ensure_series(self, conn: Connection, record: InstanceRecord) -> None:
+        exists = conn.execute(
+            select(series.c.series_uid).where(series.c.series_uid == record.series_uid)
+        ).first()
+        if exists is not None:
+            return
+        conn.execute(
+            insert(series).values(
+                series_uid=record.series_uid,
+                study_uid=record.study_uid,
+                modality=record.modality,
+                sop_class_uid=record.sop_class_uid,
+                series_number=record.series_number,
+                series_description=record.series_description[:64],
+                analysable=record.analysable,
+                own_output=record.own_output,
+                instance_count=0,
+            )
+        )
 
     def instance_paths(self, study_uid: str) -> list[tuple[str, str, str, bool, bool]]:
         """(series_uid, path, sop_class_uid, analysable, own_output) of a study's instances."""

@@ -11,6 +11,7 @@ import io
 import re
 import subprocess
 import threading
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sqlalchemy import select
 
 from node import MANUFACTURER, MODEL_NAME
 from node.dicomio import load_series
+from node.settings import to_toml
 from node.store import instances
 from tests.conftest import require_tool, run_tool
 from tests.nodeproc import (
@@ -512,3 +514,44 @@ def test_orthanc_moves_a_study_to_the_node(tmp_path: Path, cohort: Path) -> None
             callers = set(conn.execute(select(instances.c.calling_ae).distinct()).scalars())
         store.close()
         assert callers == {"ORTHANC"}
+
+
+def test_stores_are_refused_below_the_free_disk_floor(tmp_path: Path, cohort: Path) -> None:
+    good = sorted((cohort / truth_rows(cohort)[0]["study_folder"]).rglob("*.dcm"))[2]
+    with running_node(tmp_path / "node", {"node": {"free_disk_floor_mb": 10**12}}) as node:
+        assert _send_file(node, good) == 0xA700
+        assert spooled(node) == {}
+        assert "free disk below node.free_disk_floor_mb" in node.log()
+
+
+def test_operator_commands_echo_and_studies_list(tmp_path: Path, cohort: Path) -> None:
+    from tests.node.test_cli import mvi_node
+
+    row = truth_rows(cohort)[0]
+    extra = {
+        "peers": {"scu": {"ae_title": SCU_AET}, "self": {"ae_title": NODE_AET, "host": "127.0.0.1"}}
+    }
+    with running_node(tmp_path / "node", extra) as node:
+        data = tomllib.loads(node.config_path.read_text())
+        data["peers"]["self"]["port"] = node.port  # the CLI calls the node as a peer
+        cli_config = tmp_path / "cli.toml"
+        cli_config.write_text(to_toml(data))
+        echoed = mvi_node("echo", "self", "--config", cli_config)
+        assert echoed.returncode == 0, echoed.stderr
+        assert "success" in echoed.stdout
+        unknown = mvi_node("echo", "nobody", "--config", cli_config)
+        assert unknown.returncode == 2 and "no [peers.nobody]" in unknown.stderr
+
+        assert storescu(node, cohort / row["study_folder"]).returncode == 0
+        wait_until_final(node, row["study_instance_uid"])
+        listed = mvi_node("studies", "list", "--config", cli_config)
+        assert listed.returncode == 0, listed.stderr
+        assert "done" in listed.stdout and "tags" in listed.stdout
+        patient_id = str(
+            pydicom.dcmread(next((cohort / row["study_folder"]).rglob("*.dcm"))).PatientID
+        )
+        assert patient_id not in listed.stdout
+        shown = mvi_node("studies", "list", "--show-identifiers", "--config", cli_config)
+        assert patient_id in shown.stdout
+    closed = mvi_node("echo", "self", "--config", cli_config)
+    assert closed.returncode == 1 and "association failed" in closed.stderr
