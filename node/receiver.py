@@ -223,17 +223,6 @@ def _persist(
     # syntax, which differ between two sends of the same instance.
     digest = hashlib.sha256(chunks[1]).hexdigest()
     size = len(chunks[0]) + len(chunks[1])
-    try:
-        previous = state.store.instance_sha256(sop_uid)
-    except Exception:
-        state.count("store_failed_persistence")
-        log.exception("store failed: database unavailable")
-        return OUT_OF_RESOURCES_PERSISTENCE
-    if previous == digest:
-        # A resend of the same bytes (a PACS retrying a move): already safe, nothing to do.
-        state.count("instances_duplicate")
-        return SUCCESS
-
     own = is_own_output(header)
     relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid)
     record = InstanceRecord(
@@ -263,6 +252,10 @@ def _persist(
         state.count("store_failed_persistence")
         log.exception("store failed: could not persist the instance", instance_key=uid_key(sop_uid))
         return OUT_OF_RESOURCES_PERSISTENCE
+    if outcome == "identical":
+        # A resend of the same dataset (a PACS retrying a move): safe, and nothing changes.
+        state.count("instances_duplicate")
+        return SUCCESS
     if outcome == "replaced":
         log.info(
             "instance replaced by a different dataset with the same SOP Instance UID",

@@ -282,7 +282,10 @@ class Store:
             ).scalar()
 
     def record_instance(self, record: InstanceRecord, *, reopen: bool = True) -> str:
-        """Commit an instance row (and its series and study); returns 'new' or 'replaced'.
+        """Commit an instance row (and its series and study).
+
+        Returns 'new', 'replaced' (same SOP Instance UID, other dataset) or 'identical' (same
+        dataset hash as the stored one: nothing changes).
 
         A new instance of an own-output series never changes the study's state; any other
         instance puts the study back to ``receiving`` when ``reopen`` (the quiet timer restarts).
@@ -296,10 +299,14 @@ class Store:
             if record.series_uid not in self._known_series:
                 self._ensure_series(conn, record)
             existing = conn.execute(
-                select(instances.c.sop_instance_uid).where(
+                select(instances.c.sha256).where(
                     instances.c.sop_instance_uid == record.sop_instance_uid
                 )
             ).first()
+            if existing is not None and existing.sha256 == record.sha256:
+                # The same dataset again: its file was rewritten with the same bytes, and the
+                # study is not re-opened (a PACS resending a study does not trigger analysis).
+                return "identical"
             values = {
                 "series_uid": record.series_uid,
                 "study_uid": record.study_uid,

@@ -76,6 +76,14 @@ def test_instances_count_once_and_replacements_are_reported(store: Store) -> Non
     assert store.instance_sha256("1.2.3.1.1") == "1" * 64
 
 
+def test_an_identical_resend_changes_nothing(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    assert store.record_instance(record()) == "identical"
+    study = store.study("1.2.3")
+    assert study is not None and study["state"] == "queued" and study["instance_count"] == 1
+
+
 def test_completion_queues_one_job_and_claims_it_once(store: Store) -> None:
     store.record_instance(record())
     job_id = store.complete_study("1.2.3")

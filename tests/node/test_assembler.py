@@ -1,0 +1,68 @@
+"""Specification of study completion: quiet timers that survive a restart of the node."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import require_tool
+from tests.nodeproc import NODE_AET, SCU_AET, dcmtk_env, running_node, start_node_process, wait_for
+
+
+def test_a_study_completes_only_after_the_quiet_period(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=51, size=48, slices=16)
+    with (cohort / "truth.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    study = cohort / row["study_folder"]
+    series_dirs = sorted(p for p in study.iterdir() if p.is_dir())
+    storescu = require_tool("storescu", "dcmtk")
+
+    def send(folder: Path, port: int) -> None:
+        subprocess.run(
+            [
+                storescu,
+                "-R",
+                "-aet",
+                SCU_AET,
+                "-aec",
+                NODE_AET,
+                "+sd",
+                "+r",
+                "127.0.0.1",
+                str(port),
+                str(folder),
+            ],
+            env=dcmtk_env(),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    with running_node(tmp_path, {"completion": {"quiet_seconds": 4.0}}) as node:
+        store = node.store()
+        # Series arrive with pauses shorter than the quiet period: the study stays receiving.
+        for folder in series_dirs:
+            send(folder, node.port)
+            time.sleep(1.0)
+            assert store.study(row["study_instance_uid"])["state"] == "receiving"  # type: ignore[index]
+        # The node dies before the timer fires; on restart the timer is restored from the store.
+        node.kill()
+        restarted = start_node_process(node.config_path, node.log_path)
+        try:
+            final = wait_for(
+                lambda: (
+                    (s := store.study(row["study_instance_uid"])) and s["state"] == "done" and s
+                ),
+                timeout=60,
+            )
+            assert final["pairing"]["arterial"] == row["arterial_series_uid"]
+            assert '"timers_restored": 1' in restarted.log()
+            assert len(store.list_jobs()) == 1
+        finally:
+            restarted.stop()
+            store.close()
