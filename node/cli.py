@@ -96,12 +96,7 @@ def config_check(
 ) -> None:
     """Print the effective configuration (secrets redacted), or one line per bad key and exit 2."""
     path = config_path_from_env(file)
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"{exc.source}: {problem}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    settings = _settings(path)
     source = str(path) if path is not None else "built-in defaults"
     out.print(f"# effective configuration from {source} and MVI_* environment", markup=False)
     out.print(to_toml(redacted_dict(settings)), markup=False, highlight=False, soft_wrap=True)

@@ -17,16 +17,10 @@ from typing import Any
 
 from node.settings import Settings, load_settings, redacted_dict, to_toml
 from node.store import Store
+from tests.orthanc import free_port
 
 NODE_AET = "MVI_NODE"
 SCU_AET = "STORESCU"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
@@ -152,6 +146,33 @@ def start_node_process(config: Path, log_path: Path) -> NodeProcess:
 
     wait_for(listening, timeout=60)
     return node
+
+
+def storescu_command(port: int, *paths: Path, propose: str = "-x=") -> list[str]:
+    """DCMTK storescu of files or folders (recursively) to the test node, as the test's SCU.
+
+    ``-R`` proposes exactly the SOP classes of the files (SEG is not in storescu's default
+    list); ``propose`` is the transfer syntax offered besides the uncompressed ones.
+    """
+    from tests.conftest import require_tool
+
+    tool = require_tool("storescu", "dcmtk")
+    return [
+        tool,
+        "-v",
+        "-R",
+        propose,
+        "-aet",
+        SCU_AET,
+        "-aec",
+        NODE_AET,
+        "+sd",
+        "+r",
+        "-nh",
+        "127.0.0.1",
+        str(port),
+        *map(str, paths),
+    ]
 
 
 def dcmtk_env() -> dict[str, str]:

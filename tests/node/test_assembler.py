@@ -8,8 +8,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import require_tool
-from tests.nodeproc import NODE_AET, SCU_AET, dcmtk_env, running_node, start_node_process, wait_for
+from tests.nodeproc import (
+    dcmtk_env,
+    running_node,
+    start_node_process,
+    storescu_command,
+    wait_for,
+)
 
 
 def test_a_study_completes_only_after_the_quiet_period(
@@ -20,23 +25,10 @@ def test_a_study_completes_only_after_the_quiet_period(
         row = next(csv.DictReader(handle))
     study = cohort / row["study_folder"]
     series_dirs = sorted(p for p in study.iterdir() if p.is_dir())
-    storescu = require_tool("storescu", "dcmtk")
 
     def send(folder: Path, port: int) -> None:
         subprocess.run(
-            [
-                storescu,
-                "-R",
-                "-aet",
-                SCU_AET,
-                "-aec",
-                NODE_AET,
-                "+sd",
-                "+r",
-                "127.0.0.1",
-                str(port),
-                str(folder),
-            ],
+            storescu_command(port, folder),
             env=dcmtk_env(),
             check=True,
             capture_output=True,

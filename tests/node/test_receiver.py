@@ -37,6 +37,7 @@ from tests.nodeproc import (
     dcmtk_env,
     running_node,
     start_node_process,
+    storescu_command,
     wait_for,
 )
 
@@ -47,27 +48,11 @@ def truth_rows(cohort: Path) -> list[dict[str, str]]:
 
 
 def storescu(
-    node: NodeProcess, *paths: Path, aet: str = SCU_AET, propose: str = "-x="
+    node: NodeProcess, *paths: Path, propose: str = "-x="
 ) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu of files or folders (recursively), one association."""
-    tool = require_tool("storescu", "dcmtk")
     return subprocess.run(
-        [
-            tool,
-            "-v",
-            "-R",  # propose exactly the SOP classes of the files (SEG is not in the default list)
-            propose,  # the transfer syntax proposed besides the uncompressed ones
-            "-aet",
-            aet,
-            "-aec",
-            NODE_AET,
-            "+sd",
-            "+r",
-            "-nh",
-            "127.0.0.1",
-            str(node.port),
-            *map(str, paths),
-        ],
+        storescu_command(node.port, *paths, propose=propose),
         capture_output=True,
         text=True,
         env=dcmtk_env(),
@@ -363,23 +348,9 @@ def test_kill_9_loses_nothing_that_was_acknowledged(
     row = truth_rows(cohort)[0]
     study = cohort / row["study_folder"]
     total = len(list(study.rglob("*.dcm")))
-    tool = require_tool("storescu", "dcmtk")
     with running_node(tmp_path) as node:
         sender = subprocess.Popen(
-            [
-                tool,
-                "-v",
-                "-aet",
-                SCU_AET,
-                "-aec",
-                NODE_AET,
-                "+sd",
-                "+r",
-                "-nh",
-                "127.0.0.1",
-                str(node.port),
-                str(study),
-            ],
+            storescu_command(node.port, study),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
