@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -118,10 +119,13 @@ def _settings(config: Path | None) -> Settings:
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive studies, pair their phases, run jobs (until SIGTERM)."""
     from node.service import serve as run
+    from node.tls import TLSConfigError
 
     settings = _settings(config)
     try:
         run(settings)
+    except TLSConfigError as exc:
+        raise fail(str(exc)) from None
     except OSError as exc:
         # Typically the port: in use, or below 1024 without the capability.
         raise fail(
@@ -150,8 +154,16 @@ def echo(
     ae.acse_timeout = settings.node.acse_timeout
     ae.network_timeout = settings.node.network_timeout
     ae.add_requested_context(Verification)
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if target.tls:
+        from node.tls import TLSConfigError, client_context
+
+        try:
+            tls_args = (client_context(settings.security), target.host)
+        except TLSConfigError as exc:
+            raise fail(str(exc)) from None
     started = time.perf_counter()
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise fail(
             f"{peer} ({target.ae_title}@{target.host}:{target.port}): association "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -131,7 +132,7 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
     called = str(request.called_ae_title).strip()
     address = str(assoc.requestor.address)
     if called != state.settings.node.ae_title:
-        state.count("associations_rejected_called_ae")
+        state.count("associations_rejected:called_ae")
         log.warning(
             "association rejected: called AE title is not the node's",
             calling_ae=calling,
@@ -144,7 +145,10 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
         return
     reason = allowed_caller(state.settings, calling, address)
     if reason is not None:
-        state.count("associations_rejected_calling_ae")
+        state.count(
+            "associations_rejected:"
+            + ("unknown_calling_ae" if reason.startswith("unknown") else "calling_ae_host")
+        )
         log.warning(
             f"association rejected: {reason}",
             calling_ae=calling,
@@ -165,13 +169,18 @@ def handle_echo(event: evt.Event, state: ReceiverState) -> int:
 def handle_store(event: evt.Event, state: ReceiverState) -> int:
     """C-STORE: acknowledge only what is fsynced on disk and committed in the store."""
     state.count("store_requests")
+    status = _store(event, state)
+    if status != SUCCESS:
+        state.count(f"store_failures:{status:#06x}")
+    return status
+
+
+def _store(event: evt.Event, state: ReceiverState) -> int:
     try:
         if free_megabytes(state.spool_root) < state.settings.node.free_disk_floor_mb:
-            state.count("store_refused_disk_floor")
             log.error("store refused: free disk below node.free_disk_floor_mb")
             return OUT_OF_RESOURCES_DISK_FLOOR
     except OSError:
-        state.count("store_failed_persistence")
         log.exception("store refused: cannot read free disk space of the spool")
         return OUT_OF_RESOURCES_PERSISTENCE
 
@@ -185,7 +194,6 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
             io.BytesIO(prefix + payload), stop_before_pixels=True, specific_tags=_HEADER_TAGS
         )
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
-        state.count("store_failed_unparseable")
         log.warning("store failed: dataset cannot be parsed", error=type(exc).__name__)
         return CANNOT_UNDERSTAND
 
@@ -195,15 +203,12 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
     }
     missing = [key for key, value in uids.items() if not value]
     if missing:
-        state.count("store_failed_missing_uid")
         log.warning("store failed: dataset lacks UIDs", missing=missing)
         return CANNOT_UNDERSTAND_MISSING_UID
     if uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
-        state.count("store_failed_mismatch")
         log.warning("store failed: SOP class differs from the request")
         return DATASET_SOP_CLASS_MISMATCH
     if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
-        state.count("store_failed_mismatch")
         log.warning("store failed: SOP instance differs from the request")
         return DATASET_SOP_INSTANCE_MISMATCH
 
@@ -249,7 +254,6 @@ def _persist(
         write_durably(state.spool_root, relative, chunks)
         outcome = state.store.record_instance(record)
     except Exception:
-        state.count("store_failed_persistence")
         log.exception("store failed: could not persist the instance", instance_key=uid_key(sop_uid))
         return OUT_OF_RESOURCES_PERSISTENCE
     if outcome == "identical":
@@ -301,8 +305,11 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_receiver(state: ReceiverState) -> Any:
-    """Start listening (non-blocking); returns pynetdicom's server (call ``shutdown()``)."""
+def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> Any:
+    """Start listening (non-blocking); returns pynetdicom's server (call ``shutdown()``).
+
+    ``tls`` is the server context from :func:`node.tls.server_context` (None: plain DICOM).
+    """
     settings = state.settings
     ae = build_ae(settings)
     handlers: list[Any] = [
@@ -311,10 +318,14 @@ def start_receiver(state: ReceiverState) -> Any:
         (evt.EVT_C_STORE, handle_store, [state]),
     ]
     server = ae.start_server(
-        (settings.node.host, settings.node.port), block=False, evt_handlers=handlers
+        (settings.node.host, settings.node.port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=tls,
     )
     log.info(
         "listening",
+        tls=tls is not None,
         ae_title=settings.node.ae_title,
         host=settings.node.host,
         port=settings.node.port,

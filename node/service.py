@@ -8,7 +8,9 @@ the AE listen. Stop order is the reverse.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from node.receiver import ReceiverState, start_receiver
 from node.settings import Settings
 from node.spool import remove_files
 from node.store import Store, utcnow
+from node.tls import server_context
 from node.worker import WorkerPool
 
 log = get_logger("node.service")
@@ -39,6 +42,7 @@ class Node:
     workers: WorkerPool
     receiver: ReceiverState
     server: Any
+    metrics_server: Any = None
 
     @property
     def spool_root(self) -> Path:
@@ -58,6 +62,8 @@ def apply_retention(store: Store, spool_root: Path, spool_days: int) -> int:
 
 def start_node(settings: Settings) -> Node:
     """Start every part of the node; returns when the AE listens."""
+    # Bad TLS files must stop the start before anything else runs.
+    tls = server_context(settings.security)
     data_dir = settings.node.data_dir
     spool_root = data_dir / "spool"
     spool_root.mkdir(parents=True, exist_ok=True)
@@ -80,7 +86,17 @@ def start_node(settings: Settings) -> Node:
     receiver = ReceiverState(
         settings=settings, store=store, spool_root=spool_root, on_instance=assembler.on_instance
     )
-    server = start_receiver(receiver)
+    server = start_receiver(receiver, tls)
+    metrics_server = None
+    if settings.metrics.port is not None:
+        from node.metrics import build_registry, health_checks, start_metrics_server
+
+        checks = health_checks(
+            receiver, settings.node.host, settings.node.port, lambda: bool(scheduler.running)
+        )
+        metrics_server = start_metrics_server(
+            settings.node.host, settings.metrics.port, build_registry(receiver, store), checks
+        )
     log.info(
         "node started",
         data_dir=str(data_dir),
@@ -88,12 +104,14 @@ def start_node(settings: Settings) -> Node:
         timers_restored=restored,
         workers=settings.pipeline.workers,
     )
-    return Node(settings, store, scheduler, assembler, workers, receiver, server)
+    return Node(settings, store, scheduler, assembler, workers, receiver, server, metrics_server)
 
 
 def stop_node(node: Node) -> None:
     """Stop listening, stop the workers and timers, close the store."""
     node.server.shutdown()
+    if node.metrics_server is not None:
+        node.metrics_server.shutdown()
     node.workers.stop()
     node.scheduler.shutdown(wait=False)
     node.store.close()
@@ -111,8 +129,39 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     node = start_node(settings)
+    # systemd (Type=notify): ready once the AE listens and the store is open; then a watchdog
+    # ping at half the configured interval while the receiver and the scheduler are alive.
+    sd_notify("READY=1\nSTATUS=listening")
+    interval = watchdog_interval()
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(interval or 1.0):
+            if interval and node.scheduler.running and node.workers.alive() > 0:
+                sd_notify("WATCHDOG=1")
     finally:
+        sd_notify("STOPPING=1")
         stop_node(node)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd when it asked for them (``$NOTIFY_SOCKET``)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        log.warning("sd_notify failed", message=message.split("\n")[0])
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's ``WatchdogSec`` for this process, or None without a watchdog."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
