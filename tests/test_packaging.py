@@ -1,0 +1,84 @@
+"""Specification of how the node is installed: the systemd unit and the container image."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from tests.conftest import require_tool, run_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "mvi-node.service"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def unit_copy(folder: Path, exec_path: str) -> Path:
+    copy = folder / "mvi-node.service"
+    copy.write_text(UNIT.read_text().replace("/opt/mvi-node/bin/mvi-node", exec_path))
+    return copy
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = require_tool("systemd-analyze", "systemd")
+    installed = shutil.which("mvi-node", path=str(Path(sys.executable).parent))
+    assert installed is not None
+    result = run_tool(analyze, "verify", unit_copy(tmp_path, installed), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_verify_fails_when_the_binary_is_missing(tmp_path: Path) -> None:
+    analyze = require_tool("systemd-analyze", "systemd")
+    result = run_tool(analyze, "verify", unit_copy(tmp_path, "/nonexistent/mvi-node"), check=False)
+    assert result.returncode != 0
+    assert "not executable" in result.stderr
+
+
+def test_the_unit_is_a_hardened_notify_service() -> None:
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "ExecStart=/opt/mvi-node/bin/mvi-node serve --config /etc/mvi-node/node.toml",
+        "StateDirectory=mvi-node",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "Restart=on-failure",
+        "WatchdogSec=",
+    ):
+        assert re.search(rf"^{re.escape(line)}", text, re.MULTILINE), line
+    assert re.search(r"^User=(?!root)\S+", text, re.MULTILINE)
+    assert not re.search(r"^AmbientCapabilities=", text, re.MULTILINE), "no capability by default"
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """Dockerfile instructions (continuation lines joined, comments dropped)."""
+    joined = re.sub(r"\\\n", " ", text)
+    result = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def test_the_dockerfile_has_the_essentials() -> None:
+    steps = instructions(DOCKERFILE.read_text())
+    keywords = [k for k, _ in steps]
+    assert keywords.count("FROM") >= 2, "multi-stage"
+    last_stage = keywords[len(keywords) - 1 - keywords[::-1].index("FROM") :]
+    users = [rest for k, rest in steps if k == "USER"]
+    assert users and users[-1] not in {"root", "0"} and "USER" in last_stage
+    assert any(k == "HEALTHCHECK" and "/healthz" in rest for k, rest in steps)
+    exposed = " ".join(rest for k, rest in steps if k == "EXPOSE").split()
+    assert "11112" in exposed and "9464" in exposed
+    assert any(k == "VOLUME" and "/var/lib/mvi-node" in rest for k, rest in steps)
+    assert any(k == "ARG" and rest.startswith("BASE=") for k, rest in steps), (
+        "a CUDA base can be chosen"
+    )
+    copied = " ".join(rest for k, rest in steps if k in {"COPY", "ADD"})
+    for secret in (".key", ".pem", "secrets", ".env", "id_rsa"):
+        assert secret not in copied, f"{secret} copied into the image"
