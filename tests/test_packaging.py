@@ -82,3 +82,17 @@ def test_the_dockerfile_has_the_essentials() -> None:
     copied = " ".join(rest for k, rest in steps if k in {"COPY", "ADD"})
     for secret in (".key", ".pem", "secrets", ".env", "id_rsa"):
         assert secret not in copied, f"{secret} copied into the image"
+
+
+def test_the_conformance_statement_matches_the_ae() -> None:
+    from pynetdicom import AllStoragePresentationContexts
+
+    from node.receiver import TRANSFER_SYNTAXES, build_ae
+    from node.settings import Settings
+
+    statement = (ROOT / "docs" / "conformance.md").read_text()
+    for syntax in TRANSFER_SYNTAXES:
+        assert str(syntax) in statement, f"{syntax.name} missing from the statement"
+    assert f"All {len(AllStoragePresentationContexts)} Storage SOP classes" in statement
+    supported = {str(cx.abstract_syntax) for cx in build_ae(Settings()).supported_contexts}
+    assert len(supported) == len(AllStoragePresentationContexts) + 1  # and Verification
