@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+# The diameter definition lives in model.measure; re-exported here for existing callers.
+from model.measure import feret_diameter_mm, max_axial_diameter_mm, measure
+
 __all__ = [
     "MVI_LOGIT_COEFFICIENTS",
     "PHANTOM_VERSION",
@@ -888,64 +891,6 @@ def _render_phase(
 # --------------------------------------------------------------------------------------------
 
 
-def feret_diameter_mm(mask2d: npt.NDArray[np.generic], spacing_xy: tuple[float, float]) -> float:
-    """Maximum Feret diameter of a pixelated 2-D region, in mm.
-
-    Each nonzero pixel ``[j, i]`` is the closed square ``[i, i+1] x [j, j+1]`` (in pixel-edge
-    units) scaled by ``spacing_xy = (column spacing, row spacing)``. The diameter is the largest
-    distance between any two corner points of region pixels, i.e. the diameter of the union of
-    the squares (the region need not be connected).
-
-    Only the outer corners of the leftmost and rightmost pixel of each row can be convex-hull
-    vertices, so the brute-force search runs over at most ``4 * rows`` points; the result is exact.
-    """
-    mask: _Bool = np.asarray(mask2d, dtype=bool)
-    if mask.ndim != 2:
-        raise ValueError(f"mask2d must be 2-D, got shape {mask.shape}")
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return 0.0
-    sub = mask[rows]
-    first = np.argmax(sub, axis=1)
-    last = sub.shape[1] - np.argmax(sub[:, ::-1], axis=1)  # right edge of the last pixel
-    sx, sy = spacing_xy
-    xs = np.concatenate([first, first, last, last]).astype(np.float64) * sx
-    ys = np.concatenate([rows, rows + 1, rows, rows + 1]).astype(np.float64) * sy
-    d2 = (xs[:, None] - xs[None, :]) ** 2 + (ys[:, None] - ys[None, :]) ** 2
-    return float(math.sqrt(float(d2.max())))
-
-
-def max_axial_diameter_mm(
-    mask3d: npt.NDArray[np.generic], spacing_xy: tuple[float, float]
-) -> float:
-    """Largest :func:`feret_diameter_mm` over the axial slices (axis 0) of ``mask3d``.
-
-    Slices are visited in decreasing order of their bounding-box diagonal (an upper bound of the
-    diameter) and the search stops once no remaining slice can beat the best found.
-    """
-    mask: _Bool = np.asarray(mask3d, dtype=bool)
-    if mask.ndim != 3:
-        raise ValueError(f"mask3d must be 3-D, got shape {mask.shape}")
-    ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    if ks.size == 0:
-        return 0.0
-    mask = mask[int(ks[0]) : int(ks[-1]) + 1]
-    row_any: _Bool = np.any(mask, axis=2)
-    col_any: _Bool = np.any(mask, axis=1)
-    present: _Bool = np.any(row_any, axis=1)
-    n_rows, n_cols = row_any.shape[1], col_any.shape[1]
-    height = n_rows - np.argmax(row_any[:, ::-1], axis=1) - np.argmax(row_any, axis=1)
-    width = n_cols - np.argmax(col_any[:, ::-1], axis=1) - np.argmax(col_any, axis=1)
-    sx, sy = spacing_xy
-    bound = np.where(present, np.hypot(width * sx, height * sy), -1.0)
-    best = 0.0
-    for k in np.argsort(-bound, kind="stable"):
-        if bound[k] <= best:
-            break
-        best = max(best, feret_diameter_mm(mask[k], spacing_xy))
-    return best
-
-
 def measure_truth(
     masks: Mapping[str, npt.NDArray[np.generic]],
     spacing_mm: tuple[float, float, float],
@@ -973,25 +918,20 @@ def measure_truth(
     """
     if mvi not in (None, 0, 1):
         raise ValueError(f"mvi must be 0, 1 or None, got {mvi!r}")
-    sx, sy, sz = (float(s) for s in spacing_mm)
-    if min(sx, sy, sz) <= 0.0:
-        raise ValueError(f"spacing must be positive, got {spacing_mm}")
     tumor = masks.get("tumor")
     loat = masks.get("loat")
-    diameter = tumor_ml = loat_ml = loat_cm2 = 0.0
-    if tumor is not None:
-        diameter = max_axial_diameter_mm(tumor, (sx, sy))
-        tumor_ml = float(np.count_nonzero(tumor)) * sx * sy * sz / 1000.0
-    if loat is not None and np.any(loat):
-        per_slice = np.count_nonzero(np.asarray(loat).reshape(loat.shape[0], -1), axis=1)
-        loat_ml = float(per_slice.sum()) * sx * sy * sz / 1000.0
-        loat_cm2 = float(per_slice.max()) * sx * sy / 100.0
+    # A missing mask is an empty one on the other's grid (any grid when both are missing).
+    if tumor is None:
+        tumor = np.zeros((1, 1, 1) if loat is None else np.shape(loat), dtype=np.uint8)
+    if loat is None:
+        loat = np.zeros(np.shape(tumor), dtype=np.uint8)
+    measured = measure(tumor, loat, spacing_mm)
     return Truth(
         mvi=None if mvi is None else int(mvi),
-        max_diameter_mm=diameter,
-        tumor_volume_ml=tumor_ml,
-        loat_max_area_cm2=loat_cm2,
-        loat_volume_ml=loat_ml,
+        max_diameter_mm=measured.max_diameter_mm,
+        tumor_volume_ml=measured.tumor_volume_ml,
+        loat_max_area_cm2=measured.loat_max_area_cm2,
+        loat_volume_ml=measured.loat_volume_ml,
     )
 
 
