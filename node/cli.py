@@ -416,6 +416,65 @@ def inspect(
         out.print(table)
 
 
+@app.command("train-seg")
+def train_seg(
+    studies: Annotated[
+        Path | None,
+        typer.Option(
+            "--studies",
+            help="Folder of DICOM studies with truth masks in DIR/masks/<study>/*.nrrd.",
+        ),
+    ] = None,
+    phantoms: Annotated[
+        int | None,
+        typer.Option(min=1, max=10000, help="Train on N phantom studies rendered in memory."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Checkpoint folder (default with --phantoms: the demo model cache)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds phantoms, sampling and weights.")] = 0,
+    iterations: Annotated[
+        int | None,
+        typer.Option(min=1, help="Optimiser steps (default 1000 with --phantoms, else 4000)."),
+    ] = None,
+    spacing: Annotated[float, typer.Option(help="Isotropic working spacing in mm.")] = 2.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    validation_fraction: Annotated[
+        float, typer.Option(help="Share of studies held out for validation.")
+    ] = 0.2,
+    size: Annotated[
+        int, typer.Option(min=32, max=1024, help="Phantom rows and columns (--phantoms).")
+    ] = 256,
+    slices: Annotated[int, typer.Option(min=8, max=1000, help="Phantom slices (--phantoms).")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="Replace a checkpoint in --out.")] = False,
+) -> None:
+    """Train the liver / tumor / LOAT segmenter and write a checkpoint (weights + model card)."""
+    from node.train_seg import TrainSegFailed, TrainSegOptions, TrainSegUsageError, run
+
+    options = TrainSegOptions(
+        studies=studies,
+        phantoms=phantoms,
+        out=out_dir,
+        seed=seed,
+        iterations=iterations,
+        spacing_mm=spacing,
+        device=device,
+        validation_fraction=validation_fraction,
+        force=force,
+        size=size,
+        slices=slices,
+    )
+    try:
+        run(options, out=out, err=err)
+    except TrainSegUsageError as exc:
+        raise fail(str(exc)) from None
+    except TrainSegFailed as exc:
+        raise fail(str(exc), code=1) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
