@@ -126,15 +126,39 @@ class TrainSegReport:
 
 
 def truth_masks_for(
-    study: dict[str, SeriesFiles], arterial: sitk.Image
+    study: dict[str, SeriesFiles],
+    arterial: sitk.Image,
+    *,
+    arterial_uid: str,
+    portal_venous_uid: str,
 ) -> npt.NDArray[np.uint8] | None:
-    """Truth label map found inside the study itself, on the arterial grid; None when none.
+    """Truth label map from a manual DICOM SEG inside the study, on the arterial grid.
 
-    The hook for truth delivered as a DICOM SEG in the study (a later issue): it receives the
-    study's series (from :func:`node.dicomio.scan_folder`) and the arterial image, and returns a
-    uint8 ``[k, j, i]`` label map (:data:`model.segmentation.LABELS`). Today it finds none.
+    The SEG must reference the arterial series and map to tumor and LOAT (and, when present,
+    liver) the way a supplied segmentation does (:mod:`node.supplied_seg`); the newest
+    MANUAL or SEMIAUTOMATIC one wins. A SEG drawn on the portal-venous series is not used as
+    training truth: it would need the registration that the training is meant to be blind to.
+    Returns None when there is none.
     """
-    del study, arterial
+    from model.segmentation import labels_from_masks
+    from node.settings import SuppliedSegLabels
+    from node.supplied_seg import find_supplied_segs, supplied_masks
+
+    paths = [path for files in study.values() for path in files.paths]
+    search = find_supplied_segs(
+        paths,
+        arterial_series_uid=arterial_uid,
+        portal_venous_series_uid=portal_venous_uid,
+        allowed_algorithm_types=("MANUAL", "SEMIAUTOMATIC"),
+        label_patterns=SuppliedSegLabels().model_dump(),
+    )
+    for seg in search.found:
+        if seg.referenced_phase != "arterial":
+            continue
+        masks = supplied_masks(seg, arterial)
+        # Without a liver segment the tumor stands in for it (the liver includes the tumor).
+        liver = masks.get("liver", masks["tumor"])
+        return labels_from_masks(liver, masks["tumor"], masks["loat"])
     return None
 
 
@@ -234,9 +258,17 @@ def study_samples(
                 arterial = load_series(series[pairing.arterial].paths)
                 labels = _masks_from_folder(folder / "masks" / name, arterial)
                 if labels is None:
-                    labels = truth_masks_for(series, arterial)
+                    labels = truth_masks_for(
+                        series,
+                        arterial,
+                        arterial_uid=pairing.arterial,
+                        portal_venous_uid=pairing.portal_venous,
+                    )
                 if labels is None:
-                    reason = f"no truth masks (expected {folder / 'masks' / name}/*.nrrd)"
+                    reason = (
+                        f"no truth masks (expected {folder / 'masks' / name}/*.nrrd or a "
+                        "manual SEG of the arterial series in the study)"
+                    )
                 else:
                     portal = load_series(series[pairing.portal_venous].paths)
                     aligned = _align(arterial, portal, spacing_mm, seed)

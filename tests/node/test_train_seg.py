@@ -121,6 +121,58 @@ def test_studies_from_a_cohort_skip_a_study_without_masks(tmp_path: Path) -> Non
     assert card["input"]["spacing_mm"] == 4.0
 
 
+def test_truth_can_come_from_a_manual_seg_in_the_study(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortOptions(studies=2, size=64, slices=16, seg=True, seed=6))
+    assert not (cohort / "masks").exists()
+    out = tmp_path / "model"
+    result = mvi_node(
+        "--studies",
+        cohort,
+        "--out",
+        out,
+        "--iterations",
+        "5",
+        "--spacing",
+        "4",
+        cache=tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped study_" not in result.stdout
+    _, card = load_checkpoint(out)
+    assert card["training"]["studies"] + card["validation"]["studies"] == 2
+
+
+def test_truth_masks_from_a_seg_equal_the_phantom_truth(tmp_path: Path) -> None:
+    import numpy as np
+
+    from model.phantom import PhantomSpec, make_study
+    from model.segmentation import labels_from_masks
+    from node.dicomio import load_series, scan_folder
+    from node.phantom_study import study_seed
+    from node.train_seg import truth_masks_for
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortOptions(studies=1, size=64, slices=16, seg=True, seed=7))
+    rows = (cohort / "truth.csv").read_text().splitlines()
+    header, values = rows[0].split(","), rows[1].split(",")
+    row = dict(zip(header, values, strict=True))
+    study = scan_folder(cohort)[row["study_instance_uid"]]
+    arterial = load_series(study[row["arterial_series_uid"]].paths)
+    labels = truth_masks_for(
+        study,
+        arterial,
+        arterial_uid=row["arterial_series_uid"],
+        portal_venous_uid=row["portal_venous_series_uid"],
+    )
+    phantom = make_study(study_seed(7, 0), PhantomSpec(size=64, slices=16))
+    expected = labels_from_masks(
+        phantom.masks["liver"], phantom.masks["tumor"], phantom.masks["loat"]
+    )
+    assert labels is not None
+    np.testing.assert_array_equal(labels, expected)
+
+
 def test_phantoms_without_out_fill_the_demo_cache_once(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     args = ("--phantoms", "2", "--size", "64", "--slices", "16", "--iterations", "2")
