@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -760,3 +760,77 @@ def _check_native_length(seg: SuppliedSeg, ds: Dataset) -> None:
         raise SuppliedSegError(
             f"{seg.path.name}: Pixel Data has {len(ds.PixelData)} bytes, {needed} needed"
         )
+
+
+@dataclass(frozen=True)
+class SegmentationChoice:
+    """The masks a job uses and where they came from.
+
+    Attributes
+    ----------
+    masks
+        :class:`model.segmentation.Masks` on the arterial grid (``masks.source`` is ``"supplied"``
+        or the automatic segmenter's name).
+    supplied
+        The SEG that was used, when one was.
+    rejected
+        Candidate SEGs that were not used, with the reason (for the job's log and record).
+    """
+
+    masks: Any
+    supplied: SuppliedSeg | None
+    rejected: list[tuple[Path, str]]
+
+
+def choose_segmentation(
+    paths: Sequence[Path],
+    *,
+    arterial: Any,
+    portal_venous_on_arterial: Any,
+    arterial_series_uid: str,
+    portal_venous_series_uid: str,
+    pv_to_arterial: Any | None,
+    allowed_algorithm_types: Sequence[str],
+    label_patterns: Mapping[str, Sequence[str]],
+    own_series_uids: Collection[str],
+    automatic: Callable[[], Any],
+) -> SegmentationChoice:
+    """A supplied SEG when the study holds a qualifying one, else the automatic segmenter.
+
+    The newest qualifying SEG wins (a radiologist's correction beats both the segmenter and an
+    older correction). Its masks get the same post-processing as the segmenter's — the largest
+    tumour component (the count is kept) and LOAT within the fat range — so the numbers are
+    measured the same way whichever produced them.
+
+    Parameters
+    ----------
+    automatic
+        Called only when no SEG qualifies; returns an object with
+        ``segment(arterial, portal_venous_on_arterial) -> Masks`` (the U-Net segmenter), so the
+        model is not loaded for studies that do not need it.
+    """
+    from model.segmentation import labels_from_masks, postprocess
+
+    search = find_supplied_segs(
+        paths,
+        arterial_series_uid=arterial_series_uid,
+        portal_venous_series_uid=portal_venous_series_uid,
+        allowed_algorithm_types=allowed_algorithm_types,
+        label_patterns=label_patterns,
+        own_series_uids=own_series_uids,
+    )
+    rejected = list(search.rejected)
+    for seg in search.found:
+        try:
+            masks = supplied_masks(seg, arterial, pv_to_arterial=pv_to_arterial)
+        except SuppliedSegError as exc:
+            rejected.append((seg.path, str(exc)))
+            continue
+        liver = masks.get("liver", masks["tumor"])
+        labels = labels_from_masks(liver, masks["tumor"], masks["loat"])
+        hu = sitk.GetArrayViewFromImage(arterial)
+        return SegmentationChoice(postprocess(labels, hu, "supplied"), seg, rejected)
+    segmenter = automatic()
+    return SegmentationChoice(
+        segmenter.segment(arterial, portal_venous_on_arterial), None, rejected
+    )

@@ -499,3 +499,59 @@ def test_sparse_frames_without_spacing_stay_on_their_slices(study: Study, tmp_pa
     assert np.flatnonzero(masks["tumor"].sum(axis=(1, 2))).tolist() == [k_tumor]
     assert np.flatnonzero(masks["loat"].sum(axis=(1, 2))).tolist() == [k_loat]
     assert not masks["liver"].any()
+
+
+class RecordingSegmenter:
+    """Stands in for the U-Net: records whether it was asked, returns empty masks."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def segment(self, arterial: sitk.Image, portal_venous: sitk.Image) -> object:
+        from model.segmentation import postprocess
+
+        self.calls += 1
+        shape = sitk.GetArrayViewFromImage(arterial).shape
+        return postprocess(np.zeros(shape, np.uint8), np.zeros(shape), "unet")
+
+
+def test_a_supplied_seg_wins_over_the_automatic_segmenter(
+    cohort_factory: Callable[..., Path],
+) -> None:
+    from node.settings import PipelineSection
+    from node.supplied_seg import choose_segmentation
+
+    for seg, expected in ((True, "supplied"), (False, "unet")):
+        cohort = cohort_factory(seed=14, size=64, slices=16, seg=seg, masks=True)
+        row = next(csv.DictReader((cohort / "truth.csv").open()))
+        paths = sorted((cohort / row["study_folder"]).rglob("*.dcm"))
+        arterial = load_series(
+            [
+                p
+                for p in paths
+                if str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID)
+                == row["arterial_series_uid"]
+            ]
+        )
+        automatic = RecordingSegmenter()
+        pipeline = PipelineSection()
+        choice = choose_segmentation(
+            paths,
+            arterial=arterial,
+            portal_venous_on_arterial=arterial,
+            arterial_series_uid=row["arterial_series_uid"],
+            portal_venous_series_uid=row["portal_venous_series_uid"],
+            pv_to_arterial=None,
+            allowed_algorithm_types=pipeline.supplied_seg_algorithm_types,
+            label_patterns=pipeline.supplied_seg_labels.model_dump(),
+            own_series_uids=(),
+            automatic=lambda a=automatic: a,
+        )
+        assert choice.masks.source == expected
+        assert automatic.calls == (0 if seg else 1)
+        if seg:
+            truth = sitk.GetArrayFromImage(
+                sitk.ReadImage(str(cohort / "masks" / row["study_folder"] / "tumor.nrrd"))
+            )
+            assert choice.supplied is not None
+            assert (choice.masks.tumor == truth).mean() > 0.999
