@@ -41,6 +41,8 @@ config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is
 app.add_typer(config_app, name="config")
 studies_app = typer.Typer(help="Studies the node has received.", no_args_is_help=True)
 app.add_typer(studies_app, name="studies")
+outbox_app = typer.Typer(help="Result objects waiting for delivery.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
 
 ConfigOption = Annotated[
     Path | None,
@@ -216,6 +218,54 @@ def studies_list(
             cells += [row["patient_id"] or "", row["accession_number"] or "", row["study_uid"]]
         table.add_row(*cells)
     out.print(table)
+
+
+@outbox_app.command("list")
+def outbox_list(
+    config: ConfigOption = None,
+    all_items: Annotated[bool, typer.Option("--all", help="Include delivered items.")] = False,
+) -> None:
+    """Result objects pending or failed (newest first), with the last status of each."""
+    from node.dispatcher import list_outbox
+    from node.store import Store
+
+    settings = _settings(config)
+    rows = list_outbox(Store(settings.database_url), include_sent=all_items)
+    table = Table(title="outbox")
+    for column in ("id", "study key", "destination", "state", "tries", "next try", "last status"):
+        table.add_column(column)
+    for row in rows:
+        next_try = (
+            row["next_attempt_at"].strftime("%Y-%m-%d %H:%M:%S") if row["next_attempt_at"] else "-"
+        )
+        table.add_row(
+            str(row["id"]),
+            study_key(row["study_uid"]),
+            row["destination"],
+            row["state"],
+            str(row["attempts"]),
+            next_try,
+            row["last_status"] or "",
+        )
+    out.print(table)
+    if not rows:
+        out.print("nothing waiting")
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Item ids (default: every failed item).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Put failed result objects back in the queue (the running node sends them)."""
+    from node.dispatcher import retry_failed
+    from node.store import Store
+
+    settings = _settings(config)
+    count = retry_failed(Store(settings.database_url), ids or ())
+    out.print(f"{count} item(s) queued again")
 
 
 def _parse_dates(value: str | None) -> tuple[dt.date, dt.date] | None:

@@ -20,6 +20,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.assembler import Assembler
+from node.dispatcher import Dispatcher
 from node.logging import get_logger, study_key
 from node.receiver import ReceiverState, start_receiver
 from node.settings import Settings
@@ -42,6 +43,7 @@ class Node:
     workers: WorkerPool
     receiver: ReceiverState
     server: Any
+    dispatcher: Dispatcher
     metrics_server: Any = None
 
     @property
@@ -86,6 +88,8 @@ def start_node(settings: Settings) -> Node:
     receiver = ReceiverState(
         settings=settings, store=store, spool_root=spool_root, on_instance=assembler.on_instance
     )
+    dispatcher = Dispatcher(settings, store)
+    dispatcher.start()
     server = start_receiver(receiver, tls)
     metrics_server = None
     if settings.metrics.port is not None:
@@ -104,7 +108,9 @@ def start_node(settings: Settings) -> Node:
         timers_restored=restored,
         workers=settings.pipeline.workers,
     )
-    return Node(settings, store, scheduler, assembler, workers, receiver, server, metrics_server)
+    return Node(
+        settings, store, scheduler, assembler, workers, receiver, server, dispatcher, metrics_server
+    )
 
 
 def stop_node(node: Node) -> None:
@@ -113,6 +119,7 @@ def stop_node(node: Node) -> None:
     if node.metrics_server is not None:
         node.metrics_server.shutdown()
     node.workers.stop()
+    node.dispatcher.stop()
     node.scheduler.shutdown(wait=False)
     node.store.close()
     log.info("node stopped", counters=dict(node.receiver.counters))

@@ -393,3 +393,29 @@ def orthanc_fixture(tmp_path: Path) -> Iterator[Orthanc]:
     """
     with running_orthanc(tmp_path / "orthanc") as server:
         yield server
+
+
+def restart_orthanc(server: Orthanc, timeout: float = 30) -> Orthanc:
+    """Start a stopped Orthanc again on the same ports and storage (its configuration file)."""
+    executable = orthanc_or_skip()
+    workdir = server.log_path.parent
+    with server.log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [executable, str(workdir / "orthanc.json")],
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+    again = Orthanc(
+        aet=server.aet,
+        dicom_port=server.dicom_port,
+        http_port=server.http_port,
+        storage=server.storage,
+        process=process,
+        log_path=server.log_path,
+    )
+    if not _wait_ready(again, timeout):
+        raise OrthancError(f"Orthanc did not restart; log tail:\n{again.log_tail()}")
+    return again
