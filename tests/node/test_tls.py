@@ -210,3 +210,52 @@ def test_unreadable_certificate_is_a_one_line_error(tmp_path: Path) -> None:
     result = mvi_node("serve", "--config", config)
     assert result.returncode == 2
     assert "cannot load the node's certificate and key" in result.stderr
+
+
+def test_the_dispatcher_delivers_results_over_tls(
+    tmp_path: Path, pki: dict[str, Path], cohort_factory: Callable[..., Path]
+) -> None:
+    from node.dispatcher import enqueue, list_outbox
+    from tests.node.test_dispatcher import as_result, make_job, result_of
+    from tests.orthanc import free_port
+
+    storescp = require_tool("storescp", "dcmtk")
+    cohort = cohort_factory(seed=81, size=48, slices=16, seg=True)
+    row, seg, _ = result_of(cohort)
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    scp = subprocess.Popen(
+        [
+            storescp,
+            "+tls",
+            str(pki["scu.key"]),
+            str(pki["scu.crt"]),
+            "+cf",
+            str(pki["ca.crt"]),
+            "-aet",
+            "TLS_PACS",
+            "-od",
+            str(received),
+            str(port),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        peers = {
+            "scu": {"ae_title": SCU_AET, "host": "127.0.0.1"},
+            "pacs": {"ae_title": "TLS_PACS", "host": "127.0.0.1", "port": port, "tls": True},
+        }
+        extra = tls_extra(pki, peers=peers, results={"destinations": ["pacs"]})
+        with running_node(tmp_path / "node", extra) as node:
+            store = node.store()
+            job_id = make_job(store, row["study_instance_uid"])
+            enqueue(store, job_id, row["study_instance_uid"], [as_result(seg)], ["pacs"])
+            wait_for(lambda: list_outbox(store, include_sent=True)[0]["state"] == "sent")
+            store.close()
+        assert len(list(received.iterdir())) == 1
+    finally:
+        scp.terminate()
+        scp.wait(10)
