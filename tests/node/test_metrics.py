@@ -64,7 +64,8 @@ def test_metrics_count_instances_rejections_and_health(
             metric(text, 'mvi_associations_total{reason="unknown_calling_ae",result="rejected"}')
             == 1
         )
-        assert "mvi_job_duration_seconds_count 1.0" in text
+        jobs_histogram = "mvi_job_duration_seconds"
+        assert f"{jobs_histogram}_count 1.0" in text, "one finished job in the histogram"
         assert metric(text, "mvi_outbox_depth") == 0
 
         status, body = get(base + "/healthz")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -150,29 +151,8 @@ def test_tls_store_of_a_study(
 
 def test_echo_command_calls_a_tls_peer(tmp_path: Path, pki: dict[str, Path]) -> None:
     from tests.node.test_cli import mvi_node
-    from tests.orthanc import free_port
 
-    storescp = require_tool("storescp", "dcmtk")
-    port = free_port()
-    scp = subprocess.Popen(
-        [
-            storescp,
-            "+tls",
-            str(pki["scu.key"]),
-            str(pki["scu.crt"]),
-            "+cf",
-            str(pki["ca.crt"]),
-            "-aet",
-            "TLS_PACS",
-            "-od",
-            str(tmp_path),
-            str(port),
-        ],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with tls_storescp(pki, tmp_path) as port:
         config = tmp_path / "node.toml"
         config.write_text(
             f'[security]\ntls_cert = "{pki["node.crt"]}"\ntls_key = "{pki["node.key"]}"\n'
@@ -180,14 +160,10 @@ def test_echo_command_calls_a_tls_peer(tmp_path: Path, pki: dict[str, Path]) -> 
             f'[peers.pacs]\nae_title = "TLS_PACS"\nhost = "127.0.0.1"\nport = {port}\ntls = true\n'
             f'[peers.plain]\nae_title = "TLS_PACS"\nhost = "127.0.0.1"\nport = {port}\n'
         )
-        wait_for(lambda: echoscu_ready(port))
         secure = mvi_node("echo", "pacs", "--config", config)
         assert secure.returncode == 0, secure.stderr
         insecure = mvi_node("echo", "plain", "--config", config)
         assert insecure.returncode == 1
-    finally:
-        scp.terminate()
-        scp.wait(10)
 
 
 def echoscu_ready(port: int) -> bool:
@@ -217,33 +193,12 @@ def test_the_dispatcher_delivers_results_over_tls(
 ) -> None:
     from node.dispatcher import enqueue, list_outbox
     from tests.node.test_dispatcher import as_result, make_job, result_of
-    from tests.orthanc import free_port
 
-    storescp = require_tool("storescp", "dcmtk")
     cohort = cohort_factory(seed=81, size=48, slices=16, seg=True)
     row, seg, _ = result_of(cohort)
-    port = free_port()
     received = tmp_path / "received"
     received.mkdir()
-    scp = subprocess.Popen(
-        [
-            storescp,
-            "+tls",
-            str(pki["scu.key"]),
-            str(pki["scu.crt"]),
-            "+cf",
-            str(pki["ca.crt"]),
-            "-aet",
-            "TLS_PACS",
-            "-od",
-            str(received),
-            str(port),
-        ],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with tls_storescp(pki, received) as port:
         peers = {
             "scu": {"ae_title": SCU_AET, "host": "127.0.0.1"},
             "pacs": {"ae_title": "TLS_PACS", "host": "127.0.0.1", "port": port, "tls": True},
@@ -255,7 +210,37 @@ def test_the_dispatcher_delivers_results_over_tls(
             enqueue(store, job_id, row["study_instance_uid"], [as_result(seg)], ["pacs"])
             wait_for(lambda: list_outbox(store, include_sent=True)[0]["state"] == "sent")
             store.close()
-        assert len(list(received.iterdir())) == 1
+    assert len(list(received.iterdir())) == 1
+
+
+@contextmanager
+def tls_storescp(pki: dict[str, Path], folder: Path) -> Iterator[int]:
+    """DCMTK storescp over TLS (AE TLS_PACS) on a free port, writing into ``folder``."""
+    from tests.orthanc import free_port
+
+    storescp = require_tool("storescp", "dcmtk")
+    port = free_port()
+    scp = subprocess.Popen(
+        [
+            storescp,
+            "+tls",
+            str(pki["scu.key"]),
+            str(pki["scu.crt"]),
+            "+cf",
+            str(pki["ca.crt"]),
+            "-aet",
+            "TLS_PACS",
+            "-od",
+            str(folder),
+            str(port),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: echoscu_ready(port))
+        yield port
     finally:
         scp.terminate()
         scp.wait(10)
