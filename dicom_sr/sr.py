@@ -1,0 +1,476 @@
+"""The node's TID 1500 Measurement Report.
+
+Content of a scored result::
+
+    Imaging Measurement Report (DCM 126000, TID 1500)
+      language, observation context (the node as DEVICE observer), procedure reported (LN 25045-6)
+      Image Library: the arterial source images
+      Imaging Measurements
+        Liver tumor (volumetric, SEG segment 1): maximum diameter mm, volume ml, number of tumor
+            components, MVI probability (deep learning) %, MVI probability (combined model) %,
+            high-risk threshold %, Lesion Risk = High risk | Low risk
+        Lesser omental adipose tissue (volumetric, SEG segment 2): maximum area cm2, volume ml
+        Liver tumor, key slice (planar, closed POLYLINE on the diameter slice): the tumor's numbers
+            again, so that viewers that only draw SCOORD groups (OHIF) show them
+      Qualitative Evaluations: Comment = model name, version, disclaimer, segmentation source
+
+A result that is not scored (no tumor, needs review, failed, not applicable) has no Imaging
+Measurements: its Qualitative Evaluations container (TID 1500 row 10, which satisfies the
+template's "at least one of" condition on its own) says the status and the reason in text.
+
+Probabilities are coded with the private scheme ``99MVINODE`` (see :mod:`dicom_sr.codes`) and
+written in percent (UCUM ``%``), so a viewer's label reads "Probability of microvascular
+invasion (deep learning): 83 %".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+from dicom_sr import codes
+from dicom_sr.common import (
+    AlgorithmInfo,
+    AnalysisResult,
+    ResultUIDs,
+    SliceReference,
+    add_coding_schemes,
+    contributing_equipment,
+    copy_patient_study,
+    series_description,
+    set_equipment,
+    slice_references,
+)
+from dicom_sr.seg import LOAT_LABEL, LOAT_SEGMENT, TUMOR_LABEL, TUMOR_SEGMENT
+
+__all__ = ["SOP_CLASSES", "build_sr", "tumor_outline"]
+
+#: ``sop_class`` argument → SOP Class UID.
+SOP_CLASSES = {
+    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
+    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
+}
+
+
+def _num(name: Any, value: float, unit: Any, derivation: Any = None) -> Any:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation)
+
+
+def _percent(probability: float) -> float:
+    return round(100.0 * probability, 1)
+
+
+def _tumor_measurements(result: AnalysisResult, *, volumetric: bool) -> list[Any]:
+    assert result.max_diameter_mm is not None and result.mvi_probability is not None
+    items = [
+        _num(codes.DIAMETER, round(result.max_diameter_mm, 2), codes.UNIT_MM, codes.MAXIMUM),
+    ]
+    if volumetric and result.tumor_volume_ml is not None:
+        items.append(_num(codes.VOLUME, round(result.tumor_volume_ml, 3), codes.UNIT_ML))
+    if volumetric and result.tumor_count > 0:
+        items.append(_num(codes.NUMBER_OF_TUMORS, result.tumor_count, codes.UNIT_LESIONS))
+    items.append(
+        _num(codes.MVI_PROBABILITY_DL, _percent(result.mvi_probability), codes.UNIT_PERCENT)
+    )
+    if result.combined_probability is not None:
+        items.append(
+            _num(
+                codes.MVI_PROBABILITY_COMBINED,
+                _percent(result.combined_probability),
+                codes.UNIT_PERCENT,
+            )
+        )
+    if volumetric and result.threshold is not None:
+        items.append(_num(codes.MVI_RISK_THRESHOLD, _percent(result.threshold), codes.UNIT_PERCENT))
+    return items
+
+
+def _risk(result: AnalysisResult) -> list[Any]:
+    value = codes.HIGH_RISK if result.risk_category == "high" else codes.LOW_RISK
+    return [hd.sr.QualitativeEvaluation(name=codes.LESION_RISK, value=value)]
+
+
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Andrew's monotone chain; ``points`` (n, 2), returns the hull counter-clockwise, open."""
+    unique = np.unique(points, axis=0)  # sorted by x, then y
+    if len(unique) < 3:
+        return unique
+
+    def half(sequence: np.ndarray) -> list[np.ndarray]:
+        chain: list[np.ndarray] = []
+        for p in sequence:
+            while len(chain) >= 2:
+                (ax, ay), (bx, by) = chain[-2], chain[-1]
+                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) <= 0:
+                    chain.pop()
+                else:
+                    break
+            chain.append(p)
+        return chain
+
+    lower = half(unique)
+    upper = half(unique[::-1])
+    return np.asarray(lower[:-1] + upper[:-1])
+
+
+def tumor_outline(mask2d: np.ndarray) -> np.ndarray:
+    """Closed outline of a 2-D mask as SCOORD ``(column, row)`` points.
+
+    The outline is the convex hull of the corners of the mask's pixels, in image pixel
+    coordinates whose origin is the top left corner of the top left pixel (PS3.3 C.18.6.1.1), so
+    it encloses every mask pixel. The first point is repeated at the end (a closed POLYLINE).
+
+    Parameters
+    ----------
+    mask2d
+        ``(rows, cols)`` mask, nonzero inside.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 2)`` float32 points, ``n >= 4``; empty ``(0, 2)`` for an empty mask.
+    """
+    mask = np.asarray(mask2d).astype(bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask2d must be 2-D, got shape {mask.shape}")
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return np.zeros((0, 2), dtype=np.float32)
+    sub = mask[rows]
+    first = np.argmax(sub, axis=1)
+    last = sub.shape[1] - np.argmax(sub[:, ::-1], axis=1)
+    columns = np.concatenate([first, first, last, last]).astype(np.float64)
+    row_edges = np.concatenate([rows, rows + 1, rows, rows + 1]).astype(np.float64)
+    hull = _convex_hull(np.stack([columns, row_edges], axis=1))
+    return np.concatenate([hull, hull[:1]]).astype(np.float32)
+
+
+def _key_slice_mask(seg: Any, reference: SliceReference) -> np.ndarray | None:
+    """Tumor pixels of the SEG on the key slice, or ``None`` if the SEG cannot say."""
+    try:
+        if reference.frame_number is None:
+            pixels = seg.get_pixels_by_source_instance(
+                [reference.sop_instance_uid], segment_numbers=[TUMOR_SEGMENT]
+            )
+        else:
+            pixels = seg.get_pixels_by_source_frame(
+                reference.sop_instance_uid,
+                [reference.frame_number],
+                segment_numbers=[TUMOR_SEGMENT],
+            )
+    except (ValueError, KeyError, RuntimeError):
+        return None
+    return np.asarray(pixels)[0, :, :, 0].astype(bool)
+
+
+def _key_slice_region(
+    result: AnalysisResult, seg: Any, references: Sequence[SliceReference]
+) -> Any:
+    k = result.diameter_slice
+    if not 0 <= k < len(references):
+        raise ValueError(
+            f"diameter_slice {k} is outside the source images' {len(references)} slices"
+        )
+    reference = references[k]
+    mask = _key_slice_mask(seg, reference)
+    points = tumor_outline(mask) if mask is not None else np.zeros((0, 2), np.float32)
+    if len(points) < 4:
+        if result.diameter_endpoints is None:
+            raise ValueError(
+                "the SEG has no tumor pixels on the key slice and the result has no "
+                "diameter_endpoints"
+            )
+        # Continuous indices (pixel centres at integers) → SCOORD (centres at +0.5).
+        points = np.asarray(result.diameter_endpoints, dtype=np.float32) + 0.5
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=reference.sop_class_uid,
+            referenced_sop_instance_uid=reference.sop_instance_uid,
+            referenced_frame_numbers=(
+                None if reference.frame_number is None else [reference.frame_number]
+            ),
+        ),
+    )
+
+
+def _library_entry(image: Dataset) -> Dataset:
+    """What highdicom's Image Library needs of an image (TID 1604 descriptors).
+
+    Single-frame images are used as they are. For an Enhanced CT object the spacing, thickness,
+    orientation and position live in functional groups: a header-only copy gets them at the top
+    level, the position being frame 1's.
+    """
+    if int(image.get("NumberOfFrames", 1)) <= 1:
+        return image
+    entry = Dataset()
+    for element in image:
+        if element.keyword not in ("PixelData", "PerFrameFunctionalGroupsSequence"):
+            entry.add(element)
+    shared = image.SharedFunctionalGroupsSequence[0]
+    frame = image.PerFrameFunctionalGroupsSequence[0]
+
+    def group(name: str) -> Dataset:
+        return (shared if name in shared else frame)[name][0]
+
+    measures = group("PixelMeasuresSequence")
+    entry.PixelSpacing = measures.PixelSpacing
+    entry.SliceThickness = measures.get("SliceThickness", "")
+    entry.ImageOrientationPatient = group("PlaneOrientationSequence").ImageOrientationPatient
+    entry.ImagePositionPatient = frame.PlanePositionSequence[0].ImagePositionPatient
+    return entry
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> Any:
+    return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+
+
+def _referenced_segment(seg: Any, segment_number: int) -> Any:
+    """The SEG segment, with its source as the series (TID 1411 row 12, "Source series for
+    segmentation") rather than every source image: two groups would otherwise list each slice
+    twice (about 0.9 MB of SR for 200 slices)."""
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(
+            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        ),
+    )
+
+
+def _measurement_groups(
+    result: AnalysisResult,
+    seg: Any,
+    references: Sequence[SliceReference],
+    algorithm: AlgorithmInfo,
+    uids: ResultUIDs,
+) -> list[Any]:
+    algorithm_id = _algorithm_id(algorithm)
+    tumor_site = [hd.sr.FindingSite(anatomic_location=codes.LIVER)]
+    groups: list[Any] = [
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=uids.tumor_tracking_uid, identifier=TUMOR_LABEL
+            ),
+            referenced_segment=_referenced_segment(seg, TUMOR_SEGMENT),
+            finding_type=codes.NEOPLASM,
+            finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            finding_sites=tumor_site,
+            algorithm_id=algorithm_id,
+            measurements=_tumor_measurements(result, volumetric=True),
+            qualitative_evaluations=_risk(result),
+        )
+    ]
+    if result.loat_found:
+        loat_measurements = []
+        if result.loat_max_area_cm2 is not None:
+            loat_measurements.append(
+                _num(codes.AREA, round(result.loat_max_area_cm2, 3), codes.UNIT_CM2, codes.MAXIMUM)
+            )
+        if result.loat_volume_ml is not None:
+            loat_measurements.append(
+                _num(codes.VOLUME, round(result.loat_volume_ml, 3), codes.UNIT_ML)
+            )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=uids.loat_tracking_uid, identifier=LOAT_LABEL
+                ),
+                referenced_segment=_referenced_segment(seg, LOAT_SEGMENT),
+                finding_type=codes.ADIPOSE_TISSUE,
+                finding_category=codes.TISSUE,
+                finding_sites=[hd.sr.FindingSite(anatomic_location=codes.OMENTUM)],
+                algorithm_id=algorithm_id,
+                measurements=loat_measurements or None,
+            )
+        )
+    groups.append(
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=uids.key_slice_tracking_uid, identifier=f"{TUMOR_LABEL}, key slice"
+            ),
+            referenced_region=_key_slice_region(result, seg, references),
+            finding_type=codes.NEOPLASM,
+            finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            finding_sites=tumor_site,
+            algorithm_id=algorithm_id,
+            measurements=_tumor_measurements(result, volumetric=False),
+            qualitative_evaluations=_risk(result),
+        )
+    )
+    return groups
+
+
+def _comment(result: AnalysisResult, algorithm: AlgorithmInfo) -> str:
+    parts = [f"Model {algorithm.label}"]
+    if algorithm.effective_disclaimer:
+        parts.append(algorithm.effective_disclaimer)
+    source = "automatic" if result.segmentation_source == "unet" else "supplied in the study"
+    parts.append(f"segmentation {source}")
+    if result.scored and result.threshold is not None:
+        parts.append(f"high risk at MVI probability >= {_percent(result.threshold):g} %")
+    return "; ".join(parts)
+
+
+def _qualitative_container(result: AnalysisResult, algorithm: AlgorithmInfo) -> Any:
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    items = []
+    if not result.scored:
+        items.append((codes.MVI_ANALYSIS_STATUS, result.status_text))
+        items.append((codes.MVI_ANALYSIS_REASON, str(result.reason)))
+    items.append((codes.COMMENT, _comment(result, algorithm)))
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            for name, value in items
+        ]
+    )
+    return container
+
+
+def _observation_context(algorithm: AlgorithmInfo) -> Any:
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=dcm_codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=algorithm.device_uid,
+                name=algorithm.model_name,
+                manufacturer_name=algorithm.manufacturer,
+                model_name=algorithm.model_name,
+                serial_number=algorithm.serial_number,
+            ),
+        )
+    )
+
+
+def _status_report(
+    result: AnalysisResult, source_images: Sequence[Dataset], algorithm: AlgorithmInfo
+) -> Any:
+    """TID 1500 root without Imaging Measurements (what MeasurementReport does not allow)."""
+    root = hd.sr.ContainerContentItem(name=codes.IMAGING_MEASUREMENT_REPORT, template_id="1500")
+    content = hd.sr.ContentSequence()
+    content.extend(hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE))
+    content.extend(_observation_context(algorithm))
+    content.append(
+        hd.sr.CodeContentItem(
+            name=dcm_codes.DCM.ProcedureReported,
+            value=codes.CT_UNSPECIFIED_BODY_REGION,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    content.extend(hd.sr.ImageLibrary([_library_entry(image) for image in source_images]))
+    content.append(_qualitative_container(result, algorithm))
+    root.ContentSequence = content
+    return hd.sr.ContentSequence([root], is_root=True)
+
+
+def build_sr(
+    result: AnalysisResult,
+    source_images: Sequence[Dataset],
+    seg: Any | None,
+    *,
+    algorithm: AlgorithmInfo,
+    uids: ResultUIDs,
+    sop_class: str = "comprehensive",
+    predecessor: Dataset | None = None,
+) -> Any:
+    """Build the TID 1500 measurement report of one analysis.
+
+    Parameters
+    ----------
+    result
+        The analysis. A scored result gives tumor, LOAT and key-slice measurement groups; any
+        other status gives a report whose text says the status and the reason.
+    source_images
+        The arterial series the SEG was made on (classic images or one Enhanced CT image); they
+        make the Image Library and the evidence.
+    seg
+        The node's SEG of this analysis (:func:`dicom_sr.seg.build_seg`); required for a scored
+        result, optional otherwise (it is then listed as evidence).
+    algorithm
+        The model and the node.
+    uids
+        UIDs of this analysis (the SR's series/instance UIDs, tracking UIDs equal to the SEG's).
+    sop_class
+        ``"comprehensive"`` (Comprehensive SR) or ``"comprehensive3d"`` (Comprehensive 3D SR).
+    predecessor
+        The SR this one supersedes (Predecessor Documents Sequence); defaults to
+        ``uids.predecessor_sr``.
+
+    Returns
+    -------
+    highdicom.sr.ComprehensiveSR or highdicom.sr.Comprehensive3DSR
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``sop_class``, a scored result without SEG, a SEG of another series or
+        study, or a key slice outside the source images.
+    """
+    if sop_class not in SOP_CLASSES:
+        raise ValueError(f"sop_class must be one of {sorted(SOP_CLASSES)}, got {sop_class!r}")
+    references = slice_references(source_images)
+    first = references[0].dataset
+    # Image Library and evidence in slice order (one entry for an Enhanced CT object).
+    sources = list({ref.sop_instance_uid: ref.dataset for ref in references}.values())
+    if seg is not None:
+        if str(seg.StudyInstanceUID) != str(first.StudyInstanceUID):
+            raise ValueError("the SEG belongs to another study than the source images")
+        referenced_series = {
+            str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])
+        }
+        if referenced_series and str(first.SeriesInstanceUID) not in referenced_series:
+            raise ValueError("the SEG does not reference the source images' series")
+    if result.scored:
+        if seg is None:
+            raise ValueError("a scored result needs the SEG")
+        content = hd.sr.MeasurementReport(
+            observation_context=_observation_context(algorithm),
+            procedure_reported=codes.CT_UNSPECIFIED_BODY_REGION,
+            imaging_measurements=_measurement_groups(result, seg, references, algorithm, uids),
+            title=codes.IMAGING_MEASUREMENT_REPORT,
+            referenced_images=[_library_entry(image) for image in sources],
+        )
+        content[0].ContentSequence.append(_qualitative_container(result, algorithm))
+    else:
+        content = _status_report(result, sources, algorithm)
+
+    if predecessor is None:
+        predecessor = uids.predecessor_sr
+    evidence = [*sources, *([seg] if seg is not None else [])]
+    kwargs: dict[str, Any] = {
+        "evidence": evidence,
+        "content": content,
+        "series_instance_uid": uids.sr_series_uid,
+        "series_number": uids.sr_series_number,
+        "sop_instance_uid": uids.sr_instance_uid,
+        "instance_number": 1,
+        "manufacturer": algorithm.manufacturer,
+        "is_complete": True,
+        "is_final": True,
+        "is_verified": False,
+        "previous_versions": [predecessor] if predecessor is not None else None,
+        "contributing_equipment": [contributing_equipment(algorithm)],
+        "series_description": series_description("report", algorithm),
+    }
+    sr: Any
+    if sop_class == "comprehensive3d":
+        sr = hd.sr.Comprehensive3DSR(**kwargs)
+    else:
+        sr = hd.sr.ComprehensiveSR(**kwargs)
+    copy_patient_study(sr, first)
+    set_equipment(sr, algorithm)
+    add_coding_schemes(sr, private_codes=True)
+    return sr
