@@ -1,0 +1,186 @@
+"""The dual-branch ResNet18 fusion network and its tumour-only comparator.
+
+Each branch is torchvision's ResNet18 with its first convolution widened to the ROI's channels
+(phases × slices) and its classifier removed, so it yields the 512 globally pooled features.
+``"fusion"`` concatenates the tumour and LOAT features (1024) → dropout → linear → one logit;
+``"tumor-only"`` runs the tumour branch alone → dropout → linear. The network returns logits;
+probabilities and calibration belong to :mod:`model.inference`.
+
+Pretrained ImageNet weights are optional and must be local: :func:`convert_weights` turns a
+torchvision ``.pth`` file that a user supplies into safetensors (the only place in the project
+that calls ``torch.load``, with ``weights_only=True``), and :meth:`FusionNet.load_pretrained`
+reads that safetensors file. Checkpoints of this project are never unpickled.
+
+Nothing here imports :mod:`node` or reads settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import resnet18
+
+__all__ = ["ARCHS", "FEATURES", "FusionNet", "convert_weights"]
+
+#: Network variants a model card may name.
+ARCHS: tuple[str, ...] = ("fusion", "tumor-only")
+
+#: Globally pooled features of one ResNet18 branch.
+FEATURES = 512
+
+
+def _branch(in_channels: int) -> nn.Module:
+    net = resnet18(weights=None)
+    # Same geometry as ResNet's stem (7×7, stride 2), only the channel count changes.
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.fc = nn.Identity()
+    return net
+
+
+class FusionNet(nn.Module):
+    """Dual-branch (tumour + LOAT) or tumour-only ResNet18 classifier.
+
+    Parameters
+    ----------
+    arch
+        ``"fusion"`` or ``"tumor-only"``.
+    in_channels
+        Channels of each branch's ROI (:attr:`model.roi.RoiSpec.channels`).
+    dropout
+        Dropout before the linear head.
+    """
+
+    def __init__(self, arch: str = "fusion", in_channels: int = 6, dropout: float = 0.3) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.arch = arch
+        self.in_channels = in_channels
+        self.tumor = _branch(in_channels)
+        self.loat: nn.Module | None = _branch(in_channels) if arch == "fusion" else None
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(FEATURES * (2 if arch == "fusion" else 1), 1)
+
+    def spec(self) -> dict[str, Any]:
+        """The model card's ``network`` entry."""
+        return {
+            "backbone": "resnet18",
+            "arch": self.arch,
+            "in_channels": self.in_channels,
+            "dropout": float(self.dropout.p),
+            "features": FEATURES,
+        }
+
+    def features(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features before the head: ``(N, 512)`` or ``(N, 1024)`` for fusion."""
+        parts = [self.tumor(tumor)]
+        if self.loat is not None:
+            if loat is None:
+                raise ValueError("the fusion network needs the LOAT ROI")
+            parts.append(self.loat(loat))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(N,)`` from ROIs ``(N, C, H, W)``; ``loat`` is ignored by tumor-only."""
+        return self.head(self.dropout(self.features(tumor, loat)))[:, 0]
+
+    def load_pretrained(self, path: Path) -> list[str]:
+        """Initialise every branch from local torchvision ResNet18 weights (safetensors).
+
+        The first convolution's RGB kernels are averaged and repeated over this network's
+        channels, scaled by ``3 / in_channels`` so a grey input gives the activations ImageNet
+        training saw; the classifier is dropped.
+
+        Parameters
+        ----------
+        path
+            A ``.safetensors`` file of a torchvision ``resnet18`` state dict
+            (:func:`convert_weights` makes one from a ``.pth`` file).
+
+        Returns
+        -------
+        list of str
+            Branch keys left at their random initialisation (empty for a complete file).
+
+        Raises
+        ------
+        ValueError
+            When the file cannot be read or is not a ResNet18 state dict.
+        """
+        try:
+            state = load_file(str(path), device="cpu")
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"cannot read pretrained weights {path}: {exc}") from exc
+        conv1 = state.get("conv1.weight")
+        if conv1 is None or tuple(conv1.shape[:1]) != (64,) or conv1.ndim != 4:
+            raise ValueError(f"{path} is not a torchvision ResNet18 state dict (no conv1.weight)")
+        adapted = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        mean = conv1.float().mean(dim=1, keepdim=True)
+        adapted["conv1.weight"] = mean.repeat(1, self.in_channels, 1, 1) * (3.0 / self.in_channels)
+        missing: list[str] = []
+        branches = [self.tumor] if self.loat is None else [self.tumor, self.loat]
+        for branch in branches:
+            try:
+                result = branch.load_state_dict(adapted, strict=False)
+            except RuntimeError as exc:
+                raise ValueError(f"{path} does not fit ResNet18: {exc}") from exc
+            missing.extend(result.missing_keys)
+        return sorted(set(missing))
+
+
+def convert_weights(pth_in: Path, safetensors_out: Path) -> int:
+    """Convert a torchvision ``.pth`` state dict into a safetensors file.
+
+    ``torch.load`` runs with ``weights_only=True``: tensors and plain containers only, never
+    arbitrary objects. This is for a user's pretrained file; the project's own checkpoints are
+    safetensors from the start and are never read with ``torch.load``.
+
+    Parameters
+    ----------
+    pth_in
+        The ``.pth`` file: a state dict, or a dict holding one under ``state_dict`` / ``model``.
+    safetensors_out
+        Where to write.
+
+    Returns
+    -------
+    int
+        Number of tensors written.
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be read safely or holds no tensors.
+    """
+    try:
+        loaded: Any = torch.load(Path(pth_in), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"cannot read {pth_in} as a weights-only torch file: {exc}") from exc
+    except Exception as exc:  # the unpickler raises its own types for refused globals
+        raise ValueError(f"{pth_in} is not a plain state dict: {exc}") from exc
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{pth_in} holds a {type(loaded).__name__}, not a state dict")
+    tensors = {
+        str(k): v.detach().contiguous() for k, v in loaded.items() if isinstance(v, torch.Tensor)
+    }
+    if not tensors:
+        raise ValueError(f"{pth_in} holds no tensors")
+    Path(safetensors_out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(safetensors_out))
+    return len(tensors)
