@@ -12,7 +12,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -211,7 +211,7 @@ def studies_list(
             str(row["instance_count"]),
             uid_key(pairing["arterial"]) if pairing.get("arterial") else "-",
             uid_key(pairing["portal_venous"]) if pairing.get("portal_venous") else "-",
-            str(pairing.get("method") or "-"),
+            str(pairing.get("pairing") or pairing.get("method") or "-"),
             row["reason"] or "",
         ]
         if show_identifiers:
@@ -266,6 +266,63 @@ def outbox_retry(
     settings = _settings(config)
     count = retry_failed(Store(settings.database_url), ids or ())
     out.print(f"{count} item(s) queued again")
+
+
+@app.command()
+def analyze(
+    folder: Annotated[Path, typer.Argument(help="Folder of one study's DICOM files.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where result.json and the objects go.")],
+    config: ConfigOption = None,
+) -> None:
+    """Analyse one study from a folder, offline: result.json, seg.dcm, sr.dcm, sc.dcm."""
+    from node.dicomio import scan_folder
+    from node.models import Models, ModelUnavailable
+    from node.pipeline import analyse_study, write_outputs
+
+    settings = _settings(config)
+    if not folder.is_dir():
+        raise fail(f"{folder}: not a folder")
+    studies = scan_folder(folder)
+    if not studies:
+        raise fail(f"{folder}: no DICOM files found")
+    if len(studies) > 1:
+        keys = ", ".join(study_key(uid) for uid in studies)
+        raise fail(f"{folder} holds {len(studies)} studies ({keys}); give one study's folder")
+    ((study_uid, series),) = studies.items()
+    models = Models(settings, device=settings.pipeline.device)
+    try:
+        analysis = analyse_study(study_uid, series, settings, models)
+    except ModelUnavailable as exc:
+        raise fail(str(exc)) from None
+    written = write_outputs(analysis, out_dir)
+    result = analysis.result
+    table = Table(title=f"study {study_key(study_uid)}: {result['status']}")
+    table.add_column("item")
+    table.add_column("value")
+    rows = [
+        ("status", result["status"] + (f" ({result['reason']})" if result["reason"] else "")),
+        ("MVI probability", _percent(result["mvi_probability"])),
+        ("combined probability", _percent(result["combined_probability"])),
+        ("risk", str(result["risk_category"] or "-")),
+        ("max tumor diameter", _value(result.get("tumor"), "max_diameter_mm", "mm")),
+        ("LOAT max area", _value(result.get("loat"), "max_area_cm2", "cm²")),
+        ("segmentation", str((result.get("segmentation") or {}).get("source", "-"))),
+        ("timings", ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items())),
+        ("files", ", ".join(str(p) for p in [*written.values(), out_dir / "result.json"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def _value(section: dict[str, Any] | None, key: str, unit: str) -> str:
+    if not section or section.get(key) is None:
+        return "-"
+    return f"{section[key]:.1f} {unit}"
 
 
 def _parse_dates(value: str | None) -> tuple[dt.date, dt.date] | None:

@@ -56,33 +56,113 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def run_job(store: Store, spool_root: Path, settings: Settings, job: Job) -> JobOutcome:
-    """Run one job: today, pair the arterial and portal-venous phases of the study."""
-    from node.pairing import pair_phases, series_info
+def run_job(
+    store: Store, spool_root: Path, settings: Settings, job: Job, models: Any = None
+) -> JobOutcome:
+    """Run one job: the analysis, its outputs, the result row and the outbox items."""
+    from node.dicomio import SeriesFiles
+    from node.dispatcher import ResultObject, enqueue
+    from node.models import Models
+    from node.pipeline import analyse_study, write_outputs
 
+    models = models if models is not None else Models(settings)
     rows = store.instance_paths(job.study_uid)
-    by_series: dict[str, list[Path]] = {}
-    for series_uid, path, _sop_class, analysable, own_output in rows:
-        if analysable and not own_output:
-            by_series.setdefault(series_uid, []).append(spool_root / path)
-    infos = [series_info(paths) for paths in by_series.values()]
-    working = settings.pipeline.working_spacing_mm or 2.0
-    pairing = pair_phases(
-        infos, settings.phases.model_dump(), working_spacing_mm=working, image_check="auto"
-    )
-    record = pairing.to_json()
-    if pairing.status == "paired":
-        return JobOutcome(
-            "done",
-            None,
-            record,
-            arterial_uid=pairing.arterial,
-            portal_venous_uid=pairing.portal_venous,
+    paths: dict[str, list[Path]] = {}
+    classes: dict[str, str] = {}
+    own: set[str] = set()
+    for series_uid, path, sop_class, _analysable, own_output in rows:
+        paths.setdefault(series_uid, []).append(spool_root / path)
+        classes[series_uid] = sop_class
+        if own_output:
+            own.add(series_uid)
+    series = {
+        uid: SeriesFiles(
+            study_instance_uid=job.study_uid,
+            series_instance_uid=uid,
+            modality=_modality(classes[uid]),
+            sop_class_uid=classes[uid],
+            series_description="",
+            paths=tuple(sorted(files)),
         )
-    return JobOutcome(pairing.status, pairing.reason, record)
+        for uid, files in paths.items()
+    }
+    predecessor = _previous_sr(store, settings, job.study_uid)
+    analysis = analyse_study(
+        job.study_uid,
+        series,
+        settings,
+        models,
+        own_series_uids=sorted(own),
+        predecessor_sr=predecessor,
+        force_pair=_forced_pair(job.pairing),
+    )
+    folder = results_folder(settings, job.study_uid, job.id)
+    written = write_outputs(analysis, folder)
+    store.record_result(job.id, job.study_uid, analysis.result)
+    if written and settings.results.destinations:
+        objects = [
+            ResultObject(
+                path,
+                str(analysis.objects[kind].SOPInstanceUID),
+                str(analysis.objects[kind].SeriesInstanceUID),
+            )
+            for kind, path in written.items()
+        ]
+        enqueue(store, job.id, job.study_uid, objects, settings.results.destinations)
+    result = analysis.result
+    phases = result.get("phases") or {}
+    state = {
+        "scored": "done",
+        "no_tumor": "done",
+        "not_applicable": "not_applicable",
+        "needs_review": "needs_review",
+    }.get(result["status"], "failed")
+    return JobOutcome(
+        state,
+        result["reason"],
+        result.get("phases"),
+        arterial_uid=phases.get("arterial"),
+        portal_venous_uid=phases.get("portal_venous"),
+    )
 
 
-JobRunner = Callable[[Store, Path, Settings, Job], JobOutcome]
+def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
+    """Where a job's result objects and result.json live."""
+    return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
+
+
+def _modality(sop_class: str) -> str:
+    return {
+        "1.2.840.10008.5.1.4.1.1.2": "CT",
+        "1.2.840.10008.5.1.4.1.1.2.1": "CT",
+        "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    }.get(sop_class, "OT")
+
+
+def _forced_pair(pairing: dict[str, Any] | None) -> tuple[str, str] | None:
+    # `studies reprocess --arterial S --portal-venous S` puts the operator's pair on the job.
+    if pairing and pairing.get("forced"):
+        return str(pairing["arterial"]), str(pairing["portal_venous"])
+    return None
+
+
+def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Any:
+    """The SR of the study's latest earlier result, which a new analysis supersedes."""
+    import pydicom
+
+    row = store.latest_result(study_uid)
+    if row is None:
+        return None
+    path = results_folder(settings, study_uid, int(row["job_id"])) / "sr.dcm"
+    if not path.is_file():
+        return None
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+
+
+JobRunner = Callable[[Store, Path, Settings, Job, Any], JobOutcome]
 
 
 def worker_main(
@@ -96,6 +176,9 @@ def worker_main(
     store = Store(settings.database_url)
     spool_root = settings.node.data_dir / "spool"
     pid = os.getpid()
+    from node.models import Models
+
+    models = Models(settings, device=settings.pipeline.device)
     while os.getppid() == parent_pid:
         job = store.claim_job(worker_pid=pid)
         if job is None:
@@ -105,10 +188,13 @@ def worker_main(
         started = time.perf_counter()
         log.info("job started", job_id=job.id, study_key=key, attempt=job.attempts)
         try:
-            outcome = runner(store, spool_root, settings, job)
+            outcome = runner(store, spool_root, settings, job, models)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             final = job.attempts >= settings.pipeline.max_attempts
+            if type(exc).__name__ == "OutOfMemoryError":
+                # CUDA ran out of memory: the next attempt runs on the CPU.
+                models = models.on_cpu()
             log.exception("job failed", job_id=job.id, study_key=key, final=final)
             store.finish_job(job.id, "failed" if final else "queued", reason=reason)
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,13 +18,23 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def require_tool(name: str, package: str) -> str:
+#: The virtualenv's bin folder: pynetdicom installs Python look-alikes of DCMTK's storescu,
+#: echoscu, findscu… there, which must never stand in for the real DCMTK peers.
+VENV_BIN = Path(sys.executable).parent
+
+
+def require_tool(name: str, package: str, *, venv: bool = False) -> str:
     """Return the path of command-line tool ``name`` or stop the test.
 
     Under ``CI=true`` a missing tool is a failure (CI installs every package the tests need);
-    elsewhere the test is skipped with a message naming the Debian package.
+    elsewhere the test is skipped with a message naming the Debian package. The virtualenv's
+    bin folder is searched only with ``venv=True`` (tools installed by pip, such as dcmqi's).
     """
-    path = shutil.which(name)
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != VENV_BIN]
+    dirs += ["/usr/sbin", "/usr/bin"]
+    if venv:
+        dirs.insert(0, str(VENV_BIN))
+    path = shutil.which(name, path=os.pathsep.join(dirs))
     if path is None:
         message = f"{name} not found: apt-get install {package}"
         if IN_CI:

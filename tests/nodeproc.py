@@ -82,6 +82,41 @@ class NodeProcess:
                 self.kill()
 
 
+_MODELS: dict[str, str] = {}
+
+
+def test_models() -> dict[str, str]:
+    """Tiny segmenter and MVI model for nodes started by tests (built once per session).
+
+    Trained for seconds on a few small phantoms: good enough to run every stage of a job (the
+    numbers are meaningless), so receive, result and delivery tests run the real pipeline.
+    """
+    if _MODELS:
+        return _MODELS
+    import tempfile
+
+    from model.phantom import PhantomSpec
+    from model.roi import RoiSpec
+    from model.train import rois_from_phantom, train_fusion
+    from model.train_seg import train_segmenter
+    from node.phantom_study import study_seed
+    from node.train_seg import phantom_samples
+
+    root = Path(tempfile.mkdtemp(prefix="mvi-test-models-"))
+    samples, _ = phantom_samples(3, seed=1, size=64, slices=16, spacing_mm=4.0)
+    train_segmenter(samples, root / "segmenter", spacing_mm=4.0, iterations=20, patch=(32, 32, 16))
+    spec = RoiSpec(size=32)
+    rois = [
+        rois_from_phantom(
+            study_seed(2, i), PhantomSpec(size=64, slices=16), spec, register_pv=False
+        )
+        for i in range(16)
+    ]
+    train_fusion(rois, root / "fusion", roi_spec=spec, folds=2, epochs=2, batch_size=8, demo=True)
+    _MODELS.update(segmenter_dir=str(root / "segmenter"), model_dir=str(root / "fusion"))
+    return _MODELS
+
+
 def node_settings(
     data_dir: Path, port: int | None = None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -97,7 +132,7 @@ def node_settings(
         },
         "peers": {"scu": {"ae_title": SCU_AET, "host": "127.0.0.1"}},
         "completion": {"quiet_seconds": 1.0},
-        "pipeline": {"workers": 1},
+        "pipeline": {"workers": 1, "device": "cpu", **test_models()},
     }
     for section, values in (extra or {}).items():
         if isinstance(values, Mapping) and isinstance(data.get(section), dict):

@@ -6,9 +6,7 @@ objects are written to a temporary folder so that DICOM tools read exactly what 
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,12 +280,3 @@ def assert_study_attributes(ds: Dataset, source: Dataset) -> None:
     assert item.Manufacturer == ALGORITHM.manufacturer
     assert item.ManufacturerModelName == ALGORITHM.name
     assert item.SoftwareVersions == ALGORITHM.version
-
-
-@pytest.fixture(scope="session")
-def dcmqi_path() -> Iterator[None]:
-    """Put the venv's bin folder (where ``pip install dcmqi`` puts its tools) on PATH."""
-    old = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), old])
-    yield
-    os.environ["PATH"] = old

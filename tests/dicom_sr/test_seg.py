@@ -126,9 +126,8 @@ def test_rejects_mismatched_masks(classic: Case) -> None:
         AlgorithmInfo("x", "1", "", "m", "v", demo=False)
 
 
-@pytest.mark.usefixtures("dcmqi_path")
 def test_dcmqi_reads_masks_back(case: Case, tmp_path_factory: pytest.TempPathFactory) -> None:
-    tool = require_tool("segimage2itkimage", "dcmqi (pip install dcmqi)")
+    tool = require_tool("segimage2itkimage", "dcmqi (pip install dcmqi)", venv=True)
     out = tmp_path_factory.mktemp(f"dcmqi_{case.kind}")
     run_tool(tool, "--inputDICOM", case.paths["seg"], "--outputDirectory", out, "-t", "nrrd")
     for number, mask in ((TUMOR_SEGMENT, case.tumor), (LOAT_SEGMENT, case.loat)):

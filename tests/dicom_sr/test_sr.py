@@ -181,9 +181,8 @@ def test_status_only_report(case: Case) -> None:
         build_sr(case.result, case.sources, None, algorithm=ALGORITHM, uids=allocate_uids())
 
 
-@pytest.mark.usefixtures("dcmqi_path")
 def test_dcmqi_reads_measurements(case: Case, tmp_path_factory: pytest.TempPathFactory) -> None:
-    tool = require_tool("tid1500reader", "dcmqi (pip install dcmqi)")
+    tool = require_tool("tid1500reader", "dcmqi (pip install dcmqi)", venv=True)
     out = tmp_path_factory.mktemp(f"tid1500_{case.kind}") / "sr.json"
     run_tool(tool, "--inputDICOM", case.paths["sr_comprehensive"], "--outputMetadata", out)
     metadata = json.loads(out.read_text())

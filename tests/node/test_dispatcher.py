@@ -89,13 +89,17 @@ def test_results_wait_for_a_stopped_pacs_and_survive_a_node_restart(
             # The node restarts while the PACS is still down; the item waits in the database.
             node.stop()
             restarted = start_node_process(node.config_path, node.log_path)
+            again = None
             try:
-                pacs = restart_orthanc(pacs)
+                again = restart_orthanc(pacs)
                 wait_for(lambda: states(store)[0][0] == "sent", timeout=60)
+                found = again.instances_of_study(row["study_instance_uid"])
             finally:
                 restarted.stop()
+                if again is not None:
+                    again.stop()  # the context manager stops only the first process
             store.close()
-        uids = {i["SOPInstanceUID"] for i in pacs.instances_of_study(row["study_instance_uid"])}
+        uids = {i["SOPInstanceUID"] for i in found}
         assert str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID) in uids
         assert len(uids) == before + 1, "delivered once, into the same study"
 
