@@ -126,6 +126,45 @@ def run_job(
     )
 
 
+def notify_failure(
+    store: Store, spool_root: Path, settings: Settings, job: Job, reason: str
+) -> None:
+    """A job failed for good: send an SR and SC that say so, so nobody waits for results."""
+    from node.dispatcher import ResultObject, enqueue
+    from node.pairing import pair_phases, series_info
+    from node.pipeline import Analysis, _result_skeleton, encode_objects, write_outputs
+
+    by_series: dict[str, list[Path]] = {}
+    for series_uid, path, sop_class, _analysable, own_output in store.instance_paths(job.study_uid):
+        if not own_output and _modality(sop_class) == "CT":
+            by_series.setdefault(series_uid, []).append(spool_root / path)
+    pairing = pair_phases(
+        [series_info(paths) for paths in by_series.values()], settings.phases.model_dump()
+    )
+    # The report hangs on a source series: the arterial one, else any CT series of the study.
+    source = pairing.arterial or next(iter(sorted(by_series)), None)
+    if source is None:
+        return
+    result = _result_skeleton(job.study_uid)
+    result.update(status="failed", reason=f"the analysis failed: {reason}"[:1000])
+    analysis = Analysis(result)
+    analysis.objects = encode_objects(
+        result, settings, None, sorted(by_series[source]), None, None, None, None
+    )
+    written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
+    store.record_result(job.id, job.study_uid, result)
+    if settings.results.destinations:
+        objects = [
+            ResultObject(
+                path,
+                str(analysis.objects[kind].SOPInstanceUID),
+                str(analysis.objects[kind].SeriesInstanceUID),
+            )
+            for kind, path in written.items()
+        ]
+        enqueue(store, job.id, job.study_uid, objects, settings.results.destinations)
+
+
 def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
     """Where a job's result objects and result.json live."""
     return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
@@ -197,6 +236,11 @@ def worker_main(
                 models = models.on_cpu()
             log.exception("job failed", job_id=job.id, study_key=key, final=final)
             store.finish_job(job.id, "failed" if final else "queued", reason=reason)
+            if final and settings.results.notify_failures:
+                try:
+                    notify_failure(store, spool_root, settings, job, reason)
+                except Exception:
+                    log.exception("could not tell the reading room", job_id=job.id)
             continue
         store.finish_job(
             job.id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -174,3 +175,77 @@ def test_an_unknown_destination_fails_at_once(tmp_path: Path, destination: str) 
     assert Dispatcher(Settings(), store).deliver_due() == 1
     (state, attempts, status) = states(store)[0]
     assert state == "failed" and "no [peers.nowhere] configured" in status and attempts == 1
+
+
+def sr_texts(item: pydicom.Dataset) -> list[str]:
+    """Every TEXT value of an SR content tree."""
+    texts = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        texts += sr_texts(child)
+    return texts
+
+
+def _send_study(node_port: int, study: Path) -> None:
+    from tests.nodeproc import storescu_command
+
+    subprocess.run(
+        storescu_command(node_port, study),
+        env=dcmtk_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("broken_model", [False, True], ids=["analysed", "failed"])
+def test_results_come_back_into_the_same_study_on_the_pacs(
+    tmp_path: Path, cohort_factory: Callable[..., Path], broken_model: bool
+) -> None:
+    cohort = cohort_factory(seed=91, size=64, slices=16)
+    with (cohort / "truth.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        extra: dict[str, object] = {
+            "peers": {
+                "scu": {"ae_title": "STORESCU", "host": "127.0.0.1"},
+                "pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
+            },
+            "results": {"destinations": ["pacs"]},
+        }
+        if broken_model:
+            # A model folder that is not there: the job fails, and says so to the reading room.
+            extra["pipeline"] = {
+                "segmenter_dir": str(tmp_path / "missing-model"),
+                "max_attempts": 1,
+            }
+        with running_node(tmp_path / "node", extra) as node:
+            _send_study(node.port, cohort / row["study_folder"])
+            store = node.store()
+            wait_for(
+                lambda: (
+                    (r := list_outbox(store, include_sent=True))
+                    and all(i["state"] == "sent" for i in r)
+                ),
+                timeout=120,
+            )
+            study = store.study(row["study_instance_uid"])
+            store.close()
+        assert study is not None
+        instances = pacs.instances_of_study(row["study_instance_uid"])
+        kinds = set()
+        for item in instances:
+            dicom = pacs.rest("GET", f"/instances/{item['ID']}/file")
+            ds = pydicom.dcmread(io.BytesIO(dicom))
+            assert ds.StudyInstanceUID == row["study_instance_uid"]
+            assert (
+                ds.PatientID
+                == pydicom.dcmread(
+                    next((cohort / row["study_folder"]).rglob("*.dcm")), stop_before_pixels=True
+                ).PatientID
+            )
+            kinds.add(ds.Modality)
+            if ds.Modality == "SR" and broken_model:
+                text = " ".join(sr_texts(ds))
+                assert "failed" in text and "missing-model" in text
+        assert "SR" in kinds and len(instances) >= 2, "an SR and a summary image at least"
+        assert study["state"] == ("failed" if broken_model else "done")
