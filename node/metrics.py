@@ -33,7 +33,7 @@ from sqlalchemy.pool import NullPool
 from node.logging import get_logger
 from node.receiver import ReceiverState
 from node.spool import free_megabytes
-from node.store import STUDY_STATES, Store, jobs, outbox, studies, utcnow
+from node.store import STUDY_STATES, Store, jobs, outbox, results, studies, utcnow
 
 log = get_logger("node.metrics")
 
@@ -119,6 +119,14 @@ class NodeCollector:
                     jobs.c.finished_at > since,
                 )
             ).all()
+            recent_results = [
+                row[0]
+                for row in conn.execute(
+                    select(results.c.result)
+                    .where(results.c.created_at > since)
+                    .order_by(results.c.id)
+                )
+            ]
             outbox_states: dict[str, int] = dict(
                 conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state)).all()
             )
@@ -138,18 +146,59 @@ class NodeCollector:
             f"duration of jobs finished in the last {DURATION_WINDOW.days} days",
             [(_aware(f) - _aware(s)).total_seconds() for _state, s, f in durations],
         )
-        results = CounterMetricFamily(
+        yield from _analysis_metrics(recent_results)
+        delivered = CounterMetricFamily(
             "mvi_results", "result objects by delivery state", labels=["state"]
         )
         for state, count in sorted(outbox_states.items()):
-            results.add_metric([state], count)
-        yield results
+            delivered.add_metric([state], count)
+        yield delivered
         pending = sum(n for state, n in outbox_states.items() if state not in {"sent", "failed"})
         yield GaugeMetricFamily("mvi_outbox_depth", "result objects waiting", value=pending)
         age = (utcnow() - _aware(oldest)).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily(
             "mvi_outbox_oldest_age_seconds", "age of the oldest undelivered object", value=age
         )
+
+
+def _analysis_metrics(recent: list[Any]) -> Iterator[Any]:
+    """Stage durations, inference latency and device, GPU memory, from recent result rows."""
+    stages: dict[str, list[float]] = {}
+    devices: dict[str, int] = {}
+    gpu_peak = 0
+    for result in recent:
+        if not isinstance(result, dict):
+            continue
+        for stage, seconds in (result.get("timings_s") or {}).items():
+            stages.setdefault(str(stage), []).append(float(seconds))
+        device = result.get("device") or {}
+        devices[str(device.get("type", "unknown"))] = (
+            devices.get(str(device.get("type", "unknown")), 0) + 1
+        )
+        gpu_peak = max(gpu_peak, int(device.get("gpu_memory_peak_bytes") or 0))
+    family = HistogramMetricFamily(
+        "mvi_stage_duration_seconds",
+        f"job stage durations of the last {DURATION_WINDOW.days} days",
+        labels=["stage"],
+    )
+    for stage, values in sorted(stages.items()):
+        buckets = [(str(b), sum(1 for v in values if v <= b)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", len(values)))
+        family.add_metric([stage], buckets, sum(values))
+    yield family
+    device_gauge = GaugeMetricFamily(
+        "mvi_inference_device_jobs",
+        f"analyses of the last {DURATION_WINDOW.days} days by the device the models ran on",
+        labels=["device"],
+    )
+    for device, count in sorted(devices.items()):
+        device_gauge.add_metric([device], count)
+    yield device_gauge
+    yield GaugeMetricFamily(
+        "mvi_gpu_memory_peak_bytes",
+        "peak GPU memory a worker allocated in a recent analysis (0 on CPU)",
+        value=gpu_peak,
+    )
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

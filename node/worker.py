@@ -96,6 +96,7 @@ def run_job(
         predecessor_sr=predecessor,
         force_pair=_forced_pair(job.pairing),
     )
+    analysis.result["device"] = _device_record(models)
     folder = results_folder(settings, job.study_uid, job.id)
     written = write_outputs(analysis, folder)
     store.record_result(job.id, job.study_uid, analysis.result)
@@ -168,6 +169,18 @@ def notify_failure(
 def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
     """Where a job's result objects and result.json live."""
     return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
+
+
+def _device_record(models: Any) -> dict[str, Any]:
+    """Where the models ran, and the peak GPU memory of this worker (for the metrics)."""
+    import sys
+
+    record: dict[str, Any] = {"requested": getattr(models, "device", "auto"), "type": "cpu"}
+    torch = sys.modules.get("torch")  # imported by the models; never imported here for this
+    if torch is not None and torch.cuda.is_available() and record["requested"] != "cpu":
+        record["type"] = "cuda"
+        record["gpu_memory_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return record
 
 
 def _modality(sop_class: str) -> str:

@@ -67,6 +67,11 @@ def test_metrics_count_instances_rejections_and_health(
         jobs_histogram = "mvi_job_duration_seconds"
         assert f"{jobs_histogram}_count 1.0" in text, "one finished job in the histogram"
         assert metric(text, "mvi_outbox_depth") == 0
+        stages = "mvi_stage_duration_seconds"
+        assert metric(text, stages + '_count{stage="register"}') == 1
+        assert metric(text, stages + '_count{stage="segment"}') == 1
+        assert metric(text, 'mvi_inference_device_jobs{device="cpu"}') == 1
+        assert metric(text, "mvi_gpu_memory_peak_bytes") == 0
 
         status, body = get(base + "/healthz")
         assert status == 200 and json.loads(body)["status"] == "ok"
