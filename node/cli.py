@@ -43,6 +43,8 @@ studies_app = typer.Typer(help="Studies the node has received.", no_args_is_help
 app.add_typer(studies_app, name="studies")
 outbox_app = typer.Typer(help="Result objects waiting for delivery.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
+jobs_app = typer.Typer(help="Analysis jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOption = Annotated[
     Path | None,
@@ -218,6 +220,71 @@ def studies_list(
             cells += [row["patient_id"] or "", row["accession_number"] or "", row["study_uid"]]
         table.add_row(*cells)
     out.print(table)
+
+
+@studies_app.command("reprocess")
+def studies_reprocess(
+    study: Annotated[str, typer.Argument(help="Study key (as `studies list` shows) or UID.")],
+    arterial: Annotated[
+        str | None, typer.Option(help="Force this SeriesInstanceUID as the arterial phase.")
+    ] = None,
+    portal_venous: Annotated[
+        str | None,
+        typer.Option("--portal-venous", help="Force this SeriesInstanceUID as portal-venous."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Analyse a study again (optionally with the phases an operator chose)."""
+    from node.store import Store
+
+    settings = _settings(config)
+    if (arterial is None) != (portal_venous is None):
+        raise fail("give both --arterial and --portal-venous, or neither")
+    store = Store(settings.database_url)
+    study_uid = store.find_study(study)
+    if study_uid is None:
+        raise fail(f"no study {study!r} in the store (see `mvi-node studies list`)")
+    forced = (arterial, portal_venous) if arterial and portal_venous else None
+    job_id = store.reprocess(study_uid, forced)
+    out.print(f"job {job_id} queued for study {study_key(study_uid)}; `mvi-node serve` runs it")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="Newest jobs shown.")] = 50,
+) -> None:
+    """Jobs, newest first: state, attempts, reason."""
+    from node.store import Store
+
+    settings = _settings(config)
+    table = Table(title="jobs")
+    for column in ("id", "study key", "state", "attempts", "created", "reason"):
+        table.add_column(column)
+    for row in Store(settings.database_url).list_jobs(limit):
+        table.add_row(
+            str(row["id"]),
+            study_key(row["study_uid"]),
+            row["state"],
+            str(row["attempts"]),
+            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            (row["reason"] or "")[:80],
+        )
+    out.print(table)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[int, typer.Argument(help="Job id (see `jobs list`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a queued job (a running job finishes)."""
+    from node.store import Store
+
+    settings = _settings(config)
+    if not Store(settings.database_url).cancel_job(job_id):
+        raise fail(f"job {job_id} is not queued (only queued jobs can be cancelled)", code=1)
+    out.print(f"job {job_id} cancelled")
 
 
 @outbox_app.command("list")

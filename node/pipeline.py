@@ -163,6 +163,7 @@ def analyse_study(
                 models,
                 series,
                 arterial_uid,
+                predecessor_sr=predecessor_sr,
             )
         portal_on_arterial = resample_onto(portal, arterial, registration.transform)
     result["phases"]["registration_shift_mm"] = [round(v, 2) for v in registration.translation_mm]
@@ -218,6 +219,7 @@ def analyse_study(
             arterial=arterial,
             masks=masks,
             measured=measured,
+            predecessor_sr=predecessor_sr,
         )
 
     from model.roi import RoiError, extract_rois
@@ -244,6 +246,7 @@ def analyse_study(
                 arterial=arterial,
                 masks=masks,
                 measured=measured,
+                predecessor_sr=predecessor_sr,
             )
     with timer.stage("infer"):
         (prediction,) = fusion.predict(

@@ -520,6 +520,55 @@ class Store:
             )
         return job_id
 
+    def find_study(self, key_or_uid: str) -> str | None:
+        """The StudyInstanceUID for a UID or a study key (as logs and `studies list` show)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(studies.c.study_uid).where(
+                    (studies.c.study_uid == key_or_uid) | (studies.c.study_key == key_or_uid)
+                )
+            ).first()
+        return row[0] if row is not None else None
+
+    def reprocess(self, study_uid: str, forced_pair: tuple[str, str] | None = None) -> int:
+        """Queue a new job for a study (an operator's request); earlier queued jobs are superseded.
+
+        With ``forced_pair`` (arterial, portal-venous SeriesInstanceUIDs) the job skips pairing.
+        """
+        now = utcnow()
+        pairing = None
+        if forced_pair is not None:
+            pairing = {"forced": True, "arterial": forced_pair[0], "portal_venous": forced_pair[1]}
+        with self.engine.begin() as conn:
+            previous = conn.execute(
+                select(func.max(jobs.c.id)).where(jobs.c.study_uid == study_uid)
+            ).scalar()
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.study_uid == study_uid, jobs.c.state == "queued")
+                .values(state="superseded", finished_at=now, reason="a newer job replaced it")
+            )
+            inserted = conn.execute(
+                insert(jobs).values(
+                    study_uid=study_uid,
+                    state="queued",
+                    priority=PRIORITY_LIVE,
+                    attempts=0,
+                    pairing=pairing,
+                    supersedes=previous,
+                    created_at=now,
+                )
+            )
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(state="queued", reason=None)
+            )
+        key = inserted.inserted_primary_key
+        if key is None:
+            raise RuntimeError("the database returned no id for the new job")
+        return int(key[0])
+
     def claim_job(self, worker_pid: int | None = None) -> Job | None:
         """Take the most urgent queued job (lowest priority value, then oldest) for a worker."""
         for _ in range(5):
