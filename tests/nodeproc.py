@@ -85,7 +85,7 @@ class NodeProcess:
 _MODELS: dict[str, str] = {}
 
 
-def test_models() -> dict[str, str]:
+def tiny_models() -> dict[str, str]:
     """Tiny segmenter and MVI model for nodes started by tests (built once per session).
 
     Trained for seconds on a few small phantoms: good enough to run every stage of a job (the
@@ -132,7 +132,7 @@ def node_settings(
         },
         "peers": {"scu": {"ae_title": SCU_AET, "host": "127.0.0.1"}},
         "completion": {"quiet_seconds": 1.0},
-        "pipeline": {"workers": 1, "device": "cpu", **test_models()},
+        "pipeline": {"workers": 1, "device": "cpu", **tiny_models()},
     }
     for section, values in (extra or {}).items():
         if isinstance(values, Mapping) and isinstance(data.get(section), dict):
