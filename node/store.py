@@ -219,6 +219,42 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _queue_job(
+    conn: Connection,
+    study_uid: str,
+    priority: int,
+    pairing: dict[str, Any] | None,
+    now: dt.datetime,
+) -> int:
+    """Queue a job for a study inside a transaction; queued earlier jobs are superseded."""
+    previous = conn.execute(
+        select(func.max(jobs.c.id)).where(jobs.c.study_uid == study_uid)
+    ).scalar()
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.study_uid == study_uid, jobs.c.state == "queued")
+        .values(state="superseded", finished_at=now, reason="a newer job replaced it")
+    )
+    inserted = conn.execute(
+        insert(jobs).values(
+            study_uid=study_uid,
+            state="queued",
+            priority=priority,
+            attempts=0,
+            pairing=pairing,
+            supersedes=previous,
+            created_at=now,
+        )
+    )
+    key = inserted.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the database returned no id for the new job")
+    conn.execute(
+        update(studies).where(studies.c.study_uid == study_uid).values(state="queued", reason=None)
+    )
+    return int(key[0])
+
+
 class Store:
     """Access to the database; one per process (workers open their own).
 
@@ -491,32 +527,9 @@ class Store:
                 last = last.replace(tzinfo=dt.UTC)
             if only_if_quiet_since is not None and last is not None and last > only_if_quiet_since:
                 return None
-            previous = conn.execute(
-                select(func.max(jobs.c.id)).where(jobs.c.study_uid == study_uid)
-            ).scalar()
+            job_id = _queue_job(conn, study_uid, row.priority, None, now)
             conn.execute(
-                update(jobs)
-                .where(jobs.c.study_uid == study_uid, jobs.c.state == "queued")
-                .values(state="superseded", finished_at=now, reason="a newer job replaced it")
-            )
-            inserted = conn.execute(
-                insert(jobs).values(
-                    study_uid=study_uid,
-                    state="queued",
-                    priority=row.priority,
-                    attempts=0,
-                    supersedes=previous,
-                    created_at=now,
-                )
-            )
-            key = inserted.inserted_primary_key
-            if key is None:
-                raise RuntimeError("the database returned no id for the new job")
-            job_id = int(key[0])
-            conn.execute(
-                update(studies)
-                .where(studies.c.study_uid == study_uid)
-                .values(state="queued", completed_at=now, reason=None)
+                update(studies).where(studies.c.study_uid == study_uid).values(completed_at=now)
             )
         return job_id
 
@@ -540,34 +553,7 @@ class Store:
         if forced_pair is not None:
             pairing = {"forced": True, "arterial": forced_pair[0], "portal_venous": forced_pair[1]}
         with self.engine.begin() as conn:
-            previous = conn.execute(
-                select(func.max(jobs.c.id)).where(jobs.c.study_uid == study_uid)
-            ).scalar()
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.study_uid == study_uid, jobs.c.state == "queued")
-                .values(state="superseded", finished_at=now, reason="a newer job replaced it")
-            )
-            inserted = conn.execute(
-                insert(jobs).values(
-                    study_uid=study_uid,
-                    state="queued",
-                    priority=PRIORITY_LIVE,
-                    attempts=0,
-                    pairing=pairing,
-                    supersedes=previous,
-                    created_at=now,
-                )
-            )
-            conn.execute(
-                update(studies)
-                .where(studies.c.study_uid == study_uid)
-                .values(state="queued", reason=None)
-            )
-        key = inserted.inserted_primary_key
-        if key is None:
-            raise RuntimeError("the database returned no id for the new job")
-        return int(key[0])
+            return _queue_job(conn, study_uid, PRIORITY_LIVE, pairing, now)
 
     def claim_job(self, worker_pid: int | None = None) -> Job | None:
         """Take the most urgent queued job (lowest priority value, then oldest) for a worker."""
