@@ -649,6 +649,16 @@ def train_seg(
         raise fail(str(exc), code=1) from None
 
 
+def _register_demo() -> None:
+    # node.demo imports node.cli inside its command only, so this is not circular.
+    from node.demo import register
+
+    register(app)
+
+
+_register_demo()
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
