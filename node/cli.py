@@ -649,6 +649,28 @@ def train_seg(
         raise fail(str(exc), code=1) from None
 
 
+@app.command("convert-weights")
+def convert_weights_command(
+    source: Annotated[Path, typer.Argument(help="torchvision ResNet18 weights (.pth).")],
+    target: Annotated[Path, typer.Argument(help="The safetensors file to write.")],
+) -> None:
+    """Turn pretrained torchvision weights into safetensors, the only format the node loads.
+
+    The .pth is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+    """
+    from model.fusion import convert_weights
+
+    if not source.is_file():
+        raise fail(f"{source}: no such file")
+    if target.exists():
+        raise fail(f"{target} exists; choose another name")
+    try:
+        count = convert_weights(source, target)
+    except ValueError as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    out.print(f"{count} tensors → {target}")
+
+
 def _register_demo() -> None:
     # node.demo imports node.cli inside its command only, so this is not circular.
     from node.demo import register

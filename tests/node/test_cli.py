@@ -142,3 +142,33 @@ def test_inspect_of_a_folder_without_dicom(tmp_path: Path) -> None:
     result = mvi_node("inspect", tmp_path)
     assert result.returncode == 1
     assert "no DICOM files" in result.stderr
+
+
+def test_convert_weights_to_safetensors(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from torchvision.models import resnet18
+
+    state = resnet18(weights=None).state_dict()
+    source = tmp_path / "resnet18.pth"
+    torch.save(state, source)  # what torchvision ships; the node only ever reads it weights-only
+    target = tmp_path / "resnet18.safetensors"
+    result = mvi_node("convert-weights", source, target)
+    assert result.returncode == 0, result.stderr
+    loaded = load_file(str(target))
+    assert torch.equal(loaded["conv1.weight"], state["conv1.weight"])
+    again = mvi_node("convert-weights", source, target)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_convert_weights_refuses_a_pickled_object(tmp_path: Path) -> None:
+    import collections
+
+    import torch
+
+    source = tmp_path / "evil.pth"
+    torch.save(collections.Counter(a=1), source)  # not tensors: refused by weights_only
+    result = mvi_node("convert-weights", source, tmp_path / "out.safetensors")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
