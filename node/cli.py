@@ -649,6 +649,144 @@ def train_seg(
         raise fail(str(exc), code=1) from None
 
 
+@app.command()
+def train(
+    studies: Annotated[Path, typer.Option("--studies", help="Folder of DICOM studies.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV: study_instance_uid,mvi.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
+    arch: Annotated[str, typer.Option(help="fusion or tumor-only.")] = "fusion",
+    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-validation folds.")] = 5,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs per fold.")] = 30,
+    roi_size: Annotated[int, typer.Option(min=16, max=512, help="ROI rows/columns.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train the MVI model on labelled studies; writes weights.safetensors + model_card.json."""
+    from model.roi import RoiSpec
+    from model.train import train_fusion
+    from node.models import Models, ModelUnavailable
+    from node.train_fusion import FusionUsageError, read_labels, study_rois
+
+    settings = _settings(config)
+    if arch not in ("fusion", "tumor-only"):
+        raise fail(f"--arch {arch!r}: use fusion or tumor-only")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise fail(f"--out {out_dir} is not empty; choose an empty folder")
+    if not studies.is_dir():
+        raise fail(f"--studies {studies}: not a folder")
+    try:
+        label_map = read_labels(labels)
+    except FusionUsageError as exc:
+        raise fail(str(exc)) from None
+    spec = RoiSpec(size=roi_size)
+    models = Models(settings, device=device)
+    try:
+        samples, skipped = study_rois(
+            studies, label_map, settings, models, spec, settings.node.data_dir / "roi-cache"
+        )
+    except ModelUnavailable as exc:
+        raise fail(str(exc)) from None
+    for skip in skipped:
+        err.print(f"skipped {skip.key}: {skip.reason}", markup=False, highlight=False)
+    positives = sum(s.label for s in samples)
+    if positives < folds or len(samples) - positives < folds:
+        raise fail(
+            f"{len(samples)} usable studies ({positives} with MVI): each class needs at least "
+            f"{folds} studies for {folds}-fold cross-validation"
+        )
+    card = train_fusion(
+        samples,
+        out_dir,
+        roi_spec=spec,
+        arch=arch,
+        folds=folds,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        demo=False,
+    )
+    metrics = card["oof_metrics"]
+    out.print(
+        f"{arch}: {len(samples)} studies, out-of-fold AUC {metrics['auc']:.3f} "
+        f"(95 % CI {metrics['ci95'][0]:.3f}–{metrics['ci95'][1]:.3f}), threshold "
+        f"{card['threshold']:.3f} → {out_dir}"
+    )
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Option("--model", help="Model folder.")],
+    studies: Annotated[Path, typer.Option("--studies", help="Folder of DICOM studies.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV: study_instance_uid,mvi.")],
+    report: Annotated[Path, typer.Option("--out", help="report.json to write (ROC PNG beside).")],
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="A second model: paired DeLong test.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """AUC with DeLong CI, sensitivity/specificity at the card's threshold, Brier, ROC PNG."""
+    import json as json_module
+
+    from model.checkpoint import CheckpointError
+    from model.inference import FusionModel
+    from model.stats import delong_test
+    from node.models import Models, ModelUnavailable
+    from node.train_fusion import FusionUsageError, read_labels, roc_png, study_rois
+    from node.train_fusion import evaluate as score
+
+    settings = _settings(config)
+    try:
+        label_map = read_labels(labels)
+        first = FusionModel.load(model_dir)
+        second = FusionModel.load(compare) if compare is not None else None
+    except (FusionUsageError, CheckpointError) as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    models = Models(settings)
+    cache = settings.node.data_dir / "roi-cache"
+    try:
+        samples, skipped = study_rois(studies, label_map, settings, models, first.spec, cache)
+    except ModelUnavailable as exc:
+        raise fail(str(exc)) from None
+    if len({s.label for s in samples}) < 2:
+        raise fail(f"{len(samples)} usable studies: both classes are needed for an AUC")
+    results = {str(model_dir): score(first, samples)}
+    curves = {
+        first.card.get("name", "model"): (
+            results[str(model_dir)]["labels"],
+            results[str(model_dir)]["probabilities"],
+        )
+    }
+    body: dict[str, Any] = {"skipped": [{"study_key": s.key, "reason": s.reason} for s in skipped]}
+    if second is not None and compare is not None:
+        other = score(second, samples)
+        results[str(compare)] = other
+        curves[f"{second.card.get('name', 'other')} (compare)"] = (
+            other["labels"],
+            other["probabilities"],
+        )
+        auc1, auc2, z, p_value = delong_test(
+            results[str(model_dir)]["labels"],
+            results[str(model_dir)]["probabilities"],
+            other["probabilities"],
+        )
+        body["delong"] = {"auc": [auc1, auc2], "z": z, "p": p_value}
+    body["models"] = {
+        name: {k: v for k, v in r.items() if k not in ("probabilities", "labels")}
+        for name, r in results.items()
+    }
+    report.parent.mkdir(parents=True, exist_ok=True)
+    png = report.with_suffix(".roc.png")
+    roc_png(png, curves)
+    body["roc_png"] = png.name
+    report.write_text(json_module.dumps(body, indent=2))
+    summary = body["models"][str(model_dir)]
+    out.print(
+        f"AUC {summary['auc']:.3f} (95 % CI {summary['auc_ci95'][0]:.3f}–"
+        f"{summary['auc_ci95'][1]:.3f}) on {summary['studies']} studies → {report}"
+    )
+
+
 @app.command("convert-weights")
 def convert_weights_command(
     source: Annotated[Path, typer.Argument(help="torchvision ResNet18 weights (.pth).")],
