@@ -695,17 +695,40 @@ def train(
             f"{len(samples)} usable studies ({positives} with MVI): each class needs at least "
             f"{folds} studies for {folds}-fold cross-validation"
         )
-    card = train_fusion(
-        samples,
-        out_dir,
-        roi_spec=spec,
-        arch=arch,
-        folds=folds,
-        epochs=epochs,
-        seed=seed,
-        device=device,
-        demo=False,
-    )
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task("training", total=None, status="")
+
+        def on_epoch(
+            stage: str, epoch: int, total: int, loss: float, val_auc: float | None
+        ) -> None:
+            auc_text = "" if val_auc is None else f", validation AUC {val_auc:.3f}"
+            progress.update(
+                task,
+                description=f"training {stage}",
+                completed=epoch,
+                total=total,
+                status=f"loss {loss:.3f}{auc_text}",
+            )
+
+        card = train_fusion(
+            samples,
+            out_dir,
+            roi_spec=spec,
+            arch=arch,
+            folds=folds,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            demo=False,
+            progress=on_epoch,
+        )
     metrics = card["oof_metrics"]
     out.print(
         f"{arch}: {len(samples)} studies, out-of-fold AUC {metrics['auc']:.3f} "
