@@ -190,7 +190,7 @@ class Dispatcher:
         How often the outbox is looked at (and after :meth:`wake`, at once).
     """
 
-    def __init__(self, settings: Settings, store: Store, poll_s: float = 1.0) -> None:
+    def __init__(self, settings: Settings, store: Store, poll_s: float = 0.5) -> None:
         self.settings = settings
         self.store = store
         self.poll_s = poll_s

@@ -1,0 +1,138 @@
+"""End-to-end latency: last instance acknowledged → last result object at the receiving PACS.
+
+One node (in this process; its worker is a separate process, as in `mvi-node serve`) with a mini
+PACS as its results destination. For each size, a cohort of phantom studies (a warm-up study, then
+``--runs`` measured ones) is sent one after another; for each: the time from the last C-STORE
+response to the arrival of the last result object at the PACS, with the quiet period
+(``completion.quiet_seconds``) reported separately, the job's stage timings, and the worker's peak
+RSS. Uses the demo models (built by `mvi-node demo`) unless --segmenter/--model are given.
+
+Usage: python bench/e2e.py [--runs 5] [--sizes 256x64,512x200] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from node.demo import MiniPacs, send_study
+from node.logging import configure_logging
+from node.models import demo_fusion_dir, demo_segmenter_dir
+from node.phantom_study import CohortOptions, write_cohort
+from node.service import start_node, stop_node
+from node.settings import Settings
+
+QUIET_S = 1.0
+
+
+def _settings(data: Path, pacs_port: int, segmenter: Path, model: Path, device: str) -> Settings:
+    from tests.orthanc import free_port
+
+    return Settings.model_validate(
+        {
+            "node": {
+                "ae_title": "MVI_NODE",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "data_dir": str(data),
+                "log_level": "warning",
+                "free_disk_floor_mb": 64,
+            },
+            "peers": {"pacs": {"ae_title": "MINI_PACS", "host": "127.0.0.1", "port": pacs_port}},
+            "completion": {"quiet_seconds": QUIET_S},
+            "pipeline": {
+                "workers": 1,
+                "device": device,
+                "segmenter_dir": str(segmenter),
+                "model_dir": str(model),
+            },
+            "results": {"destinations": ["pacs"]},
+        }
+    )
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: Path) -> None:
+    cohort = root / f"cohort-{size}"
+    write_cohort(cohort, CohortOptions(studies=runs + 1, seed=11, size=size, slices=slices))
+    pacs = MiniPacs(root / f"pacs-{size}").start()
+    settings = _settings(root / f"node-{size}", pacs.port, args.segmenter, args.model, args.device)
+    node = start_node(settings)
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = {}
+    try:
+        for index, study in enumerate(sorted(cohort.glob("study_*"))):
+            before = sum(len(v) for v in pacs.kinds().values())
+            send_study(study, settings.node.port)
+            acknowledged = time.perf_counter()
+            while True:
+                time.sleep(0.05)
+                # SEG, SR and SC of a scored study; SR and SC otherwise: wait for the job's outputs.
+                latest = None
+                rows = node.store.list_studies(1)
+                if rows and rows[0]["state"] in (
+                    "done",
+                    "failed",
+                    "needs_review",
+                    "not_applicable",
+                ):
+                    latest = node.store.latest_result(rows[0]["study_uid"])
+                if latest is not None:
+                    wanted = len(latest["result"].get("outputs") or {})
+                    if sum(len(v) for v in pacs.kinds().values()) - before >= wanted:
+                        break
+                if time.perf_counter() - acknowledged > 600:
+                    raise RuntimeError("no result after 600 s")
+            elapsed = time.perf_counter() - acknowledged
+            if index == 0:
+                continue  # warm-up: the worker loads the models on its first job
+            latencies.append(elapsed - QUIET_S)
+            for stage, seconds in (latest["result"].get("timings_s") or {}).items():
+                stages.setdefault(stage, []).append(float(seconds))
+        workers = [p.pid for p in node.workers._workers if p.pid is not None]
+        worker_rss = max(_peak_rss_mb(pid) for pid in workers)
+        node_rss = _peak_rss_mb(os.getpid())
+    finally:
+        stop_node(node)
+        pacs.stop()
+    breakdown = ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in stages.items())
+    print(
+        f"{size}x{size}x{slices}: median {statistics.median(latencies):.2f} s after the last "
+        f"instance (+{QUIET_S:.0f} s quiet period), runs {', '.join(f'{v:.2f}' for v in latencies)}"
+    )
+    print(f"  stages (median s): {breakdown}")
+    print(
+        f"  peak RSS: worker {worker_rss:.0f} MB; bench process (receiver and phantom "
+        f"generation) {node_rss:.0f} MB"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sizes", default="256x64,512x200")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--segmenter", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None)
+    args = parser.parse_args()
+    args.segmenter = args.segmenter or demo_segmenter_dir()
+    args.model = args.model or demo_fusion_dir()
+    configure_logging("warning")
+    with tempfile.TemporaryDirectory(prefix="mvi-e2e-") as tmp:
+        for item in args.sizes.split(","):
+            size, slices = (int(v) for v in item.split("x"))
+            run_size(size, slices, args.runs, args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
