@@ -10,6 +10,7 @@ outbox. ``mvi-node analyze`` calls :func:`analyse_study` directly, without a net
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -109,6 +110,16 @@ def analyse_study(
 
     timer = _Timer()
     result = _result_skeleton(study_uid)
+    # Every way out of the analysis goes through one finish with the same context, so no path
+    # can forget part of it (a superseding report must always name its predecessor).
+    finish = functools.partial(
+        _finish,
+        timer=timer,
+        settings=settings,
+        models=models,
+        series=series,
+        predecessor_sr=predecessor_sr,
+    )
 
     with timer.stage("pair"):
         analysable = {
@@ -131,19 +142,13 @@ def analyse_study(
         "registration_shift_mm": None,
     }
     if force_pair is None and pairing.status != "paired":
-        return _finish(
-            result, pairing.status, pairing.reason, timer, settings, models, series, None
-        )
+        return finish(result, pairing.status, pairing.reason, None)
     assert arterial_uid is not None and portal_uid is not None
     if arterial_uid not in series or portal_uid not in series:
-        return _finish(
+        return finish(
             result,
             "needs_review",
             "the forced series are not in the study",
-            timer,
-            settings,
-            models,
-            series,
             None,
         )
 
@@ -154,16 +159,11 @@ def analyse_study(
         try:
             registration = register(arterial, portal, working_spacing_mm=working)
         except RegistrationError as exc:
-            return _finish(
+            return finish(
                 result,
                 "needs_review",
                 f"registration failed: {exc}",
-                timer,
-                settings,
-                models,
-                series,
                 arterial_uid,
-                predecessor_sr=predecessor_sr,
             )
         portal_on_arterial = resample_onto(portal, arterial, registration.transform)
     result["phases"]["registration_shift_mm"] = [round(v, 2) for v in registration.translation_mm]
@@ -207,19 +207,14 @@ def analyse_study(
         "area_slice": measured.loat_area_slice,
     }
     if masks.tumor.sum() == 0:
-        return _finish(
+        return finish(
             result,
             "no_tumor",
             "no liver tumor was found",
-            timer,
-            settings,
-            models,
-            series,
             arterial_uid,
             arterial=arterial,
             masks=masks,
             measured=measured,
-            predecessor_sr=predecessor_sr,
         )
 
     from model.roi import RoiError, extract_rois
@@ -234,19 +229,14 @@ def analyse_study(
             )
         except RoiError as exc:
             status = "no_tumor" if exc.branch == "tumor" else "needs_review"
-            return _finish(
+            return finish(
                 result,
                 status,
                 str(exc),
-                timer,
-                settings,
-                models,
-                series,
                 arterial_uid,
                 arterial=arterial,
                 masks=masks,
                 measured=measured,
-                predecessor_sr=predecessor_sr,
             )
     with timer.stage("infer"):
         (prediction,) = fusion.predict(
@@ -262,20 +252,15 @@ def analyse_study(
         else round(prediction.combined_probability, 4)
     )
     result["risk_category"] = prediction.risk_category
-    return _finish(
+    return finish(
         result,
         "scored",
         None,
-        timer,
-        settings,
-        models,
-        series,
         arterial_uid,
         arterial=arterial,
         masks=masks,
         measured=measured,
         threshold=prediction.threshold,
-        predecessor_sr=predecessor_sr,
     )
 
 
@@ -319,12 +304,12 @@ def _finish(
     result: dict[str, Any],
     status: str,
     reason: str | None,
+    arterial_uid: str | None,
+    *,
     timer: _Timer,
     settings: Settings,
     models: Models,
     series: dict[str, SeriesFiles],
-    arterial_uid: str | None,
-    *,
     arterial: Any | None = None,
     masks: Any | None = None,
     measured: Any | None = None,
