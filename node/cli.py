@@ -45,6 +45,8 @@ outbox_app = typer.Typer(help="Result objects waiting for delivery.", no_args_is
 app.add_typer(outbox_app, name="outbox")
 jobs_app = typer.Typer(help="Analysis jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+results_app = typer.Typer(help="The results table (for audits).", no_args_is_help=True)
+app.add_typer(results_app, name="results")
 
 ConfigOption = Annotated[
     Path | None,
@@ -830,6 +832,177 @@ def convert_weights_command(
     except ValueError as exc:
         raise fail(str(exc).splitlines()[0]) from None
     out.print(f"{count} tensors → {target}")
+
+
+def _date_option(value: str | None, name: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{name} {value!r}: expected a date as YYYY-MM-DD") from None
+
+
+@app.command()
+def requery(
+    since: Annotated[str, typer.Option(help="First StudyDate, YYYY-MM-DD.")],
+    until: Annotated[str, typer.Option(help="Last StudyDate, YYYY-MM-DD (inclusive).")],
+    peer: Annotated[
+        str | None, typer.Option(help="[peers.NAME] to query (default: requery.peer).")
+    ] = None,
+    modality: Annotated[str, typer.Option(help="ModalitiesInStudy to match.")] = "CT",
+    description: Annotated[
+        str | None, typer.Option(help="Regular expression searched in StudyDescription.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Move at most N studies.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be moved; move nothing.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for one study's result.")
+    ] = 3600.0,
+    config: ConfigOption = None,
+) -> None:
+    """Retrieve past studies from the PACS and score them (resumable; skips scored studies)."""
+    import re
+
+    from node.requery import RequeryError, RequeryOptions, StudyCandidate, run_requery
+    from node.store import Store
+
+    settings = _settings(config)
+    first, last = _date_option(since, "--since"), _date_option(until, "--until")
+    assert first is not None and last is not None
+    if last < first:
+        raise fail(f"--until {until} is before --since {since}")
+    if description is not None:
+        try:
+            re.compile(description)
+        except re.error as exc:
+            raise fail(f"--description {description!r} does not compile: {exc}") from None
+    options = RequeryOptions(
+        since=first,
+        until=last,
+        peer=peer,
+        modality=modality or None,
+        description=description,
+        limit=limit,
+        dry_run=dry_run,
+        timeout_s=timeout,
+    )
+    store = Store(settings.database_url)
+    finals = ("scored", "no_tumor", "needs_review", "not_applicable", "failed", "timed_out")
+    counts = {"found": 0, "moved": 0, "scored": 0, "skipped": 0, "failed": 0}
+    seen: dict[str, str] = {}
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    task = progress.add_task("re-query", total=None, counts="")
+
+    def on_change(candidate: StudyCandidate) -> None:
+        before = seen.get(candidate.study_uid)
+        seen[candidate.study_uid] = candidate.outcome
+        if before is None:
+            counts["found"] += 1
+        if candidate.outcome == "moved":
+            counts["moved"] += 1
+        elif candidate.outcome in ("scored", "no_tumor"):
+            counts["scored"] += 1
+        elif candidate.outcome == "skipped":
+            counts["skipped"] += 1
+        elif candidate.outcome in ("move_failed", "failed", "timed_out", "needs_review"):
+            counts["failed"] += 1
+        done = sum(1 for o in seen.values() if o in (*finals, "skipped", "move_failed"))
+        progress.update(
+            task,
+            total=len(seen),
+            completed=done,
+            counts=" · ".join(f"{k} {v}" for k, v in counts.items()),
+        )
+
+    try:
+        with progress:
+            summary = run_requery(settings, options, store, on_change)
+    except RequeryError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        store.close()
+    table = Table(title="re-query" + (" (dry run: nothing moved)" if dry_run else ""))
+    for column in ("study key", "date", "description", "arterial", "portal venous", "outcome"):
+        table.add_column(column)
+    table.add_column("reason", overflow="fold")
+    for c in summary.candidates:
+        table.add_row(
+            c.key,
+            c.study_date,
+            c.description,
+            str(len(c.arterial)),
+            str(len(c.portal_venous)),
+            "to move" if c.outcome == "to_move" else c.outcome,
+            c.reason or "",
+        )
+    out.print(table)
+    totals = summary.counts()
+    out.print(
+        f"found {len(summary.candidates)}: "
+        + ", ".join(f"{name} {count}" for name, count in sorted(totals.items()))
+    )
+    failed = summary.count("move_failed", "failed", "timed_out")
+    raise typer.Exit(1 if failed else 0)
+
+
+@results_app.command("export")
+def results_export(
+    out_file: Annotated[Path, typer.Option("--out", help="CSV file to write.")],
+    since: Annotated[str | None, typer.Option(help="First StudyDate, YYYY-MM-DD.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last StudyDate, YYYY-MM-DD.")] = None,
+    identifiers: Annotated[
+        str,
+        typer.Option(
+            help="Identifier columns: hashed (keyed with security.pseudonym_key), plain, none."
+        ),
+    ] = "hashed",
+    config: ConfigOption = None,
+) -> None:
+    """Write every study's newest result as CSV (the input of `mvi-node audit`)."""
+    from node.export import export_results
+    from node.pseudonym import PseudonymKeyMissing
+    from node.store import Store
+
+    if identifiers not in ("hashed", "plain", "none"):
+        raise fail(f"--identifiers {identifiers!r}: choose hashed, plain or none")
+    settings = _settings(config)
+    first, last = _date_option(since, "--since"), _date_option(until, "--until")
+    store = Store(settings.database_url)
+    try:
+        count = export_results(
+            store,
+            out_file,
+            identifiers=identifiers,  # type: ignore[arg-type]
+            key=settings.security.pseudonym_key.get_secret_value(),
+            since=first,
+            until=last,
+        )
+    except PseudonymKeyMissing as exc:
+        raise fail(f"{exc}, or pass --identifiers plain|none") from None
+    finally:
+        store.close()
+    out.print(f"{count} studies written to {out_file} (identifiers: {identifiers})")
+
+
+def _register_audit() -> None:
+    # The audit's heavy libraries (lifelines, pandas, matplotlib) load only when it runs.
+    from node.audit import register
+
+    register(app)
+
+
+_register_audit()
 
 
 def _register_demo() -> None:

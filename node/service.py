@@ -83,6 +83,19 @@ def start_node(settings: Settings) -> Node:
         id="retention",
         next_run_time=utcnow() + dt.timedelta(minutes=5),
     )
+    if settings.requery.schedule:
+        from apscheduler.triggers.cron import CronTrigger
+
+        from node.requery import run_safety_net
+
+        scheduler.add_job(
+            run_safety_net,
+            trigger=CronTrigger.from_crontab(settings.requery.schedule, timezone=dt.UTC),
+            args=[settings],
+            id="requery-safety-net",
+            max_instances=1,
+            coalesce=True,
+        )
     workers = WorkerPool(settings, store, settings.pipeline.workers)
     workers.start()
     receiver = ReceiverState(

@@ -166,6 +166,20 @@ outbox = Table(
 )
 
 
+# Studies a retrospective re-query asked the PACS for: their jobs run after live ones, and the
+# row says how far the re-query got with each (so an interrupted run can resume).
+retrospective = Table(
+    "retrospective",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("study_date", String(8)),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
 def utcnow() -> dt.datetime:
     """Timezone-aware now (the store keeps every time in UTC)."""
     return dt.datetime.now(dt.UTC)
@@ -391,6 +405,9 @@ class Store:
             return
         from node.logging import study_key
 
+        requested = conn.execute(
+            select(retrospective.c.study_uid).where(retrospective.c.study_uid == record.study_uid)
+        ).first()
         conn.execute(
             insert(studies).values(
                 study_uid=record.study_uid,
@@ -398,7 +415,7 @@ class Store:
                 # A study first seen through the node's own outputs is not one to analyse.
                 state="not_applicable" if record.own_output else "receiving",
                 reason="only the node's own outputs" if record.own_output else None,
-                priority=PRIORITY_LIVE,
+                priority=PRIORITY_RETROSPECTIVE if requested is not None else PRIORITY_LIVE,
                 patient_id=record.patient_id,
                 patient_name=record.patient_name,
                 accession_number=record.accession_number,
@@ -543,7 +560,13 @@ class Store:
             ).first()
         return row[0] if row is not None else None
 
-    def reprocess(self, study_uid: str, forced_pair: tuple[str, str] | None = None) -> int:
+    def reprocess(
+        self,
+        study_uid: str,
+        forced_pair: tuple[str, str] | None = None,
+        *,
+        priority: int = PRIORITY_LIVE,
+    ) -> int:
         """Queue a new job for a study (an operator's request); earlier queued jobs are superseded.
 
         With ``forced_pair`` (arterial, portal-venous SeriesInstanceUIDs) the job skips pairing.
@@ -553,7 +576,7 @@ class Store:
         if forced_pair is not None:
             pairing = {"forced": True, "arterial": forced_pair[0], "portal_venous": forced_pair[1]}
         with self.engine.begin() as conn:
-            return _queue_job(conn, study_uid, PRIORITY_LIVE, pairing, now)
+            return _queue_job(conn, study_uid, priority, pairing, now)
 
     def claim_job(self, worker_pid: int | None = None) -> Job | None:
         """Take the most urgent queued job (lowest priority value, then oldest) for a worker."""
@@ -698,6 +721,62 @@ class Store:
             query = query.where(jobs.c.state.in_(states))
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
+
+    def newest_job(self, study_uid: str) -> dict[str, Any] | None:
+        """The study's most recent job row, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(jobs).where(jobs.c.study_uid == study_uid).order_by(jobs.c.id.desc())
+            ).first()
+        return dict(row._mapping) if row is not None else None
+
+    # -- retrospective re-query --------------------------------------------------------------
+
+    def mark_retrospective(self, study_uid: str, study_date: str | None = None) -> None:
+        """Record that a re-query asks for a study: its jobs get the retrospective priority.
+
+        Instances that arrive later create the study row with that priority; a study the node
+        already holds is switched over now.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            known = conn.execute(
+                select(retrospective.c.study_uid).where(retrospective.c.study_uid == study_uid)
+            ).first()
+            if known is None:
+                conn.execute(
+                    insert(retrospective).values(
+                        study_uid=study_uid,
+                        study_date=study_date,
+                        state="requested",
+                        requested_at=now,
+                        updated_at=now,
+                    )
+                )
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(priority=PRIORITY_RETROSPECTIVE)
+            )
+
+    def set_retrospective_state(
+        self, study_uid: str, state: str, reason: str | None = None
+    ) -> None:
+        """How far the re-query got with a study (requested, moved, move_failed, done, ...)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(retrospective)
+                .where(retrospective.c.study_uid == study_uid)
+                .values(state=state, reason=reason, updated_at=utcnow())
+            )
+
+    def retrospective_row(self, study_uid: str) -> dict[str, Any] | None:
+        """The re-query's record of a study, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(retrospective).where(retrospective.c.study_uid == study_uid)
+            ).first()
+        return dict(row._mapping) if row is not None else None
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job; False when it is not queued."""

@@ -100,7 +100,7 @@ def run_job(
     folder = results_folder(settings, job.study_uid, job.id)
     written = write_outputs(analysis, folder)
     store.record_result(job.id, job.study_uid, analysis.result)
-    if written and settings.results.destinations:
+    if written and settings.results.destinations and _sends_results(settings, job):
         objects = [
             ResultObject(
                 path,
@@ -125,6 +125,17 @@ def run_job(
         arterial_uid=phases.get("arterial"),
         portal_venous_uid=phases.get("portal_venous"),
     )
+
+
+def _sends_results(settings: Settings, job: Job) -> bool:
+    """Whether a job's objects go to the result destinations.
+
+    Studies fetched by a retrospective re-query are an audit: their results stay on the node
+    unless ``requery.send_results`` says the PACS wants them too.
+    """
+    from node.store import PRIORITY_LIVE
+
+    return job.priority <= PRIORITY_LIVE or settings.requery.send_results
 
 
 def notify_failure(
@@ -154,7 +165,7 @@ def notify_failure(
     )
     written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
     store.record_result(job.id, job.study_uid, result)
-    if settings.results.destinations:
+    if settings.results.destinations and _sends_results(settings, job):
         objects = [
             ResultObject(
                 path,
