@@ -421,3 +421,30 @@ def test_results_export_refuses_hashing_without_a_key(tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "security.pseudonym_key is empty" in refused.stderr
     assert not out.exists()
+
+
+def test_the_safety_net_retrieves_only_studies_the_node_never_received(
+    tmp_path: Path, past: tuple[Path, Path]
+) -> None:
+    from node.requery import safety_net
+    from node.settings import load_settings
+
+    last = FIRST_DAY + dt.timedelta(days=11)
+    with site(tmp_path, past, safety_net_days=1) as s:
+        (seen,) = s.in_window(last - dt.timedelta(days=1), last - dt.timedelta(days=1))
+        (missed,) = s.in_window(last, last)
+        day = (last - dt.timedelta(days=1)).isoformat()
+        assert s.requery("--since", day, "--until", day).returncode == 0
+        settings = load_settings(s.config)
+        store = Store(settings.database_url)
+        try:
+            summary = safety_net(settings, store, today=last)
+            outcomes = {c.study_uid: (c.outcome, c.reason) for c in summary.candidates}
+            assert outcomes[seen] == ("skipped", "the node already received it")
+            assert outcomes[missed][0] == "moved"
+            assert set(outcomes) == {seen, missed}  # only the last safety_net_days + today
+        finally:
+            store.close()
+        # The safety net does not wait: the node scores the study on its own.
+        wait_for(lambda: missed in s.results(), timeout=120)
+        assert set(s.results()) == {seen, missed}
