@@ -4,8 +4,10 @@
 ``result.json``) and the DICOM objects it made; it never raises for a study it cannot score — the
 status says why (``not_applicable``, ``needs_review``, ``no_tumor``). Only a fault of the node
 (a missing model, a bug, CUDA out of memory) raises, so the job can be retried and then
-``failed``. :func:`run_job` is the worker's entry: it adds the store, the outputs folder and the
-outbox. ``mvi-node analyze`` calls :func:`analyse_study` directly, without a network.
+``failed``. :func:`prepare_study` and :func:`score_prepared` are its two halves, so a worker
+can score several waiting studies in one model batch. :func:`node.worker.run_jobs` is the
+worker's entry: it adds the store, the outputs folder and the outbox. ``mvi-node analyze`` calls
+:func:`analyse_study` directly, without a network.
 """
 
 from __future__ import annotations
@@ -94,6 +96,20 @@ def algorithm_info(settings: Settings, card: dict[str, Any] | None) -> Any:
     )
 
 
+@dataclass
+class Prepared:
+    """A study ready for the MVI model: measured, ROIs cut (:func:`score_prepared` ends it)."""
+
+    result: dict[str, Any]
+    rois: dict[str, Any]
+    measured: Any
+    arterial_uid: str
+    arterial: Any
+    masks: Any
+    timer: _Timer
+    finish: Callable[..., Analysis]
+
+
 def analyse_study(
     study_uid: str,
     series: dict[str, SeriesFiles],
@@ -105,6 +121,77 @@ def analyse_study(
     force_pair: tuple[str, str] | None = None,
 ) -> Analysis:
     """Analyse one study's files; see the module docstring for what raises and what does not."""
+    step = prepare_study(
+        study_uid,
+        series,
+        settings,
+        models,
+        own_series_uids=own_series_uids,
+        predecessor_sr=predecessor_sr,
+        force_pair=force_pair,
+    )
+    if isinstance(step, Analysis):
+        return step
+    return score_prepared([step], settings, models)[0]
+
+
+def score_prepared(
+    prepared: Sequence[Prepared], settings: Settings, models: Models
+) -> list[Analysis]:
+    """Run the MVI model once over several prepared studies and finish each.
+
+    One forward pass for the batch; each study's ``timings_s["infer"]`` is its share of it.
+    """
+    if not prepared:
+        return []
+    fusion = models.fusion()
+    started = time.perf_counter()
+    predictions = fusion.predict(
+        [p.rois for p in prepared],
+        max_diameter_mm=[p.measured.max_diameter_mm for p in prepared],
+        loat_area_cm2=[p.measured.loat_max_area_cm2 for p in prepared],
+        threshold=settings.pipeline.risk_threshold,
+    )
+    share = round((time.perf_counter() - started) / len(prepared), 3)
+    analyses = []
+    for step, prediction in zip(prepared, predictions, strict=True):
+        step.timer.timings["infer"] = share
+        result = step.result
+        result["mvi_probability"] = round(prediction.mvi_probability, 4)
+        result["combined_probability"] = (
+            None
+            if prediction.combined_probability is None
+            else round(prediction.combined_probability, 4)
+        )
+        result["risk_category"] = prediction.risk_category
+        analyses.append(
+            step.finish(
+                result,
+                "scored",
+                None,
+                step.arterial_uid,
+                arterial=step.arterial,
+                masks=step.masks,
+                measured=step.measured,
+                threshold=prediction.threshold,
+            )
+        )
+    if len(prepared) > 1:
+        log.info("inference batch", studies=len(prepared), seconds=share * len(prepared))
+    return analyses
+
+
+def prepare_study(
+    study_uid: str,
+    series: dict[str, SeriesFiles],
+    settings: Settings,
+    models: Models,
+    *,
+    own_series_uids: Sequence[str] = (),
+    predecessor_sr: Any | None = None,
+    force_pair: tuple[str, str] | None = None,
+) -> Analysis | Prepared:
+    """Every stage before the MVI model; an :class:`Analysis` when the study ends earlier."""
     from model.registration import RegistrationError, register, resample_onto
     from node.pairing import pair_phases, series_info
 
@@ -238,29 +325,15 @@ def analyse_study(
                 masks=masks,
                 measured=measured,
             )
-    with timer.stage("infer"):
-        (prediction,) = fusion.predict(
-            [rois],
-            max_diameter_mm=[measured.max_diameter_mm],
-            loat_area_cm2=[measured.loat_max_area_cm2],
-            threshold=settings.pipeline.risk_threshold,
-        )
-    result["mvi_probability"] = round(prediction.mvi_probability, 4)
-    result["combined_probability"] = (
-        None
-        if prediction.combined_probability is None
-        else round(prediction.combined_probability, 4)
-    )
-    result["risk_category"] = prediction.risk_category
-    return finish(
-        result,
-        "scored",
-        None,
-        arterial_uid,
+    return Prepared(
+        result=result,
+        rois=rois,
+        measured=measured,
+        arterial_uid=arterial_uid,
         arterial=arterial,
         masks=masks,
-        measured=measured,
-        threshold=prediction.threshold,
+        timer=timer,
+        finish=finish,
     )
 
 

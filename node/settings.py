@@ -174,6 +174,7 @@ class PipelineSection(_Section):
     model_dir: Path | None = None
     workers: int = Field(default=1, ge=1, le=64)
     max_attempts: int = Field(default=3, ge=1, le=20)
+    batch_size: int | Literal["auto"] = "auto"
     working_spacing_mm: float | None = Field(default=None, gt=0.25, le=10.0)
     risk_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     supplied_seg_algorithm_types: list[Literal["MANUAL", "SEMIAUTOMATIC", "AUTOMATIC"]] = [
@@ -197,6 +198,13 @@ class PipelineSection(_Section):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("batch_size is 'auto' or a number of studies from 1 to 256")
+        return value
 
     @field_validator("supplied_seg_algorithm_types", mode="before")
     @classmethod

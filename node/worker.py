@@ -5,7 +5,10 @@ the pool notices, puts the dead worker's job back in the queue (or fails it afte
 ``pipeline.max_attempts``) and starts a new worker. Workers die with the node: each asks the
 kernel for SIGKILL when its parent dies, and also checks its parent between jobs.
 
-Until the pipeline lands, a job pairs the study's phases, records the pairing and ends.
+A worker takes one job, and with it the jobs already waiting, up to ``pipeline.batch_size``:
+each study runs every stage up to the MVI model on its own (:func:`prepare_job`), the model
+scores the prepared studies in one batch (:func:`node.pipeline.score_prepared`), and each job is
+delivered and concluded on its own — one study's failure never fails another's stage.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -56,16 +59,10 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def run_job(
-    store: Store, spool_root: Path, settings: Settings, job: Job, models: Any = None
-) -> JobOutcome:
-    """Run one job: the analysis, its outputs, the result row and the outbox items."""
+def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any], list[str]]:
+    """The study's files per series (as the pipeline takes them) and the node's own series."""
     from node.dicomio import SeriesFiles
-    from node.dispatcher import ResultObject, enqueue
-    from node.models import Models
-    from node.pipeline import analyse_study, write_outputs
 
-    models = models if models is not None else Models(settings)
     rows = store.instance_paths(job.study_uid)
     paths: dict[str, list[Path]] = {}
     classes: dict[str, str] = {}
@@ -86,16 +83,30 @@ def run_job(
         )
         for uid, files in paths.items()
     }
-    predecessor = _previous_sr(store, settings, job.study_uid)
-    analysis = analyse_study(
+    return series, sorted(own)
+
+
+def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, models: Any) -> Any:
+    """Every stage of a job before the MVI model (:func:`node.pipeline.prepare_study`)."""
+    from node.pipeline import prepare_study
+
+    series, own = _job_series(store, spool_root, job)
+    return prepare_study(
         job.study_uid,
         series,
         settings,
         models,
-        own_series_uids=sorted(own),
-        predecessor_sr=predecessor,
+        own_series_uids=own,
+        predecessor_sr=_previous_sr(store, settings, job.study_uid),
         force_pair=_forced_pair(job.pairing),
     )
+
+
+def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: Any) -> JobOutcome:
+    """A finished analysis: its files, the result row and the outbox items; the job's outcome."""
+    from node.dispatcher import ResultObject, enqueue
+    from node.pipeline import write_outputs
+
     analysis.result["device"] = _device_record(models)
     folder = results_folder(settings, job.study_uid, job.id)
     written = write_outputs(analysis, folder)
@@ -125,6 +136,68 @@ def run_job(
         arterial_uid=phases.get("arterial"),
         portal_venous_uid=phases.get("portal_venous"),
     )
+
+
+def run_job(
+    store: Store, spool_root: Path, settings: Settings, job: Job, models: Any = None
+) -> JobOutcome:
+    """Run one job: the analysis, its outputs, the result row and the outbox items."""
+    (outcome,) = run_jobs(store, spool_root, settings, [job], models)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def run_jobs(
+    store: Store, spool_root: Path, settings: Settings, jobs: Sequence[Job], models: Any = None
+) -> list[JobOutcome | Exception]:
+    """Run several jobs with one MVI-model batch; per job its outcome or the error it raised.
+
+    A job that fails before the model fails alone; an error of the batched inference fails
+    every job of the batch (each is retried per ``pipeline.max_attempts``).
+    """
+    from node.models import Models
+    from node.pipeline import Analysis, score_prepared
+
+    models = models if models is not None else Models(settings)
+    steps: list[Any] = []
+    for job in jobs:
+        try:
+            steps.append(prepare_job(store, spool_root, settings, job, models))
+        except Exception as exc:
+            steps.append(exc)
+    waiting = [i for i, step in enumerate(steps) if not isinstance(step, Analysis | Exception)]
+    try:
+        for index, analysis in zip(
+            waiting, score_prepared([steps[i] for i in waiting], settings, models), strict=True
+        ):
+            steps[index] = analysis
+    except Exception as exc:
+        for index in waiting:
+            steps[index] = exc
+    outcomes: list[JobOutcome | Exception] = []
+    for job, step in zip(jobs, steps, strict=True):
+        if isinstance(step, Exception):
+            outcomes.append(step)
+            continue
+        try:
+            outcomes.append(deliver(store, settings, job, step, models))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def batch_size(settings: Settings, models: Any) -> int:
+    """Jobs a worker takes at once: ``pipeline.batch_size``, or 8 on a GPU and 1 on the CPU."""
+    configured = settings.pipeline.batch_size
+    if configured != "auto":
+        return int(configured)
+    device = str(getattr(models, "device", "cpu"))
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 8 if device.startswith("cuda") else 1
 
 
 def _sends_results(settings: Settings, job: Job) -> bool:
@@ -225,12 +298,7 @@ def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Any:
         return None
 
 
-JobRunner = Callable[[Store, Path, Settings, Job, Any], JobOutcome]
-
-
-def worker_main(
-    settings_data: dict[str, Any], parent_pid: int, runner: JobRunner = run_job
-) -> None:
+def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:
     """Entry point of a worker process: claim jobs until the parent goes away."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
@@ -242,46 +310,76 @@ def worker_main(
     from node.models import Models
 
     models = Models(settings, device=settings.pipeline.device)
+    size = batch_size(settings, models)
     while os.getppid() == parent_pid:
         job = store.claim_job(worker_pid=pid)
         if job is None:
             time.sleep(_IDLE_SLEEP_S)
             continue
-        key = study_key(job.study_uid)
+        # Studies already waiting join this one: their inference runs as one batch.
+        jobs = [job]
+        while len(jobs) < size and (more := store.claim_job(worker_pid=pid)) is not None:
+            jobs.append(more)
         started = time.perf_counter()
-        log.info("job started", job_id=job.id, study_key=key, attempt=job.attempts)
+        for each in jobs:
+            log.info(
+                "job started",
+                job_id=each.id,
+                study_key=study_key(each.study_uid),
+                attempt=each.attempts,
+                batch=len(jobs),
+            )
+        outcomes = run_jobs(store, spool_root, settings, jobs, models)
+        for each, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                models = _job_failed(store, spool_root, settings, each, outcome, models)
+            else:
+                _job_done(store, each, outcome, started)
+
+
+def _job_failed(
+    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Any
+) -> Any:
+    """Queue the job again or fail it for good; returns the models the next job should use."""
+    reason = f"{type(exc).__name__}: {exc}"
+    final = job.attempts >= settings.pipeline.max_attempts
+    if type(exc).__name__ == "OutOfMemoryError":
+        # CUDA ran out of memory: the next attempt runs on the CPU.
+        models = models.on_cpu()
+    log.error(
+        "job failed",
+        job_id=job.id,
+        study_key=study_key(job.study_uid),
+        final=final,
+        error=reason,
+        exc_info=exc,
+    )
+    store.finish_job(job.id, "failed" if final else "queued", reason=reason)
+    if final and settings.results.notify_failures:
         try:
-            outcome = runner(store, spool_root, settings, job, models)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            final = job.attempts >= settings.pipeline.max_attempts
-            if type(exc).__name__ == "OutOfMemoryError":
-                # CUDA ran out of memory: the next attempt runs on the CPU.
-                models = models.on_cpu()
-            log.exception("job failed", job_id=job.id, study_key=key, final=final)
-            store.finish_job(job.id, "failed" if final else "queued", reason=reason)
-            if final and settings.results.notify_failures:
-                try:
-                    notify_failure(store, spool_root, settings, job, reason)
-                except Exception:
-                    log.exception("could not tell the reading room", job_id=job.id)
-            continue
-        store.finish_job(
-            job.id,
-            outcome.state,
-            reason=outcome.reason,
-            pairing=outcome.pairing,
-            arterial_uid=outcome.arterial_uid,
-            portal_venous_uid=outcome.portal_venous_uid,
-        )
-        log.info(
-            "job finished",
-            job_id=job.id,
-            study_key=key,
-            state=outcome.state,
-            reason=outcome.reason,
-            seconds=round(time.perf_counter() - started, 3),
-        )
+            notify_failure(store, spool_root, settings, job, reason)
+        except Exception:
+            log.exception("could not tell the reading room", job_id=job.id)
+    return models
+
+
+def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> None:
+    store.finish_job(
+        job.id,
+        outcome.state,
+        reason=outcome.reason,
+        pairing=outcome.pairing,
+        arterial_uid=outcome.arterial_uid,
+        portal_venous_uid=outcome.portal_venous_uid,
+    )
+    log.info(
+        "job finished",
+        job_id=job.id,
+        study_key=study_key(job.study_uid),
+        state=outcome.state,
+        reason=outcome.reason,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 class WorkerPool:

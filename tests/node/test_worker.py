@@ -5,9 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.nodeproc import running_node, wait_for
+import pydicom
+import pytest
+
+from node.logging import study_key
+from node.models import Models
+from node.receiver import ANALYSABLE_SOP_CLASSES
+from node.settings import Settings
+from node.store import InstanceRecord, Store
+from node.worker import JobOutcome, batch_size, run_jobs
+from tests.nodeproc import node_settings, running_node, wait_for
 
 
 def children(pid: int) -> set[int]:
@@ -71,3 +81,114 @@ def test_the_receiving_process_does_not_import_torch(tmp_path: Path) -> None:
     with running_node(tmp_path) as node:
         maps = Path(f"/proc/{node.process.pid}/maps").read_text()
         assert "libtorch" not in maps
+
+
+# -- batches of waiting jobs ------------------------------------------------------------------
+
+
+def _ingest(store: Store, root: Path, folder: Path) -> str:
+    """Record a phantom study's files as if received (the spool root is the cohort folder)."""
+    study_uid = ""
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        study_uid = str(ds.StudyInstanceUID)
+        store.record_instance(
+            InstanceRecord(
+                study_uid=study_uid,
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=str(path.relative_to(root)),
+                size=path.stat().st_size,
+                sha256=str(ds.SOPInstanceUID),
+                calling_ae="TEST",
+                modality=str(ds.Modality),
+                series_number=None,
+                series_description=str(ds.get("SeriesDescription", "")),
+                analysable=str(ds.SOPClassUID) in ANALYSABLE_SOP_CLASSES,
+                own_output=False,
+                patient_id="",
+                patient_name="",
+                accession_number="",
+                study_date=str(ds.StudyDate),
+            )
+        )
+    return study_uid
+
+
+def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    # Truth SEGs in the studies: the supplied masks make every study reach the model.
+    cohort = cohort_factory(studies=3, seed=83, size=64, slices=16, seg=True)
+    single_phase = cohort_factory(studies=1, seed=84, size=64, slices=16, phases=("portal_venous",))
+    settings = Settings.model_validate(
+        node_settings(tmp_path / "data", extra={"pipeline": {"batch_size": 4}})
+    )
+    store = Store(settings.database_url)
+    uids = [_ingest(store, cohort, cohort / f"study_{i:04d}") for i in (1, 2, 3)]
+    lone = _ingest(store, single_phase, single_phase / "study_0001")
+    for uid in [*uids, lone]:
+        assert store.complete_study(uid) is not None
+    jobs = []
+    while (job := store.claim_job()) is not None:
+        jobs.append(job)
+    assert [j.study_uid for j in jobs] == [*uids, lone]
+
+    models = Models(settings, device="cpu")
+    assert batch_size(settings, models) == 4
+    # The spool root differs per cohort folder here, so the batch is run per folder root: the
+    # three liver studies together, the single-phase one alone.
+    outcomes = run_jobs(store, cohort, settings, jobs[:3], models)
+    (lonely,) = run_jobs(store, single_phase, settings, jobs[3:], models)
+
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+    assert isinstance(lonely, JobOutcome) and lonely.state in ("needs_review", "not_applicable")
+    results = [store.latest_result(uid)["result"] for uid in uids]  # type: ignore[index]
+    scored = [r for r in results if r["status"] == "scored"]
+    assert len(scored) == 3, [(r["status"], r["reason"]) for r in results]
+    # One forward pass: every study of the batch carries the same share of it.
+    assert len({r["timings_s"]["infer"] for r in scored}) == 1
+    # The batch gives each study the probability it gets alone.
+    for job, result in zip(jobs[:3], results, strict=True):
+        if result["status"] != "scored":
+            continue
+        (alone,) = run_jobs(store, cohort, settings, [job], models)
+        assert isinstance(alone, JobOutcome)
+        again = store.latest_result(job.study_uid)["result"]  # type: ignore[index]
+        assert again["mvi_probability"] == pytest.approx(result["mvi_probability"], abs=1e-3)
+    store.close()
+
+
+def test_a_failure_before_the_model_fails_only_its_own_job(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=2, seed=85, size=64, slices=16)
+    settings = Settings.model_validate(node_settings(tmp_path / "data"))
+    store = Store(settings.database_url)
+    good, bad = (_ingest(store, cohort, cohort / f"study_{i:04d}") for i in (1, 2))
+    for uid in (good, bad):
+        store.complete_study(uid)
+    jobs = [store.claim_job(), store.claim_job()]
+    assert all(j is not None for j in jobs)
+    # The second study's model loads fine but its outputs folder cannot be written.
+    blocked = settings.node.data_dir / "results" / study_key(jobs[1].study_uid)  # type: ignore[union-attr]
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where a folder should be")
+    outcomes = run_jobs(store, cohort, settings, jobs, Models(settings, device="cpu"))  # type: ignore[arg-type]
+    assert isinstance(outcomes[0], JobOutcome)
+    assert isinstance(outcomes[1], Exception)
+    store.close()
+
+
+@pytest.mark.parametrize("value", [0, 257, "many"])
+def test_batch_size_is_auto_or_a_small_number(value: object) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        Settings.model_validate({"pipeline": {"batch_size": value}})
+
+
+def test_auto_batch_size_is_one_on_the_cpu() -> None:
+    settings = Settings()
+    assert batch_size(settings, Models(settings, device="cpu")) == 1
+    assert batch_size(settings, Models(settings, device="cuda")) == 8
