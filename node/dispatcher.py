@@ -27,6 +27,7 @@ from typing import Any
 from pydicom.uid import UID
 from pynetdicom import AE
 from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
 
 from node.logging import get_logger, study_key, uid_key
 from node.settings import PeerSection, Settings
@@ -62,33 +63,37 @@ def enqueue(
     study_uid: str,
     objects: Sequence[ResultObject],
     destinations: Sequence[str],
+    conn: Connection | None = None,
 ) -> list[int]:
     """Record result objects for delivery (one row per object and destination); returns ids.
 
-    The files must already be durable on disk: this row is the promise to deliver them.
+    The files must already be durable on disk: this row is the promise to deliver them. With
+    ``conn`` the rows join the caller's transaction (the job's result row commits with them).
     """
+    if conn is None:
+        with store.begin() as own:
+            return enqueue(store, job_id, study_uid, objects, destinations, own)
     now = utcnow()
     ids = []
-    with store.begin() as conn:
-        for destination in destinations:
-            for item in objects:
-                result = conn.execute(
-                    insert(outbox).values(
-                        job_id=job_id,
-                        study_uid=study_uid,
-                        sop_instance_uid=item.sop_instance_uid,
-                        series_uid=item.series_instance_uid,
-                        path=str(item.path),
-                        destination=destination,
-                        state=PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
+    for destination in destinations:
+        for item in objects:
+            result = conn.execute(
+                insert(outbox).values(
+                    job_id=job_id,
+                    study_uid=study_uid,
+                    sop_instance_uid=item.sop_instance_uid,
+                    series_uid=item.series_instance_uid,
+                    path=str(item.path),
+                    destination=destination,
+                    state=PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
                 )
-                key = result.inserted_primary_key
-                if key is not None:
-                    ids.append(int(key[0]))
+            )
+            key = result.inserted_primary_key
+            if key is not None:
+                ids.append(int(key[0]))
     return ids
 
 

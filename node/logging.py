@@ -137,6 +137,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     root.setLevel(max(numeric, logging.INFO))
     # pynetdicom's debug handlers print whole datasets (patient identifiers included).
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    # highdicom logs the UIDs of the datasets it copies from, past the scrubber.
+    logging.getLogger("highdicom").setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:

@@ -688,20 +688,32 @@ class Store:
                 self.finish_job(job_id, "queued", reason="the worker process died; retrying")
         return [row[0] for row in rows]
 
-    def record_result(self, job_id: int, study_uid: str, result: dict[str, Any]) -> int:
-        """Keep a job's result (the content of its result.json)."""
-        with self.engine.begin() as conn:
-            inserted = conn.execute(
-                insert(results).values(
-                    job_id=job_id,
-                    study_uid=study_uid,
-                    status=str(result.get("status")),
-                    result=result,
-                    created_at=utcnow(),
-                )
-            )
+    def record_result(
+        self, job_id: int, study_uid: str, result: dict[str, Any], conn: Connection | None = None
+    ) -> int:
+        """Keep a job's result (the content of its result.json); in ``conn``'s transaction."""
+        row = insert(results).values(
+            job_id=job_id,
+            study_uid=study_uid,
+            status=str(result.get("status")),
+            result=result,
+            created_at=utcnow(),
+        )
+        if conn is None:
+            with self.engine.begin() as own:
+                inserted = own.execute(row)
+        else:
+            inserted = conn.execute(row)
         key = inserted.inserted_primary_key
         return int(key[0]) if key is not None else -1
+
+    def job_result(self, job_id: int) -> dict[str, Any] | None:
+        """The result a job already recorded (an attempt the node died after), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(results).where(results.c.job_id == job_id).order_by(results.c.id).limit(1)
+            ).first()
+        return dict(row._mapping) if row is not None else None
 
     def latest_result(self, study_uid: str) -> dict[str, Any] | None:
         """The newest result row of a study (with ``job_id`` and ``result``), or None."""

@@ -110,18 +110,24 @@ def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: A
     analysis.result["device"] = _device_record(models)
     folder = results_folder(settings, job.study_uid, job.id)
     written = write_outputs(analysis, folder)
-    store.record_result(job.id, job.study_uid, analysis.result)
-    if written and settings.results.destinations and _sends_results(settings, job):
-        objects = [
-            ResultObject(
-                path,
-                str(analysis.objects[kind].SOPInstanceUID),
-                str(analysis.objects[kind].SeriesInstanceUID),
-            )
-            for kind, path in written.items()
-        ]
-        enqueue(store, job.id, job.study_uid, objects, settings.results.destinations)
-    result = analysis.result
+    objects = [
+        ResultObject(
+            path,
+            str(analysis.objects[kind].SOPInstanceUID),
+            str(analysis.objects[kind].SeriesInstanceUID),
+        )
+        for kind, path in written.items()
+    ]
+    # One transaction: a crash leaves the result and its outbox rows both, or neither.
+    with store.begin() as conn:
+        store.record_result(job.id, job.study_uid, analysis.result, conn)
+        if objects and settings.results.destinations and _sends_results(settings, job):
+            enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
+    return _outcome(analysis.result)
+
+
+def _outcome(result: dict[str, Any]) -> JobOutcome:
+    """A job's outcome from its result (result.json)."""
     phases = result.get("phases") or {}
     state = {
         "scored": "done",
@@ -162,11 +168,21 @@ def run_jobs(
     models = models if models is not None else Models(settings)
     steps: list[Any] = []
     for job in jobs:
+        recorded = store.job_result(job.id)
+        if recorded is not None:
+            # An earlier attempt recorded the result and queued its objects, and the node died
+            # before the job was marked finished: those objects go out as they are. Analysing
+            # again would give new UIDs and send the PACS a second set.
+            log.warning("job already has its result; not analysing again", job_id=job.id)
+            steps.append(_outcome(recorded["result"]))
+            continue
         try:
             steps.append(prepare_job(store, spool_root, settings, job, models))
         except Exception as exc:
             steps.append(exc)
-    waiting = [i for i, step in enumerate(steps) if not isinstance(step, Analysis | Exception)]
+    waiting = [
+        i for i, step in enumerate(steps) if not isinstance(step, Analysis | Exception | JobOutcome)
+    ]
     try:
         for index, analysis in zip(
             waiting, score_prepared([steps[i] for i in waiting], settings, models), strict=True
@@ -177,7 +193,7 @@ def run_jobs(
             steps[index] = exc
     outcomes: list[JobOutcome | Exception] = []
     for job, step in zip(jobs, steps, strict=True):
-        if isinstance(step, Exception):
+        if isinstance(step, Exception | JobOutcome):
             outcomes.append(step)
             continue
         try:
@@ -237,17 +253,18 @@ def notify_failure(
         result, settings, None, sorted(by_series[source]), None, None, None, None
     )
     written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
-    store.record_result(job.id, job.study_uid, result)
-    if settings.results.destinations and _sends_results(settings, job):
-        objects = [
-            ResultObject(
-                path,
-                str(analysis.objects[kind].SOPInstanceUID),
-                str(analysis.objects[kind].SeriesInstanceUID),
-            )
-            for kind, path in written.items()
-        ]
-        enqueue(store, job.id, job.study_uid, objects, settings.results.destinations)
+    objects = [
+        ResultObject(
+            path,
+            str(analysis.objects[kind].SOPInstanceUID),
+            str(analysis.objects[kind].SeriesInstanceUID),
+        )
+        for kind, path in written.items()
+    ]
+    with store.begin() as conn:
+        store.record_result(job.id, job.study_uid, result, conn)
+        if settings.results.destinations and _sends_results(settings, job):
+            enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
 
 
 def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
@@ -354,12 +371,14 @@ def _job_failed(
         error=reason,
         exc_info=exc,
     )
-    store.finish_job(job.id, "failed" if final else "queued", reason=reason)
     if final and settings.results.notify_failures:
+        # Before the job is marked failed: a node killed in between finds the notice recorded
+        # with its outbox rows when the job is re-run, instead of losing it.
         try:
             notify_failure(store, spool_root, settings, job, reason)
         except Exception:
             log.exception("could not tell the reading room", job_id=job.id)
+    store.finish_job(job.id, "failed" if final else "queued", reason=reason)
     return models
 
 

@@ -238,9 +238,7 @@ def test_c_get_brings_the_study_into_the_same_store(
             store.close()
         assert all((s.node.spool / path).is_file() for _series, path, *_ in paths)
         # send_results: the results of a re-queried study go to the PACS like live ones.
-        wait_for(
-            lambda: "SR" in _modalities_in_pacs(s.pacs, uid), timeout=60
-        )
+        wait_for(lambda: "SR" in _modalities_in_pacs(s.pacs, uid), timeout=60)
 
 
 def test_a_pacs_that_refuses_the_move_is_reported_per_study(

@@ -146,18 +146,21 @@ def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
     assert not any(isinstance(o, Exception) for o in outcomes), outcomes
     assert isinstance(lonely, JobOutcome) and lonely.state in ("needs_review", "not_applicable")
     results = [store.latest_result(uid)["result"] for uid in uids]  # type: ignore[index]
-    scored = [r for r in results if r["status"] == "scored"]
-    assert len(scored) == 3, [(r["status"], r["reason"]) for r in results]
+    assert [r["status"] for r in results] == ["scored"] * 3, [r["reason"] for r in results]
     # One forward pass: every study of the batch carries the same share of it.
-    assert len({r["timings_s"]["infer"] for r in scored}) == 1
-    # The batch gives each study the probability it gets alone.
-    for job, result in zip(jobs[:3], results, strict=True):
-        if result["status"] != "scored":
-            continue
-        (alone,) = run_jobs(store, cohort, settings, [job], models)
+    assert len({r["timings_s"]["infer"] for r in results}) == 1
+    # The batch gives each study the probability it gets alone (a new job of the same study).
+    for uid, result in zip(uids, results, strict=True):
+        store.reprocess(uid)
+        alone_job = store.claim_job()
+        assert alone_job is not None and alone_job.study_uid == uid
+        (alone,) = run_jobs(store, cohort, settings, [alone_job], models)
         assert isinstance(alone, JobOutcome)
-        again = store.latest_result(job.study_uid)["result"]  # type: ignore[index]
-        assert again["mvi_probability"] == pytest.approx(result["mvi_probability"], abs=1e-3)
+        again = store.latest_result(uid)  # type: ignore[index]
+        assert again is not None and again["job_id"] == alone_job.id
+        assert again["result"]["mvi_probability"] == pytest.approx(
+            result["mvi_probability"], abs=1e-3
+        )
     store.close()
 
 
@@ -179,6 +182,44 @@ def test_a_failure_before_the_model_fails_only_its_own_job(
     outcomes = run_jobs(store, cohort, settings, jobs, Models(settings, device="cpu"))  # type: ignore[arg-type]
     assert isinstance(outcomes[0], JobOutcome)
     assert isinstance(outcomes[1], Exception)
+    store.close()
+
+
+def test_a_job_rerun_after_a_crash_does_not_make_a_second_set(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    from node.dispatcher import list_outbox
+
+    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
+    extra = {
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "results": {"destinations": ["pacs"]},
+    }
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    uid = _ingest(store, cohort, cohort / "study_0001")
+    store.complete_study(uid)
+    job = store.claim_job()
+    assert job is not None
+    models = Models(settings, device="cpu")
+    (first,) = run_jobs(store, cohort, settings, [job], models)
+    assert isinstance(first, JobOutcome) and first.state == "done"
+    sent = sorted(row["sop_instance_uid"] for row in list_outbox(store, include_sent=True))
+    assert len(sent) == 3
+    # The node dies before the job is marked finished; on restart the job runs again.
+    assert store.requeue_interrupted() == 1
+    again = store.claim_job()
+    assert again is not None and again.id == job.id
+    (second,) = run_jobs(store, cohort, settings, [again], models)
+    assert isinstance(second, JobOutcome) and second.state == "done"
+    assert sorted(row["sop_instance_uid"] for row in list_outbox(store, include_sent=True)) == sent
+    with store.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from node.store import results
+
+        count = conn.execute(select(func.count()).select_from(results)).scalar()
+    assert count == 1
     store.close()
 
 
