@@ -139,6 +139,9 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
     # highdicom logs the UIDs of the datasets it copies from, past the scrubber.
     logging.getLogger("highdicom").setLevel(max(numeric, logging.WARNING))
+    # MONAI imports matplotlib when it is installed (the audit needs it); its font-cache notice
+    # is not the operator's business.
+    logging.getLogger("matplotlib").setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:

@@ -51,7 +51,7 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
     assert "validation Dice tumor" in result.stdout
     assert str(out) in result.stdout.replace("\n", "")
     # Nothing went to the demo cache: --out was given.
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "mvi-node").exists()
 
 
 @pytest.mark.parametrize(
