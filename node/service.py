@@ -88,13 +88,19 @@ def start_node(settings: Settings) -> Node:
 
         from node.requery import run_safety_net
 
-        scheduler.add_job(
+        safety = scheduler.add_job(
             run_safety_net,
             trigger=CronTrigger.from_crontab(settings.requery.schedule, timezone=dt.UTC),
             args=[settings],
             id="requery-safety-net",
             max_instances=1,
             coalesce=True,
+        )
+        log.info(
+            "re-query safety net scheduled",
+            schedule=settings.requery.schedule,
+            days=settings.requery.safety_net_days,
+            next_run=str(safety.next_run_time),
         )
     workers = WorkerPool(settings, store, settings.pipeline.workers)
     workers.start()

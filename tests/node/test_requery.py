@@ -446,3 +446,19 @@ def test_the_safety_net_retrieves_only_studies_the_node_never_received(
         # The safety net does not wait: the node scores the study on its own.
         wait_for(lambda: missed in s.results(), timeout=120)
         assert set(s.results()) == {seen, missed}
+
+
+def test_the_running_node_schedules_the_safety_net_from_its_cron(tmp_path: Path) -> None:
+    extra = {
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "requery": {"peer": "pacs", "schedule": "30 2 * * *", "safety_net_days": 5},
+    }
+    with running_node(tmp_path / "node", extra) as node:
+        line = wait_for(
+            lambda: next((x for x in node.log().splitlines() if "safety net scheduled" in x), None),
+            timeout=30,
+        )
+    assert "02:30:00+00:00" in line and '"days": 5' in line
+    with running_node(tmp_path / "off") as node:
+        wait_for(lambda: "node started" in node.log(), timeout=30)
+        assert "safety net scheduled" not in node.log()
