@@ -33,7 +33,16 @@ from sqlalchemy.pool import NullPool
 from node.logging import get_logger
 from node.receiver import ReceiverState
 from node.spool import free_megabytes
-from node.store import STUDY_STATES, Store, jobs, outbox, results, studies, utcnow
+from node.store import (
+    STUDY_STATES,
+    Store,
+    jobs,
+    outbox,
+    results,
+    retrospective,
+    studies,
+    utcnow,
+)
 
 log = get_logger("node.metrics")
 
@@ -133,6 +142,11 @@ class NodeCollector:
             oldest = conn.execute(
                 select(func.min(outbox.c.created_at)).where(outbox.c.delivered_at.is_(None))
             ).scalar()
+            requeried: dict[str, int] = dict(
+                conn.execute(
+                    select(retrospective.c.state, func.count()).group_by(retrospective.c.state)
+                ).all()
+            )
         gauge = GaugeMetricFamily("mvi_studies", "studies by state", labels=["state"])
         for state in STUDY_STATES:
             gauge.add_metric([state], by_state.get(state, 0))
@@ -155,6 +169,14 @@ class NodeCollector:
         yield delivered
         pending = sum(n for state, n in outbox_states.items() if state not in {"sent", "failed"})
         yield GaugeMetricFamily("mvi_outbox_depth", "result objects waiting", value=pending)
+        retro = GaugeMetricFamily(
+            "mvi_retrospective_studies",
+            "studies asked for by a re-query, by how far it got",
+            labels=["state"],
+        )
+        for state in ("requested", "moved", "move_failed", "done"):
+            retro.add_metric([state], requeried.get(state, 0))
+        yield retro
         age = (utcnow() - _aware(oldest)).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily(
             "mvi_outbox_oldest_age_seconds", "age of the oldest undelivered object", value=age

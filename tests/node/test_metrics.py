@@ -24,6 +24,14 @@ def get(url: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
+def healthy(url: str) -> bool:
+    """/healthz answers 200 (the metrics server starts just after the DICOM port listens)."""
+    try:
+        return get(url)[0] == 200
+    except urllib.error.URLError:
+        return False
+
+
 def metric(text: str, name: str) -> float:
     """The value of one sample line, e.g. ``mvi_instances_received_total``."""
     for line in text.splitlines():
@@ -43,7 +51,7 @@ def test_metrics_count_instances_rejections_and_health(
     port = free_port()
     with running_node(tmp_path, {"metrics": {"port": port}}) as node:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=30)
+        wait_for(lambda: healthy(base + "/healthz"), timeout=30)
         subprocess.run(
             storescu_command(node.port, study),
             env=dcmtk_env(),
@@ -54,6 +62,10 @@ def test_metrics_count_instances_rejections_and_health(
         echoscu = require_tool("echoscu", "dcmtk")
         run_tool(echoscu, "-aet", "STRANGER", "-aec", NODE_AET, "127.0.0.1", node.port, check=False)
         wait_for(lambda: 'mvi_studies{state="done"} 1.0' in get(base + "/metrics")[1], timeout=60)
+        store = node.store()
+        store.mark_retrospective("1.2.826.0.1.3680043.8.498.5", "20240101")
+        store.set_retrospective_state("1.2.826.0.1.3680043.8.498.5", "move_failed", "refused")
+        store.close()
         status, text = get(base + "/metrics")
         assert status == 200
         assert metric(text, "mvi_instances_received_total") == len(files)
@@ -67,6 +79,8 @@ def test_metrics_count_instances_rejections_and_health(
         jobs_histogram = "mvi_job_duration_seconds"
         assert f"{jobs_histogram}_count 1.0" in text, "one finished job in the histogram"
         assert metric(text, "mvi_outbox_depth") == 0
+        assert metric(text, 'mvi_retrospective_studies{state="move_failed"}') == 1
+        assert metric(text, 'mvi_retrospective_studies{state="moved"}') == 0
         stages = "mvi_stage_duration_seconds"
         assert metric(text, stages + '_count{stage="register"}') == 1
         assert metric(text, stages + '_count{stage="segment"}') == 1
