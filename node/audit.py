@@ -51,6 +51,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from node.export import COLUMNS as RESULTS_COLUMNS
+from node.export import IDENTIFIER_COLUMNS
 from node.pseudonym import PseudonymKeyMissing, keyed_hash, looks_hashed
 
 if TYPE_CHECKING:
@@ -67,24 +69,6 @@ __all__ = [
     "run_audit",
 ]
 
-#: Columns of ``mvi-node results export``, in order. The identifier columns may be keyed hashes
-#: or absent (``--identifiers none``).
-RESULTS_COLUMNS = (
-    "study_instance_uid",
-    "study_date",
-    "accession_number",
-    "patient_id",
-    "mvi_probability",
-    "combined_probability",
-    "risk_category",
-    "loat_max_area_cm2",
-    "tumor_max_diameter_mm",
-    "tumor_volume_ml",
-    "model_name",
-    "model_version",
-    "status",
-)
-IDENTIFIER_COLUMNS = ("study_instance_uid", "accession_number", "patient_id")
 #: Result statuses; only ``scored`` rows enter the statistics.
 STATUSES = ("scored", "no_tumor", "not_applicable", "needs_review", "failed")
 #: Non-identifier columns the audit reads (the others are exported but not needed here).

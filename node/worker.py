@@ -105,12 +105,22 @@ def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, mo
 
 def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: Any) -> JobOutcome:
     """A finished analysis: its files, the result row and the outbox items; the job's outcome."""
+
+    analysis.result["device"] = _device_record(models)
+    _record(store, settings, job, analysis)
+    return _outcome(analysis.result)
+
+
+def _record(store: Store, settings: Settings, job: Job, analysis: Any) -> None:
+    """Write a job's objects, then its result row and outbox rows in one transaction.
+
+    A crash leaves the result and its outbox rows both, or neither: a re-run of the job finds
+    the result and sends what was recorded, never a second set with new UIDs.
+    """
     from node.dispatcher import ResultObject, enqueue
     from node.pipeline import write_outputs
 
-    analysis.result["device"] = _device_record(models)
-    folder = results_folder(settings, job.study_uid, job.id)
-    written = write_outputs(analysis, folder)
+    written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
     objects = [
         ResultObject(
             path,
@@ -119,12 +129,10 @@ def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: A
         )
         for kind, path in written.items()
     ]
-    # One transaction: a crash leaves the result and its outbox rows both, or neither.
     with store.begin() as conn:
         store.record_result(job.id, job.study_uid, analysis.result, conn)
         if objects and settings.results.destinations and _sends_results(settings, job):
             enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
-    return _outcome(analysis.result)
 
 
 def _outcome(result: dict[str, Any]) -> JobOutcome:
@@ -232,9 +240,8 @@ def notify_failure(
     store: Store, spool_root: Path, settings: Settings, job: Job, reason: str
 ) -> None:
     """A job failed for good: send an SR and SC that say so, so nobody waits for results."""
-    from node.dispatcher import ResultObject, enqueue
     from node.pairing import pair_phases, series_info
-    from node.pipeline import Analysis, _result_skeleton, encode_objects, write_outputs
+    from node.pipeline import Analysis, _result_skeleton, encode_objects
 
     by_series: dict[str, list[Path]] = {}
     for series_uid, path, sop_class, _analysable, own_output in store.instance_paths(job.study_uid):
@@ -253,19 +260,7 @@ def notify_failure(
     analysis.objects = encode_objects(
         result, settings, None, sorted(by_series[source]), None, None, None, None
     )
-    written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
-    objects = [
-        ResultObject(
-            path,
-            str(analysis.objects[kind].SOPInstanceUID),
-            str(analysis.objects[kind].SeriesInstanceUID),
-        )
-        for kind, path in written.items()
-    ]
-    with store.begin() as conn:
-        store.record_result(job.id, job.study_uid, result, conn)
-        if settings.results.destinations and _sends_results(settings, job):
-            enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
+    _record(store, settings, job, analysis)
 
 
 def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
