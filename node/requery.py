@@ -479,21 +479,34 @@ def get_study(
 # -- the node side ------------------------------------------------------------------------------
 
 
-def current_model(settings: Settings) -> tuple[str, str] | None:
-    """(name, version) of the MVI model the node scores with; None when there is none."""
+def current_model(settings: Settings) -> tuple[str, str]:
+    """(name, version) of the MVI model the node scores with.
+
+    Raises
+    ------
+    RequeryError
+        Without a usable model: every retrieved study would fail, and no result could ever
+        count as current, so a re-run would retrieve everything again.
+    """
     import json
 
     from node.models import ModelUnavailable, fusion_dir
 
     try:
         directory = fusion_dir(settings)
-    except ModelUnavailable:
-        return None
-    try:
         card = json.loads((Path(directory) / "model_card.json").read_text())
-    except (OSError, ValueError):
-        return None
+    except ModelUnavailable as exc:
+        raise RequeryError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise RequeryError(f"the MVI model's card cannot be read: {exc}") from None
     return str(card.get("name")), str(card.get("version"))
+
+
+def _model_or_none(settings: Settings) -> tuple[str, str] | None:
+    try:
+        return current_model(settings)
+    except RequeryError:
+        return None
 
 
 def already_done(store: Store, study_uid: str, model: tuple[str, str] | None) -> str | None:
@@ -566,7 +579,7 @@ def run_requery(
     peer_name, peer = resolve_peer(settings, options.peer)
     if not options.dry_run:
         check_node_running(settings)
-    model = current_model(settings)
+    model = current_model(settings) if not options.dry_run else _model_or_none(settings)
     summary = RequerySummary(find_studies(settings, peer_name, peer, options))
     for candidate in summary.candidates:
         if candidate.outcome == "to_move":

@@ -277,6 +277,34 @@ def test_requery_needs_the_node_running(tmp_path: Path) -> None:
     assert "start `mvi-node serve`" in result.stderr
 
 
+def test_requery_needs_a_model_to_score_with(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as listener:  # stands in for the node's port
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        config = tmp_path / "node.toml"
+        config.write_text(
+            to_toml(
+                {
+                    "node": {
+                        "data_dir": str(tmp_path / "data"),
+                        "host": "127.0.0.1",
+                        "port": listener.getsockname()[1],
+                    },
+                    "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 2}},
+                    "requery": {"peer": "pacs"},
+                    "pipeline": {"model_dir": str(tmp_path / "no-model")},
+                }
+            )
+        )
+        result = mvi_node(
+            "requery", "--since", "2024-01-01", "--until", "2024-01-31", "--config", config
+        )
+    assert result.returncode == 2
+    assert "no MVI model" in result.stderr and "mvi-node train" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
