@@ -346,7 +346,13 @@ def find_studies(
                 candidate.outcome = "skipped"
                 candidate.reason = "study description does not match --description"
                 continue
-            for series in _find(assoc, series_query(uid), "series"):
+            try:
+                answers_of_study = _find(assoc, series_query(uid), "series")
+            except RequeryError as exc:
+                # One study the PACS cannot list is that study's problem, not the run's.
+                candidate.outcome, candidate.reason = "skipped", str(exc)
+                continue
+            for series in answers_of_study:
                 candidate.series.append(
                     {
                         "series_uid": _text(series, "SeriesInstanceUID"),
