@@ -239,7 +239,7 @@ def _persist(
         path=relative,
         size=size,
         sha256=digest,
-        calling_ae=str(event.assoc.requestor.ae_title).strip(),
+        calling_ae=_peer_ae_title(event),
         modality=str(header.get("Modality", "") or ""),
         series_number=_int_or_none(header.get("SeriesNumber")),
         series_description=str(header.get("SeriesDescription", "") or ""),
@@ -272,6 +272,17 @@ def _persist(
         state.count("instances_not_analysed")
     state.on_instance(study_uid, own)
     return SUCCESS
+
+
+def _peer_ae_title(event: evt.Event) -> str:
+    """The AE title of the peer that sent the instance.
+
+    The caller of a C-STORE association; on a C-GET the node itself called, and the instance
+    comes from the peer it called.
+    """
+    assoc: Any = event.assoc
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return str(peer.ae_title).strip()
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -241,6 +241,17 @@ def test_c_get_brings_the_study_into_the_same_store(
         finally:
             store.close()
         assert all((s.node.spool / path).is_file() for _series, path, *_ in paths)
+        store = s.node.store()
+        try:
+            with store.engine.connect() as conn:
+                from sqlalchemy import select
+
+                from node.store import instances
+
+                senders = set(conn.execute(select(instances.c.calling_ae).distinct()).scalars())
+        finally:
+            store.close()
+        assert senders == {s.pacs.aet}  # the PACS sent them, though the node opened the call
         # send_results: the results of a re-queried study go to the PACS like live ones.
         wait_for(lambda: "SR" in _modalities_in_pacs(s.pacs, uid), timeout=60)
 
