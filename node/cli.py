@@ -891,7 +891,7 @@ def requery(
     )
     store = Store(settings.database_url)
     finals = ("scored", "no_tumor", "needs_review", "not_applicable", "failed", "timed_out")
-    counts = {"found": 0, "moved": 0, "scored": 0, "skipped": 0, "failed": 0}
+    counts = {"found": 0, "moved": 0, "scored": 0, "review": 0, "skipped": 0, "failed": 0}
     seen: dict[str, str] = {}
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -915,7 +915,9 @@ def requery(
             counts["scored"] += 1
         elif candidate.outcome == "skipped":
             counts["skipped"] += 1
-        elif candidate.outcome in ("move_failed", "failed", "timed_out", "needs_review"):
+        elif candidate.outcome in ("needs_review", "not_applicable"):
+            counts["review"] += 1
+        elif candidate.outcome in ("move_failed", "failed", "timed_out"):
             counts["failed"] += 1
         done = sum(1 for o in seen.values() if o in (*finals, "skipped", "move_failed"))
         progress.update(

@@ -132,15 +132,20 @@ def analyse_study(
     )
     if isinstance(step, Analysis):
         return step
-    return score_prepared([step], settings, models)[0]
+    (scored,) = score_prepared([step], settings, models)
+    if isinstance(scored, Exception):
+        raise scored
+    return scored
 
 
 def score_prepared(
     prepared: Sequence[Prepared], settings: Settings, models: Models
-) -> list[Analysis]:
+) -> list[Analysis | Exception]:
     """Run the MVI model once over several prepared studies and finish each.
 
     One forward pass for the batch; each study's ``timings_s["infer"]`` is its share of it.
+    A study whose objects cannot be built gets its exception in its place: its batch-mates
+    are finished all the same. An error of the forward pass itself raises.
     """
     if not prepared:
         return []
@@ -153,7 +158,7 @@ def score_prepared(
         threshold=settings.pipeline.risk_threshold,
     )
     share = round((time.perf_counter() - started) / len(prepared), 3)
-    analyses = []
+    analyses: list[Analysis | Exception] = []
     for step, prediction in zip(prepared, predictions, strict=True):
         step.timer.timings["infer"] = share
         result = step.result
@@ -164,18 +169,21 @@ def score_prepared(
             else round(prediction.combined_probability, 4)
         )
         result["risk_category"] = prediction.risk_category
-        analyses.append(
-            step.finish(
-                result,
-                "scored",
-                None,
-                step.arterial_uid,
-                arterial=step.arterial,
-                masks=step.masks,
-                measured=step.measured,
-                threshold=prediction.threshold,
+        try:
+            analyses.append(
+                step.finish(
+                    result,
+                    "scored",
+                    None,
+                    step.arterial_uid,
+                    arterial=step.arterial,
+                    masks=step.masks,
+                    measured=step.measured,
+                    threshold=prediction.threshold,
+                )
             )
-        )
+        except Exception as exc:
+            analyses.append(exc)
     if len(prepared) > 1:
         log.info("inference batch", studies=len(prepared), seconds=share * len(prepared))
     return analyses

@@ -51,10 +51,12 @@ log = get_logger("node.requery")
 #: C-FIND / C-MOVE / C-GET statuses that mean "more to come".
 _PENDING = (0xFF00, 0xFF01)
 #: Studies whose newest result has one of these statuses are not retried: a model change does
-#: not change why they could not be scored (no phase pair, not a liver CT).
-_MODEL_INDEPENDENT = ("needs_review", "not_applicable")
+#: not change why they could not be analysed (not a liver CT, no axial volume).
+_MODEL_INDEPENDENT = ("not_applicable",)
 #: Seconds between looks at the store while waiting for results.
 _POLL_S = 0.5
+#: Seconds without any progress after which the run checks that the node still listens.
+_RECHECK_S = 60.0
 
 
 class RequeryError(RuntimeError):
@@ -210,7 +212,11 @@ def _association(
 
 def _find(assoc: Any, query: Dataset, what: str) -> list[Dataset]:
     answers: list[Dataset] = []
-    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+    try:
+        responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    except (RuntimeError, ValueError) as exc:  # association gone, context refused
+        raise RequeryError(f"C-FIND ({what}): {exc}") from None
+    for status, identifier in responses:
         if not status or "Status" not in status:
             raise RequeryError(f"C-FIND ({what}): no response from the PACS")
         code = int(status.Status)
@@ -350,7 +356,7 @@ def find_studies(
                 answers_of_study = _find(assoc, series_query(uid), "series")
             except RequeryError as exc:
                 # One study the PACS cannot list is that study's problem, not the run's.
-                candidate.outcome, candidate.reason = "skipped", str(exc)
+                candidate.outcome, candidate.reason = "failed", str(exc)
                 continue
             for series in answers_of_study:
                 candidate.series.append(
@@ -516,35 +522,65 @@ def _model_or_none(settings: Settings) -> tuple[str, str] | None:
 
 
 def already_done(store: Store, study_uid: str, model: tuple[str, str] | None) -> str | None:
-    """Why a study needs no new analysis (its newest result stands), or None."""
+    """Why a study needs no new analysis (its newest result stands), or None.
+
+    A study whose last retrieve did not finish (``requested``, ``move_failed``) is retried
+    whatever its result says: that result may come from a partial study.
+    """
+    requested = store.retrospective_row(study_uid)
+    if requested is not None and requested["state"] in ("requested", "move_failed"):
+        return None
     row = store.latest_result(study_uid)
     if row is None:
         return None
     status = str(row["status"])
     if status in _MODEL_INDEPENDENT:
         return f"already analysed: {status}"
-    if status in ("scored", "no_tumor") and model is not None:
+    if status in ("scored", "no_tumor", "needs_review") and model is not None:
         made_by = (row["result"].get("model") or {}) if isinstance(row["result"], dict) else {}
         if (str(made_by.get("name")), str(made_by.get("version"))) == model:
             return f"already {status} by {model[0]} {model[1]}"
     return None
 
 
-def _in_flight(store: Store, study_uid: str) -> bool:
+def _in_flight(store: Store, study_uid: str, settings: Settings) -> bool:
     job = store.newest_job(study_uid)
+    if job is not None and job["state"] not in JOB_FINAL_STATES:
+        return True
     study = store.study(study_uid)
-    receiving = study is not None and study["state"] == "receiving"
-    return receiving or (job is not None and job["state"] not in JOB_FINAL_STATES)
+    if study is None or study["state"] != "receiving":
+        return False
+    # Receiving, but nothing arrived for a while: a retrieve that broke off (its instances
+    # came by C-GET, which no quiet timer watches). Retrieve it again rather than wait.
+    last = study["last_received_at"]
+    if last is None:
+        return False
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=dt.UTC)
+    stale_after = max(3 * settings.completion.quiet_seconds, 60.0)
+    return (dt.datetime.now(dt.UTC) - last).total_seconds() < stale_after
 
 
-def queue_after_retrieve(store: Store, study_uid: str) -> int | None:
-    """After a retrieve: queue the study's job now (or a re-analysis when nothing changed)."""
+def queue_after_retrieve(
+    store: Store, study_uid: str, started: dt.datetime | None = None
+) -> int | None:
+    """After a retrieve: queue the study's job now (or a re-analysis when nothing changed).
+
+    ``started`` is when the retrieve began: a job created since then (the node's quiet timer
+    fired before the PACS's final answer came) is the retrieve's job, not a reason for another.
+    """
     job_id = store.complete_study(study_uid)
     if job_id is not None:
         return job_id
     newest = store.newest_job(study_uid)
     if newest is not None and newest["state"] not in JOB_FINAL_STATES:
         return int(newest["id"])
+    if newest is not None and started is not None:
+        created = newest["created_at"]
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=dt.UTC)
+        if created >= started and newest["state"] != "cancelled":
+            return int(newest["id"])
     if store.study(study_uid) is None or not store.has_analysable_instances(study_uid):
         return None
     # Every instance was already here (identical): nothing re-opened the study.
@@ -553,8 +589,13 @@ def queue_after_retrieve(store: Store, study_uid: str) -> int | None:
 
 def _settle(store: Store, candidate: StudyCandidate) -> bool:
     """Whether the candidate's analysis has finished; sets its outcome when it has."""
+    study = store.study(candidate.study_uid)
+    if study is None or study["state"] in ("receiving", "queued", "running"):
+        return False  # instances still arriving, or a newer job on its way
     job = store.newest_job(candidate.study_uid)
     if job is None or job["state"] not in JOB_FINAL_STATES or job["state"] == "superseded":
+        return False
+    if candidate.job_id is not None and int(job["id"]) < candidate.job_id:
         return False
     row = store.latest_result(candidate.study_uid)
     if job["state"] == "cancelled":
@@ -589,7 +630,7 @@ def run_requery(
     summary = RequerySummary(find_studies(settings, peer_name, peer, options))
     for candidate in summary.candidates:
         if candidate.outcome == "to_move":
-            _decide_against_store(store, candidate, model, options)
+            _decide_against_store(store, candidate, model, options, settings)
         listener(candidate)
     queue = [c for c in summary.candidates if c.outcome in ("to_move", "in_progress")]
     if options.limit is not None:
@@ -605,20 +646,31 @@ def run_requery(
     deadline: dict[str, float] = {
         c.study_uid: time.monotonic() + options.timeout_s for c in waiting
     }
+    last_change = time.monotonic()
     while pending or (options.wait and waiting):
         if pending and (not options.wait or len(waiting) < settings.requery.max_concurrent):
             candidate = pending.pop(0)
-            _retrieve(settings, peer_name, peer, store, candidate)
+            # Decided at the start of a run that may have lasted hours: look again.
+            _decide_against_store(store, candidate, model, options, settings)
+            if candidate.outcome == "to_move":
+                _retrieve(settings, peer_name, peer, store, candidate)
             listener(candidate)
-            if candidate.outcome == "moved":
+            if candidate.outcome in ("moved", "in_progress"):
                 waiting.append(candidate)
                 deadline[candidate.study_uid] = time.monotonic() + options.timeout_s
+            last_change = time.monotonic()
             continue
         time.sleep(_POLL_S)
+        if time.monotonic() - last_change > _RECHECK_S:
+            # Nothing settled for a while: the node may have stopped. Say so rather than
+            # wait out every timeout (a re-run continues where this one stopped).
+            check_node_running(settings)
+            last_change = time.monotonic()
         for candidate in list(waiting):
             if _settle(store, candidate):
                 waiting.remove(candidate)
                 listener(candidate)
+                last_change = time.monotonic()
             elif time.monotonic() > deadline[candidate.study_uid]:
                 waiting.remove(candidate)
                 candidate.outcome = "timed_out"
@@ -632,6 +684,7 @@ def _decide_against_store(
     candidate: StudyCandidate,
     model: tuple[str, str] | None,
     options: RequeryOptions,
+    settings: Settings,
 ) -> None:
     known = store.study(candidate.study_uid) is not None
     if options.only_unknown and known:
@@ -640,7 +693,7 @@ def _decide_against_store(
     done = already_done(store, candidate.study_uid, model)
     if done is not None:
         candidate.outcome, candidate.reason = "skipped", done
-    elif known and _in_flight(store, candidate.study_uid):
+    elif known and _in_flight(store, candidate.study_uid, settings):
         candidate.outcome, candidate.reason = "in_progress", "the node is analysing it"
 
 
@@ -651,22 +704,27 @@ def _retrieve(
     store: Store,
     candidate: StudyCandidate,
 ) -> None:
-    store.mark_retrospective(candidate.study_uid, candidate.study_date or None)
+    started = dt.datetime.now(dt.UTC)
+    problem: str | None
     try:
+        store.mark_retrospective(candidate.study_uid, candidate.study_date or None)
         if settings.requery.use_c_get:
             problem = get_study(settings, peer_name, peer, candidate.study_uid, store)
         else:
             problem = move_study(settings, peer_name, peer, candidate.study_uid)
     except RequeryError as exc:
         problem = str(exc)
+    except Exception as exc:  # one study's retrieve must not end the run
+        problem = f"retrieve failed: {type(exc).__name__}: {exc}"
     if problem is None:
-        candidate.job_id = queue_after_retrieve(store, candidate.study_uid)
+        candidate.job_id = queue_after_retrieve(store, candidate.study_uid, started)
         if candidate.job_id is None:
             problem = "the retrieve brought no CT instances"
     if problem is not None:
         candidate.outcome, candidate.reason = "move_failed", problem
         store.set_retrospective_state(candidate.study_uid, "move_failed", problem)
-        log.warning("re-query: retrieve failed", study_key=candidate.key, reason=problem)
+        # The reason stays out of the log: a PACS's error comment may name the patient.
+        log.warning("re-query: retrieve failed", study_key=candidate.key)
         return
     candidate.outcome, candidate.reason = "moved", None
     store.set_retrospective_state(candidate.study_uid, "moved")
@@ -679,7 +737,7 @@ def safety_net(settings: Settings, store: Store, today: dt.date | None = None) -
     Runs inside ``mvi-node serve`` (apscheduler, ``requery.schedule``); does not wait for the
     results, the node's own workers score them after the live studies.
     """
-    today = today or dt.datetime.now(dt.UTC).date()
+    today = today or dt.date.today()  # StudyDate is the site's local date
     options = RequeryOptions(
         since=today - dt.timedelta(days=settings.requery.safety_net_days),
         until=today,

@@ -405,8 +405,12 @@ class Store:
             return
         from node.logging import study_key
 
+        # Only a retrieve in progress: a study asked for long ago and received live now is live.
         requested = conn.execute(
-            select(retrospective.c.study_uid).where(retrospective.c.study_uid == record.study_uid)
+            select(retrospective.c.study_uid).where(
+                retrospective.c.study_uid == record.study_uid,
+                retrospective.c.state == "requested",
+            )
         ).first()
         conn.execute(
             insert(studies).values(
@@ -511,10 +515,12 @@ class Store:
 
     def has_analysable_instances(self, study_uid: str) -> bool:
         """True when the study holds CT, Enhanced CT or SEG instances not written by the node."""
+        # Instance rows, not series rows: retention deletes the instances of a study but keeps
+        # its series, and a study whose files are gone has nothing left to analyse.
         query = (
             select(func.count())
-            .select_from(series)
-            .where(series.c.study_uid == study_uid, series.c.analysable.is_(True))
+            .select_from(instances.join(series, series.c.series_uid == instances.c.series_uid))
+            .where(instances.c.study_uid == study_uid, series.c.analysable.is_(True))
         )
         with self.engine.connect() as conn:
             return bool(conn.execute(query).scalar())
@@ -543,6 +549,15 @@ class Store:
             if last is not None and last.tzinfo is None:
                 last = last.replace(tzinfo=dt.UTC)
             if only_if_quiet_since is not None and last is not None and last > only_if_quiet_since:
+                return None
+            # Compare-and-set: the quiet timer in `serve` and a re-query process may complete
+            # the same study at the same moment; only one of them queues its job.
+            taken = conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid, studies.c.state == "receiving")
+                .values(state="queued")
+            ).rowcount
+            if taken != 1:
                 return None
             job_id = _queue_job(conn, study_uid, row.priority, None, now)
             conn.execute(
@@ -578,16 +593,20 @@ class Store:
         with self.engine.begin() as conn:
             return _queue_job(conn, study_uid, priority, pairing, now)
 
-    def claim_job(self, worker_pid: int | None = None) -> Job | None:
-        """Take the most urgent queued job (lowest priority value, then oldest) for a worker."""
+    def claim_job(
+        self, worker_pid: int | None = None, *, priority: int | None = None
+    ) -> Job | None:
+        """Take the most urgent queued job (lowest priority value, then oldest) for a worker.
+
+        With ``priority``, only a job of that priority (batch-mates of a claimed job: a live
+        study never waits in a batch of retrospective ones, nor the other way round).
+        """
         for _ in range(5):
             with self.engine.begin() as conn:
-                row = conn.execute(
-                    select(jobs.c.id)
-                    .where(jobs.c.state == "queued")
-                    .order_by(jobs.c.priority, jobs.c.id)
-                    .limit(1)
-                ).first()
+                query = select(jobs.c.id).where(jobs.c.state == "queued")
+                if priority is not None:
+                    query = query.where(jobs.c.priority == priority)
+                row = conn.execute(query.order_by(jobs.c.priority, jobs.c.id).limit(1)).first()
                 if row is None:
                     return None
                 # Compare-and-set: another worker may have taken it between select and update.
@@ -765,6 +784,12 @@ class Store:
                         updated_at=now,
                     )
                 )
+            else:
+                conn.execute(
+                    update(retrospective)
+                    .where(retrospective.c.study_uid == study_uid)
+                    .values(state="requested", reason=None, requested_at=now, updated_at=now)
+                )
             conn.execute(
                 update(studies)
                 .where(studies.c.study_uid == study_uid)
@@ -774,13 +799,24 @@ class Store:
     def set_retrospective_state(
         self, study_uid: str, state: str, reason: str | None = None
     ) -> None:
-        """How far the re-query got with a study (requested, moved, move_failed, done, ...)."""
+        """How far the re-query got with a study (requested, moved, move_failed, done, ...).
+
+        Past ``requested`` the study is live again: its retrieved job keeps the retrospective
+        priority it was queued with, but instances that arrive later (a live send) are not
+        held back.
+        """
         with self.engine.begin() as conn:
             conn.execute(
                 update(retrospective)
                 .where(retrospective.c.study_uid == study_uid)
                 .values(state=state, reason=reason, updated_at=utcnow())
             )
+            if state != "requested":
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == study_uid)
+                    .values(priority=PRIORITY_LIVE)
+                )
 
     def retrospective_row(self, study_uid: str) -> dict[str, Any] | None:
         """The re-query's record of a study, or None."""

@@ -331,7 +331,10 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:
             continue
         # Studies already waiting join this one: their inference runs as one batch.
         jobs = [job]
-        while len(jobs) < size and (more := store.claim_job(worker_pid=pid)) is not None:
+        while (
+            len(jobs) < size
+            and (more := store.claim_job(worker_pid=pid, priority=job.priority)) is not None
+        ):
             jobs.append(more)
         started = time.perf_counter()
         for each in jobs:
@@ -346,6 +349,7 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:
         for each, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 models = _job_failed(store, spool_root, settings, each, outcome, models)
+                size = batch_size(settings, models)  # after CUDA ran out: the CPU's size
             else:
                 _job_done(store, each, outcome, started)
         del outcomes

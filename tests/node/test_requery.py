@@ -505,3 +505,89 @@ def test_the_running_node_schedules_the_safety_net_from_its_cron(tmp_path: Path)
     with running_node(tmp_path / "off") as node:
         wait_for(lambda: "node started" in node.log(), timeout=30)
         assert "safety net scheduled" not in node.log()
+
+
+# -- decisions against the store (no network) --------------------------------------------------
+
+
+def _record(store: Store, uid: str, n: int = 1) -> None:
+    from node.store import InstanceRecord
+
+    store.record_instance(
+        InstanceRecord(
+            study_uid=uid,
+            series_uid=f"{uid}.1",
+            sop_instance_uid=f"{uid}.1.{n}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=f"{uid}/{n}.dcm",
+            size=1,
+            sha256=f"{uid}-{n}",
+            calling_ae="PACS",
+            modality="CT",
+            series_number=1,
+            series_description="Liver arterial",
+            analysable=True,
+            own_output=False,
+            patient_id="P",
+            patient_name="",
+            accession_number="",
+            study_date="20240301",
+        )
+    )
+
+
+def test_a_retrieve_in_progress_runs_at_low_priority_and_live_sends_later_do_not(
+    tmp_path: Path,
+) -> None:
+    from node.store import PRIORITY_LIVE
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    store.mark_retrospective("1.2.3.1", "20240301")
+    _record(store, "1.2.3.1")
+    assert store.study("1.2.3.1")["priority"] == PRIORITY_RETROSPECTIVE  # type: ignore[index]
+    job_id = store.complete_study("1.2.3.1")
+    assert job_id is not None and store.newest_job("1.2.3.1")["priority"] == PRIORITY_RETROSPECTIVE  # type: ignore[index]
+    assert store.complete_study("1.2.3.1") is None  # completed once only
+    store.set_retrospective_state("1.2.3.1", "moved")
+    # The retrieve is over: a later live send of the study queues a live job (results sent).
+    _record(store, "1.2.3.1", 2)
+    assert store.complete_study("1.2.3.1") is not None
+    assert store.newest_job("1.2.3.1")["priority"] == PRIORITY_LIVE  # type: ignore[index]
+    # A study asked for once, whose retrieve failed, is live when it arrives live later.
+    store.mark_retrospective("1.2.3.2")
+    store.set_retrospective_state("1.2.3.2", "move_failed", "refused")
+    _record(store, "1.2.3.2")
+    assert store.study("1.2.3.2")["priority"] == PRIORITY_LIVE  # type: ignore[index]
+    store.close()
+
+
+def test_a_broken_off_retrieve_is_retried_not_skipped_or_waited_for(tmp_path: Path) -> None:
+    import datetime as _dt
+
+    from sqlalchemy import update
+
+    from node.requery import _in_flight, already_done
+    from node.store import studies
+
+    settings = Settings.model_validate({"completion": {"quiet_seconds": 1.0}})
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    store.mark_retrospective("1.2.3.9")
+    _record(store, "1.2.3.9")
+    assert _in_flight(store, "1.2.3.9", settings)  # instances arriving right now
+    with store.begin() as conn:
+        old = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
+        conn.execute(
+            update(studies).where(studies.c.study_uid == "1.2.3.9").values(last_received_at=old)
+        )
+    assert not _in_flight(store, "1.2.3.9", settings)  # nothing for 5 minutes: broken off
+    job = store.reprocess("1.2.3.9", priority=PRIORITY_RETROSPECTIVE)
+    store.record_result(job, "1.2.3.9", {"status": "needs_review", "model": None})
+    store.finish_job(job, "needs_review", reason="only one phase")
+    store.set_retrospective_state("1.2.3.9", "move_failed", "aborted")
+    model = ("mvi-fusion-resnet18", "1")
+    assert already_done(store, "1.2.3.9", model) is None  # the result may be of a partial study
+    store.set_retrospective_state("1.2.3.9", "done", "needs_review")
+    # A finished retrieve's needs_review stands for the model that made it, not for a new one.
+    assert already_done(store, "1.2.3.9", model) is None
+    store.close()

@@ -145,6 +145,19 @@ def test_live_studies_run_before_retrospective_ones(store: Store) -> None:
     assert first is not None and first.study_uid == "1.2.3"
 
 
+def test_batch_mates_are_claimed_at_the_first_jobs_priority(store: Store) -> None:
+    store.record_instance(record(study="9.9", series="9.9.1", sop="9.9.1.1"))
+    store.reprocess("9.9", priority=PRIORITY_RETROSPECTIVE)
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    first = store.claim_job()
+    assert first is not None and first.study_uid == "1.2.3"
+    # A live job's batch takes no retrospective job along; the next claim gets it.
+    assert store.claim_job(priority=first.priority) is None
+    later = store.claim_job()
+    assert later is not None and later.study_uid == "9.9"
+
+
 def test_jobs_left_running_by_a_crash_are_requeued(store: Store) -> None:
     store.record_instance(record())
     store.complete_study("1.2.3")
