@@ -86,15 +86,22 @@ def iter_results(
     ``since`` / ``until`` filter on StudyDate (inclusive); studies without a date are left out
     when either is given.
     """
-    newest = (
-        select(results.c.study_uid, func.max(results.c.id).label("result_id"))
-        .group_by(results.c.study_uid)
-        .subquery()
-    )
+    # The newest result is that of the newest job (a later request), not the last written:
+    # with several workers an older job can finish after a newer one.
+    ranked = select(
+        results.c.study_uid,
+        results.c.result,
+        func.row_number()
+        .over(
+            partition_by=results.c.study_uid,
+            order_by=(results.c.job_id.desc(), results.c.id.desc()),
+        )
+        .label("rank"),
+    ).subquery()
     query = (
-        select(studies, results.c.result)
-        .join(newest, newest.c.study_uid == studies.c.study_uid)
-        .join(results, results.c.id == newest.c.result_id)
+        select(studies, ranked.c.result)
+        .join(ranked, ranked.c.study_uid == studies.c.study_uid)
+        .where(ranked.c.rank == 1)
         .order_by(studies.c.study_date, studies.c.study_uid)
     )
     if since is not None:

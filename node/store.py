@@ -735,12 +735,15 @@ class Store:
         return dict(row._mapping) if row is not None else None
 
     def latest_result(self, study_uid: str) -> dict[str, Any] | None:
-        """The newest result row of a study (with ``job_id`` and ``result``), or None."""
+        """The result of the study's newest job (with ``job_id`` and ``result``), or None.
+
+        By job, not by row: with several workers an older job can finish after a newer one.
+        """
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(results)
                 .where(results.c.study_uid == study_uid)
-                .order_by(results.c.id.desc())
+                .order_by(results.c.job_id.desc(), results.c.id.desc())
                 .limit(1)
             ).first()
         return dict(row._mapping) if row is not None else None

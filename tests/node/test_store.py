@@ -229,3 +229,13 @@ def test_retention_selects_delivered_and_finished_studies(store: Store) -> None:
     assert chosen == {"1.1", "3.3"}
     assert store.delete_instances("1.1") == ["aa/1.1.1.1.dcm"]
     assert "1.1" not in store.studies_delivered_before(utcnow())
+
+
+def test_the_newest_result_is_the_newest_jobs_even_when_it_finished_first(store: Store) -> None:
+    store.record_instance(record())
+    older = store.reprocess("1.2.3")
+    newer = store.reprocess("1.2.3")
+    store.record_result(newer, "1.2.3", {"status": "scored"})
+    store.record_result(older, "1.2.3", {"status": "needs_review"})  # a slow worker, later
+    latest = store.latest_result("1.2.3")
+    assert latest is not None and latest["job_id"] == newer and latest["status"] == "scored"
