@@ -20,6 +20,7 @@ from node.requery import StudyCandidate, classify_series
 from node.settings import Settings, to_toml
 from node.store import PRIORITY_RETROSPECTIVE, Store
 from tests.node.test_cli import mvi_node
+from tests.node.test_store import record
 from tests.nodeproc import NODE_AET, NodeProcess, mvi_node_script, running_node, wait_for
 from tests.orthanc import Orthanc, orthanc_or_skip, running_orthanc
 
@@ -350,7 +351,6 @@ def test_bad_requery_arguments_get_one_line(
 
 def _store_with_results(tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
     """A store holding three studies with results, written through the store's own API."""
-    from node.store import InstanceRecord
 
     data = tmp_path / "data"
     config = tmp_path / "node.toml"
@@ -365,21 +365,11 @@ def _store_with_results(tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
     ):
         uid = f"1.2.826.0.1.3680043.8.498.{100 + i}"
         store.record_instance(
-            InstanceRecord(
-                study_uid=uid,
-                series_uid=uid + ".1",
-                sop_instance_uid=uid + ".1.1",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                path=f"{uid}/a.dcm",
-                size=1,
+            record(
+                study=uid,
+                series=uid + ".1",
+                sop=uid + ".1.1",
                 sha256=str(i),
-                calling_ae="PACS",
-                modality="CT",
-                series_number=1,
-                series_description="arterial",
-                analysable=True,
-                own_output=False,
                 patient_id=f"PAT{i}",
                 patient_name="DOE^JANE",
                 accession_number=f"ACC{i}",
@@ -511,29 +501,8 @@ def test_the_running_node_schedules_the_safety_net_from_its_cron(tmp_path: Path)
 
 
 def _record(store: Store, uid: str, n: int = 1) -> None:
-    from node.store import InstanceRecord
-
     store.record_instance(
-        InstanceRecord(
-            study_uid=uid,
-            series_uid=f"{uid}.1",
-            sop_instance_uid=f"{uid}.1.{n}",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            path=f"{uid}/{n}.dcm",
-            size=1,
-            sha256=f"{uid}-{n}",
-            calling_ae="PACS",
-            modality="CT",
-            series_number=1,
-            series_description="Liver arterial",
-            analysable=True,
-            own_output=False,
-            patient_id="P",
-            patient_name="",
-            accession_number="",
-            study_date="20240301",
-        )
+        record(study=uid, series=f"{uid}.1", sop=f"{uid}.1.{n}", sha256=f"{uid}-{n}")
     )
 
 
