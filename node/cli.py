@@ -149,13 +149,14 @@ def echo(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from node.requery import RequeryError, resolve_peer
+
     settings = _settings(config)
-    target = settings.peers.get(peer)
-    if target is None:
-        known = ", ".join(sorted(settings.peers)) or "none configured"
-        raise fail(f"no [peers.{peer}] in the configuration (peers: {known})")
-    if target.host is None or target.port is None:
-        raise fail(f"[peers.{peer}] needs host and port to be called")
+    try:
+        _, target = resolve_peer(settings, peer)
+    except RequeryError as exc:
+        raise fail(str(exc)) from None
+    assert target.host is not None and target.port is not None
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = settings.node.acse_timeout
     ae.network_timeout = settings.node.network_timeout

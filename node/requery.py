@@ -149,7 +149,10 @@ Listener = Callable[[StudyCandidate], None]
 
 
 def resolve_peer(settings: Settings, name: str | None) -> tuple[str, PeerSection]:
-    """The peer to query: ``name`` or ``requery.peer``; :class:`RequeryError` when unusable."""
+    """The peer to call: ``name`` or ``requery.peer``; :class:`RequeryError` when unusable.
+
+    Also what `mvi-node echo` checks, so both name a bad peer the same way.
+    """
     chosen = name or settings.requery.peer
     if not chosen:
         raise RequeryError("no peer to query: pass --peer NAME or set requery.peer")
@@ -158,7 +161,7 @@ def resolve_peer(settings: Settings, name: str | None) -> tuple[str, PeerSection
         known = ", ".join(sorted(settings.peers)) or "none configured"
         raise RequeryError(f"no [peers.{chosen}] in the configuration (peers: {known})")
     if peer.host is None or peer.port is None:
-        raise RequeryError(f"[peers.{chosen}] needs host and port to be queried")
+        raise RequeryError(f"[peers.{chosen}] needs host and port to be called")
     return chosen, peer
 
 
@@ -183,12 +186,16 @@ def _association(
     settings: Settings,
     peer_name: str,
     peer: PeerSection,
-    contexts: Sequence[str],
+    contexts: Sequence[str | tuple[str, Sequence[str]]],
     **kwargs: Any,
 ) -> Iterator[Any]:
+    """An association with ``peer`` proposing ``contexts``: SOP class UIDs, or (UID, syntaxes)."""
     ae = _ae(settings)
     for context in contexts:
-        ae.add_requested_context(context)
+        if isinstance(context, tuple):
+            ae.add_requested_context(context[0], list(context[1]))
+        else:
+            ae.add_requested_context(context)
     assert peer.host is not None and peer.port is not None
     assoc = ae.associate(
         peer.host,
@@ -456,35 +463,27 @@ def get_study(
         settings=settings, store=store, spool_root=settings.node.data_dir / "spool"
     )
     storage = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE)
-    ae = _ae(settings)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class in storage:
-        ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
     roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in storage]
-    assert peer.host is not None and peer.port is not None
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        tls_args=_tls_args(settings, peer),
-        ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, handle_store, [state])],
-    )
-    if not assoc.is_established:
-        return f"C-GET: association with {peer_name} ({peer.ae_title}) failed"
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
     last: Dataset | None = None
-    try:
+    with _association(
+        settings,
+        peer_name,
+        peer,
+        [
+            StudyRootQueryRetrieveInformationModelGet,
+            *((sop_class, TRANSFER_SYNTAXES) for sop_class in storage),
+        ],
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, handle_store, [state])],
+    ) as assoc:
         for status, _identifier in assoc.send_c_get(
             query, StudyRootQueryRetrieveInformationModelGet
         ):
             if status and "Status" in status:
                 last = status
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return _retrieve_problem(last, "C-GET", settings.node.ae_title)
 
 
