@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from node.settings import load_settings, to_toml
-from node.store import InstanceRecord, Store
+from node.core.settings import load_settings, to_toml
+from node.store.database import InstanceRecord, Store
 
 KEY = "bench-audit-key"
 
@@ -150,7 +150,7 @@ def main() -> None:
     report = json.loads((out / "report.json").read_text())
     cox = report["survival"]["cox"]
     covered = cox["ci_low"] <= args.hr <= cox["ci_high"]
-    from node.audit import headline
+    from node.report.audit import headline
 
     print(f"synthetic site: {args.studies} studies, true HR {args.hr}, seed {args.seed}")
     for label, value in headline(report):

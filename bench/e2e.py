@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.demo import MiniPacs, send_study
-from node.logging import configure_logging
-from node.models import demo_fusion_dir, demo_segmenter_dir
-from node.phantom_study import CohortOptions, write_cohort
-from node.service import start_node, stop_node
-from node.settings import Settings
+from node.analysis.models import demo_fusion_dir, demo_segmenter_dir
+from node.core.logging import configure_logging
+from node.core.settings import Settings
+from node.offline.demo import MiniPacs, send_study
+from node.offline.phantom_study import CohortOptions, write_cohort
+from node.serve.service import start_node, stop_node
 
 QUIET_S = 1.0
 

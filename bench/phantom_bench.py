@@ -23,8 +23,8 @@ LARGE_CHILD = """
 import resource, sys, time
 from pathlib import Path
 from model.phantom import PhantomSpec, make_study
-from node.logging import configure_logging
-from node.phantom_study import CohortOptions, write_cohort
+from node.core.logging import configure_logging
+from node.offline.phantom_study import CohortOptions, write_cohort
 configure_logging("warning")
 t0 = time.perf_counter()
 study = make_study(1, PhantomSpec(size=512, slices=200))

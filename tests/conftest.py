@@ -60,7 +60,7 @@ def cohort_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
 
     Call it with fields of :class:`node.phantom_study.CohortOptions`: ``cohort_factory(seg=True)``.
     """
-    from node.phantom_study import CohortOptions, write_cohort
+    from node.offline.phantom_study import CohortOptions, write_cohort
 
     cache: dict[tuple[tuple[str, object], ...], Path] = {}
 

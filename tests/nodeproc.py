@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.settings import Settings, load_settings, redacted_dict, to_toml
-from node.store import Store
+from node.core.settings import Settings, load_settings, redacted_dict, to_toml
+from node.store.database import Store
 from tests.orthanc import free_port
 
 NODE_AET = "MVI_NODE"
@@ -99,8 +99,8 @@ def tiny_models() -> dict[str, str]:
     from model.roi import RoiSpec
     from model.train import rois_from_phantom, train_fusion
     from model.train_seg import train_segmenter
-    from node.phantom_study import study_seed
-    from node.train_seg import phantom_samples
+    from node.offline.phantom_study import study_seed
+    from node.offline.train_seg import phantom_samples
 
     root = Path(tempfile.mkdtemp(prefix="mvi-test-models-"))
     samples, _ = phantom_samples(3, seed=1, size=64, slices=16, spacing_mm=4.0)

@@ -87,8 +87,8 @@ def test_the_dockerfile_has_the_essentials() -> None:
 def test_the_conformance_statement_matches_the_ae() -> None:
     from pynetdicom import AllStoragePresentationContexts
 
-    from node.receiver import TRANSFER_SYNTAXES, build_ae
-    from node.settings import Settings
+    from node.core.settings import Settings
+    from node.receive.receiver import TRANSFER_SYNTAXES, build_ae
 
     statement = (ROOT / "docs" / "conformance.md").read_text()
     for syntax in TRANSFER_SYNTAXES:

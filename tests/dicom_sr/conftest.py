@@ -27,7 +27,7 @@ from dicom_sr.sc import build_sc
 from dicom_sr.seg import build_seg
 from dicom_sr.sr import build_sr
 from model.measure import Measurements, measure
-from node.dicomio import load_series
+from node.analysis.dicomio import load_series
 from tests.conftest import require_tool, run_tool
 
 ARTERIAL_FOLDER = "SE0003"

@@ -31,9 +31,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from node.dispatcher import list_outbox
-from node.store import Store, jobs, results
-from tests.node.test_worker import alive, children, workers_of
+from node.deliver.outbox import list_outbox
+from node.store.database import Store, jobs, results
+from tests.node.jobs.test_worker import alive, children, workers_of
 from tests.nodeproc import NODE_AET, NodeProcess, running_node, start_node_process, wait_for
 from tests.orthanc import Orthanc, orthanc_or_skip, restart_orthanc, running_orthanc
 

@@ -1,0 +1,101 @@
+"""Which segmenter and MVI model a node uses, loaded once per worker process.
+
+``pipeline.segmenter_dir`` and ``pipeline.model_dir`` name site models; when empty, the demo
+models cached by ``mvi-node demo`` (``$XDG_CACHE_HOME/mvi-node/models``) are used. Without either,
+a job fails with one line that says how to get one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.core.settings import Settings
+
+
+class ModelUnavailable(RuntimeError):
+    """No usable model: the message says which setting to set or which command to run."""
+
+
+def demo_segmenter_dir() -> Path:
+    """Where `mvi-node train-seg --phantoms` (with the demo defaults) caches the segmenter."""
+    from model.checkpoint import demo_cache_dir
+    from node.offline.train_seg import DEMO_ITERATIONS, DEMO_PHANTOMS, TrainSegOptions, demo_key
+
+    options = TrainSegOptions(phantoms=DEMO_PHANTOMS)
+    return demo_cache_dir("segmenter", demo_key(options, DEMO_ITERATIONS))
+
+
+#: Training settings of the demo MVI model (part of its cache key).
+DEMO_FUSION = {"studies": 160, "seed": 0, "size": 128, "slices": 32, "roi_size": 64, "epochs": 12}
+
+
+def demo_fusion_dir() -> Path:
+    """Where the demo MVI model is cached (built by `mvi-node demo`)."""
+    from model.checkpoint import demo_cache_dir
+    from model.phantom import PHANTOM_VERSION
+
+    return demo_cache_dir("fusion", {"phantom_version": PHANTOM_VERSION, **DEMO_FUSION})
+
+
+def segmenter_dir(settings: Settings) -> Path:
+    """The segmenter checkpoint to use, or :class:`ModelUnavailable`."""
+    from model.checkpoint import is_checkpoint_dir
+
+    configured = settings.pipeline.segmenter_dir
+    path = configured if configured is not None else demo_segmenter_dir()
+    if not is_checkpoint_dir(path):
+        where = "pipeline.segmenter_dir" if configured is not None else "the demo cache"
+        raise ModelUnavailable(
+            f"no segmenter checkpoint at {path} ({where}): run `mvi-node demo` for the demo "
+            "models or `mvi-node train-seg` for a site model"
+        )
+    return path
+
+
+def fusion_dir(settings: Settings) -> Path:
+    """The MVI model checkpoint to use, or :class:`ModelUnavailable`."""
+    from model.checkpoint import is_checkpoint_dir
+
+    configured = settings.pipeline.model_dir
+    path = configured if configured is not None else demo_fusion_dir()
+    if not is_checkpoint_dir(path):
+        where = "pipeline.model_dir" if configured is not None else "the demo cache"
+        raise ModelUnavailable(
+            f"no MVI model at {path} ({where}): run `mvi-node demo` for the demo models or "
+            "`mvi-node train` for a site model"
+        )
+    return path
+
+
+@dataclass
+class Models:
+    """Lazily loaded models of one process (a worker keeps them between jobs)."""
+
+    settings: Settings
+    device: str = "auto"
+    _segmenter: Any = field(default=None, repr=False)
+    _fusion: Any = field(default=None, repr=False)
+
+    def segmenter(self) -> Any:
+        """The U-Net segmenter (:class:`model.segmentation.UNetSegmenter`)."""
+        if self._segmenter is None:
+            from model.segmentation import UNetSegmenter
+
+            self._segmenter = UNetSegmenter.from_checkpoint(
+                segmenter_dir(self.settings), device=self.device
+            )
+        return self._segmenter
+
+    def fusion(self) -> Any:
+        """The MVI model (:class:`model.inference.FusionModel`)."""
+        if self._fusion is None:
+            from model.inference import FusionModel
+
+            self._fusion = FusionModel.load(fusion_dir(self.settings), device=self.device)
+        return self._fusion
+
+    def on_cpu(self) -> Models:
+        """The same models on the CPU (the retry after a CUDA out-of-memory)."""
+        return Models(self.settings, device="cpu")

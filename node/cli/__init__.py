@@ -1,0 +1,1 @@
+"""The `mvi-node` command line."""

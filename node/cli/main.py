@@ -1,0 +1,1030 @@
+"""The ``mvi-node`` command line: each command a thin call into the modules that do the work.
+
+Exit codes: 0 success, 1 the work failed, 2 bad usage or bad configuration — always with one
+line that says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from node import __version__
+from node.core.logging import configure_logging, get_logger, study_key, uid_key
+from node.core.settings import (
+    ConfigError,
+    Settings,
+    config_path_from_env,
+    load_settings,
+    redacted_dict,
+    to_toml,
+)
+
+app = typer.Typer(
+    name="mvi-node",
+    help="DICOM AI node: scores contrast liver CT for microvascular invasion (MVI) of HCC.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+studies_app = typer.Typer(help="Studies the node has received.", no_args_is_help=True)
+app.add_typer(studies_app, name="studies")
+outbox_app = typer.Typer(help="Result objects waiting for delivery.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
+jobs_app = typer.Typer(help="Analysis jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+results_app = typer.Typer(help="The results table (for audits).", no_args_is_help=True)
+app.add_typer(results_app, name="results")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: $MVI_CONFIG)."),
+]
+
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+
+PHASE_ALIASES = {
+    "non_contrast": "non_contrast",
+    "nc": "non_contrast",
+    "arterial": "arterial",
+    "ap": "arterial",
+    "portal_venous": "portal_venous",
+    "portal-venous": "portal_venous",
+    "pv": "portal_venous",
+    "pvp": "portal_venous",
+    "delayed": "delayed",
+    "dp": "delayed",
+}
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise."""
+    err.print(f"mvi-node: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mvi-node {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """DICOM AI node beside the PACS: receives dual-phase liver CT, returns SEG, SR and SC."""
+    configure_logging("info")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="TOML file to check (default: $MVI_CONFIG, else the defaults)."),
+    ] = None,
+) -> None:
+    """Print the effective configuration (secrets redacted), or one line per bad key and exit 2."""
+    path = config_path_from_env(file)
+    settings = _settings(path)
+    source = str(path) if path is not None else "built-in defaults"
+    out.print(f"# effective configuration from {source} and MVI_* environment", markup=False)
+    out.print(to_toml(redacted_dict(settings)), markup=False, highlight=False, soft_wrap=True)
+
+
+def _settings(config: Path | None) -> Settings:
+    """Load the configuration or exit 2 with one line per problem; set up logging from it."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"{exc.source}: {problem}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.node.log_level)
+    return settings
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receive studies, pair their phases, run jobs (until SIGTERM)."""
+    from node.core.tls import TLSConfigError
+    from node.serve.service import serve as run
+
+    settings = _settings(config)
+    try:
+        run(settings)
+    except TLSConfigError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        # Typically the port: in use, or below 1024 without the capability.
+        raise fail(
+            f"cannot start on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}",
+            code=1,
+        ) from None
+
+
+@app.command()
+def echo(
+    peer: Annotated[str, typer.Argument(help="A [peers.NAME] of the configuration.")],
+    config: ConfigOption = None,
+) -> None:
+    """C-ECHO a configured peer from the node's AE title."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from node.requery.retrieve import RequeryError, resolve_peer
+
+    settings = _settings(config)
+    try:
+        _, target = resolve_peer(settings, peer)
+    except RequeryError as exc:
+        raise fail(str(exc)) from None
+    assert target.host is not None and target.port is not None
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = settings.node.acse_timeout
+    ae.network_timeout = settings.node.network_timeout
+    ae.add_requested_context(Verification)
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if target.tls:
+        from node.core.tls import TLSConfigError, client_context
+
+        try:
+            tls_args = (client_context(settings.security), target.host)
+        except TLSConfigError as exc:
+            raise fail(str(exc)) from None
+    started = time.perf_counter()
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        raise fail(
+            f"{peer} ({target.ae_title}@{target.host}:{target.port}): association "
+            f"{'rejected' if assoc.is_rejected else 'failed'}; does the peer know "
+            f"{settings.node.ae_title!r} from this host?",
+            code=1,
+        )
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code != 0:
+        raise fail(f"{peer}: C-ECHO answered {code if code is not None else 'nothing'}", code=1)
+    elapsed = (time.perf_counter() - started) * 1000
+    out.print(f"{peer} ({target.ae_title}@{target.host}:{target.port}): success, {elapsed:.0f} ms")
+
+
+@studies_app.command("list")
+def studies_list(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="Newest studies shown.")] = 50,
+    show_identifiers: Annotated[
+        bool,
+        typer.Option("--show-identifiers", help="Show patient ID, accession number and UID."),
+    ] = False,
+) -> None:
+    """Studies received, newest first: state, phases chosen, counts."""
+    from node.store.database import Store
+
+    settings = _settings(config)
+    store = Store(settings.database_url)
+    rows = store.list_studies(limit)
+    table = Table(title=f"studies in {settings.database_url.split('@')[-1]}")
+    columns = ["study key", "state", "instances", "arterial", "portal venous", "pairing", "reason"]
+    if show_identifiers:
+        columns += ["patient ID", "accession", "study UID"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        pairing = row["pairing"] or {}
+        cells = [
+            row["study_key"],
+            row["state"],
+            str(row["instance_count"]),
+            uid_key(pairing["arterial"]) if pairing.get("arterial") else "-",
+            uid_key(pairing["portal_venous"]) if pairing.get("portal_venous") else "-",
+            str(pairing.get("pairing") or pairing.get("method") or "-"),
+            row["reason"] or "",
+        ]
+        if show_identifiers:
+            cells += [row["patient_id"] or "", row["accession_number"] or "", row["study_uid"]]
+        table.add_row(*cells)
+    out.print(table)
+
+
+@studies_app.command("reprocess")
+def studies_reprocess(
+    study: Annotated[str, typer.Argument(help="Study key (as `studies list` shows) or UID.")],
+    arterial: Annotated[
+        str | None, typer.Option(help="Force this SeriesInstanceUID as the arterial phase.")
+    ] = None,
+    portal_venous: Annotated[
+        str | None,
+        typer.Option("--portal-venous", help="Force this SeriesInstanceUID as portal-venous."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Analyse a study again (optionally with the phases an operator chose)."""
+    from node.store.database import Store
+
+    settings = _settings(config)
+    if (arterial is None) != (portal_venous is None):
+        raise fail("give both --arterial and --portal-venous, or neither")
+    store = Store(settings.database_url)
+    study_uid = store.find_study(study)
+    if study_uid is None:
+        raise fail(f"no study {study!r} in the store (see `mvi-node studies list`)")
+    forced = (arterial, portal_venous) if arterial and portal_venous else None
+    job_id = store.reprocess(study_uid, forced)
+    out.print(f"job {job_id} queued for study {study_key(study_uid)}; `mvi-node serve` runs it")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="Newest jobs shown.")] = 50,
+) -> None:
+    """Jobs, newest first: state, attempts, reason."""
+    from node.store.database import Store
+
+    settings = _settings(config)
+    table = Table(title="jobs")
+    for column in ("id", "study key", "state", "attempts", "created", "reason"):
+        table.add_column(column)
+    for row in Store(settings.database_url).list_jobs(limit):
+        table.add_row(
+            str(row["id"]),
+            study_key(row["study_uid"]),
+            row["state"],
+            str(row["attempts"]),
+            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            (row["reason"] or "")[:80],
+        )
+    out.print(table)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[int, typer.Argument(help="Job id (see `jobs list`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a queued job (a running job finishes)."""
+    from node.store.database import Store
+
+    settings = _settings(config)
+    if not Store(settings.database_url).cancel_job(job_id):
+        raise fail(f"job {job_id} is not queued (only queued jobs can be cancelled)", code=1)
+    out.print(f"job {job_id} cancelled")
+
+
+@outbox_app.command("list")
+def outbox_list(
+    config: ConfigOption = None,
+    all_items: Annotated[bool, typer.Option("--all", help="Include delivered items.")] = False,
+) -> None:
+    """Result objects pending or failed (newest first), with the last status of each."""
+    from node.deliver.outbox import list_outbox
+    from node.store.database import Store
+
+    settings = _settings(config)
+    rows = list_outbox(Store(settings.database_url), include_sent=all_items)
+    table = Table(title="outbox")
+    for column in ("id", "study key", "destination", "state", "tries", "next try", "last status"):
+        table.add_column(column)
+    for row in rows:
+        next_try = (
+            row["next_attempt_at"].strftime("%Y-%m-%d %H:%M:%S") if row["next_attempt_at"] else "-"
+        )
+        table.add_row(
+            str(row["id"]),
+            study_key(row["study_uid"]),
+            row["destination"],
+            row["state"],
+            str(row["attempts"]),
+            next_try,
+            row["last_status"] or "",
+        )
+    out.print(table)
+    if not rows:
+        out.print("nothing waiting")
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Item ids (default: every failed item).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Put failed result objects back in the queue (the running node sends them)."""
+    from node.deliver.outbox import retry_failed
+    from node.store.database import Store
+
+    settings = _settings(config)
+    count = retry_failed(Store(settings.database_url), ids or ())
+    out.print(f"{count} item(s) queued again")
+
+
+@app.command()
+def analyze(
+    folder: Annotated[Path, typer.Argument(help="Folder of one study's DICOM files.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where result.json and the objects go.")],
+    config: ConfigOption = None,
+) -> None:
+    """Analyse one study from a folder, offline: result.json, seg.dcm, sr.dcm, sc.dcm."""
+    from node.analysis.dicomio import scan_folder
+    from node.analysis.models import Models, ModelUnavailable
+    from node.analysis.pipeline import analyse_study, write_outputs
+
+    settings = _settings(config)
+    if not folder.is_dir():
+        raise fail(f"{folder}: not a folder")
+    studies = scan_folder(folder)
+    if not studies:
+        raise fail(f"{folder}: no DICOM files found")
+    if len(studies) > 1:
+        keys = ", ".join(study_key(uid) for uid in studies)
+        raise fail(f"{folder} holds {len(studies)} studies ({keys}); give one study's folder")
+    ((study_uid, series),) = studies.items()
+    models = Models(settings, device=settings.pipeline.device)
+    try:
+        analysis = analyse_study(study_uid, series, settings, models)
+    except ModelUnavailable as exc:
+        raise fail(str(exc)) from None
+    written = write_outputs(analysis, out_dir)
+    result = analysis.result
+    table = Table(title=f"study {study_key(study_uid)}: {result['status']}")
+    table.add_column("item")
+    table.add_column("value")
+    rows = [
+        ("status", result["status"] + (f" ({result['reason']})" if result["reason"] else "")),
+        ("MVI probability", _percent(result["mvi_probability"])),
+        ("combined probability", _percent(result["combined_probability"])),
+        ("risk", str(result["risk_category"] or "-")),
+        ("max tumor diameter", _value(result.get("tumor"), "max_diameter_mm", "mm")),
+        ("LOAT max area", _value(result.get("loat"), "max_area_cm2", "cm²")),
+        ("segmentation", str((result.get("segmentation") or {}).get("source", "-"))),
+        ("timings", ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items())),
+        ("files", ", ".join(str(p) for p in [*written.values(), out_dir / "result.json"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def _value(section: dict[str, Any] | None, key: str, unit: str) -> str:
+    if not section or section.get(key) is None:
+        return "-"
+    return f"{section[key]:.1f} {unit}"
+
+
+def _parse_dates(value: str | None) -> tuple[dt.date, dt.date] | None:
+    if value is None:
+        return None
+    try:
+        start_text, end_text = value.split(":")
+        start, end = dt.date.fromisoformat(start_text), dt.date.fromisoformat(end_text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r}: expected FROM:TO as YYYY-MM-DD:YYYY-MM-DD", param_hint="--dates"
+        ) from None
+    if end < start:
+        raise typer.BadParameter(f"{value!r}: TO is before FROM", param_hint="--dates")
+    return start, end
+
+
+def _parse_phases(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    phases: list[str] = []
+    for name in (part.strip().lower() for part in value.split(",") if part.strip()):
+        if name not in PHASE_ALIASES:
+            raise typer.BadParameter(
+                f"unknown phase {name!r}; use non_contrast, arterial, portal_venous, delayed",
+                param_hint="--phases",
+            )
+        if PHASE_ALIASES[name] not in phases:
+            phases.append(PHASE_ALIASES[name])
+    if not phases:
+        raise typer.BadParameter("name at least one phase", param_hint="--phases")
+    from model.phantom import PHASE_NAMES
+
+    return tuple(p for p in PHASE_NAMES if p in phases)
+
+
+PHASE_ABBREVIATIONS = {
+    "localizer": "LOC",
+    "non_contrast": "NC",
+    "arterial": "AP",
+    "portal_venous": "PVP",
+    "delayed": "DP",
+}
+
+#: What a previous run of `mvi-node phantom` leaves in its output folder (``--force`` removes it).
+_PHANTOM_OUTPUTS = ("study_*", "masks", "labels.csv", "truth.csv")
+
+
+def _prepare_output(folder: Path, force: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise fail(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not force:
+            raise fail(f"{folder} is not empty; choose an empty folder or pass --force to replace")
+        for pattern in _PHANTOM_OUTPUTS:
+            for path in folder.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+
+@app.command()
+def phantom(
+    output: Annotated[Path, typer.Argument(help="Output folder (empty or new).")],
+    studies: Annotated[int, typer.Option(min=1, max=10000, help="Number of studies.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Cohort seed; same seed, same cohort.")] = 0,
+    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 256,
+    slices: Annotated[int, typer.Option(min=8, max=1000, help="Slices per series.")] = 64,
+    masks: Annotated[
+        bool, typer.Option("--masks", help="Truth masks as NRRD under OUTPUT/masks/.")
+    ] = False,
+    seg: Annotated[
+        bool, typer.Option("--seg", help="A manual DICOM SEG of the truth in each study.")
+    ] = False,
+    no_tumor: Annotated[bool, typer.Option("--no-tumor", help="Livers without a tumor.")] = False,
+    phases: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset: non_contrast, arterial, portal_venous, delayed."
+        ),
+    ] = None,
+    no_descriptions: Annotated[
+        bool,
+        typer.Option("--no-descriptions", help="Empty SeriesDescription and ProtocolName."),
+    ] = False,
+    dates: Annotated[
+        str | None, typer.Option(help="Spread study dates over FROM:TO (YYYY-MM-DD:YYYY-MM-DD).")
+    ] = None,
+    non_liver: Annotated[
+        bool, typer.Option("--non-liver", help="CT of another region, no contrast phases.")
+    ] = False,
+    enhanced: Annotated[
+        bool, typer.Option("--enhanced", help="Enhanced CT multi-frame series.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a previous phantom cohort in OUTPUT.")
+    ] = False,
+) -> None:
+    """Write a synthetic cohort of multi-phase liver CT studies with labels.csv and truth.csv."""
+    from node.offline.phantom_study import CohortOptions, write_cohort
+
+    log = get_logger("phantom")
+    options = CohortOptions(
+        studies=studies,
+        seed=seed,
+        size=size,
+        slices=slices,
+        masks=masks,
+        seg=seg,
+        tumor=not no_tumor,
+        phases=_parse_phases(phases),
+        descriptions=not no_descriptions,
+        dates=_parse_dates(dates),
+        non_liver=non_liver,
+        enhanced=enhanced,
+    )
+    _prepare_output(output, force)
+    started = time.perf_counter()
+    table = Table(title=f"phantom cohort in {output}")
+    for column in ("study", "mvi", "max diam mm", "tumor ml", "LOAT cm²", "LOAT ml", "phases"):
+        table.add_column(column)
+    with Progress(
+        TextColumn("[bold]phantom"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("studies", total=studies)
+
+        def on_study(written: object) -> None:
+            from node.offline.phantom_study import WrittenStudy
+
+            assert isinstance(written, WrittenStudy)
+            truth = written.phantom.truth
+            log.info(
+                "study written",
+                study_key=study_key(written.study_instance_uid),
+                folder=written.folder.name,
+                series=len(written.files),
+            )
+            table.add_row(
+                written.folder.name,
+                "-" if truth.mvi is None else str(truth.mvi),
+                f"{truth.max_diameter_mm:.1f}",
+                f"{truth.tumor_volume_ml:.1f}",
+                f"{truth.loat_max_area_cm2:.2f}",
+                f"{truth.loat_volume_ml:.1f}",
+                " ".join(PHASE_ABBREVIATIONS.get(p, p) for p in written.files),
+            )
+            progress.advance(task)
+
+        write_cohort(output, options, on_study=on_study)
+    elapsed = time.perf_counter() - started
+    size_mb = sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) / 1e6
+    out.print(table)
+    out.print(f"{studies} studies, {size_mb:.1f} MB, {elapsed:.1f} s → {output}", markup=False)
+    log.info("cohort written", studies=studies, seconds=round(elapsed, 2), megabytes=size_mb)
+
+
+INSPECT_COLUMNS = ("series key", "description", "images", "size", "spacing mm", "HU min/mean/max")
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+) -> None:
+    """Load every series of a folder of DICOM files and print its geometry and HU range."""
+    from node.analysis.dicomio import DicomIOError, load_series, scan_folder
+
+    if not folder.is_dir():
+        raise fail(f"{folder}: not a folder")
+    studies = scan_folder(folder)
+    if not studies:
+        raise fail(f"{folder}: no DICOM files found", code=1)
+    for study_uid, series_map in studies.items():
+        table = Table(title=f"study {study_key(study_uid)}")
+        for column in INSPECT_COLUMNS:
+            table.add_column(column)
+        for series in sorted(series_map.values(), key=lambda s: s.series_description):
+            row = [uid_key(series.series_instance_uid), series.series_description or "(none)"]
+            if series.modality != "CT":
+                table.add_row(*row, str(len(series.paths)), series.modality, "", "")
+                continue
+            try:
+                import SimpleITK as sitk
+
+                image = load_series(series.paths)
+                array = sitk.GetArrayViewFromImage(image)
+                spacing = "×".join(f"{s:.2f}" for s in image.GetSpacing())
+                size_text = "×".join(str(s) for s in image.GetSize())
+                hu = f"{array.min():.0f} / {array.mean():.0f} / {array.max():.0f}"
+                table.add_row(*row, str(len(series.paths)), size_text, spacing, hu)
+            except DicomIOError as exc:
+                table.add_row(*row, str(len(series.paths)), "error", str(exc), "")
+        out.print(table)
+
+
+@app.command("train-seg")
+def train_seg(
+    studies: Annotated[
+        Path | None,
+        typer.Option(
+            "--studies",
+            help="Folder of DICOM studies with truth masks in DIR/masks/<study>/*.nrrd.",
+        ),
+    ] = None,
+    phantoms: Annotated[
+        int | None,
+        typer.Option(min=1, max=10000, help="Train on N phantom studies rendered in memory."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Checkpoint folder (default with --phantoms: the demo model cache)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds phantoms, sampling and weights.")] = 0,
+    iterations: Annotated[
+        int | None,
+        typer.Option(min=1, help="Optimiser steps (default 1000 with --phantoms, else 4000)."),
+    ] = None,
+    spacing: Annotated[float, typer.Option(help="Isotropic working spacing in mm.")] = 2.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    validation_fraction: Annotated[
+        float, typer.Option(help="Share of studies held out for validation.")
+    ] = 0.2,
+    size: Annotated[
+        int, typer.Option(min=32, max=1024, help="Phantom rows and columns (--phantoms).")
+    ] = 256,
+    slices: Annotated[int, typer.Option(min=8, max=1000, help="Phantom slices (--phantoms).")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="Replace a checkpoint in --out.")] = False,
+) -> None:
+    """Train the liver / tumor / LOAT segmenter and write a checkpoint (weights + model card)."""
+    from node.offline.train_seg import TrainSegFailed, TrainSegOptions, TrainSegUsageError, run
+
+    options = TrainSegOptions(
+        studies=studies,
+        phantoms=phantoms,
+        out=out_dir,
+        seed=seed,
+        iterations=iterations,
+        spacing_mm=spacing,
+        device=device,
+        validation_fraction=validation_fraction,
+        force=force,
+        size=size,
+        slices=slices,
+    )
+    try:
+        run(options, out=out, err=err)
+    except TrainSegUsageError as exc:
+        raise fail(str(exc)) from None
+    except TrainSegFailed as exc:
+        raise fail(str(exc), code=1) from None
+
+
+@app.command()
+def train(
+    studies: Annotated[Path, typer.Option("--studies", help="Folder of DICOM studies.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV: study_instance_uid,mvi.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
+    arch: Annotated[str, typer.Option(help="fusion or tumor-only.")] = "fusion",
+    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-validation folds.")] = 5,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs per fold.")] = 30,
+    roi_size: Annotated[int, typer.Option(min=16, max=512, help="ROI rows/columns.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train the MVI model on labelled studies; writes weights.safetensors + model_card.json."""
+    from model.roi import RoiSpec
+    from model.train import train_fusion
+    from node.analysis.models import Models, ModelUnavailable
+    from node.offline.train_fusion import FusionUsageError, read_labels, study_rois
+
+    settings = _settings(config)
+    if arch not in ("fusion", "tumor-only"):
+        raise fail(f"--arch {arch!r}: use fusion or tumor-only")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise fail(f"--out {out_dir} is not empty; choose an empty folder")
+    if not studies.is_dir():
+        raise fail(f"--studies {studies}: not a folder")
+    try:
+        label_map = read_labels(labels)
+    except FusionUsageError as exc:
+        raise fail(str(exc)) from None
+    spec = RoiSpec(size=roi_size)
+    models = Models(settings, device=device)
+    try:
+        samples, skipped = study_rois(
+            studies, label_map, settings, models, spec, settings.node.data_dir / "roi-cache"
+        )
+    except ModelUnavailable as exc:
+        raise fail(str(exc)) from None
+    for skip in skipped:
+        err.print(f"skipped {skip.key}: {skip.reason}", markup=False, highlight=False)
+    positives = sum(s.label for s in samples)
+    if positives < folds or len(samples) - positives < folds:
+        raise fail(
+            f"{len(samples)} usable studies ({positives} with MVI): each class needs at least "
+            f"{folds} studies for {folds}-fold cross-validation"
+        )
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task("training", total=None, status="")
+
+        def on_epoch(
+            stage: str, epoch: int, total: int, loss: float, val_auc: float | None
+        ) -> None:
+            auc_text = "" if val_auc is None else f", validation AUC {val_auc:.3f}"
+            progress.update(
+                task,
+                description=f"training {stage}",
+                completed=epoch,
+                total=total,
+                status=f"loss {loss:.3f}{auc_text}",
+            )
+
+        card = train_fusion(
+            samples,
+            out_dir,
+            roi_spec=spec,
+            arch=arch,
+            folds=folds,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            demo=False,
+            progress=on_epoch,
+        )
+    metrics = card["oof_metrics"]
+    out.print(
+        f"{arch}: {len(samples)} studies, out-of-fold AUC {metrics['auc']:.3f} "
+        f"(95 % CI {metrics['ci95'][0]:.3f}–{metrics['ci95'][1]:.3f}), threshold "
+        f"{card['threshold']:.3f} → {out_dir}"
+    )
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Option("--model", help="Model folder.")],
+    studies: Annotated[Path, typer.Option("--studies", help="Folder of DICOM studies.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV: study_instance_uid,mvi.")],
+    report: Annotated[Path, typer.Option("--out", help="report.json to write (ROC PNG beside).")],
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="A second model: paired DeLong test.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """AUC with DeLong CI, sensitivity/specificity at the card's threshold, Brier, ROC PNG."""
+    import json as json_module
+
+    from model.checkpoint import CheckpointError
+    from model.inference import FusionModel
+    from model.stats import delong_test
+    from node.analysis.models import Models, ModelUnavailable
+    from node.offline.train_fusion import FusionUsageError, read_labels, roc_png, study_rois
+    from node.offline.train_fusion import evaluate as score
+
+    settings = _settings(config)
+    try:
+        label_map = read_labels(labels)
+        first = FusionModel.load(model_dir)
+        second = FusionModel.load(compare) if compare is not None else None
+    except (FusionUsageError, CheckpointError) as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    models = Models(settings)
+    cache = settings.node.data_dir / "roi-cache"
+    try:
+        samples, skipped = study_rois(studies, label_map, settings, models, first.spec, cache)
+    except ModelUnavailable as exc:
+        raise fail(str(exc)) from None
+    if len({s.label for s in samples}) < 2:
+        raise fail(f"{len(samples)} usable studies: both classes are needed for an AUC")
+    results = {str(model_dir): score(first, samples)}
+    curves = {
+        first.card.get("name", "model"): (
+            results[str(model_dir)]["labels"],
+            results[str(model_dir)]["probabilities"],
+        )
+    }
+    body: dict[str, Any] = {"skipped": [{"study_key": s.key, "reason": s.reason} for s in skipped]}
+    if second is not None and compare is not None:
+        other = score(second, samples)
+        results[str(compare)] = other
+        curves[f"{second.card.get('name', 'other')} (compare)"] = (
+            other["labels"],
+            other["probabilities"],
+        )
+        auc1, auc2, z, p_value = delong_test(
+            results[str(model_dir)]["labels"],
+            results[str(model_dir)]["probabilities"],
+            other["probabilities"],
+        )
+        body["delong"] = {"auc": [auc1, auc2], "z": z, "p": p_value}
+    body["models"] = {
+        name: {k: v for k, v in r.items() if k not in ("probabilities", "labels")}
+        for name, r in results.items()
+    }
+    report.parent.mkdir(parents=True, exist_ok=True)
+    png = report.with_suffix(".roc.png")
+    roc_png(png, curves)
+    body["roc_png"] = png.name
+    report.write_text(json_module.dumps(body, indent=2))
+    summary = body["models"][str(model_dir)]
+    out.print(
+        f"AUC {summary['auc']:.3f} (95 % CI {summary['auc_ci95'][0]:.3f}–"
+        f"{summary['auc_ci95'][1]:.3f}) on {summary['studies']} studies → {report}"
+    )
+
+
+@app.command("convert-weights")
+def convert_weights_command(
+    source: Annotated[Path, typer.Argument(help="torchvision ResNet18 weights (.pth).")],
+    target: Annotated[Path, typer.Argument(help="The safetensors file to write.")],
+) -> None:
+    """Turn pretrained torchvision weights into safetensors, the only format the node loads.
+
+    The .pth is read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+    """
+    from model.fusion import convert_weights
+
+    if not source.is_file():
+        raise fail(f"{source}: no such file")
+    if target.exists():
+        raise fail(f"{target} exists; choose another name")
+    try:
+        count = convert_weights(source, target)
+    except ValueError as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    out.print(f"{count} tensors → {target}")
+
+
+def _date_option(value: str | None, name: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{name} {value!r}: expected a date as YYYY-MM-DD") from None
+
+
+@app.command()
+def requery(
+    since: Annotated[str, typer.Option(help="First StudyDate, YYYY-MM-DD.")],
+    until: Annotated[str, typer.Option(help="Last StudyDate, YYYY-MM-DD (inclusive).")],
+    peer: Annotated[
+        str | None, typer.Option(help="[peers.NAME] to query (default: requery.peer).")
+    ] = None,
+    modality: Annotated[str, typer.Option(help="ModalitiesInStudy to match.")] = "CT",
+    description: Annotated[
+        str | None, typer.Option(help="Regular expression searched in StudyDescription.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Move at most N studies.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be moved; move nothing.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for one study's result.")
+    ] = 3600.0,
+    config: ConfigOption = None,
+) -> None:
+    """Retrieve past studies from the PACS and score them (resumable; skips scored studies)."""
+    import re
+
+    from node.requery.retrieve import RequeryError, RequeryOptions, StudyCandidate, run_requery
+    from node.store.database import Store
+
+    settings = _settings(config)
+    first, last = _date_option(since, "--since"), _date_option(until, "--until")
+    assert first is not None and last is not None
+    if last < first:
+        raise fail(f"--until {until} is before --since {since}")
+    if description is not None:
+        try:
+            re.compile(description)
+        except re.error as exc:
+            raise fail(f"--description {description!r} does not compile: {exc}") from None
+    options = RequeryOptions(
+        since=first,
+        until=last,
+        peer=peer,
+        modality=modality or None,
+        description=description,
+        limit=limit,
+        dry_run=dry_run,
+        timeout_s=timeout,
+    )
+    store = Store(settings.database_url)
+    finals = ("scored", "no_tumor", "needs_review", "not_applicable", "failed", "timed_out")
+    counts = {"found": 0, "moved": 0, "scored": 0, "review": 0, "skipped": 0, "failed": 0}
+    seen: dict[str, str] = {}
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    task = progress.add_task("re-query", total=None, counts="")
+
+    def on_change(candidate: StudyCandidate) -> None:
+        before = seen.get(candidate.study_uid)
+        seen[candidate.study_uid] = candidate.outcome
+        if before is None:
+            counts["found"] += 1
+        if candidate.outcome == "moved":
+            counts["moved"] += 1
+        elif candidate.outcome in ("scored", "no_tumor"):
+            counts["scored"] += 1
+        elif candidate.outcome == "skipped":
+            counts["skipped"] += 1
+        elif candidate.outcome in ("needs_review", "not_applicable"):
+            counts["review"] += 1
+        elif candidate.outcome in ("move_failed", "failed", "timed_out"):
+            counts["failed"] += 1
+        done = sum(1 for o in seen.values() if o in (*finals, "skipped", "move_failed"))
+        progress.update(
+            task,
+            total=len(seen),
+            completed=done,
+            counts=" · ".join(f"{k} {v}" for k, v in counts.items()),
+        )
+
+    try:
+        with progress:
+            summary = run_requery(settings, options, store, on_change)
+    except RequeryError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        store.close()
+    table = Table(title="re-query" + (" (dry run: nothing moved)" if dry_run else ""))
+    for column in ("study key", "date", "description", "arterial", "portal venous", "outcome"):
+        table.add_column(column)
+    table.add_column("reason", overflow="fold")
+    for c in summary.candidates:
+        table.add_row(
+            c.key,
+            c.study_date,
+            c.description,
+            str(len(c.arterial)),
+            str(len(c.portal_venous)),
+            "to move" if c.outcome == "to_move" else c.outcome,
+            c.reason or "",
+        )
+    out.print(table)
+    totals = summary.counts()
+    out.print(
+        f"found {len(summary.candidates)}: "
+        + ", ".join(f"{name} {count}" for name, count in sorted(totals.items()))
+    )
+    failed = summary.count("move_failed", "failed", "timed_out")
+    raise typer.Exit(1 if failed else 0)
+
+
+@results_app.command("export")
+def results_export(
+    out_file: Annotated[Path, typer.Option("--out", help="CSV file to write.")],
+    since: Annotated[str | None, typer.Option(help="First StudyDate, YYYY-MM-DD.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last StudyDate, YYYY-MM-DD.")] = None,
+    identifiers: Annotated[
+        str,
+        typer.Option(
+            help="Identifier columns: hashed (keyed with security.pseudonym_key), plain, none."
+        ),
+    ] = "hashed",
+    config: ConfigOption = None,
+) -> None:
+    """Write every study's newest result as CSV (the input of `mvi-node audit`)."""
+    from node.core.pseudonym import PseudonymKeyMissing
+    from node.report.export import export_results
+    from node.store.database import Store
+
+    if identifiers not in ("hashed", "plain", "none"):
+        raise fail(f"--identifiers {identifiers!r}: choose hashed, plain or none")
+    settings = _settings(config)
+    first, last = _date_option(since, "--since"), _date_option(until, "--until")
+    store = Store(settings.database_url)
+    try:
+        count = export_results(
+            store,
+            out_file,
+            identifiers=identifiers,  # type: ignore[arg-type]
+            key=settings.security.pseudonym_key.get_secret_value(),
+            since=first,
+            until=last,
+        )
+    except PseudonymKeyMissing as exc:
+        raise fail(f"{exc}, or pass --identifiers plain|none") from None
+    finally:
+        store.close()
+    out.print(f"{count} studies written to {out_file} (identifiers: {identifiers})")
+
+
+def _register_audit() -> None:
+    # The audit's heavy libraries (lifelines, pandas, matplotlib) load only when it runs.
+    from node.report.audit import register
+
+    register(app)
+
+
+_register_audit()
+
+
+def _register_demo() -> None:
+    # node.demo imports node.cli inside its command only, so this is not circular.
+    from node.offline.demo import register
+
+    register(app)
+
+
+_register_demo()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared by every process: settings, logging without PHI, pseudonyms, TLS, DICOM plumbing."""

@@ -1,0 +1,1 @@
+"""The outbox: result objects sent to their destinations with retries and backoff."""

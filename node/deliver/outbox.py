@@ -1,0 +1,318 @@
+"""Result delivery: a durable outbox and a C-STORE SCU that retries with backoff.
+
+Every result object is on disk and in the ``outbox`` table (one row per object and destination)
+before anything is sent, so a crash never loses a result and a resend after a restart sends the
+same SOP instances (a PACS that already has them is not given duplicates). Delivery:
+
+- success → ``sent`` with its delivery time;
+- a refusal that will not change by retrying (the destination does not accept the SOP class or
+  transfer syntax, or answers a C-STORE with an ``0xA9xx``/``0xCxxx``/``0x01xx`` failure) →
+  ``failed`` at once, with the destination's words recorded verbatim;
+- anything else (connection refused, association rejected, time-outs, ``0xA7xx`` out of
+  resources) → retried after ``outbox.backoff_initial_s`` doubling up to ``backoff_max_s``, and
+  ``failed`` once the item is older than ``give_up_after_s``.
+
+``mvi-node outbox list`` shows what waits and why; ``mvi-node outbox retry`` re-queues failures.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import AE
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
+
+from node.core.logging import get_logger, study_key, uid_key
+from node.core.settings import PeerSection, Settings
+from node.store.database import Store, outbox, utcnow
+
+log = get_logger("node.deliver.outbox")
+
+#: Outbox states.
+PENDING, SENT, FAILED = "pending", "sent", "failed"
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One file to deliver."""
+
+    path: Path
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of sending one item once."""
+
+    ok: bool
+    permanent: bool
+    status: str
+
+
+def enqueue(
+    store: Store,
+    job_id: int,
+    study_uid: str,
+    objects: Sequence[ResultObject],
+    destinations: Sequence[str],
+    conn: Connection | None = None,
+) -> list[int]:
+    """Record result objects for delivery (one row per object and destination); returns ids.
+
+    The files must already be durable on disk: this row is the promise to deliver them. With
+    ``conn`` the rows join the caller's transaction (the job's result row commits with them).
+    """
+    if conn is None:
+        with store.begin() as own:
+            return enqueue(store, job_id, study_uid, objects, destinations, own)
+    now = utcnow()
+    ids = []
+    for destination in destinations:
+        for item in objects:
+            result = conn.execute(
+                insert(outbox).values(
+                    job_id=job_id,
+                    study_uid=study_uid,
+                    sop_instance_uid=item.sop_instance_uid,
+                    series_uid=item.series_instance_uid,
+                    path=str(item.path),
+                    destination=destination,
+                    state=PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+            key = result.inserted_primary_key
+            if key is not None:
+                ids.append(int(key[0]))
+    return ids
+
+
+def backoff(attempts: int, initial_s: float, maximum_s: float) -> float:
+    """Delay before the next try after ``attempts`` failed tries (exponential, capped)."""
+    return float(min(maximum_s, initial_s * 2 ** max(0, attempts - 1)))
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _permanent_status(status: int) -> bool:
+    # 0xA7xx "out of resources" may pass; a dataset or SOP class the destination refuses won't.
+    return not (0xA700 <= status <= 0xA7FF) and status not in (0x0000, 0xB000, 0xB007, 0xB006)
+
+
+def send_files(
+    settings: Settings, peer_name: str, peer: PeerSection, paths: Sequence[Path]
+) -> list[Attempt]:
+    """C-STORE ``paths`` to one peer over one association; one :class:`Attempt` per path."""
+    import pydicom
+
+    from node.core.tls import client_context
+
+    if peer.host is None or peer.port is None:
+        return [Attempt(False, True, f"[peers.{peer_name}] has no host and port")] * len(paths)
+    headers: list[Any] = []
+    for path in paths:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            headers.append(None)
+            log.error("result file unreadable", path=path.name, error=str(exc))
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = settings.node.acse_timeout
+    ae.dimse_timeout = settings.node.dimse_timeout
+    ae.network_timeout = settings.node.network_timeout
+    pairs = {
+        (str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers if h is not None
+    }
+    for sop_class, syntax in sorted(pairs):
+        ae.add_requested_context(sop_class, syntax)
+    tls_args = (client_context(settings.security), peer.host) if peer.tls else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # The destination answered, but accepts none of what we offer: retrying will not help.
+        refused = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
+        status = f"{peer.ae_title} accepts no presentation context for {', '.join(refused)}"
+        return [Attempt(False, True, status)] * len(paths)
+    if not assoc.is_established:
+        what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        status = f"association {what} by {peer.ae_title}@{peer.host}:{peer.port}"
+        return [Attempt(False, False, status)] * len(paths)
+    attempts: list[Attempt] = []
+    try:
+        for path, header in zip(paths, headers, strict=True):
+            if header is None:
+                attempts.append(Attempt(False, True, "result file unreadable"))
+                continue
+            accepted = [
+                cx for cx in assoc.accepted_contexts if cx.abstract_syntax == header.SOPClassUID
+            ]
+            if not accepted:
+                attempts.append(
+                    Attempt(
+                        False,
+                        True,
+                        f"{peer.ae_title} accepts no presentation context for "
+                        f"{header.SOPClassUID.name} ({header.SOPClassUID})",
+                    )
+                )
+                continue
+            response = assoc.send_c_store(path)
+            if not response or "Status" not in response:
+                attempts.append(Attempt(False, False, "no response to C-STORE"))
+                continue
+            code = int(response.Status)
+            comment = str(response.get("ErrorComment", "") or "")
+            text = f"C-STORE status 0x{code:04X}" + (f": {comment}" if comment else "")
+            ok = code in (0x0000, 0xB000, 0xB007, 0xB006)
+            attempts.append(Attempt(ok, not ok and _permanent_status(code), text))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return attempts
+
+
+class Dispatcher:
+    """Delivers due outbox items from a background thread of the serving process.
+
+    Parameters
+    ----------
+    settings
+        Peers, backoff and give-up from ``[outbox]``, TLS from ``[security]``.
+    store
+        The database.
+    poll_s
+        How often the outbox is looked at (and after :meth:`wake`, at once).
+    """
+
+    def __init__(self, settings: Settings, store: Store, poll_s: float = 0.5) -> None:
+        self.settings = settings
+        self.store = store
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the delivery thread."""
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the item in flight."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Look at the outbox now (new results were queued)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.deliver_due()
+            except Exception:
+                log.exception("delivery round failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def deliver_due(self) -> int:
+        """Try every due item once, one association per destination; returns items tried."""
+        now = utcnow()
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(
+                select(outbox)
+                .where(outbox.c.state == PENDING, outbox.c.next_attempt_at <= now)
+                .order_by(outbox.c.destination, outbox.c.id)
+            ).all()
+        by_destination: dict[str, list[Any]] = {}
+        for row in rows:
+            by_destination.setdefault(row.destination, []).append(row)
+        for destination, items in by_destination.items():
+            peer = self.settings.peers.get(destination)
+            if peer is None:
+                attempts = [Attempt(False, True, f"no [peers.{destination}] configured")] * len(
+                    items
+                )
+            else:
+                attempts = send_files(
+                    self.settings, destination, peer, [Path(item.path) for item in items]
+                )
+            for item, attempt in zip(items, attempts, strict=True):
+                self._record(item, attempt)
+        return len(rows)
+
+    def _record(self, item: Any, attempt: Attempt) -> None:
+        now = utcnow()
+        attempts = item.attempts + 1
+        outbox_settings = self.settings.outbox
+        values: dict[str, Any] = {"attempts": attempts, "last_status": attempt.status}
+        age = (now - _aware(item.created_at)).total_seconds()
+        if attempt.ok:
+            values.update(state=SENT, delivered_at=now, next_attempt_at=None)
+            log.info(
+                "result delivered",
+                destination=item.destination,
+                study_key=study_key(item.study_uid),
+                instance_key=uid_key(item.sop_instance_uid),
+            )
+        elif attempt.permanent or age >= outbox_settings.give_up_after_s:
+            values.update(state=FAILED, next_attempt_at=None)
+            log.error(
+                "result delivery failed",
+                destination=item.destination,
+                study_key=study_key(item.study_uid),
+                status=attempt.status,
+                gave_up=not attempt.permanent,
+            )
+        else:
+            delay = backoff(
+                attempts, outbox_settings.backoff_initial_s, outbox_settings.backoff_max_s
+            )
+            values["next_attempt_at"] = now + dt.timedelta(seconds=delay)
+            log.warning(
+                "result delivery will be retried",
+                destination=item.destination,
+                study_key=study_key(item.study_uid),
+                status=attempt.status,
+                retry_in_s=round(delay, 1),
+            )
+        with self.store.begin() as conn:
+            conn.execute(update(outbox).where(outbox.c.id == item.id).values(**values))
+
+
+def list_outbox(
+    store: Store, *, include_sent: bool = False, limit: int = 200
+) -> list[dict[str, Any]]:
+    """Outbox items, newest first (pending and failed unless ``include_sent``)."""
+    query = select(outbox).order_by(outbox.c.id.desc()).limit(limit)
+    if not include_sent:
+        query = query.where(outbox.c.state != SENT)
+    with store.engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def retry_failed(store: Store, ids: Sequence[int] = ()) -> int:
+    """Put failed items (all, or those in ``ids``) back in the queue, due now."""
+    now = utcnow()
+    query = update(outbox).where(outbox.c.state == FAILED)
+    if ids:
+        query = query.where(outbox.c.id.in_(list(ids)))
+    with store.begin() as conn:
+        # A fresh start for the give-up clock, too: the operator decided to try again.
+        count = conn.execute(
+            query.values(state=PENDING, next_attempt_at=now, created_at=now)
+        ).rowcount
+    return int(count)

@@ -1,0 +1,1 @@
+"""The worker pool and what a worker process does with a claimed job."""

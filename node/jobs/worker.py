@@ -1,0 +1,490 @@
+"""Jobs run in worker processes, never in the receiving process.
+
+A native crash or an out-of-memory kill inside a job takes down one worker, not the front door:
+the pool notices, puts the dead worker's job back in the queue (or fails it after
+``pipeline.max_attempts``) and starts a new worker. Workers die with the node: each asks the
+kernel for SIGKILL when its parent dies, and also checks its parent between jobs.
+
+A worker takes one job, and with it the jobs already waiting, up to ``pipeline.batch_size``:
+each study runs every stage up to the MVI model on its own (:func:`prepare_job`), the model
+scores the prepared studies in one batch (:func:`node.pipeline.score_prepared`), and each job is
+delivered and concluded on its own — one study's failure never fails another's stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from node.core.logging import configure_logging, get_logger, study_key
+from node.core.settings import Settings
+from node.store.database import Job, Store
+
+log = get_logger("node.jobs.worker")
+
+_PR_SET_PDEATHSIG = 1
+_IDLE_SLEEP_S = 0.25
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended."""
+
+    state: str
+    reason: str | None = None
+    pairing: dict[str, Any] | None = None
+    arterial_uid: str | None = None
+    portal_venous_uid: str | None = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any], list[str]]:
+    """The study's files per series (as the pipeline takes them) and the node's own series."""
+    from node.analysis.dicomio import SeriesFiles
+
+    rows = store.instance_paths(job.study_uid)
+    paths: dict[str, list[Path]] = {}
+    classes: dict[str, str] = {}
+    own: set[str] = set()
+    for series_uid, path, sop_class, _analysable, own_output in rows:
+        paths.setdefault(series_uid, []).append(spool_root / path)
+        classes[series_uid] = sop_class
+        if own_output:
+            own.add(series_uid)
+    series = {
+        uid: SeriesFiles(
+            study_instance_uid=job.study_uid,
+            series_instance_uid=uid,
+            modality=_modality(classes[uid]),
+            sop_class_uid=classes[uid],
+            series_description="",
+            paths=tuple(sorted(files)),
+        )
+        for uid, files in paths.items()
+    }
+    return series, sorted(own)
+
+
+def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, models: Any) -> Any:
+    """Every stage of a job before the MVI model (:func:`node.pipeline.prepare_study`)."""
+    from node.analysis.pipeline import prepare_study
+
+    series, own = _job_series(store, spool_root, job)
+    return prepare_study(
+        job.study_uid,
+        series,
+        settings,
+        models,
+        own_series_uids=own,
+        predecessor_sr=_previous_sr(store, settings, job.study_uid),
+        force_pair=_forced_pair(job.pairing),
+    )
+
+
+def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: Any) -> JobOutcome:
+    """A finished analysis: its files, the result row and the outbox items; the job's outcome."""
+
+    analysis.result["device"] = _device_record(models)
+    _record(store, settings, job, analysis)
+    return _outcome(analysis.result)
+
+
+def _record(store: Store, settings: Settings, job: Job, analysis: Any) -> None:
+    """Write a job's objects, then its result row and outbox rows in one transaction.
+
+    A crash leaves the result and its outbox rows both, or neither: a re-run of the job finds
+    the result and sends what was recorded, never a second set with new UIDs.
+    """
+    from node.analysis.pipeline import write_outputs
+    from node.deliver.outbox import ResultObject, enqueue
+
+    written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
+    objects = [
+        ResultObject(
+            path,
+            str(analysis.objects[kind].SOPInstanceUID),
+            str(analysis.objects[kind].SeriesInstanceUID),
+        )
+        for kind, path in written.items()
+    ]
+    with store.begin() as conn:
+        store.record_result(job.id, job.study_uid, analysis.result, conn)
+        if objects and settings.results.destinations and _sends_results(settings, job):
+            enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
+
+
+def _outcome(result: dict[str, Any]) -> JobOutcome:
+    """A job's outcome from its result (result.json)."""
+    phases = result.get("phases") or {}
+    state = {
+        "scored": "done",
+        "no_tumor": "done",
+        "not_applicable": "not_applicable",
+        "needs_review": "needs_review",
+    }.get(result["status"], "failed")
+    return JobOutcome(
+        state,
+        result["reason"],
+        result.get("phases"),
+        arterial_uid=phases.get("arterial"),
+        portal_venous_uid=phases.get("portal_venous"),
+    )
+
+
+def run_job(
+    store: Store, spool_root: Path, settings: Settings, job: Job, models: Any = None
+) -> JobOutcome:
+    """Run one job: the analysis, its outputs, the result row and the outbox items."""
+    (outcome,) = run_jobs(store, spool_root, settings, [job], models)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def run_jobs(
+    store: Store, spool_root: Path, settings: Settings, jobs: Sequence[Job], models: Any = None
+) -> list[JobOutcome | Exception]:
+    """Run several jobs with one MVI-model batch; per job its outcome or the error it raised.
+
+    A job that fails before the model fails alone; an error of the batched inference fails
+    every job of the batch (each is retried per ``pipeline.max_attempts``).
+    """
+    from node.analysis.models import Models
+    from node.analysis.pipeline import Analysis, score_prepared
+
+    models = models if models is not None else Models(settings)
+    steps: list[Any] = []
+    for job in jobs:
+        recorded = store.job_result(job.id)
+        if recorded is not None:
+            # An earlier attempt recorded the result and queued its objects, and the node died
+            # before the job was marked finished: those objects go out as they are. Analysing
+            # again would give new UIDs and send the PACS a second set.
+            log.warning("job already has its result; not analysing again", job_id=job.id)
+            steps.append(_outcome(recorded["result"]))
+            continue
+        try:
+            steps.append(prepare_job(store, spool_root, settings, job, models))
+        except Exception as exc:
+            steps.append(exc)
+    waiting = [
+        i for i, step in enumerate(steps) if not isinstance(step, Analysis | Exception | JobOutcome)
+    ]
+    try:
+        for index, analysis in zip(
+            waiting, score_prepared([steps[i] for i in waiting], settings, models), strict=True
+        ):
+            steps[index] = analysis
+    except Exception as exc:
+        for index in waiting:
+            steps[index] = exc
+    outcomes: list[JobOutcome | Exception] = []
+    for job, step in zip(jobs, steps, strict=True):
+        if isinstance(step, Exception | JobOutcome):
+            outcomes.append(step)
+            continue
+        try:
+            outcomes.append(deliver(store, settings, job, step, models))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def batch_size(settings: Settings, models: Any) -> int:
+    """Jobs a worker takes at once: ``pipeline.batch_size``, or 8 on a GPU and 1 on the CPU."""
+    configured = settings.pipeline.batch_size
+    if configured != "auto":
+        return int(configured)
+    device = str(getattr(models, "device", "cpu"))
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 8 if device.startswith("cuda") else 1
+
+
+def _sends_results(settings: Settings, job: Job) -> bool:
+    """Whether a job's objects go to the result destinations.
+
+    Studies fetched by a retrospective re-query are an audit: their results stay on the node
+    unless ``requery.send_results`` says the PACS wants them too.
+    """
+    from node.store.database import PRIORITY_LIVE
+
+    return job.priority <= PRIORITY_LIVE or settings.requery.send_results
+
+
+def notify_failure(
+    store: Store, spool_root: Path, settings: Settings, job: Job, reason: str
+) -> None:
+    """A job failed for good: send an SR and SC that say so, so nobody waits for results."""
+    from node.analysis.pairing import pair_phases, series_info
+    from node.analysis.pipeline import Analysis, _result_skeleton, encode_objects
+
+    by_series: dict[str, list[Path]] = {}
+    for series_uid, path, sop_class, _analysable, own_output in store.instance_paths(job.study_uid):
+        if not own_output and _modality(sop_class) == "CT":
+            by_series.setdefault(series_uid, []).append(spool_root / path)
+    pairing = pair_phases(
+        [series_info(paths) for paths in by_series.values()], settings.phases.model_dump()
+    )
+    # The report hangs on a source series: the arterial one, else any CT series of the study.
+    source = pairing.arterial or next(iter(sorted(by_series)), None)
+    if source is None:
+        return
+    result = _result_skeleton(job.study_uid)
+    result.update(status="failed", reason=f"the analysis failed: {reason}"[:1000])
+    analysis = Analysis(result)
+    analysis.objects = encode_objects(
+        result, settings, None, sorted(by_series[source]), None, None, None, None
+    )
+    _record(store, settings, job, analysis)
+
+
+def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
+    """Where a job's result objects and result.json live."""
+    return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
+
+
+def _device_record(models: Any) -> dict[str, Any]:
+    """Where the models ran, and the peak GPU memory of this worker (for the metrics)."""
+    import sys
+
+    record: dict[str, Any] = {"requested": getattr(models, "device", "auto"), "type": "cpu"}
+    torch = sys.modules.get("torch")  # imported by the models; never imported here for this
+    if torch is not None and torch.cuda.is_available() and record["requested"] != "cpu":
+        record["type"] = "cuda"
+        record["gpu_memory_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return record
+
+
+def _modality(sop_class: str) -> str:
+    return {
+        "1.2.840.10008.5.1.4.1.1.2": "CT",
+        "1.2.840.10008.5.1.4.1.1.2.1": "CT",
+        "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    }.get(sop_class, "OT")
+
+
+def _forced_pair(pairing: dict[str, Any] | None) -> tuple[str, str] | None:
+    # `studies reprocess --arterial S --portal-venous S` puts the operator's pair on the job.
+    if pairing and pairing.get("forced"):
+        return str(pairing["arterial"]), str(pairing["portal_venous"])
+    return None
+
+
+def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Any:
+    """The SR of the study's latest earlier result, which a new analysis supersedes."""
+    import pydicom
+
+    row = store.latest_result(study_uid)
+    if row is None:
+        return None
+    path = results_folder(settings, study_uid, int(row["job_id"])) / "sr.dcm"
+    if not path.is_file():
+        return None
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+
+
+def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:
+    """Entry point of a worker process: claim jobs until the parent goes away."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    settings = Settings.model_validate(settings_data)
+    configure_logging(settings.node.log_level)
+    store = Store(settings.database_url)
+    spool_root = settings.node.data_dir / "spool"
+    pid = os.getpid()
+    from node.analysis.models import Models
+
+    models = Models(settings, device=settings.pipeline.device)
+    size = batch_size(settings, models)
+    while os.getppid() == parent_pid:
+        job = store.claim_job(worker_pid=pid)
+        if job is None:
+            time.sleep(_IDLE_SLEEP_S)
+            continue
+        # Studies already waiting join this one: their inference runs as one batch.
+        jobs = [job]
+        while (
+            len(jobs) < size
+            and (more := store.claim_job(worker_pid=pid, priority=job.priority)) is not None
+        ):
+            jobs.append(more)
+        started = time.perf_counter()
+        for each in jobs:
+            log.info(
+                "job started",
+                job_id=each.id,
+                study_key=study_key(each.study_uid),
+                attempt=each.attempts,
+                batch=len(jobs),
+            )
+        outcomes = run_jobs(store, spool_root, settings, jobs, models)
+        for each, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                models = _job_failed(store, spool_root, settings, each, outcome, models)
+                size = batch_size(settings, models)  # after CUDA ran out: the CPU's size
+            else:
+                _job_done(store, each, outcome, started)
+        del outcomes
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Give a finished job's memory back to the system before the next one.
+
+    A job allocates and frees volumes of hundreds of MB from several threads; glibc keeps freed
+    arenas mapped, so without a trim each job's peak stacks on what the last one left.
+    """
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _job_failed(
+    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Any
+) -> Any:
+    """Queue the job again or fail it for good; returns the models the next job should use."""
+    reason = f"{type(exc).__name__}: {exc}"
+    final = job.attempts >= settings.pipeline.max_attempts
+    if type(exc).__name__ == "OutOfMemoryError":
+        # CUDA ran out of memory: the next attempt runs on the CPU.
+        models = models.on_cpu()
+    log.error(
+        "job failed",
+        job_id=job.id,
+        study_key=study_key(job.study_uid),
+        final=final,
+        error=reason,
+        exc_info=exc,
+    )
+    if final and settings.results.notify_failures:
+        # Before the job is marked failed: a node killed in between finds the notice recorded
+        # with its outbox rows when the job is re-run, instead of losing it.
+        try:
+            notify_failure(store, spool_root, settings, job, reason)
+        except Exception:
+            log.exception("could not tell the reading room", job_id=job.id)
+    store.finish_job(job.id, "failed" if final else "queued", reason=reason)
+    return models
+
+
+def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> None:
+    store.finish_job(
+        job.id,
+        outcome.state,
+        reason=outcome.reason,
+        pairing=outcome.pairing,
+        arterial_uid=outcome.arterial_uid,
+        portal_venous_uid=outcome.portal_venous_uid,
+    )
+    log.info(
+        "job finished",
+        job_id=job.id,
+        study_key=study_key(job.study_uid),
+        state=outcome.state,
+        reason=outcome.reason,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+class WorkerPool:
+    """A fixed number of worker processes, replaced when one dies.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (passed to each worker as plain data).
+    store
+        The parent's store, used to recover a dead worker's jobs.
+    count
+        Number of workers (``pipeline.workers``).
+    """
+
+    def __init__(self, settings: Settings, store: Store, count: int) -> None:
+        self.settings = settings
+        self.store = store
+        self.count = count
+        # spawn: a fresh interpreter, so nothing the receiver holds (threads, sockets) leaks in.
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[BaseProcess] = []
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def _spawn(self) -> BaseProcess:
+        process = self._context.Process(
+            target=worker_main,
+            args=(self.settings.model_dump(mode="python"), os.getpid()),
+            name="mvi-node-worker",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def start(self) -> None:
+        """Start the workers and a thread that replaces any that die."""
+        self._workers = [self._spawn() for _ in range(self.count)]
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+        self._monitor.start()
+        log.info("workers started", workers=self.count)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            for index, process in enumerate(self._workers):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                pid = process.pid or -1
+                recovered = self.store.recover_worker_jobs(pid, self.settings.pipeline.max_attempts)
+                log.error(
+                    "worker died; replacing it",
+                    pid=pid,
+                    exitcode=process.exitcode,
+                    jobs_recovered=len(recovered),
+                )
+                self._workers[index] = self._spawn()
+
+    def alive(self) -> int:
+        """How many workers are running."""
+        return sum(1 for p in self._workers if p.is_alive())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the workers; their running jobs are re-queued at the next start."""
+        self._stop.set()
+        for process in self._workers:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self._workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)

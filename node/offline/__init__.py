@@ -1,0 +1,1 @@
+"""Commands that run without a node: phantom studies, training, the demo."""

@@ -1,0 +1,222 @@
+"""The I/O side of `mvi-node train` and `mvi-node evaluate`: DICOM studies in, ROIs out.
+
+Each study of ``--studies`` (any layout, grouped by StudyInstanceUID) goes through the node's own
+first stages — pairing, registration, segmentation (a supplied SEG in the study wins, else the
+configured segmenter), measurement — and its ROIs are cut with the model's input spec, exactly as
+a job would cut them, so training and inference cannot drift. ROIs are cached per study (keyed by
+the study, its series and the spec), so a second run does not read DICOM again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node.analysis.models import Models
+from node.core.logging import get_logger, study_key
+from node.core.settings import Settings
+
+log = get_logger("node.offline.train_fusion")
+
+
+class FusionUsageError(ValueError):
+    """Bad usage of train/evaluate: one line for the operator."""
+
+
+@dataclass(frozen=True)
+class StudySkip:
+    """A study that could not give ROIs, and why."""
+
+    key: str
+    reason: str
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """``study_instance_uid,mvi`` rows; refuses anything else with the line that is wrong."""
+    if not path.is_file():
+        raise FusionUsageError(f"{path}: no such labels file")
+    labels: dict[str, int] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"study_instance_uid", "mvi"} <= set(reader.fieldnames):
+            raise FusionUsageError(f"{path}: the header must name study_instance_uid and mvi")
+        for line, row in enumerate(reader, start=2):
+            value = (row.get("mvi") or "").strip()
+            if value not in {"0", "1"}:
+                raise FusionUsageError(f"{path}:{line}: mvi must be 0 or 1, got {value!r}")
+            labels[row["study_instance_uid"].strip()] = int(value)
+    if not labels:
+        raise FusionUsageError(f"{path}: no labelled study")
+    return labels
+
+
+def _cache_path(cache: Path, study_uid: str, series: Sequence[str], spec: Any) -> Path:
+    key = json.dumps([study_uid, sorted(series), spec.to_card()], sort_keys=True)
+    return cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+def study_rois(
+    folder: Path,
+    labels: dict[str, int],
+    settings: Settings,
+    models: Models,
+    spec: Any,
+    cache: Path | None,
+    on_study: Callable[[str, str | None], None] | None = None,
+) -> tuple[list[Any], list[StudySkip]]:
+    """ROIs of every labelled study under ``folder`` (and the studies skipped, with why)."""
+    import SimpleITK as sitk
+
+    from model.measure import measure
+    from model.registration import RegistrationError, register, resample_onto
+    from model.roi import RoiError, extract_rois
+    from model.train import StudyRois
+    from node.analysis.dicomio import DicomIOError, load_series, scan_folder
+    from node.analysis.pairing import pair_phases, series_info
+    from node.analysis.pipeline import _segment
+
+    studies = scan_folder(folder)
+    samples: list[Any] = []
+    skipped: list[StudySkip] = []
+    for uid in sorted(studies):
+        key = study_key(uid)
+        series = studies[uid]
+        reason: str | None = None
+        if uid not in labels:
+            reason = "no label in the labels file"
+        else:
+            path = _cache_path(cache, uid, list(series), spec) if cache is not None else None
+            if path is not None and path.is_file():
+                with np.load(path) as data:
+                    samples.append(
+                        StudyRois(
+                            data["tumor"],
+                            data["loat"],
+                            labels[uid],
+                            float(data["diameter"]),
+                            float(data["area"]),
+                            key,
+                        )
+                    )
+                if on_study is not None:
+                    on_study(key, None)
+                continue
+            try:
+                ct = {u: f for u, f in series.items() if f.modality == "CT"}
+                pairing = pair_phases(
+                    [series_info(f.paths) for f in ct.values()], settings.phases.model_dump()
+                )
+                if pairing.status != "paired" or not pairing.arterial or not pairing.portal_venous:
+                    raise ValueError(f"no arterial/portal-venous pair ({pairing.reason})")
+                arterial = load_series(series[pairing.arterial].paths)
+                portal = load_series(series[pairing.portal_venous].paths)
+                registration = register(arterial, portal)
+                portal_on_arterial = resample_onto(portal, arterial, registration.transform)
+                choice = _segment(
+                    series,
+                    settings,
+                    models,
+                    arterial,
+                    portal_on_arterial,
+                    pairing.arterial,
+                    pairing.portal_venous,
+                    registration.transform,
+                    (),
+                )
+                spacing = tuple(float(v) for v in arterial.GetSpacing())
+                measured = measure(choice.masks.tumor, choice.masks.loat, spacing)
+                rois = extract_rois(
+                    sitk.GetArrayFromImage(arterial),
+                    sitk.GetArrayFromImage(portal_on_arterial),
+                    choice.masks.tumor,
+                    choice.masks.loat,
+                    spacing,
+                    spec,
+                )
+                sample = StudyRois(
+                    rois["tumor"],
+                    rois["loat"],
+                    labels[uid],
+                    measured.max_diameter_mm,
+                    measured.loat_max_area_cm2,
+                    key,
+                )
+                samples.append(sample)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(
+                        path,
+                        tumor=sample.tumor,
+                        loat=sample.loat,
+                        diameter=sample.diameter_mm,
+                        area=sample.loat_area_cm2,
+                    )
+            except (DicomIOError, RegistrationError, RoiError, ValueError, OSError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            skipped.append(StudySkip(key, reason))
+            log.warning("study skipped", study_key=key, reason=reason)
+        if on_study is not None:
+            on_study(key, reason)
+    return samples, skipped
+
+
+def evaluate(model: Any, samples: Sequence[Any]) -> dict[str, Any]:
+    """Discrimination and calibration of a loaded model on labelled study ROIs."""
+    from model.stats import brier, delong_ci, sens_spec_acc
+
+    predictions = model.predict(
+        [{"tumor": s.tumor, "loat": s.loat} for s in samples],
+        max_diameter_mm=[s.diameter_mm for s in samples],
+        loat_area_cm2=[s.loat_area_cm2 for s in samples],
+    )
+    y = np.array([s.label for s in samples])
+    p = np.array([prediction.mvi_probability for prediction in predictions])
+    value, low, high = delong_ci(y, p)
+    sensitivity, specificity, accuracy = sens_spec_acc(y, p, model.threshold)
+    return {
+        "studies": len(samples),
+        "mvi": int(y.sum()),
+        "auc": round(value, 4),
+        "auc_ci95": [round(low, 4), round(high, 4)],
+        "threshold": model.threshold,
+        "sensitivity": round(sensitivity, 4),
+        "specificity": round(specificity, 4),
+        "accuracy": round(accuracy, 4),
+        "brier": round(brier(y, p), 4),
+        "probabilities": p,
+        "labels": y,
+    }
+
+
+def roc_png(path: Path, curves: dict[str, tuple[Any, Any]]) -> None:
+    """Draw ROC curves (false positive rate, true positive rate) into a PNG with Pillow."""
+    from PIL import Image, ImageDraw
+
+    from model.stats import roc_curve
+
+    size, margin = 480, 50
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (margin, margin, size - margin, size - margin)
+    draw.rectangle(box, outline="black")
+    draw.line([(margin, size - margin), (size - margin, margin)], fill="gray")
+    colours = ["#d62728", "#1f77b4"]
+    span = size - 2 * margin
+    for index, (name, (y, p)) in enumerate(curves.items()):
+        fpr, tpr, _ = roc_curve(y, p)
+        points = [
+            (margin + f * span, size - margin - t * span) for f, t in zip(fpr, tpr, strict=True)
+        ]
+        draw.line(points, fill=colours[index % 2], width=3)
+        draw.text((margin + 8, margin + 8 + 16 * index), name, fill=colours[index % 2])
+    draw.text((size // 2 - 60, size - margin + 12), "1 - specificity", fill="black")
+    draw.text((8, margin - 24), "sensitivity", fill="black")
+    image.save(path)

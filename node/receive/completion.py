@@ -1,0 +1,107 @@
+"""Study completion: a quiet timer per study, restarted by every instance.
+
+When a study has received nothing for ``completion.quiet_seconds`` it is complete and a job is
+queued for it (pairing of the arterial and portal-venous phases happens in the job, in a worker
+process, so the receiving process never loads pixel data). An instance that arrives for a
+completed study re-opens it; the next completion queues a job that supersedes the earlier one.
+The node's own outputs coming back never re-open a study.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.core.logging import get_logger, study_key
+from node.store.database import Store, utcnow
+
+log = get_logger("node.receive.completion")
+
+
+class Assembler:
+    """Quiet timers over an apscheduler scheduler; the store holds every state they change.
+
+    Parameters
+    ----------
+    store
+        The database.
+    scheduler
+        A started (or about to be started) background scheduler.
+    quiet_seconds
+        Silence after which a study is complete.
+    """
+
+    def __init__(self, store: Store, scheduler: BackgroundScheduler, quiet_seconds: float) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.quiet = dt.timedelta(seconds=quiet_seconds)
+        # Last arrival per study with a timer pending. The timer is not moved on every instance
+        # (hundreds a second): when it fires early it re-arms itself from the last arrival.
+        self._last_seen: dict[str, dt.datetime] = {}
+        self._lock = threading.Lock()
+
+    def on_instance(self, study_uid: str, own_output: bool) -> None:
+        """An instance was stored: (re)start the study's timer, unless it is our own output."""
+        if own_output:
+            return
+        now = utcnow()
+        with self._lock:
+            pending = study_uid in self._last_seen
+            self._last_seen[study_uid] = now
+        if not pending:
+            self._schedule(study_uid, now + self.quiet)
+
+    def _schedule(self, study_uid: str, when: dt.datetime) -> None:
+        self.scheduler.add_job(
+            self._fire,
+            trigger="date",
+            run_date=when,
+            args=[study_uid],
+            id=f"complete-{study_key(study_uid)}",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    def _fire(self, study_uid: str) -> None:
+        key = study_key(study_uid)
+        with self._lock:
+            last = self._last_seen.get(study_uid)
+            if last is not None and utcnow() - last < self.quiet:
+                self._schedule(study_uid, last + self.quiet)
+                return
+            self._last_seen.pop(study_uid, None)
+        try:
+            if not self.store.has_analysable_instances(study_uid):
+                study = self.store.study(study_uid)
+                if study is not None and study["state"] == "receiving":
+                    self.store.set_study_state(
+                        study_uid, "not_applicable", "no CT or SEG instances in the study"
+                    )
+                return
+            job_id = self.store.complete_study(study_uid, only_if_quiet_since=utcnow() - self.quiet)
+        except Exception:
+            # The timer must not die with a database hiccup: try again one quiet period later.
+            log.exception("completion failed; retrying", study_key=key)
+            self._schedule(study_uid, utcnow() + self.quiet)
+            return
+        if job_id is None:
+            study = self.store.study(study_uid)
+            if study is not None and study["state"] == "receiving":
+                # An instance arrived after the timer was set; wait for the quiet period again.
+                self._schedule(study_uid, utcnow() + self.quiet)
+            return
+        log.info("study complete; job queued", study_key=key, job_id=job_id)
+
+    def restore(self) -> int:
+        """On start: studies still receiving get their timers back. Returns how many."""
+        pending = self.store.studies_in_state("receiving")
+        for study_uid in pending:
+            self._schedule(study_uid, utcnow() + self.quiet)
+        return len(pending)
+
+    def describe(self) -> dict[str, Any]:
+        """Timers pending (for health and tests)."""
+        return {"timers": len(self.scheduler.get_jobs())}

@@ -1,0 +1,345 @@
+"""The node's front door: a pynetdicom AE serving C-ECHO and C-STORE.
+
+Every storage SOP class is accepted (a whole-study C-MOVE also carries dose reports, key objects
+and presentation states; refusing them makes the PACS report a failed move). CT, Enhanced CT and
+Segmentation instances are kept for analysis; the rest are stored and counted, never analysed.
+Instances are stored exactly as received — decoding happens when a job loads them.
+
+Each handler does one thing:
+
+- :func:`handle_requested` — access control on association request;
+- :func:`handle_echo` — C-ECHO;
+- :func:`handle_store` — C-STORE: check, spool durably, commit the row, then answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node import MANUFACTURER, MODEL_NAME
+from node.core.logging import get_logger, uid_key
+from node.core.settings import Settings
+from node.receive.spool import free_megabytes, instance_relative_path, write_durably
+from node.store.database import InstanceRecord, Store
+
+log = get_logger("node.receive.receiver")
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+]
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+ANALYSABLE_SOP_CLASSES = frozenset(
+    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE}
+)
+
+# C-STORE statuses (PS3.4 B.2.3). The low byte says which check failed, for the sender's log.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES_DISK_FLOOR = 0xA700
+OUT_OF_RESOURCES_PERSISTENCE = 0xA701
+DATASET_SOP_CLASS_MISMATCH = 0xA900
+DATASET_SOP_INSTANCE_MISMATCH = 0xA901
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_MISSING_UID = 0xC001
+
+# Only the attributes the receive path needs: parsing stops before the pixel data anyway.
+_HEADER_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "PatientID",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+]
+
+
+@dataclass
+class ReceiverState:
+    """What the handlers share: configuration, the store, the spool and the counters."""
+
+    settings: Settings
+    store: Store
+    spool_root: Path
+    on_instance: Callable[[str, bool], None] = lambda study_uid, own: None
+    counters: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, key: str, amount: int = 1) -> None:
+        """Thread-safe counter increment (handlers run in one thread per association)."""
+        with self.lock:
+            self.counters[key] += amount
+
+
+def allowed_caller(settings: Settings, calling_ae: str, address: str) -> str | None:
+    """None when the caller may associate, else the reason it may not.
+
+    A caller is allowed when its AE title is a configured peer's (and, if that peer names a
+    host, it comes from that address), or when ``security.allow_unknown_callers`` is on.
+    """
+    if settings.security.allow_unknown_callers:
+        return None
+    matching = [p for p in settings.peers.values() if p.ae_title.strip() == calling_ae]
+    if not matching:
+        return "unknown calling AE title"
+    if any(p.host is None or p.host == address for p in matching):
+        return None
+    return "calling AE title not allowed from this address"
+
+
+def handle_requested(event: evt.Event, state: ReceiverState) -> None:
+    """Reject an association from an unknown caller, or addressed to another AE title."""
+    assoc = event.assoc
+    request: Any = assoc.requestor.primitive
+    calling = str(request.calling_ae_title).strip()
+    called = str(request.called_ae_title).strip()
+    address = str(assoc.requestor.address)
+    if called != state.settings.node.ae_title:
+        state.count("associations_rejected:called_ae")
+        log.warning(
+            "association rejected: called AE title is not the node's",
+            calling_ae=calling,
+            called_ae=called,
+            address=address,
+            allow_with=f"node.ae_title = {called!r} (the node's title is "
+            f"{state.settings.node.ae_title!r}; configure the sender instead)",
+        )
+        assoc.acse.send_reject(0x01, 0x01, 0x07)
+        return
+    reason = allowed_caller(state.settings, calling, address)
+    if reason is not None:
+        state.count(
+            "associations_rejected:"
+            + ("unknown_calling_ae" if reason.startswith("unknown") else "calling_ae_host")
+        )
+        log.warning(
+            f"association rejected: {reason}",
+            calling_ae=calling,
+            address=address,
+            allow_with=f'[peers.NAME] ae_title = "{calling}" host = "{address}"',
+        )
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        return
+    state.count("associations_accepted")
+
+
+def handle_echo(event: evt.Event, state: ReceiverState) -> int:
+    """C-ECHO: the node is up."""
+    state.count("echoes")
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, state: ReceiverState) -> int:
+    """C-STORE: acknowledge only what is fsynced on disk and committed in the store."""
+    state.count("store_requests")
+    status = _store(event, state)
+    if status != SUCCESS:
+        state.count(f"store_failures:{status:#06x}")
+    return status
+
+
+def _store(event: evt.Event, state: ReceiverState) -> int:
+    try:
+        if free_megabytes(state.spool_root) < state.settings.node.free_disk_floor_mb:
+            log.error("store refused: free disk below node.free_disk_floor_mb")
+            return OUT_OF_RESOURCES_DISK_FLOOR
+    except OSError:
+        log.exception("store refused: cannot read free disk space of the spool")
+        return OUT_OF_RESOURCES_PERSISTENCE
+
+    request: Any = event.request
+    try:
+        # The dataset exactly as the peer encoded it, and the file meta pynetdicom derives from
+        # the presentation context: written side by side, never joined or re-encoded.
+        payload = event.encoded_dataset(include_meta=False)
+        prefix = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        header = pydicom.dcmread(
+            io.BytesIO(prefix + payload), stop_before_pixels=True, specific_tags=_HEADER_TAGS
+        )
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+        log.warning("store failed: dataset cannot be parsed", error=type(exc).__name__)
+        return CANNOT_UNDERSTAND
+
+    uids = {
+        key: str(header.get(key, "") or "").strip()
+        for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    }
+    missing = [key for key, value in uids.items() if not value]
+    if missing:
+        log.warning("store failed: dataset lacks UIDs", missing=missing)
+        return CANNOT_UNDERSTAND_MISSING_UID
+    if uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
+        log.warning("store failed: SOP class differs from the request")
+        return DATASET_SOP_CLASS_MISMATCH
+    if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
+        log.warning("store failed: SOP instance differs from the request")
+        return DATASET_SOP_INSTANCE_MISMATCH
+
+    return _persist(event, state, (prefix, payload), header, uids)
+
+
+def _persist(
+    event: evt.Event,
+    state: ReceiverState,
+    chunks: tuple[bytes, bytes],
+    header: Any,
+    uids: dict[str, str],
+) -> int:
+    study_uid = uids["StudyInstanceUID"]
+    sop_uid = uids["SOPInstanceUID"]
+    # The hash covers the dataset alone: the file meta names the sender and the negotiated
+    # syntax, which differ between two sends of the same instance.
+    digest = hashlib.sha256(chunks[1]).hexdigest()
+    size = len(chunks[0]) + len(chunks[1])
+    own = is_own_output(header)
+    relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid)
+    record = InstanceRecord(
+        study_uid=study_uid,
+        series_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=sop_uid,
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        path=relative,
+        size=size,
+        sha256=digest,
+        calling_ae=_peer_ae_title(event),
+        modality=str(header.get("Modality", "") or ""),
+        series_number=_int_or_none(header.get("SeriesNumber")),
+        series_description=str(header.get("SeriesDescription", "") or ""),
+        analysable=uids["SOPClassUID"] in ANALYSABLE_SOP_CLASSES and not own,
+        own_output=own,
+        patient_id=str(header.get("PatientID", "") or ""),
+        patient_name=str(header.get("PatientName", "") or ""),
+        accession_number=str(header.get("AccessionNumber", "") or ""),
+        study_date=str(header.get("StudyDate", "") or ""),
+    )
+    try:
+        write_durably(state.spool_root, relative, chunks)
+        outcome = state.store.record_instance(record)
+    except Exception:
+        log.exception("store failed: could not persist the instance", instance_key=uid_key(sop_uid))
+        return OUT_OF_RESOURCES_PERSISTENCE
+    if outcome == "identical":
+        # A resend of the same dataset (a PACS retrying a move): safe, and nothing changes.
+        state.count("instances_duplicate")
+        return SUCCESS
+    if outcome == "replaced":
+        log.info(
+            "instance replaced by a different dataset with the same SOP Instance UID",
+            study_key=uid_key(study_uid),
+            instance_key=uid_key(sop_uid),
+        )
+    state.count("instances_received")
+    state.count("bytes_received", size)
+    if not record.analysable:
+        state.count("instances_not_analysed")
+    state.on_instance(study_uid, own)
+    return SUCCESS
+
+
+def _peer_ae_title(event: evt.Event) -> str:
+    """The AE title of the peer that sent the instance.
+
+    The caller of a C-STORE association; on a C-GET the node itself called, and the instance
+    comes from the peer it called.
+    """
+    assoc: Any = event.assoc
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return str(peer.ae_title).strip()
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def is_own_output(header: Any) -> bool:
+    """True for an instance this node wrote (its SEG, SR or SC coming back)."""
+    return (
+        str(header.get("Manufacturer", "") or "") == MANUFACTURER
+        and str(header.get("ManufacturerModelName", "") or "") == MODEL_NAME
+    )
+
+
+def build_ae(settings: Settings) -> AE:
+    """The node's AE with its contexts and limits from ``[node]``."""
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_associations = settings.node.max_associations
+    ae.maximum_pdu_size = settings.node.max_pdu
+    ae.acse_timeout = settings.node.acse_timeout
+    ae.dimse_timeout = settings.node.dimse_timeout
+    ae.network_timeout = settings.node.network_timeout
+    ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+    # Access control is ours (peers and hosts), done in handle_requested.
+    ae.require_called_aet = False
+    return ae
+
+
+def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> Any:
+    """Start listening (non-blocking); returns pynetdicom's server (call ``shutdown()``).
+
+    ``tls`` is the server context from :func:`node.tls.server_context` (None: plain DICOM).
+    """
+    settings = state.settings
+    ae = build_ae(settings)
+    handlers: list[Any] = [
+        (evt.EVT_REQUESTED, handle_requested, [state]),
+        (evt.EVT_C_ECHO, handle_echo, [state]),
+        (evt.EVT_C_STORE, handle_store, [state]),
+    ]
+    server = ae.start_server(
+        (settings.node.host, settings.node.port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=tls,
+    )
+    log.info(
+        "listening",
+        tls=tls is not None,
+        ae_title=settings.node.ae_title,
+        host=settings.node.host,
+        port=settings.node.port,
+        peers=sorted(settings.peers),
+    )
+    return server

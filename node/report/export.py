@@ -1,0 +1,155 @@
+"""The results table: one row per study with its newest result, as CSV for audits.
+
+``mvi-node results export`` writes it; ``mvi-node audit`` reads it back (:mod:`node.audit`).
+Identifier columns (study UID, accession number, patient ID) are pseudonymised by default with
+the site's keyed hash (:func:`node.pseudonym.keyed_hash`), written plain only on request, or left
+out. Every other column is a number or a code, never an identifier.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+
+from node.core.pseudonym import keyed_hash
+from node.store.database import Store, results, studies
+
+#: The export's columns, in order (the audit reads them by name).
+COLUMNS = (
+    "study_instance_uid",
+    "study_date",
+    "accession_number",
+    "patient_id",
+    "mvi_probability",
+    "combined_probability",
+    "risk_category",
+    "loat_max_area_cm2",
+    "tumor_max_diameter_mm",
+    "tumor_volume_ml",
+    "model_name",
+    "model_version",
+    "status",
+)
+IDENTIFIER_COLUMNS = ("study_instance_uid", "accession_number", "patient_id")
+
+Identifiers = Literal["none", "hashed", "plain"]
+
+
+def _number(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return ""
+    try:
+        return f"{float(value):.6g}"
+    except (TypeError, ValueError):
+        return ""
+
+
+def _section(result: dict[str, Any], key: str) -> dict[str, Any]:
+    value = result.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def result_row(study: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
+    """One CSV row (plain identifiers) from a study row and its result.json content."""
+    tumor, loat, model = (
+        _section(result, "tumor"),
+        _section(result, "loat"),
+        _section(result, "model"),
+    )
+    return {
+        "study_instance_uid": str(study["study_uid"]),
+        "study_date": str(study.get("study_date") or ""),
+        "accession_number": str(study.get("accession_number") or ""),
+        "patient_id": str(study.get("patient_id") or ""),
+        "mvi_probability": _number(result.get("mvi_probability")),
+        "combined_probability": _number(result.get("combined_probability")),
+        "risk_category": str(result.get("risk_category") or ""),
+        "loat_max_area_cm2": _number(loat.get("max_area_cm2")),
+        "tumor_max_diameter_mm": _number(tumor.get("max_diameter_mm")),
+        "tumor_volume_ml": _number(tumor.get("volume_ml")),
+        "model_name": str(model.get("name") or ""),
+        "model_version": str(model.get("version") or ""),
+        "status": str(result.get("status") or ""),
+    }
+
+
+def iter_results(
+    store: Store, since: dt.date | None = None, until: dt.date | None = None
+) -> Iterator[dict[str, str]]:
+    """Rows for every study with a result (its newest), by study date; plain identifiers.
+
+    ``since`` / ``until`` filter on StudyDate (inclusive); studies without a date are left out
+    when either is given.
+    """
+    # The newest result is that of the newest job (a later request), not the last written:
+    # with several workers an older job can finish after a newer one.
+    ranked = select(
+        results.c.study_uid,
+        results.c.result,
+        func.row_number()
+        .over(
+            partition_by=results.c.study_uid,
+            order_by=(results.c.job_id.desc(), results.c.id.desc()),
+        )
+        .label("rank"),
+    ).subquery()
+    query = (
+        select(studies, ranked.c.result)
+        .join(ranked, ranked.c.study_uid == studies.c.study_uid)
+        .where(ranked.c.rank == 1)
+        .order_by(studies.c.study_date, studies.c.study_uid)
+    )
+    if since is not None:
+        query = query.where(studies.c.study_date >= f"{since:%Y%m%d}")
+    if until is not None:
+        query = query.where(studies.c.study_date <= f"{until:%Y%m%d}")
+    with store.engine.connect() as conn:
+        for row in conn.execute(query):
+            data = dict(row._mapping)
+            yield result_row(data, data["result"] if isinstance(data["result"], dict) else {})
+
+
+def pseudonymise(row: dict[str, str], identifiers: Identifiers, key: str) -> dict[str, str]:
+    """``row`` with its identifier columns hashed, kept, or removed."""
+    if identifiers == "plain":
+        return dict(row)
+    if identifiers == "none":
+        return {k: v for k, v in row.items() if k not in IDENTIFIER_COLUMNS}
+    return {k: (keyed_hash(v, key) if k in IDENTIFIER_COLUMNS and v else v) for k, v in row.items()}
+
+
+def export_results(
+    store: Store,
+    out: Path,
+    *,
+    identifiers: Identifiers = "hashed",
+    key: str = "",
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+) -> int:
+    """Write the results CSV; returns the number of rows.
+
+    Raises
+    ------
+    node.pseudonym.PseudonymKeyMissing
+        ``identifiers="hashed"`` with an empty key (checked before anything is written).
+    """
+    if identifiers == "hashed":
+        keyed_hash("check", key)  # fails now rather than after a partial file
+    columns = [c for c in COLUMNS if identifiers != "none" or c not in IDENTIFIER_COLUMNS]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    count = 0
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in iter_results(store, since, until):
+            writer.writerow(pseudonymise(row, identifiers, key))
+            count += 1
+    partial.replace(out)
+    return count

@@ -1,0 +1,345 @@
+"""Prometheus ``/metrics`` and ``/healthz`` for the hospital's monitoring.
+
+Jobs run in worker processes, so nothing here counts in memory what another process does: the
+receiver's counters live in this process (it is the receiving process), and everything about
+studies, jobs and the outbox is read from the store when Prometheus scrapes.
+
+``/healthz`` answers 200 only when the AE listens, the store accepts a write transaction, free
+disk is above ``node.free_disk_floor_mb`` and the scheduler runs; otherwise 503 and the failing
+checks, one per line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import NullPool
+
+from node.core.logging import get_logger
+from node.receive.receiver import ReceiverState
+from node.receive.spool import free_megabytes
+from node.store.database import (
+    STUDY_STATES,
+    Store,
+    jobs,
+    outbox,
+    results,
+    retrospective,
+    studies,
+    utcnow,
+)
+
+log = get_logger("node.serve.metrics")
+
+#: Job duration buckets in seconds (pairing takes well under a second; a full job tens of seconds).
+DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: Finished jobs older than this do not feed the duration histogram (keeps scrapes cheap).
+DURATION_WINDOW = dt.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """One named check of ``/healthz``: returns None when healthy, else what is wrong."""
+
+    name: str
+    check: Callable[[], str | None]
+
+
+class NodeCollector:
+    """Reads the receiver's counters and the store at scrape time."""
+
+    def __init__(self, receiver: ReceiverState, store: Store) -> None:
+        self.receiver = receiver
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        """Metric families for one scrape (prometheus-client's collector protocol)."""
+        with self.receiver.lock:
+            counters = dict(self.receiver.counters)
+        yield from self._receiver_metrics(counters)
+        try:
+            yield from self._store_metrics()
+        except Exception:
+            # A scrape must not fail because the database does; /healthz says what is wrong.
+            log.exception("metrics: the store could not be read")
+
+    def _receiver_metrics(self, counters: dict[str, int]) -> Iterator[Any]:
+        associations = CounterMetricFamily(
+            "mvi_associations",
+            "DICOM associations by outcome and rejection reason",
+            labels=["result", "reason"],
+        )
+        associations.add_metric(["accepted", ""], counters.get("associations_accepted", 0))
+        failures = CounterMetricFamily(
+            "mvi_store_failures", "C-STORE requests answered with a failure", labels=["status"]
+        )
+        for key, value in counters.items():
+            if key.startswith("associations_rejected:"):
+                associations.add_metric(["rejected", key.split(":", 1)[1]], value)
+            elif key.startswith("store_failures:"):
+                failures.add_metric([key.split(":", 1)[1]], value)
+        yield associations
+        yield failures
+        simple = {
+            "mvi_echoes": ("C-ECHO requests answered", "echoes"),
+            "mvi_store_requests": ("C-STORE requests received", "store_requests"),
+            "mvi_instances_received": ("instances stored (new or replaced)", "instances_received"),
+            "mvi_instances_duplicate": (
+                "identical instances received again",
+                "instances_duplicate",
+            ),
+            "mvi_instances_not_analysed": (
+                "instances stored but not analysed (not CT/SEG, or the node's own)",
+                "instances_not_analysed",
+            ),
+            "mvi_received_bytes": ("bytes of instances stored", "bytes_received"),
+        }
+        for name, (documentation, key) in simple.items():
+            yield CounterMetricFamily(name, documentation, value=counters.get(key, 0))
+
+    def _store_metrics(self) -> Iterator[Any]:
+        with self.store.engine.connect() as conn:
+            by_state: dict[str, int] = dict(
+                conn.execute(select(studies.c.state, func.count()).group_by(studies.c.state)).all()
+            )
+            job_states: dict[str, int] = dict(
+                conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+            )
+            since = utcnow() - DURATION_WINDOW
+            durations = conn.execute(
+                select(jobs.c.state, jobs.c.started_at, jobs.c.finished_at).where(
+                    jobs.c.finished_at.is_not(None),
+                    jobs.c.started_at.is_not(None),
+                    jobs.c.finished_at > since,
+                )
+            ).all()
+            recent_results = [
+                row[0]
+                for row in conn.execute(
+                    select(results.c.result)
+                    .where(results.c.created_at > since)
+                    .order_by(results.c.id)
+                )
+            ]
+            outbox_states: dict[str, int] = dict(
+                conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state)).all()
+            )
+            oldest = conn.execute(
+                select(func.min(outbox.c.created_at)).where(outbox.c.delivered_at.is_(None))
+            ).scalar()
+            requeried: dict[str, int] = dict(
+                conn.execute(
+                    select(retrospective.c.state, func.count()).group_by(retrospective.c.state)
+                ).all()
+            )
+        gauge = GaugeMetricFamily("mvi_studies", "studies by state", labels=["state"])
+        for state in STUDY_STATES:
+            gauge.add_metric([state], by_state.get(state, 0))
+        yield gauge
+        job_gauge = GaugeMetricFamily("mvi_jobs", "jobs by state", labels=["state"])
+        for state, count in sorted(job_states.items()):
+            job_gauge.add_metric([state], count)
+        yield job_gauge
+        yield _histogram(
+            "mvi_job_duration_seconds",
+            f"duration of jobs finished in the last {DURATION_WINDOW.days} days",
+            [(_aware(f) - _aware(s)).total_seconds() for _state, s, f in durations],
+        )
+        yield from _analysis_metrics(recent_results)
+        delivered = CounterMetricFamily(
+            "mvi_results", "result objects by delivery state", labels=["state"]
+        )
+        for state, count in sorted(outbox_states.items()):
+            delivered.add_metric([state], count)
+        yield delivered
+        pending = sum(n for state, n in outbox_states.items() if state not in {"sent", "failed"})
+        yield GaugeMetricFamily("mvi_outbox_depth", "result objects waiting", value=pending)
+        retro = GaugeMetricFamily(
+            "mvi_retrospective_studies",
+            "studies asked for by a re-query, by how far it got",
+            labels=["state"],
+        )
+        for state in ("requested", "moved", "move_failed", "done"):
+            retro.add_metric([state], requeried.get(state, 0))
+        yield retro
+        age = (utcnow() - _aware(oldest)).total_seconds() if oldest is not None else 0.0
+        yield GaugeMetricFamily(
+            "mvi_outbox_oldest_age_seconds", "age of the oldest undelivered object", value=age
+        )
+
+
+def _analysis_metrics(recent: list[Any]) -> Iterator[Any]:
+    """Stage durations, inference latency and device, GPU memory, from recent result rows."""
+    stages: dict[str, list[float]] = {}
+    devices: dict[str, int] = {}
+    gpu_peak = 0
+    for result in recent:
+        if not isinstance(result, dict):
+            continue
+        for stage, seconds in (result.get("timings_s") or {}).items():
+            stages.setdefault(str(stage), []).append(float(seconds))
+        device = result.get("device") or {}
+        devices[str(device.get("type", "unknown"))] = (
+            devices.get(str(device.get("type", "unknown")), 0) + 1
+        )
+        gpu_peak = max(gpu_peak, int(device.get("gpu_memory_peak_bytes") or 0))
+    family = HistogramMetricFamily(
+        "mvi_stage_duration_seconds",
+        f"job stage durations of the last {DURATION_WINDOW.days} days",
+        labels=["stage"],
+    )
+    for stage, values in sorted(stages.items()):
+        buckets = [(str(b), sum(1 for v in values if v <= b)) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", len(values)))
+        family.add_metric([stage], buckets, sum(values))
+    yield family
+    device_gauge = GaugeMetricFamily(
+        "mvi_inference_device_jobs",
+        f"analyses of the last {DURATION_WINDOW.days} days by the device the models ran on",
+        labels=["device"],
+    )
+    for device, count in sorted(devices.items()):
+        device_gauge.add_metric([device], count)
+    yield device_gauge
+    yield GaugeMetricFamily(
+        "mvi_gpu_memory_peak_bytes",
+        "peak GPU memory a worker allocated in a recent analysis (0 on CPU)",
+        value=gpu_peak,
+    )
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes for values stored as UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:
+    buckets = []
+    for bound in DURATION_BUCKETS:
+        buckets.append((str(bound), sum(1 for v in values if v <= bound)))
+    buckets.append(("+Inf", len(values)))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))
+
+
+def store_writable(url: str) -> str | None:
+    """None when a fresh connection can open the database and take its write lock."""
+    if url.startswith("sqlite:///"):
+        # mode=rw: a missing file is an error here, not a new empty database.
+        path = url.removeprefix("sqlite:///")
+        engine = create_engine(f"sqlite:///file:{path}?mode=rw&uri=true", poolclass=NullPool)
+    else:
+        engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                conn.execute(text("SELECT count(*) FROM schema_version"))
+                conn.exec_driver_sql("ROLLBACK")
+            else:
+                conn.execute(text("SELECT count(*) FROM schema_version"))
+    except Exception as exc:
+        return f"store unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def health_checks(
+    receiver: ReceiverState, host: str, port: int, scheduler_running: Callable[[], bool]
+) -> list[HealthCheck]:
+    """The checks ``/healthz`` runs."""
+    settings = receiver.settings
+
+    def ae_listens() -> str | None:
+        target = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        try:
+            with socket.create_connection((target, port), timeout=2):
+                return None
+        except OSError as exc:
+            return f"the DICOM port {port} does not accept connections: {exc.strerror or exc}"
+
+    def disk() -> str | None:
+        free = free_megabytes(receiver.spool_root)
+        floor = settings.node.free_disk_floor_mb
+        return None if free >= floor else f"free disk {free:.0f} MB below the floor {floor} MB"
+
+    def scheduler() -> str | None:
+        return None if scheduler_running() else "the scheduler is not running"
+
+    return [
+        HealthCheck("ae", ae_listens),
+        HealthCheck("store", lambda: store_writable(settings.database_url)),
+        HealthCheck("disk", disk),
+        HealthCheck("scheduler", scheduler),
+    ]
+
+
+def run_checks(checks: list[HealthCheck]) -> dict[str, str | None]:
+    """Run every check; an exception in a check counts as its failure."""
+    results: dict[str, str | None] = {}
+    for item in checks:
+        try:
+            results[item.name] = item.check()
+        except Exception as exc:
+            results[item.name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def start_metrics_server(
+    host: str, port: int, registry: CollectorRegistry, checks: list[HealthCheck]
+) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` from a daemon thread; returns the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif self.path.split("?")[0] == "/healthz":
+                results = run_checks(checks)
+                failing = {k: v for k, v in results.items() if v is not None}
+                body = {"status": "fail" if failing else "ok", "checks": results}
+                self._send(
+                    503 if failing else 200,
+                    json.dumps(body, indent=1).encode(),
+                    "application/json",
+                )
+            else:
+                self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # scrapes every few seconds would flood the log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics listening", host=host, port=port)
+    return server
+
+
+def build_registry(receiver: ReceiverState, store: Store) -> CollectorRegistry:
+    """A registry holding only the node's collector (no process/platform defaults)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(receiver, store))
+    return registry

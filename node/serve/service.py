@@ -1,0 +1,193 @@
+"""`mvi-node serve`: wire the store, the spool, the timers, the workers and the AE together.
+
+Start order matters for restart safety: the store opens (and jobs a crash left running go back
+to the queue), studies still receiving get their timers back, workers start, and only then does
+the AE listen. Stop order is the reverse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.core.logging import get_logger, study_key
+from node.core.settings import Settings
+from node.core.tls import server_context
+from node.deliver.outbox import Dispatcher
+from node.jobs.worker import WorkerPool
+from node.receive.completion import Assembler
+from node.receive.receiver import ReceiverState, start_receiver
+from node.receive.spool import remove_files
+from node.store.database import Store, utcnow
+
+log = get_logger("node.serve.service")
+
+
+@dataclass
+class Node:
+    """A running node: everything :func:`stop_node` must shut down."""
+
+    settings: Settings
+    store: Store
+    scheduler: BackgroundScheduler
+    assembler: Assembler
+    workers: WorkerPool
+    receiver: ReceiverState
+    server: Any
+    dispatcher: Dispatcher
+    metrics_server: Any = None
+
+    @property
+    def spool_root(self) -> Path:
+        """Where received instances live."""
+        return self.settings.node.data_dir / "spool"
+
+
+def apply_retention(store: Store, spool_root: Path, spool_days: int) -> int:
+    """Delete spooled instances of studies delivered more than ``spool_days`` ago."""
+    cutoff = utcnow() - dt.timedelta(days=spool_days)
+    removed = 0
+    for study_uid in store.studies_delivered_before(cutoff):
+        removed += remove_files(spool_root, store.delete_instances(study_uid))
+        log.info("retention: spooled instances deleted", study_key=study_key(study_uid))
+    return removed
+
+
+def start_node(settings: Settings) -> Node:
+    """Start every part of the node; returns when the AE listens."""
+    # Bad TLS files must stop the start before anything else runs.
+    tls = server_context(settings.security)
+    data_dir = settings.node.data_dir
+    spool_root = data_dir / "spool"
+    spool_root.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.database_url)
+    requeued = store.requeue_interrupted()
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    assembler = Assembler(store, scheduler, settings.completion.quiet_seconds)
+    scheduler.start()
+    restored = assembler.restore()
+    scheduler.add_job(
+        apply_retention,
+        trigger="interval",
+        days=1,
+        args=[store, spool_root, settings.retention.spool_days],
+        id="retention",
+        next_run_time=utcnow() + dt.timedelta(minutes=5),
+    )
+    if settings.requery.schedule:
+        from apscheduler.triggers.cron import CronTrigger
+
+        from node.requery.retrieve import run_safety_net
+
+        safety = scheduler.add_job(
+            run_safety_net,
+            trigger=CronTrigger.from_crontab(settings.requery.schedule, timezone=dt.UTC),
+            args=[settings],
+            id="requery-safety-net",
+            max_instances=1,
+            coalesce=True,
+        )
+        log.info(
+            "re-query safety net scheduled",
+            schedule=settings.requery.schedule,
+            days=settings.requery.safety_net_days,
+            next_run=str(safety.next_run_time),
+        )
+    workers = WorkerPool(settings, store, settings.pipeline.workers)
+    workers.start()
+    receiver = ReceiverState(
+        settings=settings, store=store, spool_root=spool_root, on_instance=assembler.on_instance
+    )
+    dispatcher = Dispatcher(settings, store)
+    dispatcher.start()
+    server = start_receiver(receiver, tls)
+    metrics_server = None
+    if settings.metrics.port is not None:
+        from node.serve.metrics import build_registry, health_checks, start_metrics_server
+
+        checks = health_checks(
+            receiver, settings.node.host, settings.node.port, lambda: bool(scheduler.running)
+        )
+        metrics_server = start_metrics_server(
+            settings.node.host, settings.metrics.port, build_registry(receiver, store), checks
+        )
+    log.info(
+        "node started",
+        data_dir=str(data_dir),
+        jobs_requeued=requeued,
+        timers_restored=restored,
+        workers=settings.pipeline.workers,
+    )
+    return Node(
+        settings, store, scheduler, assembler, workers, receiver, server, dispatcher, metrics_server
+    )
+
+
+def stop_node(node: Node) -> None:
+    """Stop listening, stop the workers and timers, close the store."""
+    node.server.shutdown()
+    if node.metrics_server is not None:
+        node.metrics_server.shutdown()
+    node.workers.stop()
+    node.dispatcher.stop()
+    node.scheduler.shutdown(wait=False)
+    node.store.close()
+    log.info("node stopped", counters=dict(node.receiver.counters))
+
+
+def serve(settings: Settings) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node = start_node(settings)
+    # systemd (Type=notify): ready once the AE listens and the store is open; then a watchdog
+    # ping at half the configured interval while the receiver and the scheduler are alive.
+    sd_notify("READY=1\nSTATUS=listening")
+    interval = watchdog_interval()
+    try:
+        while not stop.wait(interval or 1.0):
+            if interval and node.scheduler.running and node.workers.alive() > 0:
+                sd_notify("WATCHDOG=1")
+    finally:
+        sd_notify("STOPPING=1")
+        stop_node(node)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd when it asked for them (``$NOTIFY_SOCKET``)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        log.warning("sd_notify failed", message=message.split("\n")[0])
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's ``WatchdogSec`` for this process, or None without a watchdog."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6

@@ -1,0 +1,1 @@
+"""The node's database: studies, instances, jobs, results, outbox; the only code that runs SQL."""

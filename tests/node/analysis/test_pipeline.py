@@ -1,0 +1,265 @@
+"""Specification of one analysis, offline: `mvi-node analyze` on a phantom study."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from model.measure import measure
+from model.segmentation import FAT_HU, dice
+from node.analysis.dicomio import load_series
+from node.core.settings import to_toml
+from tests.conftest import require_tool, run_tool
+from tests.node.cli.test_main import mvi_node
+from tests.nodeproc import tiny_models
+
+RESULT_KEYS = {
+    "study_instance_uid",
+    "status",
+    "reason",
+    "phases",
+    "tumor",
+    "loat",
+    "mvi_probability",
+    "combined_probability",
+    "risk_category",
+    "model",
+    "segmentation",
+    "timings_s",
+    "outputs",
+}
+
+
+def analyze_config(tmp_path: Path, **pipeline: str) -> Path:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        to_toml(
+            {
+                "node": {"data_dir": str(tmp_path / "data")},
+                "pipeline": {"device": "cpu", **tiny_models(), **pipeline},
+            }
+        )
+    )
+    return config
+
+
+def test_analyze_writes_result_json_and_valid_objects(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=95, size=64, slices=16)
+    out = tmp_path / "out"
+    result = mvi_node(
+        "analyze", cohort / "study_0001", "--out", out, "--config", analyze_config(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "result.json").read_text())
+    assert set(data) >= RESULT_KEYS
+    assert data["status"] in {"scored", "no_tumor", "needs_review"}
+    assert data["phases"]["pairing"] == "tags"
+    assert len(data["phases"]["registration_shift_mm"]) == 3
+    assert data["segmentation"]["source"] == "unet"
+    assert data["model"]["demo"] is True
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    for name in data["outputs"].values():
+        ds = pydicom.dcmread(out / name)
+        assert ds.StudyInstanceUID == data["study_instance_uid"]
+        check = run_tool(dciodvfy, out / name, check=False)
+        errors = [line for line in check.stderr.splitlines() if line.startswith("Error")]
+        assert errors == [], f"{name}: {errors}"
+    assert "status" in result.stdout and "timings" in result.stdout
+
+
+def test_analyze_takes_exactly_one_study(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=2, seed=96, size=48, slices=16)
+    result = mvi_node(
+        "analyze", cohort, "--out", tmp_path / "out", "--config", analyze_config(tmp_path)
+    )
+    assert result.returncode == 2
+    assert "holds 2 studies" in result.stderr
+
+
+def test_analyze_without_models_says_how_to_get_them(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=95, size=64, slices=16)
+    config = tmp_path / "node.toml"
+    config.write_text(to_toml({"pipeline": {"segmenter_dir": str(tmp_path / "none")}}))
+    result = mvi_node(
+        "analyze", cohort / "study_0001", "--out", tmp_path / "out", "--config", config
+    )
+    assert result.returncode == 2
+    assert "mvi-node demo" in result.stderr and "train-seg" in result.stderr
+
+
+# -- numbers against the phantom's truth --------------------------------------------------------
+
+
+def truth_row(cohort: Path) -> dict[str, str]:
+    """The first study's row of the cohort's truth.csv."""
+    with (cohort / "truth.csv").open(newline="") as handle:
+        return next(csv.DictReader(handle))
+
+
+def relative_error(value: float, truth: float) -> float:
+    return abs(value - truth) / truth
+
+
+def arterial_series(study: Path, row: dict[str, str]) -> tuple[Any, list[pydicom.Dataset]]:
+    """The arterial volume (SimpleITK, as the node loads it) and its files' headers."""
+    paths = sorted(study.rglob("*.dcm"))
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+    chosen = [
+        (path, ds)
+        for path, ds in zip(paths, headers, strict=True)
+        if ds.SeriesInstanceUID == row["arterial_series_uid"]
+    ]
+    return load_series([path for path, _ in chosen]), [ds for _, ds in chosen]
+
+
+def truth_masks(cohort: Path, arterial: Any) -> dict[str, np.ndarray]:
+    """The phantom's truth masks (NRRD beside the cohort) on the arterial grid, ``[k, j, i]``.
+
+    ``loat_fat`` is the LOAT truth within the fat window, as the node keeps it (:data:`FAT_HU`).
+    """
+    masks = {}
+    for name in ("tumor", "loat"):
+        image = sitk.ReadImage(str(cohort / "masks" / "study_0001" / f"{name}.nrrd"))
+        on_grid = sitk.Resample(image, arterial, sitk.Transform(), sitk.sitkNearestNeighbor)
+        masks[name] = sitk.GetArrayFromImage(on_grid) > 0
+    hu = sitk.GetArrayFromImage(arterial)
+    masks["loat_fat"] = masks["loat"] & (hu >= FAT_HU[0]) & (hu <= FAT_HU[1])
+    return masks
+
+
+def seg_masks(
+    path: Path, arterial: Any, headers: list[pydicom.Dataset]
+) -> tuple[dict[str, np.ndarray], pydicom.Dataset]:
+    """The node's SEG decoded back onto the arterial grid (segment 1 tumor, 2 LOAT)."""
+    seg = hd.seg.segread(path)
+    pixels = seg.get_pixels_by_source_instance(
+        [str(ds.SOPInstanceUID) for ds in headers],
+        segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True,
+    )
+    volume = np.zeros((*sitk.GetArrayViewFromImage(arterial).shape, 2), dtype=bool)
+    for ds, frame in zip(headers, pixels, strict=True):
+        point = [float(v) for v in ds.ImagePositionPatient]
+        volume[arterial.TransformPhysicalPointToIndex(point)[2]] = frame > 0
+    return {"tumor": volume[..., 0], "loat": volume[..., 1]}, seg
+
+
+def analyze_study(tmp_path: Path, study: Path, config: Path) -> dict[str, Any]:
+    out = tmp_path / "out"
+    result = mvi_node("analyze", study, "--out", out, "--config", config)
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads((out / "result.json").read_text())
+    assert data["status"] == "scored", data["reason"]
+    return data
+
+
+def test_analyze_measures_the_truth_when_the_study_supplies_it_as_a_seg(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    # The study carries the phantom's truth as a manual SEG: the node must use it instead of
+    # its U-Net, and measure, encode and report exactly the truth.
+    cohort = cohort_factory(seed=95, seg=True, masks=True)
+    study = cohort / "study_0001"
+    row = truth_row(cohort)
+    data = analyze_study(tmp_path, study, analyze_config(tmp_path))
+    truth_seg = pydicom.dcmread(next(study.rglob("SEG*.dcm")), stop_before_pixels=True)
+    assert data["segmentation"] == {
+        "source": "supplied",
+        "supplied_seg": str(truth_seg.SOPInstanceUID),
+        "rejected_segs": 0,
+    }
+
+    tumor, loat = data["tumor"], data["loat"]
+    assert tumor["max_diameter_mm"] == pytest.approx(float(row["max_diameter_mm"]), abs=0.011)
+    assert tumor["volume_ml"] == pytest.approx(float(row["tumor_volume_ml"]), abs=0.0011)
+    assert tumor["count"] == 1
+    # LOAT: the node keeps only fat (FAT_HU on the arterial image) of any segmentation, a
+    # radiologist's included. On this 4-mm grid a few partial-volume voxels of the truth are
+    # brighter than -30 HU, so the area is exactly that of the truth within the fat window,
+    # and 7 % under truth.csv's, inside the segmentation goal of 15 %.
+    arterial, headers = arterial_series(study, row)
+    truth = truth_masks(cohort, arterial)
+    spacing = tuple(float(v) for v in arterial.GetSpacing())
+    expected = measure(truth["tumor"], truth["loat_fat"], spacing)
+    assert loat["found"] is True
+    assert loat["max_area_cm2"] == pytest.approx(expected.loat_max_area_cm2, abs=0.0011)
+    assert loat["volume_ml"] == pytest.approx(expected.loat_volume_ml, abs=0.0011)
+    assert loat["area_slice"] == expected.loat_area_slice
+    assert relative_error(loat["max_area_cm2"], float(row["loat_max_area_cm2"])) <= 0.15
+
+    # The SEG the node sends back holds these very masks, on the arterial series, as MANUAL.
+    masks, seg = seg_masks(tmp_path / "out" / "seg.dcm", arterial, headers)
+    assert dice(masks["tumor"], truth["tumor"]) == 1.0
+    assert dice(masks["loat"], truth["loat_fat"]) == 1.0
+    assert {str(s.SegmentAlgorithmType) for s in seg.SegmentSequence} == {"MANUAL"}
+
+
+@pytest.fixture(scope="module")
+def briefly_trained_segmenter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Net trained for seconds: 6 phantoms of 64×64×16, 1,000 iterations, 4-mm grid.
+
+    The session's tiny segmenter (:func:`tests.nodeproc.tiny_models`, 20 iterations) finds no
+    tumor at all; this one takes 15–35 s on 2 shared cores and finds it, roughly.
+    """
+    from model.train_seg import train_segmenter
+    from node.offline.train_seg import phantom_samples
+
+    out = tmp_path_factory.mktemp("segmenter") / "unet"
+    samples, _ = phantom_samples(6, seed=1, size=64, slices=16, spacing_mm=4.0)
+    train_segmenter(
+        samples, out, spacing_mm=4.0, iterations=1000, patch=(32, 32, 16), device="cpu", demo=True
+    )
+    return out
+
+
+def test_analyze_with_a_briefly_trained_unet_comes_near_the_truth(
+    tmp_path: Path, cohort_factory: Callable[..., Path], briefly_trained_segmenter: Path
+) -> None:
+    # The segmentation goals (bench/segmentation.py: Dice tumor >= 0.85, LOAT >= 0.80, diameter
+    # error <= 10 %, LOAT area error <= 15 %) are for the demo segmenter (1,000 iterations on 12
+    # phantoms of 256×256×64). This U-Net had seconds on small phantoms, and training on the CPU
+    # is not bit-reproducible: on this study, over six trainings, Dice tumor 0.84-0.85, diameter
+    # error 4-11 %, tumor volume error 0-14 %, Dice LOAT 0.59-0.68 and LOAT area error 18-32 %
+    # (7 points of it are the fat window, see above). The bounds leave a margin over those; a
+    # wrong geometry anywhere between the files and the SEG would give Dice near 0.
+    cohort = cohort_factory(seed=95, masks=True)
+    study = cohort / "study_0001"
+    row = truth_row(cohort)
+    config = analyze_config(tmp_path, segmenter_dir=str(briefly_trained_segmenter))
+    data = analyze_study(tmp_path, study, config)
+    assert data["segmentation"]["source"] == "unet"
+
+    arterial, headers = arterial_series(study, row)
+    truth = truth_masks(cohort, arterial)
+    masks, _ = seg_masks(tmp_path / "out" / "seg.dcm", arterial, headers)
+    figures = {
+        "dice_tumor": dice(masks["tumor"], truth["tumor"]),
+        "dice_loat": dice(masks["loat"], truth["loat"]),
+        "diameter_error": relative_error(
+            data["tumor"]["max_diameter_mm"], float(row["max_diameter_mm"])
+        ),
+        "volume_error": relative_error(data["tumor"]["volume_ml"], float(row["tumor_volume_ml"])),
+        "loat_area_error": relative_error(
+            data["loat"]["max_area_cm2"], float(row["loat_max_area_cm2"])
+        ),
+    }
+    assert figures["dice_tumor"] >= 0.7, figures
+    assert figures["diameter_error"] <= 0.2, figures
+    assert figures["volume_error"] <= 0.3, figures
+    assert figures["dice_loat"] >= 0.45, figures
+    assert figures["loat_area_error"] <= 0.5, figures

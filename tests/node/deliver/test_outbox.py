@@ -1,0 +1,251 @@
+"""Specification of result delivery: durable outbox, retries, refusals, real destinations."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import insert
+
+from node.deliver.outbox import ResultObject, backoff, enqueue, list_outbox
+from node.store.database import Store, jobs, studies, utcnow
+from tests.conftest import require_tool
+from tests.node.cli.test_main import mvi_node
+from tests.nodeproc import dcmtk_env, running_node, start_node_process, wait_for
+from tests.orthanc import free_port, restart_orthanc, running_orthanc
+
+
+def make_job(store: Store, study_uid: str) -> int:
+    """A finished job row for ``study_uid`` (what the pipeline leaves before queuing results)."""
+    now = utcnow()
+    with store.begin() as conn:
+        conn.execute(
+            insert(studies).values(
+                study_uid=study_uid, study_key="k", state="done", instance_count=0, priority=0
+            )
+        )
+        result = conn.execute(
+            insert(jobs).values(
+                study_uid=study_uid, state="done", priority=0, attempts=1, created_at=now
+            )
+        )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def result_of(cohort: Path) -> tuple[dict[str, str], Path, list[Path]]:
+    """A study of the cohort, its truth SEG (standing in for a result) and its CT files."""
+    with (cohort / "truth.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    files = sorted((cohort / row["study_folder"]).rglob("*.dcm"))
+    seg = next(p for p in files if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
+    return row, seg, [p for p in files if p != seg]
+
+
+def as_result(path: Path) -> ResultObject:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return ResultObject(path, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+
+
+def states(node_store: Store) -> list[tuple[str, int, str]]:
+    return [
+        (r["state"], r["attempts"], r["last_status"] or "")
+        for r in list_outbox(node_store, include_sent=True)
+    ]
+
+
+def test_backoff_doubles_up_to_the_maximum() -> None:
+    assert [backoff(n, 30, 3600) for n in (1, 2, 3, 8, 20)] == [30, 60, 120, 3600, 3600]
+
+
+def test_results_wait_for_a_stopped_pacs_and_survive_a_node_restart(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=81, size=48, slices=16, seg=True)
+    row, seg, ct_files = result_of(cohort)
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        pacs.upload(ct_files)
+        before = len(pacs.instances_of_study(row["study_instance_uid"]))
+        extra = {
+            "peers": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+            "results": {"destinations": ["pacs"]},
+            "outbox": {"backoff_initial_s": 0.5, "backoff_max_s": 1.0},
+        }
+        with running_node(tmp_path / "node", extra) as node:
+            pacs.stop()
+            store = node.store()
+            job_id = make_job(store, row["study_instance_uid"])
+            enqueue(store, job_id, row["study_instance_uid"], [as_result(seg)], ["pacs"])
+            wait_for(lambda: states(store)[0][1] >= 2, timeout=30)
+            state, _, status = states(store)[0]
+            assert state == "pending" and "association" in status
+            listed = mvi_node("outbox", "list", "--config", node.config_path)
+            assert listed.returncode == 0 and "pending" in listed.stdout
+            # The node restarts while the PACS is still down; the item waits in the database.
+            node.stop()
+            restarted = start_node_process(node.config_path, node.log_path)
+            again = None
+            try:
+                again = restart_orthanc(pacs)
+                wait_for(lambda: states(store)[0][0] == "sent", timeout=60)
+                found = again.instances_of_study(row["study_instance_uid"])
+            finally:
+                restarted.stop()
+                if again is not None:
+                    again.stop()  # the context manager stops only the first process
+            store.close()
+        uids = {i["SOPInstanceUID"] for i in found}
+        assert str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID) in uids
+        assert len(uids) == before + 1, "delivered once, into the same study"
+
+
+def test_a_refusing_destination_fails_the_item_with_its_words(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    storescp = require_tool("storescp", "dcmtk")
+    cohort = cohort_factory(seed=81, size=48, slices=16, seg=True)
+    row, seg, _ = result_of(cohort)
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n"
+        "[[PresentationContexts]]\n[CTOnly]\nPresentationContext1 = CTImageStorage\\Uncompressed\n"
+        "[[Profiles]]\n[Default]\nPresentationContexts = CTOnly\n"
+    )
+    port = free_port()
+    scp = subprocess.Popen(
+        [
+            storescp,
+            "-xf",
+            str(profile),
+            "Default",
+            "-aet",
+            "CT_ONLY",
+            "-od",
+            str(tmp_path),
+            str(port),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        extra = {
+            "peers": {"ctonly": {"ae_title": "CT_ONLY", "host": "127.0.0.1", "port": port}},
+            "results": {"destinations": ["ctonly"]},
+        }
+        with running_node(tmp_path / "node", extra) as node:
+            store = node.store()
+            job_id = make_job(store, row["study_instance_uid"])
+            enqueue(store, job_id, row["study_instance_uid"], [as_result(seg)], ["ctonly"])
+            wait_for(lambda: states(store)[0][0] == "failed", timeout=30)
+            _, attempts, status = states(store)[0]
+            assert attempts == 1
+            assert "accepts no presentation context for Segmentation Storage" in status
+            assert node.process.poll() is None
+            retried = mvi_node("outbox", "retry", "--config", node.config_path)
+            assert retried.returncode == 0 and "1 item(s) queued again" in retried.stdout
+            wait_for(lambda: states(store)[0][1] == 2, timeout=30)
+            store.close()
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+
+@pytest.mark.parametrize("destination", ["nowhere"])
+def test_an_unknown_destination_fails_at_once(tmp_path: Path, destination: str) -> None:
+    from node.core.settings import Settings
+    from node.deliver.outbox import Dispatcher
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    job_id = make_job(store, "1.2.3")
+    enqueue(
+        store,
+        job_id,
+        "1.2.3",
+        [ResultObject(tmp_path / "x.dcm", "1.2.3.4", "1.2.3.5")],
+        [destination],
+    )
+    assert Dispatcher(Settings(), store).deliver_due() == 1
+    (state, attempts, status) = states(store)[0]
+    assert state == "failed" and "no [peers.nowhere] configured" in status and attempts == 1
+
+
+def sr_texts(item: pydicom.Dataset) -> list[str]:
+    """Every TEXT value of an SR content tree."""
+    texts = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        texts += sr_texts(child)
+    return texts
+
+
+def _send_study(node_port: int, study: Path) -> None:
+    from tests.nodeproc import storescu_command
+
+    subprocess.run(
+        storescu_command(node_port, study),
+        env=dcmtk_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("broken_model", [False, True], ids=["analysed", "failed"])
+def test_results_come_back_into_the_same_study_on_the_pacs(
+    tmp_path: Path, cohort_factory: Callable[..., Path], broken_model: bool
+) -> None:
+    cohort = cohort_factory(seed=91, size=64, slices=16)
+    with (cohort / "truth.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        extra: dict[str, object] = {
+            "peers": {
+                "scu": {"ae_title": "STORESCU", "host": "127.0.0.1"},
+                "pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
+            },
+            "results": {"destinations": ["pacs"]},
+        }
+        if broken_model:
+            # A model folder that is not there: the job fails, and says so to the reading room.
+            extra["pipeline"] = {
+                "segmenter_dir": str(tmp_path / "missing-model"),
+                "max_attempts": 1,
+            }
+        with running_node(tmp_path / "node", extra) as node:
+            _send_study(node.port, cohort / row["study_folder"])
+            store = node.store()
+            wait_for(
+                lambda: (
+                    (r := list_outbox(store, include_sent=True))
+                    and all(i["state"] == "sent" for i in r)
+                ),
+                timeout=120,
+            )
+            study = store.study(row["study_instance_uid"])
+            store.close()
+        assert study is not None
+        instances = pacs.instances_of_study(row["study_instance_uid"])
+        kinds = set()
+        for item in instances:
+            dicom = pacs.rest("GET", f"/instances/{item['ID']}/file")
+            ds = pydicom.dcmread(io.BytesIO(dicom))
+            assert ds.StudyInstanceUID == row["study_instance_uid"]
+            assert (
+                ds.PatientID
+                == pydicom.dcmread(
+                    next((cohort / row["study_folder"]).rglob("*.dcm")), stop_before_pixels=True
+                ).PatientID
+            )
+            kinds.add(ds.Modality)
+            if ds.Modality == "SR" and broken_model:
+                text = " ".join(sr_texts(ds))
+                assert "failed" in text and "missing-model" in text
+        assert "SR" in kinds and len(instances) >= 2, "an SR and a summary image at least"
+        assert study["state"] == ("failed" if broken_model else "done")

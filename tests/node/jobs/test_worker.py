@@ -1,0 +1,235 @@
+"""Specification of the worker processes: separate from the receiver, and never orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.analysis.models import Models
+from node.core.logging import study_key
+from node.core.settings import Settings
+from node.jobs.worker import JobOutcome, batch_size, run_jobs
+from node.receive.receiver import ANALYSABLE_SOP_CLASSES
+from node.store.database import InstanceRecord, Store
+from tests.nodeproc import node_settings, running_node, wait_for
+
+
+def children(pid: int) -> set[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The parent pid is the 2nd field after the parenthesised command name.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def workers_of(pid: int) -> set[int]:
+    """The node's worker processes (multiprocessing spawn children, not its resource tracker)."""
+    found = set()
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.add(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+    return " Z " not in stat  # a zombie has stopped working
+
+
+def test_workers_die_with_a_killed_node(tmp_path: Path) -> None:
+    with running_node(tmp_path, {"pipeline": {"workers": 2}}) as node:
+        wait_for(lambda: len(workers_of(node.process.pid)) >= 2)
+        workers = workers_of(node.process.pid)
+        node.kill()
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=20)
+
+
+def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
+    with running_node(tmp_path) as node:
+        (worker,) = wait_for(lambda: workers_of(node.process.pid))
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: workers_of(node.process.pid) - {worker}, timeout=30)
+        time.sleep(0.5)
+        assert node.process.poll() is None
+        assert "worker died; replacing it" in node.log()
+
+
+def test_the_receiving_process_does_not_import_torch(tmp_path: Path) -> None:
+    with running_node(tmp_path) as node:
+        maps = Path(f"/proc/{node.process.pid}/maps").read_text()
+        assert "libtorch" not in maps
+
+
+# -- batches of waiting jobs ------------------------------------------------------------------
+
+
+def _ingest(store: Store, root: Path, folder: Path) -> str:
+    """Record a phantom study's files as if received (the spool root is the cohort folder)."""
+    study_uid = ""
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        study_uid = str(ds.StudyInstanceUID)
+        store.record_instance(
+            InstanceRecord(
+                study_uid=study_uid,
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=str(path.relative_to(root)),
+                size=path.stat().st_size,
+                sha256=str(ds.SOPInstanceUID),
+                calling_ae="TEST",
+                modality=str(ds.Modality),
+                series_number=None,
+                series_description=str(ds.get("SeriesDescription", "")),
+                analysable=str(ds.SOPClassUID) in ANALYSABLE_SOP_CLASSES,
+                own_output=False,
+                patient_id="",
+                patient_name="",
+                accession_number="",
+                study_date=str(ds.StudyDate),
+            )
+        )
+    return study_uid
+
+
+def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    # Truth SEGs in the studies: the supplied masks make every study reach the model.
+    cohort = cohort_factory(studies=3, seed=83, size=64, slices=16, seg=True)
+    single_phase = cohort_factory(studies=1, seed=84, size=64, slices=16, phases=("portal_venous",))
+    settings = Settings.model_validate(
+        node_settings(tmp_path / "data", extra={"pipeline": {"batch_size": 4}})
+    )
+    store = Store(settings.database_url)
+    uids = [_ingest(store, cohort, cohort / f"study_{i:04d}") for i in (1, 2, 3)]
+    lone = _ingest(store, single_phase, single_phase / "study_0001")
+    for uid in [*uids, lone]:
+        assert store.complete_study(uid) is not None
+    jobs = []
+    while (job := store.claim_job()) is not None:
+        jobs.append(job)
+    assert [j.study_uid for j in jobs] == [*uids, lone]
+
+    models = Models(settings, device="cpu")
+    assert batch_size(settings, models) == 4
+    # The spool root differs per cohort folder here, so the batch is run per folder root: the
+    # three liver studies together, the single-phase one alone.
+    outcomes = run_jobs(store, cohort, settings, jobs[:3], models)
+    (lonely,) = run_jobs(store, single_phase, settings, jobs[3:], models)
+
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+    assert isinstance(lonely, JobOutcome) and lonely.state in ("needs_review", "not_applicable")
+    results = [store.latest_result(uid)["result"] for uid in uids]  # type: ignore[index]
+    assert [r["status"] for r in results] == ["scored"] * 3, [r["reason"] for r in results]
+    # One forward pass: every study of the batch carries the same share of it.
+    assert len({r["timings_s"]["infer"] for r in results}) == 1
+    # The batch gives each study the probability it gets alone (a new job of the same study).
+    for uid, result in zip(uids, results, strict=True):
+        store.reprocess(uid)
+        alone_job = store.claim_job()
+        assert alone_job is not None and alone_job.study_uid == uid
+        (alone,) = run_jobs(store, cohort, settings, [alone_job], models)
+        assert isinstance(alone, JobOutcome)
+        again = store.latest_result(uid)  # type: ignore[index]
+        assert again is not None and again["job_id"] == alone_job.id
+        assert again["result"]["mvi_probability"] == pytest.approx(
+            result["mvi_probability"], abs=1e-3
+        )
+    store.close()
+
+
+def test_a_failure_before_the_model_fails_only_its_own_job(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=2, seed=85, size=64, slices=16)
+    settings = Settings.model_validate(node_settings(tmp_path / "data"))
+    store = Store(settings.database_url)
+    good, bad = (_ingest(store, cohort, cohort / f"study_{i:04d}") for i in (1, 2))
+    for uid in (good, bad):
+        store.complete_study(uid)
+    jobs = [store.claim_job(), store.claim_job()]
+    assert all(j is not None for j in jobs)
+    # The second study's model loads fine but its outputs folder cannot be written.
+    blocked = settings.node.data_dir / "results" / study_key(jobs[1].study_uid)  # type: ignore[union-attr]
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where a folder should be")
+    outcomes = run_jobs(store, cohort, settings, jobs, Models(settings, device="cpu"))  # type: ignore[arg-type]
+    assert isinstance(outcomes[0], JobOutcome)
+    assert isinstance(outcomes[1], Exception)
+    store.close()
+
+
+def test_a_job_rerun_after_a_crash_does_not_make_a_second_set(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    from node.deliver.outbox import list_outbox
+
+    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
+    extra = {
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "results": {"destinations": ["pacs"]},
+    }
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    uid = _ingest(store, cohort, cohort / "study_0001")
+    store.complete_study(uid)
+    job = store.claim_job()
+    assert job is not None
+    models = Models(settings, device="cpu")
+    (first,) = run_jobs(store, cohort, settings, [job], models)
+    assert isinstance(first, JobOutcome) and first.state == "done"
+    sent = sorted(row["sop_instance_uid"] for row in list_outbox(store, include_sent=True))
+    assert len(sent) == 3
+    # The node dies before the job is marked finished; on restart the job runs again.
+    assert store.requeue_interrupted() == 1
+    again = store.claim_job()
+    assert again is not None and again.id == job.id
+    (second,) = run_jobs(store, cohort, settings, [again], models)
+    assert isinstance(second, JobOutcome) and second.state == "done"
+    assert sorted(row["sop_instance_uid"] for row in list_outbox(store, include_sent=True)) == sent
+    with store.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from node.store.database import results
+
+        count = conn.execute(select(func.count()).select_from(results)).scalar()
+    assert count == 1
+    store.close()
+
+
+@pytest.mark.parametrize("value", [0, 257, "many"])
+def test_batch_size_is_auto_or_a_small_number(value: object) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        Settings.model_validate({"pipeline": {"batch_size": value}})
+
+
+def test_auto_batch_size_is_one_on_the_cpu() -> None:
+    settings = Settings()
+    assert batch_size(settings, Models(settings, device="cpu")) == 1
+    assert batch_size(settings, Models(settings, device="cuda")) == 8

@@ -1,0 +1,190 @@
+"""Specification of `mvi-node train-seg` as an operator meets it: the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import CARD_NAME, WEIGHTS_NAME, load_checkpoint
+from node.offline.phantom_study import CohortOptions, write_cohort
+
+FAST = ("--size", "64", "--slices", "16", "--iterations", "5")
+
+
+def mvi_node(*args: str | Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    """Run the console script with the demo cache redirected into the test's folder."""
+    script = shutil.which("mvi-node", path=str(Path(sys.executable).parent)) or "mvi-node"
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("MVI_")}
+    return subprocess.run(
+        [script, "train-seg", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**clean, "XDG_CACHE_HOME": str(cache), "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600,
+        check=False,
+    )
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without the JSON log lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+
+
+def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = mvi_node("--phantoms", "3", *FAST, "--out", out, cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS_NAME, CARD_NAME])
+    _, card = load_checkpoint(out)
+    assert card["kind"] == "segmenter" and card["demo"] is True
+    assert card["training"]["iterations"] == 5
+    assert card["training"]["studies"] == 2 and card["validation"]["studies"] == 1
+    assert card["input"]["spacing_mm"] == 2.0
+    assert card["training"]["device"] == "cpu"
+    assert card["training_data"]["phantoms"] == 3
+    assert "validation Dice tumor" in result.stdout
+    assert str(out) in result.stdout.replace("\n", "")
+    # Nothing went to the demo cache: --out was given.
+    assert not (tmp_path / "cache" / "mvi-node").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "exactly one of --studies DIR and --phantoms N"),
+        (("--phantoms", "2", "--studies", "."), "exactly one of --studies DIR and --phantoms N"),
+        (("--studies", "."), "--studies needs --out"),
+        (("--phantoms", "2", "--validation-fraction", "1.5"), "--validation-fraction"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = mvi_node(*args, cache=tmp_path / "cache")
+    assert result.returncode == 2
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_non_empty_out_needs_force(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    result = mvi_node("--phantoms", "2", *FAST, "--out", out, cache=tmp_path / "cache")
+    assert result.returncode == 2
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1 and "--force" in lines[0]
+    # --force replaces a checkpoint, never a folder of other things.
+    result = mvi_node("--phantoms", "2", *FAST, "--out", out, "--force", cache=tmp_path / "c")
+    assert result.returncode == 2 and (out / "notes.txt").exists()
+
+
+def test_a_folder_without_usable_studies_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = mvi_node(
+        "--studies", tmp_path / "empty", "--out", tmp_path / "model", cache=tmp_path / "cache"
+    )
+    assert result.returncode == 2
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1 and "no usable study" in lines[0]
+
+
+def test_studies_from_a_cohort_skip_a_study_without_masks(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortOptions(studies=3, size=64, slices=16, masks=True, seed=5))
+    shutil.rmtree(cohort / "masks" / "study_0002")
+    out = tmp_path / "model"
+    result = mvi_node(
+        "--studies",
+        cohort,
+        "--out",
+        out,
+        "--iterations",
+        "5",
+        "--spacing",
+        "4",
+        cache=tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in _error_lines(result.stderr) if "study_0002" in line]
+    assert warnings and "no truth masks" in warnings[0]
+    assert "skipped study_0002: no truth masks" in result.stdout
+    _, card = load_checkpoint(out)
+    assert card["demo"] is False
+    assert card["training"]["studies"] + card["validation"]["studies"] == 2
+    assert card["input"]["spacing_mm"] == 4.0
+
+
+def test_truth_can_come_from_a_manual_seg_in_the_study(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortOptions(studies=2, size=64, slices=16, seg=True, seed=6))
+    assert not (cohort / "masks").exists()
+    out = tmp_path / "model"
+    result = mvi_node(
+        "--studies",
+        cohort,
+        "--out",
+        out,
+        "--iterations",
+        "5",
+        "--spacing",
+        "4",
+        cache=tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped study_" not in result.stdout
+    _, card = load_checkpoint(out)
+    assert card["training"]["studies"] + card["validation"]["studies"] == 2
+
+
+def test_truth_masks_from_a_seg_equal_the_phantom_truth(tmp_path: Path) -> None:
+    import numpy as np
+
+    from model.phantom import PhantomSpec, make_study
+    from model.segmentation import labels_from_masks
+    from node.analysis.dicomio import load_series, scan_folder
+    from node.offline.phantom_study import study_seed
+    from node.offline.train_seg import truth_masks_for
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortOptions(studies=1, size=64, slices=16, seg=True, seed=7))
+    rows = (cohort / "truth.csv").read_text().splitlines()
+    header, values = rows[0].split(","), rows[1].split(",")
+    row = dict(zip(header, values, strict=True))
+    study = scan_folder(cohort)[row["study_instance_uid"]]
+    arterial = load_series(study[row["arterial_series_uid"]].paths)
+    labels = truth_masks_for(
+        study,
+        arterial,
+        arterial_uid=row["arterial_series_uid"],
+        portal_venous_uid=row["portal_venous_series_uid"],
+    )
+    phantom = make_study(study_seed(7, 0), PhantomSpec(size=64, slices=16))
+    expected = labels_from_masks(
+        phantom.masks["liver"], phantom.masks["tumor"], phantom.masks["loat"]
+    )
+    assert labels is not None
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_phantoms_without_out_fill_the_demo_cache_once(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = ("--phantoms", "2", "--size", "64", "--slices", "16", "--iterations", "2")
+    first = mvi_node(*args, "--spacing", "6", cache=cache)
+    assert first.returncode == 0, first.stderr
+    models = list((cache / "mvi-node" / "models").iterdir())
+    assert len(models) == 1 and models[0].name.startswith("segmenter-")
+    card = json.loads((models[0] / CARD_NAME).read_text())
+    again = mvi_node(*args, "--spacing", "6", cache=cache)
+    assert again.returncode == 0 and "not retrained" in again.stdout
+    assert json.loads((models[0] / CARD_NAME).read_text())["created"] == card["created"]
+    # Another setting is another cache entry: a quick run never overwrites the real demo model.
+    other = mvi_node(*args, "--spacing", "8", cache=cache)
+    assert other.returncode == 0, other.stderr
+    assert len(list((cache / "mvi-node" / "models").iterdir())) == 2

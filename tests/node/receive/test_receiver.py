@@ -1,0 +1,528 @@
+"""Specification of the receive path, against real DICOM peers (DCMTK, pynetdicom as an SCU).
+
+A PACS must be able to push a study and trust that every acknowledged instance is safe.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import subprocess
+import threading
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from node import MANUFACTURER, MODEL_NAME
+from node.analysis.dicomio import load_series
+from node.core.settings import to_toml
+from node.store.database import instances
+from tests.conftest import require_tool, run_tool
+from tests.nodeproc import (
+    NODE_AET,
+    SCU_AET,
+    NodeProcess,
+    dcmtk_env,
+    running_node,
+    start_node_process,
+    storescu_command,
+    wait_for,
+)
+
+
+def truth_rows(cohort: Path) -> list[dict[str, str]]:
+    with (cohort / "truth.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def storescu(
+    node: NodeProcess, *paths: Path, propose: str = "-x="
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu of files or folders (recursively), one association."""
+    return subprocess.run(
+        storescu_command(node.port, *paths, propose=propose),
+        capture_output=True,
+        text=True,
+        env=dcmtk_env(),
+        timeout=300,
+        check=False,
+    )
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a file, after its file meta (what a transfer keeps unchanged)."""
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+    meta_end = 132 + len(_meta_bytes(ds))
+    return raw[meta_end:]
+
+
+def _meta_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, ds.file_meta, enforce_standard=False)
+    return buffer.getvalue()
+
+
+def pixel_bytes(path: Path) -> bytes:
+    return bytes(pydicom.dcmread(path).PixelData)
+
+
+def spooled(node: NodeProcess) -> dict[str, Path]:
+    """SOPInstanceUID → spooled file."""
+    files = {}
+    for path in node.spool.rglob("*.dcm"):
+        files[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
+    return files
+
+
+def study_state(node: NodeProcess, study_uid: str) -> dict[str, object] | None:
+    store = node.store()
+    try:
+        return store.study(study_uid)
+    finally:
+        store.close()
+
+
+def wait_until_final(node: NodeProcess, study_uid: str, timeout: float = 90) -> dict[str, object]:
+    final = {"done", "failed", "needs_review", "not_applicable"}
+
+    def finished() -> dict[str, object] | None:
+        row = study_state(node, study_uid)
+        return row if row is not None and row["state"] in final else None
+
+    return wait_for(finished, timeout=timeout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def cohort(cohort_factory: Callable[..., Path]) -> Path:
+    return cohort_factory(seed=21, size=64, slices=16)
+
+
+def test_echoscu_succeeds(tmp_path: Path) -> None:
+    echoscu = require_tool("echoscu", "dcmtk")
+    with running_node(tmp_path) as node:
+        result = run_tool(echoscu, "-aet", SCU_AET, "-aec", NODE_AET, "127.0.0.1", node.port)
+        assert result.returncode == 0
+
+
+def test_unknown_caller_and_wrong_called_title_are_rejected(tmp_path: Path) -> None:
+    echoscu = require_tool("echoscu", "dcmtk")
+    with running_node(tmp_path) as node:
+        intruder = run_tool(
+            echoscu, "-aet", "INTRUDER", "-aec", NODE_AET, "127.0.0.1", node.port, check=False
+        )
+        assert intruder.returncode != 0
+        misdialled = run_tool(
+            echoscu, "-aet", SCU_AET, "-aec", "SOMEONE_ELSE", "127.0.0.1", node.port, check=False
+        )
+        assert misdialled.returncode != 0
+        log = node.log()
+        assert '[peers.NAME] ae_title = \\"INTRUDER\\"' in log or "INTRUDER" in log
+        assert "allow_with" in log
+        # The node still serves the next, legitimate caller.
+        assert (
+            run_tool(echoscu, "-aet", SCU_AET, "-aec", NODE_AET, "127.0.0.1", node.port).returncode
+            == 0
+        )
+
+
+def test_peer_bound_to_another_host_is_rejected(tmp_path: Path) -> None:
+    echoscu = require_tool("echoscu", "dcmtk")
+    extra = {"peers": {"scu": {"ae_title": SCU_AET, "host": "10.9.8.7"}}}
+    with running_node(tmp_path, extra) as node:
+        result = run_tool(
+            echoscu, "-aet", SCU_AET, "-aec", NODE_AET, "127.0.0.1", node.port, check=False
+        )
+        assert result.returncode != 0
+        assert "not allowed from this address" in node.log()
+
+
+def test_a_whole_study_is_stored_and_paired(tmp_path: Path, cohort: Path) -> None:
+    row = truth_rows(cohort)[0]
+    study = cohort / row["study_folder"]
+    sent = sorted(study.rglob("*.dcm"))
+    with running_node(tmp_path) as node:
+        result = storescu(node, study)
+        assert result.returncode == 0, result.stderr
+        final = wait_until_final(node, row["study_instance_uid"])
+        files = spooled(node)
+        assert len(files) == len(sent) == final["instance_count"]
+        for path in sent:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes(files[uid]) == dataset_bytes(path), "stored as received"
+        assert final["state"] == "done"
+        pairing = final["pairing"]
+        assert isinstance(pairing, dict)
+        assert pairing["arterial"] == row["arterial_series_uid"]
+        assert pairing["portal_venous"] == row["portal_venous_series_uid"]
+        for spool_file in files.values():
+            relative = str(spool_file.relative_to(node.spool))
+            assert not re.search(r"\d+\.\d+\.\d+", relative), "no raw UID in a spool path"
+
+
+@pytest.mark.parametrize(
+    ("tool", "package", "arguments", "syntax", "propose"),
+    [
+        ("dcmcjpls", "dcmtk", ["+el"], "1.2.840.10008.1.2.4.80", "-xt"),
+        ("gdcmconv", "libgdcm-tools", ["--j2k"], "1.2.840.10008.1.2.4.90", "-xv"),
+    ],
+    ids=["jpeg-ls", "jpeg-2000"],
+)
+def test_compressed_study_is_stored_unchanged_and_decodes(
+    tmp_path: Path,
+    cohort: Path,
+    tool: str,
+    package: str,
+    arguments: list[str],
+    syntax: str,
+    propose: str,
+) -> None:
+    executable = require_tool(tool, package)
+    row = truth_rows(cohort)[0]
+    arterial_dir = next(
+        p.parent
+        for p in (cohort / row["study_folder"]).rglob("*.dcm")
+        if str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID)
+        == row["arterial_series_uid"]
+    )
+    compressed_dir = tmp_path / "compressed"
+    compressed_dir.mkdir()
+    originals = sorted(arterial_dir.glob("*.dcm"))
+    for path in originals:
+        run_tool(executable, *arguments, path, compressed_dir / path.name)
+    with running_node(tmp_path / "node") as node:
+        result = storescu(node, compressed_dir, propose=propose)
+        assert result.returncode == 0, result.stderr
+        assert "-> Little Endian" not in result.stderr, "sent compressed, not decompressed"
+        wait_for(lambda: len(spooled(node)) == len(originals))
+        files = spooled(node)
+        for path in compressed_dir.glob("*.dcm"):
+            stored = files[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)]
+            assert (
+                pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                == syntax
+            )
+            assert pixel_bytes(stored) == pixel_bytes(path), "not re-encoded on receipt"
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(load_series(list(files.values()))),
+            sitk.GetArrayFromImage(load_series(originals)),
+        )
+
+
+def _ct_dataset(**overrides: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    for key, value in overrides.items():
+        setattr(ds, key, value)
+    ds.preamble = b"\x00" * 128  # a DICOM file, even when the dataset itself is broken
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
+    return ds
+
+
+def _send_file(node: NodeProcess, path: Path) -> int:
+    """pynetdicom as the SCU: sends a file's dataset bytes as they are (no re-encoding)."""
+    from pynetdicom import _config
+
+    # Chunked sending reads only the file meta and streams the rest untouched, so a broken
+    # dataset reaches the node as broken as it is on disk.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=SCU_AET)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    return int(status.Status)
+
+
+def test_bad_datasets_get_failure_statuses_and_the_node_carries_on(
+    tmp_path: Path, cohort: Path
+) -> None:
+    good = sorted((cohort / truth_rows(cohort)[0]["study_folder"]).rglob("*.dcm"))[5]
+    truncated = tmp_path / "truncated.dcm"
+    raw = good.read_bytes()
+    meta_length = 132 + len(_meta_bytes(pydicom.dcmread(good, stop_before_pixels=True)))
+    # Keep the file meta (the SCU needs it) and cut the dataset inside an element header.
+    truncated.write_bytes(raw[:meta_length] + raw[meta_length : meta_length + 7])
+
+    no_uid = tmp_path / "no_uid.dcm"
+    ds = _ct_dataset()
+    instance_uid = ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    ds.save_as(no_uid, enforce_file_format=False)
+
+    mismatch = tmp_path / "mismatch.dcm"
+    ds = _ct_dataset()
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(mismatch, enforce_file_format=False)
+
+    with running_node(tmp_path / "node") as node:
+        assert _send_file(node, truncated) & 0xF000 == 0xC000
+        assert _send_file(node, no_uid) == 0xC001
+        assert _send_file(node, mismatch) == 0xA901
+        assert _send_file(node, good) == 0x0000
+        assert node.process.poll() is None
+        assert len(spooled(node)) == 1
+        assert not list(node.spool.rglob("*.tmp")), "no partial file is left behind"
+
+
+def test_identical_resend_is_a_success_and_a_different_dataset_replaces(
+    tmp_path: Path, cohort: Path
+) -> None:
+    good = sorted((cohort / truth_rows(cohort)[0]["study_folder"]).rglob("*.dcm"))[3]
+    changed = tmp_path / "changed.dcm"
+    ds = pydicom.dcmread(good)
+    ds.SeriesDescription = "edited on the PACS"
+    ds.save_as(changed)
+    with running_node(tmp_path / "node") as node:
+        assert _send_file(node, good) == 0
+        assert _send_file(node, good) == 0
+        (stored,) = spooled(node).values()
+        assert dataset_bytes(stored) == dataset_bytes(good)
+        assert _send_file(node, changed) == 0
+        (stored,) = spooled(node).values()
+        assert pydicom.dcmread(stored).SeriesDescription == "edited on the PACS"
+        assert "instance replaced" in node.log()
+
+
+def test_eight_concurrent_senders(tmp_path: Path, cohort_factory: Callable[..., Path]) -> None:
+    cohort = cohort_factory(studies=8, seed=31, size=48, slices=16)
+    rows = truth_rows(cohort)
+    with running_node(tmp_path, {"node": {"max_associations": 16}}) as node:
+        results: list[subprocess.CompletedProcess[str]] = []
+        threads = [
+            threading.Thread(
+                target=lambda r=r: results.append(storescu(node, cohort / r["study_folder"]))
+            )
+            for r in rows
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [r.returncode for r in results] == [0] * 8
+        sent = len(list(cohort.glob("study_*/**/*.dcm")))
+        assert len(spooled(node)) == sent
+        for row in rows:
+            final = wait_until_final(node, row["study_instance_uid"], timeout=180)
+            assert final["state"] == "done"
+            assert final["pairing"]["arterial"] == row["arterial_series_uid"]  # type: ignore[index]
+
+
+def _successful_sends(log: str) -> list[Path]:
+    """Files storescu reported as stored with success, in order (from its -v log)."""
+    stored, current = [], None
+    for line in log.splitlines():
+        if "Sending file:" in line:
+            current = Path(line.split("Sending file:", 1)[1].strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            stored.append(current)
+            current = None
+    return stored
+
+
+def test_kill_9_loses_nothing_that_was_acknowledged(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=41, size=128, slices=48)
+    row = truth_rows(cohort)[0]
+    study = cohort / row["study_folder"]
+    total = len(list(study.rglob("*.dcm")))
+    with running_node(tmp_path) as node:
+        sender = subprocess.Popen(
+            storescu_command(node.port, study),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dcmtk_env(),
+        )
+        wait_for(
+            lambda: len(list(node.spool.rglob("*.dcm"))) >= total // 3, timeout=120, every=0.01
+        )
+        node.kill()
+        log, _ = sender.communicate(timeout=60)
+        acknowledged = _successful_sends(log)
+        assert 0 < len(acknowledged) < total, "the kill must land mid-study"
+        files = spooled(node)
+        for path in acknowledged:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert uid in files, f"{path.name} was acknowledged but is not in the spool"
+            assert dataset_bytes(files[uid]) == dataset_bytes(path)
+        # Restart on the same configuration and resend everything.
+        restarted = start_node_process(node.config_path, node.log_path)
+        try:
+            assert storescu(restarted, study).returncode == 0
+            final = wait_until_final(restarted, row["study_instance_uid"])
+            assert final["state"] == "done"
+            assert final["instance_count"] == total
+            assert final["pairing"]["portal_venous"] == row["portal_venous_series_uid"]  # type: ignore[index]
+        finally:
+            restarted.stop()
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+def test_other_objects_are_accepted_but_not_analysed(tmp_path: Path, cohort: Path) -> None:
+    row = truth_rows(cohort)[0]
+    study_uid = row["study_instance_uid"]
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    key_object = _ct_dataset(StudyInstanceUID=study_uid, Modality="KO")
+    key_object.SOPClassUID = key_object.file_meta.MediaStorageSOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.88.59"
+    )
+    dose = _ct_dataset(StudyInstanceUID=study_uid, Modality="SR")
+    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+    _write(key_object, extra / "ko.dcm")
+    _write(dose, extra / "dose.dcm")
+    with running_node(tmp_path / "node") as node:
+        assert storescu(node, cohort / row["study_folder"], extra).returncode == 0
+        final = wait_until_final(node, study_uid)
+        assert final["state"] == "done"
+        store = node.store()
+        rows = {r[2]: r for r in store.instance_paths(study_uid)}
+        store.close()
+        assert rows["1.2.840.10008.5.1.4.1.1.88.59"][3] is False
+        assert rows["1.2.840.10008.5.1.4.1.1.88.67"][3] is False
+
+
+def test_own_outputs_coming_back_start_nothing(tmp_path: Path, cohort: Path) -> None:
+    row = truth_rows(cohort)[0]
+    study_uid = row["study_instance_uid"]
+    own = _ct_dataset(
+        StudyInstanceUID=study_uid,
+        Modality="SEG",
+        Manufacturer=MANUFACTURER,
+        ManufacturerModelName=MODEL_NAME,
+    )
+    own.SOPClassUID = own.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    path = _write(own, tmp_path / "own_seg.dcm")
+    with running_node(tmp_path / "node") as node:
+        assert storescu(node, cohort / row["study_folder"]).returncode == 0
+        wait_until_final(node, study_uid)
+        store = node.store()
+        jobs_before = len(store.list_jobs())
+        assert storescu(node, path).returncode == 0
+        wait_for(
+            lambda: (
+                len(spooled(node)) == len(list((cohort / row["study_folder"]).rglob("*.dcm"))) + 1
+            )
+        )
+        # Longer than the quiet period: a re-opened study would have queued a job by now.
+        threading.Event().wait(3)
+        assert len(store.list_jobs()) == jobs_before
+        assert store.study(study_uid)["state"] == "done"  # type: ignore[index]
+        # A study known only through the node's own outputs is not one to analyse.
+        stranger = _ct_dataset(
+            Modality="SEG", Manufacturer=MANUFACTURER, ManufacturerModelName=MODEL_NAME
+        )
+        stranger.SOPClassUID = stranger.file_meta.MediaStorageSOPClassUID = (
+            "1.2.840.10008.5.1.4.1.1.66.4"
+        )
+        assert storescu(node, _write(stranger, tmp_path / "stranger.dcm")).returncode == 0
+        threading.Event().wait(2)
+        assert store.study(stranger.StudyInstanceUID)["state"] == "not_applicable"  # type: ignore[index]
+        assert len(store.list_jobs()) == jobs_before
+        store.close()
+
+
+def test_spool_digest_helper_matches_pydicom(cohort: Path) -> None:
+    """The test's own helper: the dataset part after the file meta is what pydicom decodes."""
+    path = sorted(cohort.rglob("*.dcm"))[0]
+    body = dataset_bytes(path)
+    assert hashlib.sha256(body).hexdigest() != hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(body) < path.stat().st_size
+
+
+def test_orthanc_moves_a_study_to_the_node(tmp_path: Path, cohort: Path) -> None:
+    from tests.orthanc import orthanc_or_skip, running_orthanc
+
+    orthanc_or_skip()
+    row = truth_rows(cohort)[0]
+    study = cohort / row["study_folder"]
+    extra = {
+        "peers": {
+            "scu": {"ae_title": SCU_AET},
+            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1"},
+        }
+    }
+    with (
+        running_node(tmp_path / "node", extra) as node,
+        running_orthanc(tmp_path / "orthanc") as pacs,
+    ):
+        pacs.add_modality("mvi", NODE_AET, "127.0.0.1", node.port)
+        pacs.upload_folder(study)
+        pacs.move_study(row["study_instance_uid"], NODE_AET, cmove=True)
+        final = wait_until_final(node, row["study_instance_uid"])
+        assert final["instance_count"] == len(list(study.rglob("*.dcm")))
+        assert final["state"] == "done"
+        assert final["pairing"]["arterial"] == row["arterial_series_uid"]  # type: ignore[index]
+        store = node.store()
+        with store.engine.connect() as conn:
+            callers = set(conn.execute(select(instances.c.calling_ae).distinct()).scalars())
+        store.close()
+        assert callers == {"ORTHANC"}
+
+
+def test_stores_are_refused_below_the_free_disk_floor(tmp_path: Path, cohort: Path) -> None:
+    good = sorted((cohort / truth_rows(cohort)[0]["study_folder"]).rglob("*.dcm"))[2]
+    with running_node(tmp_path / "node", {"node": {"free_disk_floor_mb": 10**12}}) as node:
+        assert _send_file(node, good) == 0xA700
+        assert spooled(node) == {}
+        assert "free disk below node.free_disk_floor_mb" in node.log()
+
+
+def test_operator_commands_echo_and_studies_list(tmp_path: Path, cohort: Path) -> None:
+    from tests.node.cli.test_main import mvi_node
+
+    row = truth_rows(cohort)[0]
+    extra = {
+        "peers": {"scu": {"ae_title": SCU_AET}, "self": {"ae_title": NODE_AET, "host": "127.0.0.1"}}
+    }
+    with running_node(tmp_path / "node", extra) as node:
+        data = tomllib.loads(node.config_path.read_text())
+        data["peers"]["self"]["port"] = node.port  # the CLI calls the node as a peer
+        cli_config = tmp_path / "cli.toml"
+        cli_config.write_text(to_toml(data))
+        echoed = mvi_node("echo", "self", "--config", cli_config)
+        assert echoed.returncode == 0, echoed.stderr
+        assert "success" in echoed.stdout
+        unknown = mvi_node("echo", "nobody", "--config", cli_config)
+        assert unknown.returncode == 2 and "no [peers.nobody]" in unknown.stderr
+
+        assert storescu(node, cohort / row["study_folder"]).returncode == 0
+        wait_until_final(node, row["study_instance_uid"])
+        listed = mvi_node("studies", "list", "--config", cli_config)
+        assert listed.returncode == 0, listed.stderr
+        assert "done" in listed.stdout and "tags" in listed.stdout
+        patient_id = str(
+            pydicom.dcmread(next((cohort / row["study_folder"]).rglob("*.dcm"))).PatientID
+        )
+        assert patient_id not in listed.stdout
+        shown = mvi_node("studies", "list", "--show-identifiers", "--config", cli_config)
+        assert patient_id in shown.stdout
+    closed = mvi_node("echo", "self", "--config", cli_config)
+    assert closed.returncode == 1 and "association failed" in closed.stderr

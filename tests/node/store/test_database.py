@@ -1,0 +1,241 @@
+"""Specification of the store: instance rows, study states, the job queue and its recovery."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from node.store.database import (
+    PRIORITY_RETROSPECTIVE,
+    SCHEMA_VERSION,
+    InstanceRecord,
+    Store,
+    outbox,
+    studies,
+    utcnow,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'db' / 'node.sqlite3'}")
+
+
+def record(
+    study: str = "1.2.3", series: str = "1.2.3.1", sop: str = "1.2.3.1.1", **kw: object
+) -> InstanceRecord:
+    values: dict[str, object] = {
+        "study_uid": study,
+        "series_uid": series,
+        "sop_instance_uid": sop,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "path": f"aa/{sop}.dcm",
+        "size": 10,
+        "sha256": "0" * 64,
+        "calling_ae": "SCU",
+        "modality": "CT",
+        "analysable": True,
+    }
+    values.update(kw)
+    return InstanceRecord(**values)  # type: ignore[arg-type]
+
+
+def test_sqlite_runs_in_wal_mode_with_a_schema_version(tmp_path: Path, store: Store) -> None:
+    connection = sqlite3.connect(tmp_path / "db" / "node.sqlite3")
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert (
+        connection.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        == SCHEMA_VERSION
+    )
+    connection.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path, store: Store) -> None:
+    connection = sqlite3.connect(tmp_path / "db" / "node.sqlite3")
+    connection.execute(
+        "INSERT INTO schema_version VALUES (?, ?)", (SCHEMA_VERSION + 1, "2030-01-01")
+    )
+    connection.commit()
+    connection.close()
+    with pytest.raises(RuntimeError, match="newer than this node"):
+        Store(store.url)
+
+
+def test_instances_count_once_and_replacements_are_reported(store: Store) -> None:
+    assert store.record_instance(record()) == "new"
+    assert store.record_instance(record(sop="1.2.3.1.2")) == "new"
+    assert store.record_instance(record(sha256="1" * 64)) == "replaced"
+    study = store.study("1.2.3")
+    assert study is not None
+    assert study["instance_count"] == 2
+    assert study["state"] == "receiving"
+    assert store.instance_sha256("1.2.3.1.1") == "1" * 64
+
+
+def test_an_identical_resend_changes_nothing(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    assert store.record_instance(record()) == "identical"
+    study = store.study("1.2.3")
+    assert study is not None and study["state"] == "queued" and study["instance_count"] == 1
+
+
+def test_completion_queues_one_job_and_claims_it_once(store: Store) -> None:
+    store.record_instance(record())
+    job_id = store.complete_study("1.2.3")
+    assert job_id is not None
+    assert store.study("1.2.3")["state"] == "queued"  # type: ignore[index]
+    assert store.complete_study("1.2.3") is None, "a complete study is not completed twice"
+    job = store.claim_job(worker_pid=1234)
+    assert job is not None and job.id == job_id and job.attempts == 1
+    assert store.claim_job() is None
+    assert store.study("1.2.3")["state"] == "running"  # type: ignore[index]
+    store.finish_job(job.id, "done", pairing={"arterial": "a", "portal_venous": "p"})
+    row = store.study("1.2.3")
+    assert row is not None and row["state"] == "done" and row["pairing"]["arterial"] == "a"
+
+
+def test_a_late_instance_reopens_the_study_and_the_new_job_supersedes(store: Store) -> None:
+    store.record_instance(record())
+    first = store.complete_study("1.2.3")
+    store.record_instance(record(sop="1.2.3.1.9"))
+    assert store.study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+    second = store.complete_study("1.2.3")
+    jobs = {j["id"]: j for j in store.list_jobs()}
+    assert jobs[first]["state"] == "superseded"  # type: ignore[index]
+    assert jobs[second]["state"] == "queued"  # type: ignore[index]
+    assert jobs[second]["supersedes"] == first  # type: ignore[index]
+
+
+def test_a_running_job_that_was_superseded_does_not_overwrite_the_study(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    running = store.claim_job()
+    assert running is not None
+    store.record_instance(record(sop="1.2.3.1.9"))  # late instance while the job runs
+    store.finish_job(running.id, "done")
+    assert store.study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+
+
+def test_a_timer_that_fires_late_does_not_complete_a_busy_study(store: Store) -> None:
+    store.record_instance(record())
+    assert (
+        store.complete_study("1.2.3", only_if_quiet_since=utcnow() - dt.timedelta(seconds=10))
+        is None
+    )
+    assert store.study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+
+
+def test_live_studies_run_before_retrospective_ones(store: Store) -> None:
+    store.record_instance(record(study="9.9", series="9.9.1", sop="9.9.1.1"))
+    with store.begin() as conn:
+        conn.execute(
+            studies.update()
+            .where(studies.c.study_uid == "9.9")
+            .values(priority=PRIORITY_RETROSPECTIVE)
+        )
+    store.complete_study("9.9")
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    first = store.claim_job()
+    assert first is not None and first.study_uid == "1.2.3"
+
+
+def test_batch_mates_are_claimed_at_the_first_jobs_priority(store: Store) -> None:
+    store.record_instance(record(study="9.9", series="9.9.1", sop="9.9.1.1"))
+    store.reprocess("9.9", priority=PRIORITY_RETROSPECTIVE)
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    first = store.claim_job()
+    assert first is not None and first.study_uid == "1.2.3"
+    # A live job's batch takes no retrospective job along; the next claim gets it.
+    assert store.claim_job(priority=first.priority) is None
+    later = store.claim_job()
+    assert later is not None and later.study_uid == "9.9"
+
+
+def test_jobs_left_running_by_a_crash_are_requeued(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    assert store.claim_job(worker_pid=4321) is not None
+    assert store.requeue_interrupted() == 1
+    again = store.claim_job()
+    assert again is not None and again.attempts == 2
+
+
+def test_a_dead_workers_job_is_retried_then_failed(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    store.claim_job(worker_pid=11)
+    assert store.recover_worker_jobs(11, max_attempts=2) != []
+    assert store.claim_job(worker_pid=12) is not None
+    store.recover_worker_jobs(12, max_attempts=2)
+    study = store.study("1.2.3")
+    assert study is not None and study["state"] == "failed"
+    assert "worker process died" in study["reason"]
+
+
+def test_cancel_only_queued_jobs(store: Store) -> None:
+    store.record_instance(record())
+    job_id = store.complete_study("1.2.3")
+    assert job_id is not None
+    assert store.cancel_job(job_id)
+    assert not store.cancel_job(job_id)
+    assert store.claim_job() is None
+
+
+def test_own_outputs_never_reopen_and_never_make_a_study(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    store.record_instance(
+        record(series="1.2.3.99", sop="1.2.3.99.1", own_output=True, analysable=False)
+    )
+    assert store.study("1.2.3")["state"] == "queued"  # type: ignore[index]
+    store.record_instance(record(study="7.7", series="7.7.1", sop="7.7.1.1", own_output=True))
+    assert store.study("7.7")["state"] == "not_applicable"  # type: ignore[index]
+
+
+def test_retention_selects_delivered_and_finished_studies(store: Store) -> None:
+    old = utcnow() - dt.timedelta(days=40)
+    for study in ("1.1", "2.2", "3.3"):
+        store.record_instance(record(study=study, series=f"{study}.1", sop=f"{study}.1.1"))
+        job_id = store.complete_study(study)
+        job = store.claim_job()
+        assert job is not None and job_id == job.id
+        store.finish_job(job.id, "done")
+    with store.begin() as conn:
+        conn.execute(studies.update().values(completed_at=old))
+        # 1.1: delivered long ago; 2.2: one result still pending; 3.3: nothing to deliver.
+        for study, delivered in (("1.1", old), ("2.2", None)):
+            conn.execute(
+                outbox.insert().values(
+                    job_id=1,
+                    study_uid=study,
+                    sop_instance_uid="x",
+                    series_uid="y",
+                    path="p",
+                    destination="pacs",
+                    state="sent" if delivered else "pending",
+                    attempts=1,
+                    created_at=old,
+                    delivered_at=delivered,
+                )
+            )
+    chosen = set(store.studies_delivered_before(utcnow() - dt.timedelta(days=30)))
+    assert chosen == {"1.1", "3.3"}
+    assert store.delete_instances("1.1") == ["aa/1.1.1.1.dcm"]
+    assert "1.1" not in store.studies_delivered_before(utcnow())
+
+
+def test_the_newest_result_is_the_newest_jobs_even_when_it_finished_first(store: Store) -> None:
+    store.record_instance(record())
+    older = store.reprocess("1.2.3")
+    newer = store.reprocess("1.2.3")
+    store.record_result(newer, "1.2.3", {"status": "scored"})
+    store.record_result(older, "1.2.3", {"status": "needs_review"})  # a slow worker, later
+    latest = store.latest_result("1.2.3")
+    assert latest is not None and latest["job_id"] == newer and latest["status"] == "scored"
