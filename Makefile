@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
 
-.PHONY: demo test lint typecheck pytest bench install clean
+.PHONY: demo test lint typecheck pytest bench install clean packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+# The Debian packages the tests talk to (DCMTK, dicom3tools, Orthanc…): installed when missing and
+# run as root; otherwise the script names what is missing and the tests that need it say so.
+packages:
+	@.ci/packages
+
+pytest: $(STAMP) packages
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
