@@ -44,11 +44,11 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
+from node.core.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, functional_group
+from node.core.errors import InputError
 from node.core.logging import get_logger, uid_key
 
 __all__ = [
-    "CT_IMAGE_STORAGE",
-    "ENHANCED_CT_IMAGE_STORAGE",
     "DicomIOError",
     "SeriesFiles",
     "image_from_volume",
@@ -59,9 +59,6 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 #: Direction cosines of two slices that differ by more than this are "mixed orientations".
 ORIENTATION_TOLERANCE = 1e-4
@@ -176,7 +173,7 @@ _TYPE2_EMPTY = (
 )
 
 
-class DicomIOError(ValueError):
+class DicomIOError(InputError):
     """A series cannot be written or loaded; the message names the file or series and says what
     is wrong."""
 
@@ -926,21 +923,6 @@ def _floats(value: Any, count: int, what: str, label: str) -> np.ndarray:
     return array
 
 
-def _functional_group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
-    """Item of functional group ``keyword`` for ``frame``: per-frame wins over shared."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and frame < len(per_frame):
-        sequence = per_frame[frame].get(keyword)
-        if sequence:
-            return sequence[0]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        sequence = shared[0].get(keyword)
-        if sequence:
-            return sequence[0]
-    return None
-
-
 def _read_source(source: Path | Dataset, index: int) -> tuple[Dataset, str]:
     label = _label(source, index)
     if isinstance(source, Dataset):
@@ -998,9 +980,9 @@ def _slices_of(ds: Dataset, label: str) -> list[_Slice]:
     slices = []
     for frame in range(n_frames):
         frame_label = f"{label} frame {frame + 1}"
-        position_item = _functional_group(ds, frame, "PlanePositionSequence")
-        orientation_item = _functional_group(ds, frame, "PlaneOrientationSequence")
-        measures_item = _functional_group(ds, frame, "PixelMeasuresSequence")
+        position_item = functional_group(ds, frame, "PlanePositionSequence")
+        orientation_item = functional_group(ds, frame, "PlaneOrientationSequence")
+        measures_item = functional_group(ds, frame, "PixelMeasuresSequence")
         if position_item is None or orientation_item is None or measures_item is None:
             raise DicomIOError(f"{frame_label}: missing plane position, orientation or measures")
         orientation = _floats(
@@ -1010,7 +992,7 @@ def _slices_of(ds: Dataset, label: str) -> list[_Slice]:
             frame_label,
         )
         spacing = _floats(measures_item.get("PixelSpacing"), 2, "PixelSpacing", frame_label)
-        transform = _functional_group(ds, frame, "PixelValueTransformationSequence")
+        transform = functional_group(ds, frame, "PixelValueTransformationSequence")
         # Without the functional group the top-level rescale (or identity) applies.
         source = transform if transform is not None else ds
         thickness = measures_item.get("SliceThickness")

@@ -36,11 +36,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from node.analysis.dicomio import (
+from node.analysis.dicomio import DicomIOError, load_series
+from node.core.dicom import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
-    DicomIOError,
-    load_series,
+    functional_group,
+    functional_group_items,
 )
 from node.core.logging import get_logger, uid_key
 
@@ -406,15 +407,6 @@ def _acquisition_seconds(headers: Sequence[Dataset]) -> float | None:
     return None
 
 
-def _functional_items(ds: Dataset, keyword: str) -> list[Dataset]:
-    """Items of functional group ``keyword`` in the shared and every per-frame group."""
-    items: list[Dataset] = []
-    for groups_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for group in ds.get(groups_keyword) or []:
-            items.extend(group.get(keyword) or [])
-    return items
-
-
 def _contrast(ds: Dataset) -> tuple[str, str]:
     """(agent, start time) from the classic or the Enhanced Contrast/Bolus attributes."""
     agent = _text(ds, "ContrastBolusAgent")
@@ -425,7 +417,7 @@ def _contrast(ds: Dataset) -> tuple[str, str]:
         for profile in item.get("ContrastAdministrationProfileSequence") or []:
             start = start or _text(profile, "ContrastBolusStartTime")
     if not agent:
-        for usage in _functional_items(ds, "ContrastBolusUsageSequence"):
+        for usage in functional_group_items(ds, "ContrastBolusUsageSequence"):
             if _text(usage, "ContrastBolusAgentAdministered").upper() != "NO":
                 agent = "administered"
                 break
@@ -454,15 +446,12 @@ def _planes(ds: Dataset) -> list[_Plane]:
                 thickness=_float(ds.get("SliceThickness")),
             )
         ]
-    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
 
-    def item(frame: Dataset, keyword: str) -> Dataset:
-        # Per-frame wins over shared, as in the standard.
-        sequence = frame.get(keyword) or shared.get(keyword) or [Dataset()]
-        return sequence[0]
+    def item(frame: int, keyword: str) -> Dataset:
+        return functional_group(ds, frame, keyword) or Dataset()
 
     planes = []
-    for frame in per_frame:
+    for frame in range(len(per_frame)):
         measures = item(frame, "PixelMeasuresSequence")
         planes.append(
             _Plane(

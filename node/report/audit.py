@@ -51,6 +51,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from node.core.errors import InputError
 from node.core.pseudonym import PseudonymKeyMissing, keyed_hash, looks_hashed
 from node.report.export import COLUMNS as RESULTS_COLUMNS
 from node.report.export import IDENTIFIER_COLUMNS
@@ -96,7 +97,7 @@ JoinColumn = Literal["study_instance_uid", "accession_number", "patient_id"]
 TimeUnit = Literal["days", "months"]
 
 
-class AuditInputError(ValueError):
+class AuditInputError(InputError):
     """An input file cannot be audited; the message is one line naming the file and the fix."""
 
 

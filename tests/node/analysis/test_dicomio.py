@@ -17,8 +17,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.analysis.dicomio import (
-    CT_IMAGE_STORAGE,
-    ENHANCED_CT_IMAGE_STORAGE,
     DicomIOError,
     SeriesFiles,
     image_from_volume,
@@ -27,6 +25,7 @@ from node.analysis.dicomio import (
     volume_from_image,
     write_ct_series,
 )
+from node.core.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from tests.conftest import require_tool, run_tool
 
 SHAPE = (12, 40, 48)  # (k, j, i)
