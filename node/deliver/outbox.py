@@ -185,7 +185,7 @@ class Dispatcher:
     store
         The database.
     poll_s
-        How often the outbox is looked at (and after :meth:`wake`, at once).
+        How often the outbox is looked at.
     """
 
     def __init__(self, settings: Settings, store: Store, poll_s: float = 0.5) -> None:
@@ -207,10 +207,6 @@ class Dispatcher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def wake(self) -> None:
-        """Look at the outbox now (new results were queued)."""
-        self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
