@@ -5,7 +5,8 @@
   (2014, IEEE Signal Process. Lett. 21:1389), and the paired test of two AUCs on the same cases
   (what the paper uses to compare the fusion and tumour-only models).
 * :func:`platt_fit` / :func:`platt_apply`: Platt scaling of logits, with Platt's smoothed targets.
-* :func:`youden_threshold`, :func:`sens_spec_acc`, :func:`brier`, :func:`roc_curve`.
+* :func:`youden_threshold`, :func:`sens_spec_acc`, :func:`brier`, :func:`roc_curve`,
+  :func:`confusion` and :func:`calibration_bins` (the audit's reliability curve).
 * :func:`logistic_model`: multivariable logistic regression (statsmodels) with odds ratios, Wald
   95 % CIs and p-values, for the combined model (DL output + max tumour diameter + LOAT area).
 
@@ -28,6 +29,8 @@ __all__ = [
     "auc",
     "bootstrap_ci",
     "brier",
+    "calibration_bins",
+    "confusion",
     "delong_ci",
     "delong_covariance",
     "delong_test",
@@ -254,6 +257,67 @@ def brier(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     if (probabilities < 0).any() or (probabilities > 1).any():
         raise ValueError("probabilities must lie in [0, 1]")
     return float(np.mean((probabilities - labels) ** 2))
+
+
+def confusion(called: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, Any]:
+    """Confusion matrix of the calls ``called`` (True = positive) against labels ``y``.
+
+    Returns the counts ``tp``, ``fp``, ``fn``, ``tn`` and the sensitivity, specificity,
+    accuracy, PPV and NPV; a ratio whose denominator is 0 is None (a thin audit, not an error).
+    """
+    calls = np.asarray(called, dtype=bool)
+    labels = np.asarray(y)
+    tp = int(np.count_nonzero(calls & (labels == 1)))
+    fp = int(np.count_nonzero(calls & (labels == 0)))
+    fn = int(np.count_nonzero(~calls & (labels == 1)))
+    tn = int(np.count_nonzero(~calls & (labels == 0)))
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "accuracy": ratio(tp + tn, int(labels.size)),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+    }
+
+
+def calibration_bins(y: npt.ArrayLike, p: npt.ArrayLike) -> dict[str, Any]:
+    """Reliability curve: equal-width bins, 10 or fewer so small audits keep ~10 cases a bin.
+
+    Returns the bins (``low``, ``high``, ``n``, ``mean_predicted`` and ``observed``, None for an
+    empty bin), the mean predicted probability and the observed rate.
+    """
+    labels = np.asarray(y)
+    probabilities = np.asarray(p, dtype=np.float64)
+    count = int(max(2, min(10, labels.size // 10)))
+    edges = np.linspace(0.0, 1.0, count + 1)
+    # The last bin is closed so that a probability of exactly 1 is counted.
+    index = np.clip(np.searchsorted(edges, probabilities, side="right") - 1, 0, count - 1)
+    bins = []
+    for b in range(count):
+        mask = index == b
+        size = int(mask.sum())
+        bins.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": size,
+                "mean_predicted": float(probabilities[mask].mean()) if size else None,
+                "observed": float(labels[mask].mean()) if size else None,
+            }
+        )
+    return {
+        "bins": bins,
+        "mean_predicted": float(probabilities.mean()),
+        "observed_rate": float(labels.mean()),
+    }
 
 
 def _sigmoid(x: _F64) -> _F64:

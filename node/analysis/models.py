@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.core.errors import ConfigurationError
 from node.core.settings import Settings
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(ConfigurationError):
     """No usable model: the message says which setting to set or which command to run."""
 
 

@@ -58,11 +58,16 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import iter_pixels
 
 from node import MANUFACTURER, MODEL_NAME
+from node.core.dicom import (
+    LABELMAP_SEGMENTATION_STORAGE,
+    SEGMENTATION_STORAGE,
+    functional_group,
+    functional_group_items,
+)
+from node.core.errors import InputError
 from node.core.logging import get_logger, uid_key
 
 __all__ = [
-    "LABELMAP_SEG_STORAGE",
-    "SEG_STORAGE",
     "SuppliedSeg",
     "SuppliedSegError",
     "SuppliedSegSearch",
@@ -72,9 +77,7 @@ __all__ = [
 
 log = get_logger(__name__)
 
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-_SEG_CLASSES = frozenset({SEG_STORAGE, LABELMAP_SEG_STORAGE})
+_SEG_CLASSES = frozenset({SEGMENTATION_STORAGE, LABELMAP_SEGMENTATION_STORAGE})
 
 #: The kinds a segment can map to; tumor and LOAT are required, liver is optional.
 REQUIRED_KINDS = ("tumor", "loat")
@@ -109,7 +112,7 @@ _LATERAL_TOLERANCE_PX = 0.25
 _GRID_TOLERANCE = 0.1
 
 
-class SuppliedSegError(ValueError):
+class SuppliedSegError(InputError):
     """A supplied SEG's frames cannot be decoded or placed on the arterial grid."""
 
 
@@ -365,14 +368,11 @@ def _referenced_series(ds: Dataset, instance_series: Mapping[str, str]) -> set[s
 def _source_instances(ds: Dataset) -> set[str]:
     """SOP Instance UIDs of the source images named in the functional groups."""
     found: set[str] = set()
-    groups: list[Dataset] = list(ds.get("PerFrameFunctionalGroupsSequence", []))
-    groups.extend(ds.get("SharedFunctionalGroupsSequence", []))
-    for group in groups:
-        for derivation in group.get("DerivationImageSequence", []):
-            for source in derivation.get("SourceImageSequence", []):
-                uid = str(source.get("ReferencedSOPInstanceUID", "") or "")
-                if uid:
-                    found.add(uid)
+    for derivation in functional_group_items(ds, "DerivationImageSequence"):
+        for source in derivation.get("SourceImageSequence", []):
+            uid = str(source.get("ReferencedSOPInstanceUID", "") or "")
+            if uid:
+                found.add(uid)
     return found
 
 
@@ -486,20 +486,6 @@ class _Layout:
     direction: tuple[float, ...]
 
 
-def _group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
-    """The first item of functional group ``keyword`` for a frame: per-frame, else shared."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and frame < len(per_frame):
-        sequence = per_frame[frame].get(keyword)
-        if sequence:
-            return sequence[0]
-    for shared in ds.get("SharedFunctionalGroupsSequence", []):
-        sequence = shared.get(keyword)
-        if sequence:
-            return sequence[0]
-    return None
-
-
 def _floats(value: Any, count: int, what: str) -> np.ndarray:
     try:
         array = np.array([float(v) for v in value], dtype=np.float64)
@@ -523,7 +509,7 @@ def _frame_layout(ds: Dataset) -> _Layout:
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows <= 0 or columns <= 0:
         raise SuppliedSegError("no Rows / Columns")
-    labelmap = str(ds.get("SOPClassUID", "")) == LABELMAP_SEG_STORAGE or (
+    labelmap = str(ds.get("SOPClassUID", "")) == LABELMAP_SEGMENTATION_STORAGE or (
         str(ds.get("SegmentationType", "")).upper() == "LABELMAP"
     )
 
@@ -532,9 +518,9 @@ def _frame_layout(ds: Dataset) -> _Layout:
     orientation: np.ndarray | None = None
     pixel_spacing: np.ndarray | None = None
     for frame in range(n_frames):
-        position_item = _group_item(ds, frame, "PlanePositionSequence")
-        orientation_item = _group_item(ds, frame, "PlaneOrientationSequence")
-        measures_item = _group_item(ds, frame, "PixelMeasuresSequence")
+        position_item = functional_group(ds, frame, "PlanePositionSequence")
+        orientation_item = functional_group(ds, frame, "PlaneOrientationSequence")
+        measures_item = functional_group(ds, frame, "PixelMeasuresSequence")
         if position_item is None or orientation_item is None or measures_item is None:
             raise SuppliedSegError(
                 f"frame {frame + 1} has no plane position, orientation or pixel measures"
@@ -556,7 +542,7 @@ def _frame_layout(ds: Dataset) -> _Layout:
         if labelmap:
             segments.append(None)
         else:
-            identification = _group_item(ds, frame, "SegmentIdentificationSequence")
+            identification = functional_group(ds, frame, "SegmentIdentificationSequence")
             if identification is None or "ReferencedSegmentNumber" not in identification:
                 raise SuppliedSegError(f"frame {frame + 1} names no segment")
             segments.append(int(identification.ReferencedSegmentNumber))
@@ -603,7 +589,7 @@ def _frame_layout(ds: Dataset) -> _Layout:
 
 
 def _slice_spacing(ds: Dataset, distinct: np.ndarray) -> float:
-    measures = _group_item(ds, 0, "PixelMeasuresSequence")
+    measures = functional_group(ds, 0, "PixelMeasuresSequence")
     declared = _positive(measures.get("SpacingBetweenSlices") if measures else None)
     if declared is not None:
         return declared

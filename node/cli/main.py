@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import ssl
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from node import __version__
+from node.core.errors import NodeError, exit_code
 from node.core.logging import configure_logging, get_logger, study_key, uid_key
 from node.core.settings import (
     ConfigError,
@@ -77,6 +77,11 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def error_exit(error: NodeError) -> typer.Exit:
+    """:func:`fail` with the error's one line, exiting 1 when the work failed and 2 otherwise."""
+    return fail(str(error), exit_code(error))
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"mvi-node {__version__}")
@@ -124,14 +129,13 @@ def _settings(config: Path | None) -> Settings:
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive studies, pair their phases, run jobs (until SIGTERM)."""
-    from node.core.tls import TLSConfigError
     from node.serve.service import serve as run
 
     settings = _settings(config)
     try:
         run(settings)
-    except TLSConfigError as exc:
-        raise fail(str(exc)) from None
+    except NodeError as exc:  # the TLS files, typically
+        raise error_exit(exc) from None
     except OSError as exc:
         # Typically the port: in use, or below 1024 without the capability.
         raise fail(
@@ -146,31 +150,18 @@ def echo(
     config: ConfigOption = None,
 ) -> None:
     """C-ECHO a configured peer from the node's AE title."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from node.requery.retrieve import RequeryError, resolve_peer
+    from node.core.dicom import SUCCESS, associate
+    from node.requery.retrieve import resolve_peer
 
     settings = _settings(config)
+    started = time.perf_counter()
     try:
         _, target = resolve_peer(settings, peer)
-    except RequeryError as exc:
-        raise fail(str(exc)) from None
-    assert target.host is not None and target.port is not None
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.acse_timeout = settings.node.acse_timeout
-    ae.network_timeout = settings.node.network_timeout
-    ae.add_requested_context(Verification)
-    tls_args: tuple[ssl.SSLContext, str] | None = None
-    if target.tls:
-        from node.core.tls import TLSConfigError, client_context
-
-        try:
-            tls_args = (client_context(settings.security), target.host)
-        except TLSConfigError as exc:
-            raise fail(str(exc)) from None
-    started = time.perf_counter()
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
+        assoc = associate(settings, target, [Verification])
+    except NodeError as exc:  # an unusable peer, the TLS files
+        raise error_exit(exc) from None
     if not assoc.is_established:
         raise fail(
             f"{peer} ({target.ae_title}@{target.host}:{target.port}): association "
@@ -181,7 +172,7 @@ def echo(
     status = assoc.send_c_echo()
     assoc.release()
     code = int(status.Status) if status and "Status" in status else None
-    if code != 0:
+    if code != SUCCESS:
         raise fail(f"{peer}: C-ECHO answered {code if code is not None else 'nothing'}", code=1)
     elapsed = (time.perf_counter() - started) * 1000
     out.print(f"{peer} ({target.ae_title}@{target.host}:{target.port}): success, {elapsed:.0f} ms")
@@ -346,7 +337,7 @@ def analyze(
 ) -> None:
     """Analyse one study from a folder, offline: result.json, seg.dcm, sr.dcm, sc.dcm."""
     from node.analysis.dicomio import scan_folder
-    from node.analysis.models import Models, ModelUnavailable
+    from node.analysis.models import Models
     from node.analysis.pipeline import analyse_study, write_outputs
 
     settings = _settings(config)
@@ -362,8 +353,8 @@ def analyze(
     models = Models(settings, device=settings.pipeline.device)
     try:
         analysis = analyse_study(study_uid, series, settings, models)
-    except ModelUnavailable as exc:
-        raise fail(str(exc)) from None
+    except NodeError as exc:  # no segmenter
+        raise error_exit(exc) from None
     written = write_outputs(analysis, out_dir)
     result = analysis.result
     table = Table(title=f"study {study_key(study_uid)}: {result['status']}")
@@ -629,7 +620,7 @@ def train_seg(
     force: Annotated[bool, typer.Option("--force", help="Replace a checkpoint in --out.")] = False,
 ) -> None:
     """Train the liver / tumor / LOAT segmenter and write a checkpoint (weights + model card)."""
-    from node.offline.train_seg import TrainSegFailed, TrainSegOptions, TrainSegUsageError, run
+    from node.offline.train_seg import TrainSegOptions, run
 
     options = TrainSegOptions(
         studies=studies,
@@ -646,10 +637,8 @@ def train_seg(
     )
     try:
         run(options, out=out, err=err)
-    except TrainSegUsageError as exc:
-        raise fail(str(exc)) from None
-    except TrainSegFailed as exc:
-        raise fail(str(exc), code=1) from None
+    except NodeError as exc:  # bad options exit 2, a failed training 1
+        raise error_exit(exc) from None
 
 
 @app.command()
@@ -668,8 +657,8 @@ def train(
     """Train the MVI model on labelled studies; writes weights.safetensors + model_card.json."""
     from model.roi import RoiSpec
     from model.train import train_fusion
-    from node.analysis.models import Models, ModelUnavailable
-    from node.offline.train_fusion import FusionUsageError, read_labels, study_rois
+    from node.analysis.models import Models
+    from node.offline.train_fusion import read_labels, study_rois
 
     settings = _settings(config)
     if arch not in ("fusion", "tumor-only"):
@@ -680,16 +669,16 @@ def train(
         raise fail(f"--studies {studies}: not a folder")
     try:
         label_map = read_labels(labels)
-    except FusionUsageError as exc:
-        raise fail(str(exc)) from None
+    except NodeError as exc:
+        raise error_exit(exc) from None
     spec = RoiSpec(size=roi_size)
     models = Models(settings, device=device)
     try:
         samples, skipped = study_rois(
             studies, label_map, settings, models, spec, settings.node.data_dir / "roi-cache"
         )
-    except ModelUnavailable as exc:
-        raise fail(str(exc)) from None
+    except NodeError as exc:  # no segmenter
+        raise error_exit(exc) from None
     for skip in skipped:
         err.print(f"skipped {skip.key}: {skip.reason}", markup=False, highlight=False)
     positives = sum(s.label for s in samples)
@@ -757,23 +746,23 @@ def evaluate(
     from model.checkpoint import CheckpointError
     from model.inference import FusionModel
     from model.stats import delong_test
-    from node.analysis.models import Models, ModelUnavailable
-    from node.offline.train_fusion import FusionUsageError, read_labels, roc_png, study_rois
+    from node.analysis.models import Models
     from node.offline.train_fusion import evaluate as score
+    from node.offline.train_fusion import read_labels, roc_png, study_rois
 
     settings = _settings(config)
     try:
         label_map = read_labels(labels)
         first = FusionModel.load(model_dir)
         second = FusionModel.load(compare) if compare is not None else None
-    except (FusionUsageError, CheckpointError) as exc:
+    except (NodeError, CheckpointError) as exc:
         raise fail(str(exc).splitlines()[0]) from None
     models = Models(settings)
     cache = settings.node.data_dir / "roi-cache"
     try:
         samples, skipped = study_rois(studies, label_map, settings, models, first.spec, cache)
-    except ModelUnavailable as exc:
-        raise fail(str(exc)) from None
+    except NodeError as exc:  # no segmenter
+        raise error_exit(exc) from None
     if len({s.label for s in samples}) < 2:
         raise fail(f"{len(samples)} usable studies: both classes are needed for an AUC")
     results = {str(model_dir): score(first, samples)}
@@ -867,7 +856,7 @@ def requery(
     """Retrieve past studies from the PACS and score them (resumable; skips scored studies)."""
     import re
 
-    from node.requery.retrieve import RequeryError, RequeryOptions, StudyCandidate, run_requery
+    from node.requery.retrieve import RequeryOptions, StudyCandidate, run_requery
     from node.store.database import Store
 
     settings = _settings(config)
@@ -931,8 +920,8 @@ def requery(
     try:
         with progress:
             summary = run_requery(settings, options, store, on_change)
-    except RequeryError as exc:
-        raise fail(str(exc)) from None
+    except NodeError as exc:  # no peer, PACS or node to talk to, the TLS files
+        raise error_exit(exc) from None
     finally:
         store.close()
     table = Table(title="re-query" + (" (dry run: nothing moved)" if dry_run else ""))

@@ -13,13 +13,15 @@ import hashlib
 import hmac
 import re
 
+from node.core.errors import ConfigurationError
+
 #: Length of a pseudonym in hex characters (128 bits: collisions are not a practical concern).
 PSEUDONYM_LENGTH = 32
 
 _PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_LENGTH}}}$")
 
 
-class PseudonymKeyMissing(ValueError):
+class PseudonymKeyMissing(ConfigurationError):
     """Raised when a keyed hash is asked for but ``security.pseudonym_key`` is empty."""
 
 

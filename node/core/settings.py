@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from node.core.errors import ConfigurationError
+
 CONFIG_ENV = "MVI_CONFIG"
 ENV_PREFIX = "MVI_"
 REDACTED = "********"
@@ -352,7 +354,7 @@ class Problem:
         return f"{self.path} = {self.value}: {self.why}"
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigurationError):
     """The configuration cannot be used; :attr:`problems` has one entry per bad key."""
 
     def __init__(self, problems: list[Problem], source: str) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ssl
 
+from node.core.errors import ConfigurationError
 from node.core.settings import SecuritySection
 
 
-class TLSConfigError(ValueError):
+class TLSConfigError(ConfigurationError):
     """The TLS files cannot be used; the message names the file and the reason."""
 
 

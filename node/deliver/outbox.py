@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
+from node.core.dicom import associate, out_of_resources, stored
 from node.core.logging import get_logger, study_key, uid_key
 from node.core.settings import PeerSection, Settings
 from node.store.database import Store, outbox, utcnow
@@ -107,8 +107,8 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 def _permanent_status(status: int) -> bool:
-    # 0xA7xx "out of resources" may pass; a dataset or SOP class the destination refuses won't.
-    return not (0xA700 <= status <= 0xA7FF) and status not in (0x0000, 0xB000, 0xB007, 0xB006)
+    # "Out of resources" may pass; a dataset or SOP class the destination refuses won't.
+    return not out_of_resources(status) and not stored(status)
 
 
 def send_files(
@@ -116,8 +116,6 @@ def send_files(
 ) -> list[Attempt]:
     """C-STORE ``paths`` to one peer over one association; one :class:`Attempt` per path."""
     import pydicom
-
-    from node.core.tls import client_context
 
     if peer.host is None or peer.port is None:
         return [Attempt(False, True, f"[peers.{peer_name}] has no host and port")] * len(paths)
@@ -128,17 +126,12 @@ def send_files(
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             headers.append(None)
             log.error("result file unreadable", path=path.name, error=str(exc))
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.acse_timeout = settings.node.acse_timeout
-    ae.dimse_timeout = settings.node.dimse_timeout
-    ae.network_timeout = settings.node.network_timeout
     pairs = {
         (str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers if h is not None
     }
-    for sop_class, syntax in sorted(pairs):
-        ae.add_requested_context(sop_class, syntax)
-    tls_args = (client_context(settings.security), peer.host) if peer.tls else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    assoc = associate(
+        settings, peer, [(sop_class, [syntax]) for sop_class, syntax in sorted(pairs)]
+    )
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         # The destination answered, but accepts none of what we offer: retrying will not help.
         refused = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
@@ -174,7 +167,7 @@ def send_files(
             code = int(response.Status)
             comment = str(response.get("ErrorComment", "") or "")
             text = f"C-STORE status 0x{code:04X}" + (f": {comment}" if comment else "")
-            ok = code in (0x0000, 0xB000, 0xB007, 0xB006)
+            ok = stored(code)
             attempts.append(Attempt(ok, not ok and _permanent_status(code), text))
     finally:
         if assoc.is_established:
@@ -192,7 +185,7 @@ class Dispatcher:
     store
         The database.
     poll_s
-        How often the outbox is looked at (and after :meth:`wake`, at once).
+        How often the outbox is looked at.
     """
 
     def __init__(self, settings: Settings, store: Store, poll_s: float = 0.5) -> None:
@@ -214,10 +207,6 @@ class Dispatcher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def wake(self) -> None:
-        """Look at the outbox now (new results were queued)."""
-        self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -43,13 +43,20 @@ PACS_AET = "MINI_PACS"
 NODE_AET = "MVI_NODE"
 DEMO_NOTICE = "demo model — not for clinical use"
 FINAL_STATES = ("done", "failed", "needs_review", "not_applicable")
-#: Result kinds by the SOP class the node sends them as.
-_KIND_BY_SOP_CLASS = {
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
-    "1.2.840.10008.5.1.4.1.1.88.33": "sr",
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",
-    "1.2.840.10008.5.1.4.1.1.7": "sc",
-}
+
+
+def _kind_by_sop_class() -> dict[str, str]:
+    """Result kinds by the SOP class the node sends them as."""
+    # Imported here: the CLI imports this module to register `demo`, and pydicom and
+    # pynetdicom load only when the demo runs.
+    from node.core import dicom
+
+    return {
+        dicom.SEGMENTATION_STORAGE: "seg",
+        dicom.COMPREHENSIVE_SR_STORAGE: "sr",
+        dicom.COMPREHENSIVE_3D_SR_STORAGE: "sr",
+        dicom.SECONDARY_CAPTURE_IMAGE_STORAGE: "sc",
+    }
 
 
 def free_port() -> int:
@@ -183,6 +190,8 @@ class MiniPacs:
         return self
 
     def _on_store(self, event: Any) -> int:
+        from node.core.dicom import SUCCESS
+
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         sop_class = str(dataset.SOPClassUID)
@@ -190,14 +199,15 @@ class MiniPacs:
         dataset.save_as(path, enforce_file_format=True)
         with self._lock:
             self.received.append((sop_class, path))
-        return 0x0000
+        return SUCCESS
 
     def kinds(self) -> dict[str, list[Path]]:
         """Received result objects by kind (seg, sr, sc)."""
         found: dict[str, list[Path]] = {}
+        kind_by_sop_class = _kind_by_sop_class()
         with self._lock:
             for sop_class, path in self.received:
-                kind = _KIND_BY_SOP_CLASS.get(sop_class)
+                kind = kind_by_sop_class.get(sop_class)
                 if kind is not None:
                     found.setdefault(kind, []).append(path)
         return found
@@ -215,6 +225,8 @@ def send_study(folder: Path, port: int, calling: str = PACS_AET, called: str = N
     from pynetdicom import AE
     from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 
+    from node.core.dicom import stored
+
     files = sorted(p for p in folder.rglob("*.dcm") if p.is_file())
     datasets = [dcmread(p) for p in files]
     ae = AE(ae_title=calling)
@@ -230,7 +242,7 @@ def send_study(folder: Path, port: int, calling: str = PACS_AET, called: str = N
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)
-            if status and int(status.Status) in (0x0000, 0xB000, 0xB007, 0xB006):
+            if status and stored(int(status.Status)):
                 sent += 1
     finally:
         assoc.release()

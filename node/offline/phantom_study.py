@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from dicom_sr import codes
 from model.phantom import PHANTOM_VERSION, PhantomSpec, PhantomStudy, make_study
 from node import __version__
-from node.analysis.dicomio import write_ct_series
+from node.offline.ct_writer import write_ct_series
 
 #: UID root of the phantom generator ("2.25" = UUID-derived, no registered root needed).
 #: Deterministic UIDs per seed keep labels.csv stable between runs.

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from node.analysis.models import Models
+from node.core.errors import ConfigurationError, InputError
 from node.core.logging import get_logger, study_key
 from node.core.settings import Settings
 
 log = get_logger("node.offline.train_fusion")
 
 
-class FusionUsageError(ValueError):
+class FusionUsageError(ConfigurationError):
     """Bad usage of train/evaluate: one line for the operator."""
 
 
@@ -78,7 +79,7 @@ def study_rois(
     from model.registration import RegistrationError, register, resample_onto
     from model.roi import RoiError, extract_rois
     from model.train import StudyRois
-    from node.analysis.dicomio import DicomIOError, load_series, scan_folder
+    from node.analysis.dicomio import load_series, scan_folder
     from node.analysis.pairing import pair_phases, series_info
     from node.analysis.pipeline import _segment
 
@@ -158,7 +159,8 @@ def study_rois(
                         diameter=sample.diameter_mm,
                         area=sample.loat_area_cm2,
                     )
-            except (DicomIOError, RegistrationError, RoiError, ValueError, OSError) as exc:
+            # InputError covers a supplied SEG that cannot be read, as ValueError once did.
+            except (InputError, RegistrationError, RoiError, ValueError, OSError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
         if reason is not None:
             skipped.append(StudySkip(key, reason))

@@ -44,6 +44,7 @@ from node.analysis.dicomio import (
     scan_folder,
 )
 from node.analysis.pairing import pair_phases, series_info
+from node.core.errors import ConfigurationError, InputError, WorkFailed
 from node.core.logging import get_logger, study_key
 from node.core.settings import PhasesSection
 
@@ -80,11 +81,11 @@ SITE_ITERATIONS = 4000
 MASK_NAMES = ("liver", "tumor", "loat")
 
 
-class TrainSegUsageError(ValueError):
+class TrainSegUsageError(ConfigurationError):
     """Bad options or no usable data: exit 2."""
 
 
-class TrainSegFailed(RuntimeError):
+class TrainSegFailed(WorkFailed):
     """Training itself failed: exit 1."""
 
 
@@ -279,7 +280,8 @@ def study_samples(
                     portal = load_series(series[pairing.portal_venous].paths)
                     aligned = _align(arterial, portal, spacing_mm, seed)
                     samples.append(TrainingSample(arterial, aligned, labels, name=name))
-        except (DicomIOError, RegistrationError, RuntimeError, OSError, ValueError) as exc:
+        # InputError: a series or a manual SEG that cannot be read (DicomIOError, SuppliedSegError).
+        except (InputError, RegistrationError, RuntimeError, OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         outcome = StudyOutcome(name=name, used=reason is None, reason=reason)
         if reason is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -101,7 +100,3 @@ class Assembler:
         for study_uid in pending:
             self._schedule(study_uid, utcnow() + self.quiet)
         return len(pending)
-
-    def describe(self) -> dict[str, Any]:
-        """Timers pending (for health and tests)."""
-        return {"timers": len(self.scheduler.get_jobs())}

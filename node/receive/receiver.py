@@ -40,6 +40,16 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import MANUFACTURER, MODEL_NAME
+from node.core.dicom import (
+    ANALYSABLE_SOP_CLASSES,
+    CANNOT_UNDERSTAND,
+    CANNOT_UNDERSTAND_MISSING_UID,
+    DATASET_SOP_CLASS_MISMATCH,
+    DATASET_SOP_INSTANCE_MISMATCH,
+    OUT_OF_RESOURCES_DISK_FLOOR,
+    OUT_OF_RESOURCES_PERSISTENCE,
+    SUCCESS,
+)
 from node.core.logging import get_logger, uid_key
 from node.core.settings import Settings
 from node.receive.spool import free_megabytes, instance_relative_path, write_durably
@@ -56,22 +66,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     RLELossless,
 ]
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-ANALYSABLE_SOP_CLASSES = frozenset(
-    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE}
-)
-
-# C-STORE statuses (PS3.4 B.2.3). The low byte says which check failed, for the sender's log.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES_DISK_FLOOR = 0xA700
-OUT_OF_RESOURCES_PERSISTENCE = 0xA701
-DATASET_SOP_CLASS_MISMATCH = 0xA900
-DATASET_SOP_INSTANCE_MISMATCH = 0xA901
-CANNOT_UNDERSTAND = 0xC000
-CANNOT_UNDERSTAND_MISSING_UID = 0xC001
 
 # Only the attributes the receive path needs: parsing stops before the pixel data anyway.
 _HEADER_TAGS = [

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,21 +34,30 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.core.dicom import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    MOVE_DESTINATION_UNKNOWN,
+    RETRIEVE_WARNING,
+    SEGMENTATION_STORAGE,
+    SUCCESS,
+    associate,
+    is_pending,
+)
+from node.core.errors import ConfigurationError
 from node.core.logging import get_logger, study_key
 from node.core.settings import PeerSection, Settings
 from node.store.database import JOB_FINAL_STATES, PRIORITY_RETROSPECTIVE, Store
 
 log = get_logger("node.requery.retrieve")
 
-#: C-FIND / C-MOVE / C-GET statuses that mean "more to come".
-_PENDING = (0xFF00, 0xFF01)
 #: Studies whose newest result has one of these statuses are not retried: a model change does
 #: not change why they could not be analysed (not a liver CT, no axial volume).
 _MODEL_INDEPENDENT = ("not_applicable",)
@@ -59,7 +67,7 @@ _POLL_S = 0.5
 _RECHECK_S = 60.0
 
 
-class RequeryError(RuntimeError):
+class RequeryError(ConfigurationError):
     """The re-query cannot run at all (no peer, PACS unreachable, node not running)."""
 
 
@@ -165,22 +173,6 @@ def resolve_peer(settings: Settings, name: str | None) -> tuple[str, PeerSection
     return chosen, peer
 
 
-def _ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.acse_timeout = settings.node.acse_timeout
-    ae.dimse_timeout = settings.node.dimse_timeout
-    ae.network_timeout = settings.node.network_timeout
-    return ae
-
-
-def _tls_args(settings: Settings, peer: PeerSection) -> tuple[ssl.SSLContext, str] | None:
-    if not peer.tls or peer.host is None:
-        return None
-    from node.core.tls import client_context
-
-    return client_context(settings.security), peer.host
-
-
 @contextmanager
 def _association(
     settings: Settings,
@@ -190,20 +182,7 @@ def _association(
     **kwargs: Any,
 ) -> Iterator[Any]:
     """An association with ``peer`` proposing ``contexts``: SOP class UIDs, or (UID, syntaxes)."""
-    ae = _ae(settings)
-    for context in contexts:
-        if isinstance(context, tuple):
-            ae.add_requested_context(context[0], list(context[1]))
-        else:
-            ae.add_requested_context(context)
-    assert peer.host is not None and peer.port is not None
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        tls_args=_tls_args(settings, peer),
-        **kwargs,
-    )
+    assoc = associate(settings, peer, contexts, **kwargs)
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise RequeryError(
@@ -227,11 +206,11 @@ def _find(assoc: Any, query: Dataset, what: str) -> list[Dataset]:
         if not status or "Status" not in status:
             raise RequeryError(f"C-FIND ({what}): no response from the PACS")
         code = int(status.Status)
-        if code in _PENDING:
+        if is_pending(code):
             if identifier is not None:
                 answers.append(identifier)
             continue
-        if code != 0x0000:
+        if code != SUCCESS:
             comment = str(status.get("ErrorComment", "") or "")
             raise RequeryError(f"C-FIND ({what}) answered 0x{code:04X} {comment}".strip())
     return answers
@@ -434,11 +413,11 @@ def _retrieve_problem(last: Dataset | None, what: str, destination: str) -> str 
     completed = int(last.get("NumberOfCompletedSuboperations", 0) or 0)
     failed = int(last.get("NumberOfFailedSuboperations", 0) or 0)
     comment = str(last.get("ErrorComment", "") or "")
-    if code == 0xA801:
+    if code == MOVE_DESTINATION_UNKNOWN:
         return f"{what}: the PACS does not know the move destination {destination!r}"
-    if code not in (0x0000, 0xB000):
+    if code not in (SUCCESS, RETRIEVE_WARNING):
         return f"{what} answered 0x{code:04X}" + (f": {comment}" if comment else "")
-    if completed == 0 and failed == 0 and code == 0x0000:
+    if completed == 0 and failed == 0 and code == SUCCESS:
         # Some PACS answer success without sub-operation counts; only warn through the log.
         log.info("retrieve reported no sub-operation counts", what=what)
     if completed == 0 and failed > 0:
@@ -450,14 +429,7 @@ def get_study(
     settings: Settings, peer_name: str, peer: PeerSection, study_uid: str, store: Store
 ) -> str | None:
     """C-GET a study into the node's spool and store (no move destination needed)."""
-    from node.receive.receiver import (
-        CT_IMAGE_STORAGE,
-        ENHANCED_CT_IMAGE_STORAGE,
-        SEGMENTATION_STORAGE,
-        TRANSFER_SYNTAXES,
-        ReceiverState,
-        handle_store,
-    )
+    from node.receive.receiver import TRANSFER_SYNTAXES, ReceiverState, handle_store
 
     state = ReceiverState(
         settings=settings, store=store, spool_root=settings.node.data_dir / "spool"

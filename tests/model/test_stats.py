@@ -164,3 +164,37 @@ def test_inputs_are_checked() -> None:
         stats.auc([0, 1], [0.1])
     with pytest.raises(ValueError, match="at least 2"):
         stats.delong_ci([0, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_confusion_counts_and_ratios_of_a_hand_computed_case() -> None:
+    called = [True, True, False, False, True]
+    y = [1, 0, 1, 0, 1]
+    assert stats.confusion(called, y) == {
+        "tp": 2,
+        "fp": 1,
+        "fn": 1,
+        "tn": 1,
+        "sensitivity": 2 / 3,
+        "specificity": 1 / 2,
+        "accuracy": 3 / 5,
+        "ppv": 2 / 3,
+        "npv": 1 / 2,
+    }
+    # A ratio without a denominator is absent, not an error: no positive was called.
+    nothing = stats.confusion([False, False], [0, 0])
+    assert nothing["ppv"] is None and nothing["sensitivity"] is None and nothing["npv"] == 1.0
+
+
+def test_calibration_bins_count_every_probability_once() -> None:
+    p = np.array([0.0, 0.05, 0.5, 0.51, 0.99, 1.0])
+    y = np.array([0, 0, 1, 0, 1, 1])
+    calibration = stats.calibration_bins(y, p)
+    bins = calibration["bins"]
+    assert len(bins) == 2  # fewer than 20 cases: the floor of two bins
+    assert [b["n"] for b in bins] == [2, 4]  # 1.0 falls in the closed last bin
+    assert bins[0]["observed"] == 0.0 and bins[1]["observed"] == 0.75
+    assert bins[0]["mean_predicted"] == pytest.approx(0.025)
+    assert calibration["observed_rate"] == pytest.approx(0.5)
+    many = stats.calibration_bins(np.zeros(500, dtype=int), np.full(500, 0.15))
+    assert len(many["bins"]) == 10 and [b["n"] for b in many["bins"]][1] == 500
+    assert many["bins"][0]["mean_predicted"] is None  # an empty bin has no mean

@@ -1,0 +1,217 @@
+"""DICOM written once: SOP classes, DIMSE statuses, functional groups and the node's calls.
+
+Every module of ``node`` takes these from here rather than spelling a UID, a status code or an
+association set-up again. ``model/`` and ``dicom_sr/`` do not import ``node`` and keep their own.
+
+- **SOP classes**: pydicom's :mod:`pydicom.uid` constants as plain strings (what the store and
+  the headers hold), plus the one pydicom lacks.
+- **Statuses**: pynetdicom's :class:`~pynetdicom.status.Status` and categories, and the C-STORE
+  codes the receiver answers with (the low byte says which check failed, for the sender's log).
+- **Functional groups** of multi-frame objects (Enhanced CT, SEG): per-frame wins over shared.
+- **The node as SCU**: one AE (its title and ``[node]`` timeouts) and one way to associate
+  with a ``[peers.NAME]``, over TLS when the peer says so (the outbox, re-query and ``echo``).
+
+Importing this module loads pydicom and pynetdicom only (the receiving side imports it).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+from pynetdicom.status import (
+    GENERAL_STATUS,
+    STATUS_PENDING,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    Status,
+    code_to_category,
+)
+
+from node.core.settings import PeerSection, Settings
+
+__all__ = [
+    "ANALYSABLE_SOP_CLASSES",
+    "CANNOT_UNDERSTAND",
+    "CANNOT_UNDERSTAND_MISSING_UID",
+    "COMPREHENSIVE_3D_SR_STORAGE",
+    "COMPREHENSIVE_SR_STORAGE",
+    "CT_IMAGE_STORAGE",
+    "DATASET_SOP_CLASS_MISMATCH",
+    "DATASET_SOP_INSTANCE_MISMATCH",
+    "ENHANCED_CT_IMAGE_STORAGE",
+    "LABELMAP_SEGMENTATION_STORAGE",
+    "MOVE_DESTINATION_UNKNOWN",
+    "OUT_OF_RESOURCES_DISK_FLOOR",
+    "OUT_OF_RESOURCES_PERSISTENCE",
+    "RETRIEVE_WARNING",
+    "SECONDARY_CAPTURE_IMAGE_STORAGE",
+    "SEGMENTATION_STORAGE",
+    "STORE_WARNINGS",
+    "SUCCESS",
+    "associate",
+    "functional_group",
+    "functional_group_items",
+    "is_pending",
+    "out_of_resources",
+    "scu_ae",
+    "stored",
+    "tls_args",
+]
+
+# -- SOP classes --------------------------------------------------------------------------------
+
+CT_IMAGE_STORAGE: Final = str(CTImageStorage)
+ENHANCED_CT_IMAGE_STORAGE: Final = str(EnhancedCTImageStorage)
+SEGMENTATION_STORAGE: Final = str(SegmentationStorage)
+#: Label Map Segmentation Storage (PS3.4 2024b); pydicom 3.0 does not name it yet.
+LABELMAP_SEGMENTATION_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.66.7"
+COMPREHENSIVE_SR_STORAGE: Final = str(ComprehensiveSRStorage)
+COMPREHENSIVE_3D_SR_STORAGE: Final = str(Comprehensive3DSRStorage)
+SECONDARY_CAPTURE_IMAGE_STORAGE: Final = str(SecondaryCaptureImageStorage)
+
+#: What the node can analyse; every other storage class is kept and counted, never analysed.
+ANALYSABLE_SOP_CLASSES: Final = frozenset(
+    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE}
+)
+
+# -- DIMSE statuses -----------------------------------------------------------------------------
+
+SUCCESS: Final = int(Status.SUCCESS)
+#: C-MOVE: the PACS does not know the destination AE title.
+MOVE_DESTINATION_UNKNOWN: Final = int(Status.MOVE_DESTINATION_UNKNOWN)
+#: C-MOVE / C-GET: sub-operations complete, one or more failed or warned (PS3.4 C.4.2.1.5).
+RETRIEVE_WARNING: Final = 0xB000
+#: C-STORE warnings (PS3.4 B.2.3: coercion, elements discarded, data set does not match the SOP
+#: class): the instance is stored. The general DIMSE warnings are not storage outcomes.
+STORE_WARNINGS: Final = frozenset(
+    code
+    for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items()
+    if category == STATUS_WARNING and code not in GENERAL_STATUS
+)
+
+# The C-STORE failures the receiver answers with (PS3.4 B.2.3).
+OUT_OF_RESOURCES_DISK_FLOOR: Final = 0xA700
+OUT_OF_RESOURCES_PERSISTENCE: Final = 0xA701
+DATASET_SOP_CLASS_MISMATCH: Final = 0xA900
+DATASET_SOP_INSTANCE_MISMATCH: Final = 0xA901
+CANNOT_UNDERSTAND: Final = 0xC000
+CANNOT_UNDERSTAND_MISSING_UID: Final = 0xC001
+
+
+def is_pending(code: int) -> bool:
+    """Whether a C-FIND / C-MOVE / C-GET response says more is to come."""
+    return code_to_category(code) == STATUS_PENDING
+
+
+def stored(code: int) -> bool:
+    """Whether a C-STORE response means the peer has the instance (success or a warning)."""
+    return code == SUCCESS or code in STORE_WARNINGS
+
+
+def out_of_resources(code: int) -> bool:
+    """Whether a C-STORE failure is "refused: out of resources" (``0xA7xx``), which may pass."""
+    return OUT_OF_RESOURCES_DISK_FLOOR <= code <= 0xA7FF
+
+
+# -- functional groups --------------------------------------------------------------------------
+
+
+def functional_group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
+    """The item of functional group ``keyword`` for ``frame`` (0-based): per-frame wins over
+    shared, as PS3.3 C.7.6.16 says; None when neither has it (or its sequence is empty)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        sequence = per_frame[frame].get(keyword)
+        if sequence:
+            return sequence[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        sequence = shared[0].get(keyword)
+        if sequence:
+            return sequence[0]
+    return None
+
+
+def functional_group_items(ds: Dataset, keyword: str) -> Iterator[Dataset]:
+    """Every item of functional group ``keyword``: the shared group's, then each frame's."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups) or []:
+            yield from group.get(keyword) or []
+
+
+# -- the node as SCU ----------------------------------------------------------------------------
+
+
+def scu_ae(settings: Settings) -> Any:
+    """A pynetdicom AE calling with the node's AE title and ``[node]`` time-outs (no contexts)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = settings.node.acse_timeout
+    ae.dimse_timeout = settings.node.dimse_timeout
+    ae.network_timeout = settings.node.network_timeout
+    return ae
+
+
+def tls_args(settings: Settings, peer: PeerSection) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for calling ``peer``: None unless it is marked ``tls = true``.
+
+    Raises
+    ------
+    node.core.tls.TLSConfigError
+        When the TLS files of ``[security]`` cannot be used.
+    """
+    if not peer.tls or peer.host is None:
+        return None
+    from node.core.tls import client_context
+
+    return client_context(settings.security), peer.host
+
+
+def associate(
+    settings: Settings,
+    peer: PeerSection,
+    contexts: Sequence[str | tuple[str, Sequence[str]]],
+    **kwargs: Any,
+) -> Any:
+    """Request an association with ``peer`` proposing ``contexts`` from :func:`scu_ae`.
+
+    Parameters
+    ----------
+    settings
+        The node's AE title and time-outs, the TLS files.
+    peer
+        The ``[peers.NAME]`` to call; it must have a host and port.
+    contexts
+        SOP class UIDs (with pynetdicom's default transfer syntaxes), or (UID, syntaxes).
+    **kwargs
+        Passed to :meth:`pynetdicom.ae.ApplicationEntity.associate` (``ext_neg``,
+        ``evt_handlers``...).
+
+    Returns
+    -------
+    pynetdicom.association.Association
+        Established or not: the caller says what a refusal means to it.
+    """
+    ae = scu_ae(settings)
+    for context in contexts:
+        if isinstance(context, tuple):
+            ae.add_requested_context(context[0], list(context[1]))
+        else:
+            ae.add_requested_context(context)
+    if peer.host is None or peer.port is None:
+        raise ValueError("associate() needs a peer with a host and a port")
+    return ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(settings, peer), **kwargs
+    )
