@@ -139,7 +139,6 @@ def _store(settings: Settings, config: Path | None) -> Store:
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Bring the configured database to this node's schema (creates a new one); say from what."""
-    from node.store.engine import shown_url
     from node.store.migrate import SchemaError, upgrade
 
     settings = _settings(config)
@@ -147,8 +146,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
         done = upgrade(settings.database_url)
     except SchemaError as exc:
         raise fail(str(exc)) from None
-    line = f"{shown_url(settings.database_url)}: {done.describe()}"
-    out.print(line, markup=False, highlight=False, soft_wrap=True)
+    out.print(done.describe(), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

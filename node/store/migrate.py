@@ -98,6 +98,8 @@ class SchemaError(RuntimeError):
 class Upgrade:
     """What :func:`upgrade` did: the revision before (None: a new database) and after."""
 
+    #: The database as it may be printed (no password).
+    database: str
     before: str | None
     after: str
     #: The database was written by the release before migrations (it had ``schema_version``).
@@ -109,7 +111,10 @@ class Upgrade:
         return self.before != self.after or self.from_release
 
     def describe(self) -> str:
-        """One line: from which revision to which."""
+        """One line: the database, and from which revision to which."""
+        return f"{self.database}: {self._what()}"
+
+    def _what(self) -> str:
         if not self.changed:
             return f"already at revision {self.after} (head); nothing to do"
         if self.from_release:
@@ -226,7 +231,7 @@ def upgrade(url: str) -> Upgrade:
                 command.stamp(config, BASELINE)
             if revision != HEAD:
                 command.upgrade(config, HEAD)
-            return Upgrade(before=revision, after=HEAD, from_release=from_release)
+            return Upgrade(shown_url(url), revision, HEAD, from_release)
     except SchemaError:
         raise
     except Exception as exc:

@@ -88,7 +88,7 @@ def test_head_is_the_newest_revision_of_the_package() -> None:
 def test_the_baseline_is_the_release_schema_and_the_tables(tmp_path: Path) -> None:
     new = tmp_path / "new.sqlite3"
     assert migrate.upgrade(f"sqlite:///{new}").describe() == (
-        "upgraded from an empty database to revision 0001 (head)"
+        f"sqlite:///{new}: upgraded from an empty database to revision 0001 (head)"
     )
     release_database(tmp_path / "release.sqlite3")
     # The same DDL, statement for statement, as the release's create_all wrote.
