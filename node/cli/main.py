@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -30,6 +30,9 @@ from node.core.settings import (
     to_toml,
 )
 
+if TYPE_CHECKING:
+    from node.store.database import Store
+
 app = typer.Typer(
     name="mvi-node",
     help="DICOM AI node: scores contrast liver CT for microvascular invasion (MVI) of HCC.",
@@ -47,6 +50,8 @@ jobs_app = typer.Typer(help="Analysis jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 results_app = typer.Typer(help="The results table (for audits).", no_args_is_help=True)
 app.add_typer(results_app, name="results")
+db_app = typer.Typer(help="The node's database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 ConfigOption = Annotated[
     Path | None,
@@ -126,14 +131,40 @@ def _settings(config: Path | None) -> Settings:
     return settings
 
 
+def _store(settings: Settings, config: Path | None) -> Store:
+    """The store of an offline command, or exit 2 with one line when its schema is not usable."""
+    from node.store.database import SchemaError, Store
+
+    try:
+        return Store(settings.database_url)
+    except SchemaError as exc:
+        raise fail(exc.line(config_path_from_env(config))) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Bring the configured database to this node's schema (creates a new one); say from what."""
+    from node.store.migrate import SchemaError, upgrade
+
+    settings = _settings(config)
+    try:
+        done = upgrade(settings.database_url)
+    except SchemaError as exc:
+        raise fail(str(exc)) from None
+    out.print(done.describe(), markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive studies, pair their phases, run jobs (until SIGTERM)."""
     from node.serve.service import serve as run
+    from node.store.database import SchemaError
 
     settings = _settings(config)
     try:
         run(settings)
+    except SchemaError as exc:
+        raise fail(exc.line(config_path_from_env(config))) from None
     except NodeError as exc:  # the TLS files, typically
         raise error_exit(exc) from None
     except OSError as exc:
@@ -188,10 +219,8 @@ def studies_list(
     ] = False,
 ) -> None:
     """Studies received, newest first: state, phases chosen, counts."""
-    from node.store.database import Store
-
     settings = _settings(config)
-    store = Store(settings.database_url)
+    store = _store(settings, config)
     rows = store.list_studies(limit)
     table = Table(title=f"studies in {settings.database_url.split('@')[-1]}")
     columns = ["study key", "state", "instances", "arterial", "portal venous", "pairing", "reason"]
@@ -200,18 +229,18 @@ def studies_list(
     for column in columns:
         table.add_column(column)
     for row in rows:
-        pairing = row["pairing"] or {}
+        pairing = row.pairing or {}
         cells = [
-            row["study_key"],
-            row["state"],
-            str(row["instance_count"]),
+            row.study_key,
+            row.state,
+            str(row.instance_count),
             uid_key(pairing["arterial"]) if pairing.get("arterial") else "-",
             uid_key(pairing["portal_venous"]) if pairing.get("portal_venous") else "-",
             str(pairing.get("pairing") or pairing.get("method") or "-"),
-            row["reason"] or "",
+            row.reason or "",
         ]
         if show_identifiers:
-            cells += [row["patient_id"] or "", row["accession_number"] or "", row["study_uid"]]
+            cells += [row.patient_id or "", row.accession_number or "", row.study_uid]
         table.add_row(*cells)
     out.print(table)
 
@@ -229,12 +258,10 @@ def studies_reprocess(
     config: ConfigOption = None,
 ) -> None:
     """Analyse a study again (optionally with the phases an operator chose)."""
-    from node.store.database import Store
-
     settings = _settings(config)
     if (arterial is None) != (portal_venous is None):
         raise fail("give both --arterial and --portal-venous, or neither")
-    store = Store(settings.database_url)
+    store = _store(settings, config)
     study_uid = store.find_study(study)
     if study_uid is None:
         raise fail(f"no study {study!r} in the store (see `mvi-node studies list`)")
@@ -249,20 +276,18 @@ def jobs_list(
     limit: Annotated[int, typer.Option(min=1, help="Newest jobs shown.")] = 50,
 ) -> None:
     """Jobs, newest first: state, attempts, reason."""
-    from node.store.database import Store
-
     settings = _settings(config)
     table = Table(title="jobs")
     for column in ("id", "study key", "state", "attempts", "created", "reason"):
         table.add_column(column)
-    for row in Store(settings.database_url).list_jobs(limit):
+    for row in _store(settings, config).list_jobs(limit):
         table.add_row(
-            str(row["id"]),
-            study_key(row["study_uid"]),
-            row["state"],
-            str(row["attempts"]),
-            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
-            (row["reason"] or "")[:80],
+            str(row.id),
+            study_key(row.study_uid),
+            row.state,
+            str(row.attempts),
+            row.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            (row.reason or "")[:80],
         )
     out.print(table)
 
@@ -273,10 +298,8 @@ def jobs_cancel(
     config: ConfigOption = None,
 ) -> None:
     """Cancel a queued job (a running job finishes)."""
-    from node.store.database import Store
-
     settings = _settings(config)
-    if not Store(settings.database_url).cancel_job(job_id):
+    if not _store(settings, config).cancel_job(job_id):
         raise fail(f"job {job_id} is not queued (only queued jobs can be cancelled)", code=1)
     out.print(f"job {job_id} cancelled")
 
@@ -288,25 +311,22 @@ def outbox_list(
 ) -> None:
     """Result objects pending or failed (newest first), with the last status of each."""
     from node.deliver.outbox import list_outbox
-    from node.store.database import Store
 
     settings = _settings(config)
-    rows = list_outbox(Store(settings.database_url), include_sent=all_items)
+    rows = list_outbox(_store(settings, config), include_sent=all_items)
     table = Table(title="outbox")
     for column in ("id", "study key", "destination", "state", "tries", "next try", "last status"):
         table.add_column(column)
     for row in rows:
-        next_try = (
-            row["next_attempt_at"].strftime("%Y-%m-%d %H:%M:%S") if row["next_attempt_at"] else "-"
-        )
+        next_try = row.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if row.next_attempt_at else "-"
         table.add_row(
-            str(row["id"]),
-            study_key(row["study_uid"]),
-            row["destination"],
-            row["state"],
-            str(row["attempts"]),
+            str(row.id),
+            study_key(row.study_uid),
+            row.destination,
+            row.state,
+            str(row.attempts),
             next_try,
-            row["last_status"] or "",
+            row.last_status or "",
         )
     out.print(table)
     if not rows:
@@ -322,10 +342,9 @@ def outbox_retry(
 ) -> None:
     """Put failed result objects back in the queue (the running node sends them)."""
     from node.deliver.outbox import retry_failed
-    from node.store.database import Store
 
     settings = _settings(config)
-    count = retry_failed(Store(settings.database_url), ids or ())
+    count = retry_failed(_store(settings, config), ids or ())
     out.print(f"{count} item(s) queued again")
 
 
@@ -857,7 +876,6 @@ def requery(
     import re
 
     from node.requery.retrieve import RequeryOptions, StudyCandidate, run_requery
-    from node.store.database import Store
 
     settings = _settings(config)
     first, last = _date_option(since, "--since"), _date_option(until, "--until")
@@ -879,7 +897,7 @@ def requery(
         dry_run=dry_run,
         timeout_s=timeout,
     )
-    store = Store(settings.database_url)
+    store = _store(settings, config)
     finals = ("scored", "no_tumor", "needs_review", "not_applicable", "failed", "timed_out")
     counts = {"found": 0, "moved": 0, "scored": 0, "review": 0, "skipped": 0, "failed": 0}
     seen: dict[str, str] = {}
@@ -964,13 +982,12 @@ def results_export(
     """Write every study's newest result as CSV (the input of `mvi-node audit`)."""
     from node.core.pseudonym import PseudonymKeyMissing
     from node.report.export import export_results
-    from node.store.database import Store
 
     if identifiers not in ("hashed", "plain", "none"):
         raise fail(f"--identifiers {identifiers!r}: choose hashed, plain or none")
     settings = _settings(config)
     first, last = _date_option(since, "--since"), _date_option(until, "--until")
-    store = Store(settings.database_url)
+    store = _store(settings, config)
     try:
         count = export_results(
             store,

@@ -25,18 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
-from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Connection
 
 from node.core.dicom import associate, out_of_resources, stored
 from node.core.logging import get_logger, study_key, uid_key
 from node.core.settings import PeerSection, Settings
-from node.store.database import Store, outbox, utcnow
+from node.store.database import (
+    OUTBOX_FAILED,
+    OUTBOX_PENDING,
+    OUTBOX_SENT,
+    Delivery,
+    OutboxItem,
+    Store,
+    Transaction,
+    utcnow,
+)
 
 log = get_logger("node.deliver.outbox")
 
 #: Outbox states.
-PENDING, SENT, FAILED = "pending", "sent", "failed"
+PENDING, SENT, FAILED = OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_FAILED
 
 
 @dataclass(frozen=True)
@@ -63,47 +70,29 @@ def enqueue(
     study_uid: str,
     objects: Sequence[ResultObject],
     destinations: Sequence[str],
-    conn: Connection | None = None,
+    tx: Transaction | None = None,
 ) -> list[int]:
     """Record result objects for delivery (one row per object and destination); returns ids.
 
     The files must already be durable on disk: this row is the promise to deliver them. With
-    ``conn`` the rows join the caller's transaction (the job's result row commits with them).
+    ``tx`` the rows join the caller's transaction (the job's result row commits with them).
     """
-    if conn is None:
-        with store.begin() as own:
-            return enqueue(store, job_id, study_uid, objects, destinations, own)
-    now = utcnow()
-    ids = []
-    for destination in destinations:
-        for item in objects:
-            result = conn.execute(
-                insert(outbox).values(
-                    job_id=job_id,
-                    study_uid=study_uid,
-                    sop_instance_uid=item.sop_instance_uid,
-                    series_uid=item.series_instance_uid,
-                    path=str(item.path),
-                    destination=destination,
-                    state=PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
-            )
-            key = result.inserted_primary_key
-            if key is not None:
-                ids.append(int(key[0]))
-    return ids
+    deliveries = [
+        Delivery(
+            sop_instance_uid=item.sop_instance_uid,
+            series_uid=item.series_instance_uid,
+            path=str(item.path),
+            destination=destination,
+        )
+        for destination in destinations
+        for item in objects
+    ]
+    return store.enqueue_deliveries(job_id, study_uid, deliveries, tx)
 
 
 def backoff(attempts: int, initial_s: float, maximum_s: float) -> float:
     """Delay before the next try after ``attempts`` failed tries (exponential, capped)."""
     return float(min(maximum_s, initial_s * 2 ** max(0, attempts - 1)))
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def _permanent_status(status: int) -> bool:
@@ -219,14 +208,8 @@ class Dispatcher:
 
     def deliver_due(self) -> int:
         """Try every due item once, one association per destination; returns items tried."""
-        now = utcnow()
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(
-                select(outbox)
-                .where(outbox.c.state == PENDING, outbox.c.next_attempt_at <= now)
-                .order_by(outbox.c.destination, outbox.c.id)
-            ).all()
-        by_destination: dict[str, list[Any]] = {}
+        rows = self.store.due_deliveries(utcnow())
+        by_destination: dict[str, list[OutboxItem]] = {}
         for row in rows:
             by_destination.setdefault(row.destination, []).append(row)
         for destination, items in by_destination.items():
@@ -243,14 +226,16 @@ class Dispatcher:
                 self._record(item, attempt)
         return len(rows)
 
-    def _record(self, item: Any, attempt: Attempt) -> None:
+    def _record(self, item: OutboxItem, attempt: Attempt) -> None:
         now = utcnow()
         attempts = item.attempts + 1
         outbox_settings = self.settings.outbox
-        values: dict[str, Any] = {"attempts": attempts, "last_status": attempt.status}
-        age = (now - _aware(item.created_at)).total_seconds()
+        state: str | None = None
+        delivered_at: dt.datetime | None = None
+        next_attempt_at: dt.datetime | None = None
+        age = (now - item.created_at).total_seconds()
         if attempt.ok:
-            values.update(state=SENT, delivered_at=now, next_attempt_at=None)
+            state, delivered_at = SENT, now
             log.info(
                 "result delivered",
                 destination=item.destination,
@@ -258,7 +243,7 @@ class Dispatcher:
                 instance_key=uid_key(item.sop_instance_uid),
             )
         elif attempt.permanent or age >= outbox_settings.give_up_after_s:
-            values.update(state=FAILED, next_attempt_at=None)
+            state = FAILED
             log.error(
                 "result delivery failed",
                 destination=item.destination,
@@ -270,7 +255,7 @@ class Dispatcher:
             delay = backoff(
                 attempts, outbox_settings.backoff_initial_s, outbox_settings.backoff_max_s
             )
-            values["next_attempt_at"] = now + dt.timedelta(seconds=delay)
+            next_attempt_at = now + dt.timedelta(seconds=delay)
             log.warning(
                 "result delivery will be retried",
                 destination=item.destination,
@@ -278,30 +263,21 @@ class Dispatcher:
                 status=attempt.status,
                 retry_in_s=round(delay, 1),
             )
-        with self.store.begin() as conn:
-            conn.execute(update(outbox).where(outbox.c.id == item.id).values(**values))
+        self.store.record_delivery_attempt(
+            item.id,
+            attempts=attempts,
+            status=attempt.status,
+            state=state,
+            next_attempt_at=next_attempt_at,
+            delivered_at=delivered_at,
+        )
 
 
-def list_outbox(
-    store: Store, *, include_sent: bool = False, limit: int = 200
-) -> list[dict[str, Any]]:
+def list_outbox(store: Store, *, include_sent: bool = False, limit: int = 200) -> list[OutboxItem]:
     """Outbox items, newest first (pending and failed unless ``include_sent``)."""
-    query = select(outbox).order_by(outbox.c.id.desc()).limit(limit)
-    if not include_sent:
-        query = query.where(outbox.c.state != SENT)
-    with store.engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(query)]
+    return store.list_outbox(include_sent=include_sent, limit=limit)
 
 
 def retry_failed(store: Store, ids: Sequence[int] = ()) -> int:
     """Put failed items (all, or those in ``ids``) back in the queue, due now."""
-    now = utcnow()
-    query = update(outbox).where(outbox.c.state == FAILED)
-    if ids:
-        query = query.where(outbox.c.id.in_(list(ids)))
-    with store.begin() as conn:
-        # A fresh start for the give-up clock, too: the operator decided to try again.
-        count = conn.execute(
-            query.values(state=PENDING, next_attempt_at=now, created_at=now)
-        ).rowcount
-    return int(count)
+    return store.retry_failed_deliveries(ids)

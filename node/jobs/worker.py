@@ -64,15 +64,14 @@ def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any
     """The study's files per series (as the pipeline takes them) and the node's own series."""
     from node.analysis.dicomio import SeriesFiles
 
-    rows = store.instance_paths(job.study_uid)
     paths: dict[str, list[Path]] = {}
     classes: dict[str, str] = {}
     own: set[str] = set()
-    for series_uid, path, sop_class, _analysable, own_output in rows:
-        paths.setdefault(series_uid, []).append(spool_root / path)
-        classes[series_uid] = sop_class
-        if own_output:
-            own.add(series_uid)
+    for instance in store.instance_files(job.study_uid):
+        paths.setdefault(instance.series_uid, []).append(spool_root / instance.path)
+        classes[instance.series_uid] = instance.sop_class_uid
+        if instance.own_output:
+            own.add(instance.series_uid)
     series = {
         uid: SeriesFiles(
             study_instance_uid=job.study_uid,
@@ -183,7 +182,7 @@ def run_jobs(
             # before the job was marked finished: those objects go out as they are. Analysing
             # again would give new UIDs and send the PACS a second set.
             log.warning("job already has its result; not analysing again", job_id=job.id)
-            steps.append(_outcome(recorded["result"]))
+            steps.append(_outcome(recorded.result))
             continue
         try:
             steps.append(prepare_job(store, spool_root, settings, job, models))
@@ -244,9 +243,9 @@ def notify_failure(
     from node.analysis.pipeline import Analysis, _result_skeleton, encode_objects
 
     by_series: dict[str, list[Path]] = {}
-    for series_uid, path, sop_class, _analysable, own_output in store.instance_paths(job.study_uid):
-        if not own_output and _modality(sop_class) == "CT":
-            by_series.setdefault(series_uid, []).append(spool_root / path)
+    for instance in store.instance_files(job.study_uid):
+        if not instance.own_output and _modality(instance.sop_class_uid) == "CT":
+            by_series.setdefault(instance.series_uid, []).append(spool_root / instance.path)
     pairing = pair_phases(
         [series_info(paths) for paths in by_series.values()], settings.phases.model_dump()
     )
@@ -302,7 +301,7 @@ def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Any:
     row = store.latest_result(study_uid)
     if row is None:
         return None
-    path = results_folder(settings, study_uid, int(row["job_id"])) / "sr.dcm"
+    path = results_folder(settings, study_uid, row.job_id) / "sr.dcm"
     if not path.is_file():
         return None
     try:
@@ -317,7 +316,8 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     settings = Settings.model_validate(settings_data)
     configure_logging(settings.node.log_level)
-    store = Store(settings.database_url)
+    # Only checks the schema: `serve` brought it to head before it started this worker.
+    store = Store(settings.database_url, schema="check")
     spool_root = settings.node.data_dir / "spool"
     pid = os.getpid()
     from node.analysis.models import Models

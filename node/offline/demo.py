@@ -22,12 +22,15 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from node.store.database import Study
 
 __all__ = [
     "DEMO_NOTICE",
@@ -281,17 +284,17 @@ def _node_settings(data_dir: Path, pacs_port: int, seg_dir: Path, model_dir: Pat
 
 def _wait(
     store: Any, study_uid: str, pacs: MiniPacs, timeout_s: float, tick: Callable[[str], None]
-) -> tuple[bool, dict[str, Any] | None]:
+) -> tuple[bool, Study | None]:
     """Poll until the study is final and its result objects arrived; (finished, study row)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         study = store.study(study_uid)
-        state = study["state"] if study else "not received yet"
+        state = study.state if study else "not received yet"
         kinds = pacs.kinds()
         tick(f"study {state}; at the PACS: {', '.join(sorted(kinds)) or 'nothing yet'}")
         if study is not None and state in FINAL_STATES:
             latest = store.latest_result(study_uid)
-            outputs = set(((latest or {}).get("result") or {}).get("outputs") or {})
+            outputs = set((latest.result if latest else {}).get("outputs") or {})
             if outputs <= set(kinds) or (state == "not_applicable" and latest is None):
                 return True, study
         time.sleep(0.5)
@@ -440,7 +443,7 @@ def run_demo(
                 ),
             )
         if not finished:
-            state = study["state"] if study else "not received"
+            state = study.state if study else "not received"
             err.print(
                 f"mvi-node demo: no results after {timeout_s:.0f} s (study {state}); "
                 f"node data in {root / 'node'}",
@@ -451,15 +454,13 @@ def run_demo(
             return 1
         assert study is not None
         latest = node.store.latest_result(written.study_instance_uid)
-        result: dict[str, Any] = dict((latest or {}).get("result") or {})
+        result: dict[str, Any] = dict(latest.result if latest else {})
         result_json = None
         if latest is not None:
-            folder = results_folder(settings, written.study_instance_uid, int(latest["job_id"]))
+            folder = results_folder(settings, written.study_instance_uid, latest.job_id)
             result_json = folder / "result.json"
         out.print(
-            _result_table(
-                result, str(study["state"]), written.phantom.truth, result_json, pacs, keep
-            )
+            _result_table(result, str(study.state), written.phantom.truth, result_json, pacs, keep)
         )
         out.print(
             f"models {models_s:.0f} s, total {time.perf_counter() - started:.0f} s — {DEMO_NOTICE}",

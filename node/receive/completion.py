@@ -75,7 +75,7 @@ class Assembler:
         try:
             if not self.store.has_analysable_instances(study_uid):
                 study = self.store.study(study_uid)
-                if study is not None and study["state"] == "receiving":
+                if study is not None and study.state == "receiving":
                     self.store.set_study_state(
                         study_uid, "not_applicable", "no CT or SEG instances in the study"
                     )
@@ -88,7 +88,7 @@ class Assembler:
             return
         if job_id is None:
             study = self.store.study(study_uid)
-            if study is not None and study["state"] == "receiving":
+            if study is not None and study.state == "receiving":
                 # An instance arrived after the timer was set; wait for the quiet period again.
                 self._schedule(study_uid, utcnow() + self.quiet)
             return

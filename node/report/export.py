@@ -14,10 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import func, select
-
 from node.core.pseudonym import keyed_hash
-from node.store.database import Store, results, studies
+from node.store.database import Store, Study
 
 #: The export's columns, in order (the audit reads them by name).
 COLUMNS = (
@@ -54,7 +52,7 @@ def _section(result: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def result_row(study: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
+def result_row(study: Study, result: dict[str, Any]) -> dict[str, str]:
     """One CSV row (plain identifiers) from a study row and its result.json content."""
     tumor, loat, model = (
         _section(result, "tumor"),
@@ -62,10 +60,10 @@ def result_row(study: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
         _section(result, "model"),
     )
     return {
-        "study_instance_uid": str(study["study_uid"]),
-        "study_date": str(study.get("study_date") or ""),
-        "accession_number": str(study.get("accession_number") or ""),
-        "patient_id": str(study.get("patient_id") or ""),
+        "study_instance_uid": str(study.study_uid),
+        "study_date": str(study.study_date or ""),
+        "accession_number": str(study.accession_number or ""),
+        "patient_id": str(study.patient_id or ""),
         "mvi_probability": _number(result.get("mvi_probability")),
         "combined_probability": _number(result.get("combined_probability")),
         "risk_category": str(result.get("risk_category") or ""),
@@ -86,32 +84,9 @@ def iter_results(
     ``since`` / ``until`` filter on StudyDate (inclusive); studies without a date are left out
     when either is given.
     """
-    # The newest result is that of the newest job (a later request), not the last written:
-    # with several workers an older job can finish after a newer one.
-    ranked = select(
-        results.c.study_uid,
-        results.c.result,
-        func.row_number()
-        .over(
-            partition_by=results.c.study_uid,
-            order_by=(results.c.job_id.desc(), results.c.id.desc()),
-        )
-        .label("rank"),
-    ).subquery()
-    query = (
-        select(studies, ranked.c.result)
-        .join(ranked, ranked.c.study_uid == studies.c.study_uid)
-        .where(ranked.c.rank == 1)
-        .order_by(studies.c.study_date, studies.c.study_uid)
-    )
-    if since is not None:
-        query = query.where(studies.c.study_date >= f"{since:%Y%m%d}")
-    if until is not None:
-        query = query.where(studies.c.study_date <= f"{until:%Y%m%d}")
-    with store.engine.connect() as conn:
-        for row in conn.execute(query):
-            data = dict(row._mapping)
-            yield result_row(data, data["result"] if isinstance(data["result"], dict) else {})
+    for row in store.iter_newest_results(since, until):
+        result = row.result.result
+        yield result_row(row.study, result if isinstance(result, dict) else {})
 
 
 def pseudonymise(row: dict[str, str], identifiers: Identifiers, key: str) -> dict[str, str]:

@@ -499,16 +499,16 @@ def already_done(store: Store, study_uid: str, model: tuple[str, str] | None) ->
     whatever its result says: that result may come from a partial study.
     """
     requested = store.retrospective_row(study_uid)
-    if requested is not None and requested["state"] in ("requested", "move_failed"):
+    if requested is not None and requested.state in ("requested", "move_failed"):
         return None
     row = store.latest_result(study_uid)
     if row is None:
         return None
-    status = str(row["status"])
+    status = str(row.status)
     if status in _MODEL_INDEPENDENT:
         return f"already analysed: {status}"
     if status in ("scored", "no_tumor", "needs_review") and model is not None:
-        made_by = (row["result"].get("model") or {}) if isinstance(row["result"], dict) else {}
+        made_by = (row.result.get("model") or {}) if isinstance(row.result, dict) else {}
         if (str(made_by.get("name")), str(made_by.get("version"))) == model:
             return f"already {status} by {model[0]} {model[1]}"
     return None
@@ -516,18 +516,16 @@ def already_done(store: Store, study_uid: str, model: tuple[str, str] | None) ->
 
 def _in_flight(store: Store, study_uid: str, settings: Settings) -> bool:
     job = store.newest_job(study_uid)
-    if job is not None and job["state"] not in JOB_FINAL_STATES:
+    if job is not None and job.state not in JOB_FINAL_STATES:
         return True
     study = store.study(study_uid)
-    if study is None or study["state"] != "receiving":
+    if study is None or study.state != "receiving":
         return False
     # Receiving, but nothing arrived for a while: a retrieve that broke off (its instances
     # came by C-GET, which no quiet timer watches). Retrieve it again rather than wait.
-    last = study["last_received_at"]
+    last = study.last_received_at
     if last is None:
         return False
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=dt.UTC)
     stale_after = max(3 * settings.completion.quiet_seconds, 60.0)
     return (dt.datetime.now(dt.UTC) - last).total_seconds() < stale_after
 
@@ -544,14 +542,15 @@ def queue_after_retrieve(
     if job_id is not None:
         return job_id
     newest = store.newest_job(study_uid)
-    if newest is not None and newest["state"] not in JOB_FINAL_STATES:
-        return int(newest["id"])
-    if newest is not None and started is not None:
-        created = newest["created_at"]
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=dt.UTC)
-        if created >= started and newest["state"] != "cancelled":
-            return int(newest["id"])
+    if newest is not None and newest.state not in JOB_FINAL_STATES:
+        return newest.id
+    if (
+        newest is not None
+        and started is not None
+        and newest.created_at >= started
+        and newest.state != "cancelled"
+    ):
+        return newest.id
     if store.study(study_uid) is None or not store.has_analysable_instances(study_uid):
         return None
     # Every instance was already here (identical): nothing re-opened the study.
@@ -561,21 +560,21 @@ def queue_after_retrieve(
 def _settle(store: Store, candidate: StudyCandidate) -> bool:
     """Whether the candidate's analysis has finished; sets its outcome when it has."""
     study = store.study(candidate.study_uid)
-    if study is None or study["state"] in ("receiving", "queued", "running"):
+    if study is None or study.state in ("receiving", "queued", "running"):
         return False  # instances still arriving, or a newer job on its way
     job = store.newest_job(candidate.study_uid)
-    if job is None or job["state"] not in JOB_FINAL_STATES or job["state"] == "superseded":
+    if job is None or job.state not in JOB_FINAL_STATES or job.state == "superseded":
         return False
-    if candidate.job_id is not None and int(job["id"]) < candidate.job_id:
+    if candidate.job_id is not None and job.id < candidate.job_id:
         return False
     row = store.latest_result(candidate.study_uid)
-    if job["state"] == "cancelled":
+    if job.state == "cancelled":
         candidate.outcome, candidate.reason = "failed", "the job was cancelled"
-    elif row is not None and int(row["job_id"]) == int(job["id"]):
-        candidate.outcome = str(row["status"])
-        candidate.reason = row["result"].get("reason") if isinstance(row["result"], dict) else None
+    elif row is not None and row.job_id == job.id:
+        candidate.outcome = str(row.status)
+        candidate.reason = row.result.get("reason") if isinstance(row.result, dict) else None
     else:
-        candidate.outcome, candidate.reason = str(job["state"]), job.get("reason")
+        candidate.outcome, candidate.reason = str(job.state), job.reason
     store.set_retrospective_state(candidate.study_uid, "done", candidate.outcome)
     return True
 

@@ -27,22 +27,11 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.pool import NullPool
 
 from node.core.logging import get_logger
 from node.receive.receiver import ReceiverState
 from node.receive.spool import free_megabytes
-from node.store.database import (
-    STUDY_STATES,
-    Store,
-    jobs,
-    outbox,
-    results,
-    retrospective,
-    studies,
-    utcnow,
-)
+from node.store.database import STUDY_STATES, Store, store_writable, utcnow
 
 log = get_logger("node.serve.metrics")
 
@@ -113,40 +102,12 @@ class NodeCollector:
             yield CounterMetricFamily(name, documentation, value=counters.get(key, 0))
 
     def _store_metrics(self) -> Iterator[Any]:
-        with self.store.engine.connect() as conn:
-            by_state: dict[str, int] = dict(
-                conn.execute(select(studies.c.state, func.count()).group_by(studies.c.state)).all()
-            )
-            job_states: dict[str, int] = dict(
-                conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
-            )
-            since = utcnow() - DURATION_WINDOW
-            durations = conn.execute(
-                select(jobs.c.state, jobs.c.started_at, jobs.c.finished_at).where(
-                    jobs.c.finished_at.is_not(None),
-                    jobs.c.started_at.is_not(None),
-                    jobs.c.finished_at > since,
-                )
-            ).all()
-            recent_results = [
-                row[0]
-                for row in conn.execute(
-                    select(results.c.result)
-                    .where(results.c.created_at > since)
-                    .order_by(results.c.id)
-                )
-            ]
-            outbox_states: dict[str, int] = dict(
-                conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state)).all()
-            )
-            oldest = conn.execute(
-                select(func.min(outbox.c.created_at)).where(outbox.c.delivered_at.is_(None))
-            ).scalar()
-            requeried: dict[str, int] = dict(
-                conn.execute(
-                    select(retrospective.c.state, func.count()).group_by(retrospective.c.state)
-                ).all()
-            )
+        snapshot = self.store.snapshot(utcnow() - DURATION_WINDOW)
+        by_state = snapshot.studies_by_state
+        job_states = snapshot.jobs_by_state
+        outbox_states = snapshot.outbox_by_state
+        requeried = snapshot.retrospective_by_state
+        oldest = snapshot.oldest_undelivered_at
         gauge = GaugeMetricFamily("mvi_studies", "studies by state", labels=["state"])
         for state in STUDY_STATES:
             gauge.add_metric([state], by_state.get(state, 0))
@@ -158,9 +119,9 @@ class NodeCollector:
         yield _histogram(
             "mvi_job_duration_seconds",
             f"duration of jobs finished in the last {DURATION_WINDOW.days} days",
-            [(_aware(f) - _aware(s)).total_seconds() for _state, s, f in durations],
+            snapshot.job_durations_s,
         )
-        yield from _analysis_metrics(recent_results)
+        yield from _analysis_metrics(snapshot.recent_results)
         delivered = CounterMetricFamily(
             "mvi_results", "result objects by delivery state", labels=["state"]
         )
@@ -177,7 +138,7 @@ class NodeCollector:
         for state in ("requested", "moved", "move_failed", "done"):
             retro.add_metric([state], requeried.get(state, 0))
         yield retro
-        age = (utcnow() - _aware(oldest)).total_seconds() if oldest is not None else 0.0
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily(
             "mvi_outbox_oldest_age_seconds", "age of the oldest undelivered object", value=age
         )
@@ -223,40 +184,12 @@ def _analysis_metrics(recent: list[Any]) -> Iterator[Any]:
     )
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite returns naive datetimes for values stored as UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
 def _histogram(name: str, documentation: str, values: list[float]) -> HistogramMetricFamily:
     buckets = []
     for bound in DURATION_BUCKETS:
         buckets.append((str(bound), sum(1 for v in values if v <= bound)))
     buckets.append(("+Inf", len(values)))
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))
-
-
-def store_writable(url: str) -> str | None:
-    """None when a fresh connection can open the database and take its write lock."""
-    if url.startswith("sqlite:///"):
-        # mode=rw: a missing file is an error here, not a new empty database.
-        path = url.removeprefix("sqlite:///")
-        engine = create_engine(f"sqlite:///file:{path}?mode=rw&uri=true", poolclass=NullPool)
-    else:
-        engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                conn.execute(text("SELECT count(*) FROM schema_version"))
-                conn.exec_driver_sql("ROLLBACK")
-            else:
-                conn.execute(text("SELECT count(*) FROM schema_version"))
-    except Exception as exc:
-        return f"store unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    finally:
-        engine.dispose()
-    return None
 
 
 def health_checks(

@@ -69,7 +69,9 @@ def start_node(settings: Settings) -> Node:
     data_dir = settings.node.data_dir
     spool_root = data_dir / "spool"
     spool_root.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.database_url)
+    # The embedded database is the node's own: serve brings it to head before the workers
+    # start (they only check). Any other changes only with `mvi-node db upgrade`.
+    store = Store(settings.database_url, schema="check" if settings.database.url else "upgrade")
     requeued = store.requeue_interrupted()
     scheduler = BackgroundScheduler(timezone=dt.UTC)
     assembler = Assembler(store, scheduler, settings.completion.quiet_seconds)

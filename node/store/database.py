@@ -5,6 +5,14 @@ and the workers), PostgreSQL by URL. Every arrow of the data flow that crosses a
 goes through here: an instance is acknowledged only after its row is committed, and a job or an
 outbox item is never only in memory.
 
+This is the only module that runs SQL. Callers get named, frozen rows (:mod:`node.store.types`)
+with aware UTC datetimes, never a table, a connection or a positional tuple. Work that must
+commit together across modules (a job's result row and its outbox rows) joins one
+:class:`Transaction` from :meth:`Store.begin`, an opaque handle that only Store methods use.
+
+Opening a store checks (or creates, or upgrades) the schema per its ``schema`` mode; who uses
+which mode is decided in :mod:`node.store.migrate`.
+
 Study states: ``receiving`` (instances arriving, quiet timer running) → ``queued`` (complete, a
 job waits) → ``running`` → ``done`` | ``failed`` | ``needs_review`` | ``not_applicable``.
 Job states: ``queued``, ``running``, ``done``, ``failed``, ``needs_review``, ``not_applicable``,
@@ -16,221 +24,83 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Engine,
-    ForeignKey,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Engine, create_engine, func, insert, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
 
-SCHEMA_VERSION = 1
-
-STUDY_STATES = (
-    "receiving",
-    "queued",
-    "running",
-    "done",
-    "failed",
-    "needs_review",
-    "not_applicable",
+from node.store.engine import make_engine, sqlite_path
+from node.store.migrate import SchemaError, SchemaMode, ensure
+from node.store.schema import (
+    JOB_FINAL_STATES,
+    OUTBOX_FAILED,
+    OUTBOX_PENDING,
+    OUTBOX_SENT,
+    PRIORITY_LIVE,
+    PRIORITY_RETROSPECTIVE,
+    SCHEMA_VERSION,
+    STUDY_STATES,
+    instances,
+    jobs,
+    outbox,
+    results,
+    retrospective,
+    series,
+    studies,
+    utcnow,
 )
-JOB_FINAL_STATES = ("done", "failed", "needs_review", "not_applicable", "superseded", "cancelled")
-
-#: Job priorities: lower runs first. Live studies go before retrospective re-queries.
-PRIORITY_LIVE = 0
-PRIORITY_RETROSPECTIVE = 10
-
-metadata = MetaData()
-
-schema_version = Table(
-    "schema_version",
-    metadata,
-    Column("version", Integer, nullable=False),
-    Column("applied_at", DateTime(timezone=True), nullable=False),
-)
-
-studies = Table(
-    "studies",
-    metadata,
-    Column("study_uid", String(64), primary_key=True),
-    Column("study_key", String(16), nullable=False, index=True),
-    Column("state", String(16), nullable=False),
-    Column("reason", Text),
-    Column("priority", Integer, nullable=False, default=PRIORITY_LIVE),
-    # Identifiers stay in the database (results export, `studies list --show-identifiers`),
-    # never in logs.
-    Column("patient_id", String(64)),
-    Column("patient_name", String(324)),
-    Column("accession_number", String(16)),
-    Column("study_date", String(8)),
-    Column("instance_count", Integer, nullable=False, default=0),
-    Column("first_received_at", DateTime(timezone=True)),
-    Column("last_received_at", DateTime(timezone=True)),
-    Column("completed_at", DateTime(timezone=True)),
-    Column("pairing", JSON),
+from node.store.types import (
+    Delivery,
+    InstanceFile,
+    InstanceRecord,
+    Job,
+    OutboxItem,
+    RetrospectiveRow,
+    StoredResult,
+    StoreSnapshot,
+    Study,
+    StudyResult,
+    from_row,
 )
 
-series = Table(
-    "series",
-    metadata,
-    Column("series_uid", String(64), primary_key=True),
-    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False, index=True),
-    Column("modality", String(16)),
-    Column("sop_class_uid", String(64)),
-    Column("series_number", Integer),
-    Column("series_description", String(64)),
-    Column("analysable", Boolean, nullable=False, default=False),
-    Column("own_output", Boolean, nullable=False, default=False),
-    Column("instance_count", Integer, nullable=False, default=0),
-)
-
-instances = Table(
-    "instances",
-    metadata,
-    Column("sop_instance_uid", String(64), primary_key=True),
-    Column("series_uid", String(64), ForeignKey("series.series_uid"), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("sop_class_uid", String(64), nullable=False),
-    Column("transfer_syntax_uid", String(64)),
-    Column("path", Text, nullable=False),
-    Column("size", Integer, nullable=False),
-    Column("sha256", String(64), nullable=False),
-    Column("calling_ae", String(16)),
-    Column("received_at", DateTime(timezone=True), nullable=False),
-)
-
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False, index=True),
-    Column("state", String(16), nullable=False, index=True),
-    Column("priority", Integer, nullable=False, default=PRIORITY_LIVE),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("reason", Text),
-    Column("pairing", JSON),
-    Column("arterial_uid", String(64)),
-    Column("portal_venous_uid", String(64)),
-    Column("supersedes", Integer),
-    Column("worker_pid", Integer),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True)),
-    Column("finished_at", DateTime(timezone=True)),
-)
-
-results = Table(
-    "results",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("status", String(16), nullable=False),
-    Column("result", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
-
-outbox = Table(
-    "outbox",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("sop_instance_uid", String(64), nullable=False),
-    Column("series_uid", String(64), nullable=False),
-    Column("path", Text, nullable=False),
-    Column("destination", String(64), nullable=False),
-    Column("state", String(16), nullable=False, index=True),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", DateTime(timezone=True)),
-    Column("last_status", Text),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("delivered_at", DateTime(timezone=True)),
-)
+__all__ = [
+    "JOB_FINAL_STATES",
+    "OUTBOX_FAILED",
+    "OUTBOX_PENDING",
+    "OUTBOX_SENT",
+    "PRIORITY_LIVE",
+    "PRIORITY_RETROSPECTIVE",
+    "SCHEMA_VERSION",
+    "STUDY_STATES",
+    "Delivery",
+    "InstanceFile",
+    "InstanceRecord",
+    "Job",
+    "OutboxItem",
+    "RetrospectiveRow",
+    "SchemaError",
+    "Store",
+    "StoreSnapshot",
+    "StoredResult",
+    "Study",
+    "StudyResult",
+    "Transaction",
+    "store_writable",
+    "utcnow",
+]
 
 
-# Studies a retrospective re-query asked the PACS for: their jobs run after live ones, and the
-# row says how far the re-query got with each (so an interrupted run can resume).
-retrospective = Table(
-    "retrospective",
-    metadata,
-    Column("study_uid", String(64), primary_key=True),
-    Column("study_date", String(8)),
-    Column("state", String(16), nullable=False),
-    Column("reason", Text),
-    Column("requested_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
+class Transaction:
+    """An open transaction of a :class:`Store`; Store methods given it join it.
 
+    Callers only pass it on: the connection inside is the store's.
+    """
 
-def utcnow() -> dt.datetime:
-    """Timezone-aware now (the store keeps every time in UTC)."""
-    return dt.datetime.now(dt.UTC)
+    __slots__ = ("_conn",)
 
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """What the receiver knows about one stored instance."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: str
-    size: int
-    sha256: str
-    calling_ae: str
-    modality: str = ""
-    series_number: int | None = None
-    series_description: str = ""
-    analysable: bool = False
-    own_output: bool = False
-    patient_id: str = ""
-    patient_name: str = ""
-    accession_number: str = ""
-    study_date: str = ""
-
-
-@dataclass(frozen=True)
-class Job:
-    """A job row."""
-
-    id: int
-    study_uid: str
-    state: str
-    priority: int
-    attempts: int
-    reason: str | None
-    pairing: dict[str, Any] | None
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets the receiver write while workers read; synchronous=FULL makes a commit durable
-    # before the C-STORE response goes out; busy_timeout lets processes queue for the lock.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
 
 
 def _queue_job(
@@ -276,57 +146,45 @@ class Store:
     ----------
     url
         SQLAlchemy URL. SQLite files get WAL mode and durable commits.
+    schema
+        What opening does about the schema (:data:`node.store.migrate.SchemaMode`): ``create``
+        a new database and check any other, only ``check``, or ``upgrade`` to head.
+
+    Raises
+    ------
+    SchemaError
+        The schema is not at head and ``schema`` may not bring it there, or it is newer.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, schema: SchemaMode = "create") -> None:
         self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, future=True)
-        self._known_studies: set[str] = set()
-        self._known_series: set[str] = set()
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._create_schema()
-
-    def _create_schema(self) -> None:
-        metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            current = conn.execute(select(func.max(schema_version.c.version))).scalar()
-            if current is None:
-                conn.execute(
-                    insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow())
-                )
-            elif current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema version {current} is newer than this node's "
-                    f"({SCHEMA_VERSION}): upgrade mvi-node"
-                )
+        ensure(url, schema)
+        self._engine: Engine = make_engine(url)
 
     @contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """A transaction (committed on exit, rolled back on error)."""
-        with self.engine.begin() as conn:
+    def begin(self) -> Iterator[Transaction]:
+        """A transaction (committed on exit, rolled back on error) that Store methods join."""
+        with self._engine.begin() as conn:
+            yield Transaction(conn)
+
+    @contextmanager
+    def _write(self, tx: Transaction | None) -> Iterator[Connection]:
+        """The caller's transaction, or a new one committed on exit."""
+        if tx is not None:
+            yield tx._conn
+            return
+        with self._engine.begin() as conn:
             yield conn
 
     def close(self) -> None:
         """Release the connection pool."""
-        self.engine.dispose()
-
-    def ping(self) -> bool:
-        """True when the database answers a trivial query."""
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(select(1))
-        except Exception:
-            return False
-        return True
+        self._engine.dispose()
 
     # -- instances ---------------------------------------------------------------------------
 
     def instance_sha256(self, sop_instance_uid: str) -> str | None:
         """The stored hash of an instance's bytes, or None when it is new."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             return conn.execute(
                 select(instances.c.sha256).where(instances.c.sop_instance_uid == sop_instance_uid)
             ).scalar()
@@ -341,13 +199,9 @@ class Store:
         instance puts the study back to ``receiving`` when ``reopen`` (the quiet timer restarts).
         """
         now = utcnow()
-        with self.engine.begin() as conn:
-            # Study and series rows are created once; this process remembers which exist so a
-            # busy C-STORE path does not look them up again for every instance.
-            if record.study_uid not in self._known_studies:
-                self._ensure_study(conn, record, now)
-            if record.series_uid not in self._known_series:
-                self._ensure_series(conn, record)
+        with self._engine.begin() as conn:
+            self._ensure_study(conn, record, now)
+            self._ensure_series(conn, record)
             existing = conn.execute(
                 select(instances.c.sha256).where(
                     instances.c.sop_instance_uid == record.sop_instance_uid
@@ -449,13 +303,15 @@ class Store:
             )
         )
 
-    def instance_paths(self, study_uid: str) -> list[tuple[str, str, str, bool, bool]]:
-        """(series_uid, path, sop_class_uid, analysable, own_output) of a study's instances."""
+    def instance_files(self, study_uid: str) -> list[InstanceFile]:
+        """A study's instances with what their series is, by series and path."""
         query = (
             select(
+                instances.c.sop_instance_uid,
                 instances.c.series_uid,
                 instances.c.path,
                 instances.c.sop_class_uid,
+                instances.c.calling_ae,
                 series.c.analysable,
                 series.c.own_output,
             )
@@ -463,14 +319,23 @@ class Store:
             .where(instances.c.study_uid == study_uid)
             .order_by(instances.c.series_uid, instances.c.path)
         )
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             return [
-                (row[0], row[1], row[2], bool(row[3]), bool(row[4])) for row in conn.execute(query)
+                InstanceFile(
+                    sop_instance_uid=row.sop_instance_uid,
+                    series_uid=row.series_uid,
+                    path=row.path,
+                    sop_class_uid=row.sop_class_uid,
+                    calling_ae=row.calling_ae,
+                    analysable=bool(row.analysable),
+                    own_output=bool(row.own_output),
+                )
+                for row in conn.execute(query)
             ]
 
     def delete_instances(self, study_uid: str) -> list[str]:
         """Forget a study's instance rows (retention); returns their spool paths."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             paths = [
                 row[0]
                 for row in conn.execute(
@@ -482,23 +347,23 @@ class Store:
 
     # -- studies -----------------------------------------------------------------------------
 
-    def study(self, study_uid: str) -> dict[str, Any] | None:
-        """A study row as a dict, or None."""
-        with self.engine.connect() as conn:
+    def study(self, study_uid: str) -> Study | None:
+        """A study, or None."""
+        with self._engine.connect() as conn:
             row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
-        return dict(row._mapping) if row is not None else None
+        return from_row(Study, row._mapping) if row is not None else None
 
-    def list_studies(self, limit: int = 100) -> list[dict[str, Any]]:
+    def list_studies(self, limit: int = 100) -> list[Study]:
         """The most recently received studies first."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             rows = conn.execute(
                 select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
             )
-            return [dict(row._mapping) for row in rows]
+            return [from_row(Study, row._mapping) for row in rows]
 
     def studies_in_state(self, *states: str) -> list[str]:
         """UIDs of the studies in any of ``states``."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             rows = conn.execute(select(studies.c.study_uid).where(studies.c.state.in_(states)))
             return [row[0] for row in rows]
 
@@ -506,7 +371,7 @@ class Store:
         """Move a study to ``state``."""
         if state not in STUDY_STATES:
             raise ValueError(f"unknown study state {state!r}")
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             conn.execute(
                 update(studies)
                 .where(studies.c.study_uid == study_uid)
@@ -522,7 +387,7 @@ class Store:
             .select_from(instances.join(series, series.c.series_uid == instances.c.series_uid))
             .where(instances.c.study_uid == study_uid, series.c.analysable.is_(True))
         )
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             return bool(conn.execute(query).scalar())
 
     # -- jobs --------------------------------------------------------------------------------
@@ -537,7 +402,7 @@ class Store:
         happens when an instance arrived after that time (the timer fired late).
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             row = conn.execute(
                 select(studies.c.state, studies.c.last_received_at, studies.c.priority).where(
                     studies.c.study_uid == study_uid
@@ -546,8 +411,6 @@ class Store:
             if row is None or row.state != "receiving":
                 return None
             last = row.last_received_at
-            if last is not None and last.tzinfo is None:
-                last = last.replace(tzinfo=dt.UTC)
             if only_if_quiet_since is not None and last is not None and last > only_if_quiet_since:
                 return None
             # Compare-and-set: the quiet timer in `serve` and a re-query process may complete
@@ -567,7 +430,7 @@ class Store:
 
     def find_study(self, key_or_uid: str) -> str | None:
         """The StudyInstanceUID for a UID or a study key (as logs and `studies list` show)."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(studies.c.study_uid).where(
                     (studies.c.study_uid == key_or_uid) | (studies.c.study_key == key_or_uid)
@@ -590,7 +453,7 @@ class Store:
         pairing = None
         if forced_pair is not None:
             pairing = {"forced": True, "arterial": forced_pair[0], "portal_venous": forced_pair[1]}
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             return _queue_job(conn, study_uid, priority, pairing, now)
 
     def claim_job(
@@ -602,7 +465,7 @@ class Store:
         study never waits in a batch of retrospective ones, nor the other way round).
         """
         for _ in range(5):
-            with self.engine.begin() as conn:
+            with self._engine.begin() as conn:
                 query = select(jobs.c.id).where(jobs.c.state == "queued")
                 if priority is not None:
                     query = query.where(jobs.c.priority == priority)
@@ -622,21 +485,15 @@ class Store:
                 ).rowcount
                 if taken != 1:
                     continue
-                job = conn.execute(select(jobs).where(jobs.c.id == row.id)).one()
+                job = from_row(
+                    Job, conn.execute(select(jobs).where(jobs.c.id == row.id)).one()._mapping
+                )
                 conn.execute(
                     update(studies)
                     .where(studies.c.study_uid == job.study_uid, studies.c.state == "queued")
                     .values(state="running")
                 )
-                return Job(
-                    id=job.id,
-                    study_uid=job.study_uid,
-                    state=job.state,
-                    priority=job.priority,
-                    attempts=job.attempts,
-                    reason=job.reason,
-                    pairing=job.pairing,
-                )
+                return job
         return None
 
     def finish_job(
@@ -653,7 +510,7 @@ class Store:
         if state not in ("queued", *JOB_FINAL_STATES):
             raise ValueError(f"unknown job state {state!r}")
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             job = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
             conn.execute(
                 update(jobs)
@@ -683,7 +540,7 @@ class Store:
 
     def requeue_interrupted(self) -> int:
         """On start: jobs left running by a crash go back to the queue. Returns how many."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             count = conn.execute(
                 update(jobs)
                 .where(jobs.c.state == "running")
@@ -694,7 +551,7 @@ class Store:
 
     def recover_worker_jobs(self, worker_pid: int, max_attempts: int) -> list[int]:
         """A worker died: its running jobs go back to the queue, or fail past max_attempts."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             rows = conn.execute(
                 select(jobs.c.id, jobs.c.attempts).where(
                     jobs.c.state == "running", jobs.c.worker_pid == worker_pid
@@ -707,10 +564,42 @@ class Store:
                 self.finish_job(job_id, "queued", reason="the worker process died; retrying")
         return [row[0] for row in rows]
 
+    def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job; False when it is not queued."""
+        with self._engine.begin() as conn:
+            count = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == "queued")
+                .values(state="cancelled", finished_at=utcnow(), reason="cancelled by operator")
+            ).rowcount
+        return bool(count)
+
+    def list_jobs(
+        self, limit: int = 100, states: Sequence[str] = (), *, study_uid: str | None = None
+    ) -> list[Job]:
+        """The newest jobs first (of one study with ``study_uid``)."""
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if states:
+            query = query.where(jobs.c.state.in_(states))
+        if study_uid is not None:
+            query = query.where(jobs.c.study_uid == study_uid)
+        with self._engine.connect() as conn:
+            return [from_row(Job, row._mapping) for row in conn.execute(query)]
+
+    def newest_job(self, study_uid: str) -> Job | None:
+        """The study's most recent job, or None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(jobs).where(jobs.c.study_uid == study_uid).order_by(jobs.c.id.desc())
+            ).first()
+        return from_row(Job, row._mapping) if row is not None else None
+
+    # -- results -----------------------------------------------------------------------------
+
     def record_result(
-        self, job_id: int, study_uid: str, result: dict[str, Any], conn: Connection | None = None
+        self, job_id: int, study_uid: str, result: dict[str, Any], tx: Transaction | None = None
     ) -> int:
-        """Keep a job's result (the content of its result.json); in ``conn``'s transaction."""
+        """Keep a job's result (the content of its result.json); in ``tx`` when given."""
         row = insert(results).values(
             job_id=job_id,
             study_uid=study_uid,
@@ -718,51 +607,165 @@ class Store:
             result=result,
             created_at=utcnow(),
         )
-        if conn is None:
-            with self.engine.begin() as own:
-                inserted = own.execute(row)
-        else:
-            inserted = conn.execute(row)
-        key = inserted.inserted_primary_key
+        with self._write(tx) as conn:
+            key = conn.execute(row).inserted_primary_key
         return int(key[0]) if key is not None else -1
 
-    def job_result(self, job_id: int) -> dict[str, Any] | None:
+    def job_result(self, job_id: int) -> StoredResult | None:
         """The result a job already recorded (an attempt the node died after), or None."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(results).where(results.c.job_id == job_id).order_by(results.c.id).limit(1)
             ).first()
-        return dict(row._mapping) if row is not None else None
+        return from_row(StoredResult, row._mapping) if row is not None else None
 
-    def latest_result(self, study_uid: str) -> dict[str, Any] | None:
-        """The result of the study's newest job (with ``job_id`` and ``result``), or None.
+    def latest_result(self, study_uid: str) -> StoredResult | None:
+        """The result of the study's newest job, or None.
 
         By job, not by row: with several workers an older job can finish after a newer one.
         """
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(results)
                 .where(results.c.study_uid == study_uid)
                 .order_by(results.c.job_id.desc(), results.c.id.desc())
                 .limit(1)
             ).first()
-        return dict(row._mapping) if row is not None else None
+        return from_row(StoredResult, row._mapping) if row is not None else None
 
-    def list_jobs(self, limit: int = 100, states: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """The newest jobs first."""
-        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
-        if states:
-            query = query.where(jobs.c.state.in_(states))
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+    def list_results(self, study_uid: str | None = None) -> list[StoredResult]:
+        """Every recorded result (of one study with ``study_uid``), oldest first."""
+        query = select(results).order_by(results.c.id)
+        if study_uid is not None:
+            query = query.where(results.c.study_uid == study_uid)
+        with self._engine.connect() as conn:
+            return [from_row(StoredResult, row._mapping) for row in conn.execute(query)]
 
-    def newest_job(self, study_uid: str) -> dict[str, Any] | None:
-        """The study's most recent job row, or None."""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(jobs).where(jobs.c.study_uid == study_uid).order_by(jobs.c.id.desc())
-            ).first()
-        return dict(row._mapping) if row is not None else None
+    def iter_newest_results(
+        self, since: dt.date | None = None, until: dt.date | None = None
+    ) -> Iterator[StudyResult]:
+        """Every study with a result, with its newest, by study date then UID.
+
+        ``since`` / ``until`` filter on StudyDate (inclusive); studies without a date are left
+        out when either is given.
+        """
+        # The newest result is that of the newest job (a later request), not the last written:
+        # with several workers an older job can finish after a newer one.
+        ranked = select(
+            *results.c,
+            func.row_number()
+            .over(
+                partition_by=results.c.study_uid,
+                order_by=(results.c.job_id.desc(), results.c.id.desc()),
+            )
+            .label("rank"),
+        ).subquery()
+        result_columns = [ranked.c[column.name] for column in results.c]
+        query = (
+            select(studies, *[c.label(f"result_{c.name}") for c in result_columns])
+            .join(ranked, ranked.c.study_uid == studies.c.study_uid)
+            .where(ranked.c.rank == 1)
+            .order_by(studies.c.study_date, studies.c.study_uid)
+        )
+        if since is not None:
+            query = query.where(studies.c.study_date >= f"{since:%Y%m%d}")
+        if until is not None:
+            query = query.where(studies.c.study_date <= f"{until:%Y%m%d}")
+        with self._engine.connect() as conn:
+            for row in conn.execute(query):
+                data = row._mapping
+                yield StudyResult(
+                    study=from_row(Study, {c.name: data[c.name] for c in studies.c}),
+                    result=from_row(
+                        StoredResult, {c.name: data[f"result_{c.name}"] for c in results.c}
+                    ),
+                )
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    def enqueue_deliveries(
+        self,
+        job_id: int,
+        study_uid: str,
+        deliveries: Sequence[Delivery],
+        tx: Transaction | None = None,
+    ) -> list[int]:
+        """Outbox rows for a job's files, due now; in ``tx`` when given. Returns their ids."""
+        now = utcnow()
+        ids = []
+        with self._write(tx) as conn:
+            for item in deliveries:
+                key = conn.execute(
+                    insert(outbox).values(
+                        job_id=job_id,
+                        study_uid=study_uid,
+                        sop_instance_uid=item.sop_instance_uid,
+                        series_uid=item.series_uid,
+                        path=item.path,
+                        destination=item.destination,
+                        state=OUTBOX_PENDING,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                ).inserted_primary_key
+                if key is not None:
+                    ids.append(int(key[0]))
+        return ids
+
+    def due_deliveries(self, now: dt.datetime) -> list[OutboxItem]:
+        """Pending outbox items due at ``now``, by destination then id."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(outbox)
+                .where(outbox.c.state == OUTBOX_PENDING, outbox.c.next_attempt_at <= now)
+                .order_by(outbox.c.destination, outbox.c.id)
+            )
+            return [from_row(OutboxItem, row._mapping) for row in rows]
+
+    def record_delivery_attempt(
+        self,
+        item_id: int,
+        *,
+        attempts: int,
+        status: str,
+        next_attempt_at: dt.datetime | None,
+        state: str | None = None,
+        delivered_at: dt.datetime | None = None,
+    ) -> None:
+        """The outcome of one try of an outbox item (``state`` None: it stays as it is)."""
+        values: dict[str, Any] = {
+            "attempts": attempts,
+            "last_status": status,
+            "next_attempt_at": next_attempt_at,
+        }
+        if state is not None:
+            values["state"] = state
+        if delivered_at is not None:
+            values["delivered_at"] = delivered_at
+        with self._engine.begin() as conn:
+            conn.execute(update(outbox).where(outbox.c.id == item_id).values(**values))
+
+    def list_outbox(self, *, include_sent: bool = False, limit: int = 200) -> list[OutboxItem]:
+        """Outbox items, newest first (pending and failed unless ``include_sent``)."""
+        query = select(outbox).order_by(outbox.c.id.desc()).limit(limit)
+        if not include_sent:
+            query = query.where(outbox.c.state != OUTBOX_SENT)
+        with self._engine.connect() as conn:
+            return [from_row(OutboxItem, row._mapping) for row in conn.execute(query)]
+
+    def retry_failed_deliveries(self, ids: Sequence[int] = ()) -> int:
+        """Put failed items (all, or those in ``ids``) back in the queue, due now."""
+        now = utcnow()
+        query = update(outbox).where(outbox.c.state == OUTBOX_FAILED)
+        if ids:
+            query = query.where(outbox.c.id.in_(list(ids)))
+        with self._engine.begin() as conn:
+            # A fresh start for the give-up clock, too: the operator decided to try again.
+            count = conn.execute(
+                query.values(state=OUTBOX_PENDING, next_attempt_at=now, created_at=now)
+            ).rowcount
+        return int(count)
 
     # -- retrospective re-query --------------------------------------------------------------
 
@@ -773,7 +776,7 @@ class Store:
         already holds is switched over now.
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             known = conn.execute(
                 select(retrospective.c.study_uid).where(retrospective.c.study_uid == study_uid)
             ).first()
@@ -808,7 +811,7 @@ class Store:
         priority it was queued with, but instances that arrive later (a live send) are not
         held back.
         """
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             conn.execute(
                 update(retrospective)
                 .where(retrospective.c.study_uid == study_uid)
@@ -821,23 +824,13 @@ class Store:
                     .values(priority=PRIORITY_LIVE)
                 )
 
-    def retrospective_row(self, study_uid: str) -> dict[str, Any] | None:
+    def retrospective_row(self, study_uid: str) -> RetrospectiveRow | None:
         """The re-query's record of a study, or None."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(retrospective).where(retrospective.c.study_uid == study_uid)
             ).first()
-        return dict(row._mapping) if row is not None else None
-
-    def cancel_job(self, job_id: int) -> bool:
-        """Cancel a queued job; False when it is not queued."""
-        with self.engine.begin() as conn:
-            count = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == "queued")
-                .values(state="cancelled", finished_at=utcnow(), reason="cancelled by operator")
-            ).rowcount
-        return bool(count)
+        return from_row(RetrospectiveRow, row._mapping) if row is not None else None
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -847,7 +840,7 @@ class Store:
         Also studies that ended without results to deliver (not_applicable, needs_review) and
         were completed before ``cutoff``.
         """
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             delivered = (
                 select(outbox.c.study_uid)
                 .group_by(outbox.c.study_uid)
@@ -870,3 +863,64 @@ class Store:
                 )
             )
             return [row[0] for row in rows]
+
+    # -- monitoring --------------------------------------------------------------------------
+
+    def snapshot(self, since: dt.datetime) -> StoreSnapshot:
+        """Counts by state, and the jobs and results since ``since`` (one ``/metrics`` scrape)."""
+        with self._engine.connect() as conn:
+
+            def by_state(column: Any) -> dict[str, int]:
+                rows = conn.execute(select(column, func.count()).group_by(column)).all()
+                return {str(state): int(count) for state, count in rows}
+
+            durations = conn.execute(
+                select(jobs.c.started_at, jobs.c.finished_at).where(
+                    jobs.c.finished_at.is_not(None),
+                    jobs.c.started_at.is_not(None),
+                    jobs.c.finished_at > since,
+                )
+            ).all()
+            recent = [
+                row[0]
+                for row in conn.execute(
+                    select(results.c.result)
+                    .where(results.c.created_at > since)
+                    .order_by(results.c.id)
+                )
+            ]
+            oldest = conn.execute(
+                select(func.min(outbox.c.created_at)).where(outbox.c.delivered_at.is_(None))
+            ).scalar()
+            return StoreSnapshot(
+                studies_by_state=by_state(studies.c.state),
+                jobs_by_state=by_state(jobs.c.state),
+                job_durations_s=[(end - start).total_seconds() for start, end in durations],
+                recent_results=recent,
+                outbox_by_state=by_state(outbox.c.state),
+                oldest_undelivered_at=oldest,
+                retrospective_by_state=by_state(retrospective.c.state),
+            )
+
+
+def store_writable(url: str) -> str | None:
+    """None when a fresh connection can open the database and take its write lock."""
+    path = sqlite_path(url)
+    if path is not None:
+        # mode=rw: a missing file is an error here, not a new empty database.
+        engine = create_engine(f"sqlite:///file:{path}?mode=rw&uri=true", poolclass=NullPool)
+    else:
+        engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                conn.execute(text("SELECT count(*) FROM schema_version"))
+                conn.exec_driver_sql("ROLLBACK")
+            else:
+                conn.execute(text("SELECT count(*) FROM schema_version"))
+    except Exception as exc:
+        return f"store unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        engine.dispose()
+    return None

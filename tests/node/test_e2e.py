@@ -29,10 +29,9 @@ from typing import Any
 
 import pydicom
 import pytest
-from sqlalchemy import select
 
 from node.deliver.outbox import list_outbox
-from node.store.database import Store, jobs, results
+from node.store.database import Job, Store, StoredResult
 from tests.node.jobs.test_worker import alive, children, workers_of
 from tests.nodeproc import NODE_AET, NodeProcess, running_node, start_node_process, wait_for
 from tests.orthanc import Orthanc, orthanc_or_skip, restart_orthanc, running_orthanc
@@ -132,20 +131,16 @@ def delivered(store: Store, study_uid: str) -> bool:
 
     A second set would make more items than that: the checks after the wait count them.
     """
-    items = [i for i in list_outbox(store, include_sent=True) if i["study_uid"] == study_uid]
-    return len(items) >= len(NODE_OBJECTS) and all(i["state"] == "sent" for i in items)
+    items = [i for i in list_outbox(store, include_sent=True) if i.study_uid == study_uid]
+    return len(items) >= len(NODE_OBJECTS) and all(i.state == "sent" for i in items)
 
 
-def result_rows(store: Store, study_uid: str) -> list[dict[str, Any]]:
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(results).where(results.c.study_uid == study_uid))
-        return [dict(row._mapping) for row in rows]
+def result_rows(store: Store, study_uid: str) -> list[StoredResult]:
+    return store.list_results(study_uid)
 
 
-def job_rows(store: Store, study_uid: str) -> list[dict[str, Any]]:
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(jobs).where(jobs.c.study_uid == study_uid).order_by(jobs.c.id))
-        return [dict(row._mapping) for row in rows]
+def job_rows(store: Store, study_uid: str) -> list[Job]:
+    return store.list_jobs(study_uid=study_uid)[::-1]
 
 
 def check_results_in_pacs(
@@ -155,11 +150,11 @@ def check_results_in_pacs(
 
     Returns SOP Instance UID -> SOP Class UID of the node's objects.
     """
-    items = [i for i in list_outbox(store, include_sent=True) if i["study_uid"] == study_uid]
-    assert sorted(Path(i["path"]).name for i in items) == sorted(NODE_OBJECTS)
-    assert {i["destination"] for i in items} == {"pacs"}
-    assert [i["attempts"] for i in items] == [1] * len(NODE_OBJECTS), "each sent once"
-    outbox_classes = {i["sop_instance_uid"]: NODE_OBJECTS[Path(i["path"]).name] for i in items}
+    items = [i for i in list_outbox(store, include_sent=True) if i.study_uid == study_uid]
+    assert sorted(Path(i.path).name for i in items) == sorted(NODE_OBJECTS)
+    assert {i.destination for i in items} == {"pacs"}
+    assert [i.attempts for i in items] == [1] * len(NODE_OBJECTS), "each sent once"
+    outbox_classes = {i.sop_instance_uid: NODE_OBJECTS[Path(i.path).name] for i in items}
 
     sent = new_instances(pacs, study_uid, uploaded)
     assert sorted(t["SOPClassUID"] for t in sent) == sorted(NODE_OBJECTS.values()), (
@@ -204,13 +199,13 @@ def test_orthanc_moves_a_study_and_gets_seg_sr_and_sc_back(
             check_results_in_pacs(pacs, received, store, folder, study_uid, uploaded)
 
             study_row = store.study(study_uid)
-            assert study_row is not None and study_row["state"] == "done"
+            assert study_row is not None and study_row.state == "done"
             (job,) = job_rows(store, study_uid)
-            assert (job["state"], job["attempts"]) == ("done", 1)
+            assert (job.state, job.attempts) == ("done", 1)
             (result,) = result_rows(store, study_uid)
-            assert result["job_id"] == job["id"] and result["status"] == "scored"
-            assert result["result"]["segmentation"]["source"] == "supplied"
-            assert sorted(result["result"]["outputs"]) == ["sc", "seg", "sr"]
+            assert result.job_id == job.id and result.status == "scored"
+            assert result.result["segmentation"]["source"] == "supplied"
+            assert sorted(result.result["outputs"]) == ["sc", "seg", "sr"]
         finally:
             store.close()
 
@@ -229,14 +224,14 @@ def test_results_arrive_once_after_a_kill_9_in_the_middle_of_the_job(
         store = node.store()
         running = wait_for(lambda: store.list_jobs(states=("running",)), timeout=60, every=0.02)
         (job,) = running
-        worker_pid = job["worker_pid"]
+        worker_pid = job.worker_pid
         assert worker_pid in old_children, "the job runs in one of the node's workers"
         # Past the pairing, the job registers and segments for seconds: kill it there. The
         # worker is frozen first, so the state at the kill is known exactly; then kill -9
         # of the node, and the kernel SIGKILLs its workers (PR_SET_PDEATHSIG), stopped or not.
         wait_for(lambda: "paired phases" in node.log(), timeout=60, every=0.02)
         os.kill(worker_pid, signal.SIGSTOP)
-        assert job_rows(store, study_uid)[0]["state"] == "running"
+        assert job_rows(store, study_uid)[0].state == "running"
         assert result_rows(store, study_uid) == [], "killed before the result was recorded"
         assert list_outbox(store, include_sent=True) == [], "killed before any delivery"
         node.kill()
@@ -252,18 +247,18 @@ def test_results_arrive_once_after_a_kill_9_in_the_middle_of_the_job(
 
             # The interrupted job was re-queued and finished once, by a new worker.
             (again,) = job_rows(store, study_uid)
-            assert again["id"] == job["id"]
-            assert (again["state"], again["attempts"]) == ("done", 2)
-            assert again["worker_pid"] in workers_of(restarted.process.pid)
+            assert again.id == job.id
+            assert (again.state, again.attempts) == ("done", 2)
+            assert again.worker_pid in workers_of(restarted.process.pid)
             (result,) = result_rows(store, study_uid)
-            assert result["job_id"] == job["id"] and result["status"] == "scored"
+            assert result.job_id == job.id and result.status == "scored"
             study_row = store.study(study_uid)
-            assert study_row is not None and study_row["state"] == "done"
+            assert study_row is not None and study_row.state == "done"
             # The killed attempt left no result behind, so the SR replaces nothing.
             sr_path = next(
-                Path(i["path"])
+                Path(i.path)
                 for i in list_outbox(store, include_sent=True)
-                if Path(i["path"]).name == "sr.dcm"
+                if Path(i.path).name == "sr.dcm"
             )
             sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
             assert "PredecessorDocumentsSequence" not in sr

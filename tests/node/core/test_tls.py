@@ -208,7 +208,7 @@ def test_the_dispatcher_delivers_results_over_tls(
             store = node.store()
             job_id = make_job(store, row["study_instance_uid"])
             enqueue(store, job_id, row["study_instance_uid"], [as_result(seg)], ["pacs"])
-            wait_for(lambda: list_outbox(store, include_sent=True)[0]["state"] == "sent")
+            wait_for(lambda: list_outbox(store, include_sent=True)[0].state == "sent")
             store.close()
     assert len(list(received.iterdir())) == 1
 

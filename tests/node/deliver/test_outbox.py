@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import insert
 
 from node.deliver.outbox import ResultObject, backoff, enqueue, list_outbox
-from node.store.database import Store, jobs, studies, utcnow
+from node.store.database import Store, utcnow
 from tests.conftest import require_tool
 from tests.node.cli.test_main import mvi_node
 from tests.nodeproc import dcmtk_env, running_node, start_node_process, wait_for
@@ -21,22 +21,27 @@ from tests.orthanc import free_port, restart_orthanc, running_orthanc
 
 
 def make_job(store: Store, study_uid: str) -> int:
-    """A finished job row for ``study_uid`` (what the pipeline leaves before queuing results)."""
-    now = utcnow()
-    with store.begin() as conn:
-        conn.execute(
-            insert(studies).values(
-                study_uid=study_uid, study_key="k", state="done", instance_count=0, priority=0
-            )
+    """A finished job row for ``study_uid`` (what the pipeline leaves before queuing results).
+
+    Written straight into the SQLite file, as the store writes it: through the store a job is
+    queued first, and a running node's worker would take it.
+    """
+    now = utcnow().strftime("%Y-%m-%d %H:%M:%S.%f")
+    connection = sqlite3.connect(store.url.removeprefix("sqlite:///"), timeout=30)
+    with connection:
+        connection.execute(
+            "INSERT INTO studies (study_uid, study_key, state, instance_count, priority) "
+            "VALUES (?, 'k', 'done', 0, 0)",
+            (study_uid,),
         )
-        result = conn.execute(
-            insert(jobs).values(
-                study_uid=study_uid, state="done", priority=0, attempts=1, created_at=now
-            )
-        )
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
+        job = connection.execute(
+            "INSERT INTO jobs (study_uid, state, priority, attempts, created_at) "
+            "VALUES (?, 'done', 0, 1, ?)",
+            (study_uid, now),
+        ).lastrowid
+    connection.close()
+    assert job is not None
+    return job
 
 
 def result_of(cohort: Path) -> tuple[dict[str, str], Path, list[Path]]:
@@ -55,7 +60,7 @@ def as_result(path: Path) -> ResultObject:
 
 def states(node_store: Store) -> list[tuple[str, int, str]]:
     return [
-        (r["state"], r["attempts"], r["last_status"] or "")
+        (r.state, r.attempts, r.last_status or "")
         for r in list_outbox(node_store, include_sent=True)
     ]
 
@@ -224,7 +229,7 @@ def test_results_come_back_into_the_same_study_on_the_pacs(
             wait_for(
                 lambda: (
                     (r := list_outbox(store, include_sent=True))
-                    and all(i["state"] == "sent" for i in r)
+                    and all(i.state == "sent" for i in r)
                 ),
                 timeout=120,
             )
@@ -248,4 +253,4 @@ def test_results_come_back_into_the_same_study_on_the_pacs(
                 text = " ".join(sr_texts(ds))
                 assert "failed" in text and "missing-model" in text
         assert "SR" in kinds and len(instances) >= 2, "an SR and a summary image at least"
-        assert study["state"] == ("failed" if broken_model else "done")
+        assert study.state == ("failed" if broken_model else "done")

@@ -145,7 +145,7 @@ def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
 
     assert not any(isinstance(o, Exception) for o in outcomes), outcomes
     assert isinstance(lonely, JobOutcome) and lonely.state in ("needs_review", "not_applicable")
-    results = [store.latest_result(uid)["result"] for uid in uids]  # type: ignore[index]
+    results = [store.latest_result(uid).result for uid in uids]  # type: ignore[union-attr]
     assert [r["status"] for r in results] == ["scored"] * 3, [r["reason"] for r in results]
     # One forward pass: every study of the batch carries the same share of it.
     assert len({r["timings_s"]["infer"] for r in results}) == 1
@@ -156,11 +156,9 @@ def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
         assert alone_job is not None and alone_job.study_uid == uid
         (alone,) = run_jobs(store, cohort, settings, [alone_job], models)
         assert isinstance(alone, JobOutcome)
-        again = store.latest_result(uid)  # type: ignore[index]
-        assert again is not None and again["job_id"] == alone_job.id
-        assert again["result"]["mvi_probability"] == pytest.approx(
-            result["mvi_probability"], abs=1e-3
-        )
+        again = store.latest_result(uid)
+        assert again is not None and again.job_id == alone_job.id
+        assert again.result["mvi_probability"] == pytest.approx(result["mvi_probability"], abs=1e-3)
     store.close()
 
 
@@ -204,7 +202,7 @@ def test_a_job_rerun_after_a_crash_does_not_make_a_second_set(
     models = Models(settings, device="cpu")
     (first,) = run_jobs(store, cohort, settings, [job], models)
     assert isinstance(first, JobOutcome) and first.state == "done"
-    sent = sorted(row["sop_instance_uid"] for row in list_outbox(store, include_sent=True))
+    sent = sorted(row.sop_instance_uid for row in list_outbox(store, include_sent=True))
     assert len(sent) == 3
     # The node dies before the job is marked finished; on restart the job runs again.
     assert store.requeue_interrupted() == 1
@@ -212,14 +210,8 @@ def test_a_job_rerun_after_a_crash_does_not_make_a_second_set(
     assert again is not None and again.id == job.id
     (second,) = run_jobs(store, cohort, settings, [again], models)
     assert isinstance(second, JobOutcome) and second.state == "done"
-    assert sorted(row["sop_instance_uid"] for row in list_outbox(store, include_sent=True)) == sent
-    with store.engine.connect() as conn:
-        from sqlalchemy import func, select
-
-        from node.store.database import results
-
-        count = conn.execute(select(func.count()).select_from(results)).scalar()
-    assert count == 1
+    assert sorted(row.sop_instance_uid for row in list_outbox(store, include_sent=True)) == sent
+    assert len(store.list_results()) == 1
     store.close()
 
 

@@ -41,18 +41,16 @@ def test_a_study_completes_only_after_the_quiet_period(
         for folder in series_dirs:
             send(folder, node.port)
             time.sleep(1.0)
-            assert store.study(row["study_instance_uid"])["state"] == "receiving"  # type: ignore[index]
+            assert store.study(row["study_instance_uid"]).state == "receiving"  # type: ignore[union-attr]
         # The node dies before the timer fires; on restart the timer is restored from the store.
         node.kill()
         restarted = start_node_process(node.config_path, node.log_path)
         try:
             final = wait_for(
-                lambda: (
-                    (s := store.study(row["study_instance_uid"])) and s["state"] == "done" and s
-                ),
+                lambda: (s := store.study(row["study_instance_uid"])) and s.state == "done" and s,
                 timeout=60,
             )
-            assert final["pairing"]["arterial"] == row["arterial_series_uid"]
+            assert final.pairing["arterial"] == row["arterial_series_uid"]
             assert '"timers_restored": 1' in restarted.log()
             assert len(store.list_jobs()) == 1
         finally:

@@ -23,12 +23,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from sqlalchemy import select
 
 from node import MANUFACTURER, MODEL_NAME
 from node.analysis.dicomio import load_series
 from node.core.settings import to_toml
-from node.store.database import instances
+from node.store.database import Study
 from tests.conftest import require_tool, run_tool
 from tests.nodeproc import (
     NODE_AET,
@@ -87,7 +86,7 @@ def spooled(node: NodeProcess) -> dict[str, Path]:
     return files
 
 
-def study_state(node: NodeProcess, study_uid: str) -> dict[str, object] | None:
+def study_state(node: NodeProcess, study_uid: str) -> Study | None:
     store = node.store()
     try:
         return store.study(study_uid)
@@ -95,12 +94,12 @@ def study_state(node: NodeProcess, study_uid: str) -> dict[str, object] | None:
         store.close()
 
 
-def wait_until_final(node: NodeProcess, study_uid: str, timeout: float = 90) -> dict[str, object]:
+def wait_until_final(node: NodeProcess, study_uid: str, timeout: float = 90) -> Study:
     final = {"done", "failed", "needs_review", "not_applicable"}
 
-    def finished() -> dict[str, object] | None:
+    def finished() -> Study | None:
         row = study_state(node, study_uid)
-        return row if row is not None and row["state"] in final else None
+        return row if row is not None and row.state in final else None
 
     return wait_for(finished, timeout=timeout)  # type: ignore[no-any-return]
 
@@ -158,12 +157,12 @@ def test_a_whole_study_is_stored_and_paired(tmp_path: Path, cohort: Path) -> Non
         assert result.returncode == 0, result.stderr
         final = wait_until_final(node, row["study_instance_uid"])
         files = spooled(node)
-        assert len(files) == len(sent) == final["instance_count"]
+        assert len(files) == len(sent) == final.instance_count
         for path in sent:
             uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert dataset_bytes(files[uid]) == dataset_bytes(path), "stored as received"
-        assert final["state"] == "done"
-        pairing = final["pairing"]
+        assert final.state == "done"
+        pairing = final.pairing
         assert isinstance(pairing, dict)
         assert pairing["arterial"] == row["arterial_series_uid"]
         assert pairing["portal_venous"] == row["portal_venous_series_uid"]
@@ -325,8 +324,8 @@ def test_eight_concurrent_senders(tmp_path: Path, cohort_factory: Callable[..., 
         assert len(spooled(node)) == sent
         for row in rows:
             final = wait_until_final(node, row["study_instance_uid"], timeout=180)
-            assert final["state"] == "done"
-            assert final["pairing"]["arterial"] == row["arterial_series_uid"]  # type: ignore[index]
+            assert final.state == "done"
+            assert final.pairing["arterial"] == row["arterial_series_uid"]  # type: ignore[index]
 
 
 def _successful_sends(log: str) -> list[Path]:
@@ -373,9 +372,9 @@ def test_kill_9_loses_nothing_that_was_acknowledged(
         try:
             assert storescu(restarted, study).returncode == 0
             final = wait_until_final(restarted, row["study_instance_uid"])
-            assert final["state"] == "done"
-            assert final["instance_count"] == total
-            assert final["pairing"]["portal_venous"] == row["portal_venous_series_uid"]  # type: ignore[index]
+            assert final.state == "done"
+            assert final.instance_count == total
+            assert final.pairing["portal_venous"] == row["portal_venous_series_uid"]  # type: ignore[index]
         finally:
             restarted.stop()
 
@@ -401,12 +400,12 @@ def test_other_objects_are_accepted_but_not_analysed(tmp_path: Path, cohort: Pat
     with running_node(tmp_path / "node") as node:
         assert storescu(node, cohort / row["study_folder"], extra).returncode == 0
         final = wait_until_final(node, study_uid)
-        assert final["state"] == "done"
+        assert final.state == "done"
         store = node.store()
-        rows = {r[2]: r for r in store.instance_paths(study_uid)}
+        rows = {r.sop_class_uid: r for r in store.instance_files(study_uid)}
         store.close()
-        assert rows["1.2.840.10008.5.1.4.1.1.88.59"][3] is False
-        assert rows["1.2.840.10008.5.1.4.1.1.88.67"][3] is False
+        assert rows["1.2.840.10008.5.1.4.1.1.88.59"].analysable is False
+        assert rows["1.2.840.10008.5.1.4.1.1.88.67"].analysable is False
 
 
 def test_own_outputs_coming_back_start_nothing(tmp_path: Path, cohort: Path) -> None:
@@ -434,7 +433,7 @@ def test_own_outputs_coming_back_start_nothing(tmp_path: Path, cohort: Path) -> 
         # Longer than the quiet period: a re-opened study would have queued a job by now.
         threading.Event().wait(3)
         assert len(store.list_jobs()) == jobs_before
-        assert store.study(study_uid)["state"] == "done"  # type: ignore[index]
+        assert store.study(study_uid).state == "done"  # type: ignore[union-attr]
         # A study known only through the node's own outputs is not one to analyse.
         stranger = _ct_dataset(
             Modality="SEG", Manufacturer=MANUFACTURER, ManufacturerModelName=MODEL_NAME
@@ -444,7 +443,7 @@ def test_own_outputs_coming_back_start_nothing(tmp_path: Path, cohort: Path) -> 
         )
         assert storescu(node, _write(stranger, tmp_path / "stranger.dcm")).returncode == 0
         threading.Event().wait(2)
-        assert store.study(stranger.StudyInstanceUID)["state"] == "not_applicable"  # type: ignore[index]
+        assert store.study(stranger.StudyInstanceUID).state == "not_applicable"  # type: ignore[union-attr]
         assert len(store.list_jobs()) == jobs_before
         store.close()
 
@@ -477,12 +476,11 @@ def test_orthanc_moves_a_study_to_the_node(tmp_path: Path, cohort: Path) -> None
         pacs.upload_folder(study)
         pacs.move_study(row["study_instance_uid"], NODE_AET, cmove=True)
         final = wait_until_final(node, row["study_instance_uid"])
-        assert final["instance_count"] == len(list(study.rglob("*.dcm")))
-        assert final["state"] == "done"
-        assert final["pairing"]["arterial"] == row["arterial_series_uid"]  # type: ignore[index]
+        assert final.instance_count == len(list(study.rglob("*.dcm")))
+        assert final.state == "done"
+        assert final.pairing["arterial"] == row["arterial_series_uid"]  # type: ignore[index]
         store = node.store()
-        with store.engine.connect() as conn:
-            callers = set(conn.execute(select(instances.c.calling_ae).distinct()).scalars())
+        callers = {file.calling_ae for file in store.instance_files(row["study_instance_uid"])}
         store.close()
         assert callers == {"ORTHANC"}
 

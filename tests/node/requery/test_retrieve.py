@@ -20,7 +20,7 @@ from node.core.settings import Settings, to_toml
 from node.requery.retrieve import StudyCandidate, classify_series
 from node.store.database import PRIORITY_RETROSPECTIVE, Store
 from tests.node.cli.test_main import mvi_node
-from tests.node.store.test_database import record
+from tests.node.store.test_database import backdate, record
 from tests.nodeproc import NODE_AET, NodeProcess, mvi_node_script, running_node, wait_for
 from tests.orthanc import Orthanc, orthanc_or_skip, running_orthanc
 
@@ -85,17 +85,12 @@ class Site:
     def results(self) -> dict[str, list[str]]:
         store = self.node.store()
         try:
-            with store.engine.connect() as conn:
-                from sqlalchemy import select
-
-                from node.store.database import results
-
-                rows = conn.execute(select(results.c.study_uid, results.c.status)).all()
+            rows = store.list_results()
         finally:
             store.close()
         found: dict[str, list[str]] = {}
-        for uid, status in rows:
-            found.setdefault(uid, []).append(status)
+        for row in rows:
+            found.setdefault(row.study_uid, []).append(row.status)
         return found
 
 
@@ -175,8 +170,8 @@ def test_requery_scores_exactly_the_window_and_resumes(
         try:
             for uid in scored:
                 job = store.newest_job(uid)
-                assert job is not None and job["priority"] == PRIORITY_RETROSPECTIVE
-                assert store.retrospective_row(uid)["state"] == "done"  # type: ignore[index]
+                assert job is not None and job.priority == PRIORITY_RETROSPECTIVE
+                assert store.retrospective_row(uid).state == "done"  # type: ignore[union-attr]
             assert store.study(chest) is None  # skipped before anything was moved
         finally:
             store.close()
@@ -208,8 +203,7 @@ def test_requery_scores_exactly_the_window_and_resumes(
             store = s.node.store()
             try:
                 return any(
-                    (row := store.retrospective_row(uid)) is not None
-                    and row["state"] != "requested"
+                    (row := store.retrospective_row(uid)) is not None and row.state != "requested"
                     for uid in target
                 )
             finally:
@@ -237,21 +231,12 @@ def test_c_get_brings_the_study_into_the_same_store(
         store = s.node.store()
         try:
             study = store.study(uid)
-            assert study is not None and study["instance_count"] > 0
-            paths = store.instance_paths(uid)
+            assert study is not None and study.instance_count > 0
+            files = store.instance_files(uid)
         finally:
             store.close()
-        assert all((s.node.spool / path).is_file() for _series, path, *_ in paths)
-        store = s.node.store()
-        try:
-            with store.engine.connect() as conn:
-                from sqlalchemy import select
-
-                from node.store.database import instances
-
-                senders = set(conn.execute(select(instances.c.calling_ae).distinct()).scalars())
-        finally:
-            store.close()
+        assert all((s.node.spool / file.path).is_file() for file in files)
+        senders = {file.calling_ae for file in files}
         assert senders == {s.pacs.aet}  # the PACS sent them, though the node opened the call
         # send_results: the results of a re-queried study go to the PACS like live ones.
         wait_for(lambda: "SR" in _modalities_in_pacs(s.pacs, uid), timeout=60)
@@ -514,41 +499,36 @@ def test_a_retrieve_in_progress_runs_at_low_priority_and_live_sends_later_do_not
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     store.mark_retrospective("1.2.3.1", "20240301")
     _record(store, "1.2.3.1")
-    assert store.study("1.2.3.1")["priority"] == PRIORITY_RETROSPECTIVE  # type: ignore[index]
+    assert store.study("1.2.3.1").priority == PRIORITY_RETROSPECTIVE  # type: ignore[union-attr]
     job_id = store.complete_study("1.2.3.1")
-    assert job_id is not None and store.newest_job("1.2.3.1")["priority"] == PRIORITY_RETROSPECTIVE  # type: ignore[index]
+    assert job_id is not None
+    assert store.newest_job("1.2.3.1").priority == PRIORITY_RETROSPECTIVE  # type: ignore[union-attr]
     assert store.complete_study("1.2.3.1") is None  # completed once only
     store.set_retrospective_state("1.2.3.1", "moved")
     # The retrieve is over: a later live send of the study queues a live job (results sent).
     _record(store, "1.2.3.1", 2)
     assert store.complete_study("1.2.3.1") is not None
-    assert store.newest_job("1.2.3.1")["priority"] == PRIORITY_LIVE  # type: ignore[index]
+    assert store.newest_job("1.2.3.1").priority == PRIORITY_LIVE  # type: ignore[union-attr]
     # A study asked for once, whose retrieve failed, is live when it arrives live later.
     store.mark_retrospective("1.2.3.2")
     store.set_retrospective_state("1.2.3.2", "move_failed", "refused")
     _record(store, "1.2.3.2")
-    assert store.study("1.2.3.2")["priority"] == PRIORITY_LIVE  # type: ignore[index]
+    assert store.study("1.2.3.2").priority == PRIORITY_LIVE  # type: ignore[union-attr]
     store.close()
 
 
 def test_a_broken_off_retrieve_is_retried_not_skipped_or_waited_for(tmp_path: Path) -> None:
     import datetime as _dt
 
-    from sqlalchemy import update
-
     from node.requery.retrieve import _in_flight, already_done
-    from node.store.database import studies
 
     settings = Settings.model_validate({"completion": {"quiet_seconds": 1.0}})
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     store.mark_retrospective("1.2.3.9")
     _record(store, "1.2.3.9")
     assert _in_flight(store, "1.2.3.9", settings)  # instances arriving right now
-    with store.begin() as conn:
-        old = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
-        conn.execute(
-            update(studies).where(studies.c.study_uid == "1.2.3.9").values(last_received_at=old)
-        )
+    old = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
+    backdate(store, "studies", "last_received_at", old, "study_uid = '1.2.3.9'")
     assert not _in_flight(store, "1.2.3.9", settings)  # nothing for 5 minutes: broken off
     job = store.reprocess("1.2.3.9", priority=PRIORITY_RETROSPECTIVE)
     store.record_result(job, "1.2.3.9", {"status": "needs_review", "model": None})

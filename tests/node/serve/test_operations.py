@@ -61,9 +61,9 @@ def test_reprocess_needs_a_known_study_and_both_series(tmp_path: Path) -> None:
     assert half.returncode == 2 and "both --arterial and --portal-venous" in half.stderr
     study = store.study("1.2.3")
     assert study is not None
-    queued = mvi_node("studies", "reprocess", study["study_key"], "--config", config)
+    queued = mvi_node("studies", "reprocess", study.study_key, "--config", config)
     assert queued.returncode == 0 and "queued" in queued.stdout
-    assert store.list_jobs()[0]["state"] == "queued"
+    assert store.list_jobs()[0].state == "queued"
 
 
 def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
@@ -82,8 +82,8 @@ def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
         )
         store = node.store()
         uid = row["study_instance_uid"]
-        wait_for(lambda: (s := store.study(uid)) and s["state"] == "done", timeout=120)
-        first_job = store.list_jobs()[0]["id"]
+        wait_for(lambda: (s := store.study(uid)) and s.state == "done", timeout=120)
+        first_job = store.list_jobs()[0].id
         # The operator swaps the phases on purpose: the job must use exactly that pair.
         result = mvi_node(
             "studies",
@@ -98,15 +98,15 @@ def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
         )
         assert result.returncode == 0, result.stderr
         wait_for(
-            lambda: store.list_jobs()[0]["state"] in ("done", "needs_review", "failed"), timeout=120
+            lambda: store.list_jobs()[0].state in ("done", "needs_review", "failed"), timeout=120
         )
         latest = store.latest_result(uid)
         assert latest is not None
-        phases = latest["result"]["phases"]
+        phases = latest.result["phases"]
         assert phases["pairing"] == "operator"
         assert phases["arterial"] == row["portal_venous_series_uid"]
         first_sr = pydicom.dcmread(results_folder(node.settings, uid, first_job) / "sr.dcm")
-        second_sr = pydicom.dcmread(results_folder(node.settings, uid, latest["job_id"]) / "sr.dcm")
+        second_sr = pydicom.dcmread(results_folder(node.settings, uid, latest.job_id) / "sr.dcm")
         predecessors = [
             item.ReferencedSOPInstanceUID
             for study in second_sr.PredecessorDocumentsSequence

@@ -11,10 +11,11 @@ import pytest
 from node.store.database import (
     PRIORITY_RETROSPECTIVE,
     SCHEMA_VERSION,
+    Delivery,
     InstanceRecord,
+    SchemaError,
     Store,
-    outbox,
-    studies,
+    Study,
     utcnow,
 )
 
@@ -22,6 +23,24 @@ from node.store.database import (
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(f"sqlite:///{tmp_path / 'db' / 'node.sqlite3'}")
+
+
+def study_of(store: Store, study_uid: str = "1.2.3") -> Study:
+    row = store.study(study_uid)
+    assert row is not None, f"no study {study_uid}"
+    return row
+
+
+def backdate(store: Store, table: str, column: str, when: dt.datetime, where: str = "1") -> None:
+    """Set a time column directly in the SQLite file, as a clock that ran earlier would have.
+
+    The text is the UTC wall time the store writes (see node.store.schema.UTCDateTime).
+    """
+    text = when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    connection = sqlite3.connect(store.url.removeprefix("sqlite:///"))
+    with connection:
+        connection.execute(f"UPDATE {table} SET {column} = ? WHERE {where}", (text,))
+    connection.close()
 
 
 def record(
@@ -56,23 +75,21 @@ def test_sqlite_runs_in_wal_mode_with_a_schema_version(tmp_path: Path, store: St
 
 def test_a_newer_schema_is_refused(tmp_path: Path, store: Store) -> None:
     connection = sqlite3.connect(tmp_path / "db" / "node.sqlite3")
-    connection.execute(
-        "INSERT INTO schema_version VALUES (?, ?)", (SCHEMA_VERSION + 1, "2030-01-01")
-    )
-    connection.commit()
+    with connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'ffff_from_a_newer_node'")
     connection.close()
-    with pytest.raises(RuntimeError, match="newer than this node"):
-        Store(store.url)
+    for mode in ("check", "create", "upgrade"):
+        with pytest.raises(SchemaError, match="revision ffff_from_a_newer_node, newer than"):
+            Store(store.url, schema=mode)  # type: ignore[arg-type]
 
 
 def test_instances_count_once_and_replacements_are_reported(store: Store) -> None:
     assert store.record_instance(record()) == "new"
     assert store.record_instance(record(sop="1.2.3.1.2")) == "new"
     assert store.record_instance(record(sha256="1" * 64)) == "replaced"
-    study = store.study("1.2.3")
-    assert study is not None
-    assert study["instance_count"] == 2
-    assert study["state"] == "receiving"
+    study = study_of(store)
+    assert study.instance_count == 2
+    assert study.state == "receiving"
     assert store.instance_sha256("1.2.3.1.1") == "1" * 64
 
 
@@ -80,35 +97,36 @@ def test_an_identical_resend_changes_nothing(store: Store) -> None:
     store.record_instance(record())
     store.complete_study("1.2.3")
     assert store.record_instance(record()) == "identical"
-    study = store.study("1.2.3")
-    assert study is not None and study["state"] == "queued" and study["instance_count"] == 1
+    study = study_of(store)
+    assert study.state == "queued" and study.instance_count == 1
 
 
 def test_completion_queues_one_job_and_claims_it_once(store: Store) -> None:
     store.record_instance(record())
     job_id = store.complete_study("1.2.3")
     assert job_id is not None
-    assert store.study("1.2.3")["state"] == "queued"  # type: ignore[index]
+    assert study_of(store, "1.2.3").state == "queued"
     assert store.complete_study("1.2.3") is None, "a complete study is not completed twice"
     job = store.claim_job(worker_pid=1234)
     assert job is not None and job.id == job_id and job.attempts == 1
     assert store.claim_job() is None
-    assert store.study("1.2.3")["state"] == "running"  # type: ignore[index]
+    assert study_of(store, "1.2.3").state == "running"
     store.finish_job(job.id, "done", pairing={"arterial": "a", "portal_venous": "p"})
-    row = store.study("1.2.3")
-    assert row is not None and row["state"] == "done" and row["pairing"]["arterial"] == "a"
+    row = study_of(store)
+    assert row.state == "done" and row.pairing is not None and row.pairing["arterial"] == "a"
 
 
 def test_a_late_instance_reopens_the_study_and_the_new_job_supersedes(store: Store) -> None:
     store.record_instance(record())
     first = store.complete_study("1.2.3")
     store.record_instance(record(sop="1.2.3.1.9"))
-    assert store.study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+    assert study_of(store, "1.2.3").state == "receiving"
     second = store.complete_study("1.2.3")
-    jobs = {j["id"]: j for j in store.list_jobs()}
-    assert jobs[first]["state"] == "superseded"  # type: ignore[index]
-    assert jobs[second]["state"] == "queued"  # type: ignore[index]
-    assert jobs[second]["supersedes"] == first  # type: ignore[index]
+    jobs = {j.id: j for j in store.list_jobs()}
+    assert first is not None and second is not None
+    assert jobs[first].state == "superseded"
+    assert jobs[second].state == "queued"
+    assert jobs[second].supersedes == first
 
 
 def test_a_running_job_that_was_superseded_does_not_overwrite_the_study(store: Store) -> None:
@@ -118,7 +136,7 @@ def test_a_running_job_that_was_superseded_does_not_overwrite_the_study(store: S
     assert running is not None
     store.record_instance(record(sop="1.2.3.1.9"))  # late instance while the job runs
     store.finish_job(running.id, "done")
-    assert store.study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+    assert study_of(store, "1.2.3").state == "receiving"
 
 
 def test_a_timer_that_fires_late_does_not_complete_a_busy_study(store: Store) -> None:
@@ -127,17 +145,13 @@ def test_a_timer_that_fires_late_does_not_complete_a_busy_study(store: Store) ->
         store.complete_study("1.2.3", only_if_quiet_since=utcnow() - dt.timedelta(seconds=10))
         is None
     )
-    assert store.study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+    assert study_of(store, "1.2.3").state == "receiving"
 
 
 def test_live_studies_run_before_retrospective_ones(store: Store) -> None:
     store.record_instance(record(study="9.9", series="9.9.1", sop="9.9.1.1"))
-    with store.begin() as conn:
-        conn.execute(
-            studies.update()
-            .where(studies.c.study_uid == "9.9")
-            .values(priority=PRIORITY_RETROSPECTIVE)
-        )
+    store.mark_retrospective("9.9")  # a re-query asked for it: its job waits for live ones
+    assert study_of(store, "9.9").priority == PRIORITY_RETROSPECTIVE
     store.complete_study("9.9")
     store.record_instance(record())
     store.complete_study("1.2.3")
@@ -174,9 +188,9 @@ def test_a_dead_workers_job_is_retried_then_failed(store: Store) -> None:
     assert store.recover_worker_jobs(11, max_attempts=2) != []
     assert store.claim_job(worker_pid=12) is not None
     store.recover_worker_jobs(12, max_attempts=2)
-    study = store.study("1.2.3")
-    assert study is not None and study["state"] == "failed"
-    assert "worker process died" in study["reason"]
+    study = study_of(store)
+    assert study.state == "failed"
+    assert "worker process died" in (study.reason or "")
 
 
 def test_cancel_only_queued_jobs(store: Store) -> None:
@@ -194,9 +208,9 @@ def test_own_outputs_never_reopen_and_never_make_a_study(store: Store) -> None:
     store.record_instance(
         record(series="1.2.3.99", sop="1.2.3.99.1", own_output=True, analysable=False)
     )
-    assert store.study("1.2.3")["state"] == "queued"  # type: ignore[index]
+    assert study_of(store, "1.2.3").state == "queued"
     store.record_instance(record(study="7.7", series="7.7.1", sop="7.7.1.1", own_output=True))
-    assert store.study("7.7")["state"] == "not_applicable"  # type: ignore[index]
+    assert study_of(store, "7.7").state == "not_applicable"
 
 
 def test_retention_selects_delivered_and_finished_studies(store: Store) -> None:
@@ -207,23 +221,13 @@ def test_retention_selects_delivered_and_finished_studies(store: Store) -> None:
         job = store.claim_job()
         assert job is not None and job_id == job.id
         store.finish_job(job.id, "done")
-    with store.begin() as conn:
-        conn.execute(studies.update().values(completed_at=old))
-        # 1.1: delivered long ago; 2.2: one result still pending; 3.3: nothing to deliver.
-        for study, delivered in (("1.1", old), ("2.2", None)):
-            conn.execute(
-                outbox.insert().values(
-                    job_id=1,
-                    study_uid=study,
-                    sop_instance_uid="x",
-                    series_uid="y",
-                    path="p",
-                    destination="pacs",
-                    state="sent" if delivered else "pending",
-                    attempts=1,
-                    created_at=old,
-                    delivered_at=delivered,
-                )
+    backdate(store, "studies", "completed_at", old)
+    # 1.1: delivered long ago; 2.2: one result still pending; 3.3: nothing to deliver.
+    for job_id, study, delivered in ((1, "1.1", old), (2, "2.2", None)):
+        (item,) = store.enqueue_deliveries(job_id, study, [Delivery("x", "y", "p", "pacs")])
+        if delivered is not None:
+            store.record_delivery_attempt(
+                item, attempts=1, status="ok", state="sent", next_attempt_at=None, delivered_at=old
             )
     chosen = set(store.studies_delivered_before(utcnow() - dt.timedelta(days=30)))
     assert chosen == {"1.1", "3.3"}
@@ -238,4 +242,44 @@ def test_the_newest_result_is_the_newest_jobs_even_when_it_finished_first(store:
     store.record_result(newer, "1.2.3", {"status": "scored"})
     store.record_result(older, "1.2.3", {"status": "needs_review"})  # a slow worker, later
     latest = store.latest_result("1.2.3")
-    assert latest is not None and latest["job_id"] == newer and latest["status"] == "scored"
+    assert latest is not None and latest.job_id == newer and latest.status == "scored"
+
+
+def test_times_go_in_aware_and_come_out_in_utc(store: Store) -> None:
+    store.record_instance(record())
+    received = study_of(store).first_received_at
+    assert received is not None and received.tzinfo is dt.UTC
+    assert abs((utcnow() - received).total_seconds()) < 60
+    job = store.reprocess("1.2.3")
+    (item,) = store.enqueue_deliveries(job, "1.2.3", [Delivery("x", "y", "p", "pacs")])
+    east = dt.timezone(dt.timedelta(hours=2))
+    store.record_delivery_attempt(
+        item,
+        attempts=1,
+        status="ok",
+        state="sent",
+        next_attempt_at=None,
+        delivered_at=dt.datetime(2024, 1, 1, 12, 0, tzinfo=east),
+    )
+    (row,) = store.list_outbox(include_sent=True)
+    assert row.delivered_at == dt.datetime(2024, 1, 1, 10, 0, tzinfo=dt.UTC)
+    assert row.delivered_at.tzinfo is dt.UTC and row.created_at.tzinfo is dt.UTC
+
+
+def test_a_naive_time_is_refused(store: Store) -> None:
+    store.record_instance(record())
+    with pytest.raises(Exception, match="naive datetime 2030-01-01T00:00:00 given to the store"):
+        store.studies_delivered_before(dt.datetime(2030, 1, 1))
+    with pytest.raises(TypeError, match="offset-naive"):
+        store.complete_study("1.2.3", only_if_quiet_since=dt.datetime(2030, 1, 1))
+
+
+def test_instance_files_name_their_series(store: Store) -> None:
+    store.record_instance(record())
+    store.record_instance(record(series="1.2.3.9", sop="1.2.3.9.1", own_output=True))
+    files = store.instance_files("1.2.3")
+    assert [(f.sop_instance_uid, f.series_uid, f.own_output) for f in files] == [
+        ("1.2.3.1.1", "1.2.3.1", False),
+        ("1.2.3.9.1", "1.2.3.9", True),
+    ]
+    assert files[0].path == "aa/1.2.3.1.1.dcm" and files[0].calling_ae == "SCU"

@@ -1,0 +1,72 @@
+"""Engines for the store: SQLite pragmas, and a locking engine for schema changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.pool import NullPool
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def shown_url(url: str) -> str:
+    """The URL as it may be printed (no password)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the receiver write while workers read; synchronous=FULL makes a commit durable
+    # before the C-STORE response goes out; busy_timeout lets processes queue for the lock.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """The engine a :class:`~node.store.database.Store` runs its queries on."""
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def schema_engine(url: str) -> Engine:
+    """An engine whose transactions hold the database's write lock from their first statement.
+
+    SQLite: the driver's own transaction handling is switched off (it would commit before DDL)
+    and every transaction starts with ``BEGIN IMMEDIATE``, so DDL is transactional and a second
+    process that wants to change the schema waits (busy_timeout) until the first has committed.
+    PostgreSQL: a transaction-scoped advisory lock does the same.
+    """
+    engine = create_engine(url, future=True, poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+
+        def connect(dbapi_connection: Any, record: Any) -> None:
+            _sqlite_pragmas(dbapi_connection, record)
+            dbapi_connection.isolation_level = None
+
+        def begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        event.listen(engine, "connect", connect)
+        event.listen(engine, "begin", begin)
+    elif engine.dialect.name == "postgresql":
+
+        def lock(conn: Connection) -> None:
+            # Any constant: every mvi-node upgrader takes the same one.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7346011)")
+
+        event.listen(engine, "begin", lock)
+    return engine

@@ -1,0 +1,241 @@
+"""Specification of the schema migrations: a release database upgrades in place, intact.
+
+The release database is tests/node/store/fixtures/release_schema_v1.sql, dumped from the
+release before migrations; `mvi-node db upgrade` and `mvi-node serve` run as an operator runs
+them (subprocesses on a configuration file).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from node.core.settings import to_toml
+from node.store import migrate
+from node.store.database import SchemaError, Store
+from tests.node.cli.test_main import mvi_node
+from tests.nodeproc import start_node_process
+from tests.orthanc import free_port
+
+FIXTURE = Path(__file__).parent / "fixtures" / "release_schema_v1.sql"
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+ARTERIAL, PORTAL = "1.2.826.0.1.3680043.8.498.2.1", "1.2.826.0.1.3680043.8.498.2.2"
+
+
+def release_database(path: Path) -> str:
+    """A copy of the release's database at ``path``; returns its URL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path)
+    connection.executescript(FIXTURE.read_text())
+    connection.close()
+    return f"sqlite:///{path}"
+
+
+def dump(path: Path) -> list[str]:
+    connection = sqlite3.connect(path)
+    try:
+        return list(connection.iterdump())
+    finally:
+        connection.close()
+
+
+def schema_of(path: Path) -> list[tuple[str, str, str]]:
+    connection = sqlite3.connect(path)
+    try:
+        rows = connection.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name != 'alembic_version' "
+            "AND name NOT LIKE 'sqlite_autoindex_alembic%' ORDER BY name"
+        ).fetchall()
+    finally:
+        connection.close()
+    return [(kind, name, sql) for kind, name, sql in rows]
+
+
+def node_config(tmp_path: Path, database_url: str | None = None) -> Path:
+    """A node on loopback with lazy models (nothing here runs a job)."""
+    data: dict[str, object] = {
+        "node": {
+            "data_dir": str(tmp_path / "data"),
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "free_disk_floor_mb": 1,
+        },
+        "pipeline": {"workers": 1, "device": "cpu"},
+    }
+    if database_url is not None:
+        data["database"] = {"url": database_url}
+    config = tmp_path / "node.toml"
+    config.write_text(to_toml(data))
+    return config
+
+
+def utc(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
+
+
+def test_head_is_the_newest_revision_of_the_package() -> None:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(migrate.alembic_config())
+    assert script.get_heads() == [migrate.HEAD]
+    assert script.get_base() == migrate.BASELINE
+
+
+def test_the_baseline_is_the_release_schema_and_the_tables(tmp_path: Path) -> None:
+    new = tmp_path / "new.sqlite3"
+    assert migrate.upgrade(f"sqlite:///{new}").describe() == (
+        f"sqlite:///{new}: upgraded from an empty database to revision 0001 (head)"
+    )
+    release_database(tmp_path / "release.sqlite3")
+    # The same DDL, statement for statement, as the release's create_all wrote.
+    assert schema_of(new) == schema_of(tmp_path / "release.sqlite3")
+    assert migrate.drift(f"sqlite:///{new}") == []
+
+
+def test_db_upgrade_brings_a_release_database_to_head_with_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "mvi-node.sqlite3"  # the embedded database of the config
+    url = release_database(path)
+    config = node_config(tmp_path)
+    before = dump(path)
+
+    done = mvi_node("db", "upgrade", "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"{url}: upgraded from the release schema (schema_version 1) to revision 0001 (head)"
+    )
+    assert migrate.current_revision(url) == migrate.HEAD
+    # Stamped, not rebuilt: every row of the release is still there, byte for byte.
+    after = dump(path)
+    assert [line for line in after if "alembic_version" not in line] == before
+
+    store = Store(url, schema="check")  # what a worker of `serve` does
+    try:
+        study = store.study(STUDY)
+        assert study is not None
+        assert (study.study_key, study.state, study.instance_count) == ("6dadc91b850d", "done", 3)
+        assert (study.patient_id, study.accession_number, study.study_date) == (
+            "PID-1",
+            "ACC1",
+            "20240102",
+        )
+        assert study.pairing == {"arterial": ARTERIAL, "portal_venous": PORTAL}
+        assert study.last_received_at == utc("2026-12-01 22:17:26.377460")
+        files = store.instance_files(STUDY)
+        assert [(f.series_uid, f.analysable, f.own_output) for f in files] == [
+            (ARTERIAL, True, False),
+            (ARTERIAL, True, False),
+            (PORTAL, True, False),
+        ]
+        assert {f.calling_ae for f in files} == {"PACS"}
+        assert store.instance_sha256("1.2.826.0.1.3680043.8.498.3.2") == "b" * 64
+        (job,) = store.list_jobs()
+        assert (job.id, job.state, job.attempts, job.worker_pid) == (1, "done", 1, 4242)
+        assert (job.arterial_uid, job.portal_venous_uid) == (ARTERIAL, PORTAL)
+        assert job.created_at == utc("2026-12-01 22:17:26.382435")
+        assert job.finished_at is not None and job.finished_at.tzinfo is dt.UTC
+        result = store.latest_result(STUDY)
+        assert result is not None and result.job_id == 1 and result.status == "done"
+        assert result.result["findings"] == {"lesions": 1, "volume_ml": 2.5}
+        (item,) = store.list_outbox()
+        assert (item.destination, item.state, item.path) == ("pacs", "pending", "/spool/out/1.dcm")
+        assert item.next_attempt_at == utc("2026-12-01 22:17:26.401762")
+        retro = store.retrospective_row(STUDY)
+        assert retro is not None and (retro.state, retro.study_date) == ("done", "20240102")
+        assert retro.requested_at == utc("2026-12-01 22:17:26.359398")
+        # And the upgraded database takes new rows.
+        assert store.reprocess(STUDY) == 2
+    finally:
+        store.close()
+
+    written = dump(path)
+    again = mvi_node("db", "upgrade", "--config", config)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"{url}: already at revision 0001 (head); nothing to do"
+    assert dump(path) == written
+
+
+def test_serve_refuses_an_out_of_date_database_that_is_not_embedded(tmp_path: Path) -> None:
+    path = tmp_path / "shared" / "node.sqlite3"
+    url = release_database(path)
+    config = node_config(tmp_path, url)
+    before = dump(path)
+
+    refused = mvi_node("serve", "--config", config)
+    assert refused.returncode == 2
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("mvi-node:")]
+    assert line.endswith(f"run `mvi-node db upgrade --config {config}`"), refused.stderr
+    assert "schema_version 1" in line and "revision 0001" in line
+    # Offline commands refuse it the same way, and nobody changed it.
+    listed = mvi_node("studies", "list", "--config", config)
+    assert listed.returncode == 2 and f"db upgrade --config {config}" in listed.stderr
+    assert dump(path) == before
+
+    assert mvi_node("db", "upgrade", "--config", config).returncode == 0
+    node = start_node_process(config, tmp_path / "node.log")  # serve accepts it now
+    try:
+        shown = mvi_node("studies", "list", "--config", config)
+        assert shown.returncode == 0 and "6dadc91b850d" in shown.stdout
+    finally:
+        node.stop()
+
+
+def test_serve_upgrades_the_embedded_database_itself(tmp_path: Path) -> None:
+    url = release_database(tmp_path / "data" / "mvi-node.sqlite3")
+    config = node_config(tmp_path)
+    with pytest.raises(SchemaError, match="run `mvi-node db upgrade`"):
+        Store(url, schema="check")
+    node = start_node_process(config, tmp_path / "node.log")
+    try:
+        assert migrate.current_revision(url) == migrate.HEAD
+        store = node.store()
+        assert store.study(STUDY) is not None
+        store.close()
+    finally:
+        node.stop()
+
+
+def test_db_upgrade_refuses_what_it_cannot_read_or_does_not_know(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"not a database at all " * 100)
+    refused = mvi_node("db", "upgrade", "--config", node_config(tmp_path, f"sqlite:///{garbage}"))
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "cannot read the database" in refused.stderr
+
+    newer = tmp_path / "newer.sqlite3"
+    Store(f"sqlite:///{newer}").close()
+    connection = sqlite3.connect(newer)
+    with connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099'")
+    connection.close()
+    before = dump(newer)
+    refused = mvi_node("db", "upgrade", "--config", node_config(tmp_path, f"sqlite:///{newer}"))
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1
+    assert "schema revision 0099, newer than this node's (0001): upgrade mvi-node" in refused.stderr
+    assert dump(newer) == before
+
+
+def test_a_worker_only_checks_and_never_creates_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "data" / "mvi-node.sqlite3"
+    with pytest.raises(SchemaError, match="no database at"):
+        Store(f"sqlite:///{missing}", schema="check")
+    assert not missing.exists()
+
+
+def _open(url: str) -> None:
+    Store(url).close()
+
+
+def test_processes_opening_a_new_database_at_once_create_it_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'data' / 'mvi-node.sqlite3'}"
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        pool.map(_open, [url] * 8)  # raises here if any of them failed
+    connection = sqlite3.connect(tmp_path / "data" / "mvi-node.sqlite3")
+    assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+    assert connection.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+    connection.close()
