@@ -51,6 +51,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dicom_sr.enum import Status
 from node.core.pseudonym import PseudonymKeyMissing, keyed_hash, looks_hashed
 from node.report.export import COLUMNS as RESULTS_COLUMNS
 from node.report.export import IDENTIFIER_COLUMNS
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 __all__ = [
     "IDENTIFIER_COLUMNS",
     "RESULTS_COLUMNS",
-    "STATUSES",
     "AuditInputError",
     "AuditOptions",
     "headline",
@@ -69,8 +69,6 @@ __all__ = [
     "run_audit",
 ]
 
-#: Result statuses; only ``scored`` rows enter the statistics.
-STATUSES = ("scored", "no_tumor", "not_applicable", "needs_review", "failed")
 #: Non-identifier columns the audit reads (the others are exported but not needed here).
 _USED_RESULT_COLUMNS = (
     "study_date",
@@ -291,8 +289,9 @@ def _load_results(path: Path) -> _Results:
         if name or version:
             models.add(f"{name} {version}".strip())
         status = cells["status"].strip().lower()
-        if status != "scored":
-            excluded[f"status {status}" if status in STATUSES else f"status {status!r}"] += 1
+        # Only scored rows enter the statistics.
+        if status != Status.SCORED:
+            excluded[f"status {status}" if status in tuple(Status) else f"status {status!r}"] += 1
             continue
         probability = _number(cells["mvi_probability"])
         if probability is None or not 0.0 <= probability <= 1.0:
