@@ -7,8 +7,12 @@ kernel for SIGKILL when its parent dies, and also checks its parent between jobs
 
 A worker takes one job, and with it the jobs already waiting, up to ``pipeline.batch_size``:
 each study runs every stage up to the MVI model on its own (:func:`prepare_job`), the model
-scores the prepared studies in one batch (:func:`node.pipeline.score_prepared`), and each job is
-delivered and concluded on its own — one study's failure never fails another's stage.
+scores the prepared studies in one batch (:func:`node.analysis.pipeline.score_prepared`), and
+each job is delivered and concluded on its own — one study's failure never fails another's
+stage. A job that failed for good gets a notice (:func:`notify_failure`).
+
+The receiving process imports this module for :class:`WorkerPool`: the analysis (SimpleITK,
+torch) is imported inside the functions that run in a worker.
 """
 
 from __future__ import annotations
@@ -21,20 +25,37 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dicom_sr.enum import Status
 from node.core.logging import configure_logging, get_logger, study_key
 from node.core.settings import Settings
 from node.store.database import Job, Store
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from node.analysis.dicomio import SeriesFiles
+    from node.analysis.models import Models
+    from node.analysis.pipeline import Analysis, Prepared
+    from node.analysis.result import Device, Phases, Result
 
 log = get_logger("node.jobs.worker")
 
 _PR_SET_PDEATHSIG = 1
 _IDLE_SLEEP_S = 0.25
+
+#: The job state each result status ends its job in (any other status fails it).
+_JOB_STATE = {
+    Status.SCORED: "done",
+    Status.NO_TUMOR: "done",
+    Status.NOT_APPLICABLE: "not_applicable",
+    Status.NEEDS_REVIEW: "needs_review",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +64,7 @@ class JobOutcome:
 
     state: str
     reason: str | None = None
-    pairing: dict[str, Any] | None = None
+    phases: Phases | None = None
     arterial_uid: str | None = None
     portal_venous_uid: str | None = None
 
@@ -60,7 +81,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any], list[str]]:
+def _job_series(
+    store: Store, spool_root: Path, job: Job
+) -> tuple[dict[str, SeriesFiles], list[str]]:
     """The study's files per series (as the pipeline takes them) and the node's own series."""
     from node.analysis.dicomio import SeriesFiles
 
@@ -87,8 +110,10 @@ def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any
     return series, sorted(own)
 
 
-def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, models: Any) -> Any:
-    """Every stage of a job before the MVI model (:func:`node.pipeline.prepare_study`)."""
+def prepare_job(
+    store: Store, spool_root: Path, settings: Settings, job: Job, models: Models
+) -> Analysis | Prepared:
+    """Every stage of a job before the MVI model (:func:`node.analysis.pipeline.prepare_study`)."""
     from node.analysis.pipeline import prepare_study
 
     series, own = _job_series(store, spool_root, job)
@@ -103,21 +128,23 @@ def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, mo
     )
 
 
-def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: Any) -> JobOutcome:
+def deliver(
+    store: Store, settings: Settings, job: Job, analysis: Analysis, models: Models
+) -> JobOutcome:
     """A finished analysis: its files, the result row and the outbox items; the job's outcome."""
-
-    analysis.result["device"] = _device_record(models)
+    analysis.result.device = _device_record(models)
     _record(store, settings, job, analysis)
     return _outcome(analysis.result)
 
 
-def _record(store: Store, settings: Settings, job: Job, analysis: Any) -> None:
+def _record(store: Store, settings: Settings, job: Job, analysis: Analysis) -> None:
     """Write a job's objects, then its result row and outbox rows in one transaction.
 
     A crash leaves the result and its outbox rows both, or neither: a re-run of the job finds
     the result and sends what was recorded, never a second set with new UIDs.
     """
     from node.analysis.pipeline import write_outputs
+    from node.analysis.result import to_json
     from node.deliver.outbox import ResultObject, enqueue
 
     written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
@@ -130,41 +157,29 @@ def _record(store: Store, settings: Settings, job: Job, analysis: Any) -> None:
         for kind, path in written.items()
     ]
     with store.begin() as conn:
-        store.record_result(job.id, job.study_uid, analysis.result, conn)
+        store.record_result(job.id, job.study_uid, to_json(analysis.result), conn)
         if objects and settings.results.destinations and _sends_results(settings, job):
             enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
 
 
-def _outcome(result: dict[str, Any]) -> JobOutcome:
+def _outcome(result: Result) -> JobOutcome:
     """A job's outcome from its result (result.json)."""
-    phases = result.get("phases") or {}
-    state = {
-        "scored": "done",
-        "no_tumor": "done",
-        "not_applicable": "not_applicable",
-        "needs_review": "needs_review",
-    }.get(result["status"], "failed")
+    phases = result.phases
     return JobOutcome(
-        state,
-        result["reason"],
-        result.get("phases"),
-        arterial_uid=phases.get("arterial"),
-        portal_venous_uid=phases.get("portal_venous"),
+        _JOB_STATE.get(result.status, "failed"),
+        result.reason,
+        phases,
+        arterial_uid=phases.arterial if phases is not None else None,
+        portal_venous_uid=phases.portal_venous if phases is not None else None,
     )
 
 
-def run_job(
-    store: Store, spool_root: Path, settings: Settings, job: Job, models: Any = None
-) -> JobOutcome:
-    """Run one job: the analysis, its outputs, the result row and the outbox items."""
-    (outcome,) = run_jobs(store, spool_root, settings, [job], models)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
 def run_jobs(
-    store: Store, spool_root: Path, settings: Settings, jobs: Sequence[Job], models: Any = None
+    store: Store,
+    spool_root: Path,
+    settings: Settings,
+    jobs: Sequence[Job],
+    models: Models | None = None,
 ) -> list[JobOutcome | Exception]:
     """Run several jobs with one MVI-model batch; per job its outcome or the error it raised.
 
@@ -172,10 +187,11 @@ def run_jobs(
     every job of the batch (each is retried per ``pipeline.max_attempts``).
     """
     from node.analysis.models import Models
-    from node.analysis.pipeline import Analysis, score_prepared
+    from node.analysis.pipeline import Analysis, Prepared, score_prepared
+    from node.analysis.result import Result
 
     models = models if models is not None else Models(settings)
-    steps: list[Any] = []
+    steps: list[Prepared | Analysis | JobOutcome | Exception] = []
     for job in jobs:
         recorded = store.job_result(job.id)
         if recorded is not None:
@@ -183,18 +199,17 @@ def run_jobs(
             # before the job was marked finished: those objects go out as they are. Analysing
             # again would give new UIDs and send the PACS a second set.
             log.warning("job already has its result; not analysing again", job_id=job.id)
-            steps.append(_outcome(recorded["result"]))
+            steps.append(_outcome(Result.model_validate(recorded["result"])))
             continue
         try:
             steps.append(prepare_job(store, spool_root, settings, job, models))
         except Exception as exc:
             steps.append(exc)
-    waiting = [
-        i for i, step in enumerate(steps) if not isinstance(step, Analysis | Exception | JobOutcome)
-    ]
+    waiting = [i for i, step in enumerate(steps) if isinstance(step, Prepared)]
+    prepared = [step for step in steps if isinstance(step, Prepared)]
     try:
         for index, analysis in zip(
-            waiting, score_prepared([steps[i] for i in waiting], settings, models), strict=True
+            waiting, score_prepared(prepared, settings, models), strict=True
         ):
             steps[index] = analysis
     except Exception as exc:
@@ -205,6 +220,7 @@ def run_jobs(
         if isinstance(step, Exception | JobOutcome):
             outcomes.append(step)
             continue
+        assert isinstance(step, Analysis)  # every prepared study was scored above
         try:
             outcomes.append(deliver(store, settings, job, step, models))
         except Exception as exc:
@@ -212,12 +228,12 @@ def run_jobs(
     return outcomes
 
 
-def batch_size(settings: Settings, models: Any) -> int:
+def batch_size(settings: Settings, models: Models) -> int:
     """Jobs a worker takes at once: ``pipeline.batch_size``, or 8 on a GPU and 1 on the CPU."""
     configured = settings.pipeline.batch_size
     if configured != "auto":
         return int(configured)
-    device = str(getattr(models, "device", "cpu"))
+    device = str(models.device)
     if device == "auto":
         import torch
 
@@ -240,25 +256,30 @@ def notify_failure(
     store: Store, spool_root: Path, settings: Settings, job: Job, reason: str
 ) -> None:
     """A job failed for good: send an SR and SC that say so, so nobody waits for results."""
-    from node.analysis.pairing import pair_phases, series_info
-    from node.analysis.pipeline import Analysis, _result_skeleton, encode_objects
+    from node.analysis import stages
+    from node.analysis.pipeline import Analysis, encode_objects
+    from node.analysis.result import Result
 
-    by_series: dict[str, list[Path]] = {}
-    for series_uid, path, sop_class, _analysable, own_output in store.instance_paths(job.study_uid):
-        if not own_output and _modality(sop_class) == "CT":
-            by_series.setdefault(series_uid, []).append(spool_root / path)
-    pairing = pair_phases(
-        [series_info(paths) for paths in by_series.values()], settings.phases.model_dump()
+    series, own = _job_series(store, spool_root, job)
+    pairing = stages.pair(
+        series,
+        settings.phases,
+        working_spacing_mm=stages.working_spacing_mm(settings.pipeline),
+        own_series_uids=own,
     )
     # The report hangs on a source series: the arterial one, else any CT series of the study.
-    source = pairing.arterial or next(iter(sorted(by_series)), None)
+    ct = sorted(uid for uid, files in series.items() if uid not in own and files.modality == "CT")
+    source = pairing.arterial or next(iter(ct), None)
     if source is None:
         return
-    result = _result_skeleton(job.study_uid)
-    result.update(status="failed", reason=f"the analysis failed: {reason}"[:1000])
+    result = Result(
+        study_instance_uid=job.study_uid,
+        status=Status.FAILED,
+        reason=f"the analysis failed: {reason}"[:1000],
+    )
     analysis = Analysis(result)
     analysis.objects = encode_objects(
-        result, settings, None, sorted(by_series[source]), None, None, None, None
+        result, settings, None, series[source].paths, None, None, None, None
     )
     _record(store, settings, job, analysis)
 
@@ -268,15 +289,15 @@ def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
     return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
 
 
-def _device_record(models: Any) -> dict[str, Any]:
+def _device_record(models: Models) -> Device:
     """Where the models ran, and the peak GPU memory of this worker (for the metrics)."""
-    import sys
+    from node.analysis.result import Device
 
-    record: dict[str, Any] = {"requested": getattr(models, "device", "auto"), "type": "cpu"}
+    record = Device(requested=models.device, type="cpu")
     torch = sys.modules.get("torch")  # imported by the models; never imported here for this
-    if torch is not None and torch.cuda.is_available() and record["requested"] != "cpu":
-        record["type"] = "cuda"
-        record["gpu_memory_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    if torch is not None and torch.cuda.is_available() and record.requested != "cpu":
+        record.type = "cuda"
+        record.gpu_memory_peak_bytes = int(torch.cuda.max_memory_allocated())
     return record
 
 
@@ -288,14 +309,14 @@ def _modality(sop_class: str) -> str:
     }.get(sop_class, "OT")
 
 
-def _forced_pair(pairing: dict[str, Any] | None) -> tuple[str, str] | None:
+def _forced_pair(pairing: Mapping[str, Any] | None) -> tuple[str, str] | None:
     # `studies reprocess --arterial S --portal-venous S` puts the operator's pair on the job.
     if pairing and pairing.get("forced"):
         return str(pairing["arterial"]), str(pairing["portal_venous"])
     return None
 
 
-def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Any:
+def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Dataset | None:
     """The SR of the study's latest earlier result, which a new analysis supersedes."""
     import pydicom
 
@@ -370,13 +391,22 @@ def _release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def cuda_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is CUDA running out of memory (:class:`torch.cuda.OutOfMemoryError`)."""
+    if "torch" not in sys.modules:
+        return False  # no model has run in this process: the error cannot be CUDA's
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def _job_failed(
-    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Any
-) -> Any:
+    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Models
+) -> Models:
     """Queue the job again or fail it for good; returns the models the next job should use."""
     reason = f"{type(exc).__name__}: {exc}"
     final = job.attempts >= settings.pipeline.max_attempts
-    if type(exc).__name__ == "OutOfMemoryError":
+    if cuda_out_of_memory(exc):
         # CUDA ran out of memory: the next attempt runs on the CPU.
         models = models.on_cpu()
     log.error(
@@ -403,7 +433,8 @@ def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> No
         job.id,
         outcome.state,
         reason=outcome.reason,
-        pairing=outcome.pairing,
+        # The store keeps the phases as JSON, as result.json has them.
+        pairing=outcome.phases.model_dump(mode="json") if outcome.phases is not None else None,
         arterial_uid=outcome.arterial_uid,
         portal_venous_uid=outcome.portal_venous_uid,
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
+from node.analysis.result import Result
 from node.core.pseudonym import keyed_hash
 from node.store.database import Store, results, studies
 
@@ -40,42 +42,40 @@ IDENTIFIER_COLUMNS = ("study_instance_uid", "accession_number", "patient_id")
 Identifiers = Literal["none", "hashed", "plain"]
 
 
-def _number(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return ""
-    try:
-        return f"{float(value):.6g}"
-    except (TypeError, ValueError):
-        return ""
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{float(value):.6g}"
 
 
-def _section(result: dict[str, Any], key: str) -> dict[str, Any]:
-    value = result.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def result_row(study: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
-    """One CSV row (plain identifiers) from a study row and its result.json content."""
-    tumor, loat, model = (
-        _section(result, "tumor"),
-        _section(result, "loat"),
-        _section(result, "model"),
-    )
+def result_row(study: Mapping[str, Any], result: Result | None) -> dict[str, str]:
+    """One CSV row (plain identifiers) from a study row and its result (None: not readable)."""
+    tumor = result.tumor if result is not None else None
+    loat = result.loat if result is not None else None
+    model = result.model if result is not None else None
     return {
         "study_instance_uid": str(study["study_uid"]),
         "study_date": str(study.get("study_date") or ""),
         "accession_number": str(study.get("accession_number") or ""),
         "patient_id": str(study.get("patient_id") or ""),
-        "mvi_probability": _number(result.get("mvi_probability")),
-        "combined_probability": _number(result.get("combined_probability")),
-        "risk_category": str(result.get("risk_category") or ""),
-        "loat_max_area_cm2": _number(loat.get("max_area_cm2")),
-        "tumor_max_diameter_mm": _number(tumor.get("max_diameter_mm")),
-        "tumor_volume_ml": _number(tumor.get("volume_ml")),
-        "model_name": str(model.get("name") or ""),
-        "model_version": str(model.get("version") or ""),
-        "status": str(result.get("status") or ""),
+        "mvi_probability": _number(result.mvi_probability if result is not None else None),
+        "combined_probability": _number(
+            result.combined_probability if result is not None else None
+        ),
+        "risk_category": str(result.risk_category or "") if result is not None else "",
+        "loat_max_area_cm2": _number(loat.max_area_cm2 if loat is not None else None),
+        "tumor_max_diameter_mm": _number(tumor.max_diameter_mm if tumor is not None else None),
+        "tumor_volume_ml": _number(tumor.volume_ml if tumor is not None else None),
+        "model_name": str(model.name or "") if model is not None else "",
+        "model_version": str(model.version or "") if model is not None else "",
+        "status": str(result.status) if result is not None else "",
     }
+
+
+def _stored_result(value: Any) -> Result | None:
+    """A results row's JSON as a :class:`Result`; None when it is not one."""
+    try:
+        return Result.model_validate(value)
+    except ValidationError:
+        return None
 
 
 def iter_results(
@@ -111,7 +111,7 @@ def iter_results(
     with store.engine.connect() as conn:
         for row in conn.execute(query):
             data = dict(row._mapping)
-            yield result_row(data, data["result"] if isinstance(data["result"], dict) else {})
+            yield result_row(data, _stored_result(data["result"]))
 
 
 def pseudonymise(row: dict[str, str], identifiers: Identifiers, key: str) -> dict[str, str]:

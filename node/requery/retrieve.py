@@ -27,12 +27,13 @@ import datetime as dt
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, build_role, evt
@@ -42,6 +43,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_sr.enum import Status
+from node.analysis.result import Result
 from node.core.logging import get_logger, study_key
 from node.core.settings import PeerSection, Settings
 from node.store.database import JOB_FINAL_STATES, PRIORITY_RETROSPECTIVE, Store
@@ -52,7 +55,9 @@ log = get_logger("node.requery.retrieve")
 _PENDING = (0xFF00, 0xFF01)
 #: Studies whose newest result has one of these statuses are not retried: a model change does
 #: not change why they could not be analysed (not a liver CT, no axial volume).
-_MODEL_INDEPENDENT = ("not_applicable",)
+_MODEL_INDEPENDENT = (Status.NOT_APPLICABLE,)
+#: Statuses a newer model could change: re-analysed unless the same model made them.
+_MODEL_DEPENDENT = (Status.SCORED, Status.NO_TUMOR, Status.NEEDS_REVIEW)
 #: Seconds between looks at the store while waiting for results.
 _POLL_S = 0.5
 #: Seconds without any progress after which the run checks that the node still listens.
@@ -535,11 +540,20 @@ def already_done(store: Store, study_uid: str, model: tuple[str, str] | None) ->
     status = str(row["status"])
     if status in _MODEL_INDEPENDENT:
         return f"already analysed: {status}"
-    if status in ("scored", "no_tumor", "needs_review") and model is not None:
-        made_by = (row["result"].get("model") or {}) if isinstance(row["result"], dict) else {}
-        if (str(made_by.get("name")), str(made_by.get("version"))) == model:
+    if status in _MODEL_DEPENDENT and model is not None:
+        stored = _stored_result(row)
+        made_by = stored.model if stored is not None else None
+        if made_by is not None and (str(made_by.name), str(made_by.version)) == model:
             return f"already {status} by {model[0]} {model[1]}"
     return None
+
+
+def _stored_result(row: Mapping[str, Any]) -> Result | None:
+    """The result.json content of a store row, validated; None when it is not a result."""
+    try:
+        return Result.model_validate(row["result"])
+    except ValidationError:
+        return None
 
 
 def _in_flight(store: Store, study_uid: str, settings: Settings) -> bool:
@@ -601,7 +615,8 @@ def _settle(store: Store, candidate: StudyCandidate) -> bool:
         candidate.outcome, candidate.reason = "failed", "the job was cancelled"
     elif row is not None and int(row["job_id"]) == int(job["id"]):
         candidate.outcome = str(row["status"])
-        candidate.reason = row["result"].get("reason") if isinstance(row["result"], dict) else None
+        stored = _stored_result(row)
+        candidate.reason = stored.reason if stored is not None else None
     else:
         candidate.outcome, candidate.reason = str(job["state"]), job.get("reason")
     store.set_retrospective_state(candidate.study_uid, "done", candidate.outcome)
