@@ -378,7 +378,7 @@ def run_demo(
     ``segmenter_dir`` and ``model_dir`` skip the demo model build (tests pass tiny models);
     ``keep_root`` is where ``keep`` writes (default ``./demo-out``).
     """
-    from node.jobs.worker import results_folder
+    from node.jobs.runner import results_folder
     from node.offline.phantom_study import CohortOptions, write_cohort
     from node.serve.service import start_node, stop_node
 

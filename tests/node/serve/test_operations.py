@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 
 from node.core.settings import to_toml
-from node.jobs.worker import results_folder
+from node.jobs.runner import results_folder
 from node.store.database import InstanceRecord, Store
 from tests.node.cli.test_main import mvi_node
 from tests.nodeproc import dcmtk_env, running_node, storescu_command, wait_for

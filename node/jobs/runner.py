@@ -1,9 +1,8 @@
-"""Jobs run in worker processes, never in the receiving process.
+"""What a worker process does: claim jobs, analyse them, deliver and record the results.
 
-A native crash or an out-of-memory kill inside a job takes down one worker, not the front door:
-the pool notices, puts the dead worker's job back in the queue (or fails it after
-``pipeline.max_attempts``) and starts a new worker. Workers die with the node: each asks the
-kernel for SIGKILL when its parent dies, and also checks its parent between jobs.
+The pool (:mod:`node.jobs.pool`) starts :func:`worker_main` in each worker process. Workers die
+with the node: each asks the kernel for SIGKILL when its parent dies, and also checks its parent
+between jobs.
 
 A worker takes one job, and with it the jobs already waiting, up to ``pipeline.batch_size``:
 each study runs every stage up to the MVI model on its own (:func:`prepare_job`), the model
@@ -11,7 +10,7 @@ scores the prepared studies in one batch (:func:`node.analysis.pipeline.score_pr
 each job is delivered and concluded on its own — one study's failure never fails another's
 stage. A job that failed for good gets a notice (:func:`notify_failure`).
 
-The receiving process imports this module for :class:`WorkerPool`: the analysis (SimpleITK,
+The pool's process imports this module for :func:`worker_main` only: the analysis (SimpleITK,
 torch) is imported inside the functions that run in a worker.
 """
 
@@ -19,15 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +40,7 @@ if TYPE_CHECKING:
     from node.analysis.pipeline import Analysis, Prepared
     from node.analysis.result import Device, Phases, Result
 
-log = get_logger("node.jobs.worker")
+log = get_logger("node.jobs.runner")
 
 _PR_SET_PDEATHSIG = 1
 _IDLE_SLEEP_S = 0.25
@@ -446,76 +442,3 @@ def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> No
         reason=outcome.reason,
         seconds=round(time.perf_counter() - started, 3),
     )
-
-
-class WorkerPool:
-    """A fixed number of worker processes, replaced when one dies.
-
-    Parameters
-    ----------
-    settings
-        The node's settings (passed to each worker as plain data).
-    store
-        The parent's store, used to recover a dead worker's jobs.
-    count
-        Number of workers (``pipeline.workers``).
-    """
-
-    def __init__(self, settings: Settings, store: Store, count: int) -> None:
-        self.settings = settings
-        self.store = store
-        self.count = count
-        # spawn: a fresh interpreter, so nothing the receiver holds (threads, sockets) leaks in.
-        self._context = multiprocessing.get_context("spawn")
-        self._workers: list[BaseProcess] = []
-        self._stop = threading.Event()
-        self._monitor: threading.Thread | None = None
-
-    def _spawn(self) -> BaseProcess:
-        process = self._context.Process(
-            target=worker_main,
-            args=(self.settings.model_dump(mode="python"), os.getpid()),
-            name="mvi-node-worker",
-            daemon=True,
-        )
-        process.start()
-        return process
-
-    def start(self) -> None:
-        """Start the workers and a thread that replaces any that die."""
-        self._workers = [self._spawn() for _ in range(self.count)]
-        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
-        self._monitor.start()
-        log.info("workers started", workers=self.count)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(1.0):
-            for index, process in enumerate(self._workers):
-                if process.is_alive() or self._stop.is_set():
-                    continue
-                pid = process.pid or -1
-                recovered = self.store.recover_worker_jobs(pid, self.settings.pipeline.max_attempts)
-                log.error(
-                    "worker died; replacing it",
-                    pid=pid,
-                    exitcode=process.exitcode,
-                    jobs_recovered=len(recovered),
-                )
-                self._workers[index] = self._spawn()
-
-    def alive(self) -> int:
-        """How many workers are running."""
-        return sum(1 for p in self._workers if p.is_alive())
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the workers; their running jobs are re-queued at the next start."""
-        self._stop.set()
-        for process in self._workers:
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + timeout
-        for process in self._workers:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)
