@@ -65,9 +65,9 @@ def test_analyze_writes_result_json_and_valid_objects(
     data = json.loads((out / "result.json").read_text())
     assert set(data) == {"schema_version", *RESULT_KEYS}  # a worker adds "device", not analyze
     # The file is the typed result: it validates, and writing it again gives the same JSON.
-    result = Result.model_validate(data)
-    assert result.schema_version == SCHEMA_VERSION
-    assert to_json(result) == data
+    typed = Result.model_validate(data)
+    assert typed.schema_version == SCHEMA_VERSION
+    assert to_json(typed) == data
     assert data["status"] in {"scored", "no_tumor", "needs_review"}
     assert data["phases"]["pairing"] == "tags"
     assert len(data["phases"]["registration_shift_mm"]) == 3
