@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from node.analysis.result import Result
 from node.core.settings import load_settings, to_toml
 from node.store.database import InstanceRecord, Store
 
@@ -68,16 +69,33 @@ def _populate(store: Store, n: int, rng: np.random.Generator) -> list[tuple[str,
         store.record_result(
             job,
             uid,
-            {
-                "study_instance_uid": uid,
-                "status": "scored",
-                "mvi_probability": round(probability, 4),
-                "combined_probability": round(probability, 4),
-                "risk_category": risk,
-                "tumor": {"max_diameter_mm": round(diameter, 1), "volume_ml": 1.0},
-                "loat": {"max_area_cm2": round(loat, 2)},
-                "model": {"name": "mvi-fusion-resnet18", "version": "bench"},
-            },
+            Result.model_validate(
+                {
+                    "study_instance_uid": uid,
+                    "status": "scored",
+                    "mvi_probability": round(probability, 4),
+                    "combined_probability": round(probability, 4),
+                    "risk_category": risk,
+                    "tumor": {
+                        "max_diameter_mm": round(diameter, 1),
+                        "volume_ml": 1.0,
+                        "count": 1,
+                        "diameter_slice": 0,
+                    },
+                    "loat": {
+                        "found": True,
+                        "max_area_cm2": round(loat, 2),
+                        "volume_ml": 1.0,
+                        "area_slice": 0,
+                    },
+                    "model": {
+                        "name": "mvi-fusion-resnet18",
+                        "version": "bench",
+                        "threshold": 0.5,
+                        "demo": True,
+                    },
+                }
+            ),
         )
         studies.append((uid, probability, risk))
     return studies

@@ -88,7 +88,7 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
                 ):
                     latest = node.store.latest_result(rows[0].study_uid)
                 if latest is not None:
-                    wanted = len(latest.result.get("outputs") or {})
+                    wanted = len(latest.result.outputs)
                     if sum(len(v) for v in pacs.kinds().values()) - before >= wanted:
                         break
                 if time.perf_counter() - acknowledged > 600:
@@ -97,7 +97,7 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             if index == 0:
                 continue  # warm-up: the worker loads the models on its first job
             latencies.append(elapsed - QUIET_S)
-            for stage, seconds in (latest.result.get("timings_s") or {}).items():
+            for stage, seconds in latest.result.timings_s.items():
                 stages.setdefault(stage, []).append(float(seconds))
         workers = [p.pid for p in node.workers._workers if p.pid is not None]
         worker_rss = max(_peak_rss_mb(pid) for pid in workers)

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_sr import codes
+from dicom_sr.enum import RiskCategory, Status
 
 __all__ = [
     "DEMO_DISCLAIMER",
@@ -30,7 +31,6 @@ __all__ = [
     "SC_SERIES_NUMBER",
     "SEG_SERIES_NUMBER",
     "SR_SERIES_NUMBER",
-    "STATUSES",
     "AlgorithmInfo",
     "AnalysisResult",
     "ResultUIDs",
@@ -48,8 +48,6 @@ __all__ = [
 #: What every output of a model trained on phantoms says.
 DEMO_DISCLAIMER = "demo model — not for clinical use"
 
-STATUSES = ("scored", "no_tumor", "not_applicable", "needs_review", "failed")
-RISK_CATEGORIES = ("high", "low")
 SEGMENTATION_SOURCES = ("unet", "supplied")
 
 SEG_SERIES_NUMBER = 9001
@@ -168,13 +166,14 @@ class AnalysisResult:
     Attributes
     ----------
     status
-        One of :data:`STATUSES`. Only ``"scored"`` results carry measurement groups.
+        A :class:`dicom_sr.enum.Status` (or its string). Only ``"scored"`` results carry
+        measurement groups.
     reason
         Why a result is not scored (shown to the reading room), or ``None``.
     mvi_probability, combined_probability
         Calibrated deep-learning probability and the logistic (combined) model's probability.
     risk_category
-        ``"high"``, ``"low"`` or ``None``.
+        A :class:`dicom_sr.enum.RiskCategory` (``"high"``, ``"low"``) or ``None``.
     threshold
         The probability at which the risk becomes high.
     max_diameter_mm, tumor_volume_ml, tumor_count
@@ -191,11 +190,11 @@ class AnalysisResult:
         ``"unet"`` (automatic) or ``"supplied"`` (a SEG found in the study).
     """
 
-    status: str
+    status: Status | str
     reason: str | None = None
     mvi_probability: float | None = None
     combined_probability: float | None = None
-    risk_category: str | None = None
+    risk_category: RiskCategory | str | None = None
     threshold: float | None = None
     max_diameter_mm: float | None = None
     tumor_volume_ml: float | None = None
@@ -209,9 +208,12 @@ class AnalysisResult:
     segmentation_source: str = "unet"
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.risk_category not in (*RISK_CATEGORIES, None):
+        statuses = tuple(Status)
+        if self.status not in statuses:
+            raise ValueError(
+                f"status must be one of {tuple(map(str, statuses))}, got {self.status!r}"
+            )
+        if self.risk_category is not None and self.risk_category not in tuple(RiskCategory):
             raise ValueError(
                 f"risk_category must be 'high', 'low' or None, got {self.risk_category!r}"
             )
@@ -226,7 +228,7 @@ class AnalysisResult:
             _check_non_negative(name, getattr(self, name))
         if self.tumor_count < 0:
             raise ValueError(f"tumor_count must be >= 0, got {self.tumor_count}")
-        if self.status == "scored":
+        if self.status == Status.SCORED:
             missing = [
                 name
                 for name in ("mvi_probability", "risk_category", "max_diameter_mm")
@@ -242,18 +244,18 @@ class AnalysisResult:
     @property
     def scored(self) -> bool:
         """Whether the result carries measurements."""
-        return self.status == "scored"
+        return self.status == Status.SCORED
 
     @property
     def status_text(self) -> str:
         """One line a radiologist reads: what happened."""
         return {
-            "scored": "MVI scored",
-            "no_tumor": "No liver tumor found — MVI not scored",
-            "not_applicable": "Study not applicable — MVI not scored",
-            "needs_review": "Needs review — MVI not scored",
-            "failed": "Analysis failed — MVI not scored",
-        }[self.status]
+            Status.SCORED: "MVI scored",
+            Status.NO_TUMOR: "No liver tumor found — MVI not scored",
+            Status.NOT_APPLICABLE: "Study not applicable — MVI not scored",
+            Status.NEEDS_REVIEW: "Needs review — MVI not scored",
+            Status.FAILED: "Analysis failed — MVI not scored",
+        }[Status(self.status)]
 
 
 @dataclass(frozen=True)

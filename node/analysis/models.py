@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from node.core.errors import ConfigurationError
 from node.core.settings import Settings
+
+if TYPE_CHECKING:
+    # Only for the annotations: a worker imports torch when it first loads a model, not before.
+    from model.inference import FusionModel
+    from model.segmentation import UNetSegmenter
 
 
 class ModelUnavailable(ConfigurationError):
@@ -76,10 +81,10 @@ class Models:
 
     settings: Settings
     device: str = "auto"
-    _segmenter: Any = field(default=None, repr=False)
-    _fusion: Any = field(default=None, repr=False)
+    _segmenter: UNetSegmenter | None = field(default=None, repr=False)
+    _fusion: FusionModel | None = field(default=None, repr=False)
 
-    def segmenter(self) -> Any:
+    def segmenter(self) -> UNetSegmenter:
         """The U-Net segmenter (:class:`model.segmentation.UNetSegmenter`)."""
         if self._segmenter is None:
             from model.segmentation import UNetSegmenter
@@ -89,7 +94,7 @@ class Models:
             )
         return self._segmenter
 
-    def fusion(self) -> Any:
+    def fusion(self) -> FusionModel:
         """The MVI model (:class:`model.inference.FusionModel`)."""
         if self._fusion is None:
             from model.inference import FusionModel

@@ -1,49 +1,66 @@
 """One analysis: pair → load → register → segment → measure → ROI → infer → encode.
 
-:func:`analyse_study` runs on the files of one study and returns the result (the dict written as
-``result.json``) and the DICOM objects it made; it never raises for a study it cannot score — the
-status says why (``not_applicable``, ``needs_review``, ``no_tumor``). Only a fault of the node
-(a missing model, a bug, CUDA out of memory) raises, so the job can be retried and then
-``failed``. :func:`prepare_study` and :func:`score_prepared` are its two halves, so a worker
-can score several waiting studies in one model batch. :func:`node.worker.run_jobs` is the
-worker's entry: it adds the store, the outputs folder and the outbox. ``mvi-node analyze`` calls
-:func:`analyse_study` directly, without a network.
+:func:`analyse_study` runs on the files of one study and returns the result (a
+:class:`node.analysis.result.Result`, written as ``result.json``) and the DICOM objects it made;
+it never raises for a study it cannot score — the status says why (``not_applicable``,
+``needs_review``, ``no_tumor``). Only a fault of the node (a missing model, a bug, CUDA out of
+memory) raises, so the job can be retried and then ``failed``. :func:`prepare_study` and
+:func:`score_prepared` are its two halves, so a worker can score several waiting studies in one
+model batch. The stages themselves are :mod:`node.analysis.stages`, shared with the training
+commands. :func:`node.jobs.runner.run_jobs` is the worker's entry: it adds the store, the outputs
+folder and the outbox. ``mvi-node analyze`` calls :func:`analyse_study` directly, without a
+network.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
 
+from dicom_sr.common import AlgorithmInfo, AnalysisResult
+from dicom_sr.enum import RiskCategory, Status
 from node import MANUFACTURER, MODEL_NAME, __version__
-from node.analysis.dicomio import SeriesFiles, load_series
+from node.analysis import stages
+from node.analysis.dicomio import SeriesFiles
 from node.analysis.models import Models
+from node.analysis.result import Loat, ModelInfo, Phases, Result, Segmentation, Tumor, to_json
+from node.analysis.stages import Rois
 from node.core.logging import get_logger, study_key
 from node.core.settings import Settings
+
+if TYPE_CHECKING:
+    from model.inference import Prediction
+    from model.measure import Measurements
+    from model.segmentation import Masks
 
 log = get_logger("node.analysis.pipeline")
 
 #: Names of the result files in a study's output folder.
 OUTPUT_NAMES = {"seg": "seg.dcm", "sr": "sr.dcm", "sc": "sc.dcm"}
 #: Statuses that get an SR and SC saying so when ``results.notify_failures`` is on.
-NOTIFIED = ("no_tumor", "needs_review", "failed")
+NOTIFIED = (Status.NO_TUMOR, Status.NEEDS_REVIEW, Status.FAILED)
+
+
+#: Kinds of DICOM object an analysis writes.
+ObjectKind = Literal["seg", "sr", "sc"]
 
 
 @dataclass
 class Analysis:
-    """What one analysis produced."""
+    """What one analysis produced: its result and the DICOM objects by kind."""
 
-    result: dict[str, Any]
-    objects: dict[str, Any] = field(default_factory=dict)  # "seg"/"sr"/"sc" -> pydicom Dataset
+    result: Result
+    objects: dict[ObjectKind, Dataset] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,28 +78,19 @@ class _Timer:
             )
 
 
-def _result_skeleton(study_uid: str) -> dict[str, Any]:
-    return {
-        "study_instance_uid": study_uid,
-        "status": None,
-        "reason": None,
-        "phases": None,
-        "tumor": None,
-        "loat": None,
-        "mvi_probability": None,
-        "combined_probability": None,
-        "risk_category": None,
-        "model": None,
-        "segmentation": None,
-        "timings_s": {},
-        "outputs": {},
-    }
+@dataclass
+class _Draft:
+    """The parts of the result the stages have filled in so far."""
+
+    study_instance_uid: str
+    phases: Phases | None = None
+    tumor: Tumor | None = None
+    loat: Loat | None = None
+    segmentation: Segmentation | None = None
 
 
-def algorithm_info(settings: Settings, card: dict[str, Any] | None) -> Any:
+def algorithm_info(settings: Settings, card: Mapping[str, Any] | None) -> AlgorithmInfo:
     """The model and node identification written into every output."""
-    from dicom_sr.common import AlgorithmInfo
-
     card = card or {}
     return AlgorithmInfo(
         name=str(card.get("name") or "mvi-fusion-resnet18"),
@@ -97,27 +105,108 @@ def algorithm_info(settings: Settings, card: dict[str, Any] | None) -> Any:
 
 
 @dataclass
+class _Context:
+    """What every way out of one analysis needs, so no path can forget part of it.
+
+    (A superseding report must always name its predecessor.)
+    """
+
+    timer: _Timer
+    settings: Settings
+    models: Models
+    series: Mapping[str, SeriesFiles]
+    predecessor_sr: Dataset | None
+
+    def finish(
+        self,
+        draft: _Draft,
+        status: Status,
+        reason: str | None,
+        arterial_uid: str | None,
+        *,
+        arterial: sitk.Image | None = None,
+        masks: Masks | None = None,
+        measured: Measurements | None = None,
+        prediction: Prediction | None = None,
+    ) -> Analysis:
+        """Fill in status, model and outputs; encode the DICOM objects the status calls for."""
+        card = _model_card(self.models) if status in (Status.SCORED, *NOTIFIED) else None
+        model = None
+        if card is not None:
+            threshold = prediction.threshold if prediction is not None else None
+            model = ModelInfo(
+                name=card.get("name"),
+                version=card.get("version"),
+                threshold=threshold if threshold is not None else card.get("threshold"),
+                demo=bool(card.get("demo", False)),
+            )
+        result = Result(
+            study_instance_uid=draft.study_instance_uid,
+            status=status,
+            reason=reason,
+            phases=draft.phases,
+            tumor=draft.tumor,
+            loat=draft.loat,
+            model=model,
+            segmentation=draft.segmentation,
+        )
+        if prediction is not None:
+            result.mvi_probability = round(prediction.mvi_probability, 4)
+            result.combined_probability = (
+                None
+                if prediction.combined_probability is None
+                else round(prediction.combined_probability, 4)
+            )
+            result.risk_category = RiskCategory(prediction.risk_category)
+        analysis = Analysis(result)
+        settings = self.settings
+        encode = status == Status.SCORED or (
+            status in NOTIFIED and settings.results.notify_failures
+        )
+        if encode and arterial_uid is not None:
+            with self.timer.stage("encode"):
+                analysis.objects = encode_objects(
+                    result,
+                    settings,
+                    card,
+                    self.series[arterial_uid].paths,
+                    arterial,
+                    masks,
+                    measured,
+                    self.predecessor_sr,
+                )
+        result.timings_s = dict(self.timer.timings)
+        log.info(
+            "analysis finished",
+            study_key=study_key(result.study_instance_uid),
+            status=str(status),
+            reason=reason,
+            timings_s=result.timings_s,
+        )
+        return analysis
+
+
+@dataclass
 class Prepared:
     """A study ready for the MVI model: measured, ROIs cut (:func:`score_prepared` ends it)."""
 
-    result: dict[str, Any]
-    rois: dict[str, Any]
-    measured: Any
+    draft: _Draft
+    rois: Rois
+    measured: Measurements
     arterial_uid: str
-    arterial: Any
-    masks: Any
-    timer: _Timer
-    finish: Callable[..., Analysis]
+    arterial: sitk.Image
+    masks: Masks
+    context: _Context
 
 
 def analyse_study(
     study_uid: str,
-    series: dict[str, SeriesFiles],
+    series: Mapping[str, SeriesFiles],
     settings: Settings,
     models: Models,
     *,
     own_series_uids: Sequence[str] = (),
-    predecessor_sr: Any | None = None,
+    predecessor_sr: Dataset | None = None,
     force_pair: tuple[str, str] | None = None,
 ) -> Analysis:
     """Analyse one study's files; see the module docstring for what raises and what does not."""
@@ -160,26 +249,18 @@ def score_prepared(
     share = round((time.perf_counter() - started) / len(prepared), 3)
     analyses: list[Analysis | Exception] = []
     for step, prediction in zip(prepared, predictions, strict=True):
-        step.timer.timings["infer"] = share
-        result = step.result
-        result["mvi_probability"] = round(prediction.mvi_probability, 4)
-        result["combined_probability"] = (
-            None
-            if prediction.combined_probability is None
-            else round(prediction.combined_probability, 4)
-        )
-        result["risk_category"] = prediction.risk_category
+        step.context.timer.timings["infer"] = share
         try:
             analyses.append(
-                step.finish(
-                    result,
-                    "scored",
+                step.context.finish(
+                    step.draft,
+                    Status.SCORED,
                     None,
                     step.arterial_uid,
                     arterial=step.arterial,
                     masks=step.masks,
                     measured=step.measured,
-                    threshold=prediction.threshold,
+                    prediction=prediction,
                 )
             )
         except Exception as exc:
@@ -191,120 +272,91 @@ def score_prepared(
 
 def prepare_study(
     study_uid: str,
-    series: dict[str, SeriesFiles],
+    series: Mapping[str, SeriesFiles],
     settings: Settings,
     models: Models,
     *,
     own_series_uids: Sequence[str] = (),
-    predecessor_sr: Any | None = None,
+    predecessor_sr: Dataset | None = None,
     force_pair: tuple[str, str] | None = None,
 ) -> Analysis | Prepared:
     """Every stage before the MVI model; an :class:`Analysis` when the study ends earlier."""
-    from model.registration import RegistrationError, register, resample_onto
-    from node.analysis.pairing import pair_phases, series_info
+    from model.registration import RegistrationError
+    from model.roi import RoiError
 
     timer = _Timer()
-    result = _result_skeleton(study_uid)
-    # Every way out of the analysis goes through one finish with the same context, so no path
-    # can forget part of it (a superseding report must always name its predecessor).
-    finish = functools.partial(
-        _finish,
-        timer=timer,
-        settings=settings,
-        models=models,
-        series=series,
-        predecessor_sr=predecessor_sr,
-    )
+    draft = _Draft(study_uid)
+    context = _Context(timer, settings, models, series, predecessor_sr)
+    finish = context.finish
+    working = stages.working_spacing_mm(settings.pipeline)
 
     with timer.stage("pair"):
-        analysable = {
-            uid: files
-            for uid, files in series.items()
-            if uid not in own_series_uids and files.modality == "CT"
-        }
-        infos = [series_info(files.paths) for files in analysable.values()]
-        working = settings.pipeline.working_spacing_mm or 2.0
-        pairing = pair_phases(infos, settings.phases.model_dump(), working_spacing_mm=working)
-    record = pairing.to_json()
+        pairing = stages.pair(
+            series, settings.phases, working_spacing_mm=working, own_series_uids=own_series_uids
+        )
     arterial_uid, portal_uid = pairing.arterial, pairing.portal_venous
+    method: str | None = pairing.method
     if force_pair is not None:
         arterial_uid, portal_uid = force_pair
-        record["method"] = "operator"
-    result["phases"] = {
-        "arterial": arterial_uid,
-        "portal_venous": portal_uid,
-        "pairing": record.get("method"),
-        "registration_shift_mm": None,
-    }
+        method = "operator"
+    draft.phases = Phases(
+        arterial=arterial_uid,
+        portal_venous=portal_uid,
+        pairing=method,
+        registration_shift_mm=None,
+    )
     if force_pair is None and pairing.status != "paired":
-        return finish(result, pairing.status, pairing.reason, None)
+        return finish(draft, Status(pairing.status), pairing.reason, None)
     assert arterial_uid is not None and portal_uid is not None
     if arterial_uid not in series or portal_uid not in series:
-        return finish(
-            result,
-            "needs_review",
-            "the forced series are not in the study",
-            None,
-        )
+        return finish(draft, Status.NEEDS_REVIEW, "the forced series are not in the study", None)
 
     with timer.stage("load"):
-        arterial = load_series(series[arterial_uid].paths)
-        portal = load_series(series[portal_uid].paths)
+        arterial = stages.load(series, arterial_uid)
+        portal = stages.load(series, portal_uid)
     with timer.stage("register"):
         try:
-            registration = register(arterial, portal, working_spacing_mm=working)
+            registered = stages.register(arterial, portal, working_spacing_mm=working)
         except RegistrationError as exc:
-            return finish(
-                result,
-                "needs_review",
-                f"registration failed: {exc}",
-                arterial_uid,
-            )
-        portal_on_arterial = resample_onto(portal, arterial, registration.transform)
-    result["phases"]["registration_shift_mm"] = [round(v, 2) for v in registration.translation_mm]
+            return finish(draft, Status.NEEDS_REVIEW, f"registration failed: {exc}", arterial_uid)
+    draft.phases.registration_shift_mm = registered.shift_mm
 
     with timer.stage("segment"):
-        choice = _segment(
+        choice = stages.segment(
             series,
-            settings,
-            models,
             arterial,
-            portal_on_arterial,
-            arterial_uid,
-            portal_uid,
-            registration.transform,
-            own_series_uids,
+            registered,
+            arterial_uid=arterial_uid,
+            portal_venous_uid=portal_uid,
+            pipeline=settings.pipeline,
+            segmenter=models.segmenter,
+            own_series_uids=own_series_uids,
         )
     masks = choice.masks
-    result["segmentation"] = {
-        "source": masks.source,
-        "supplied_seg": choice.supplied.sop_instance_uid if choice.supplied else None,
-        "rejected_segs": len(choice.rejected),
-    }
-
-    import SimpleITK as sitk
-
-    from model.measure import measure
+    draft.segmentation = Segmentation(
+        source=masks.source,
+        supplied_seg=choice.supplied.sop_instance_uid if choice.supplied else None,
+        rejected_segs=len(choice.rejected),
+    )
 
     with timer.stage("measure"):
-        spacing = tuple(float(v) for v in arterial.GetSpacing())
-        measured = measure(masks.tumor, masks.loat, spacing)
-    result["tumor"] = {
-        "max_diameter_mm": round(measured.max_diameter_mm, 2),
-        "volume_ml": round(measured.tumor_volume_ml, 3),
-        "count": masks.tumor_components,
-        "diameter_slice": measured.diameter_slice,
-    }
-    result["loat"] = {
-        "found": measured.loat_found,
-        "max_area_cm2": round(measured.loat_max_area_cm2, 3),
-        "volume_ml": round(measured.loat_volume_ml, 3),
-        "area_slice": measured.loat_area_slice,
-    }
+        measured = stages.measure(arterial, masks)
+    draft.tumor = Tumor(
+        max_diameter_mm=round(measured.max_diameter_mm, 2),
+        volume_ml=round(measured.tumor_volume_ml, 3),
+        count=masks.tumor_components,
+        diameter_slice=measured.diameter_slice,
+    )
+    draft.loat = Loat(
+        found=measured.loat_found,
+        max_area_cm2=round(measured.loat_max_area_cm2, 3),
+        volume_ml=round(measured.loat_volume_ml, 3),
+        area_slice=measured.loat_area_slice,
+    )
     if masks.tumor.sum() == 0:
         return finish(
-            result,
-            "no_tumor",
+            draft,
+            Status.NO_TUMOR,
             "no liver tumor was found",
             arterial_uid,
             arterial=arterial,
@@ -312,20 +364,14 @@ def prepare_study(
             measured=measured,
         )
 
-    from model.roi import RoiError, extract_rois
-
     fusion = models.fusion()
     with timer.stage("roi"):
-        arterial_hu = sitk.GetArrayFromImage(arterial)
-        portal_hu = sitk.GetArrayFromImage(portal_on_arterial)
         try:
-            rois = extract_rois(
-                arterial_hu, portal_hu, masks.tumor, masks.loat, spacing, fusion.spec
-            )
+            cut = stages.rois(arterial, registered, masks, fusion.spec)
         except RoiError as exc:
-            status = "no_tumor" if exc.branch == "tumor" else "needs_review"
+            status = Status.NO_TUMOR if exc.branch == "tumor" else Status.NEEDS_REVIEW
             return finish(
-                result,
+                draft,
                 status,
                 str(exc),
                 arterial_uid,
@@ -334,43 +380,13 @@ def prepare_study(
                 measured=measured,
             )
     return Prepared(
-        result=result,
-        rois=rois,
+        draft=draft,
+        rois=cut,
         measured=measured,
         arterial_uid=arterial_uid,
         arterial=arterial,
         masks=masks,
-        timer=timer,
-        finish=finish,
-    )
-
-
-def _segment(
-    series: dict[str, SeriesFiles],
-    settings: Settings,
-    models: Models,
-    arterial: Any,
-    portal_on_arterial: Any,
-    arterial_uid: str,
-    portal_uid: str,
-    transform: Any,
-    own_series_uids: Sequence[str],
-) -> Any:
-    from node.analysis.supplied_seg import choose_segmentation
-
-    paths = [path for files in series.values() for path in files.paths]
-    pipeline = settings.pipeline
-    return choose_segmentation(
-        paths,
-        arterial=arterial,
-        portal_venous_on_arterial=portal_on_arterial,
-        arterial_series_uid=arterial_uid,
-        portal_venous_series_uid=portal_uid,
-        pv_to_arterial=transform,
-        allowed_algorithm_types=pipeline.supplied_seg_algorithm_types,
-        label_patterns=pipeline.supplied_seg_labels.model_dump(),
-        own_series_uids=own_series_uids,
-        automatic=models.segmenter,
+        context=context,
     )
 
 
@@ -381,71 +397,17 @@ def _model_card(models: Models) -> dict[str, Any] | None:
         return None
 
 
-def _finish(
-    result: dict[str, Any],
-    status: str,
-    reason: str | None,
-    arterial_uid: str | None,
-    *,
-    timer: _Timer,
-    settings: Settings,
-    models: Models,
-    series: dict[str, SeriesFiles],
-    arterial: Any | None = None,
-    masks: Any | None = None,
-    measured: Any | None = None,
-    threshold: float | None = None,
-    predecessor_sr: Any | None = None,
-) -> Analysis:
-    """Fill in status, model and outputs; encode the DICOM objects the status calls for."""
-    result["status"] = status
-    result["reason"] = reason
-    card = _model_card(models) if status in ("scored", *NOTIFIED) else None
-    if card is not None:
-        result["model"] = {
-            "name": card.get("name"),
-            "version": card.get("version"),
-            "threshold": threshold if threshold is not None else card.get("threshold"),
-            "demo": bool(card.get("demo", False)),
-        }
-    analysis = Analysis(result)
-    encode = status == "scored" or (status in NOTIFIED and settings.results.notify_failures)
-    if encode and arterial_uid is not None:
-        with timer.stage("encode"):
-            analysis.objects = encode_objects(
-                result,
-                settings,
-                card,
-                series[arterial_uid].paths,
-                arterial,
-                masks,
-                measured,
-                predecessor_sr,
-            )
-    result["timings_s"] = dict(timer.timings)
-    log.info(
-        "analysis finished",
-        study_key=study_key(result["study_instance_uid"]),
-        status=status,
-        reason=reason,
-        timings_s=result["timings_s"],
-    )
-    return analysis
-
-
 def encode_objects(
-    result: dict[str, Any],
+    result: Result,
     settings: Settings,
-    card: dict[str, Any] | None,
+    card: Mapping[str, Any] | None,
     arterial_paths: Sequence[Path],
-    arterial: Any | None,
-    masks: Any | None,
-    measured: Any | None,
-    predecessor_sr: Any | None,
-) -> dict[str, Any]:
+    arterial: sitk.Image | None,
+    masks: Masks | None,
+    measured: Measurements | None,
+    predecessor_sr: Dataset | None,
+) -> dict[ObjectKind, Dataset]:
     """Build the SEG, SR and SC (as configured in ``results.formats``) for a result."""
-    import SimpleITK as sitk
-
     from dicom_sr.common import allocate_uids
     from dicom_sr.sc import build_sc
     from dicom_sr.seg import build_seg
@@ -456,7 +418,7 @@ def encode_objects(
     uids = allocate_uids(predecessor_sr=predecessor_sr)
     analysis = _analysis_result(result, measured, masks)
     formats = set(settings.results.formats)
-    objects: dict[str, Any] = {}
+    objects: dict[ObjectKind, Dataset] = {}
     seg = None
     if analysis.scored and masks is not None:
         seg = build_seg(
@@ -503,18 +465,17 @@ def encode_objects(
     return objects
 
 
-def _analysis_result(result: dict[str, Any], measured: Any | None, masks: Any | None) -> Any:
-    from dicom_sr.common import AnalysisResult
-
-    model = result.get("model") or {}
-    scored = result["status"] == "scored"
+def _analysis_result(
+    result: Result, measured: Measurements | None, masks: Masks | None
+) -> AnalysisResult:
+    scored = result.status == Status.SCORED
     return AnalysisResult(
-        status=result["status"],
-        reason=result["reason"],
-        mvi_probability=result["mvi_probability"],
-        combined_probability=result["combined_probability"],
-        risk_category=result["risk_category"],
-        threshold=model.get("threshold") if scored else None,
+        status=result.status,
+        reason=result.reason,
+        mvi_probability=result.mvi_probability,
+        combined_probability=result.combined_probability,
+        risk_category=result.risk_category,
+        threshold=result.model.threshold if scored and result.model is not None else None,
         max_diameter_mm=measured.max_diameter_mm if measured is not None else None,
         tumor_volume_ml=measured.tumor_volume_ml if measured is not None else None,
         tumor_count=masks.tumor_components if masks is not None else 0,
@@ -528,23 +489,24 @@ def _analysis_result(result: dict[str, Any], measured: Any | None, masks: Any | 
     )
 
 
-def write_outputs(analysis: Analysis, folder: Path) -> dict[str, Path]:
+def result_text(result: Result) -> str:
+    """The text of ``result.json`` (the JSON layout it always had, plus ``schema_version``)."""
+    return json.dumps(to_json(result), indent=2)
+
+
+def write_outputs(analysis: Analysis, folder: Path) -> dict[ObjectKind, Path]:
     """Write the objects and ``result.json`` into ``folder`` durably; returns the object paths."""
+    from io import BytesIO
+
     from node.receive.spool import write_durably
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
+    paths: dict[ObjectKind, Path] = {}
     for kind, dataset in analysis.objects.items():
-        from io import BytesIO
-
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         written = write_durably(folder, OUTPUT_NAMES[kind], [buffer.getvalue()])
         paths[kind] = written.path
-    analysis.result["outputs"] = {kind: path.name for kind, path in paths.items()}
-    text = json.dumps(analysis.result, indent=2, default=str).encode()
-    write_durably(folder, "result.json", [text])
+    analysis.result.outputs = {kind: path.name for kind, path in paths.items()}
+    write_durably(folder, "result.json", [result_text(analysis.result).encode()])
     return paths
-
-
-ProgressCallback = Callable[[str], None]

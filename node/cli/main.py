@@ -376,18 +376,19 @@ def analyze(
         raise error_exit(exc) from None
     written = write_outputs(analysis, out_dir)
     result = analysis.result
-    table = Table(title=f"study {study_key(study_uid)}: {result['status']}")
+    tumor, loat = result.tumor, result.loat
+    table = Table(title=f"study {study_key(study_uid)}: {result.status}")
     table.add_column("item")
     table.add_column("value")
     rows = [
-        ("status", result["status"] + (f" ({result['reason']})" if result["reason"] else "")),
-        ("MVI probability", _percent(result["mvi_probability"])),
-        ("combined probability", _percent(result["combined_probability"])),
-        ("risk", str(result["risk_category"] or "-")),
-        ("max tumor diameter", _value(result.get("tumor"), "max_diameter_mm", "mm")),
-        ("LOAT max area", _value(result.get("loat"), "max_area_cm2", "cm²")),
-        ("segmentation", str((result.get("segmentation") or {}).get("source", "-"))),
-        ("timings", ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items())),
+        ("status", result.status + (f" ({result.reason})" if result.reason else "")),
+        ("MVI probability", _percent(result.mvi_probability)),
+        ("combined probability", _percent(result.combined_probability)),
+        ("risk", str(result.risk_category or "-")),
+        ("max tumor diameter", _value(tumor.max_diameter_mm if tumor else None, "mm")),
+        ("LOAT max area", _value(loat.max_area_cm2 if loat else None, "cm²")),
+        ("segmentation", result.segmentation.source if result.segmentation else "-"),
+        ("timings", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())),
         ("files", ", ".join(str(p) for p in [*written.values(), out_dir / "result.json"])),
     ]
     for name, value in rows:
@@ -399,10 +400,8 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f} %"
 
 
-def _value(section: dict[str, Any] | None, key: str, unit: str) -> str:
-    if not section or section.get(key) is None:
-        return "-"
-    return f"{section[key]:.1f} {unit}"
+def _value(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.1f} {unit}"
 
 
 def _parse_dates(value: str | None) -> tuple[dt.date, dt.date] | None:
@@ -875,6 +874,7 @@ def requery(
     """Retrieve past studies from the PACS and score them (resumable; skips scored studies)."""
     import re
 
+    from dicom_sr.enum import Status
     from node.requery.retrieve import RequeryOptions, StudyCandidate, run_requery
 
     settings = _settings(config)
@@ -898,7 +898,8 @@ def requery(
         timeout_s=timeout,
     )
     store = _store(settings, config)
-    finals = ("scored", "no_tumor", "needs_review", "not_applicable", "failed", "timed_out")
+    # A candidate's outcome is its result's status, or how the re-query itself ended.
+    finals = (*Status, "timed_out")
     counts = {"found": 0, "moved": 0, "scored": 0, "review": 0, "skipped": 0, "failed": 0}
     seen: dict[str, str] = {}
     progress = Progress(
@@ -919,13 +920,13 @@ def requery(
             counts["found"] += 1
         if candidate.outcome == "moved":
             counts["moved"] += 1
-        elif candidate.outcome in ("scored", "no_tumor"):
+        elif candidate.outcome in (Status.SCORED, Status.NO_TUMOR):
             counts["scored"] += 1
         elif candidate.outcome == "skipped":
             counts["skipped"] += 1
-        elif candidate.outcome in ("needs_review", "not_applicable"):
+        elif candidate.outcome in (Status.NEEDS_REVIEW, Status.NOT_APPLICABLE):
             counts["review"] += 1
-        elif candidate.outcome in ("move_failed", "failed", "timed_out"):
+        elif candidate.outcome in ("move_failed", Status.FAILED, "timed_out"):
             counts["failed"] += 1
         done = sum(1 for o in seen.values() if o in (*finals, "skipped", "move_failed"))
         progress.update(
@@ -962,7 +963,7 @@ def requery(
         f"found {len(summary.candidates)}: "
         + ", ".join(f"{name} {count}" for name, count in sorted(totals.items()))
     )
-    failed = summary.count("move_failed", "failed", "timed_out")
+    failed = summary.count("move_failed", Status.FAILED, "timed_out")
     raise typer.Exit(1 if failed else 0)
 
 

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from node.analysis.result import Result
     from node.store.database import Study
 
 __all__ = [
@@ -294,7 +295,7 @@ def _wait(
         tick(f"study {state}; at the PACS: {', '.join(sorted(kinds)) or 'nothing yet'}")
         if study is not None and state in FINAL_STATES:
             latest = store.latest_result(study_uid)
-            outputs = set((latest.result if latest else {}).get("outputs") or {})
+            outputs = set(latest.result.outputs) if latest is not None else set()
             if outputs <= set(kinds) or (state == "not_applicable" and latest is None):
                 return True, study
         time.sleep(0.5)
@@ -310,7 +311,7 @@ def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
 
 
 def _result_table(
-    result: dict[str, Any],
+    result: Result | None,
     state: str,
     truth: Any,
     result_json: Path | None,
@@ -321,42 +322,49 @@ def _result_table(
     table.add_column("", style="bold")
     table.add_column("node")
     table.add_column("phantom truth")
-    tumor = result.get("tumor") or {}
-    loat = result.get("loat") or {}
-    phases = result.get("phases") or {}
-    model = result.get("model") or {}
+    # No result at all (a study that never got one) reads as an empty one.
+    tumor = result.tumor if result is not None else None
+    loat = result.loat if result is not None else None
+    phases = result.phases if result is not None else None
+    model = result.model if result is not None else None
+    segmentation = result.segmentation if result is not None else None
     truth_label = {None: "no tumour", 0: "MVI−", 1: "MVI+"}.get(truth.mvi, str(truth.mvi))
-    table.add_row("status", f"{result.get('status')} (study {state})", truth_label)
-    if result.get("reason"):
-        table.add_row("reason", str(result["reason"]), "")
-    table.add_row("MVI probability", _fmt(result.get("mvi_probability"), digits=3), "")
-    table.add_row("combined probability", _fmt(result.get("combined_probability"), digits=3), "")
-    table.add_row("risk", _fmt(result.get("risk_category")), truth_label)
+    status = result.status if result is not None else None
+    table.add_row("status", f"{status} (study {state})", truth_label)
+    if result is not None and result.reason:
+        table.add_row("reason", result.reason, "")
+    table.add_row("MVI probability", _fmt(result.mvi_probability if result else None, digits=3), "")
+    table.add_row(
+        "combined probability",
+        _fmt(result.combined_probability if result else None, digits=3),
+        "",
+    )
+    table.add_row("risk", _fmt(result.risk_category if result else None), truth_label)
     table.add_row(
         "LOAT max area",
-        _fmt(loat.get("max_area_cm2"), " cm²"),
+        _fmt(loat.max_area_cm2 if loat else None, " cm²"),
         _fmt(float(truth.loat_max_area_cm2), " cm²"),
     )
     table.add_row(
         "tumour max diameter",
-        _fmt(tumor.get("max_diameter_mm"), " mm", 1),
+        _fmt(tumor.max_diameter_mm if tumor else None, " mm", 1),
         _fmt(float(truth.max_diameter_mm), " mm", 1),
     )
-    table.add_row("segmentation", _fmt((result.get("segmentation") or {}).get("source")), "")
-    shift = phases.get("registration_shift_mm")
+    table.add_row("segmentation", _fmt(segmentation.source if segmentation else None), "")
+    shift = phases.registration_shift_mm if phases else None
     table.add_row(
         "registration shift",
         "—" if shift is None else "(" + ", ".join(f"{v:.1f}" for v in shift) + ") mm",
         "",
     )
-    timings = result.get("timings_s") or {}
+    timings = result.timings_s if result is not None else {}
     table.add_row(
         "stage timings",
         ", ".join(f"{k} {float(v):.1f} s" for k, v in timings.items()) or "—",
         "",
     )
-    if model:
-        table.add_row("model", f"{model.get('name')} {model.get('version')}", DEMO_NOTICE)
+    if model is not None:
+        table.add_row("model", f"{model.name} {model.version}", DEMO_NOTICE)
     suffix = "" if kept else " (removed on exit; --keep keeps them)"
     table.add_row("result.json", f"{result_json or '—'}{suffix}", "")
     kinds = pacs.kinds()
@@ -383,7 +391,7 @@ def run_demo(
     ``segmenter_dir`` and ``model_dir`` skip the demo model build (tests pass tiny models);
     ``keep_root`` is where ``keep`` writes (default ``./demo-out``).
     """
-    from node.jobs.worker import results_folder
+    from node.jobs.runner import results_folder
     from node.offline.phantom_study import CohortOptions, write_cohort
     from node.serve.service import start_node, stop_node
 
@@ -454,7 +462,7 @@ def run_demo(
             return 1
         assert study is not None
         latest = node.store.latest_result(written.study_instance_uid)
-        result: dict[str, Any] = dict(latest.result if latest else {})
+        result: Result | None = latest.result if latest is not None else None
         result_json = None
         if latest is not None:
             folder = results_folder(settings, written.study_instance_uid, latest.job_id)

@@ -1,9 +1,10 @@
 """The I/O side of `mvi-node train` and `mvi-node evaluate`: DICOM studies in, ROIs out.
 
 Each study of ``--studies`` (any layout, grouped by StudyInstanceUID) goes through the node's own
-first stages — pairing, registration, segmentation (a supplied SEG in the study wins, else the
-configured segmenter), measurement — and its ROIs are cut with the model's input spec, exactly as
-a job would cut them, so training and inference cannot drift. ROIs are cached per study (keyed by
+stages (:mod:`node.analysis.stages`) — pairing, registration, segmentation (a supplied SEG in the
+study wins, else the configured segmenter), measurement — with the node's settings, and its ROIs
+are cut with the model's input spec, exactly as a job would cut them, so training and inference
+cannot drift. ROIs are cached per study (keyed by
 the study, its series and the spec), so a second run does not read DICOM again.
 """
 
@@ -15,14 +16,20 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from node.analysis.models import Models
 from node.core.errors import ConfigurationError, InputError
 from node.core.logging import get_logger, study_key
 from node.core.settings import Settings
+
+if TYPE_CHECKING:
+    from model.inference import FusionModel
+    from model.roi import RoiSpec
+    from model.train import StudyRois
 
 log = get_logger("node.offline.train_fusion")
 
@@ -58,8 +65,13 @@ def read_labels(path: Path) -> dict[str, int]:
     return labels
 
 
-def _cache_path(cache: Path, study_uid: str, series: Sequence[str], spec: Any) -> Path:
-    key = json.dumps([study_uid, sorted(series), spec.to_card()], sort_keys=True)
+def _cache_path(
+    cache: Path, study_uid: str, series: Sequence[str], spec: RoiSpec, working_spacing_mm: float
+) -> Path:
+    # The working spacing is part of the key: the registration, and so the ROIs, depend on it.
+    key = json.dumps(
+        [study_uid, sorted(series), spec.to_card(), working_spacing_mm], sort_keys=True
+    )
     return cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
 
 
@@ -68,23 +80,20 @@ def study_rois(
     labels: dict[str, int],
     settings: Settings,
     models: Models,
-    spec: Any,
+    spec: RoiSpec,
     cache: Path | None,
     on_study: Callable[[str, str | None], None] | None = None,
-) -> tuple[list[Any], list[StudySkip]]:
+) -> tuple[list[StudyRois], list[StudySkip]]:
     """ROIs of every labelled study under ``folder`` (and the studies skipped, with why)."""
-    import SimpleITK as sitk
-
-    from model.measure import measure
-    from model.registration import RegistrationError, register, resample_onto
-    from model.roi import RoiError, extract_rois
+    from model.registration import RegistrationError
+    from model.roi import RoiError
     from model.train import StudyRois
-    from node.analysis.dicomio import load_series, scan_folder
-    from node.analysis.pairing import pair_phases, series_info
-    from node.analysis.pipeline import _segment
+    from node.analysis import stages
+    from node.analysis.dicomio import scan_folder
 
+    working = stages.working_spacing_mm(settings.pipeline)
     studies = scan_folder(folder)
-    samples: list[Any] = []
+    samples: list[StudyRois] = []
     skipped: list[StudySkip] = []
     for uid in sorted(studies):
         key = study_key(uid)
@@ -93,7 +102,9 @@ def study_rois(
         if uid not in labels:
             reason = "no label in the labels file"
         else:
-            path = _cache_path(cache, uid, list(series), spec) if cache is not None else None
+            path = (
+                _cache_path(cache, uid, list(series), spec, working) if cache is not None else None
+            )
             if path is not None and path.is_file():
                 with np.load(path) as data:
                     samples.append(
@@ -110,37 +121,25 @@ def study_rois(
                     on_study(key, None)
                 continue
             try:
-                ct = {u: f for u, f in series.items() if f.modality == "CT"}
-                pairing = pair_phases(
-                    [series_info(f.paths) for f in ct.values()], settings.phases.model_dump()
-                )
+                # The stages of a job, with the same settings (pipeline.working_spacing_mm
+                # included): the model trains on the ROIs a job would cut.
+                pairing = stages.pair(series, settings.phases, working_spacing_mm=working)
                 if pairing.status != "paired" or not pairing.arterial or not pairing.portal_venous:
                     raise ValueError(f"no arterial/portal-venous pair ({pairing.reason})")
-                arterial = load_series(series[pairing.arterial].paths)
-                portal = load_series(series[pairing.portal_venous].paths)
-                registration = register(arterial, portal)
-                portal_on_arterial = resample_onto(portal, arterial, registration.transform)
-                choice = _segment(
+                arterial = stages.load(series, pairing.arterial)
+                portal = stages.load(series, pairing.portal_venous)
+                registered = stages.register(arterial, portal, working_spacing_mm=working)
+                choice = stages.segment(
                     series,
-                    settings,
-                    models,
                     arterial,
-                    portal_on_arterial,
-                    pairing.arterial,
-                    pairing.portal_venous,
-                    registration.transform,
-                    (),
+                    registered,
+                    arterial_uid=pairing.arterial,
+                    portal_venous_uid=pairing.portal_venous,
+                    pipeline=settings.pipeline,
+                    segmenter=models.segmenter,
                 )
-                spacing = tuple(float(v) for v in arterial.GetSpacing())
-                measured = measure(choice.masks.tumor, choice.masks.loat, spacing)
-                rois = extract_rois(
-                    sitk.GetArrayFromImage(arterial),
-                    sitk.GetArrayFromImage(portal_on_arterial),
-                    choice.masks.tumor,
-                    choice.masks.loat,
-                    spacing,
-                    spec,
-                )
+                measured = stages.measure(arterial, choice.masks)
+                rois = stages.rois(arterial, registered, choice.masks, spec)
                 sample = StudyRois(
                     rois["tumor"],
                     rois["loat"],
@@ -170,7 +169,7 @@ def study_rois(
     return samples, skipped
 
 
-def evaluate(model: Any, samples: Sequence[Any]) -> dict[str, Any]:
+def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]:
     """Discrimination and calibration of a loaded model on labelled study ROIs."""
     from model.stats import brier, delong_ci, sens_spec_acc
 
@@ -198,7 +197,7 @@ def evaluate(model: Any, samples: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def roc_png(path: Path, curves: dict[str, tuple[Any, Any]]) -> None:
+def roc_png(path: Path, curves: dict[str, tuple[npt.ArrayLike, npt.ArrayLike]]) -> None:
     """Draw ROC curves (false positive rate, true positive rate) into a PNG with Pillow."""
     from PIL import Image, ImageDraw
 

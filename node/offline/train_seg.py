@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,17 +36,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from node.analysis.dicomio import (
-    DicomIOError,
-    SeriesFiles,
-    image_from_volume,
-    load_series,
-    scan_folder,
-)
-from node.analysis.pairing import pair_phases, series_info
+from node.analysis import stages
+from node.analysis.dicomio import DicomIOError, SeriesFiles, image_from_volume, scan_folder
 from node.core.errors import ConfigurationError, InputError, WorkFailed
 from node.core.logging import get_logger, study_key
 from node.core.settings import PhasesSection
+
+if TYPE_CHECKING:
+    from model.train_seg import TrainingSample
 
 __all__ = [
     "DEMO_ITERATIONS",
@@ -210,12 +207,12 @@ def _study_folder_name(root: Path, series: dict[str, SeriesFiles]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _align(arterial: sitk.Image, portal_venous: sitk.Image, spacing_mm: float, seed: int) -> Any:
-    """Register the portal-venous image onto the arterial one and resample it onto its grid."""
-    from model.registration import register, resample_onto
-
-    registration = register(arterial, portal_venous, working_spacing_mm=spacing_mm, seed=seed)
-    return resample_onto(portal_venous, arterial, registration.transform)
+def _align(
+    arterial: sitk.Image, portal_venous: sitk.Image, spacing_mm: float, seed: int
+) -> sitk.Image:
+    """The portal-venous image registered onto the arterial one (the node's register stage)."""
+    registered = stages.register(arterial, portal_venous, working_spacing_mm=spacing_mm, seed=seed)
+    return registered.portal_venous_on_arterial
 
 
 def study_samples(
@@ -223,7 +220,7 @@ def study_samples(
     spacing_mm: float,
     seed: int = 0,
     on_study: Callable[[StudyOutcome], None] | None = None,
-) -> tuple[list[Any], list[StudyOutcome]]:
+) -> tuple[list[TrainingSample], list[StudyOutcome]]:
     """Training samples from a folder of DICOM studies with truth masks beside them.
 
     Parameters
@@ -249,20 +246,20 @@ def study_samples(
         studies = scan_folder(folder)
     except DicomIOError as exc:
         raise TrainSegUsageError(str(exc)) from None
-    rules = PhasesSection().model_dump()
-    samples: list[Any] = []
+    # The default [phases] rules: training data is not a site's PACS with its own names.
+    rules = PhasesSection()
+    samples: list[TrainingSample] = []
     outcomes: list[StudyOutcome] = []
     named = sorted((_study_folder_name(folder, series), uid) for uid, series in studies.items())
     for name, uid in named:
         series = studies[uid]
         reason: str | None = None
         try:
-            infos = [series_info(files.paths) for files in series.values()]
-            pairing = pair_phases(infos, rules, working_spacing_mm=spacing_mm)
+            pairing = stages.pair(series, rules, working_spacing_mm=spacing_mm)
             if pairing.status != "paired" or not pairing.arterial or not pairing.portal_venous:
                 reason = f"no arterial/portal-venous pair ({pairing.reason})"
             else:
-                arterial = load_series(series[pairing.arterial].paths)
+                arterial = stages.load(series, pairing.arterial)
                 labels = _masks_from_folder(folder / "masks" / name, arterial)
                 if labels is None:
                     labels = truth_masks_for(
@@ -277,7 +274,7 @@ def study_samples(
                         "manual SEG of the arterial series in the study)"
                     )
                 else:
-                    portal = load_series(series[pairing.portal_venous].paths)
+                    portal = stages.load(series, pairing.portal_venous)
                     aligned = _align(arterial, portal, spacing_mm, seed)
                     samples.append(TrainingSample(arterial, aligned, labels, name=name))
         # InputError: a series or a manual SEG that cannot be read (DicomIOError, SuppliedSegError).
@@ -299,7 +296,7 @@ def phantom_samples(
     slices: int,
     spacing_mm: float,
     on_study: Callable[[StudyOutcome], None] | None = None,
-) -> tuple[list[Any], list[StudyOutcome]]:
+) -> tuple[list[TrainingSample], list[StudyOutcome]]:
     """Render ``count`` phantom studies in memory, register their phases, return samples.
 
     Study ``i`` has seed :func:`node.phantom_study.study_seed` ``(seed, i)``: the same patients as
@@ -311,7 +308,7 @@ def phantom_samples(
     from node.offline.phantom_study import study_seed
 
     spec = PhantomSpec(size=size, slices=slices, phases=("arterial", "portal_venous"))
-    samples: list[Any] = []
+    samples: list[TrainingSample] = []
     outcomes: list[StudyOutcome] = []
     for index in range(count):
         phantom = make_study(study_seed(seed, index), spec)
@@ -554,7 +551,7 @@ def run(
 
 def _train(
     options: TrainSegOptions,
-    samples: Sequence[Any],
+    samples: Sequence[TrainingSample],
     train_idx: Sequence[int],
     val_idx: Sequence[int],
     directory: Path,

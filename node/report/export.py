@@ -12,8 +12,9 @@ import csv
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from node.analysis.result import Result
 from node.core.pseudonym import keyed_hash
 from node.store.database import Store, Study
 
@@ -38,41 +39,27 @@ IDENTIFIER_COLUMNS = ("study_instance_uid", "accession_number", "patient_id")
 Identifiers = Literal["none", "hashed", "plain"]
 
 
-def _number(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return ""
-    try:
-        return f"{float(value):.6g}"
-    except (TypeError, ValueError):
-        return ""
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{float(value):.6g}"
 
 
-def _section(result: dict[str, Any], key: str) -> dict[str, Any]:
-    value = result.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def result_row(study: Study, result: dict[str, Any]) -> dict[str, str]:
-    """One CSV row (plain identifiers) from a study row and its result.json content."""
-    tumor, loat, model = (
-        _section(result, "tumor"),
-        _section(result, "loat"),
-        _section(result, "model"),
-    )
+def result_row(study: Study, result: Result) -> dict[str, str]:
+    """One CSV row (plain identifiers) from a study row and its result."""
+    tumor, loat, model = result.tumor, result.loat, result.model
     return {
         "study_instance_uid": str(study.study_uid),
         "study_date": str(study.study_date or ""),
         "accession_number": str(study.accession_number or ""),
         "patient_id": str(study.patient_id or ""),
-        "mvi_probability": _number(result.get("mvi_probability")),
-        "combined_probability": _number(result.get("combined_probability")),
-        "risk_category": str(result.get("risk_category") or ""),
-        "loat_max_area_cm2": _number(loat.get("max_area_cm2")),
-        "tumor_max_diameter_mm": _number(tumor.get("max_diameter_mm")),
-        "tumor_volume_ml": _number(tumor.get("volume_ml")),
-        "model_name": str(model.get("name") or ""),
-        "model_version": str(model.get("version") or ""),
-        "status": str(result.get("status") or ""),
+        "mvi_probability": _number(result.mvi_probability),
+        "combined_probability": _number(result.combined_probability),
+        "risk_category": str(result.risk_category or ""),
+        "loat_max_area_cm2": _number(loat.max_area_cm2 if loat is not None else None),
+        "tumor_max_diameter_mm": _number(tumor.max_diameter_mm if tumor is not None else None),
+        "tumor_volume_ml": _number(tumor.volume_ml if tumor is not None else None),
+        "model_name": str(model.name or "") if model is not None else "",
+        "model_version": str(model.version or "") if model is not None else "",
+        "status": str(result.status),
     }
 
 
@@ -85,8 +72,7 @@ def iter_results(
     when either is given.
     """
     for row in store.iter_newest_results(since, until):
-        result = row.result.result
-        yield result_row(row.study, result if isinstance(result, dict) else {})
+        yield result_row(row.study, row.result.result)
 
 
 def pseudonymise(row: dict[str, str], identifiers: Identifiers, key: str) -> dict[str, str]:

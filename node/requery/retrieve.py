@@ -41,6 +41,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_sr.enum import Status
 from node.core.dicom import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
@@ -60,7 +61,9 @@ log = get_logger("node.requery.retrieve")
 
 #: Studies whose newest result has one of these statuses are not retried: a model change does
 #: not change why they could not be analysed (not a liver CT, no axial volume).
-_MODEL_INDEPENDENT = ("not_applicable",)
+_MODEL_INDEPENDENT = (Status.NOT_APPLICABLE,)
+#: Statuses a newer model could change: re-analysed unless the same model made them.
+_MODEL_DEPENDENT = (Status.SCORED, Status.NO_TUMOR, Status.NEEDS_REVIEW)
 #: Seconds between looks at the store while waiting for results.
 _POLL_S = 0.5
 #: Seconds without any progress after which the run checks that the node still listens.
@@ -507,9 +510,9 @@ def already_done(store: Store, study_uid: str, model: tuple[str, str] | None) ->
     status = str(row.status)
     if status in _MODEL_INDEPENDENT:
         return f"already analysed: {status}"
-    if status in ("scored", "no_tumor", "needs_review") and model is not None:
-        made_by = (row.result.get("model") or {}) if isinstance(row.result, dict) else {}
-        if (str(made_by.get("name")), str(made_by.get("version"))) == model:
+    if status in _MODEL_DEPENDENT and model is not None:
+        made_by = row.result.model
+        if made_by is not None and (str(made_by.name), str(made_by.version)) == model:
             return f"already {status} by {model[0]} {model[1]}"
     return None
 
@@ -572,7 +575,7 @@ def _settle(store: Store, candidate: StudyCandidate) -> bool:
         candidate.outcome, candidate.reason = "failed", "the job was cancelled"
     elif row is not None and row.job_id == job.id:
         candidate.outcome = str(row.status)
-        candidate.reason = row.result.get("reason") if isinstance(row.result, dict) else None
+        candidate.reason = row.result.reason
     else:
         candidate.outcome, candidate.reason = str(job.state), job.reason
     store.set_retrospective_state(candidate.study_uid, "done", candidate.outcome)

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from node.analysis.result import Result
 from node.core.logging import get_logger
 from node.receive.receiver import ReceiverState
 from node.receive.spool import free_megabytes
@@ -144,21 +145,19 @@ class NodeCollector:
         )
 
 
-def _analysis_metrics(recent: list[Any]) -> Iterator[Any]:
+def _analysis_metrics(recent: list[Result]) -> Iterator[Any]:
     """Stage durations, inference latency and device, GPU memory, from recent result rows."""
     stages: dict[str, list[float]] = {}
     devices: dict[str, int] = {}
     gpu_peak = 0
     for result in recent:
-        if not isinstance(result, dict):
-            continue
-        for stage, seconds in (result.get("timings_s") or {}).items():
-            stages.setdefault(str(stage), []).append(float(seconds))
-        device = result.get("device") or {}
-        devices[str(device.get("type", "unknown"))] = (
-            devices.get(str(device.get("type", "unknown")), 0) + 1
-        )
-        gpu_peak = max(gpu_peak, int(device.get("gpu_memory_peak_bytes") or 0))
+        for stage, seconds in result.timings_s.items():
+            stages.setdefault(stage, []).append(seconds)
+        ran_on = result.device
+        kind = ran_on.type if ran_on is not None else "unknown"
+        devices[kind] = devices.get(kind, 0) + 1
+        if ran_on is not None:
+            gpu_peak = max(gpu_peak, ran_on.gpu_memory_peak_bytes or 0)
     family = HistogramMetricFamily(
         "mvi_stage_duration_seconds",
         f"job stage durations of the last {DURATION_WINDOW.days} days",

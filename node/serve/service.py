@@ -23,7 +23,7 @@ from node.core.logging import get_logger, study_key
 from node.core.settings import Settings
 from node.core.tls import server_context
 from node.deliver.outbox import Dispatcher
-from node.jobs.worker import WorkerPool
+from node.jobs.pool import WorkerPool
 from node.receive.completion import Assembler
 from node.receive.receiver import ReceiverState, start_receiver
 from node.receive.spool import remove_files

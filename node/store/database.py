@@ -30,6 +30,7 @@ from sqlalchemy import Engine, create_engine, func, insert, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
+from node.analysis.result import Result
 from node.store.engine import make_engine, sqlite_path
 from node.store.migrate import SchemaError, SchemaMode, ensure
 from node.store.schema import (
@@ -597,13 +598,13 @@ class Store:
     # -- results -----------------------------------------------------------------------------
 
     def record_result(
-        self, job_id: int, study_uid: str, result: dict[str, Any], tx: Transaction | None = None
+        self, job_id: int, study_uid: str, result: Result, tx: Transaction | None = None
     ) -> int:
         """Keep a job's result (the content of its result.json); in ``tx`` when given."""
         row = insert(results).values(
             job_id=job_id,
             study_uid=study_uid,
-            status=str(result.get("status")),
+            status=str(result.status),
             result=result,
             created_at=utcnow(),
         )

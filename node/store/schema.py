@@ -31,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
+from node.analysis.result import Result, to_json
+
 #: The version the release before Alembic wrote into ``schema_version``. The baseline migration
 #: still writes it: an older node reads that table and refuses a database marked newer, so a
 #: migration that an older release could not run against must insert a higher version.
@@ -88,6 +90,27 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
+
+
+class ResultDocument(TypeDecorator[Result]):
+    """A :class:`~node.analysis.result.Result` kept as its result.json document (JSON).
+
+    Rows written before the typed result (the same keys, no ``schema_version``) read back as
+    version 1 results.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, Result):
+            raise TypeError(f"the results column takes a Result, not {type(value).__name__}")
+        return to_json(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Result | None:
+        return None if value is None else Result.model_validate(value)
 
 
 metadata = MetaData()
@@ -176,7 +199,7 @@ results = Table(
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
     Column("study_uid", String(64), nullable=False, index=True),
     Column("status", String(16), nullable=False),
-    Column("result", JSON, nullable=False),
+    Column("result", ResultDocument, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
 

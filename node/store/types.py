@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from node.analysis.result import Result
+
 
 @dataclass(frozen=True)
 class InstanceRecord:
@@ -93,18 +95,13 @@ class InstanceFile:
 
 @dataclass(frozen=True)
 class StoredResult:
-    """A job's recorded result: the content of its result.json.
-
-    ``result`` is the result.json document as a dict. Once node/analysis/result.py has its
-    typed model, this field (and ``Store.record_result``'s argument) is where it plugs in:
-    validate on read here, dump on write in ``record_result``; the column stays JSON.
-    """
+    """A job's recorded result: its result.json as the typed :class:`Result`."""
 
     id: int
     job_id: int
     study_uid: str
     status: str
-    result: dict[str, Any]
+    result: Result
     created_at: dt.datetime
 
 
@@ -166,7 +163,7 @@ class StoreSnapshot:
     #: Durations (seconds) of the jobs finished since the snapshot's ``since``.
     job_durations_s: list[float]
     #: The result.json documents recorded since ``since``, oldest first.
-    recent_results: list[dict[str, Any]]
+    recent_results: list[Result]
     outbox_by_state: dict[str, int]
     oldest_undelivered_at: dt.datetime | None
     retrospective_by_state: dict[str, int]

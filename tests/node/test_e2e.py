@@ -204,8 +204,9 @@ def test_orthanc_moves_a_study_and_gets_seg_sr_and_sc_back(
             assert (job.state, job.attempts) == ("done", 1)
             (result,) = result_rows(store, study_uid)
             assert result.job_id == job.id and result.status == "scored"
-            assert result.result["segmentation"]["source"] == "supplied"
-            assert sorted(result.result["outputs"]) == ["sc", "seg", "sr"]
+            segmentation = result.result.segmentation
+            assert segmentation is not None and segmentation.source == "supplied"
+            assert sorted(result.result.outputs) == ["sc", "seg", "sr"]
         finally:
             store.close()
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from node.report.audit.command import register
 from node.report.audit.html import headline
-from node.report.audit.inputs import STATUSES, AuditInputError, AuditOptions
+from node.report.audit.inputs import AuditInputError, AuditOptions
 from node.report.audit.report import run_audit
 from node.report.export import COLUMNS as RESULTS_COLUMNS
 from node.report.export import IDENTIFIER_COLUMNS
@@ -44,7 +44,6 @@ from node.report.export import IDENTIFIER_COLUMNS
 __all__ = [
     "IDENTIFIER_COLUMNS",
     "RESULTS_COLUMNS",
-    "STATUSES",
     "AuditInputError",
     "AuditOptions",
     "headline",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from dicom_sr.enum import Status
 from model.survival import EVENT as _EVENT
 from model.survival import HIGH as _HIGH
 from model.survival import TIME as _TIME
@@ -23,8 +24,6 @@ from node.core.errors import InputError
 from node.core.pseudonym import keyed_hash, looks_hashed
 from node.report.export import IDENTIFIER_COLUMNS
 
-#: Result statuses; only ``scored`` rows enter the statistics.
-STATUSES = ("scored", "no_tumor", "not_applicable", "needs_review", "failed")
 #: Non-identifier columns the audit reads (the others are exported but not needed here).
 _USED_RESULT_COLUMNS = (
     "study_date",
@@ -236,8 +235,9 @@ def _load_results(path: Path) -> _Results:
         if name or version:
             models.add(f"{name} {version}".strip())
         status = cells["status"].strip().lower()
-        if status != "scored":
-            excluded[f"status {status}" if status in STATUSES else f"status {status!r}"] += 1
+        # Only scored rows enter the statistics.
+        if status != Status.SCORED:
+            excluded[f"status {status}" if status in tuple(Status) else f"status {status!r}"] += 1
             continue
         probability = _number(cells["mvi_probability"])
         if probability is None or not 0.0 <= probability <= 1.0:

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from model.measure import measure
 from model.segmentation import FAT_HU, dice
 from node.analysis.dicomio import load_series
+from node.analysis.result import SCHEMA_VERSION, Result, to_json
 from node.core.settings import to_toml
 from tests.conftest import require_tool, run_tool
 from tests.node.cli.test_main import mvi_node
@@ -62,7 +63,11 @@ def test_analyze_writes_result_json_and_valid_objects(
     )
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "result.json").read_text())
-    assert set(data) >= RESULT_KEYS
+    assert set(data) == {"schema_version", *RESULT_KEYS}  # a worker adds "device", not analyze
+    # The file is the typed result: it validates, and writing it again gives the same JSON.
+    typed = Result.model_validate(data)
+    assert typed.schema_version == SCHEMA_VERSION
+    assert to_json(typed) == data
     assert data["status"] in {"scored", "no_tumor", "needs_review"}
     assert data["phases"]["pairing"] == "tags"
     assert len(data["phases"]["registration_shift_mm"]) == 3

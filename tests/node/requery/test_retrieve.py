@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from node.analysis.result import Result
 from node.core.settings import Settings, to_toml
 from node.requery.retrieve import StudyCandidate, classify_series
 from node.store.database import PRIORITY_RETROSPECTIVE, Store
@@ -363,17 +364,23 @@ def _store_with_results(tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
         )
         job = store.reprocess(uid)
         scored = status == "scored"
+        tumor = {"max_diameter_mm": 41.5, "volume_ml": 20.25, "count": 1, "diameter_slice": 3}
         result = {
             "study_instance_uid": uid,
             "status": status,
             "mvi_probability": 0.25 + 0.3 * i if scored else None,
             "combined_probability": 0.3 if scored else None,
             "risk_category": ("high" if i else "low") if scored else None,
-            "tumor": {"max_diameter_mm": 41.5, "volume_ml": 20.25} if scored else None,
-            "loat": {"max_area_cm2": 3.5},
-            "model": {"name": "mvi-fusion-resnet18", "version": "1.0.0"},
+            "tumor": tumor if scored else None,
+            "loat": {"found": True, "max_area_cm2": 3.5, "volume_ml": 1.0, "area_slice": 4},
+            "model": {
+                "name": "mvi-fusion-resnet18",
+                "version": "1.0.0",
+                "threshold": 0.5,
+                "demo": True,
+            },
         }
-        store.record_result(job, uid, result)
+        store.record_result(job, uid, Result.model_validate(result))
         studies.append({"uid": uid, "date": date, "patient": f"PAT{i}", "accession": f"ACC{i}"})
     store.close()
     return config, studies
@@ -531,7 +538,7 @@ def test_a_broken_off_retrieve_is_retried_not_skipped_or_waited_for(tmp_path: Pa
     backdate(store, "studies", "last_received_at", old, "study_uid = '1.2.3.9'")
     assert not _in_flight(store, "1.2.3.9", settings)  # nothing for 5 minutes: broken off
     job = store.reprocess("1.2.3.9", priority=PRIORITY_RETROSPECTIVE)
-    store.record_result(job, "1.2.3.9", {"status": "needs_review", "model": None})
+    store.record_result(job, "1.2.3.9", Result(study_instance_uid="1.2.3.9", status="needs_review"))
     store.finish_job(job, "needs_review", reason="only one phase")
     store.set_retrospective_state("1.2.3.9", "move_failed", "aborted")
     model = ("mvi-fusion-resnet18", "1")

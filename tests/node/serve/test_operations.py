@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 
 from node.core.settings import to_toml
-from node.jobs.worker import results_folder
+from node.jobs.runner import results_folder
 from node.store.database import InstanceRecord, Store
 from tests.node.cli.test_main import mvi_node
 from tests.nodeproc import dcmtk_env, running_node, storescu_command, wait_for
@@ -102,9 +102,9 @@ def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
         )
         latest = store.latest_result(uid)
         assert latest is not None
-        phases = latest.result["phases"]
-        assert phases["pairing"] == "operator"
-        assert phases["arterial"] == row["portal_venous_series_uid"]
+        phases = latest.result.phases
+        assert phases is not None and phases.pairing == "operator"
+        assert phases.arterial == row["portal_venous_series_uid"]
         first_sr = pydicom.dcmread(results_folder(node.settings, uid, first_job) / "sr.dcm")
         second_sr = pydicom.dcmread(results_folder(node.settings, uid, latest.job_id) / "sr.dcm")
         predecessors = [

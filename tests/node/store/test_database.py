@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_sr.enum import Status
+from node.analysis.result import Result
 from node.store.database import (
     PRIORITY_RETROSPECTIVE,
     SCHEMA_VERSION,
@@ -239,8 +241,9 @@ def test_the_newest_result_is_the_newest_jobs_even_when_it_finished_first(store:
     store.record_instance(record())
     older = store.reprocess("1.2.3")
     newer = store.reprocess("1.2.3")
-    store.record_result(newer, "1.2.3", {"status": "scored"})
-    store.record_result(older, "1.2.3", {"status": "needs_review"})  # a slow worker, later
+    store.record_result(newer, "1.2.3", Result(study_instance_uid="1.2.3", status=Status.SCORED))
+    slow = Result(study_instance_uid="1.2.3", status=Status.NEEDS_REVIEW)
+    store.record_result(older, "1.2.3", slow)  # a slow worker, later
     latest = store.latest_result("1.2.3")
     assert latest is not None and latest.job_id == newer and latest.status == "scored"
 

@@ -138,8 +138,10 @@ def test_db_upgrade_brings_a_release_database_to_head_with_every_row(tmp_path: P
         assert job.created_at == utc("2026-12-01 22:17:26.382435")
         assert job.finished_at is not None and job.finished_at.tzinfo is dt.UTC
         result = store.latest_result(STUDY)
-        assert result is not None and result.job_id == 1 and result.status == "done"
-        assert result.result["findings"] == {"lesions": 1, "volume_ml": 2.5}
+        assert result is not None and result.job_id == 1 and result.status == "scored"
+        # A result.json of the release (no schema_version) reads as a typed version-1 result.
+        assert result.result.schema_version == 1 and result.result.risk_category == "high"
+        assert result.result.tumor is not None and result.result.tumor.max_diameter_mm == 41.5
         (item,) = store.list_outbox()
         assert (item.destination, item.state, item.path) == ("pacs", "pending", "/spool/out/1.dcm")
         assert item.next_attempt_at == utc("2026-12-01 22:17:26.401762")

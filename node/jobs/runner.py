@@ -1,40 +1,57 @@
-"""Jobs run in worker processes, never in the receiving process.
+"""What a worker process does: claim jobs, analyse them, deliver and record the results.
 
-A native crash or an out-of-memory kill inside a job takes down one worker, not the front door:
-the pool notices, puts the dead worker's job back in the queue (or fails it after
-``pipeline.max_attempts``) and starts a new worker. Workers die with the node: each asks the
-kernel for SIGKILL when its parent dies, and also checks its parent between jobs.
+The pool (:mod:`node.jobs.pool`) starts :func:`worker_main` in each worker process. Workers die
+with the node: each asks the kernel for SIGKILL when its parent dies, and also checks its parent
+between jobs.
 
 A worker takes one job, and with it the jobs already waiting, up to ``pipeline.batch_size``:
 each study runs every stage up to the MVI model on its own (:func:`prepare_job`), the model
-scores the prepared studies in one batch (:func:`node.pipeline.score_prepared`), and each job is
-delivered and concluded on its own — one study's failure never fails another's stage.
+scores the prepared studies in one batch (:func:`node.analysis.pipeline.score_prepared`), and
+each job is delivered and concluded on its own — one study's failure never fails another's
+stage. A job that failed for good gets a notice (:func:`notify_failure`).
+
+The pool's process imports this module for :func:`worker_main` only: the analysis (SimpleITK,
+torch) is imported inside the functions that run in a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dicom_sr.enum import Status
 from node.core.logging import configure_logging, get_logger, study_key
 from node.core.settings import Settings
 from node.store.database import Job, Store
 
-log = get_logger("node.jobs.worker")
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from node.analysis.dicomio import SeriesFiles
+    from node.analysis.models import Models
+    from node.analysis.pipeline import Analysis, Prepared
+    from node.analysis.result import Device, Phases, Result
+
+log = get_logger("node.jobs.runner")
 
 _PR_SET_PDEATHSIG = 1
 _IDLE_SLEEP_S = 0.25
+
+#: The job state each result status ends its job in (any other status fails it).
+_JOB_STATE = {
+    Status.SCORED: "done",
+    Status.NO_TUMOR: "done",
+    Status.NOT_APPLICABLE: "not_applicable",
+    Status.NEEDS_REVIEW: "needs_review",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +60,7 @@ class JobOutcome:
 
     state: str
     reason: str | None = None
-    pairing: dict[str, Any] | None = None
+    phases: Phases | None = None
     arterial_uid: str | None = None
     portal_venous_uid: str | None = None
 
@@ -60,7 +77,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any], list[str]]:
+def _job_series(
+    store: Store, spool_root: Path, job: Job
+) -> tuple[dict[str, SeriesFiles], list[str]]:
     """The study's files per series (as the pipeline takes them) and the node's own series."""
     from node.analysis.dicomio import SeriesFiles
 
@@ -86,8 +105,10 @@ def _job_series(store: Store, spool_root: Path, job: Job) -> tuple[dict[str, Any
     return series, sorted(own)
 
 
-def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, models: Any) -> Any:
-    """Every stage of a job before the MVI model (:func:`node.pipeline.prepare_study`)."""
+def prepare_job(
+    store: Store, spool_root: Path, settings: Settings, job: Job, models: Models
+) -> Analysis | Prepared:
+    """Every stage of a job before the MVI model (:func:`node.analysis.pipeline.prepare_study`)."""
     from node.analysis.pipeline import prepare_study
 
     series, own = _job_series(store, spool_root, job)
@@ -102,15 +123,16 @@ def prepare_job(store: Store, spool_root: Path, settings: Settings, job: Job, mo
     )
 
 
-def deliver(store: Store, settings: Settings, job: Job, analysis: Any, models: Any) -> JobOutcome:
+def deliver(
+    store: Store, settings: Settings, job: Job, analysis: Analysis, models: Models
+) -> JobOutcome:
     """A finished analysis: its files, the result row and the outbox items; the job's outcome."""
-
-    analysis.result["device"] = _device_record(models)
+    analysis.result.device = _device_record(models)
     _record(store, settings, job, analysis)
     return _outcome(analysis.result)
 
 
-def _record(store: Store, settings: Settings, job: Job, analysis: Any) -> None:
+def _record(store: Store, settings: Settings, job: Job, analysis: Analysis) -> None:
     """Write a job's objects, then its result row and outbox rows in one transaction.
 
     A crash leaves the result and its outbox rows both, or neither: a re-run of the job finds
@@ -128,42 +150,30 @@ def _record(store: Store, settings: Settings, job: Job, analysis: Any) -> None:
         )
         for kind, path in written.items()
     ]
-    with store.begin() as conn:
-        store.record_result(job.id, job.study_uid, analysis.result, conn)
+    with store.begin() as tx:
+        store.record_result(job.id, job.study_uid, analysis.result, tx)
         if objects and settings.results.destinations and _sends_results(settings, job):
-            enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, conn)
+            enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, tx)
 
 
-def _outcome(result: dict[str, Any]) -> JobOutcome:
+def _outcome(result: Result) -> JobOutcome:
     """A job's outcome from its result (result.json)."""
-    phases = result.get("phases") or {}
-    state = {
-        "scored": "done",
-        "no_tumor": "done",
-        "not_applicable": "not_applicable",
-        "needs_review": "needs_review",
-    }.get(result["status"], "failed")
+    phases = result.phases
     return JobOutcome(
-        state,
-        result["reason"],
-        result.get("phases"),
-        arterial_uid=phases.get("arterial"),
-        portal_venous_uid=phases.get("portal_venous"),
+        _JOB_STATE.get(result.status, "failed"),
+        result.reason,
+        phases,
+        arterial_uid=phases.arterial if phases is not None else None,
+        portal_venous_uid=phases.portal_venous if phases is not None else None,
     )
 
 
-def run_job(
-    store: Store, spool_root: Path, settings: Settings, job: Job, models: Any = None
-) -> JobOutcome:
-    """Run one job: the analysis, its outputs, the result row and the outbox items."""
-    (outcome,) = run_jobs(store, spool_root, settings, [job], models)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
 def run_jobs(
-    store: Store, spool_root: Path, settings: Settings, jobs: Sequence[Job], models: Any = None
+    store: Store,
+    spool_root: Path,
+    settings: Settings,
+    jobs: Sequence[Job],
+    models: Models | None = None,
 ) -> list[JobOutcome | Exception]:
     """Run several jobs with one MVI-model batch; per job its outcome or the error it raised.
 
@@ -171,10 +181,10 @@ def run_jobs(
     every job of the batch (each is retried per ``pipeline.max_attempts``).
     """
     from node.analysis.models import Models
-    from node.analysis.pipeline import Analysis, score_prepared
+    from node.analysis.pipeline import Analysis, Prepared, score_prepared
 
     models = models if models is not None else Models(settings)
-    steps: list[Any] = []
+    steps: list[Prepared | Analysis | JobOutcome | Exception] = []
     for job in jobs:
         recorded = store.job_result(job.id)
         if recorded is not None:
@@ -188,12 +198,11 @@ def run_jobs(
             steps.append(prepare_job(store, spool_root, settings, job, models))
         except Exception as exc:
             steps.append(exc)
-    waiting = [
-        i for i, step in enumerate(steps) if not isinstance(step, Analysis | Exception | JobOutcome)
-    ]
+    waiting = [i for i, step in enumerate(steps) if isinstance(step, Prepared)]
+    prepared = [step for step in steps if isinstance(step, Prepared)]
     try:
         for index, analysis in zip(
-            waiting, score_prepared([steps[i] for i in waiting], settings, models), strict=True
+            waiting, score_prepared(prepared, settings, models), strict=True
         ):
             steps[index] = analysis
     except Exception as exc:
@@ -204,6 +213,7 @@ def run_jobs(
         if isinstance(step, Exception | JobOutcome):
             outcomes.append(step)
             continue
+        assert isinstance(step, Analysis)  # every prepared study was scored above
         try:
             outcomes.append(deliver(store, settings, job, step, models))
         except Exception as exc:
@@ -211,12 +221,12 @@ def run_jobs(
     return outcomes
 
 
-def batch_size(settings: Settings, models: Any) -> int:
+def batch_size(settings: Settings, models: Models) -> int:
     """Jobs a worker takes at once: ``pipeline.batch_size``, or 8 on a GPU and 1 on the CPU."""
     configured = settings.pipeline.batch_size
     if configured != "auto":
         return int(configured)
-    device = str(getattr(models, "device", "cpu"))
+    device = str(models.device)
     if device == "auto":
         import torch
 
@@ -239,25 +249,30 @@ def notify_failure(
     store: Store, spool_root: Path, settings: Settings, job: Job, reason: str
 ) -> None:
     """A job failed for good: send an SR and SC that say so, so nobody waits for results."""
-    from node.analysis.pairing import pair_phases, series_info
-    from node.analysis.pipeline import Analysis, _result_skeleton, encode_objects
+    from node.analysis import stages
+    from node.analysis.pipeline import Analysis, encode_objects
+    from node.analysis.result import Result
 
-    by_series: dict[str, list[Path]] = {}
-    for instance in store.instance_files(job.study_uid):
-        if not instance.own_output and _modality(instance.sop_class_uid) == "CT":
-            by_series.setdefault(instance.series_uid, []).append(spool_root / instance.path)
-    pairing = pair_phases(
-        [series_info(paths) for paths in by_series.values()], settings.phases.model_dump()
+    series, own = _job_series(store, spool_root, job)
+    pairing = stages.pair(
+        series,
+        settings.phases,
+        working_spacing_mm=stages.working_spacing_mm(settings.pipeline),
+        own_series_uids=own,
     )
     # The report hangs on a source series: the arterial one, else any CT series of the study.
-    source = pairing.arterial or next(iter(sorted(by_series)), None)
+    ct = sorted(uid for uid, files in series.items() if uid not in own and files.modality == "CT")
+    source = pairing.arterial or next(iter(ct), None)
     if source is None:
         return
-    result = _result_skeleton(job.study_uid)
-    result.update(status="failed", reason=f"the analysis failed: {reason}"[:1000])
+    result = Result(
+        study_instance_uid=job.study_uid,
+        status=Status.FAILED,
+        reason=f"the analysis failed: {reason}"[:1000],
+    )
     analysis = Analysis(result)
     analysis.objects = encode_objects(
-        result, settings, None, sorted(by_series[source]), None, None, None, None
+        result, settings, None, series[source].paths, None, None, None, None
     )
     _record(store, settings, job, analysis)
 
@@ -267,34 +282,36 @@ def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
     return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
 
 
-def _device_record(models: Any) -> dict[str, Any]:
+def _device_record(models: Models) -> Device:
     """Where the models ran, and the peak GPU memory of this worker (for the metrics)."""
-    import sys
+    from node.analysis.result import Device
 
-    record: dict[str, Any] = {"requested": getattr(models, "device", "auto"), "type": "cpu"}
+    record = Device(requested=models.device, type="cpu")
     torch = sys.modules.get("torch")  # imported by the models; never imported here for this
-    if torch is not None and torch.cuda.is_available() and record["requested"] != "cpu":
-        record["type"] = "cuda"
-        record["gpu_memory_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    if torch is not None and torch.cuda.is_available() and record.requested != "cpu":
+        record.type = "cuda"
+        record.gpu_memory_peak_bytes = int(torch.cuda.max_memory_allocated())
     return record
 
 
 def _modality(sop_class: str) -> str:
+    from node.core.dicom import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE
+
     return {
-        "1.2.840.10008.5.1.4.1.1.2": "CT",
-        "1.2.840.10008.5.1.4.1.1.2.1": "CT",
-        "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+        CT_IMAGE_STORAGE: "CT",
+        ENHANCED_CT_IMAGE_STORAGE: "CT",
+        SEGMENTATION_STORAGE: "SEG",
     }.get(sop_class, "OT")
 
 
-def _forced_pair(pairing: dict[str, Any] | None) -> tuple[str, str] | None:
+def _forced_pair(pairing: Mapping[str, Any] | None) -> tuple[str, str] | None:
     # `studies reprocess --arterial S --portal-venous S` puts the operator's pair on the job.
     if pairing and pairing.get("forced"):
         return str(pairing["arterial"]), str(pairing["portal_venous"])
     return None
 
 
-def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Any:
+def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Dataset | None:
     """The SR of the study's latest earlier result, which a new analysis supersedes."""
     import pydicom
 
@@ -370,13 +387,22 @@ def _release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def cuda_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is CUDA running out of memory (:class:`torch.cuda.OutOfMemoryError`)."""
+    if "torch" not in sys.modules:
+        return False  # no model has run in this process: the error cannot be CUDA's
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def _job_failed(
-    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Any
-) -> Any:
+    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Models
+) -> Models:
     """Queue the job again or fail it for good; returns the models the next job should use."""
     reason = f"{type(exc).__name__}: {exc}"
     final = job.attempts >= settings.pipeline.max_attempts
-    if type(exc).__name__ == "OutOfMemoryError":
+    if cuda_out_of_memory(exc):
         # CUDA ran out of memory: the next attempt runs on the CPU.
         models = models.on_cpu()
     log.error(
@@ -403,7 +429,8 @@ def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> No
         job.id,
         outcome.state,
         reason=outcome.reason,
-        pairing=outcome.pairing,
+        # The store keeps the phases as JSON, as result.json has them.
+        pairing=outcome.phases.model_dump(mode="json") if outcome.phases is not None else None,
         arterial_uid=outcome.arterial_uid,
         portal_venous_uid=outcome.portal_venous_uid,
     )
@@ -415,76 +442,3 @@ def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> No
         reason=outcome.reason,
         seconds=round(time.perf_counter() - started, 3),
     )
-
-
-class WorkerPool:
-    """A fixed number of worker processes, replaced when one dies.
-
-    Parameters
-    ----------
-    settings
-        The node's settings (passed to each worker as plain data).
-    store
-        The parent's store, used to recover a dead worker's jobs.
-    count
-        Number of workers (``pipeline.workers``).
-    """
-
-    def __init__(self, settings: Settings, store: Store, count: int) -> None:
-        self.settings = settings
-        self.store = store
-        self.count = count
-        # spawn: a fresh interpreter, so nothing the receiver holds (threads, sockets) leaks in.
-        self._context = multiprocessing.get_context("spawn")
-        self._workers: list[BaseProcess] = []
-        self._stop = threading.Event()
-        self._monitor: threading.Thread | None = None
-
-    def _spawn(self) -> BaseProcess:
-        process = self._context.Process(
-            target=worker_main,
-            args=(self.settings.model_dump(mode="python"), os.getpid()),
-            name="mvi-node-worker",
-            daemon=True,
-        )
-        process.start()
-        return process
-
-    def start(self) -> None:
-        """Start the workers and a thread that replaces any that die."""
-        self._workers = [self._spawn() for _ in range(self.count)]
-        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
-        self._monitor.start()
-        log.info("workers started", workers=self.count)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(1.0):
-            for index, process in enumerate(self._workers):
-                if process.is_alive() or self._stop.is_set():
-                    continue
-                pid = process.pid or -1
-                recovered = self.store.recover_worker_jobs(pid, self.settings.pipeline.max_attempts)
-                log.error(
-                    "worker died; replacing it",
-                    pid=pid,
-                    exitcode=process.exitcode,
-                    jobs_recovered=len(recovered),
-                )
-                self._workers[index] = self._spawn()
-
-    def alive(self) -> int:
-        """How many workers are running."""
-        return sum(1 for p in self._workers if p.is_alive())
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the workers; their running jobs are re-queued at the next start."""
-        self._stop.set()
-        for process in self._workers:
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + timeout
-        for process in self._workers:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)

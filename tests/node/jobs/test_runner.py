@@ -1,10 +1,7 @@
-"""Specification of the worker processes: separate from the receiver, and never orphans."""
+"""Specification of what a worker does with its jobs: one model batch, each job on its own."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,78 +9,13 @@ import pydicom
 import pytest
 
 from node.analysis.models import Models
+from node.analysis.result import to_json
 from node.core.logging import study_key
 from node.core.settings import Settings
-from node.jobs.worker import JobOutcome, batch_size, run_jobs
+from node.jobs.runner import JobOutcome, batch_size, cuda_out_of_memory, run_jobs
 from node.receive.receiver import ANALYSABLE_SOP_CLASSES
 from node.store.database import InstanceRecord, Store
-from tests.nodeproc import node_settings, running_node, wait_for
-
-
-def children(pid: int) -> set[int]:
-    """Direct child processes of ``pid`` (from /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The parent pid is the 2nd field after the parenthesised command name.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.add(int(entry.name))
-    return found
-
-
-def workers_of(pid: int) -> set[int]:
-    """The node's worker processes (multiprocessing spawn children, not its resource tracker)."""
-    found = set()
-    for child in children(pid):
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-            found.add(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
-    return " Z " not in stat  # a zombie has stopped working
-
-
-def test_workers_die_with_a_killed_node(tmp_path: Path) -> None:
-    with running_node(tmp_path, {"pipeline": {"workers": 2}}) as node:
-        wait_for(lambda: len(workers_of(node.process.pid)) >= 2)
-        workers = workers_of(node.process.pid)
-        node.kill()
-        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=20)
-
-
-def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
-    with running_node(tmp_path) as node:
-        (worker,) = wait_for(lambda: workers_of(node.process.pid))
-        os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: workers_of(node.process.pid) - {worker}, timeout=30)
-        time.sleep(0.5)
-        assert node.process.poll() is None
-        assert "worker died; replacing it" in node.log()
-
-
-def test_the_receiving_process_does_not_import_torch(tmp_path: Path) -> None:
-    with running_node(tmp_path) as node:
-        maps = Path(f"/proc/{node.process.pid}/maps").read_text()
-        assert "libtorch" not in maps
-
-
-# -- batches of waiting jobs ------------------------------------------------------------------
+from tests.nodeproc import node_settings
 
 
 def _ingest(store: Store, root: Path, folder: Path) -> str:
@@ -145,10 +77,14 @@ def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
 
     assert not any(isinstance(o, Exception) for o in outcomes), outcomes
     assert isinstance(lonely, JobOutcome) and lonely.state in ("needs_review", "not_applicable")
-    results = [store.latest_result(uid).result for uid in uids]  # type: ignore[union-attr]
-    assert [r["status"] for r in results] == ["scored"] * 3, [r["reason"] for r in results]
+    rows = [store.latest_result(uid) for uid in uids]
+    results = [row.result for row in rows if row is not None]
+    assert [r.status for r in results] == ["scored"] * 3, [r.reason for r in results]
     # One forward pass: every study of the batch carries the same share of it.
-    assert len({r["timings_s"]["infer"] for r in results}) == 1
+    assert len({r.timings_s["infer"] for r in results}) == 1
+    # The worker records where the models ran; on the CPU without a GPU peak.
+    assert all(r.device is not None and r.device.type == "cpu" for r in results)
+    assert all("gpu_memory_peak_bytes" not in to_json(r)["device"] for r in results)
     # The batch gives each study the probability it gets alone (a new job of the same study).
     for uid, result in zip(uids, results, strict=True):
         store.reprocess(uid)
@@ -158,7 +94,7 @@ def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
         assert isinstance(alone, JobOutcome)
         again = store.latest_result(uid)
         assert again is not None and again.job_id == alone_job.id
-        assert again.result["mvi_probability"] == pytest.approx(result["mvi_probability"], abs=1e-3)
+        assert again.result.mvi_probability == pytest.approx(result.mvi_probability, abs=1e-3)
     store.close()
 
 
@@ -225,3 +161,44 @@ def test_auto_batch_size_is_one_on_the_cpu() -> None:
     settings = Settings()
     assert batch_size(settings, Models(settings, device="cpu")) == 1
     assert batch_size(settings, Models(settings, device="cuda")) == 8
+
+
+def test_cuda_out_of_memory_is_recognised_by_its_type() -> None:
+    import torch
+
+    class OutOfMemoryError(RuntimeError):
+        """Named like CUDA's, but not it."""
+
+    assert cuda_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not cuda_out_of_memory(OutOfMemoryError("CUDA out of memory"))
+    assert not cuda_out_of_memory(MemoryError())
+
+
+def test_a_job_failed_for_good_sends_a_report_on_its_arterial_series(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    import csv
+
+    from node.jobs.runner import notify_failure, results_folder
+
+    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
+    extra = {"pipeline": {"working_spacing_mm": 3.5}}
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    uid = _ingest(store, cohort, cohort / "study_0001")
+    store.complete_study(uid)
+    job = store.claim_job()
+    assert job is not None
+    notify_failure(store, cohort, settings, job, "RuntimeError: boom")
+    row = store.latest_result(uid)
+    assert row is not None and row.job_id == job.id
+    result = row.result
+    assert result.status == "failed" and result.reason == "the analysis failed: RuntimeError: boom"
+    assert sorted(result.outputs) == ["sc", "sr"]  # nothing measured: no SEG
+    assert "device" not in to_json(result) and result.schema_version == 1
+    with (cohort / "truth.csv").open(newline="") as handle:
+        arterial = next(csv.DictReader(handle))["arterial_series_uid"]
+    sr = pydicom.dcmread(results_folder(settings, uid, job.id) / "sr.dcm")
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert [str(item.SeriesInstanceUID) for item in evidence] == [arterial]
+    store.close()

@@ -1,0 +1,100 @@
+"""The worker pool of the receiving process: spawn, watch, replace and stop the workers.
+
+Jobs run in worker processes, never in the receiving process. A native crash or an
+out-of-memory kill inside a job takes down one worker, not the front door: the pool notices,
+puts the dead worker's job back in the queue (or fails it after ``pipeline.max_attempts``) and
+starts a new worker. What a worker does is :mod:`node.jobs.runner`.
+
+Importing this module imports neither torch nor SimpleITK: the receiving process never loads
+a model.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+from node.core.logging import get_logger
+from node.core.settings import Settings
+from node.jobs.runner import worker_main
+from node.store.database import Store
+
+__all__ = ["WorkerPool"]
+
+log = get_logger("node.jobs.pool")
+
+
+class WorkerPool:
+    """A fixed number of worker processes, replaced when one dies.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (passed to each worker as plain data).
+    store
+        The parent's store, used to recover a dead worker's jobs.
+    count
+        Number of workers (``pipeline.workers``).
+    """
+
+    def __init__(self, settings: Settings, store: Store, count: int) -> None:
+        self.settings = settings
+        self.store = store
+        self.count = count
+        # spawn: a fresh interpreter, so nothing the receiver holds (threads, sockets) leaks in.
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[BaseProcess] = []
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def _spawn(self) -> BaseProcess:
+        process = self._context.Process(
+            target=worker_main,
+            args=(self.settings.model_dump(mode="python"), os.getpid()),
+            name="mvi-node-worker",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def start(self) -> None:
+        """Start the workers and a thread that replaces any that die."""
+        self._workers = [self._spawn() for _ in range(self.count)]
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+        self._monitor.start()
+        log.info("workers started", workers=self.count)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            for index, process in enumerate(self._workers):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                pid = process.pid or -1
+                recovered = self.store.recover_worker_jobs(pid, self.settings.pipeline.max_attempts)
+                log.error(
+                    "worker died; replacing it",
+                    pid=pid,
+                    exitcode=process.exitcode,
+                    jobs_recovered=len(recovered),
+                )
+                self._workers[index] = self._spawn()
+
+    def alive(self) -> int:
+        """How many workers are running."""
+        return sum(1 for p in self._workers if p.is_alive())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the workers; their running jobs are re-queued at the next start."""
+        self._stop.set()
+        for process in self._workers:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self._workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
