@@ -32,7 +32,7 @@ import pytest
 
 from node.deliver.outbox import list_outbox
 from node.store.database import Job, Store, StoredResult
-from tests.node.jobs.test_worker import alive, children, workers_of
+from tests.node.jobs.test_pool import alive, children, workers_of
 from tests.nodeproc import NODE_AET, NodeProcess, running_node, start_node_process, wait_for
 from tests.orthanc import Orthanc, orthanc_or_skip, restart_orthanc, running_orthanc
 
