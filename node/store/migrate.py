@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
+from node.core.errors import ConfigurationError
 from node.store.engine import schema_engine, shown_url, sqlite_path
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-class SchemaError(RuntimeError):
+class SchemaError(ConfigurationError):
     """The database's schema is not one this node can use; its message is one line.
 
     ``upgrade_helps``: ``mvi-node db upgrade`` would fix it (the message then says so; the
