@@ -43,7 +43,7 @@ from model.train import StudyRois, cached_rois, train_fusion
 
 
 def study_seed(cohort_seed: int, index: int) -> int:
-    """Seed of study ``index`` of a cohort, as :func:`node.phantom_study.study_seed` draws it."""
+    """Seed of study ``index`` of a cohort, as :func:`node.offline.phantom_study.study_seed`."""
     return int(np.random.SeedSequence([cohort_seed, index]).generate_state(1)[0])
 
 

@@ -435,8 +435,8 @@ def slice_references(source_images: Sequence[Dataset]) -> list[SliceReference]:
     """The source image (and frame) of each slice ``k`` of the arterial grid.
 
     ``k`` ascends along the slice normal (row direction × column direction), which is how
-    :func:`node.dicomio.load_series` orders the volume the masks were made on (k ascending = z
-    ascending for axial images).
+    :func:`node.analysis.dicomio.load_series` orders the volume the masks were made on
+    (k ascending = z ascending for axial images).
 
     Parameters
     ----------

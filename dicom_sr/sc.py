@@ -35,6 +35,7 @@ from dicom_sr.common import (
     set_equipment,
     slice_references,
 )
+from dicom_sr.enum import RiskCategory
 
 __all__ = [
     "LOAT_COLOR",
@@ -100,11 +101,11 @@ def summary_lines(result: AnalysisResult, algorithm: AlgorithmInfo) -> list[tupl
     lines: list[tuple[str, _RGB, bool]] = []
     if result.scored:
         assert result.mvi_probability is not None and result.max_diameter_mm is not None
-        risk = "HIGH RISK" if result.risk_category == "high" else "LOW RISK"
+        risk = "HIGH RISK" if result.risk_category == RiskCategory.HIGH else "LOW RISK"
         text = f"MVI probability {_percent(result.mvi_probability)}"
         if result.combined_probability is not None:
             text += f" (combined {_percent(result.combined_probability)})"
-        color = HIGH_RISK_COLOR if result.risk_category == "high" else TEXT_COLOR
+        color = HIGH_RISK_COLOR if result.risk_category == RiskCategory.HIGH else TEXT_COLOR
         lines.append((f"{text} — {risk}", color, True))
         lines.append((f"Max tumor diameter {result.max_diameter_mm:.1f} mm", TEXT_COLOR, False))
         if result.loat_found and result.loat_max_area_cm2 is not None:

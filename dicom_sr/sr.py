@@ -46,6 +46,7 @@ from dicom_sr.common import (
     set_equipment,
     slice_references,
 )
+from dicom_sr.enum import RiskCategory
 from dicom_sr.seg import LOAT_LABEL, LOAT_SEGMENT, TUMOR_LABEL, TUMOR_SEGMENT
 
 __all__ = ["SOP_CLASSES", "build_sr", "tumor_outline"]
@@ -91,7 +92,7 @@ def _tumor_measurements(result: AnalysisResult, *, volumetric: bool) -> list[Any
 
 
 def _risk(result: AnalysisResult) -> list[Any]:
-    value = codes.HIGH_RISK if result.risk_category == "high" else codes.LOW_RISK
+    value = codes.HIGH_RISK if result.risk_category == RiskCategory.HIGH else codes.LOW_RISK
     return [hd.sr.QualitativeEvaluation(name=codes.LESION_RISK, value=value)]
 
 

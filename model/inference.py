@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dicom_sr.enum import RiskCategory
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.fusion import ARCHS, FusionNet
 from model.roi import RoiSpec
@@ -70,7 +71,7 @@ class Prediction:
 
     mvi_probability: float
     logit: float
-    risk_category: str
+    risk_category: RiskCategory
     threshold: float
     combined_probability: float | None
 
@@ -263,7 +264,7 @@ class FusionModel:
                 Prediction(
                     mvi_probability=probability,
                     logit=logit,
-                    risk_category="high" if probability >= cut else "low",
+                    risk_category=RiskCategory.HIGH if probability >= cut else RiskCategory.LOW,
                     threshold=cut,
                     combined_probability=combined,
                 )

@@ -58,7 +58,8 @@ SMALL = {"size": 96, "slices": 24}
 def cohort_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Write (once per session and per set of options) a small phantom cohort; returns its folder.
 
-    Call it with fields of :class:`node.phantom_study.CohortOptions`: ``cohort_factory(seg=True)``.
+    Call it with fields of :class:`node.offline.phantom_study.CohortOptions`:
+    ``cohort_factory(seg=True)``.
     """
     from node.offline.phantom_study import CohortOptions, write_cohort
 

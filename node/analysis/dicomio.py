@@ -17,7 +17,7 @@ Conventions: a numpy volume is indexed ``[k, j, i]`` (slice, row, column), as
 columns are the i, j, k axis directions in LPS).
 
 Nothing here logs or raises with patient identifiers: series and instances are named by short
-hashes of their UIDs (:func:`node.logging.uid_key`) or by file name.
+hashes of their UIDs (:func:`node.core.logging.uid_key`) or by file name.
 """
 
 from __future__ import annotations

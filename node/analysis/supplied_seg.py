@@ -37,7 +37,7 @@ Decisions:
   images they reference is rejected: the node would need the source headers to do it.
 
 Nothing here logs or returns patient identifiers: series and instances are named by
-:func:`node.logging.uid_key`, files by path.
+:func:`node.core.logging.uid_key`, files by path.
 """
 
 from __future__ import annotations

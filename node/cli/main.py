@@ -1016,7 +1016,7 @@ _register_audit()
 
 
 def _register_demo() -> None:
-    # node.demo imports node.cli inside its command only, so this is not circular.
+    # node.offline.demo imports node.cli.main inside its command only, so this is not circular.
     from node.offline.demo import register
 
     register(app)

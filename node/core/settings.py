@@ -5,8 +5,8 @@ or ``MVI_CONFIG``), then environment variables ``MVI_<SECTION>__<KEY>`` (for a p
 ``MVI_PEERS__<NAME>__<KEY>``). Every model forbids unknown keys: a typo in a site's file must
 fail loudly instead of silently falling back to a default.
 
-``config/node.toml`` documents every default below; ``tests/node/test_settings.py`` keeps the two
-equal.
+``config/node.toml`` documents every default below; ``tests/node/core/test_settings.py`` keeps
+the two equal.
 """
 
 from __future__ import annotations

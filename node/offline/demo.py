@@ -1,8 +1,8 @@
 """`mvi-node demo`: the whole node on one machine, with a built-in mini PACS, on loopback only.
 
-1. Builds and caches the demo models on first use (the segmenter through :mod:`node.train_seg`
-   with the demo defaults, the MVI model from in-memory phantoms per
-   :data:`node.models.DEMO_FUSION`); later runs reuse them.
+1. Builds and caches the demo models on first use (the segmenter through
+   :mod:`node.offline.train_seg` with the demo defaults, the MVI model from in-memory phantoms per
+   :data:`node.analysis.models.DEMO_FUSION`); later runs reuse them.
 2. Writes one phantom study, starts a mini PACS (a pynetdicom Storage SCP that keeps what it
    receives) and the node in-process, sends the study from the PACS' AE title, waits for the
    results to come back, and prints them beside the phantom's truth.
@@ -508,7 +508,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             from node.cli.main import err, out
-        except ImportError:  # pragma: no cover - node.cli always there in the package
+        except ImportError:  # pragma: no cover - node.cli.main always there in the package
             out, err = Console(), Console(stderr=True)
         configure_logging("warning")
         code = run_demo(size, slices, seed, keep, out=out, err=err)

@@ -1,7 +1,7 @@
 """Synthetic phantom studies as DICOM: what a CT scanner would send, with the truth beside it.
 
 :mod:`model.phantom` makes the anatomy, the phases and the truth as numpy arrays; this module gives
-them realistic DICOM clothes through :mod:`node.dicomio` — patient and study attributes, one
+them realistic DICOM clothes (:mod:`node.analysis.dicomio`) — patient and study attributes, one
 series per phase with varied descriptions, contrast-bolus tags and acquisition times that order
 the phases, a localizer — and writes a cohort: ``OUT/<study>/…`` plus ``labels.csv`` and
 ``truth.csv``. Truth masks go under ``OUT/masks/`` (never inside a study folder), and a manual

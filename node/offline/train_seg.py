@@ -16,7 +16,7 @@ Two sources of training data:
   cache (:func:`model.checkpoint.demo_cache_dir`) under a key of every setting, so a quick test
   setting never overwrites the real demo model.
 
-The command line (:mod:`node.cli`) only parses options; :func:`run` does the rest and raises
+The command line (:mod:`node.cli.main`) only parses options; :func:`run` does the rest and raises
 :class:`TrainSegUsageError` (exit 2) or :class:`TrainSegFailed` (exit 1) with a one-line message.
 """
 
@@ -139,7 +139,7 @@ def truth_masks_for(
     """Truth label map from a manual DICOM SEG inside the study, on the arterial grid.
 
     The SEG must reference the arterial series and map to tumor and LOAT (and, when present,
-    liver) the way a supplied segmentation does (:mod:`node.supplied_seg`); the newest
+    liver) the way a supplied segmentation does (:mod:`node.analysis.supplied_seg`); the newest
     MANUAL or SEMIAUTOMATIC one wins. A SEG drawn on the portal-venous series is not used as
     training truth: it would need the registration that the training is meant to be blind to.
     Returns None when there is none.
@@ -299,8 +299,8 @@ def phantom_samples(
 ) -> tuple[list[TrainingSample], list[StudyOutcome]]:
     """Render ``count`` phantom studies in memory, register their phases, return samples.
 
-    Study ``i`` has seed :func:`node.phantom_study.study_seed` ``(seed, i)``: the same patients as
-    ``mvi-node phantom OUT --seed SEED``.
+    Study ``i`` has seed :func:`node.offline.phantom_study.study_seed` ``(seed, i)``: the same
+    patients as ``mvi-node phantom OUT --seed SEED``.
     """
     from model.phantom import PhantomSpec, make_study
     from model.segmentation import labels_from_masks

@@ -313,7 +313,7 @@ def build_ae(settings: Settings) -> AE:
 def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> Any:
     """Start listening (non-blocking); returns pynetdicom's server (call ``shutdown()``).
 
-    ``tls`` is the server context from :func:`node.tls.server_context` (None: plain DICOM).
+    ``tls`` is the server context from :func:`node.core.tls.server_context` (None: plain DICOM).
     """
     settings = state.settings
     ae = build_ae(settings)

@@ -1,9 +1,9 @@
 """The results table: one row per study with its newest result, as CSV for audits.
 
-``mvi-node results export`` writes it; ``mvi-node audit`` reads it back (:mod:`node.audit`).
+``mvi-node results export`` writes it; ``mvi-node audit`` reads it back (:mod:`node.report.audit`).
 Identifier columns (study UID, accession number, patient ID) are pseudonymised by default with
-the site's keyed hash (:func:`node.pseudonym.keyed_hash`), written plain only on request, or left
-out. Every other column is a number or a code, never an identifier.
+the site's keyed hash (:func:`node.core.pseudonym.keyed_hash`), written plain only on request, or
+left out. Every other column is a number or a code, never an identifier.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def export_results(
 
     Raises
     ------
-    node.pseudonym.PseudonymKeyMissing
+    node.core.pseudonym.PseudonymKeyMissing
         ``identifiers="hashed"`` with an empty key (checked before anything is written).
     """
     if identifiers == "hashed":

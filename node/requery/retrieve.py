@@ -18,7 +18,7 @@ The flow for one run (``mvi-node requery`` or the nightly safety net):
    waits for their results.
 
 Results of re-queried studies stay on the node unless ``requery.send_results`` is set (see
-:func:`node.worker._sends_results`).
+:func:`node.jobs.runner._sends_results`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from node.core.dicom import (
 from node.core.errors import ConfigurationError
 from node.core.logging import get_logger, study_key
 from node.core.settings import PeerSection, Settings
-from node.store.database import JOB_FINAL_STATES, PRIORITY_RETROSPECTIVE, Store
+from node.store.database import JOB_FINAL_STATES, PRIORITY_RETROSPECTIVE, Store, utcnow
 
 log = get_logger("node.requery.retrieve")
 
@@ -345,7 +345,7 @@ def find_studies(
                 answers_of_study = _find(assoc, series_query(uid), "series")
             except RequeryError as exc:
                 # One study the PACS cannot list is that study's problem, not the run's.
-                candidate.outcome, candidate.reason = "failed", str(exc)
+                candidate.outcome, candidate.reason = Status.FAILED, str(exc)
                 continue
             for series in answers_of_study:
                 candidate.series.append(
@@ -530,7 +530,7 @@ def _in_flight(store: Store, study_uid: str, settings: Settings) -> bool:
     if last is None:
         return False
     stale_after = max(3 * settings.completion.quiet_seconds, 60.0)
-    return (dt.datetime.now(dt.UTC) - last).total_seconds() < stale_after
+    return (utcnow() - last).total_seconds() < stale_after
 
 
 def queue_after_retrieve(
@@ -572,7 +572,7 @@ def _settle(store: Store, candidate: StudyCandidate) -> bool:
         return False
     row = store.latest_result(candidate.study_uid)
     if job.state == "cancelled":
-        candidate.outcome, candidate.reason = "failed", "the job was cancelled"
+        candidate.outcome, candidate.reason = Status.FAILED, "the job was cancelled"
     elif row is not None and row.job_id == job.id:
         candidate.outcome = str(row.status)
         candidate.reason = row.result.reason
@@ -677,7 +677,7 @@ def _retrieve(
     store: Store,
     candidate: StudyCandidate,
 ) -> None:
-    started = dt.datetime.now(dt.UTC)
+    started = utcnow()
     problem: str | None
     try:
         store.mark_retrospective(candidate.study_uid, candidate.study_date or None)

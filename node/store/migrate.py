@@ -54,6 +54,7 @@ from sqlalchemy.engine import Connection
 
 from node.core.errors import ConfigurationError
 from node.store.engine import schema_engine, shown_url, sqlite_path
+from node.store.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -65,8 +66,6 @@ SchemaMode = Literal["check", "create", "upgrade"]
 HEAD = "0001"
 #: The revision a database of the release before migrations (schema_version 1) is stamped with.
 BASELINE = "0001"
-#: The ``schema_version`` the release before migrations wrote.
-RELEASE_SCHEMA_VERSION = 1
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -119,7 +118,7 @@ class Upgrade:
         if not self.changed:
             return f"already at revision {self.after} (head); nothing to do"
         if self.from_release:
-            start = f"the release schema (schema_version {RELEASE_SCHEMA_VERSION})"
+            start = f"the release schema (schema_version {SCHEMA_VERSION})"
         elif self.before is None:
             start = "an empty database"
         else:
@@ -164,10 +163,10 @@ def _refusal(url: str, revision: str | None, legacy: int | None, tables: bool) -
             f"the database {where} has schema revision {revision}, newer than this node's "
             f"({HEAD}): upgrade mvi-node"
         )
-    if revision is None and legacy is not None and legacy != RELEASE_SCHEMA_VERSION:
+    if revision is None and legacy is not None and legacy != SCHEMA_VERSION:
         return (
             f"the database {where} has schema_version {legacy}, which this node does not know "
-            f"(it knows {RELEASE_SCHEMA_VERSION}): upgrade mvi-node"
+            f"(it knows {SCHEMA_VERSION}): upgrade mvi-node"
         )
     if revision is None and legacy is None and tables:
         return f"the database {where} holds tables but no mvi-node schema; give another one"

@@ -20,8 +20,8 @@ The package: :mod:`~node.analysis.pairing.headers` reads the headers (:func:`ser
 :mod:`~node.analysis.pairing.image_check` loads and compares the candidate volumes, and
 :mod:`~node.analysis.pairing.decision` weighs the three (:func:`pair_phases`, :class:`Pairing`).
 
-Nothing here logs patient identifiers: series are named by :func:`node.logging.uid_key`, files by
-their name.
+Nothing here logs patient identifiers: series are named by :func:`node.core.logging.uid_key`,
+files by their name.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def image_metrics(images: Sequence[sitk.Image]) -> list[dict[str, float]]:
     Parameters
     ----------
     images
-        HU volumes of one study (as :func:`node.dicomio.load_series` returns them).
+        HU volumes of one study (as :func:`node.analysis.dicomio.load_series` returns them).
 
     Returns
     -------

@@ -18,7 +18,7 @@ names the file, line and column. Thin data is not an error: with one risk group,
 class or too few events the report says why a number is absent.
 
 Identifiers: when the results' join column holds keyed hashes (``results export`` pseudonymised
-it), the follow-up's and pathology's keys go through the same :func:`node.pseudonym.keyed_hash`
+it), the follow-up's and pathology's keys go through the same :func:`node.core.pseudonym.keyed_hash`
 before the join, so neither side needs the other's plain identifiers.
 
 The package: :mod:`~node.report.audit.inputs` reads and checks the CSVs,

@@ -17,7 +17,7 @@ from node.report.audit.report import run_audit
 
 
 def _consoles() -> tuple[Console, Console]:
-    # Off a terminal (pipes, CI logs) rich would wrap at 80 columns, as node.cli notes.
+    # Off a terminal (pipes, CI logs) rich would wrap at 80 columns, as node.cli.main notes.
     out = Console() if sys.stdout.isatty() else Console(width=160)
     err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
     return out, err

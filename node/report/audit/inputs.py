@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from dicom_sr.enum import Status
+from dicom_sr.enum import RiskCategory, Status
 from model.survival import EVENT as _EVENT
 from model.survival import HIGH as _HIGH
 from model.survival import TIME as _TIME
@@ -244,7 +244,7 @@ def _load_results(path: Path) -> _Results:
             excluded["mvi_probability missing or not in [0, 1]"] += 1
             continue
         risk = cells["risk_category"].strip().lower()
-        if risk not in ("high", "low"):
+        if risk not in tuple(RiskCategory):
             excluded["risk_category neither high nor low"] += 1
             continue
         scored.append(
@@ -253,7 +253,7 @@ def _load_results(path: Path) -> _Results:
                 ids={c: cells[c].strip() for c in id_columns},
                 date=date,
                 probability=probability,
-                high_risk=risk == "high",
+                high_risk=risk == RiskCategory.HIGH,
                 diameter_mm=_number(cells["tumor_max_diameter_mm"]),
                 loat_cm2=_number(cells["loat_max_area_cm2"]),
             )

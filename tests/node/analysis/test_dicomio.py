@@ -1,4 +1,4 @@
-"""Tests for node.dicomio: CT series written by us, transcoded by real tools, loaded back."""
+"""node.analysis.dicomio: CT series written by us, transcoded by real tools, loaded back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for node.pairing: choosing the arterial and portal-venous series of phantom studies."""
+"""node.analysis.pairing: choosing the arterial and portal-venous series of phantom studies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for node.supplied_seg: a radiologist's SEG in the study is found and decoded.
+"""Tests for node.analysis.supplied_seg: a radiologist's SEG in the study is found and decoded.
 
 The phantom cohorts write a MANUAL truth SEG on the arterial series (segments 1 tumor, 2 LOAT,
 3 liver) and the truth masks beside the studies; edited copies of that SEG, and SEGs built here

@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_sr.enum import Status
 from node.analysis.result import Result
 from node.core.settings import Settings, to_toml
 from node.requery.retrieve import StudyCandidate, classify_series
@@ -538,7 +539,9 @@ def test_a_broken_off_retrieve_is_retried_not_skipped_or_waited_for(tmp_path: Pa
     backdate(store, "studies", "last_received_at", old, "study_uid = '1.2.3.9'")
     assert not _in_flight(store, "1.2.3.9", settings)  # nothing for 5 minutes: broken off
     job = store.reprocess("1.2.3.9", priority=PRIORITY_RETROSPECTIVE)
-    store.record_result(job, "1.2.3.9", Result(study_instance_uid="1.2.3.9", status="needs_review"))
+    store.record_result(
+        job, "1.2.3.9", Result(study_instance_uid="1.2.3.9", status=Status.NEEDS_REVIEW)
+    )
     store.finish_job(job, "needs_review", reason="only one phase")
     store.set_retrospective_state("1.2.3.9", "move_failed", "aborted")
     model = ("mvi-fusion-resnet18", "1")
