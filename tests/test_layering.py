@@ -90,3 +90,62 @@ def test_the_import_walk_sees_node_imports(tmp_path: Path) -> None:
         "node.core",
         "node.store.database",
     ]
+
+
+def _imports_of(path: Path) -> list[tuple[int, str]]:
+    """Every absolute import of one file, as (line, module)."""
+    found: list[tuple[int, str]] = []
+    for item in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(item, ast.Import):
+            found += [(item.lineno, alias.name) for alias in item.names]
+        elif isinstance(item, ast.ImportFrom) and item.level == 0 and item.module:
+            found.append((item.lineno, item.module))
+    return found
+
+
+def _names_from_store(path: Path) -> list[tuple[int, str]]:
+    """Names one file imports from ``node.store.*``, as (line, name)."""
+    return [
+        (item.lineno, alias.name)
+        for item in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(item, ast.ImportFrom) and (item.module or "").startswith("node.store")
+        for alias in item.names
+    ]
+
+
+def test_only_the_store_runs_sql() -> None:
+    # The store owns its tables: a query elsewhere would bypass its named rows, its UTC type and
+    # its migrations.
+    from sqlalchemy import Table
+
+    import node.store.schema as schema
+
+    tables = {name for name, value in vars(schema).items() if isinstance(value, Table)}
+    assert {"studies", "jobs", "results", "outbox"} <= tables
+    outside = sorted(p for p in (ROOT / "node").rglob("*.py") if "store" not in p.parts)
+    assert outside
+    offending = [
+        f"{path.relative_to(ROOT)} line {line}: {module}"
+        for path in outside
+        for line, module in _imports_of(path)
+        if module.split(".")[0] in {"sqlalchemy", "alembic"}
+        or module in {"node.store.schema", "node.store.engine"}
+    ] + [
+        f"{path.relative_to(ROOT)} line {line}: the table {name}"
+        for path in outside
+        for line, name in _names_from_store(path)
+        if name in tables
+    ]
+    assert offending == []
+
+
+def test_sop_class_uids_are_spelled_only_in_core_dicom() -> None:
+    # One place per concept: every other module of node/ imports the UIDs from node.core.dicom.
+    spelled = [
+        f"{path.relative_to(ROOT)} line {number}"
+        for path in sorted((ROOT / "node").rglob("*.py"))
+        if path != ROOT / "node" / "core" / "dicom.py"
+        for number, text in enumerate(path.read_text().splitlines(), start=1)
+        if "1.2.840.10008.5.1.4." in text
+    ]
+    assert spelled == []
