@@ -16,6 +16,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import highdicom as hd
@@ -188,6 +189,15 @@ class AnalysisResult:
         ``k`` of the slice of the largest LOAT area, -1 when unknown.
     segmentation_source
         ``"unet"`` (automatic) or ``"supplied"`` (a SEG found in the study).
+    segmentation_algorithm
+        What made the masks, named as the measurements' algorithm: the segmenter's name and
+        version (``"mvi-seg-unet 3"``) or ``"manual SEG <series>"``; ``""`` when unknown.
+    checks
+        One line per quality gate of the analysis, passed or not, with its figures
+        (``"registration: passed (metric -0.71, body overlap 0.98)"``); the SR and SC show them.
+    notes
+        Further lines the reader must see, e.g. ``"Supplied segmentation not used: series 7
+        (LIVER SEG): no LOAT segment"``.
     """
 
     status: Status | str
@@ -206,6 +216,9 @@ class AnalysisResult:
     diameter_endpoints: tuple[_Point, _Point] | None = None
     loat_area_slice: int = -1
     segmentation_source: str = "unet"
+    segmentation_algorithm: str = ""
+    checks: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         statuses = tuple(Status)
@@ -265,7 +278,8 @@ class ResultUIDs:
     Keep it with the analysis (outbox): a resend after a crash must reuse the same UIDs.
     ``predecessor_sr`` is a reference (Study/Series/SOP Class/SOP Instance UID) to the SR a
     superseding analysis replaces; :func:`dicom_sr.sr.build_sr` names it in the Predecessor
-    Documents Sequence.
+    Documents Sequence. ``analysis_time`` (UTC) is when the analysis ran: the objects' content
+    date/time and their series description carry it, so a re-analysis can be told apart.
     """
 
     seg_series_uid: str
@@ -281,6 +295,7 @@ class ResultUIDs:
     sr_series_number: int = SR_SERIES_NUMBER
     sc_series_number: int = SC_SERIES_NUMBER
     predecessor_sr: Dataset | None = field(default=None, compare=False)
+    analysis_time: datetime = field(default_factory=lambda: datetime.now(UTC), compare=False)
 
 
 def allocate_uids(

@@ -96,6 +96,12 @@ class Masks:
         Connected tumour components found before the largest one was kept (0: no tumour).
     source
         ``"unet"`` or ``"supplied"``.
+    stomach, aorta
+        uint8 masks of the stomach and the aorta, where the segmenter has those labels (the
+        quality gates use them); ``None`` for a supplied SEG or an older segmenter.
+    uncertainty
+        The segmenter's mean normalised softmax entropy (0 = certain, 1 = uniform) over the
+        voxels it labelled as foreground; ``None`` for a supplied SEG.
     """
 
     liver: UInt8Volume
@@ -103,6 +109,9 @@ class Masks:
     loat: UInt8Volume
     tumor_components: int
     source: str
+    stomach: UInt8Volume | None = None
+    aorta: UInt8Volume | None = None
+    uncertainty: float | None = None
 
 
 def postprocess(labels: npt.NDArray[Any], arterial_hu: npt.NDArray[Any], source: str) -> Masks:
