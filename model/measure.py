@@ -221,6 +221,16 @@ def _components(mask: _Bool) -> tuple[sitk.Image, int]:
     return labels, count
 
 
+def component_sizes(mask: npt.ArrayLike) -> tuple[int, ...]:
+    """Voxel counts of the 26-connected components of a 3-D mask, largest first."""
+    array = _as_mask(mask, 3, "mask")
+    if not array.any():
+        return ()
+    labels, _ = _components(array)
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel())[1:]
+    return tuple(int(c) for c in counts if c > 0)
+
+
 def largest_component(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.uint8], int]:
     """The largest 26-connected component of a 3-D mask.
 

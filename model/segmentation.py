@@ -29,7 +29,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import BasicUNet, UNet
 
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.measure import largest_component
+from model.measure import component_sizes, largest_component
 from model.registration import resample_onto, working_grid
 
 __all__ = [
@@ -99,6 +99,9 @@ class Masks:
     stomach, aorta
         uint8 masks of the stomach and the aorta, where the segmenter has those labels (the
         quality gates use them); ``None`` for a supplied SEG or an older segmenter.
+    tumor_component_voxels
+        Voxel counts of every tumour component, largest first (the others are dropped from
+        ``tumor`` and stay ``liver``): the gates judge the number and size of the others.
     uncertainty
         The segmenter's mean normalised softmax entropy (0 = certain, 1 = uniform) over the
         voxels it labelled as foreground; ``None`` for a supplied SEG.
@@ -111,6 +114,7 @@ class Masks:
     source: str
     stomach: UInt8Volume | None = None
     aorta: UInt8Volume | None = None
+    tumor_component_voxels: tuple[int, ...] = ()
     uncertainty: float | None = None
 
 
@@ -139,7 +143,8 @@ def postprocess(labels: npt.NDArray[Any], arterial_hu: npt.NDArray[Any], source:
         raise ValueError(
             f"labels {labels.shape} and arterial_hu {hu.shape} must be 3-D of the same shape"
         )
-    tumor, components = largest_component(labels == LABELS["tumor"])
+    all_tumor = labels == LABELS["tumor"]
+    tumor, components = largest_component(all_tumor)
     liver = (labels == LABELS["liver"]) | (labels == LABELS["tumor"])
     low, high = FAT_HU
     loat = (labels == LABELS["loat"]) & (hu >= low) & (hu <= high)
@@ -149,6 +154,7 @@ def postprocess(labels: npt.NDArray[Any], arterial_hu: npt.NDArray[Any], source:
         loat=loat.astype(np.uint8),
         tumor_components=components,
         source=source,
+        tumor_component_voxels=component_sizes(all_tumor),
     )
 
 

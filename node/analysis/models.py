@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node.core.errors import ConfigurationError
 from node.core.settings import Settings
@@ -93,6 +93,24 @@ class Models:
                 segmenter_dir(self.settings), device=self.device
             )
         return self._segmenter
+
+    def segmenter_card(self) -> dict[str, Any] | None:
+        """The segmenter's model card (training range, uncertainty limit); ``None`` without one.
+
+        The gates read it for a supplied SEG too, when the network itself is not needed: the
+        card is then read from its file, without loading the weights.
+        """
+        if self._segmenter is not None:
+            return dict(self._segmenter.card)
+        import json
+
+        from model.checkpoint import CARD_NAME
+
+        try:
+            card = json.loads((segmenter_dir(self.settings) / CARD_NAME).read_text())
+        except (ModelUnavailable, OSError, ValueError):
+            return None
+        return card if isinstance(card, dict) else None
 
     def fusion(self) -> FusionModel:
         """The MVI model (:class:`model.inference.FusionModel`)."""

@@ -30,18 +30,30 @@ from pydicom.dataset import Dataset
 from dicom_sr.common import AlgorithmInfo, AnalysisResult
 from dicom_sr.enum import RiskCategory, Status
 from node import MANUFACTURER, MODEL_NAME, __version__
+from node.analysis import gates as quality
 from node.analysis import stages
 from node.analysis.dicomio import SeriesFiles
 from node.analysis.models import Models
-from node.analysis.result import Loat, ModelInfo, Phases, Result, Segmentation, Tumor, to_json
+from node.analysis.result import (
+    Gate,
+    Loat,
+    ModelInfo,
+    Phases,
+    RejectedSeg,
+    Result,
+    Segmentation,
+    Tumor,
+    to_json,
+)
 from node.analysis.stages import Rois
 from node.core.logging import get_logger, study_key
-from node.core.settings import Settings
+from node.core.settings import GatesSection, Settings
 
 if TYPE_CHECKING:
     from model.inference import Prediction
     from model.measure import Measurements
     from model.segmentation import Masks
+    from node.analysis.supplied_seg import SegmentationChoice
 
 log = get_logger("node.analysis.pipeline")
 
@@ -87,6 +99,7 @@ class _Draft:
     tumor: Tumor | None = None
     loat: Loat | None = None
     segmentation: Segmentation | None = None
+    gates: list[Gate] = field(default_factory=list)
 
 
 def algorithm_info(settings: Settings, card: Mapping[str, Any] | None) -> AlgorithmInfo:
@@ -149,6 +162,7 @@ class _Context:
             loat=draft.loat,
             model=model,
             segmentation=draft.segmentation,
+            gates=list(draft.gates),
         )
         if prediction is not None:
             result.mvi_probability = round(prediction.mvi_probability, 4)
@@ -311,13 +325,20 @@ def prepare_study(
     if arterial_uid not in series or portal_uid not in series:
         return finish(draft, Status.NEEDS_REVIEW, "the forced series are not in the study", None)
 
+    limits = settings.gates
     with timer.stage("load"):
         arterial = stages.load(series, arterial_uid)
         portal = stages.load(series, portal_uid)
+    geometry = quality.check_geometry(limits, {"arterial": arterial, "portal_venous": portal})
+    if limits.enabled and geometry.passed is False:
+        draft.gates.append(geometry)
+        return finish(draft, Status.NEEDS_REVIEW, quality.failed_reason(draft.gates), arterial_uid)
     with timer.stage("register"):
         try:
             registered = stages.register(arterial, portal, working_spacing_mm=working)
         except RegistrationError as exc:
+            if limits.enabled:
+                draft.gates += [geometry, quality.registration_failed(str(exc))]
             return finish(draft, Status.NEEDS_REVIEW, f"registration failed: {exc}", arterial_uid)
     draft.phases.registration_shift_mm = registered.shift_mm
 
@@ -333,10 +354,22 @@ def prepare_study(
             own_series_uids=own_series_uids,
         )
     masks = choice.masks
+    card = models.segmenter_card()
     draft.segmentation = Segmentation(
         source=masks.source,
         supplied_seg=choice.supplied.sop_instance_uid if choice.supplied else None,
         rejected_segs=len(choice.rejected),
+        rejected=[
+            RejectedSeg(
+                series_uid=r.series_uid,
+                series_number=r.series_number,
+                series_description=r.series_description,
+                label=r.label,
+                reason=r.reason,
+            )
+            for r in choice.rejected
+        ],
+        algorithm=_segmentation_algorithm(choice, card),
     )
 
     with timer.stage("measure"):
@@ -353,6 +386,20 @@ def prepare_study(
         volume_ml=round(measured.loat_volume_ml, 3),
         area_slice=measured.loat_area_slice,
     )
+    if limits.enabled:
+        with timer.stage("gates"):
+            draft.gates += _stage_gates(limits, geometry, registered, arterial, masks, card)
+        reason = quality.failed_reason(draft.gates)
+        if reason is not None:
+            return finish(
+                draft,
+                Status.NEEDS_REVIEW,
+                reason,
+                arterial_uid,
+                arterial=arterial,
+                masks=masks,
+                measured=measured,
+            )
     if masks.tumor.sum() == 0:
         return finish(
             draft,
@@ -365,6 +412,19 @@ def prepare_study(
         )
 
     fusion = models.fusion()
+    if limits.enabled:
+        roi_gate = quality.check_roi(limits, masks, stages.spacing_of(arterial), fusion.spec)
+        draft.gates.append(roi_gate)
+        if roi_gate.passed is False:
+            return finish(
+                draft,
+                Status.NEEDS_REVIEW,
+                quality.failed_reason(draft.gates),
+                arterial_uid,
+                arterial=arterial,
+                masks=masks,
+                measured=measured,
+            )
     with timer.stage("roi"):
         try:
             cut = stages.rois(arterial, registered, masks, fusion.spec)
@@ -388,6 +448,40 @@ def prepare_study(
         masks=masks,
         context=context,
     )
+
+
+def _stage_gates(
+    limits: GatesSection,
+    geometry: Gate,
+    registered: stages.Registered,
+    arterial: sitk.Image,
+    masks: Masks,
+    card: Mapping[str, Any] | None,
+) -> list[Gate]:
+    """The gates judged once the study is segmented: input, registration, masks, intensity."""
+    spacing = stages.spacing_of(arterial)
+    arterial_hu = sitk.GetArrayViewFromImage(arterial)
+    portal_hu = sitk.GetArrayViewFromImage(registered.portal_venous_on_arterial)
+    gates = [
+        quality.check_input(geometry, limits, masks),
+        quality.check_registration(
+            limits, registered, arterial_hu, portal_hu, masks.liver, spacing
+        ),
+    ]
+    if masks.tumor.any():
+        gates.append(quality.check_segmentation(limits, masks, spacing, card))
+    gates.append(quality.check_intensity(limits, arterial_hu, portal_hu, masks, card))
+    return gates
+
+
+def _segmentation_algorithm(choice: SegmentationChoice, card: Mapping[str, Any] | None) -> str:
+    """What made the masks, as the measurements name their algorithm."""
+    if choice.supplied is not None:
+        from node.analysis.supplied_seg import seg_label
+
+        return f"manual SEG {seg_label(choice.supplied.path)}"
+    card = card or {}
+    return f"{card.get('name') or 'segmenter'} {card.get('version') or ''}".strip()
 
 
 def _model_card(models: Models) -> dict[str, Any] | None:
@@ -486,6 +580,12 @@ def _analysis_result(
         diameter_endpoints=measured.diameter_endpoints if measured is not None and scored else None,
         loat_area_slice=measured.loat_area_slice if measured is not None else -1,
         segmentation_source=masks.source if masks is not None else "unet",
+        segmentation_algorithm=result.segmentation.algorithm if result.segmentation else "",
+        checks=tuple(gate.text for gate in result.gates),
+        notes=tuple(
+            f"Supplied segmentation not used: {r.label}: {r.reason}"
+            for r in (result.segmentation.rejected if result.segmentation else [])
+        ),
     )
 
 

@@ -4,13 +4,15 @@ The pipeline builds a :class:`Result`, the worker records it (the store keeps it
 :func:`to_json` at the store boundary, :func:`Result.model_validate` when reading), and export,
 re-query, metrics, the command line and the demo read its typed fields. The JSON keeps the keys
 and values it always had, plus :attr:`Result.schema_version`; a file written before that field
-existed reads as version 1 (the same shape). ``docs/result.schema.json`` is generated from this
-model (:func:`json_schema`); a test keeps the two equal.
+existed reads as version 1 (the same shape); version 2 added ``gates`` and
+``segmentation.rejected``, which read as empty from an older file. ``docs/result.schema.json``
+is generated from this model (:func:`json_schema`); a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 from pydantic import (
@@ -26,9 +28,12 @@ from dicom_sr.enum import RiskCategory, Status
 __all__ = [
     "SCHEMA_VERSION",
     "Device",
+    "Gate",
+    "GateName",
     "Loat",
     "ModelInfo",
     "Phases",
+    "RejectedSeg",
     "Result",
     "Segmentation",
     "Tumor",
@@ -36,8 +41,9 @@ __all__ = [
     "to_json",
 ]
 
-#: Version of the ``result.json`` layout written now.
-SCHEMA_VERSION = 1
+#: Version of the ``result.json`` layout written now (2: ``gates`` and
+#: ``segmentation.rejected`` added; a version-1 file reads with both empty).
+SCHEMA_VERSION = 2
 
 
 class _Part(BaseModel):
@@ -60,6 +66,16 @@ class Phases(_Part):
     )
 
 
+class RejectedSeg(_Part):
+    """A SEG of the study that was not used as the supplied segmentation, and why."""
+
+    series_uid: str | None = Field(description="SeriesInstanceUID of the SEG (null: unreadable).")
+    series_number: int | None = Field(default=None, description="Its SeriesNumber.")
+    series_description: str = Field(default="", description="Its SeriesDescription.")
+    label: str = Field(description='How a reader finds it, e.g. "series 7 (LIVER SEG)".')
+    reason: str = Field(description="Why it was not used.")
+
+
 class Segmentation(_Part):
     """Where the masks came from."""
 
@@ -68,6 +84,57 @@ class Segmentation(_Part):
     )
     supplied_seg: str | None = Field(description="SOPInstanceUID of the supplied SEG used.")
     rejected_segs: int = Field(description="Candidate SEGs of the study that were not used.")
+    rejected: list[RejectedSeg] = Field(
+        default_factory=list, description="Each SEG not used, with its reason."
+    )
+    algorithm: str = Field(
+        default="",
+        description='What made the masks: the segmenter\'s name and version, or "manual SEG …".',
+    )
+
+
+class GateName(StrEnum):
+    """The quality checks between the stages, in the order they run."""
+
+    INPUT = "input"
+    REGISTRATION = "registration"
+    SEGMENTATION = "segmentation"
+    INTENSITY = "intensity"
+    ROI = "roi"
+
+
+class Gate(_Part):
+    """The outcome of one quality check: passed, failed (with its reason) or not run."""
+
+    name: GateName = Field(description="Which check.")
+    passed: bool | None = Field(description="true passed, false failed, null not run.")
+    reason: str | None = Field(
+        default=None, description="Why it failed, or why it was not run; null when it passed."
+    )
+    figures: dict[str, float | int | str | list[float] | None] = Field(
+        default_factory=dict, description="What was measured (units in the key names)."
+    )
+    limits: dict[str, float | int | list[float] | None] = Field(
+        default_factory=dict, description="The limits applied (units in the key names)."
+    )
+
+    @property
+    def text(self) -> str:
+        """One line for the SR, the SC and `studies list`."""
+        shown = ", ".join(f"{k} {_show(v)}" for k, v in self.figures.items() if v is not None)
+        if self.passed is None:
+            return f"{self.name}: not checked — {self.reason}"
+        if self.passed:
+            return f"{self.name}: passed ({shown})" if shown else f"{self.name}: passed"
+        return f"{self.name}: FAILED — {self.reason}"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
 
 
 class Tumor(_Part):
@@ -154,6 +221,10 @@ class Result(_Part):
     model: ModelInfo | None = Field(default=None, description="The MVI model.")
     segmentation: Segmentation | None = Field(
         default=None, description="Where the masks came from."
+    )
+    gates: list[Gate] = Field(
+        default_factory=list,
+        description="The quality checks that ran (or could not), in order, with their figures.",
     )
     timings_s: dict[str, float] = Field(
         default_factory=dict, description="Seconds per stage (pair, load, register, …)."

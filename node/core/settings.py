@@ -216,6 +216,34 @@ class PipelineSection(_Section):
         return value
 
 
+class GatesSection(_Section):
+    """``[gates]``: limits of the quality checks between the stages (:mod:`node.analysis.gates`).
+
+    A study that fails a check ends ``needs_review`` with the check's name and figures; it gets
+    no MVI probability or risk category.
+    """
+
+    enabled: bool = True
+    min_slices: int = Field(default=16, ge=2)
+    max_tilt_deg: float = Field(default=20.0, ge=0.0, le=90.0)
+    max_liver_cut_fraction: float = Field(default=0.35, ge=0.0, le=1.0)
+    registration_max_metric: float = Field(default=-0.15, le=0.0)
+    registration_min_overlap: float = Field(default=0.9, ge=0.0, le=1.0)
+    registration_max_residual_mm: float = Field(default=4.0, gt=0.0)
+    max_tumor_components: int = Field(default=3, ge=1)
+    min_component_ml: float = Field(default=0.1, ge=0.0)
+    max_satellite_fraction: float = Field(default=0.5, ge=0.0)
+    min_tumor_volume_ml: float = Field(default=0.5, ge=0.0)
+    min_liver_contact: float = Field(default=0.5, ge=0.0, le=1.0)
+    volume_range_factor: float = Field(default=1.5, ge=1.0)
+    max_loat_distance_mm: float = Field(default=15.0, gt=0.0)
+    uncertainty_limit: float | None = Field(default=None, gt=0.0, le=1.0)
+    hu_margin: float = Field(default=30.0, ge=0.0)
+    max_roi_outside_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    _none = field_validator("uncertainty_limit", mode="before")(_empty_to_none)
+
+
 class ResultsSection(_Section):
     """``[results]``: what the node sends back and where."""
 
@@ -224,6 +252,7 @@ class ResultsSection(_Section):
     sr_sop_class: Literal["comprehensive", "comprehensive3d"] = "comprehensive"
     disclaimer: str = "For research use only. Not for diagnostic use."
     notify_failures: bool = True
+    send_rejection_notes: bool = False
 
     @field_validator("formats")
     @classmethod
@@ -307,6 +336,7 @@ class Settings(BaseSettings):
     completion: CompletionSection = CompletionSection()
     phases: PhasesSection = PhasesSection()
     pipeline: PipelineSection = PipelineSection()
+    gates: GatesSection = GatesSection()
     results: ResultsSection = ResultsSection()
     outbox: OutboxSection = OutboxSection()
     requery: RequerySection = RequerySection()

@@ -74,6 +74,8 @@ class CohortOptions:
     dates: tuple[dt.date, dt.date] | None = None
     non_liver: bool = False
     enhanced: bool = False
+    #: Applied to each rendered study before it is written (benchmarks' shifted cohorts).
+    transform: Callable[[PhantomStudy, int], PhantomStudy] | None = None
 
     def spec(self) -> PhantomSpec:
         """The anatomy generator's parameters for one study."""
@@ -218,6 +220,8 @@ def write_study(
     """
     seed = study_seed(options.seed, index)
     phantom = make_study(seed, options.spec())
+    if options.transform is not None:
+        phantom = options.transform(phantom, index)
     rng = np.random.default_rng([seed, 1])  # identifiers and tags: separate from the anatomy
     date = _study_date(options, index, rng)
     study = _study_header(seed, index, rng, date)

@@ -1,0 +1,243 @@
+"""The figures the node's quality gates judge: geometry, registration residual, masks, HU.
+
+Each function measures one thing on arrays or images the pipeline already has and returns a
+number (or a small named tuple); the limits and the verdicts live with the gates
+(:mod:`node.analysis.gates`), so a site can change a limit without touching a measurement.
+Arrays are ``[k, j, i]`` on the arterial grid; spacings are ``(x, y, z)`` mm.
+
+Nothing here imports :mod:`node` or reads settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+__all__ = [
+    "Geometry",
+    "geometry",
+    "liver_contact",
+    "liver_cut_fraction",
+    "mean_hu",
+    "median_distance_mm",
+    "residual_shift_mm",
+    "roi_outside_fraction",
+]
+
+# Gradients below this (HU/mm) are noise: they would dominate the residual's correlation.
+_GRADIENT_FLOOR = 5.0
+# Context around the region where the residual shift is measured.
+_RESIDUAL_MARGIN_MM = 10.0
+
+
+class Geometry(NamedTuple):
+    """How a series is sampled: its slice count and the tilt of its slices."""
+
+    slices: int
+    tilt_deg: float
+    """Angle between the slice normal and the patient's head-feet axis (0: axial)."""
+
+
+def geometry(image: sitk.Image) -> Geometry:
+    """The slice count and the tilt of the slice normal from the patient axis S."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    normal = direction[:, 2]
+    cosine = abs(float(normal[2])) / max(float(np.linalg.norm(normal)), 1e-12)
+    tilt = math.degrees(math.acos(min(1.0, cosine)))
+    return Geometry(slices=int(image.GetSize()[2]), tilt_deg=round(tilt, 1))
+
+
+def mean_hu(volume: npt.NDArray[Any], mask: npt.NDArray[Any]) -> float | None:
+    """Mean of ``volume`` inside ``mask``; ``None`` for an empty mask."""
+    inside = np.asarray(mask) > 0
+    if not inside.any():
+        return None
+    return float(np.asarray(volume, dtype=np.float64)[inside].mean())
+
+
+def liver_cut_fraction(liver: npt.NDArray[Any]) -> float:
+    """How much of the liver the field of view cuts off: 0 for a liver seen whole.
+
+    The largest liver cross-section lying on the volume's border (its first or last slice, or
+    the first or last row or column of any slice), relative to the liver's largest axial
+    cross-section. A liver that ends inside the scanned range has none on the border.
+    """
+    mask = np.asarray(liver) > 0
+    areas = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    largest = int(areas.max()) if areas.size else 0
+    if largest == 0:
+        return 0.0
+    on_border = max(
+        int(areas[0]),
+        int(areas[-1]),
+        int(np.count_nonzero(mask[:, 0, :])),
+        int(np.count_nonzero(mask[:, -1, :])),
+        int(np.count_nonzero(mask[:, :, 0])),
+        int(np.count_nonzero(mask[:, :, -1])),
+    )
+    return round(on_border / largest, 3)
+
+
+def _box(mask: npt.NDArray[np.bool_], margin: Sequence[int]) -> tuple[slice, slice, slice]:
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        low = max(int(present[0]) - margin[axis], 0)
+        high = min(int(present[-1]) + margin[axis] + 1, mask.shape[axis])
+        box.append(slice(low, high))
+    return box[0], box[1], box[2]
+
+
+def liver_contact(tumor: npt.NDArray[Any], liver: npt.NDArray[Any]) -> float | None:
+    """Fraction of the tumor's outer surface that touches liver parenchyma.
+
+    The voxels face-adjacent to the tumor and outside it are counted; the share of them that
+    are liver (and not tumor) is returned. A hepatic tumor is wrapped in liver (near 1; an
+    exophytic one less); a "tumor" the segmenter put into the stomach or the bowel touches no
+    liver (near 0). ``None`` without tumor.
+    """
+    t = np.asarray(tumor) > 0
+    if not t.any():
+        return None
+    box = _box(t, (1, 1, 1))
+    t = np.pad(t[box], 1)
+    parenchyma = np.pad((np.asarray(liver) > 0)[box], 1) & ~t
+    shell = np.zeros_like(t)
+    for axis in range(3):
+        for step in (1, -1):
+            shell |= np.roll(t, step, axis=axis)
+    shell &= ~t
+    total = int(np.count_nonzero(shell))
+    return round(int(np.count_nonzero(shell & parenchyma)) / total, 3) if total else None
+
+
+def median_distance_mm(
+    source: npt.NDArray[Any], target: npt.NDArray[Any], spacing_mm: Sequence[float]
+) -> float | None:
+    """Median distance (mm) from the voxels of ``source`` to the nearest voxel of ``target``.
+
+    ``None`` when either mask is empty.
+    """
+    s = np.asarray(source) > 0
+    t = np.asarray(target) > 0
+    if not s.any() or not t.any():
+        return None
+    image = sitk.GetImageFromArray(t.astype(np.uint8))
+    image.SetSpacing(tuple(float(v) for v in spacing_mm))
+    distance = sitk.SignedMaurerDistanceMap(
+        image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    values = sitk.GetArrayViewFromImage(distance)[s]
+    return round(float(np.median(np.clip(values, 0.0, None))), 2)
+
+
+def _gradient(volume: npt.NDArray[Any], spacing_kji: Sequence[float]) -> npt.NDArray[np.float32]:
+    parts = np.gradient(np.asarray(volume, dtype=np.float32), *spacing_kji)
+    magnitude = np.sqrt(sum(p * p for p in parts)).astype(np.float32)
+    magnitude[magnitude < _GRADIENT_FLOOR] = 0.0
+    return magnitude
+
+
+def _ncc(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
+
+
+def residual_shift_mm(
+    fixed: npt.NDArray[Any],
+    moving_on_fixed: npt.NDArray[Any],
+    region: npt.NDArray[Any],
+    spacing_mm: Sequence[float],
+    search_mm: float = 15.0,
+) -> tuple[float, float, float] | None:
+    """The misalignment left after registration, ``(x, y, z)`` mm, measured around ``region``.
+
+    Edges (gradient magnitude) of the two phases are compared, because enhancement differs
+    between phases while organ borders stay: along each axis in turn, the moving volume is
+    shifted by whole voxels up to ``search_mm`` and the shift of best normalised correlation
+    with the fixed volume is kept, refined to a fraction of a voxel by a parabola. A good
+    registration leaves about zero; a liver left a centimetre off shows as ten millimetres.
+    ``None`` when the region is empty.
+    """
+    mask = np.asarray(region) > 0
+    if not mask.any():
+        return None
+    sx, sy, sz = (float(v) for v in spacing_mm)
+    spacing_kji = (sz, sy, sx)
+    reach = [max(1, math.ceil(search_mm / s)) for s in spacing_kji]
+    margin = [math.ceil(_RESIDUAL_MARGIN_MM / s) for s in spacing_kji]
+    box = _box(mask, [m + r for m, r in zip(margin, reach, strict=True)])
+    fixed_edges = _gradient(np.asarray(fixed)[box], spacing_kji)
+    moving_edges = _gradient(np.asarray(moving_on_fixed)[box], spacing_kji)
+    shape = fixed_edges.shape
+    # The compared window leaves the search reach out on every side, so every shift sees voxels.
+    r = [min(reach[a], max((shape[a] - 1) // 3, 0)) for a in range(3)]
+    reference = fixed_edges[tuple(slice(r[a], shape[a] - r[a]) for a in range(3))]
+
+    def score(offset: Sequence[int]) -> float:
+        window = tuple(slice(r[a] + offset[a], shape[a] - r[a] + offset[a]) for a in range(3))
+        return _ncc(reference, moving_edges[window])
+
+    # Coordinate descent, twice round the axes: a shift along one axis would mislead a search
+    # along another made on its own.
+    offset = [0, 0, 0]
+    for _ in range(2):
+        for axis in range(3):
+            if r[axis] == 0:
+                continue
+            scores = []
+            for step in range(-r[axis], r[axis] + 1):
+                trial = list(offset)
+                trial[axis] = step
+                scores.append(score(trial))
+            offset[axis] = int(np.argmax(scores)) - r[axis]
+    shift: list[float] = []
+    for axis in range(3):
+        value = float(offset[axis])
+        if -r[axis] < offset[axis] < r[axis]:
+            around = []
+            for step in (-1, 0, 1):
+                trial = list(offset)
+                trial[axis] += step
+                around.append(score(trial))
+            left, centre, right = around
+            curvature = left - 2.0 * centre + right
+            if curvature < 0:
+                value += 0.5 * (left - right) / curvature
+        shift.append(value * spacing_kji[axis])
+    z, y, x = shift
+    return round(x, 2), round(y, 2), round(z, 2)
+
+
+def roi_outside_fraction(
+    mask: npt.NDArray[Any], spacing_mm: Sequence[float], margin_mm: float, slices: int
+) -> float | None:
+    """Share of a branch's ROI (:func:`model.roi.extract_branch`) that falls outside the volume.
+
+    The in-plane crop box around the mask's key slice (plus the margin) and the ``slices``
+    slices around it: the fraction of that block lying beyond the image (filled with air or
+    repeated edge slices by the cut). ``None`` for an empty mask.
+    """
+    from model.roi import crop_box, key_slice
+
+    array = np.asarray(mask)
+    k = key_slice(array)
+    if k < 0:
+        return None
+    r0, r1, c0, c1 = crop_box(array[k] != 0, spacing_mm[:2], margin_mm)
+    _, rows, cols = array.shape
+    inside_rows = max(0, min(r1, rows) - max(r0, 0))
+    inside_cols = max(0, min(c1, cols) - max(c0, 0))
+    half = slices // 2
+    inside_slices = sum(1 for d in range(-half, half + 1) if 0 <= k + d < array.shape[0])
+    total = (r1 - r0) * (c1 - c0) * (2 * half + 1)
+    inside = inside_rows * inside_cols * inside_slices
+    return round(1.0 - inside / total, 3) if total else None

@@ -1,0 +1,100 @@
+"""model.quality: the figures the quality gates judge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from model.quality import (
+    geometry,
+    liver_contact,
+    liver_cut_fraction,
+    mean_hu,
+    median_distance_mm,
+    residual_shift_mm,
+    roi_outside_fraction,
+)
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float):
+    k, j, i = np.indices(shape)
+    return (
+        (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
+    ).astype(np.uint8)
+
+
+def test_geometry_counts_slices_and_measures_tilt_from_axial() -> None:
+    axial = sitk.Image(32, 32, 12, sitk.sitkFloat32)
+    assert geometry(axial) == (12, 0.0)
+    sagittal = sitk.Image(32, 32, 40, sitk.sitkFloat32)
+    # Rows along y, columns along z, slices stacked along x: a sagittal reconstruction.
+    sagittal.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    assert geometry(sagittal).tilt_deg == pytest.approx(90.0)
+
+
+def test_mean_hu_is_none_for_an_empty_mask() -> None:
+    volume = np.arange(27, dtype=float).reshape(3, 3, 3)
+    mask = np.zeros((3, 3, 3), np.uint8)
+    assert mean_hu(volume, mask) is None
+    mask[1, 1, 1] = 1
+    mask[2, 2, 2] = 1
+    assert mean_hu(volume, mask) == pytest.approx((13 + 26) / 2)
+
+
+def test_a_liver_inside_the_scan_is_not_cut_and_one_ending_at_the_top_slice_is() -> None:
+    whole = _ball((30, 40, 40), (15, 20, 20), 10)
+    assert liver_cut_fraction(whole) == 0.0
+    cut = whole[10:]  # the scan starts inside the liver: slice 0 crosses it near its middle
+    assert liver_cut_fraction(cut) > 0.7
+
+
+def test_a_tumor_inside_the_liver_touches_liver_and_one_outside_does_not() -> None:
+    liver = _ball((30, 60, 60), (15, 30, 30), 12)
+    inside = _ball((30, 60, 60), (15, 30, 30), 4)
+    outside = _ball((30, 60, 60), (15, 30, 52), 4)
+    assert liver_contact(inside, liver | inside) == 1.0
+    assert liver_contact(outside, liver | outside) == 0.0
+    assert liver_contact(np.zeros_like(liver), liver) is None
+
+
+def test_median_distance_is_measured_in_millimetres() -> None:
+    target = np.zeros((5, 5, 40), np.uint8)
+    target[:, :, 0] = 1
+    source = np.zeros_like(target)
+    source[2, 2, 10] = 1
+    assert median_distance_mm(source, target, (2.0, 1.0, 1.0)) == pytest.approx(20.0)
+    assert median_distance_mm(source, np.zeros_like(target), (1.0, 1.0, 1.0)) is None
+
+
+def _textured(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray(rng.standard_normal(shape).astype(np.float32))
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, 2.0))
+    return (smooth / smooth.std() * 80.0 + 60.0).astype(np.float32)
+
+
+def test_residual_shift_is_zero_for_aligned_phases_and_finds_a_left_over_shift() -> None:
+    fixed = _textured((40, 64, 64))
+    region = np.zeros(fixed.shape, np.uint8)
+    region[12:28, 20:44, 20:44] = 1
+    spacing = (1.5, 1.5, 2.5)  # x, y, z
+    aligned = residual_shift_mm(fixed, fixed * 1.3 + 20.0, region, spacing)
+    assert aligned is not None
+    assert np.linalg.norm(aligned) < 0.5
+    moved = np.roll(fixed, 4, axis=2)  # 4 columns = 6 mm along x
+    shift = residual_shift_mm(fixed, moved, region, spacing)
+    assert shift is not None
+    assert abs(shift[0]) == pytest.approx(6.0, abs=0.8)
+    assert abs(shift[1]) < 0.8 and abs(shift[2]) < 0.8
+
+
+def test_roi_outside_fraction_grows_as_the_mask_nears_the_edge() -> None:
+    central = np.zeros((9, 64, 64), np.uint8)
+    central[4, 28:36, 28:36] = 1
+    assert roi_outside_fraction(central, (1.0, 1.0, 1.0), 10.0, 3) == 0.0
+    edge = np.zeros_like(central)
+    edge[0, 0:8, 28:36] = 1  # first slice, top rows: crop reaches above and below the volume
+    fraction = roi_outside_fraction(edge, (1.0, 1.0, 1.0), 10.0, 3)
+    assert fraction is not None and fraction > 0.4
+    assert roi_outside_fraction(np.zeros_like(central), (1.0, 1.0, 1.0), 10.0, 3) is None
