@@ -153,6 +153,7 @@ def segment(
         label_patterns=pipeline.supplied_seg_labels.model_dump(),
         own_series_uids=own_series_uids,
         automatic=segmenter,
+        accept_single_fat=pipeline.supplied_seg_accept_single_fat,
     )
 
 

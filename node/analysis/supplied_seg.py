@@ -6,17 +6,20 @@ when
 
 - the node did not write it ("Own outputs are never input": its series is not one the node
   recorded, and neither its Manufacturer nor its ManufacturerModelName is the node's),
-- it references the arterial or the portal-venous series (ReferencedSeriesSequence, or else the
-  source images its frames were derived from),
+- it belongs to the study of the arterial series, and references the arterial or the
+  portal-venous series (ReferencedSeriesSequence, or else the source images its frames were
+  derived from),
 - its segments map to a tumor *and* a LOAT segment, by SegmentedPropertyTypeCodeSequence or else
-  by the configured label patterns,
+  by the configured label patterns (or, with ``pipeline.supplied_seg_accept_single_fat``, its one
+  fat segment beside one neoplasm is taken as the LOAT),
 - the SegmentAlgorithmType of every segment it maps to tumor and LOAT is allowed,
 - its frames can be placed in patient space (plane positions and a shared orientation).
 
 :func:`find_supplied_segs` reads headers only and never raises on a bad file: it returns the
-qualifying SEGs newest first and, beside them, every SEG (or unreadable file) it rejected with a
-reason the pipeline can log. :func:`supplied_masks` decodes one SEG's frames into binary masks
-on the arterial grid.
+qualifying SEGs newest first and, beside them, every SEG (or unreadable file) it rejected as a
+:class:`RejectedSeg`, which names the series as a reader knows it and says why. Every rejection
+is logged at INFO: a reader whose correction was not used must be able to find out why.
+:func:`supplied_masks` decodes one SEG's frames into binary masks on the arterial grid.
 
 Decisions:
 
@@ -26,6 +29,11 @@ Decisions:
 - **Several segments of one kind are united.** Two "Lesion" segments are two tumors;
   :attr:`SuppliedSeg.segment_groups` lists them all and :func:`supplied_masks` returns their
   union. :attr:`SuppliedSeg.segments` names the lowest-numbered one of each kind.
+- **A fat segment not labelled as the omentum's is not LOAT** — the body wall and the greater
+  omentum are fat too. Sites whose readers label the LOAT only as "fat" can set
+  ``pipeline.supplied_seg_accept_single_fat``: a SEG with exactly one neoplasm and exactly one
+  fat segment then qualifies, that fat segment being the LOAT. Two such fat segments are
+  rejected whatever the setting: nothing says which one is the LOAT.
 - **Liver is optional.** A liver segment is mapped when present and its algorithm type is
   allowed; a liver segment of another algorithm type is left out instead of rejecting the SEG,
   because a reader corrects the tumor and LOAT, not necessarily the liver.
@@ -68,6 +76,7 @@ from node.core.errors import InputError
 from node.core.logging import get_logger, uid_key
 
 __all__ = [
+    "RejectedSeg",
     "SuppliedSeg",
     "SuppliedSegError",
     "SuppliedSegSearch",
@@ -140,6 +149,12 @@ class SuppliedSeg:
         that kind.
     segment_groups
         Every segment number of each kind; :func:`supplied_masks` unites them.
+    series_number, series_description
+        The SEG's SeriesNumber (None when absent or not a number) and SeriesDescription (empty
+        when absent), to name it should it be rejected later (:class:`RejectedSeg`).
+    loat_is_single_fat
+        The LOAT is the SEG's one fat segment, not labelled as the omentum's, taken as the LOAT
+        because ``pipeline.supplied_seg_accept_single_fat`` is on.
     """
 
     path: Path
@@ -151,13 +166,57 @@ class SuppliedSeg:
     referenced_phase: str
     segments: dict[str, int]
     segment_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    series_number: int | None = None
+    series_description: str = ""
+    loat_is_single_fat: bool = False
+
+
+@dataclass(frozen=True)
+class RejectedSeg:
+    """A candidate SEG (or a file that could not be read, which may have been one) not used.
+
+    Attributes
+    ----------
+    path
+        The file.
+    series_uid, sop_instance_uid
+        The SEG's SeriesInstanceUID and SOPInstanceUID; None when the file could not be read or
+        lacks them.
+    series_number
+        SeriesNumber; None when absent, not a number, or the file could not be read.
+    series_description
+        SeriesDescription; empty when absent.
+    reason
+        Why it was not used, for the reader who made it. UIDs appear only as hash keys.
+    """
+
+    path: Path
+    series_uid: str | None
+    sop_instance_uid: str | None
+    series_number: int | None
+    series_description: str
+    reason: str
+
+    @property
+    def label(self) -> str:
+        """How a reader names it: ``series 7 (LIVER SEG CORRECTED)``, ``series 7``, or the file.
+
+        Only the series number and description, which the reader's viewer shows, or else the
+        file name; never a UID or a patient identifier.
+        """
+        if self.series_number is None:
+            return self.path.name
+        description = self.series_description.strip()
+        if description:
+            return f"series {self.series_number} ({description})"
+        return f"series {self.series_number}"
 
 
 class SuppliedSegSearch(NamedTuple):
     """What :func:`find_supplied_segs` found: qualifying SEGs newest first, and the rejects."""
 
     found: list[SuppliedSeg]
-    rejected: list[tuple[Path, str]]
+    rejected: list[RejectedSeg]
 
 
 class _Rejected(Exception):
@@ -177,6 +236,7 @@ def find_supplied_segs(
     allowed_algorithm_types: Sequence[str],
     label_patterns: Mapping[str, Sequence[str]],
     own_series_uids: Collection[str] = (),
+    accept_single_fat: bool = False,
 ) -> SuppliedSegSearch:
     """Find the SEGs among a study's files that qualify as supplied segmentations.
 
@@ -185,7 +245,8 @@ def find_supplied_segs(
     paths
         Candidate files of the study, any SOP class. Only headers are read; files that are not
         SEGs are ignored, files that cannot be read at all are reported as rejected (they may
-        have been SEGs).
+        have been SEGs). The study is the arterial series' (read from its files here); a SEG of
+        another study, or one that references only series outside it, is rejected.
     arterial_series_uid, portal_venous_series_uid
         The paired phases; a SEG must reference one of them.
     allowed_algorithm_types
@@ -196,13 +257,18 @@ def find_supplied_segs(
         SegmentLabel and SegmentDescription of segments whose coded type does not map.
     own_series_uids
         Series the node wrote; their SEGs never count.
+    accept_single_fat
+        ``pipeline.supplied_seg_accept_single_fat``: take the one fat segment of a SEG with
+        exactly one neoplasm and one fat segment as the LOAT, though nothing labels it as the
+        omentum's.
 
     Returns
     -------
     SuppliedSegSearch
         ``found``: qualifying SEGs, newest first (by :attr:`SuppliedSeg.created`, then path);
-        ``rejected``: ``(path, reason)`` for each SEG or unreadable file that was not used.
-        Reasons name UIDs only by their hash keys. Never raises for a bad file.
+        ``rejected``: a :class:`RejectedSeg` for each SEG or unreadable file that was not used,
+        each also logged at INFO. Reasons name UIDs only by their hash keys. Never raises for a
+        bad file.
     """
     allowed = {value.strip().upper() for value in allowed_algorithm_types}
     patterns = _compile_patterns(label_patterns)
@@ -210,9 +276,12 @@ def find_supplied_segs(
     phases = {arterial_series_uid: "arterial", portal_venous_series_uid: "portal_venous"}
 
     headers: list[tuple[Path, Dataset]] = []
-    rejected: list[tuple[Path, str]] = []
+    rejected: list[RejectedSeg] = []
     # SOP Instance UID -> series, to resolve SEGs that reference their sources only by instance.
     instance_series: dict[str, str] = {}
+    # Series -> study of the images among the files: which study is the arterial series', and
+    # which series are in it.
+    series_study: dict[str, str] = {}
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -222,17 +291,27 @@ def find_supplied_segs(
                 ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or ""
             )
         except (InvalidDicomError, OSError, EOFError, ValueError, struct.error, KeyError) as exc:
-            rejected.append((Path(path), f"unreadable DICOM file ({type(exc).__name__})"))
+            rejected.append(
+                _rejected(Path(path), None, f"unreadable DICOM file ({type(exc).__name__})")
+            )
             continue
         if not sop_class:
-            rejected.append((Path(path), "unreadable DICOM file (no SOP Class UID)"))
+            rejected.append(_rejected(Path(path), ds, "unreadable DICOM file (no SOP Class UID)"))
         elif sop_class in _SEG_CLASSES:
             headers.append((Path(path), ds))
         else:
             sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+            series_uid = str(ds.get("SeriesInstanceUID", "") or "")
             if sop_uid:
-                instance_series[sop_uid] = str(ds.get("SeriesInstanceUID", "") or "")
+                instance_series[sop_uid] = series_uid
+            study_uid = str(ds.get("StudyInstanceUID", "") or "")
+            if series_uid and study_uid:
+                series_study.setdefault(series_uid, study_uid)
 
+    # Without the arterial series' headers among the files the study is unknown; the SEGs are
+    # then judged by their references alone.
+    study = series_study.get(arterial_series_uid)
+    study_series = {uid for uid, of in series_study.items() if of == study} if study else None
     found: list[SuppliedSeg] = []
     for path, header in headers:
         try:
@@ -241,22 +320,25 @@ def find_supplied_segs(
                     path,
                     header,
                     phases=phases,
+                    study=study,
+                    study_series=study_series,
                     instance_series=instance_series,
                     allowed=allowed,
                     patterns=patterns,
                     own=own,
+                    accept_single_fat=accept_single_fat,
                 )
             )
         except _Rejected as exc:
-            rejected.append((path, str(exc)))
+            rejected.append(_rejected(path, header, str(exc)))
         except Exception as exc:  # a malformed header can fail anywhere; never kill the job
-            rejected.append((path, f"malformed SEG header ({type(exc).__name__})"))
+            rejected.append(_rejected(path, header, f"malformed SEG header ({type(exc).__name__})"))
 
     # Newest first; the path breaks ties so the order is reproducible.
     found.sort(key=lambda seg: str(seg.path))
     found.sort(key=lambda seg: seg.created, reverse=True)
-    for path, reason in rejected:
-        log.debug("supplied SEG not used", file=path.name, reason=reason)
+    for rejection in rejected:
+        _log_rejected(rejection)
     for seg in found:
         log.debug(
             "supplied SEG qualifies",
@@ -264,8 +346,48 @@ def find_supplied_segs(
             series_key=uid_key(seg.series_instance_uid),
             references=seg.referenced_phase,
             segments=seg.segments,
+            loat_is_single_fat=seg.loat_is_single_fat,
         )
     return SuppliedSegSearch(found=found, rejected=rejected)
+
+
+def _rejected(path: Path, ds: Dataset | None, reason: str) -> RejectedSeg:
+    """A :class:`RejectedSeg` with whatever of the series' names the header still gives."""
+
+    def text(keyword: str) -> str:
+        # A malformed element can fail on access; the rejection must still be recorded.
+        try:
+            return str(ds.get(keyword, "") or "").strip() if ds is not None else ""
+        except Exception:
+            return ""
+
+    return RejectedSeg(
+        path=path,
+        series_uid=text("SeriesInstanceUID") or None,
+        sop_instance_uid=text("SOPInstanceUID") or None,
+        series_number=_series_number(text("SeriesNumber")),
+        series_description=text("SeriesDescription"),
+        reason=reason,
+    )
+
+
+def _series_number(value: str) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _log_rejected(rejection: RejectedSeg) -> None:
+    # INFO, not DEBUG: a reader whose correction is not used asks why, and the operator must be
+    # able to answer from the log at its default level.
+    log.info(
+        "supplied SEG not used",
+        series_key=uid_key(rejection.series_uid) if rejection.series_uid else None,
+        series_number=rejection.series_number,
+        reason=rejection.reason,
+        file=rejection.path.name,
+    )
 
 
 def _compile_patterns(
@@ -282,12 +404,19 @@ def _qualify(
     ds: Dataset,
     *,
     phases: Mapping[str, str],
+    study: str | None,
+    study_series: Collection[str] | None,
     instance_series: Mapping[str, str],
     allowed: Collection[str],
     patterns: Mapping[str, Sequence[re.Pattern[str]]],
     own: Collection[str],
+    accept_single_fat: bool,
 ) -> SuppliedSeg:
-    """Check one SEG header against the rules; raise :class:`_Rejected` with the reason."""
+    """Check one SEG header against the rules; raise :class:`_Rejected` with the reason.
+
+    ``study`` is the arterial series' StudyInstanceUID and ``study_series`` the series seen in
+    it, both None when the arterial series' headers were not among the files.
+    """
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     sop_uid = str(ds.get("SOPInstanceUID", "") or "")
     if not series_uid or not sop_uid:
@@ -301,21 +430,40 @@ def _qualify(
     ):
         raise _Rejected("written by this node (Manufacturer / ManufacturerModelName)")
 
+    seg_study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    if study and seg_study and seg_study != study:
+        # Routing or a reader's viewer can put one study's SEG beside another's images; its
+        # series references could even name this study's series by copy and paste.
+        raise _Rejected(
+            f"belongs to another study (study {uid_key(seg_study)}; the arterial series is in "
+            f"study {uid_key(study)})"
+        )
     referenced = _referenced_series(ds, instance_series)
     candidates = [uid for uid in phases if uid in referenced]
     if not candidates:
+        keys = ", ".join(sorted(uid_key(u) for u in referenced)) or "nothing"
+        if referenced and study_series is not None and not referenced & set(study_series):
+            raise _Rejected(
+                "references neither the arterial nor the portal-venous series: only series "
+                f"not in this study ({keys}), so it was drawn on another study's images"
+            )
         raise _Rejected(
-            "references neither the arterial nor the portal-venous series "
-            f"(references {', '.join(sorted(uid_key(u) for u in referenced)) or 'nothing'})"
+            f"references neither the arterial nor the portal-venous series (references {keys})"
         )
     referenced_series_uid = candidates[0]  # arterial first: dict order of ``phases``
 
-    groups, types = _map_segments(ds, patterns)
+    mapped = _map_segments(ds, patterns)
+    groups, types = dict(mapped.groups), mapped.types
+    loat_is_single_fat = False
+    if groups.get("tumor") and not groups.get("loat"):
+        fat = _single_fat_as_loat(ds, mapped, accept=accept_single_fat)
+        groups["loat"] = (fat,)
+        loat_is_single_fat = True
     missing = [kind for kind in REQUIRED_KINDS if not groups.get(kind)]
     if missing:
-        described = "; ".join(_describe(item) for item in ds.get("SegmentSequence", [])) or "none"
         raise _Rejected(
-            f"no {' and no '.join(m.upper() for m in missing)} segment (segments: {described})"
+            f"no {' and no '.join(m.upper() for m in missing)} segment "
+            f"(segments: {_describe_all(ds)})"
         )
     for kind in REQUIRED_KINDS:
         for number in groups[kind]:
@@ -346,7 +494,43 @@ def _qualify(
         referenced_phase=phases[referenced_series_uid],
         segments={kind: min(group) for kind, group in groups.items()},
         segment_groups=groups,
+        series_number=_series_number(str(ds.get("SeriesNumber", "") or "")),
+        series_description=str(ds.get("SeriesDescription", "") or "").strip(),
+        loat_is_single_fat=loat_is_single_fat,
     )
+
+
+def _single_fat_as_loat(ds: Dataset, mapped: _SegmentMap, *, accept: bool) -> int:
+    """The fat segment to take as the LOAT of a SEG that has a tumor but no LOAT segment.
+
+    Raises :class:`_Rejected` unless ``accept`` is on and the SEG has exactly one segment coded
+    as fat and exactly one tumor segment, coded as a neoplasm. The reasons say what the reader
+    or the operator can change.
+    """
+    if not mapped.unlabelled_fat:
+        raise _Rejected(f"no LOAT segment (segments: {_describe_all(ds)})")
+    if len(mapped.unlabelled_fat) > 1:
+        raise _Rejected(
+            f"no LOAT segment: {len(mapped.unlabelled_fat)} fat segments; cannot tell which is "
+            f"the LOAT, none is labelled as lesser omentum (segments: {_describe_all(ds)})"
+        )
+    (number,) = mapped.unlabelled_fat
+    label = mapped.labels.get(number, "")
+    fat = f"fat segment {number} ({label!r}) is not labelled as lesser omentum"
+    tumors = mapped.groups["tumor"]
+    if len(tumors) != 1 or tumors[0] not in mapped.neoplasms:
+        raise _Rejected(
+            f"no LOAT segment: {fat}, and a fat segment is taken as the LOAT only beside exactly "
+            "one tumor segment coded as a neoplasm (tumor segments: "
+            f"{', '.join(str(n) for n in tumors)}; coded as a neoplasm: "
+            f"{', '.join(str(n) for n in mapped.neoplasms) or 'none'})"
+        )
+    if not accept:
+        raise _Rejected(
+            f"no LOAT segment: {fat}; set pipeline.supplied_seg_accept_single_fat = true to "
+            "accept a SEG with one neoplasm and one fat segment"
+        )
+    return number
 
 
 def _referenced_series(ds: Dataset, instance_series: Mapping[str, str]) -> set[str]:
@@ -421,19 +605,50 @@ def _kind_by_label(
     return None
 
 
-def _map_segments(
-    ds: Dataset, patterns: Mapping[str, Sequence[re.Pattern[str]]]
-) -> tuple[dict[str, tuple[int, ...]], dict[int, str]]:
-    """Segment numbers of each kind, and every segment's algorithm type."""
+class _SegmentMap(NamedTuple):
+    """What a SEG's segments are."""
+
+    groups: dict[str, tuple[int, ...]]  # kind -> segment numbers, ascending
+    types: dict[int, str]  # segment number -> SegmentAlgorithmType, upper case
+    neoplasms: tuple[int, ...]  # segments whose coded property type is a tumor
+    unlabelled_fat: tuple[int, ...]  # coded as fat, mapped to no kind (not the omentum's)
+    labels: dict[int, str]  # segment number -> SegmentLabel
+
+
+def _map_segments(ds: Dataset, patterns: Mapping[str, Sequence[re.Pattern[str]]]) -> _SegmentMap:
+    """What each segment maps to, with what the single-fat rule needs to judge the rest.
+
+    Besides the kinds: every segment's algorithm type and label, the segments coded as a
+    neoplasm, and those coded as fat that map to no kind (nothing says they are the omentum's).
+    """
     groups: dict[str, list[int]] = {}
     types: dict[int, str] = {}
+    labels: dict[int, str] = {}
+    neoplasms: list[int] = []
+    unlabelled_fat: list[int] = []
     for segment in ds.get("SegmentSequence", []):
         number = int(segment.SegmentNumber)
         types[number] = str(segment.get("SegmentAlgorithmType", "") or "").strip().upper()
+        labels[number] = str(segment.get("SegmentLabel", "") or "")
+        property_types = _codes(segment.get("SegmentedPropertyTypeCodeSequence", []))
+        if any((s, v) in _TUMOR_CODES or _TUMOR_MEANING.search(m) for s, v, m in property_types):
+            neoplasms.append(number)
         kind = _kind_by_code(segment) or _kind_by_label(segment, patterns)
         if kind is not None:
             groups.setdefault(kind, []).append(number)
-    return {kind: tuple(sorted(numbers)) for kind, numbers in groups.items()}, types
+        elif any((s, v) in _FAT_CODES or _FAT_MEANING.search(m) for s, v, m in property_types):
+            unlabelled_fat.append(number)
+    return _SegmentMap(
+        groups={kind: tuple(sorted(numbers)) for kind, numbers in groups.items()},
+        types=types,
+        neoplasms=tuple(sorted(neoplasms)),
+        unlabelled_fat=tuple(sorted(unlabelled_fat)),
+        labels=labels,
+    )
+
+
+def _describe_all(ds: Dataset) -> str:
+    return "; ".join(_describe(item) for item in ds.get("SegmentSequence", [])) or "none"
 
 
 def _describe(segment: Dataset) -> str:
@@ -760,12 +975,13 @@ class SegmentationChoice:
     supplied
         The SEG that was used, when one was.
     rejected
-        Candidate SEGs that were not used, with the reason (for the job's log and record).
+        Candidate SEGs that were not used, each with its series and the reason (for the job's
+        record and the reader who made them); each was logged at INFO.
     """
 
     masks: Any
     supplied: SuppliedSeg | None
-    rejected: list[tuple[Path, str]]
+    rejected: list[RejectedSeg]
 
 
 def choose_segmentation(
@@ -780,6 +996,7 @@ def choose_segmentation(
     label_patterns: Mapping[str, Sequence[str]],
     own_series_uids: Collection[str],
     automatic: Callable[[], Any],
+    accept_single_fat: bool = False,
 ) -> SegmentationChoice:
     """A supplied SEG when the study holds a qualifying one, else the automatic segmenter.
 
@@ -794,6 +1011,11 @@ def choose_segmentation(
         Called only when no SEG qualifies; returns an object with
         ``segment(arterial, portal_venous_on_arterial) -> Masks`` (the U-Net segmenter), so the
         model is not loaded for studies that do not need it.
+    accept_single_fat
+        ``pipeline.supplied_seg_accept_single_fat`` (see :func:`find_supplied_segs`).
+
+    The other parameters are :func:`find_supplied_segs`' and :func:`supplied_masks`'. A
+    qualifying SEG whose frames cannot be decoded is rejected too, and the next one tried.
     """
     from model.segmentation import labels_from_masks, postprocess
 
@@ -804,13 +1026,23 @@ def choose_segmentation(
         allowed_algorithm_types=allowed_algorithm_types,
         label_patterns=label_patterns,
         own_series_uids=own_series_uids,
+        accept_single_fat=accept_single_fat,
     )
     rejected = list(search.rejected)
     for seg in search.found:
         try:
             masks = supplied_masks(seg, arterial, pv_to_arterial=pv_to_arterial)
         except SuppliedSegError as exc:
-            rejected.append((seg.path, str(exc)))
+            rejection = RejectedSeg(
+                path=seg.path,
+                series_uid=seg.series_instance_uid,
+                sop_instance_uid=seg.sop_instance_uid,
+                series_number=seg.series_number,
+                series_description=seg.series_description,
+                reason=f"cannot be decoded onto the arterial grid: {exc}",
+            )
+            _log_rejected(rejection)
+            rejected.append(rejection)
             continue
         liver = masks.get("liver", masks["tumor"])
         labels = labels_from_masks(liver, masks["tumor"], masks["loat"])

@@ -184,6 +184,8 @@ class PipelineSection(_Section):
         "SEMIAUTOMATIC",
     ]
     supplied_seg_labels: SuppliedSegLabels = SuppliedSegLabels()
+    # Off: a fat segment is LOAT only where something says it is the lesser omentum's.
+    supplied_seg_accept_single_fat: bool = False
 
     _none = field_validator(
         "segmenter_dir", "model_dir", "working_spacing_mm", "risk_threshold", mode="before"

@@ -1,14 +1,19 @@
 """Tests for node.analysis.supplied_seg: a radiologist's SEG in the study is found and decoded.
 
-The phantom cohorts write a MANUAL truth SEG on the arterial series (segments 1 tumor, 2 LOAT,
-3 liver) and the truth masks beside the studies; edited copies of that SEG, and SEGs built here
-with highdicom, cover the rules one by one.
+The phantom cohorts write a MANUAL truth SEG on the arterial series (series 100 "Manual
+segmentation": segments 1 tumor, 2 LOAT, 3 liver) and the truth masks beside the studies; edited
+copies of that SEG, and SEGs built here with highdicom, cover the rules one by one. A SEG that is
+not used is named as its reader knows it and says why, in the result and in the log.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import dataclasses
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -16,19 +21,22 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_sr import codes
 from node import MANUFACTURER, MODEL_NAME
-from node.analysis.dicomio import load_series
+from node.analysis.dicomio import SeriesFiles, load_series, scan_folder
 from node.analysis.supplied_seg import (
+    RejectedSeg,
     SuppliedSeg,
     SuppliedSegError,
     SuppliedSegSearch,
     find_supplied_segs,
     supplied_masks,
 )
+from node.core.logging import configure_logging, uid_key
 from node.core.settings import PipelineSection
 
 DEFAULTS = PipelineSection()
@@ -97,10 +105,38 @@ def edited_copy(source: Path, dest: Path, edit: Callable[[Dataset], None]) -> Pa
     return dest
 
 
+def edits(*steps: Callable[[Dataset], None]) -> Callable[[Dataset], None]:
+    """One edit that applies ``steps`` in order."""
+
+    def edit(ds: Dataset) -> None:
+        for step in steps:
+            step(ds)
+
+    return edit
+
+
+def named(number: int | None, description: str | None) -> Callable[[Dataset], None]:
+    """Give the SEG's series this SeriesNumber and SeriesDescription (None: remove it)."""
+
+    def edit(ds: Dataset) -> None:
+        for keyword, value in (("SeriesNumber", number), ("SeriesDescription", description)):
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+
+    return edit
+
+
+def rejection_of(search: SuppliedSegSearch, path: Path) -> RejectedSeg:
+    rejections = [r for r in search.rejected if r.path == path]
+    assert len(rejections) == 1, f"{path.name} was not rejected once: {search}"
+    return rejections[0]
+
+
 def reason_for(search: SuppliedSegSearch, path: Path) -> str:
-    reasons = [reason for p, reason in search.rejected if p == path]
-    assert reasons, f"{path.name} was not rejected: {search}"
-    return reasons[0]
+    return rejection_of(search, path).reason
 
 
 def assert_truth_masks(study: Study, seg: SuppliedSeg, threshold: float = 0.99) -> None:
@@ -133,6 +169,8 @@ def test_truth_seg_is_found_and_mapped(study: Study) -> None:
     assert seg.algorithm_types == ("MANUAL",)
     assert seg.segments == {"tumor": 1, "loat": 2, "liver": 3}
     assert len(seg.created) == len("YYYYMMDDHHMMSS.ffffff")
+    assert (seg.series_number, seg.series_description) == (100, "Manual segmentation")
+    assert not seg.loat_is_single_fat
 
 
 def test_truth_seg_gives_the_truth_masks(study: Study) -> None:
@@ -215,9 +253,46 @@ def test_seg_on_another_series_rejected(study: Study, tmp_path: Path) -> None:
     search = study.find([*study.ct_files, copy])
     assert search.found == []
     reason = reason_for(search, copy)
-    assert "references neither" in reason
+    assert reason == (
+        "references neither the arterial nor the portal-venous series "
+        f"(references {uid_key(study.row['delayed_series_uid'])})"
+    )
     # Reasons name series by hash key only: they go to logs.
     assert study.row["delayed_series_uid"] not in reason
+
+
+def test_seg_of_another_study_rejected_as_such(study: Study, tmp_path: Path) -> None:
+    # A SEG routed beside the wrong study may still name this study's series (its references
+    # were copied); its own StudyInstanceUID gives it away.
+    other_study_uid = generate_uid()
+
+    def of_another_study(ds: Dataset) -> None:
+        ds.StudyInstanceUID = other_study_uid
+
+    copy = edited_copy(study.seg_path, tmp_path / "other_study.dcm", of_another_study)
+    search = study.find([*study.ct_files, copy])
+    assert search.found == []
+    reason = reason_for(search, copy)
+    assert reason.startswith(f"belongs to another study (study {uid_key(other_study_uid)};")
+    assert other_study_uid not in reason
+
+
+def test_seg_on_series_outside_the_study_rejected_as_another_studys(
+    study: Study, tmp_path: Path
+) -> None:
+    foreign_series_uid = generate_uid()
+
+    def on_foreign_series(ds: Dataset) -> None:
+        ds.ReferencedSeriesSequence[0].SeriesInstanceUID = foreign_series_uid
+
+    copy = edited_copy(study.seg_path, tmp_path / "foreign.dcm", on_foreign_series)
+    search = study.find([*study.ct_files, copy])
+    assert search.found == []
+    reason = reason_for(search, copy)
+    assert reason.startswith("references neither the arterial nor the portal-venous series")
+    assert f"not in this study ({uid_key(foreign_series_uid)})" in reason
+    assert "another study" in reason
+    assert foreign_series_uid not in reason
 
 
 def test_source_image_references_used_without_referenced_series(
@@ -278,6 +353,91 @@ def test_tumor_only_seg_rejected(study: Study, tmp_path: Path) -> None:
     assert "no LOAT segment" in reason_for(search, copy)
 
 
+def _plain_fat(*numbers: int) -> Callable[[Dataset], None]:
+    """Segments ``numbers`` become fat labelled "Fett": coded as fat, nothing says omentum."""
+
+    def edit(ds: Dataset) -> None:
+        for number in numbers:
+            segment = ds.SegmentSequence[number - 1]
+            assert int(segment.SegmentNumber) == number
+            code = segment.SegmentedPropertyTypeCodeSequence[0]
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
+                codes.ADIPOSE_TISSUE.value,
+                codes.ADIPOSE_TISSUE.scheme_designator,
+                codes.ADIPOSE_TISSUE.meaning,
+            )
+            segment.SegmentLabel = "Fett" if number == 2 else f"Fett {number}"
+            for keyword in ("AnatomicRegionSequence", "SegmentDescription"):
+                if keyword in segment:
+                    delattr(segment, keyword)
+
+    return edit
+
+
+SINGLE_FAT_OFF = (
+    "no LOAT segment: fat segment 2 ('Fett') is not labelled as lesser omentum; set "
+    "pipeline.supplied_seg_accept_single_fat = true to accept a SEG with one neoplasm and one "
+    "fat segment"
+)
+
+
+def test_single_fat_segment_is_not_loat_by_default(study: Study, tmp_path: Path) -> None:
+    assert DEFAULTS.supplied_seg_accept_single_fat is False
+    copy = edited_copy(study.seg_path, tmp_path / "fett.dcm", _plain_fat(2))
+    search = study.find([*study.ct_files, copy])
+    assert search.found == []
+    assert reason_for(search, copy) == SINGLE_FAT_OFF
+
+    # A fat segment whose label says LOAT needs no setting.
+    def labelled_loat(ds: Dataset) -> None:
+        ds.SegmentSequence[1].SegmentLabel = "LOAT"
+
+    labelled = edited_copy(copy, tmp_path / "fett_loat.dcm", labelled_loat)
+    (seg,) = study.find([*study.ct_files, labelled]).found
+    assert seg.segments == {"tumor": 1, "loat": 2, "liver": 3}
+    assert not seg.loat_is_single_fat
+
+
+def test_single_fat_segment_is_the_loat_when_accepted(study: Study, tmp_path: Path) -> None:
+    copy = edited_copy(study.seg_path, tmp_path / "fett.dcm", _plain_fat(2))
+    search = study.find([*study.ct_files, copy], accept_single_fat=True)
+    assert search.rejected == []
+    (seg,) = search.found
+    assert seg.segments == {"tumor": 1, "loat": 2, "liver": 3}
+    assert seg.loat_is_single_fat
+    assert_truth_masks(study, seg)
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_two_fat_segments_rejected_whatever_the_setting(
+    study: Study, tmp_path: Path, accept: bool
+) -> None:
+    copy = edited_copy(study.seg_path, tmp_path / "two_fats.dcm", _plain_fat(2, 3))
+    search = study.find([*study.ct_files, copy], accept_single_fat=accept)
+    assert search.found == []
+    reason = reason_for(search, copy)
+    assert reason.startswith("no LOAT segment: 2 fat segments; cannot tell which is the LOAT")
+    assert "'Fett'" in reason and "'Fett 3'" in reason
+
+
+def test_single_fat_needs_exactly_one_neoplasm(study: Study, tmp_path: Path) -> None:
+    def liver_as_second_lesion(ds: Dataset) -> None:
+        code = ds.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0]
+        code.CodeValue, code.CodeMeaning = codes.NEOPLASM.value, codes.NEOPLASM.meaning
+        ds.SegmentSequence[2].SegmentLabel = "Lesion 2"
+
+    copy = edited_copy(
+        study.seg_path,
+        tmp_path / "fett_two_lesions.dcm",
+        edits(_plain_fat(2), liver_as_second_lesion),
+    )
+    search = study.find([*study.ct_files, copy], accept_single_fat=True)
+    assert search.found == []
+    reason = reason_for(search, copy)
+    assert reason.startswith("no LOAT segment: fat segment 2 ('Fett') is not labelled")
+    assert "exactly one tumor segment coded as a neoplasm (tumor segments: 1, 3;" in reason
+
+
 def test_several_tumor_segments_are_united(study: Study, tmp_path: Path) -> None:
     def liver_as_second_lesion(ds: Dataset) -> None:
         segment = ds.SegmentSequence[2]
@@ -318,8 +478,13 @@ def test_corrupt_files_rejected_without_exception(study: Study, tmp_path: Path) 
     header_cut.write_bytes(data[:1500])
     search = study.find([*study.ct_files, garbage, header_cut])
     assert search.found == []
-    assert {p for p, _ in search.rejected} == {garbage, header_cut}
-    assert all(reason for _, reason in search.rejected)
+    assert {r.path for r in search.rejected} == {garbage, header_cut}
+    assert all(r.reason for r in search.rejected)
+    # Nothing could be read of the garbage: the reader sees the file name.
+    unreadable = rejection_of(search, garbage)
+    assert (unreadable.series_uid, unreadable.sop_instance_uid) == (None, None)
+    assert unreadable.series_number is None and unreadable.series_description == ""
+    assert unreadable.label == "garbage.dcm"
 
 
 def test_truncated_pixel_data_raises_supplied_seg_error(study: Study, tmp_path: Path) -> None:
@@ -329,6 +494,122 @@ def test_truncated_pixel_data_raises_supplied_seg_error(study: Study, tmp_path: 
     (seg,) = study.find([*study.ct_files, pixels_cut]).found  # the header is intact
     with pytest.raises(SuppliedSegError):
         supplied_masks(seg, study.arterial())
+
+
+# ------------------------------------------------------------------------------------------------
+# What the reader and the operator learn of a SEG that is not used
+# ------------------------------------------------------------------------------------------------
+
+
+def _on_delayed(study: Study) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        ds.ReferencedSeriesSequence[0].SeriesInstanceUID = study.row["delayed_series_uid"]
+
+    return edit
+
+
+def _uids(path: Path) -> tuple[str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def test_rejections_name_the_series_and_say_why(study: Study, tmp_path: Path) -> None:
+    automatic = edited_copy(
+        study.seg_path,
+        tmp_path / "auto.dcm",
+        edits(_automatic, named(7, "LIVER SEG CORRECTED")),
+    )
+    delayed = edited_copy(
+        study.seg_path, tmp_path / "delayed.dcm", edits(_on_delayed(study), named(8, None))
+    )
+    unnumbered = edited_copy(
+        study.seg_path,
+        tmp_path / "unnumbered.dcm",
+        edits(_generic_codes(("Region A", "Region B")), named(None, "Corrected")),
+    )
+    search = study.find([*study.ct_files, automatic, delayed, unnumbered])
+    assert search.found == []
+    assert len(search.rejected) == 3
+
+    expected = {
+        automatic: (
+            7,
+            "LIVER SEG CORRECTED",
+            "series 7 (LIVER SEG CORRECTED)",
+            "segment 1 (tumor) has algorithm type AUTOMATIC, allowed: MANUAL, SEMIAUTOMATIC",
+        ),
+        delayed: (8, "", "series 8", "references neither the arterial nor the portal-venous"),
+        unnumbered: (None, "Corrected", "unnumbered.dcm", "no TUMOR and no LOAT segment"),
+    }
+    header = pydicom.dcmread(study.seg_path, stop_before_pixels=True)
+    identifiers = [str(header.PatientName), str(header.PatientID)]
+    for path, (number, description, label, reason) in expected.items():
+        rejection = rejection_of(search, path)
+        series_uid, sop_uid = _uids(path)
+        assert rejection == RejectedSeg(
+            path=path,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=number,
+            series_description=description,
+            reason=rejection.reason,
+        )
+        assert rejection.reason.startswith(reason), rejection.reason
+        assert rejection.label == label
+        for text in (rejection.label, rejection.reason):
+            assert not any(identifier in text for identifier in identifiers if identifier)
+            assert series_uid not in text and sop_uid not in text
+    # The job's record keeps them as they were found.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        search.rejected[0].reason = "changed"  # type: ignore[misc]
+
+
+@pytest.fixture
+def node_log() -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """The node's log as configured for a site at its default level, INFO: JSON records."""
+    stream = io.StringIO()
+    saved = structlog.get_config()
+    named_loggers = ("pynetdicom", "highdicom", "matplotlib")
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_levels = {name: logging.getLogger(name).level for name in named_loggers}
+    configure_logging("info", stream=stream)
+
+    def records() -> list[dict[str, object]]:
+        # Standard-library lines share the stream; the node's own lines are the JSON ones.
+        return [json.loads(line) for line in stream.getvalue().splitlines() if line[:1] == "{"]
+
+    yield records
+    structlog.configure(**saved)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+    for name, level in saved_levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")
+def test_each_rejection_is_logged_at_info(
+    study: Study, tmp_path: Path, node_log: Callable[[], list[dict[str, object]]]
+) -> None:
+    automatic = edited_copy(
+        study.seg_path, tmp_path / "auto.dcm", edits(_automatic, named(7, "LIVER SEG CORRECTED"))
+    )
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 300)
+    search = study.find([*study.ct_files, automatic, garbage])
+
+    records = [r for r in node_log() if r["event"] == "supplied SEG not used"]
+    assert len(records) == len(search.rejected) == 2
+    by_file = {record["file"]: record for record in records}
+    series_uid, sop_uid = _uids(automatic)
+    assert by_file["auto.dcm"]["level"] == "info"
+    assert by_file["auto.dcm"]["series_key"] == uid_key(series_uid)
+    assert by_file["auto.dcm"]["reason"] == reason_for(search, automatic)
+    assert by_file["garbage.dcm"]["level"] == "info"
+    assert by_file["garbage.dcm"]["series_key"] is None
+    assert by_file["garbage.dcm"]["reason"] == reason_for(search, garbage)
+    text = json.dumps(records)
+    assert series_uid not in text and sop_uid not in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,3 +836,82 @@ def test_a_supplied_seg_wins_over_the_automatic_segmenter(
             )
             assert choice.supplied is not None
             assert (choice.masks.tumor == truth).mean() > 0.999
+
+
+def test_a_seg_whose_frames_cannot_be_decoded_is_rejected_and_the_segmenter_runs(
+    study: Study, tmp_path: Path, node_log: Callable[[], list[dict[str, object]]]
+) -> None:
+    from node.analysis.supplied_seg import choose_segmentation
+
+    pixels_cut = tmp_path / "pixels_cut.dcm"
+    pixels_cut.write_bytes(study.seg_path.read_bytes()[:-200])  # the header is intact
+    automatic = RecordingSegmenter()
+    arterial = study.arterial()
+    choice = choose_segmentation(
+        [*study.ct_files, pixels_cut],
+        arterial=arterial,
+        portal_venous_on_arterial=arterial,
+        arterial_series_uid=study.arterial_uid,
+        portal_venous_series_uid=study.pv_uid,
+        pv_to_arterial=None,
+        allowed_algorithm_types=ALGORITHM_TYPES,
+        label_patterns=LABELS,
+        own_series_uids=(),
+        automatic=lambda: automatic,
+    )
+    assert choice.supplied is None and automatic.calls == 1
+    (rejection,) = choice.rejected
+    series_uid, sop_uid = _uids(study.seg_path)
+    assert (rejection.path, rejection.series_uid, rejection.sop_instance_uid) == (
+        pixels_cut,
+        series_uid,
+        sop_uid,
+    )
+    assert rejection.label == "series 100 (Manual segmentation)"
+    assert rejection.reason.startswith(
+        "cannot be decoded onto the arterial grid: pixels_cut.dcm: Pixel Data has"
+    )
+    (record,) = [r for r in node_log() if r["event"] == "supplied SEG not used"]
+    assert record["level"] == "info"
+    assert record["series_key"] == uid_key(series_uid)
+    assert record["reason"] == rejection.reason
+
+
+def test_the_segment_stage_passes_the_single_fat_setting_on(study: Study, tmp_path: Path) -> None:
+    from model.registration import Registration
+    from node.analysis import stages
+
+    copy = edited_copy(study.seg_path, tmp_path / "fett" / "fett.dcm", _plain_fat(2))
+    copy_series_uid, _ = _uids(copy)
+    truth_series_uid, _ = _uids(study.seg_path)
+    ((study_uid, series),) = scan_folder(study.folder).items()
+    files = {uid: found for uid, found in series.items() if uid != truth_series_uid}
+    files[copy_series_uid] = SeriesFiles(
+        study_instance_uid=study_uid,
+        series_instance_uid=copy_series_uid,
+        modality="SEG",
+        sop_class_uid=str(pydicom.dcmread(copy, stop_before_pixels=True).SOPClassUID),
+        series_description="",
+        paths=(copy,),
+    )
+    arterial = study.arterial()
+    identity = Registration(sitk.Euler3DTransform(), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 0.0, 1.0)
+    registered = stages.Registered(identity, arterial)
+
+    for accept, source in ((False, "unet"), (True, "supplied")):
+        automatic = RecordingSegmenter()
+        choice = stages.segment(
+            files,
+            arterial,
+            registered,
+            arterial_uid=study.arterial_uid,
+            portal_venous_uid=study.pv_uid,
+            pipeline=PipelineSection(supplied_seg_accept_single_fat=accept),
+            segmenter=lambda a=automatic: a,
+        )
+        assert choice.masks.source == source, accept
+        if accept:
+            assert choice.supplied is not None and choice.supplied.loat_is_single_fat
+            assert choice.rejected == []
+        else:
+            assert [r.reason for r in choice.rejected] == [SINGLE_FAT_OFF]
