@@ -103,6 +103,7 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--seed", type=int, default=7000)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--verbose", action="store_true", help="print every gate's figures")
     args = parser.parse_args()
 
     kinds: dict[int, str] = {}
@@ -147,7 +148,7 @@ def main() -> int:
             flush=True,
         )
         for gate in result.gates:
-            if gate.passed is False:
+            if gate.passed is False or args.verbose:
                 print(f"      {gate.text}", flush=True)
     print()
     statuses = collections.Counter(status for _, _, status, _, _, _ in rows)

@@ -477,9 +477,11 @@ def _stage_gates(
 def _segmentation_algorithm(choice: SegmentationChoice, card: Mapping[str, Any] | None) -> str:
     """What made the masks, as the measurements name their algorithm."""
     if choice.supplied is not None:
-        from node.analysis.supplied_seg import seg_label
+        from node.analysis.supplied_seg import series_label
 
-        return f"manual SEG {seg_label(choice.supplied.path)}"
+        seg = choice.supplied
+        name = f"manual SEG {series_label(seg.path, seg.series_number, seg.series_description)}"
+        return f"{name} (its one fat segment taken as the LOAT)" if seg.loat_is_single_fat else name
     card = card or {}
     return f"{card.get('name') or 'segmenter'} {card.get('version') or ''}".strip()
 

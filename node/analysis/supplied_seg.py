@@ -204,12 +204,15 @@ class RejectedSeg:
         Only the series number and description, which the reader's viewer shows, or else the
         file name; never a UID or a patient identifier.
         """
-        if self.series_number is None:
-            return self.path.name
-        description = self.series_description.strip()
-        if description:
-            return f"series {self.series_number} ({description})"
-        return f"series {self.series_number}"
+        return series_label(self.path, self.series_number, self.series_description)
+
+
+def series_label(path: Path, number: int | None, description: str) -> str:
+    """A SEG as its reader names it: ``series 7 (LIVER SEG)``, ``series 7``, or the file name."""
+    if number is None:
+        return path.name
+    description = description.strip()
+    return f"series {number} ({description})" if description else f"series {number}"
 
 
 class SuppliedSegSearch(NamedTuple):

@@ -32,6 +32,7 @@ from node.core.settings import (
 
 if TYPE_CHECKING:
     from node.store.database import Store
+    from node.store.types import StoredResult
 
 app = typer.Typer(
     name="mvi-node",
@@ -223,7 +224,17 @@ def studies_list(
     store = _store(settings, config)
     rows = store.list_studies(limit)
     table = Table(title=f"studies in {settings.database_url.split('@')[-1]}")
-    columns = ["study key", "state", "instances", "arterial", "portal venous", "pairing", "reason"]
+    columns = [
+        "study key",
+        "state",
+        "instances",
+        "arterial",
+        "portal venous",
+        "pairing",
+        "checks",
+        "SEGs not used",
+        "reason",
+    ]
     if show_identifiers:
         columns += ["patient ID", "accession", "study UID"]
     for column in columns:
@@ -237,12 +248,24 @@ def studies_list(
             uid_key(pairing["arterial"]) if pairing.get("arterial") else "-",
             uid_key(pairing["portal_venous"]) if pairing.get("portal_venous") else "-",
             str(pairing.get("pairing") or pairing.get("method") or "-"),
+            *_checks_cells(store.latest_result(row.study_uid)),
             row.reason or "",
         ]
         if show_identifiers:
             cells += [row.patient_id or "", row.accession_number or "", row.study_uid]
         table.add_row(*cells)
     out.print(table)
+
+
+def _checks_cells(stored: StoredResult | None) -> tuple[str, str]:
+    """The latest result's quality checks (✓ passed, ✗ failed, – not run) and unused SEGs."""
+    if stored is None:
+        return "", ""
+    result = stored.result
+    marks = {True: "✓", False: "✗", None: "–"}
+    checks = " ".join(f"{marks[g.passed]}{g.name}" for g in result.gates)
+    rejected = result.segmentation.rejected if result.segmentation is not None else []
+    return checks, "; ".join(f"{r.label}: {r.reason}" for r in rejected)
 
 
 @studies_app.command("reprocess")
