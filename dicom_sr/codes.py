@@ -81,3 +81,12 @@ MVI_RISK_THRESHOLD = Code(
 NUMBER_OF_TUMORS = Code("NTUMORS", "99MVINODE", "Number of tumor components")
 MVI_ANALYSIS_STATUS = Code("MVISTATUS", "99MVINODE", "MVI analysis status")
 MVI_ANALYSIS_REASON = Code("MVIREASON", "99MVINODE", "Reason MVI was not scored")
+# TEXT items of the Qualitative Evaluations container (TID 1500 row 10): one per quality gate of
+# the analysis ("registration: passed (metric -0.71, body overlap 0.98)") and one per note the
+# reader must see ("Supplied segmentation not used: ..."). No standard concept names a pipeline's
+# quality gate; DCM 121106 "Comment" would make them indistinguishable from the model comment.
+QUALITY_CHECK = Code("MVIQC", "99MVINODE", "Quality check")
+ANALYSIS_NOTE = Code("MVINOTE", "99MVINODE", "Analysis note")
+
+# IHE IOCM rejection note: Key Object Selection document title (CID 7010), as archives match it.
+REJECTED_FOR_QUALITY_REASONS = Code("113001", "DCM", "Rejected for Quality Reasons")

@@ -16,7 +16,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 import highdicom as hd
@@ -39,6 +39,7 @@ __all__ = [
     "add_coding_schemes",
     "algorithm_identification",
     "allocate_uids",
+    "content_date_time",
     "contributing_equipment",
     "copy_patient_study",
     "series_description",
@@ -512,10 +513,84 @@ def _frame_references(image: Dataset) -> list[SliceReference]:
     return [SliceReference(image, int(i) + 1) for i in order]
 
 
-def series_description(kind: str, algorithm: AlgorithmInfo) -> str:
-    """SeriesDescription of an output series: ``"MVI AI <kind>"``, ``" [DEMO]"`` for demo models."""
-    text = f"MVI AI {kind}"
-    return f"{text} [DEMO]" if algorithm.demo else text
+def _utc(when: datetime, name: str) -> datetime:
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (UTC), got a naive datetime")
+    return when.astimezone(UTC)
+
+
+def series_description(kind: str, algorithm: AlgorithmInfo, analysis_time: datetime) -> str:
+    """SeriesDescription of an output series, which tells re-analyses apart.
+
+    ``"MVI AI <kind> v<model version> <YYYY-MM-DD HH:MM>Z"``, then ``" [DEMO]"`` for demo models:
+    the PACS lists several analyses of one study side by side, and only the version and the time
+    say which is which. At most 64 characters (LO): a long kind or version is cut, never the
+    time or the demo mark.
+
+    Parameters
+    ----------
+    kind
+        What the series is (``"report"``, ``"segmentation"``, ``"summary"``, ``"rejection note"``).
+    algorithm
+        The model (its version) and whether it is a demo model.
+    analysis_time
+        When the analysis ran (:attr:`ResultUIDs.analysis_time`), timezone-aware; written in UTC.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        For a naive ``analysis_time``.
+    """
+    version = algorithm.version
+    # "v1.2", not "vv1.2", for versions that already say so.
+    if version[:1] in "vV" and version[1:2].isdigit():
+        version = version[1:]
+    tail = f" {_utc(analysis_time, 'analysis_time'):%Y-%m-%d %H:%M}Z"
+    if algorithm.demo:
+        tail += " [DEMO]"
+    head = f"MVI AI {kind} v{version}"[: 64 - len(tail)].rstrip()
+    return head + tail
+
+
+def content_date_time(analysis_time: datetime, source: Dataset | None = None) -> tuple[date, time]:
+    """ContentDate and ContentTime of the objects of an analysis that ran at ``analysis_time``.
+
+    DICOM dates and times are local unless the instance says its TimezoneOffsetFromUTC. The
+    outputs copy the source's study date and time but not its offset, so the content time is
+    given in the source's offset when it declares one, else in the node's local time (as
+    highdicom writes InstanceCreationTime).
+
+    Parameters
+    ----------
+    analysis_time
+        Timezone-aware time of the analysis (:attr:`ResultUIDs.analysis_time`).
+    source
+        An instance of the study (its TimezoneOffsetFromUTC, ``"+HHMM"``/``"-HHMM"``, if any).
+
+    Returns
+    -------
+    tuple of datetime.date and datetime.time
+        Without timezone, seconds resolution.
+
+    Raises
+    ------
+    ValueError
+        For a naive ``analysis_time``.
+    """
+    when = _utc(analysis_time, "analysis_time")
+    offset = str(source.get("TimezoneOffsetFromUTC", "") or "") if source is not None else ""
+    if len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+        minutes = int(offset[1:3]) * 60 + int(offset[3:5])
+        zone = timezone(timedelta(minutes=minutes if offset[0] == "+" else -minutes))
+        local = when.astimezone(zone)
+    else:
+        local = when.astimezone()
+    local = local.replace(microsecond=0)
+    return local.date(), local.time().replace(tzinfo=None)
 
 
 def set_equipment(target: Dataset, algorithm: AlgorithmInfo) -> None:

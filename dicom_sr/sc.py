@@ -786,7 +786,7 @@ def build_sc(
         pixel_spacing=spacing,
         patient_orientation=_patient_orientation(first),
         contributing_equipment=[contributing_equipment(algorithm)],
-        series_description=series_description("summary", algorithm),
+        series_description=series_description("summary", algorithm, uids.analysis_time),
     )
     copy_patient_study(sc, first)
     set_equipment(sc, algorithm)

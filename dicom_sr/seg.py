@@ -21,6 +21,7 @@ from dicom_sr.common import (
     ResultUIDs,
     add_coding_schemes,
     algorithm_identification,
+    content_date_time,
     contributing_equipment,
     copy_patient_study,
     series_description,
@@ -112,7 +113,8 @@ def build_seg(
     algorithm
         The model and the node (equipment, algorithm identification).
     uids
-        Series/instance and tracking UIDs of this analysis.
+        Series/instance and tracking UIDs of this analysis; its analysis time is the content
+        date/time and is in the series description.
     manual
         The masks came from a SEG supplied in the study (algorithm type MANUAL, no algorithm
         identification) rather than from the node's segmenter (AUTOMATIC).
@@ -141,6 +143,7 @@ def build_seg(
         raise ValueError(
             f"the masks are {rows} x {cols}, the source images {first.Rows} x {first.Columns}"
         )
+    content_date, content_time = content_date_time(uids.analysis_time, first)
     stacked = np.stack([tumor_mask, loat_mask], axis=-1)
     if references[0].frame_number is None:
         # Classic images: pass them in k order with the masks as they are.
@@ -175,7 +178,9 @@ def build_seg(
         )[:64],
         omit_empty_frames=False,
         contributing_equipment=[contributing_equipment(algorithm)],
-        series_description=series_description("segmentation", algorithm),
+        series_description=series_description("segmentation", algorithm, uids.analysis_time),
+        content_date=content_date,
+        content_time=content_time,
     )
     copy_patient_study(seg, first)
     set_equipment(seg, algorithm)

@@ -7,20 +7,39 @@ Content of a scored result::
       Image Library: the arterial source images
       Imaging Measurements
         Liver tumor (volumetric, SEG segment 1): maximum diameter mm, volume ml, number of tumor
-            components, MVI probability (deep learning) %, MVI probability (combined model) %,
-            high-risk threshold %, Lesion Risk = High risk | Low risk
+            components (an integer), MVI probability (deep learning) %, MVI probability
+            (combined model) %, high-risk threshold %, Lesion Risk = High risk | Low risk
         Lesser omental adipose tissue (volumetric, SEG segment 2): maximum area cm2, volume ml
         Liver tumor, key slice (planar, closed POLYLINE on the diameter slice): the tumor's numbers
             again, so that viewers that only draw SCOORD groups (OHIF) show them
-      Qualitative Evaluations: Comment = model name, version, disclaimer, segmentation source
+      Qualitative Evaluations: Analysis note = each of the result's notes, Quality check = each
+          of its checks, Comment = model name, version, disclaimer, segmentation source
+
+Algorithm identification (TID 4019): each tumor group names the MVI model (it made the risk);
+each NUM names its own algorithm, sizes and counts the segmentation
+(``AnalysisResult.segmentation_algorithm``) and probabilities the MVI model; the LOAT group names
+the segmentation.
 
 A result that is not scored (no tumor, needs review, failed, not applicable) has no Imaging
 Measurements: its Qualitative Evaluations container (TID 1500 row 10, which satisfies the
-template's "at least one of" condition on its own) says the status and the reason in text.
+template's "at least one of" condition on its own) says the status and the reason in text, then
+the notes and checks. It lists the images of whatever series the caller gives (the arterial one,
+or e.g. the portal-venous one of a study without arterial series), or none: a study-level report
+with an empty Image Library whose evidence is one instance of the study.
 
-Probabilities are coded with the private scheme ``99MVINODE`` (see :mod:`dicom_sr.codes`) and
-written in percent (UCUM ``%``), so a viewer's label reads "Probability of microvascular
-invasion (deep learning): 83 %".
+Codes of the private scheme ``99MVINODE`` (see :mod:`dicom_sr.codes`)::
+
+    MVIPROBDL    Probability of microvascular invasion (deep learning)      NUM, %
+    MVIPROBCOMB  Probability of microvascular invasion (combined model)     NUM, %
+    MVITHRESH    High-risk threshold of microvascular invasion probability  NUM, %
+    NTUMORS      Number of tumor components                                 NUM, {lesions}
+    MVISTATUS    MVI analysis status                                        TEXT
+    MVIREASON    Reason MVI was not scored                                  TEXT
+    MVINOTE      Analysis note                                              TEXT
+    MVIQC        Quality check                                              TEXT
+
+Probabilities are written in percent (UCUM ``%``), so a viewer's label reads "Probability of
+microvascular invasion (deep learning): 83 %".
 """
 
 from __future__ import annotations
@@ -32,6 +51,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.valuerep import DS
 
 from dicom_sr import codes
 from dicom_sr.common import (
@@ -40,6 +60,7 @@ from dicom_sr.common import (
     ResultUIDs,
     SliceReference,
     add_coding_schemes,
+    content_date_time,
     contributing_equipment,
     copy_patient_study,
     series_description,
@@ -58,25 +79,68 @@ SOP_CLASSES = {
 }
 
 
-def _num(name: Any, value: float, unit: Any, derivation: Any = None) -> Any:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation)
+def _num(
+    name: Any, value: float, unit: Any, derivation: Any = None, algorithm_id: Any = None
+) -> Any:
+    return hd.sr.Measurement(
+        name=name, value=float(value), unit=unit, derivation=derivation, algorithm_id=algorithm_id
+    )
+
+
+def _count(name: Any, count: int, unit: Any, algorithm_id: Any = None) -> Any:
+    """A NUM item whose value is written as an integer ("3", not highdicom's "3.0")."""
+    measurement = hd.sr.Measurement(
+        name=name, value=int(count), unit=unit, algorithm_id=algorithm_id
+    )
+    # highdicom formats every value as a float DS; a count is an integer string (no
+    # FloatingPointValue is written for an int).
+    measurement[0].MeasuredValueSequence[0].NumericValue = DS(str(int(count)))
+    return measurement
 
 
 def _percent(probability: float) -> float:
     return round(100.0 * probability, 1)
 
 
-def _tumor_measurements(result: AnalysisResult, *, volumetric: bool) -> list[Any]:
+def _tumor_measurements(
+    result: AnalysisResult, *, volumetric: bool, segmentation_id: Any, classifier_id: Any
+) -> list[Any]:
+    """The tumor's numbers: sizes name the segmentation, probabilities the classifier."""
     assert result.max_diameter_mm is not None and result.mvi_probability is not None
     items = [
-        _num(codes.DIAMETER, round(result.max_diameter_mm, 2), codes.UNIT_MM, codes.MAXIMUM),
+        _num(
+            codes.DIAMETER,
+            round(result.max_diameter_mm, 2),
+            codes.UNIT_MM,
+            codes.MAXIMUM,
+            algorithm_id=segmentation_id,
+        ),
     ]
     if volumetric and result.tumor_volume_ml is not None:
-        items.append(_num(codes.VOLUME, round(result.tumor_volume_ml, 3), codes.UNIT_ML))
+        items.append(
+            _num(
+                codes.VOLUME,
+                round(result.tumor_volume_ml, 3),
+                codes.UNIT_ML,
+                algorithm_id=segmentation_id,
+            )
+        )
     if volumetric and result.tumor_count > 0:
-        items.append(_num(codes.NUMBER_OF_TUMORS, result.tumor_count, codes.UNIT_LESIONS))
+        items.append(
+            _count(
+                codes.NUMBER_OF_TUMORS,
+                result.tumor_count,
+                codes.UNIT_LESIONS,
+                algorithm_id=segmentation_id,
+            )
+        )
     items.append(
-        _num(codes.MVI_PROBABILITY_DL, _percent(result.mvi_probability), codes.UNIT_PERCENT)
+        _num(
+            codes.MVI_PROBABILITY_DL,
+            _percent(result.mvi_probability),
+            codes.UNIT_PERCENT,
+            algorithm_id=classifier_id,
+        )
     )
     if result.combined_probability is not None:
         items.append(
@@ -84,10 +148,18 @@ def _tumor_measurements(result: AnalysisResult, *, volumetric: bool) -> list[Any
                 codes.MVI_PROBABILITY_COMBINED,
                 _percent(result.combined_probability),
                 codes.UNIT_PERCENT,
+                algorithm_id=classifier_id,
             )
         )
     if volumetric and result.threshold is not None:
-        items.append(_num(codes.MVI_RISK_THRESHOLD, _percent(result.threshold), codes.UNIT_PERCENT))
+        items.append(
+            _num(
+                codes.MVI_RISK_THRESHOLD,
+                _percent(result.threshold),
+                codes.UNIT_PERCENT,
+                algorithm_id=classifier_id,
+            )
+        )
     return items
 
 
@@ -228,8 +300,31 @@ def _library_entry(image: Dataset) -> Dataset:
     return entry
 
 
-def _algorithm_id(algorithm: AlgorithmInfo) -> Any:
+def _classifier_id(algorithm: AlgorithmInfo) -> Any:
+    """TID 4019 of the MVI model: it made the probabilities and the risk."""
     return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+
+
+#: Algorithm Version (TID 4019 requires one) of a supplied segmentation, which has none of ours.
+SUPPLIED_VERSION = "n/a (supplied)"
+
+
+def _segmentation_id(result: AnalysisResult) -> Any | None:
+    """TID 4019 of what made the masks the sizes were measured on, ``None`` when unknown.
+
+    The segmenter's ``"NAME VERSION"`` is split at its last space. A supplied segmentation
+    (``"manual SEG series 7"``) is named as given, with :data:`SUPPLIED_VERSION`: its last word
+    is a series number, not a version.
+    """
+    text = result.segmentation_algorithm.strip()
+    if not text:
+        return None
+    name, _, version = text.rpartition(" ")
+    if result.segmentation_source == "supplied":
+        name, version = text, SUPPLIED_VERSION
+    elif not name or not any(character.isdigit() for character in version):
+        name, version = text, "unknown"
+    return hd.sr.AlgorithmIdentification(name=name, version=version)
 
 
 def _referenced_segment(seg: Any, segment_number: int) -> Any:
@@ -253,7 +348,11 @@ def _measurement_groups(
     algorithm: AlgorithmInfo,
     uids: ResultUIDs,
 ) -> list[Any]:
-    algorithm_id = _algorithm_id(algorithm)
+    # Group level: the classifier, which made the group's risk evaluation (a QualitativeEvaluation
+    # carries no algorithm of its own). Each NUM names its own algorithm (TID 300), which takes
+    # precedence over the group's: sizes the segmentation, probabilities the classifier.
+    classifier_id = _classifier_id(algorithm)
+    segmentation_id = _segmentation_id(result)
     tumor_site = [hd.sr.FindingSite(anatomic_location=codes.LIVER)]
     groups: list[Any] = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -264,8 +363,13 @@ def _measurement_groups(
             finding_type=codes.NEOPLASM,
             finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
             finding_sites=tumor_site,
-            algorithm_id=algorithm_id,
-            measurements=_tumor_measurements(result, volumetric=True),
+            algorithm_id=classifier_id,
+            measurements=_tumor_measurements(
+                result,
+                volumetric=True,
+                segmentation_id=segmentation_id,
+                classifier_id=classifier_id,
+            ),
             qualitative_evaluations=_risk(result),
         )
     ]
@@ -273,11 +377,22 @@ def _measurement_groups(
         loat_measurements = []
         if result.loat_max_area_cm2 is not None:
             loat_measurements.append(
-                _num(codes.AREA, round(result.loat_max_area_cm2, 3), codes.UNIT_CM2, codes.MAXIMUM)
+                _num(
+                    codes.AREA,
+                    round(result.loat_max_area_cm2, 3),
+                    codes.UNIT_CM2,
+                    codes.MAXIMUM,
+                    algorithm_id=segmentation_id,
+                )
             )
         if result.loat_volume_ml is not None:
             loat_measurements.append(
-                _num(codes.VOLUME, round(result.loat_volume_ml, 3), codes.UNIT_ML)
+                _num(
+                    codes.VOLUME,
+                    round(result.loat_volume_ml, 3),
+                    codes.UNIT_ML,
+                    algorithm_id=segmentation_id,
+                )
             )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -288,7 +403,9 @@ def _measurement_groups(
                 finding_type=codes.ADIPOSE_TISSUE,
                 finding_category=codes.TISSUE,
                 finding_sites=[hd.sr.FindingSite(anatomic_location=codes.OMENTUM)],
-                algorithm_id=algorithm_id,
+                # Only sizes here: the segmentation's group, the classifier's if it is unknown
+                # (IHE AIR asks every group to name an algorithm).
+                algorithm_id=segmentation_id or classifier_id,
                 measurements=loat_measurements or None,
             )
         )
@@ -301,8 +418,13 @@ def _measurement_groups(
             finding_type=codes.NEOPLASM,
             finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
             finding_sites=tumor_site,
-            algorithm_id=algorithm_id,
-            measurements=_tumor_measurements(result, volumetric=False),
+            algorithm_id=classifier_id,
+            measurements=_tumor_measurements(
+                result,
+                volumetric=False,
+                segmentation_id=segmentation_id,
+                classifier_id=classifier_id,
+            ),
             qualitative_evaluations=_risk(result),
         )
     )
@@ -329,6 +451,9 @@ def _qualitative_container(result: AnalysisResult, algorithm: AlgorithmInfo) -> 
     if not result.scored:
         items.append((codes.MVI_ANALYSIS_STATUS, result.status_text))
         items.append((codes.MVI_ANALYSIS_REASON, str(result.reason)))
+    # Blank lines are dropped: a TEXT item's value is Type 1.
+    items.extend((codes.ANALYSIS_NOTE, note.strip()) for note in result.notes if note.strip())
+    items.extend((codes.QUALITY_CHECK, check.strip()) for check in result.checks if check.strip())
     items.append((codes.COMMENT, _comment(result, algorithm)))
     container.ContentSequence = hd.sr.ContentSequence(
         [
@@ -371,10 +496,47 @@ def _status_report(
             relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     )
-    content.extend(hd.sr.ImageLibrary([_library_entry(image) for image in source_images]))
+    if source_images:
+        content.extend(hd.sr.ImageLibrary([_library_entry(image) for image in source_images]))
+    else:
+        # A study-level report lists no images. highdicom refuses an empty Image Library, but
+        # TID 1500 requires the container and OHIF reads it without checking it exists, so it is
+        # written by hand without groups.
+        content.append(
+            hd.sr.ContainerContentItem(
+                name=dcm_codes.DCM.ImageLibrary,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     content.append(_qualitative_container(result, algorithm))
     root.ContentSequence = content
     return hd.sr.ContentSequence([root], is_root=True)
+
+
+def _study_instance(study: Dataset) -> Dataset:
+    """The study instance as evidence: what highdicom reads of it, none of its pixels."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        if not study.get(keyword):
+            raise ValueError(f"the study instance lacks {keyword}")
+    header = Dataset()
+    for element in study:
+        if element.keyword != "PixelData":
+            header.add(element)
+    # highdicom reads these of its first evidence item; Type 2 in every IOD's Patient and
+    # General Study modules, but a header may have been read without them.
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+    ):
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
 
 
 def build_sr(
@@ -386,6 +548,7 @@ def build_sr(
     uids: ResultUIDs,
     sop_class: str = "comprehensive",
     predecessor: Dataset | None = None,
+    study: Dataset | None = None,
 ) -> Any:
     """Build the TID 1500 measurement report of one analysis.
 
@@ -393,22 +556,32 @@ def build_sr(
     ----------
     result
         The analysis. A scored result gives tumor, LOAT and key-slice measurement groups; any
-        other status gives a report whose text says the status and the reason.
+        other status gives a report whose text says the status and the reason. Its checks and
+        notes are TEXT items of the Qualitative Evaluations in either case.
     source_images
-        The arterial series the SEG was made on (classic images or one Enhanced CT image); they
-        make the Image Library and the evidence.
+        The series the report is about (classic images or one Enhanced CT image of one series);
+        they make the Image Library and the evidence. A scored result needs the arterial series
+        the SEG was made on. A result that is not scored may hang on whatever series the study
+        has (e.g. the portal-venous one when there is no arterial series), or on none: ``[]``
+        gives a study-level report (empty Image Library, ``study`` as the evidence).
     seg
         The node's SEG of this analysis (:func:`dicom_sr.seg.build_seg`); required for a scored
-        result, optional otherwise (it is then listed as evidence).
+        result, optional otherwise (it is then listed as evidence); needs ``source_images``.
     algorithm
         The model and the node.
     uids
-        UIDs of this analysis (the SR's series/instance UIDs, tracking UIDs equal to the SEG's).
+        UIDs of this analysis (the SR's series/instance UIDs, tracking UIDs equal to the SEG's,
+        the analysis time: content date/time and series description).
     sop_class
         ``"comprehensive"`` (Comprehensive SR) or ``"comprehensive3d"`` (Comprehensive 3D SR).
     predecessor
         The SR this one supersedes (Predecessor Documents Sequence); defaults to
         ``uids.predecessor_sr``.
+    study
+        Any instance of the study (a header is enough, pixels are not read): the patient and
+        study attributes are copied from it, and it is the evidence of a study-level report.
+        Required when ``source_images`` is empty; otherwise optional (the first source image is
+        used), and then of the same study.
 
     Returns
     -------
@@ -417,16 +590,33 @@ def build_sr(
     Raises
     ------
     ValueError
-        For an unknown ``sop_class``, a scored result without SEG, a SEG of another series or
-        study, or a key slice outside the source images.
+        For an unknown ``sop_class``, a scored result without SEG or source images, no source
+        images and no study, a SEG without source images, a SEG or study of another study than
+        the source images, a SEG of another series, or a key slice outside the source images.
     """
     if sop_class not in SOP_CLASSES:
         raise ValueError(f"sop_class must be one of {sorted(SOP_CLASSES)}, got {sop_class!r}")
-    references = slice_references(source_images)
-    first = references[0].dataset
-    # Image Library and evidence in slice order (one entry for an Enhanced CT object).
-    sources = list({ref.sop_instance_uid: ref.dataset for ref in references}.values())
+    references: list[SliceReference] = []
+    sources: list[Dataset] = []
+    if len(source_images) > 0:
+        references = slice_references(source_images)
+        # Image Library and evidence in slice order (one entry for an Enhanced CT object).
+        sources = list({ref.sop_instance_uid: ref.dataset for ref in references}.values())
+    elif result.scored:
+        raise ValueError("a scored result needs its source images")
+    elif study is None:
+        raise ValueError("give the source images or, for a study-level report, the study")
+    elif seg is not None:
+        raise ValueError("a SEG needs its source images")
+    # Where the patient and study attributes come from.
+    patient_study = study if study is not None else sources[0]
+    study_uid = str(patient_study.get("StudyInstanceUID", ""))
+    if not study_uid:
+        raise ValueError("the study instance lacks StudyInstanceUID")
+    if sources and str(sources[0].StudyInstanceUID) != study_uid:
+        raise ValueError("the study instance belongs to another study than the source images")
     if seg is not None:
+        first = sources[0]
         if str(seg.StudyInstanceUID) != str(first.StudyInstanceUID):
             raise ValueError("the SEG belongs to another study than the source images")
         referenced_series = {
@@ -450,7 +640,12 @@ def build_sr(
 
     if predecessor is None:
         predecessor = uids.predecessor_sr
-    evidence = [*sources, *([seg] if seg is not None else [])]
+    if sources:
+        evidence = [*sources, *([seg] if seg is not None else [])]
+    else:
+        assert study is not None
+        evidence = [_study_instance(study)]
+    content_date, content_time = content_date_time(uids.analysis_time, patient_study)
     kwargs: dict[str, Any] = {
         "evidence": evidence,
         "content": content,
@@ -464,14 +659,16 @@ def build_sr(
         "is_verified": False,
         "previous_versions": [predecessor] if predecessor is not None else None,
         "contributing_equipment": [contributing_equipment(algorithm)],
-        "series_description": series_description("report", algorithm),
+        "series_description": series_description("report", algorithm, uids.analysis_time),
+        "content_date": content_date,
+        "content_time": content_time,
     }
     sr: Any
     if sop_class == "comprehensive3d":
         sr = hd.sr.Comprehensive3DSR(**kwargs)
     else:
         sr = hd.sr.ComprehensiveSR(**kwargs)
-    copy_patient_study(sr, first)
+    copy_patient_study(sr, patient_study)
     set_equipment(sr, algorithm)
     add_coding_schemes(sr, private_codes=True)
     return sr

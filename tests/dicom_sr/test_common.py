@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta, timezone
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -16,8 +18,10 @@ from dicom_sr.common import (
     AlgorithmInfo,
     AnalysisResult,
     allocate_uids,
+    content_date_time,
     contributing_equipment,
     copy_patient_study,
+    series_description,
     slice_references,
 )
 from tests.dicom_sr.conftest import ALGORITHM, Case
@@ -132,3 +136,53 @@ def test_contributing_equipment_and_copy() -> None:
     copy_patient_study(target, source)
     assert target.PatientName == "DOE^JANE" and target.StudyInstanceUID == "1.2.3"
     assert "Modality" not in target
+
+
+WHEN = datetime(2026, 12, 2, 14, 5, 33, tzinfo=UTC)
+
+
+def test_series_description_tells_analyses_apart() -> None:
+    demo = AlgorithmInfo("model", "1.2", "maker", "node", "0.1", demo=True)
+    plain = AlgorithmInfo("model", "v1.2", "maker", "node", "0.1", demo=False)
+    assert series_description("report", demo, WHEN) == "MVI AI report v1.2 2026-12-02 14:05Z [DEMO]"
+    assert series_description("report", plain, WHEN) == "MVI AI report v1.2 2026-12-02 14:05Z"
+    # Another zone is written in UTC.
+    later = WHEN.astimezone(timezone(timedelta(hours=9)))
+    assert series_description("report", demo, later) == series_description("report", demo, WHEN)
+    assert series_description("report", demo, WHEN + timedelta(minutes=1)) != (
+        series_description("report", demo, WHEN)
+    )
+    # A long version is cut; the time and the demo mark are kept (LO: 64 characters).
+    long = AlgorithmInfo("model", "9" * 64, "maker", "node", "0.1", demo=True)
+    text = series_description("rejection note", long, WHEN)
+    assert len(text) == 64
+    assert text.startswith("MVI AI rejection note v999")
+    assert text.endswith(" 2026-12-02 14:05Z [DEMO]")
+    with pytest.raises(ValueError, match="naive"):
+        series_description("report", demo, datetime(2026, 12, 2, 14, 5))
+
+
+def test_content_date_time_local_or_source_offset() -> None:
+    source = Dataset()
+    source.TimezoneOffsetFromUTC = "+0100"
+    assert content_date_time(WHEN, source) == (date(2026, 12, 2), time(15, 5, 33))
+    source.TimezoneOffsetFromUTC = "-0530"
+    assert content_date_time(WHEN, source) == (date(2026, 12, 2), time(8, 35, 33))
+    local = WHEN.astimezone()
+    expected = (local.date(), local.time().replace(tzinfo=None))
+    assert content_date_time(WHEN, Dataset()) == expected
+    assert content_date_time(WHEN + timedelta(microseconds=7)) == expected
+    with pytest.raises(ValueError, match="naive"):
+        content_date_time(datetime(2026, 12, 2, 14, 5))
+
+
+def test_outputs_carry_analysis_time(classic: Case) -> None:
+    """The SEG, SR and SC of one analysis: the same time in their descriptions and content."""
+    when = classic.uids.analysis_time
+    day, clock = content_date_time(when, classic.sources[0])
+    for key, kind in (("seg", "segmentation"), ("sr_comprehensive", "report"), ("sc", "summary")):
+        ds = pydicom.dcmread(classic.paths[key], stop_before_pixels=True)
+        assert ds.SeriesDescription == series_description(kind, ALGORITHM, when), key
+        if key != "sc":  # the SC's content time is the SC module's own (dicom_sr/sc.py)
+            assert ds.ContentDate == f"{day:%Y%m%d}", key
+            assert ds.ContentTime.startswith(f"{clock:%H%M%S}"), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_sr.common import AnalysisResult, allocate_uids, slice_references
-from dicom_sr.sr import SOP_CLASSES, build_sr, tumor_outline
+from dicom_sr.common import (
+    AnalysisResult,
+    allocate_uids,
+    content_date_time,
+    series_description,
+    slice_references,
+)
+from dicom_sr.sr import SOP_CLASSES, SUPPLIED_VERSION, build_sr, tumor_outline
 from tests.conftest import require_tool, run_tool
 from tests.dicom_sr.conftest import (
     ALGORITHM,
@@ -205,3 +212,227 @@ def test_dcmqi_reads_measurements(case: Case, tmp_path_factory: pytest.TempPathF
     }
     assert loat_values["Area"] == pytest.approx(m.loat_max_area_cm2, abs=0.001)
     assert len(metadata["imageLibrary"]) == len(case.sources)
+
+
+CHECKS = (
+    "registration: passed (metric -0.71, body overlap 0.98)",
+    "segmentation: passed (1 tumor component, limit 3)",
+)
+NOTES = ("Supplied segmentation not used: series 7 (LIVER SEG): no LOAT segment",)
+
+
+def _texts(ds: Dataset, meaning: str) -> list[str]:
+    return [str(item.TextValue) for item in _named(ds, meaning)]
+
+
+def _algorithm_of(item: Dataset) -> tuple[str, str] | None:
+    """(name, version) of the Algorithm Identification directly under ``item``."""
+    found = {
+        child.ConceptNameCodeSequence[0].CodeMeaning: str(child.TextValue)
+        for child in item.get("ContentSequence", [])
+        if child.get("ValueType") == "TEXT"
+    }
+    if "Algorithm Name" not in found:
+        return None
+    return found["Algorithm Name"], found["Algorithm Version"]
+
+
+def _saved(sr: Dataset, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.dcm"
+    sr.save_as(path)
+    return path
+
+
+def test_checks_notes_and_algorithms_scored(classic: Case, tmp_path: Path) -> None:
+    result = scored_result(
+        classic.measurements,
+        tumor_count=3,
+        segmentation_algorithm="mvi-seg-unet 3",
+        checks=CHECKS,
+        notes=NOTES,
+    )
+    uids = allocate_uids()
+    sr = build_sr(result, classic.sources, classic.seg, algorithm=ALGORITHM, uids=uids)
+    path = _saved(sr, tmp_path, "sr_checks")
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and warnings == []
+    ds = pydicom.dcmread(path)
+    (container,) = _named(ds, "Qualitative Evaluations")
+    assert _texts(container, "Quality check") == list(CHECKS)
+    assert _texts(container, "Analysis note") == list(NOTES)
+    # Counts are integers: "3", not "3.0", and no float copy.
+    (count,) = _named(ds, "Number of tumor components")
+    assert count.MeasuredValueSequence[0].NumericValue == "3"
+    assert "FloatingPointValue" not in count.MeasuredValueSequence[0]
+    assert '"Number of tumor components")="3"' in _dsrdump(path)
+    # Sizes name the segmentation, probabilities and the groups' risk the MVI model.
+    segmenter = ("mvi-seg-unet", "3")
+    classifier = (ALGORITHM.name, ALGORITHM.version)
+    for meaning in ("Diameter", "Volume", "Number of tumor components", "Area"):
+        assert {_algorithm_of(item) for item in _named(ds, meaning)} == {segmenter}, meaning
+    for meaning in (
+        "Probability of microvascular invasion (deep learning)",
+        "Probability of microvascular invasion (combined model)",
+        "High-risk threshold of microvascular invasion probability",
+    ):
+        assert {_algorithm_of(item) for item in _named(ds, meaning)} == {classifier}, meaning
+    groups = {
+        _named(group, "Tracking Identifier")[0].TextValue: _algorithm_of(group)
+        for group in _named(ds, "Measurement Group")
+    }
+    assert groups == {
+        "Liver tumor": classifier,
+        "Lesser omental adipose tissue": segmenter,
+        "Liver tumor, key slice": classifier,
+    }
+
+
+def test_supplied_segmentation_named_as_given(classic: Case) -> None:
+    result = scored_result(
+        classic.measurements,
+        segmentation_source="supplied",
+        segmentation_algorithm="manual SEG series 7",
+    )
+    sr = build_sr(result, classic.sources, classic.seg, algorithm=ALGORITHM, uids=allocate_uids())
+    (diameter, *_) = _named(sr, "Diameter")
+    assert _algorithm_of(diameter) == ("manual SEG series 7", SUPPLIED_VERSION)
+    # Unknown: the sizes carry no algorithm of their own (the group's applies).
+    sr = build_sr(
+        classic.result, classic.sources, classic.seg, algorithm=ALGORITHM, uids=allocate_uids()
+    )
+    assert all(_algorithm_of(item) is None for item in _named(sr, "Diameter"))
+
+
+def test_dcmqi_reads_algorithm_identification(
+    classic: Case, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tool = require_tool("tid1500reader", "dcmqi (pip install dcmqi)", venv=True)
+    result = scored_result(
+        classic.measurements, segmentation_algorithm="mvi-seg-unet 3", checks=CHECKS
+    )
+    sr = build_sr(result, classic.sources, classic.seg, algorithm=ALGORITHM, uids=allocate_uids())
+    folder = tmp_path_factory.mktemp("tid1500_algorithms")
+    path = _saved(sr, folder, "sr")
+    run_tool(tool, "--inputDICOM", path, "--outputMetadata", folder / "sr.json")
+    metadata = json.loads((folder / "sr.json").read_text())
+    groups = {group["TrackingIdentifier"]: group for group in metadata["Measurements"]}
+    assert {"Liver tumor", "Lesser omental adipose tissue"} <= set(groups)
+
+
+def test_status_report_has_checks_and_notes(classic: Case, tmp_path: Path) -> None:
+    result = AnalysisResult(
+        status="needs_review",
+        reason="Segmentation failed its quality gate.",
+        checks=(
+            "registration: passed (metric -0.71, body overlap 0.98)",
+            "segmentation: FAILED — 14 tumor components (limit 3)",
+        ),
+        notes=NOTES,
+    )
+    sr = build_sr(result, classic.sources, None, algorithm=ALGORITHM, uids=allocate_uids())
+    path = _saved(sr, tmp_path, "sr_review")
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and warnings == []
+    ds = pydicom.dcmread(path)
+    assert _texts(ds, "Quality check") == list(result.checks)
+    assert _texts(ds, "Analysis note") == list(NOTES)
+    assert "segmentation: FAILED — 14 tumor components (limit 3)" in _dsrdump(path)
+
+
+def test_report_on_another_series(classic: Case, tmp_path: Path) -> None:
+    """A study without arterial series: the report hangs on the portal-venous series."""
+    files = sorted((classic.folder / "study_0001" / "SE0004").glob("*.dcm"))
+    assert files, "the phantom has a portal-venous series"
+    portal = [pydicom.dcmread(path) for path in files]
+    result = AnalysisResult(
+        status="not_applicable", reason="No arterial series in the study.", checks=CHECKS[:1]
+    )
+    uids = allocate_uids()
+    sr = build_sr(result, portal, None, algorithm=ALGORITHM, uids=uids)
+    path = _saved(sr, tmp_path, "sr_portal")
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and warnings == []
+    ds = pydicom.dcmread(path)
+    assert_study_attributes(ds, portal[0])
+    portal_uids = {str(image.SOPInstanceUID) for image in portal}
+    (library,) = _named(ds, "Image Library")
+    assert {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in _content_items(library)
+        if item.get("ValueType") == "IMAGE"
+    } == portal_uids
+    assert referenced_uids(ds) == portal_uids
+
+
+def test_study_level_report(classic: Case, tmp_path: Path) -> None:
+    """No usable series at all: the report is about the study, one instance its evidence."""
+    study = pydicom.dcmread(
+        next((classic.folder / "study_0001" / "SE0001").glob("*.dcm")), stop_before_pixels=True
+    )
+    result = AnalysisResult(status="not_applicable", reason="No CT series of the liver.")
+    uids = allocate_uids()
+    sr = build_sr(result, [], None, algorithm=ALGORITHM, uids=uids, study=study)
+    path = _saved(sr, tmp_path, "sr_study")
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and warnings == []
+    ds = pydicom.dcmread(path)
+    assert_study_attributes(ds, study)
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    (library,) = _named(ds, "Image Library")
+    assert "ContentSequence" not in library
+    assert not [item for item in _content_items(ds) if item.get("ValueType") == "IMAGE"]
+    evidence = {
+        str(instance.ReferencedSOPInstanceUID)
+        for item in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in item.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(study.SOPInstanceUID)}
+    assert _texts(ds, "Reason MVI was not scored") == ["No CT series of the liver."]
+    text = _dsrdump(path)
+    assert "Study not applicable" in text
+
+
+def test_study_level_report_refusals(classic: Case) -> None:
+    not_applicable = AnalysisResult(status="not_applicable", reason="No arterial series.")
+    with pytest.raises(ValueError, match="study-level"):
+        build_sr(not_applicable, [], None, algorithm=ALGORITHM, uids=allocate_uids())
+    with pytest.raises(ValueError, match="source images"):
+        build_sr(
+            classic.result,
+            [],
+            classic.seg,
+            algorithm=ALGORITHM,
+            uids=allocate_uids(),
+            study=classic.sources[0],
+        )
+    with pytest.raises(ValueError, match="SEG needs its source images"):
+        build_sr(
+            not_applicable,
+            [],
+            classic.seg,
+            algorithm=ALGORITHM,
+            uids=allocate_uids(),
+            study=classic.sources[0],
+        )
+    other = Dataset()
+    other.StudyInstanceUID = "1.2.3"
+    with pytest.raises(ValueError, match="another study"):
+        build_sr(
+            not_applicable,
+            classic.sources,
+            None,
+            algorithm=ALGORITHM,
+            uids=allocate_uids(),
+            study=other,
+        )
+
+
+def test_series_description_and_content_time(classic: Case) -> None:
+    ds = pydicom.dcmread(classic.paths["sr_comprehensive"])
+    when = classic.uids.analysis_time
+    assert ds.SeriesDescription == series_description("report", ALGORITHM, when)
+    assert ds.SeriesDescription.endswith(f"{when.astimezone(UTC):%Y-%m-%d %H:%M}Z [DEMO]")
+    day, clock = content_date_time(when, classic.sources[0])
+    assert ds.ContentDate == f"{day:%Y%m%d}"
+    assert ds.ContentTime.startswith(f"{clock:%H%M%S}")
