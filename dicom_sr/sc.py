@@ -29,6 +29,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, TM
 
 from dicom_sr.common import (
     AlgorithmInfo,
@@ -36,6 +37,7 @@ from dicom_sr.common import (
     ResultUIDs,
     SliceReference,
     add_coding_schemes,
+    content_date_time,
     contributing_equipment,
     copy_patient_study,
     series_description,
@@ -668,6 +670,7 @@ def build_sc(
     slice_index: int | None = None,
     loat_view: tuple[np.ndarray, np.ndarray] | None = None,
     loat_slice_index: int | None = None,
+    study: Dataset | None = None,
 ) -> Any:
     """Build the Secondary Capture summary of one analysis.
 
@@ -711,8 +714,14 @@ def build_sc(
         For a scored result without an image, inconsistent shapes, or a slice index outside the
         source images.
     """
-    references = slice_references(source_images)
-    first = references[0].dataset
+    # Without source images (a study with no image series) the SC is text only and takes the
+    # patient and study from ``study``.
+    references = slice_references(source_images) if source_images else []
+    first = references[0].dataset if references else study
+    if first is None:
+        raise ValueError("an SC without source images needs the study (any instance of it)")
+    if not references and (result.scored or arterial_slice_hu is not None):
+        raise ValueError("an image SC needs the source images")
     if result.scored and arterial_slice_hu is None:
         raise ValueError("a scored result needs arterial_slice_hu (the key slice)")
     if slice_index is None and result.diameter_slice >= 0:
@@ -752,7 +761,7 @@ def build_sc(
         loat_slice,
         loat_view=loat_view,
         key_slices=key_slices,
-        image_orientation=_image_orientation(first),
+        image_orientation=_image_orientation(first) if references else None,
         caliper=slice_index is not None and slice_index == result.diameter_slice,
     )
 
@@ -763,6 +772,7 @@ def build_sc(
             raise ValueError(f"pixel_spacing must be two positive numbers, got {pixel_spacing}")
         spacing = (sy / scale, sx / scale)  # DICOM order: row spacing, column spacing
 
+    content_date, content_time = content_date_time(uids.analysis_time, first)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
@@ -784,13 +794,18 @@ def build_sc(
         study_time=first.get("StudyTime"),
         referring_physician_name=first.get("ReferringPhysicianName"),
         pixel_spacing=spacing,
-        patient_orientation=_patient_orientation(first),
+        patient_orientation=_patient_orientation(first) if references else ("L", "P"),
         contributing_equipment=[contributing_equipment(algorithm)],
         series_description=series_description("summary", algorithm, uids.analysis_time),
     )
     copy_patient_study(sc, first)
     set_equipment(sc, algorithm)
     add_coding_schemes(sc)
+    # The analysis time, as the SEG and SR carry it, rather than the moment of encoding.
+    sc.ContentDate = DA(content_date.strftime("%Y%m%d"))
+    sc.ContentTime = TM(content_time.strftime("%H%M%S"))
+    if not references:
+        sc.PatientOrientation = []  # type 2: a text panel has no orientation
     sc.ConversionType = "WSD"
     sc.SecondaryCaptureDeviceManufacturer = algorithm.manufacturer
     sc.SecondaryCaptureDeviceManufacturerModelName = algorithm.model_name

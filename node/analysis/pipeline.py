@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +58,13 @@ if TYPE_CHECKING:
 log = get_logger("node.analysis.pipeline")
 
 #: Names of the result files in a study's output folder.
-OUTPUT_NAMES = {"seg": "seg.dcm", "sr": "sr.dcm", "sc": "sc.dcm"}
+OUTPUT_NAMES = {"seg": "seg.dcm", "sr": "sr.dcm", "sc": "sc.dcm", "ko": "rejection.dcm"}
 #: Statuses that get an SR and SC saying so when ``results.notify_failures`` is on.
 NOTIFIED = (Status.NO_TUMOR, Status.NEEDS_REVIEW, Status.FAILED)
 
 
 #: Kinds of DICOM object an analysis writes.
-ObjectKind = Literal["seg", "sr", "sc"]
+ObjectKind = Literal["seg", "sr", "sc", "ko"]
 
 
 @dataclass
@@ -121,14 +121,16 @@ def algorithm_info(settings: Settings, card: Mapping[str, Any] | None) -> Algori
 class _Context:
     """What every way out of one analysis needs, so no path can forget part of it.
 
-    (A superseding report must always name its predecessor.)
+    (A superseding report must always name its predecessor; a study that is not scored must
+    still get its notice.)
     """
 
     timer: _Timer
     settings: Settings
     models: Models
     series: Mapping[str, SeriesFiles]
-    predecessor_sr: Dataset | None
+    superseded: Sequence[Dataset]
+    own_series_uids: Collection[str]
 
     def finish(
         self,
@@ -177,17 +179,19 @@ class _Context:
         encode = status == Status.SCORED or (
             status in NOTIFIED and settings.results.notify_failures
         )
-        if encode and arterial_uid is not None:
+        if encode:
+            source = arterial_uid or notice_series(self.series, self.own_series_uids, draft.phases)
             with self.timer.stage("encode"):
                 analysis.objects = encode_objects(
                     result,
                     settings,
                     card,
-                    self.series[arterial_uid].paths,
-                    arterial,
-                    masks,
-                    measured,
-                    self.predecessor_sr,
+                    self.series[source].paths if source is not None else [],
+                    arterial if source == arterial_uid else None,
+                    masks if source == arterial_uid else None,
+                    measured if source == arterial_uid else None,
+                    self.superseded,
+                    study_file=any_study_file(self.series, self.own_series_uids),
                 )
         result.timings_s = dict(self.timer.timings)
         log.info(
@@ -220,17 +224,22 @@ def analyse_study(
     models: Models,
     *,
     own_series_uids: Sequence[str] = (),
-    predecessor_sr: Dataset | None = None,
+    superseded: Sequence[Dataset] = (),
     force_pair: tuple[str, str] | None = None,
 ) -> Analysis:
-    """Analyse one study's files; see the module docstring for what raises and what does not."""
+    """Analyse one study's files; see the module docstring for what raises and what does not.
+
+    ``superseded``: headers of the node's objects (SEG, SR, SC) of the study's previous analysis;
+    the new SR names their SR as its predecessor, and with ``results.send_rejection_notes`` a
+    rejection note names them all.
+    """
     step = prepare_study(
         study_uid,
         series,
         settings,
         models,
         own_series_uids=own_series_uids,
-        predecessor_sr=predecessor_sr,
+        superseded=superseded,
         force_pair=force_pair,
     )
     if isinstance(step, Analysis):
@@ -291,7 +300,7 @@ def prepare_study(
     models: Models,
     *,
     own_series_uids: Sequence[str] = (),
-    predecessor_sr: Dataset | None = None,
+    superseded: Sequence[Dataset] = (),
     force_pair: tuple[str, str] | None = None,
 ) -> Analysis | Prepared:
     """Every stage before the MVI model; an :class:`Analysis` when the study ends earlier."""
@@ -300,7 +309,7 @@ def prepare_study(
 
     timer = _Timer()
     draft = _Draft(study_uid)
-    context = _Context(timer, settings, models, series, predecessor_sr)
+    context = _Context(timer, settings, models, series, superseded, own_series_uids)
     finish = context.finish
     working = stages.working_spacing_mm(settings.pipeline)
 
@@ -450,6 +459,41 @@ def prepare_study(
     )
 
 
+#: Modalities of series a notice cannot hang on (no image geometry).
+_NOT_IMAGES = frozenset({"SEG", "SR", "KO", "PR", "DOC", "RTSTRUCT"})
+
+
+def notice_series(
+    series: Mapping[str, SeriesFiles], own_series_uids: Collection[str], phases: Phases | None
+) -> str | None:
+    """The series a notice hangs on when there is no arterial one.
+
+    The portal-venous series when one was found, else the CT series with the most images, else
+    any other image series; ``None`` when the study has no image series (the SR is then
+    study-level).
+    """
+    if phases is not None:
+        for uid in (phases.arterial, phases.portal_venous):
+            if uid is not None and uid in series:
+                return uid
+    candidates = [
+        (files.modality != "CT", -len(files.paths), uid)
+        for uid, files in series.items()
+        if uid not in own_series_uids and files.modality not in _NOT_IMAGES and files.paths
+    ]
+    return min(candidates)[2] if candidates else None
+
+
+def any_study_file(
+    series: Mapping[str, SeriesFiles], own_series_uids: Collection[str]
+) -> Path | None:
+    """A file of the study that the node did not write (its patient and study attributes)."""
+    for uid in sorted(series):
+        if uid not in own_series_uids and series[uid].paths:
+            return Path(series[uid].paths[0])
+    return None
+
+
 def _stage_gates(
     limits: GatesSection,
     geometry: Gate,
@@ -497,24 +541,51 @@ def encode_objects(
     result: Result,
     settings: Settings,
     card: Mapping[str, Any] | None,
-    arterial_paths: Sequence[Path],
+    source_paths: Sequence[Path],
     arterial: sitk.Image | None,
     masks: Masks | None,
     measured: Measurements | None,
-    predecessor_sr: Dataset | None,
+    superseded: Sequence[Dataset] = (),
+    *,
+    study_file: Path | None = None,
 ) -> dict[ObjectKind, Dataset]:
-    """Build the SEG, SR and SC (as configured in ``results.formats``) for a result."""
+    """Build the SEG, SR and SC (as configured in ``results.formats``) for a result.
+
+    ``source_paths`` is the series the objects hang on: the arterial one for a scored result;
+    for a notice whatever series the study has (:func:`notice_series`), or none, when the SR
+    is study-level and made from ``study_file``'s patient and study. With
+    ``results.send_rejection_notes`` and ``superseded`` objects, a rejection note ("ko") too.
+    """
     from dicom_sr.common import allocate_uids
     from dicom_sr.sc import build_sc
     from dicom_sr.seg import build_seg
     from dicom_sr.sr import build_sr
 
-    sources = [pydicom.dcmread(path) for path in arterial_paths]
+    predecessor_sr = next((ds for ds in superseded if str(ds.get("Modality", "")) == "SR"), None)
     algorithm = algorithm_info(settings, card)
     uids = allocate_uids(predecessor_sr=predecessor_sr)
     analysis = _analysis_result(result, measured, masks)
     formats = set(settings.results.formats)
     objects: dict[ObjectKind, Dataset] = {}
+    study = pydicom.dcmread(study_file, stop_before_pixels=True) if study_file else None
+    try:
+        sources = [pydicom.dcmread(path) for path in source_paths]
+        if sources and not analysis.scored:
+            from dicom_sr.common import slice_references
+
+            slice_references(sources)  # a notice falls back to study level when these fail
+    except Exception:
+        if analysis.scored:
+            raise
+        sources = []
+    if not sources and study is None:
+        raise ValueError("a notice needs a series or a file of the study")
+    if settings.results.send_rejection_notes and superseded:
+        from dicom_sr.kos import build_rejection_note
+
+        objects["ko"] = build_rejection_note(
+            superseded, algorithm=algorithm, analysis_time=uids.analysis_time
+        )
     seg = None
     if analysis.scored and masks is not None:
         seg = build_seg(
@@ -535,6 +606,7 @@ def encode_objects(
             algorithm=algorithm,
             uids=uids,
             sop_class=settings.results.sr_sop_class,
+            study=study,
         )
     if "sc" in formats:
         hu = sitk.GetArrayViewFromImage(arterial) if arterial is not None else None
@@ -557,6 +629,7 @@ def encode_objects(
             algorithm=algorithm,
             uids=uids,
             loat_view=loat_view,
+            study=study,
         )
     return objects
 

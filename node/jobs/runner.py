@@ -118,7 +118,7 @@ def prepare_job(
         settings,
         models,
         own_series_uids=own,
-        predecessor_sr=_previous_sr(store, settings, job.study_uid),
+        superseded=superseded_objects(store, settings, job.study_uid),
         force_pair=_forced_pair(job.pairing),
     )
 
@@ -250,8 +250,8 @@ def notify_failure(
 ) -> None:
     """A job failed for good: send an SR and SC that say so, so nobody waits for results."""
     from node.analysis import stages
-    from node.analysis.pipeline import Analysis, encode_objects
-    from node.analysis.result import Result
+    from node.analysis.pipeline import Analysis, any_study_file, encode_objects, notice_series
+    from node.analysis.result import Phases, Result
 
     series, own = _job_series(store, spool_root, job)
     pairing = stages.pair(
@@ -260,19 +260,34 @@ def notify_failure(
         working_spacing_mm=stages.working_spacing_mm(settings.pipeline),
         own_series_uids=own,
     )
-    # The report hangs on a source series: the arterial one, else any CT series of the study.
-    ct = sorted(uid for uid, files in series.items() if uid not in own and files.modality == "CT")
-    source = pairing.arterial or next(iter(ct), None)
-    if source is None:
+    phases = Phases(
+        arterial=pairing.arterial,
+        portal_venous=pairing.portal_venous,
+        pairing=pairing.method,
+        registration_shift_mm=None,
+    )
+    # The notice hangs on the arterial series, else any image series; else it is study-level.
+    source = notice_series(series, own, phases)
+    study_file = any_study_file(series, own)
+    if source is None and study_file is None:
         return
     result = Result(
         study_instance_uid=job.study_uid,
         status=Status.FAILED,
         reason=f"the analysis failed: {reason}"[:1000],
+        phases=phases,
     )
     analysis = Analysis(result)
     analysis.objects = encode_objects(
-        result, settings, None, series[source].paths, None, None, None, None
+        result,
+        settings,
+        None,
+        series[source].paths if source is not None else [],
+        None,
+        None,
+        None,
+        superseded_objects(store, settings, job.study_uid),
+        study_file=study_file,
     )
     _record(store, settings, job, analysis)
 
@@ -311,20 +326,29 @@ def _forced_pair(pairing: Mapping[str, Any] | None) -> tuple[str, str] | None:
     return None
 
 
-def _previous_sr(store: Store, settings: Settings, study_uid: str) -> Dataset | None:
-    """The SR of the study's latest earlier result, which a new analysis supersedes."""
+def superseded_objects(store: Store, settings: Settings, study_uid: str) -> list[Dataset]:
+    """Headers of the objects of the study's latest earlier result, which a new analysis replaces.
+
+    Its SR becomes the new SR's predecessor; with ``results.send_rejection_notes`` a rejection
+    note names them all. Files that are gone or unreadable are left out.
+    """
     import pydicom
+
+    from node.analysis.pipeline import OUTPUT_NAMES
 
     row = store.latest_result(study_uid)
     if row is None:
-        return None
-    path = results_folder(settings, study_uid, row.job_id) / "sr.dcm"
-    if not path.is_file():
-        return None
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:
-        return None
+        return []
+    folder = results_folder(settings, study_uid, row.job_id)
+    headers: list[Dataset] = []
+    for kind in ("seg", "sr", "sc"):
+        path = folder / OUTPUT_NAMES[kind]
+        if path.is_file():
+            try:
+                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except Exception:
+                log.warning("superseded object unreadable", file=path.name)
+    return headers
 
 
 def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:

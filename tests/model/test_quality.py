@@ -19,9 +19,9 @@ from model.quality import (
 
 def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float):
     k, j, i = np.indices(shape)
-    return (
-        (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
-    ).astype(np.uint8)
+    return ((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2).astype(
+        np.uint8
+    )
 
 
 def test_geometry_counts_slices_and_measures_tilt_from_axial() -> None:
