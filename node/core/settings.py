@@ -228,10 +228,10 @@ class GatesSection(_Section):
     enabled: bool = True
     min_slices: int = Field(default=16, ge=2)
     max_tilt_deg: float = Field(default=20.0, ge=0.0, le=90.0)
-    max_liver_cut_fraction: float = Field(default=0.35, ge=0.0, le=1.0)
+    max_liver_cut_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
     registration_max_metric: float = Field(default=-0.15, le=0.0)
     registration_min_overlap: float = Field(default=0.9, ge=0.0, le=1.0)
-    registration_max_residual_mm: float = Field(default=4.0, gt=0.0)
+    registration_max_residual_mm: float = Field(default=5.0, gt=0.0)
     max_tumor_components: int = Field(default=3, ge=1)
     min_component_ml: float = Field(default=0.1, ge=0.0)
     max_satellite_fraction: float = Field(default=0.5, ge=0.0)

@@ -35,6 +35,7 @@ RESULT_KEYS = {
     "risk_category",
     "model",
     "segmentation",
+    "gates",
     "timings_s",
     "outputs",
 }
@@ -268,3 +269,186 @@ def test_analyze_with_a_briefly_trained_unet_comes_near_the_truth(
     assert figures["volume_error"] <= 0.3, figures
     assert figures["dice_loat"] >= 0.45, figures
     assert figures["loat_area_error"] <= 0.5, figures
+
+
+# --- A notice for every study ---------------------------------------------------------------
+
+
+def _analysis_settings(tmp_path: Path, **sections: Any) -> Any:
+    from node.core.settings import Settings
+
+    data: dict[str, Any] = {
+        "node": {"data_dir": str(tmp_path / "data")},
+        "pipeline": {"device": "cpu", **tiny_models()},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Settings.model_validate(data)
+
+
+def _analyse(folder: Path, settings: Any, **kwargs: Any) -> Any:
+    from node.analysis.dicomio import scan_folder
+    from node.analysis.models import Models
+    from node.analysis.pipeline import analyse_study
+
+    ((study_uid, series),) = scan_folder(folder).items()
+    return analyse_study(study_uid, series, settings, Models(settings, device="cpu"), **kwargs)
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    check = run_tool(require_tool("dciodvfy", "dicom3tools"), path, check=False)
+    return [line for line in check.stderr.splitlines() if line.startswith("Error")]
+
+
+def _sr_texts(sr: pydicom.Dataset) -> list[str]:
+    texts: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.ValueType == "TEXT":
+                texts.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return texts
+
+
+def _written(analysis: Any, folder: Path) -> dict[str, pydicom.Dataset]:
+    from node.analysis.pipeline import write_outputs
+
+    paths = write_outputs(analysis, folder)
+    for kind, path in paths.items():
+        assert _dciodvfy_errors(path) == [], kind
+    return {kind: pydicom.dcmread(path) for kind, path in paths.items()}
+
+
+def test_a_study_without_an_arterial_series_gets_its_notice_on_the_portal_venous_series(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=96, size=64, slices=16, phases=("non_contrast", "portal_venous"))
+    analysis = _analyse(cohort / "study_0001", _analysis_settings(tmp_path))
+    result = analysis.result
+    assert result.status == "needs_review" and result.mvi_probability is None
+    objects = _written(analysis, tmp_path / "out")
+    assert sorted(objects) == ["sc", "sr"]
+    evidence = objects["sr"].CurrentRequestedProcedureEvidenceSequence[0]
+    (referenced,) = evidence.ReferencedSeriesSequence
+    assert str(referenced.SeriesInstanceUID) == result.phases.portal_venous
+    assert any(result.reason in text for text in _sr_texts(objects["sr"]))
+
+
+def test_not_applicable_is_the_one_status_without_a_notice(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=97, size=64, slices=16, non_liver=True)
+    analysis = _analyse(cohort / "study_0001", _analysis_settings(tmp_path))
+    assert analysis.result.status == "not_applicable"
+    assert analysis.objects == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        ("no_tumor", "no liver tumor was found"),
+        ("needs_review", "no LOAT was found"),
+        ("needs_review", "quality check failed — segmentation: tumor components 9 (limit 3)"),
+        ("failed", "the analysis failed: RuntimeError: boom"),
+    ],
+)
+def test_every_notified_status_sends_an_sr_and_sc_saying_what_happened(
+    tmp_path: Path, cohort_factory: Callable[..., Path], status: str, reason: str
+) -> None:
+    from node.analysis.dicomio import scan_folder
+    from node.analysis.pipeline import Analysis, encode_objects
+    from node.analysis.result import Gate, Result
+
+    cohort = cohort_factory(seed=98, size=64, slices=16)
+    ((study_uid, series),) = scan_folder(cohort / "study_0001").items()
+    some = next(files for files in series.values() if len(files.paths) > 1)
+    result = Result(
+        study_instance_uid=study_uid,
+        status=status,
+        reason=reason,
+        gates=[Gate(name="input", passed=True, figures={"arterial_slices": 16})],
+    )
+    analysis = Analysis(result)
+    analysis.objects = encode_objects(
+        result, _analysis_settings(tmp_path), None, some.paths, None, None, None
+    )
+    objects = _written(analysis, tmp_path / "out")
+    assert sorted(objects) == ["sc", "sr"]
+    texts = _sr_texts(objects["sr"])
+    assert reason in texts
+    assert "input: passed (arterial_slices 16)" in texts
+
+
+def test_a_study_with_no_image_series_gets_a_study_level_notice(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    from node.analysis.pipeline import Analysis, encode_objects
+    from node.analysis.result import Result
+
+    cohort = cohort_factory(seed=98, size=64, slices=16)
+    any_file = next((cohort / "study_0001").rglob("*.dcm"))
+    study_uid = str(pydicom.dcmread(any_file, stop_before_pixels=True).StudyInstanceUID)
+    result = Result(study_instance_uid=study_uid, status="failed", reason="the analysis failed")
+    analysis = Analysis(result)
+    analysis.objects = encode_objects(
+        result, _analysis_settings(tmp_path), None, [], None, None, None, study_file=any_file
+    )
+    objects = _written(analysis, tmp_path / "out")
+    assert sorted(objects) == ["sc", "sr"]
+    assert all(ds.StudyInstanceUID == study_uid for ds in objects.values())
+    assert "the analysis failed" in _sr_texts(objects["sr"])
+
+
+def test_a_failed_gate_ends_needs_review_with_its_figures_and_no_probability(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    # 8 slices where the input check wants 16: nothing after loading runs.
+    cohort = cohort_factory(seed=99, size=64, slices=8)
+    analysis = _analyse(cohort / "study_0001", _analysis_settings(tmp_path))
+    result = analysis.result
+    assert result.status == "needs_review"
+    assert result.reason.startswith("quality check failed — input: arterial slices 8")
+    assert result.mvi_probability is None and result.risk_category is None
+    (gate,) = result.gates
+    assert gate.name == "input" and gate.passed is False
+    assert gate.figures["arterial_slices"] == 8 and gate.limits["min_arterial_slices"] == 16
+    objects = _written(analysis, tmp_path / "out")
+    assert any(text.startswith("input: FAILED") for text in _sr_texts(objects["sr"]))
+    # With the gates off the same study goes on (and is no longer stopped by its slice count).
+    relaxed = _analyse(
+        cohort / "study_0001", _analysis_settings(tmp_path, gates={"enabled": False})
+    )
+    assert relaxed.result.gates == []
+    assert "input" not in (relaxed.result.reason or "")
+
+
+def test_a_reanalysis_names_its_predecessor_and_can_send_a_rejection_note(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=98, size=64, slices=16)
+    first = _analyse(cohort / "study_0001", _analysis_settings(tmp_path))
+    before = _written(first, tmp_path / "first")
+    superseded = list(before.values())
+    quiet = _analyse(cohort / "study_0001", _analysis_settings(tmp_path), superseded=superseded)
+    assert "ko" not in quiet.objects  # off by default
+    settings = _analysis_settings(tmp_path, results={"send_rejection_notes": True})
+    second = _analyse(cohort / "study_0001", settings, superseded=superseded)
+    after = _written(second, tmp_path / "second")
+    predecessor = after["sr"].PredecessorDocumentsSequence[0]
+    referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == before["sr"].SOPInstanceUID
+    note = after["ko"]
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+    named = {
+        str(sop.ReferencedSOPInstanceUID)
+        for series in note.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert named == {str(ds.SOPInstanceUID) for ds in superseded}
+    # The series descriptions carry the model version and the analysis time.
+    for kind, ds in after.items():
+        assert " 20" in str(ds.SeriesDescription) and "Z" in str(ds.SeriesDescription), kind

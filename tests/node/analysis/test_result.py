@@ -66,8 +66,13 @@ def test_an_old_result_without_schema_version_reads_and_keeps_its_values() -> No
     assert result.risk_category is RiskCategory.HIGH
     assert result.tumor is not None and result.tumor.max_diameter_mm == 38.02
     assert result.device is not None and result.device.type == "cpu"
-    # Written again, it is the same JSON plus the layout version.
-    assert to_json(result) == {"schema_version": SCHEMA_VERSION, **OLD_FORMAT}
+    # Written again, it is the same JSON plus the layout version and what version 2 added.
+    assert to_json(result) == {
+        "schema_version": SCHEMA_VERSION,
+        **OLD_FORMAT,
+        "segmentation": {**OLD_FORMAT["segmentation"], "rejected": [], "algorithm": ""},
+        "gates": [],
+    }
 
 
 def test_keys_absent_before_are_absent_now() -> None:
@@ -78,7 +83,9 @@ def test_keys_absent_before_are_absent_now() -> None:
     assert to_json(result)["device"] == {"requested": "auto", "type": "cpu"}
     result.device.gpu_memory_peak_bytes = 1024
     assert to_json(result)["device"]["gpu_memory_peak_bytes"] == 1024
-    assert list(to_json(result)) == ["schema_version", *OLD_FORMAT]
+    keys = list(OLD_FORMAT)
+    keys.insert(keys.index("segmentation") + 1, "gates")
+    assert list(to_json(result)) == ["schema_version", *keys]
 
 
 @pytest.mark.parametrize(
@@ -88,3 +95,49 @@ def test_keys_absent_before_are_absent_now() -> None:
 def test_a_result_that_is_not_one_is_refused(change: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         Result.model_validate({**OLD_FORMAT, **change})
+
+
+def test_a_version_1_file_reads_with_no_gates_and_no_rejected_segs() -> None:
+    result = Result.model_validate(OLD_FORMAT)
+    assert result.gates == []
+    assert result.segmentation is not None and result.segmentation.rejected == []
+
+
+def test_gates_and_rejected_segs_round_trip_through_the_json() -> None:
+    data = {
+        **OLD_FORMAT,
+        "status": "needs_review",
+        "reason": "quality check failed — segmentation: tumor components 9 (limit 3)",
+        "gates": [
+            {"name": "input", "passed": True, "figures": {"arterial_slices": 64}},
+            {
+                "name": "segmentation",
+                "passed": False,
+                "reason": "tumor components 9 (limit 3)",
+                "figures": {"tumor_components": 9},
+                "limits": {"max_tumor_components": 3},
+            },
+        ],
+        "segmentation": {
+            "source": "unet",
+            "supplied_seg": None,
+            "rejected_segs": 1,
+            "rejected": [
+                {
+                    "series_uid": "2.25.9",
+                    "series_number": 7,
+                    "series_description": "LIVER SEG",
+                    "label": "series 7 (LIVER SEG)",
+                    "reason": "no LOAT segment",
+                }
+            ],
+        },
+    }
+    result = Result.model_validate(data)
+    assert [g.text for g in result.gates] == [
+        "input: passed (arterial_slices 64)",
+        "segmentation: FAILED — tumor components 9 (limit 3)",
+    ]
+    again = Result.model_validate(to_json(result))
+    assert again == result
+    assert to_json(result)["schema_version"] == SCHEMA_VERSION == 2

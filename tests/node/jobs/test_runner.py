@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from node.analysis.models import Models
-from node.analysis.result import to_json
+from node.analysis.result import SCHEMA_VERSION, to_json
 from node.core.logging import study_key
 from node.core.settings import Settings
 from node.jobs.runner import JobOutcome, batch_size, cuda_out_of_memory, run_jobs
@@ -195,7 +195,7 @@ def test_a_job_failed_for_good_sends_a_report_on_its_arterial_series(
     result = row.result
     assert result.status == "failed" and result.reason == "the analysis failed: RuntimeError: boom"
     assert sorted(result.outputs) == ["sc", "sr"]  # nothing measured: no SEG
-    assert "device" not in to_json(result) and result.schema_version == 1
+    assert "device" not in to_json(result) and result.schema_version == SCHEMA_VERSION
     with (cohort / "truth.csv").open(newline="") as handle:
         arterial = next(csv.DictReader(handle))["arterial_series_uid"]
     sr = pydicom.dcmread(results_folder(settings, uid, job.id) / "sr.dcm")
