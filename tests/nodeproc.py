@@ -120,7 +120,12 @@ def tiny_models() -> dict[str, str]:
 def node_settings(
     data_dir: Path, port: int | None = None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A test node's configuration: loopback, fast timers, the test's SCU as a peer."""
+    """A test node's configuration: loopback, fast timers, the test's SCU as a peer.
+
+    The quality gates are off: the tiny models' masks are meaningless (see :func:`tiny_models`)
+    and these nodes test receiving, jobs and delivery; the gates have their own tests
+    (tests/node/analysis/test_gates.py and the gate tests of test_pipeline.py).
+    """
     data: dict[str, Any] = {
         "node": {
             "ae_title": NODE_AET,
@@ -133,6 +138,7 @@ def node_settings(
         "peers": {"scu": {"ae_title": SCU_AET, "host": "127.0.0.1"}},
         "completion": {"quiet_seconds": 1.0},
         "pipeline": {"workers": 1, "device": "cpu", **tiny_models()},
+        "gates": {"enabled": False},
     }
     for section, values in (extra or {}).items():
         if isinstance(values, Mapping) and isinstance(data.get(section), dict):

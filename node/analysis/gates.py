@@ -269,14 +269,16 @@ def check_segmentation(
     else:
         verdict.skipped.append("the segmenter's card has no training range")
     if masks.stomach is not None and masks.loat.any():
+        # An empty stomach is a segmenter that never learned one (site training from SEGs
+        # without it), not a patient without a stomach: that distance is then not judged.
         for organ, mask in (("liver", masks.liver), ("stomach", masks.stomach)):
             verdict.at_most(
                 f"loat_to_{organ}_mm",
-                median_distance_mm(masks.loat, mask, spacing_mm) if mask.any() else 999.0,
+                median_distance_mm(masks.loat, mask, spacing_mm),
                 limits.max_loat_distance_mm,
                 f"LOAT not between liver and stomach: median distance to the {organ} (mm)",
             )
-    elif masks.stomach is None:
+    else:
         verdict.figures["loat_to_stomach_mm"] = None
     if masks.source != "supplied":
         limit = limits.uncertainty_limit

@@ -333,6 +333,9 @@ def _result_table(
     table.add_row("status", f"{status} (study {state})", truth_label)
     if result is not None and result.reason:
         table.add_row("reason", result.reason, "")
+    if result is not None and result.gates:
+        marks = {True: "✓", False: "✗", None: "–"}
+        table.add_row("checks", " ".join(f"{marks[g.passed]}{g.name}" for g in result.gates), "")
     table.add_row("MVI probability", _fmt(result.mvi_probability if result else None, digits=3), "")
     table.add_row(
         "combined probability",
