@@ -177,7 +177,8 @@ class PhantomSpec:
     tumor
         ``False`` renders a liver study without a tumour (``Truth.mvi`` is ``None``).
     non_liver
-        ``True`` renders a chest phantom with a single non-contrast phase and empty masks;
+        ``True`` renders a chest phantom with a single non-contrast phase and empty liver,
+        tumour, LOAT and stomach masks (the aorta runs through the chest and keeps its mask);
         ``phases`` is then ignored.
     phases
         Subset of :data:`PHASE_NAMES` to render (rendered in canonical order).
@@ -270,7 +271,12 @@ class PhaseVolume:
 
 @dataclass
 class PhantomStudy:
-    """A rendered study; masks are on the arterial frame (viscera without breathing shift)."""
+    """A rendered study; masks are on the arterial frame (viscera without breathing shift).
+
+    ``masks`` holds uint8 0/1 volumes ``"liver"`` (tumour included), ``"tumor"``, ``"loat"``,
+    ``"stomach"`` (wall, fluid and gas) and ``"aorta"``; stomach and aorta never overlap the
+    liver or the LOAT.
+    """
 
     seed: int
     spec: PhantomSpec
@@ -820,6 +826,10 @@ def _masks(labels: npt.NDArray[np.uint8]) -> dict[str, MaskVolume]:
         "liver": lut(_LIVER, _RIM, _TUMOR, _TUMOR_CORE),
         "tumor": lut(_TUMOR, _TUMOR_CORE),
         "loat": lut(_LOAT),
+        # The whole organ, lumen included: a segmenter that learns only the wall would leave a
+        # fluid-filled stomach as a hole that the quality gates cannot tell from missing anatomy.
+        "stomach": lut(_STOMACH_WALL, _STOMACH_FLUID, _STOMACH_AIR),
+        "aorta": lut(_AORTA),
     }
 
 

@@ -1,11 +1,18 @@
-"""Liver, tumour and LOAT segmentation on dual-phase (arterial + portal-venous) CT.
+"""Liver, tumour, LOAT, stomach and aorta segmentation on dual-phase (arterial + portal-venous) CT.
 
 The segmenter is a small MONAI 3-D U-Net with two input channels (arterial, portal-venous) and
-four output classes (:data:`LABELS`). It runs on an isotropic working grid (the model card's
+six output classes (:data:`LABELS`). It runs on an isotropic working grid (the model card's
 ``input.spacing_mm``, about 2 mm): both phases are resampled onto it, windowed to the card's HU
 range and scaled to ``[0, 1]``, cropped to the body, segmented with a sliding window, and the
 label map is resampled back onto the arterial grid with nearest-neighbour interpolation before
-:func:`postprocess` turns it into :class:`Masks`.
+:func:`postprocess` turns it into :class:`Masks`. A segmenter trained before the stomach and the
+aorta were labels (:data:`LEGACY_LABELS`) still loads; its masks then have no stomach or aorta.
+
+The segmenter reports its own uncertainty (:func:`predict_labels`): the mean normalised entropy
+of the softmax over the working-grid voxels it labels as anything but background. Its model card
+records what it was trained on and how uncertain it was on its validation studies
+(:mod:`model.train_seg`); :func:`training_range_of` and :func:`uncertainty_limit_of` read those
+entries for the node's quality gates without the gates knowing the card's JSON layout.
 
 The portal-venous image must already be registered and resampled onto the arterial grid
 (:mod:`model.registration`): the pipeline registers first, and training uses the same path.
@@ -16,10 +23,12 @@ Nothing here imports :mod:`node` or reads settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -37,9 +46,13 @@ __all__ = [
     "DEFAULT_WINDOW_HU",
     "FAT_HU",
     "LABELS",
+    "LEGACY_LABELS",
     "NETWORK_CLASSES",
     "SEGMENTER_CARD_KEYS",
+    "SEGMENTER_CARD_VERSION",
     "Masks",
+    "Prediction",
+    "TrainingRange",
     "UNetSegmenter",
     "WorkingInput",
     "autocast",
@@ -49,12 +62,32 @@ __all__ = [
     "labels_from_masks",
     "postprocess",
     "predict_labels",
+    "prediction_from_logits",
     "prepare_input",
     "resolve_device",
+    "training_range_of",
+    "uncertainty_limit_of",
 ]
 
 #: Class indices of the network's output (also written into every segmenter's model card).
-LABELS: dict[str, int] = {"background": 0, "liver": 1, "tumor": 2, "loat": 3}
+LABELS: dict[str, int] = {
+    "background": 0,
+    "liver": 1,
+    "tumor": 2,
+    "loat": 3,
+    "stomach": 4,
+    "aorta": 5,
+}
+
+#: The label map of segmenters trained before the stomach and the aorta were labels (card
+#: version 1). Its indices are those of :data:`LABELS`, so the same post-processing reads both; such
+#: a segmenter's :class:`Masks` have ``stomach`` and ``aorta`` ``None``.
+LEGACY_LABELS: dict[str, int] = {"background": 0, "liver": 1, "tumor": 2, "loat": 3}
+
+#: Layout version of a segmenter's model card: 2 added the stomach and aorta labels and the
+#: ``training_range`` and ``quality`` entries. Part of the demo segmenter's cache key, so a demo
+#: model cached with an older card is rebuilt rather than reused.
+SEGMENTER_CARD_VERSION: int = 2
 
 #: Fat on CT: LOAT voxels outside this HU range (arterial image) are not fat and are dropped.
 FAT_HU: tuple[float, float] = (-190.0, -30.0)
@@ -118,15 +151,22 @@ class Masks:
     uncertainty: float | None = None
 
 
-def postprocess(labels: npt.NDArray[Any], arterial_hu: npt.NDArray[Any], source: str) -> Masks:
-    """Turn a label map (:data:`LABELS`) on the arterial grid into :class:`Masks`.
+def postprocess(
+    labels: npt.NDArray[Any],
+    arterial_hu: npt.NDArray[Any],
+    source: str,
+    label_map: Mapping[str, int] = LEGACY_LABELS,
+) -> Masks:
+    """Turn a label map on the arterial grid into :class:`Masks`.
 
     * tumour: the largest 26-connected component of label ``tumor``
       (:func:`model.measure.largest_component`; the report describes one lesion, and the count of
       components is kept so a multifocal case can be flagged);
     * LOAT: label ``loat`` restricted to fat, :data:`FAT_HU` on the arterial image (a label
       boundary that bleeds into the stomach wall or vessels must not inflate the area);
-    * liver: labels ``liver`` and ``tumor`` (dropped tumour components stay liver).
+    * liver: labels ``liver`` and ``tumor`` (dropped tumour components stay liver);
+    * stomach, aorta: their labels as they are (no component filtering: the quality gates
+      measure them, they are not reported), when ``label_map`` has them, else ``None``.
 
     Parameters
     ----------
@@ -136,6 +176,10 @@ def postprocess(labels: npt.NDArray[Any], arterial_hu: npt.NDArray[Any], source:
         Arterial HU on the same grid.
     source
         Recorded in :attr:`Masks.source`.
+    label_map
+        The classes ``labels`` can hold: :data:`LABELS` for a current segmenter; the default,
+        :data:`LEGACY_LABELS`, for a supplied SEG or an older segmenter, which know no stomach or
+        aorta (an empty mask would claim that the organ was looked for and not found).
     """
     labels = np.asarray(labels)
     hu = np.asarray(arterial_hu)
@@ -143,29 +187,57 @@ def postprocess(labels: npt.NDArray[Any], arterial_hu: npt.NDArray[Any], source:
         raise ValueError(
             f"labels {labels.shape} and arterial_hu {hu.shape} must be 3-D of the same shape"
         )
-    all_tumor = labels == LABELS["tumor"]
+    all_tumor = labels == label_map["tumor"]
     tumor, components = largest_component(all_tumor)
-    liver = (labels == LABELS["liver"]) | (labels == LABELS["tumor"])
+    liver = (labels == label_map["liver"]) | all_tumor
     low, high = FAT_HU
-    loat = (labels == LABELS["loat"]) & (hu >= low) & (hu <= high)
+    loat = (labels == label_map["loat"]) & (hu >= low) & (hu <= high)
+
+    def organ(name: str) -> UInt8Volume | None:
+        if name not in label_map:
+            return None
+        return (labels == label_map[name]).astype(np.uint8)
+
     return Masks(
         liver=liver.astype(np.uint8),
         tumor=tumor.astype(np.uint8),
         loat=loat.astype(np.uint8),
         tumor_components=components,
         source=source,
+        stomach=organ("stomach"),
+        aorta=organ("aorta"),
         tumor_component_voxels=component_sizes(all_tumor),
     )
 
 
 def labels_from_masks(
-    liver: npt.NDArray[Any], tumor: npt.NDArray[Any], loat: npt.NDArray[Any]
+    liver: npt.NDArray[Any],
+    tumor: npt.NDArray[Any],
+    loat: npt.NDArray[Any],
+    stomach: npt.NDArray[Any] | None = None,
+    aorta: npt.NDArray[Any] | None = None,
 ) -> UInt8Volume:
-    """Combine binary masks into one label map (tumour over liver; LOAT over both)."""
+    """Combine binary masks into one :data:`LABELS` map.
+
+    Painted in the order liver, stomach, aorta, tumour, LOAT, so where masks overlap the later
+    wins: the tumour and the LOAT, the structures the report measures, are never lost to a
+    neighbouring organ's boundary. A missing stomach or aorta mask paints nothing (those voxels
+    stay background or whatever else covers them).
+    """
     labels = np.zeros(np.shape(liver), dtype=np.uint8)
-    labels[np.asarray(liver) > 0] = LABELS["liver"]
-    labels[np.asarray(tumor) > 0] = LABELS["tumor"]
-    labels[np.asarray(loat) > 0] = LABELS["loat"]
+    painted: list[tuple[str, npt.NDArray[Any] | None]] = [
+        ("liver", liver),
+        ("stomach", stomach),
+        ("aorta", aorta),
+        ("tumor", tumor),
+        ("loat", loat),
+    ]
+    for name, mask in painted:
+        if mask is None:
+            continue
+        if np.shape(mask) != labels.shape:
+            raise ValueError(f"{name} mask {np.shape(mask)} differs from liver {labels.shape}")
+        labels[np.asarray(mask) > 0] = LABELS[name]
     return labels
 
 
@@ -216,7 +288,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 def default_network_spec(
     channels: Sequence[int] = (16, 32, 64, 128), num_res_units: int = 1
 ) -> dict[str, Any]:
-    """The card's ``network`` entry of the default small U-Net (2 inputs, 4 classes)."""
+    """The card's ``network`` entry of the default small U-Net (2 inputs, one output a class)."""
     return {
         "class": "UNet",
         "kwargs": {
@@ -344,14 +416,82 @@ def prepare_input(
     return WorkingInput(image=np.ascontiguousarray(image), box=box, reference=ap)
 
 
+class Prediction(NamedTuple):
+    """What :func:`predict_labels` returns.
+
+    Attributes
+    ----------
+    labels
+        uint8 argmax labels ``[k, j, i]``.
+    uncertainty
+        Mean normalised softmax entropy over the voxels labelled anything but background, in
+        ``[0, 1]`` (0: one class has all the probability; 1: all classes are equally likely).
+        1.0 when no voxel is foreground: a segmentation that found nothing is not one to trust.
+    """
+
+    labels: UInt8Volume
+    uncertainty: float
+
+
+# Voxels per block when turning logits into labels and entropy: each float32 temporary (the
+# block, its log-softmax, their product) is then about 50 MB for six classes, whatever the volume.
+_ENTROPY_BLOCK_VOXELS = 1 << 21
+
+
+def prediction_from_logits(logits: torch.Tensor, background: int = 0) -> Prediction:
+    """Argmax labels and uncertainty of class scores ``[classes, k, j, i]``.
+
+    The normalised entropy of a voxel is ``-sum_c p_c ln p_c / ln(classes)`` with ``p`` the
+    softmax of its scores, computed in float32 whatever the scores' dtype (mixed precision). The
+    volume is processed a few slices at a time so that the temporaries stay small.
+
+    Parameters
+    ----------
+    logits
+        Raw network output of one volume (any device, any float dtype).
+    background
+        Class index left out of the uncertainty.
+    """
+    if logits.ndim != 4 or logits.shape[0] < 2:
+        raise ValueError(f"logits must be [classes >= 2, k, j, i], got {tuple(logits.shape)}")
+    classes, depth = int(logits.shape[0]), int(logits.shape[1])
+    plane = max(1, int(logits.shape[2]) * int(logits.shape[3]))
+    step = max(1, _ENTROPY_BLOCK_VOXELS // plane)
+    labels = torch.empty(tuple(logits.shape[1:]), dtype=torch.uint8, device=logits.device)
+    # Summed in float64: millions of voxels of float32 entropy would lose digits.
+    entropy_sum = 0.0
+    foreground = 0
+    for k0 in range(0, depth, step):
+        block = logits[:, k0 : k0 + step].float()
+        log_p = torch.log_softmax(block, dim=0)
+        entropy = -(log_p.exp() * log_p).sum(dim=0)
+        argmax = torch.argmax(block, dim=0)
+        labels[k0 : k0 + step] = argmax.to(torch.uint8)
+        selected = argmax != background
+        entropy_sum += float(entropy[selected].sum(dtype=torch.float64))
+        foreground += int(selected.sum())
+    if foreground == 0:
+        uncertainty = 1.0
+    else:
+        uncertainty = entropy_sum / foreground / math.log(classes)
+        # Rounding can put a near-uniform softmax a hair outside [0, 1].
+        uncertainty = min(max(uncertainty, 0.0), 1.0)
+    return Prediction(labels=labels.cpu().numpy(), uncertainty=float(uncertainty))
+
+
 def predict_labels(
     network: torch.nn.Module,
     image: npt.NDArray[np.float32],
     roi_kji: Sequence[int],
     device: torch.device,
     overlap: float = 0.25,
-) -> UInt8Volume:
-    """Sliding-window inference over a ``[2, k, j, i]`` input; argmax labels ``[k, j, i]``."""
+) -> Prediction:
+    """Sliding-window inference over a ``[2, k, j, i]`` input: labels and uncertainty.
+
+    The uncertainty (:func:`prediction_from_logits`) is taken on the blended sliding-window
+    output over the input as given (the body crop of the working grid), so the air around the
+    body, where every network is certain, does not dilute it.
+    """
     network.eval()
     batch = 4 if device.type == "cuda" else 1
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
@@ -365,8 +505,8 @@ def predict_labels(
             mode="gaussian",
         )
     assert isinstance(logits, torch.Tensor)
-    labels = torch.argmax(logits[0].float(), dim=0).to(torch.uint8)
-    return labels.cpu().numpy()
+    with torch.inference_mode():
+        return prediction_from_logits(logits[0], background=LABELS["background"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +543,14 @@ class UNetSegmenter:
                 f"model card has an invalid patch size {patch}, window [{low}, {high}] or "
                 f"spacing {self.working_spacing_mm}"
             )
+        labels = _known_label_map(card.get("labels", LABELS))
+        if labels is None:
+            raise CheckpointError(
+                f"model card labels {card.get('labels')} are neither {LABELS} nor the older "
+                f"{LEGACY_LABELS}"
+            )
+        #: The classes this segmenter's output holds (:data:`LABELS` or :data:`LEGACY_LABELS`).
+        self.labels: dict[str, int] = labels
         self.window_hu: tuple[float, float] = (low, high)
         # The card gives the patch as (x, y, z) voxels; tensors are indexed [k, j, i].
         self.roi_kji: tuple[int, int, int] = (patch[2], patch[1], patch[0])
@@ -421,8 +569,20 @@ class UNetSegmenter:
         state, card = load_checkpoint(directory, required=SEGMENTER_CARD_KEYS)
         if card.get("kind") != "segmenter":
             raise CheckpointError(f"{directory} holds a {card.get('kind')!r}, not a segmenter")
-        if card.get("labels") != LABELS:
-            raise CheckpointError(f"{directory}: labels {card.get('labels')} differ from {LABELS}")
+        labels = _known_label_map(card.get("labels"))
+        if labels is None:
+            raise CheckpointError(
+                f"{directory}: labels {card.get('labels')} are neither {LABELS} nor the older "
+                f"{LEGACY_LABELS}"
+            )
+        spec = card["network"]
+        kwargs = spec.get("kwargs") if isinstance(spec, Mapping) else None
+        outputs = kwargs.get("out_channels") if isinstance(kwargs, Mapping) else None
+        if outputs is not None and outputs != len(labels):
+            # Weights of the right shape would load, and argmax would name classes the card lacks.
+            raise CheckpointError(
+                f"{directory}: the network has {outputs} outputs for {len(labels)} labels"
+            )
         network = build_network(card["network"])
         try:
             network.load_state_dict(state, strict=True)
@@ -433,7 +593,7 @@ class UNetSegmenter:
         return cls(network, card, device)
 
     def segment(self, arterial: sitk.Image, portal_venous_on_arterial: sitk.Image) -> Masks:
-        """Segment liver, tumour and LOAT.
+        """Segment liver, tumour, LOAT and (when the card has those labels) stomach and aorta.
 
         Parameters
         ----------
@@ -445,15 +605,137 @@ class UNetSegmenter:
         Returns
         -------
         Masks
-            On the arterial grid, ``source="unet"``.
+            On the arterial grid, ``source="unet"``, with the :attr:`Masks.uncertainty` of
+            :func:`predict_labels` (measured on the working grid, before resampling).
         """
         work = prepare_input(
             arterial, portal_venous_on_arterial, self.working_spacing_mm, self.window_hu
         )
-        labels = work.uncrop(predict_labels(self.network, work.image, self.roi_kji, self.device))
-        label_image = sitk.GetImageFromArray(labels)
+        prediction = predict_labels(self.network, work.image, self.roi_kji, self.device)
+        label_image = sitk.GetImageFromArray(work.uncrop(prediction.labels))
         label_image.CopyInformation(work.reference)
         on_arterial = resample_onto(label_image, arterial, label=True)
-        return postprocess(
-            sitk.GetArrayFromImage(on_arterial), sitk.GetArrayViewFromImage(arterial), "unet"
+        masks = postprocess(
+            sitk.GetArrayFromImage(on_arterial),
+            sitk.GetArrayViewFromImage(arterial),
+            "unet",
+            self.labels,
         )
+        return dataclasses.replace(masks, uncertainty=prediction.uncertainty)
+
+
+def _known_label_map(labels: Any) -> dict[str, int] | None:
+    """:data:`LABELS` or :data:`LEGACY_LABELS` when ``labels`` is one of them, else None."""
+    for known in (LABELS, LEGACY_LABELS):
+        if labels == known:
+            return dict(known)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# What the model card says about the training data and the segmenter's uncertainty
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingRange:
+    """What a segmenter's training studies spanned (the card's ``training_range``).
+
+    Measured per training study on its truth masks (:func:`model.train_seg.training_range`); each
+    range is ``(min, max)`` over the studies.
+
+    Attributes
+    ----------
+    tumor_volume_ml, loat_volume_ml
+        Volumes of the truth tumour and LOAT.
+    liver_hu
+        Mean HU of the liver without the tumour, by phase (``"arterial"``,
+        ``"portal_venous"``; the portal-venous image registered onto the arterial grid, as
+        training sees it). A phase no study could measure is absent.
+    aorta_hu
+        Mean HU inside the aorta by phase, or ``None`` when the training truth had no aorta
+        (site training from manual SEGs).
+    studies
+        Number of training studies measured.
+    """
+
+    tumor_volume_ml: tuple[float, float]
+    loat_volume_ml: tuple[float, float]
+    liver_hu: Mapping[str, tuple[float, float]]
+    aorta_hu: Mapping[str, tuple[float, float]] | None
+    studies: int
+
+
+def _bounds(value: Any) -> tuple[float, float] | None:
+    """``[min, max]`` of a card as a tuple, or None when it is not two ordered finite numbers."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        return None
+    try:
+        low, high = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        return None
+    return (low, high)
+
+
+def _phase_bounds(value: Any) -> dict[str, tuple[float, float]] | None:
+    if not isinstance(value, Mapping):
+        return None
+    phases: dict[str, tuple[float, float]] = {}
+    for phase, entry in value.items():
+        bounds = _bounds(entry)
+        if bounds is None:
+            return None
+        phases[str(phase)] = bounds
+    return phases
+
+
+def training_range_of(card: Mapping[str, Any]) -> TrainingRange | None:
+    """The :class:`TrainingRange` a segmenter's model card records.
+
+    Returns
+    -------
+    TrainingRange or None
+        ``None`` when the card has no ``training_range`` (a segmenter trained before card
+        version 2) or it is not in the layout :mod:`model.train_seg` writes; a quality gate then
+        has no range to check against.
+    """
+    entry = card.get("training_range")
+    if not isinstance(entry, Mapping):
+        return None
+    tumor = _bounds(entry.get("tumor_volume_ml"))
+    loat = _bounds(entry.get("loat_volume_ml"))
+    liver = _phase_bounds(entry.get("liver_hu", {}))
+    aorta = _phase_bounds(entry["aorta_hu"]) if "aorta_hu" in entry else None
+    if tumor is None or loat is None or liver is None:
+        return None
+    if "aorta_hu" in entry and aorta is None:
+        return None
+    studies = entry.get("studies", 0)
+    return TrainingRange(
+        tumor_volume_ml=tumor,
+        loat_volume_ml=loat,
+        liver_hu=liver,
+        aorta_hu=aorta,
+        studies=int(studies) if isinstance(studies, int) else 0,
+    )
+
+
+def uncertainty_limit_of(card: Mapping[str, Any]) -> float | None:
+    """The card's ``quality.uncertainty_limit``: above it a segmentation is not trusted.
+
+    Returns
+    -------
+    float or None
+        ``None`` when the card has none (an older segmenter) or it is not a positive finite
+        number.
+    """
+    quality = card.get("quality")
+    if not isinstance(quality, Mapping):
+        return None
+    limit = quality.get("uncertainty_limit")
+    if isinstance(limit, bool) or not isinstance(limit, int | float):
+        return None
+    value = float(limit)
+    return value if math.isfinite(value) and value > 0 else None

@@ -13,6 +13,27 @@ deterministic for a seed on a given device. Validation segments each held-out sa
 very code the node runs (:meth:`UNetSegmenter.segment`, post-processing included) and reports the
 Dice of each label on the arterial grid in the model card.
 
+Partial truth. A study's truth may lack the stomach and the aorta (:data:`OPTIONAL_LABELS`; a
+manual SEG from a site has liver, tumour and LOAT only): :attr:`TrainingSample.unlabelled` names
+them, and their voxels are then background in its label map. Such a study does not teach the
+network that the stomach is background: for its patches the loss marginalises, adding the
+softmax probability of each unlabelled class to that of background before Dice and cross-entropy
+(and leaving the unlabelled class's Dice to the studies that have it). Predicting stomach where
+such truth says background costs nothing; predicting background, liver or anything else still
+does. A batch in which every study has every label uses MONAI's Dice + cross-entropy unchanged.
+
+The model card also records what the segmenter was trained on and how uncertain it is:
+
+* ``training_range`` (:func:`training_range`): over the training studies, ``[min, max]`` of the
+  truth tumour and LOAT volumes (ml), of the mean HU of the liver without the tumour on the
+  arterial and on the portal-venous image (registered onto the arterial grid, as training sees
+  it), and of the mean HU inside the aorta (omitted when no training study has an aorta label);
+* ``quality``: the trained segmenter's :attr:`Masks.uncertainty` on each validation study (the
+  training studies when there is no validation split), summarised as ``uncertainty_validation``
+  ``[p50, p95, max]``, and ``uncertainty_limit = UNCERTAINTY_LIMIT_FACTOR × p95`` (1.5 × the
+  95th percentile, rounded up to four decimals): a study segmented with more uncertainty than
+  that is outside what the segmenter validated on (:func:`model.segmentation.uncertainty_limit_of`).
+
 Nothing here imports :mod:`node` or reads settings; nothing is written but the checkpoint.
 """
 
@@ -22,7 +43,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +52,8 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -40,6 +62,7 @@ from model.registration import resample_onto
 from model.segmentation import (
     DEFAULT_WINDOW_HU,
     LABELS,
+    SEGMENTER_CARD_VERSION,
     UNetSegmenter,
     autocast,
     build_network,
@@ -51,10 +74,14 @@ from model.segmentation import (
 
 __all__ = [
     "DEFAULT_PATCH",
+    "OPTIONAL_LABELS",
     "SAMPLING",
+    "UNCERTAINTY_LIMIT_FACTOR",
     "TrainingSample",
     "evaluate_segmenter",
     "train_segmenter",
+    "training_range",
+    "uncertainty_quality",
 ]
 
 #: Default patch, ``(x, y, z)`` voxels of the working grid (128 × 128 × 64 mm at 2 mm).
@@ -63,6 +90,15 @@ DEFAULT_PATCH: tuple[int, int, int] = (64, 64, 32)
 #: Where patch centres are drawn: probability per target (a missing structure falls back to
 #: "any"). Tumour + LOAT = 60 % keeps the small structures in most batches.
 SAMPLING: dict[str, float] = {"tumor": 0.3, "loat": 0.3, "liver": 0.2, "any": 0.2}
+
+#: Labels a study's truth may lack (:attr:`TrainingSample.unlabelled`): the organs the quality
+#: gates use, which a site's manual SEG does not draw.
+OPTIONAL_LABELS: tuple[str, ...] = ("stomach", "aorta")
+
+#: ``quality.uncertainty_limit`` is this factor times the 95th percentile of the validation
+#: studies' uncertainty: headroom for the spread of studies that are as good as those validated,
+#: while a study far outside it (wrong phase, artefacts, another anatomy) still exceeds it.
+UNCERTAINTY_LIMIT_FACTOR: float = 1.5
 
 _INTENSITY_SCALE = 0.05  # ± fraction per channel
 _INTENSITY_SHIFT = 0.03  # ± of the [0, 1] window (~18 HU)
@@ -83,12 +119,17 @@ class TrainingSample:
         uint8 ``[k, j, i]`` label map on the arterial grid (:data:`model.segmentation.LABELS`).
     name
         For messages and the card (no patient identifiers).
+    unlabelled
+        Labels of :data:`OPTIONAL_LABELS` that this truth does not draw (their voxels are
+        background in ``labels``); the loss does not count them as background (see the module
+        docstring).
     """
 
     arterial: Any
     portal_venous: Any
     labels: npt.NDArray[np.uint8]
     name: str = ""
+    unlabelled: frozenset[str] = field(default_factory=frozenset)
 
 
 @dataclass
@@ -96,6 +137,7 @@ class _Prepared:
     image: npt.NDArray[np.float32]  # [2, k, j, i], padded to at least the patch
     labels: npt.NDArray[np.uint8]  # [k, j, i]
     where: dict[str, npt.NDArray[np.intp]]  # flat indices per sampling target
+    unlabelled: tuple[int, ...]  # class indices this truth does not draw
 
 
 def _check_sample(sample: TrainingSample) -> None:
@@ -109,6 +151,15 @@ def _check_sample(sample: TrainingSample) -> None:
         )
     if int(sample.labels.max(initial=0)) >= len(LABELS):
         raise ValueError(f"{sample.name}: labels must be in 0..{len(LABELS) - 1}")
+    unknown = set(sample.unlabelled) - set(OPTIONAL_LABELS)
+    if unknown:
+        raise ValueError(
+            f"{sample.name}: only {', '.join(OPTIONAL_LABELS)} may be unlabelled, not "
+            f"{', '.join(sorted(unknown))}"
+        )
+    for name in sample.unlabelled:
+        if np.any(sample.labels == LABELS[name]):
+            raise ValueError(f"{sample.name}: {name} is said to be unlabelled but is drawn")
 
 
 def _prepare(
@@ -135,7 +186,8 @@ def _prepare(
         "loat": np.flatnonzero(flat == LABELS["loat"]),
         "liver": np.flatnonzero((flat == LABELS["liver"]) | (flat == LABELS["tumor"])),
     }
-    return _Prepared(image=image, labels=labels, where=where)
+    unlabelled = tuple(sorted(LABELS[name] for name in sample.unlabelled))
+    return _Prepared(image=image, labels=labels, where=where, unlabelled=unlabelled)
 
 
 def _patch_start(
@@ -163,11 +215,13 @@ def _batch(
     patch_kji: Sequence[int],
     batch_size: int,
     rng: np.random.Generator,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], list[tuple[int, ...]]]:
     images = []
     labels = []
+    unlabelled = []
     for _ in range(batch_size):
         sample = prepared[int(rng.integers(len(prepared)))]
+        unlabelled.append(sample.unlabelled)
         k, j, i = _patch_start(sample, patch_kji, rng)
         pk, pj, pi = patch_kji
         image = sample.image[:, k : k + pk, j : j + pj, i : i + pi].copy()
@@ -175,7 +229,38 @@ def _batch(
         shift = rng.uniform(-_INTENSITY_SHIFT, _INTENSITY_SHIFT, size=(2, 1, 1, 1))
         images.append((image * scale + shift).astype(np.float32))
         labels.append(sample.labels[None, k : k + pk, j : j + pj, i : i + pi].astype(np.int64))
-    return np.stack(images), np.stack(labels)
+    return np.stack(images), np.stack(labels), unlabelled
+
+
+def _partial_label_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    unlabelled: Sequence[Sequence[int]],
+    dice_loss: DiceLoss,
+) -> torch.Tensor:
+    """Dice + cross-entropy with each sample's unlabelled classes merged into background.
+
+    Equal to MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True, batch=True)`` when no class is
+    unlabelled. Worked in log space: the merged background is a log-sum-exp, and an unlabelled
+    class gets log-probability -inf (probability 0), so it adds nothing to that sample's Dice
+    terms and cross-entropy never reads it (truth never holds an unlabelled class).
+    """
+    assert LABELS["background"] == 0
+    log_p = torch.log_softmax(logits, dim=1)
+    rows = []
+    for index, missing in enumerate(unlabelled):
+        row = log_p[index]
+        if missing:
+            merged = torch.logsumexp(row[[0, *missing]], dim=0)
+            drop = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
+            drop[list(missing)] = True
+            # where, not arithmetic: -inf never enters a product, so gradients stay finite.
+            row = torch.where(drop[:, None, None, None], float("-inf"), row)
+            row = torch.cat([merged[None], row[1:]])
+        rows.append(row)
+    merged_log_p = torch.stack(rows)
+    cross_entropy = F.nll_loss(merged_log_p, target[:, 0])
+    return dice_loss(merged_log_p.exp(), target) + cross_entropy
 
 
 def _schedule(iterations: int) -> Callable[[int], float]:
@@ -190,31 +275,153 @@ def _schedule(iterations: int) -> Callable[[int], float]:
     return factor
 
 
+def _truth(labels: npt.NDArray[np.uint8], name: str) -> npt.NDArray[np.bool_]:
+    if name == "liver":
+        return (labels == LABELS["liver"]) | (labels == LABELS["tumor"])
+    return labels == LABELS[name]
+
+
+#: Labels whose Dice :func:`evaluate_segmenter` reports.
+_SCORED = ("liver", "tumor", "loat", "stomach", "aorta")
+
+
 def evaluate_segmenter(
     segmenter: UNetSegmenter, samples: Sequence[TrainingSample]
 ) -> dict[str, Any]:
-    """Dice of liver, tumour and LOAT per sample and averaged, on the arterial grid.
+    """Dice per label and uncertainty, per sample and summarised, on the arterial grid.
+
+    The Dice of the stomach or the aorta is left out for a sample whose truth does not draw it
+    or a segmenter that does not label it.
 
     Returns
     -------
     dict
-        ``{"dice": {label: mean or None}, "studies": n, "per_study": [{name, dice...}]}``.
+        ``{"dice": {label: mean or None}, "studies": n, "per_study": [{name, dice...,
+        uncertainty}]}``; ``dice`` has liver, tumor, loat, stomach and aorta.
     """
     per_study: list[dict[str, Any]] = []
     for sample in samples:
         masks = segmenter.segment(sample.arterial, sample.portal_venous)
         truth = sample.labels
-        scores = {
-            "liver": dice(masks.liver, (truth == LABELS["liver"]) | (truth == LABELS["tumor"])),
-            "tumor": dice(masks.tumor, truth == LABELS["tumor"]),
-            "loat": dice(masks.loat, truth == LABELS["loat"]),
+        found = {
+            "liver": masks.liver,
+            "tumor": masks.tumor,
+            "loat": masks.loat,
+            "stomach": masks.stomach,
+            "aorta": masks.aorta,
         }
-        per_study.append({"name": sample.name, **{k: round(v, 4) for k, v in scores.items()}})
-    mean: dict[str, float | None] = {
-        label: (round(float(np.mean([s[label] for s in per_study])), 4) if per_study else None)
-        for label in ("liver", "tumor", "loat")
-    }
+        scores: dict[str, float] = {}
+        for label in _SCORED:
+            prediction = found[label]
+            if prediction is not None and label not in sample.unlabelled:
+                scores[label] = round(dice(prediction, _truth(truth, label)), 4)
+        uncertainty = None if masks.uncertainty is None else round(masks.uncertainty, 6)
+        per_study.append({"name": sample.name, **scores, "uncertainty": uncertainty})
+    mean: dict[str, float | None] = {}
+    for label in _SCORED:
+        values = [s[label] for s in per_study if label in s]
+        mean[label] = round(float(np.mean(values)), 4) if values else None
     return {"dice": mean, "studies": len(per_study), "per_study": per_study}
+
+
+def _floor(value: float, digits: int) -> float:
+    scale = 10.0**digits
+    # Rounded first: 3 × 0.02 ml is 0.060000000000000005 and must not become 0.07.
+    return math.floor(round(value * scale, 6)) / scale
+
+
+def _ceil(value: float, digits: int) -> float:
+    scale = 10.0**digits
+    return math.ceil(round(value * scale, 6)) / scale
+
+
+def _span(values: Sequence[float], digits: int) -> list[float] | None:
+    """``[min, max]`` rounded outward (the range still holds every value), or None if empty."""
+    if not values:
+        return None
+    return [_floor(min(values), digits), _ceil(max(values), digits)]
+
+
+def training_range(samples: Sequence[TrainingSample]) -> dict[str, Any]:
+    """The card's ``training_range``: what the training studies' truth spans.
+
+    Per study, on the arterial grid: the truth tumour and LOAT volumes (voxel count × voxel
+    volume); the mean HU of the label ``liver`` (the liver without the tumour) on the arterial
+    and on the portal-venous image (the latter as :class:`TrainingSample` holds it, registered
+    onto the arterial grid); the mean HU inside the label ``aorta`` on both, for studies that
+    draw the aorta. Then ``[min, max]`` over the studies, rounded outward (ml to 0.01, HU to
+    0.1). A study with no liver voxels (a SEG of only tumour and LOAT) adds no liver HU; the
+    ``aorta_hu`` key is omitted when no study has an aorta, and a phase entry when no study could
+    measure it.
+
+    Returns
+    -------
+    dict
+        ``{"tumor_volume_ml": [lo, hi], "loat_volume_ml": [lo, hi], "liver_hu": {"arterial":
+        [lo, hi], "portal_venous": [lo, hi]}, "aorta_hu": {...}, "studies": n}``.
+    """
+    if not samples:
+        raise ValueError("no training samples to measure")
+    tumor_ml: list[float] = []
+    loat_ml: list[float] = []
+    hu: dict[str, dict[str, list[float]]] = {
+        organ: {"arterial": [], "portal_venous": []} for organ in ("liver", "aorta")
+    }
+    for sample in samples:
+        voxel_ml = float(np.prod(sample.arterial.GetSpacing())) / 1000.0
+        labels = sample.labels
+        tumor_ml.append(int(np.count_nonzero(labels == LABELS["tumor"])) * voxel_ml)
+        loat_ml.append(int(np.count_nonzero(labels == LABELS["loat"])) * voxel_ml)
+        images = {
+            "arterial": sitk.GetArrayViewFromImage(sample.arterial),
+            "portal_venous": sitk.GetArrayViewFromImage(sample.portal_venous),
+        }
+        for organ in ("liver", "aorta"):
+            if organ in sample.unlabelled:
+                continue
+            inside = labels == LABELS[organ]
+            if not inside.any():
+                continue
+            for phase, image in images.items():
+                hu[organ][phase].append(float(np.mean(image[inside], dtype=np.float64)))
+    entry: dict[str, Any] = {
+        "tumor_volume_ml": _span(tumor_ml, 2),
+        "loat_volume_ml": _span(loat_ml, 2),
+    }
+    for organ in ("liver", "aorta"):
+        phases = {phase: _span(values, 1) for phase, values in hu[organ].items() if values}
+        if phases or organ == "liver":
+            entry[f"{organ}_hu"] = phases
+    entry["studies"] = len(samples)
+    return entry
+
+
+def uncertainty_quality(uncertainties: Sequence[float], measured_on: str) -> dict[str, Any]:
+    """The card's ``quality`` from the uncertainty of each validation (or training) study.
+
+    ``uncertainty_validation`` is ``[p50, p95, max]`` (linear-interpolation percentiles) and
+    ``uncertainty_limit`` is :data:`UNCERTAINTY_LIMIT_FACTOR` × p95, rounded up to four decimals
+    and at least 0.0001, so the limit is always positive.
+
+    Parameters
+    ----------
+    uncertainties
+        :attr:`model.segmentation.Masks.uncertainty` per study (at least one).
+    measured_on
+        ``"validation"`` or ``"training"``: which studies they are, recorded in the card.
+    """
+    values = np.asarray([float(u) for u in uncertainties], dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError("uncertainty_quality needs at least one finite uncertainty")
+    p50, p95 = (float(v) for v in np.percentile(values, [50.0, 95.0]))
+    limit = max(_ceil(UNCERTAINTY_LIMIT_FACTOR * p95, 4), 1e-4)
+    return {
+        "uncertainty_limit": limit,
+        "uncertainty_validation": [round(p50, 6), round(p95, 6), round(float(values.max()), 6)],
+        "uncertainty_limit_rule": f"{UNCERTAINTY_LIMIT_FACTOR:g} x p95",
+        "studies": int(values.size),
+        "measured_on": measured_on,
+    }
 
 
 def train_segmenter(
@@ -256,7 +463,8 @@ def train_segmenter(
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     validation
-        Held-out studies; their Dice goes into the card.
+        Held-out studies; their Dice and uncertainty go into the card (without them, the
+        card's ``quality`` is measured on the training studies).
     demo
         Trained on phantoms: the card says so and records the phantom generator's version.
     progress
@@ -273,7 +481,8 @@ def train_segmenter(
     Returns
     -------
     dict
-        The model card as written.
+        The model card as written, with ``training_range`` (:func:`training_range`) and
+        ``quality`` (:func:`uncertainty_quality`).
     """
     if not samples:
         raise ValueError("no training samples")
@@ -298,17 +507,21 @@ def train_segmenter(
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(iterations))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    partial_dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
 
     net.train()
     loss_value = float("nan")
     for step in range(iterations):
-        images, labels = _batch(prepared, patch_kji, batch_size, rng)
+        images, labels, unlabelled = _batch(prepared, patch_kji, batch_size, rng)
         x = torch.from_numpy(images).to(torch_device)
         y = torch.from_numpy(labels).to(torch_device)
         optimiser.zero_grad(set_to_none=True)
         with autocast(torch_device):
             logits = net(x)
-        loss = loss_fn(logits.float(), y)
+        if any(unlabelled):
+            loss = _partial_label_loss(logits.float(), y, unlabelled, partial_dice)
+        else:
+            loss = loss_fn(logits.float(), y)
         loss.backward()
         optimiser.step()
         scheduler.step()
@@ -326,6 +539,7 @@ def train_segmenter(
         "version": version,
         "created": created,
         "kind": "segmenter",
+        "card_version": SEGMENTER_CARD_VERSION,
         "demo": bool(demo),
         "labels": dict(LABELS),
         "input": {
@@ -345,6 +559,9 @@ def train_segmenter(
             "loss": "DiceCELoss",
             "optimizer": "AdamW",
             "studies": len(samples),
+            "studies_without": {
+                name: sum(name in s.unlabelled for s in samples) for name in OPTIONAL_LABELS
+            },
             "device": str(torch_device),
             "seconds": round(train_seconds, 1),
             "prepare_seconds": round(prepare_seconds, 1),
@@ -352,6 +569,7 @@ def train_segmenter(
             "torch": torch.__version__,
             "monai": monai.__version__,
         },
+        "training_range": training_range(samples),
     }
     if demo:
         card["phantom_version"] = PHANTOM_VERSION
@@ -362,6 +580,18 @@ def train_segmenter(
     validated = time.perf_counter()
     card["validation"] = evaluate_segmenter(segmenter, validation)
     card["validation"]["seconds"] = round(time.perf_counter() - validated, 1)
+    if validation:
+        uncertainties = [
+            s["uncertainty"]
+            for s in card["validation"]["per_study"]
+            if s["uncertainty"] is not None
+        ]
+        card["quality"] = uncertainty_quality(uncertainties, "validation")
+    else:
+        # No held-out study: the training studies are the only measure there is (an optimistic
+        # one, which the card says).
+        measured = [segmenter.segment(s.arterial, s.portal_venous).uncertainty for s in samples]
+        card["quality"] = uncertainty_quality([u for u in measured if u is not None], "training")
     save_checkpoint(out_dir, net.state_dict(), card)
     # Read back: the card as written (with its weights hash), and proof that it loads.
     return load_checkpoint(out_dir)[1]

@@ -105,7 +105,7 @@ def test_volumes_have_the_spec_shape_and_dtypes(study: PhantomStudy) -> None:
         assert phase.name == name
         assert phase.hu.dtype == np.float32
         assert phase.hu.shape == (24, 96, 96)
-    assert set(study.masks) == {"liver", "tumor", "loat"}
+    assert set(study.masks) == {"liver", "tumor", "loat", "stomach", "aorta"}
     for mask in study.masks.values():
         assert mask.dtype == np.uint8
         assert mask.shape == (24, 96, 96)
@@ -147,6 +147,29 @@ def test_liver_is_on_patient_right_and_masks_are_nested(study: PhantomStudy) -> 
     assert np.mean(x) < -20.0
     _, _, tumor_cols = np.nonzero(tumor)
     assert np.all(study.origin_mm[0] + tumor_cols * study.spacing_mm[0] < 0.0)
+
+
+def test_stomach_and_aorta_masks_are_their_organs_apart_from_liver_and_loat(
+    clean: PhantomStudy,
+) -> None:
+    masks = {k: m.astype(bool) for k, m in clean.masks.items()}
+    stomach, aorta = masks["stomach"], masks["aorta"]
+    assert stomach.any() and aorta.any()
+    for organ in (stomach, aorta):
+        assert not (organ & masks["liver"]).any()
+        assert not (organ & masks["loat"]).any()
+    assert not (stomach & aorta).any()
+    arterial = clean.phases["arterial"].hu
+    # The stomach mask is the whole organ: wall, fluid and the gas bubble, not the wall alone.
+    assert (arterial[stomach] < -500.0).any() and (np.abs(arterial[stomach] - 10.0) < 5.0).any()
+    # The aorta is the brightest vessel in the arterial phase and fainter in the portal-venous.
+    aorta_arterial = float(np.median(arterial[aorta]))
+    assert aorta_arterial > 200.0
+    assert float(np.median(clean.phases["portal_venous"].hu[aorta])) < aorta_arterial - 80.0
+    # It runs cranio-caudally through every slice, on the patient's left of the midline or on it.
+    assert aorta.any(axis=(1, 2)).all()
+    _, _, cols = np.nonzero(aorta)
+    assert abs(float(np.mean(clean.origin_mm[0] + cols * clean.spacing_mm[0]))) < 40.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,7 +334,9 @@ def test_non_liver_study_is_a_single_non_contrast_phase_with_empty_masks() -> No
     s = make_study(11, PhantomSpec(size=96, slices=24, non_liver=True))
     assert list(s.phases) == ["non_contrast"]
     assert s.phases["non_contrast"].shift_mm == (0.0, 0.0, 0.0)
-    assert all(not m.any() for m in s.masks.values())
+    assert all(not s.masks[k].any() for k in ("liver", "tumor", "loat", "stomach"))
+    # The thoracic aorta is there, and its mask says so.
+    assert s.masks["aorta"].any()
     assert s.truth.mvi is None and s.truth.loat_volume_ml == 0.0
     hu = s.phases["non_contrast"].hu
     assert (hu < -700).mean() > 0.3  # lungs and air: it is not an abdomen

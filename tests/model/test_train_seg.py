@@ -1,0 +1,194 @@
+"""Specification of the segmenter training's card entries and its loss on partial truth.
+
+Training itself (on phantoms, with all labels) is specified in ``test_segmentation.py``; here the
+pieces are checked on volumes whose every number is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+
+from model.segmentation import LABELS, training_range_of, uncertainty_limit_of
+from model.train_seg import (
+    OPTIONAL_LABELS,
+    UNCERTAINTY_LIMIT_FACTOR,
+    TrainingSample,
+    _partial_label_loss,
+    train_segmenter,
+    training_range,
+    uncertainty_quality,
+)
+
+SPACING = (2.0, 2.0, 5.0)  # 20 mm³ a voxel: 50 voxels a millilitre
+
+
+def _image(hu: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(hu.astype(np.float32))
+    image.SetSpacing(SPACING)
+    return image
+
+
+def _sample(
+    tumor_voxels: int,
+    liver_hu: tuple[float, float],
+    aorta_hu: tuple[float, float] | None,
+    name: str,
+) -> TrainingSample:
+    """A 4 × 20 × 20 study: a liver block with a tumour row, LOAT, stomach and maybe an aorta.
+
+    HU are constant per structure, ``(arterial, portal-venous)``; the tumour is much brighter
+    than the liver so that counting it as liver would show.
+    """
+    shape = (4, 20, 20)
+    labels = np.zeros(shape, dtype=np.uint8)
+    arterial = np.full(shape, -100.0)
+    portal = np.full(shape, -100.0)
+    labels[:, 0:10, 0:10] = LABELS["liver"]
+    arterial[:, 0:10, 0:10], portal[:, 0:10, 0:10] = liver_hu
+    inside = tuple(np.argwhere(labels == LABELS["liver"])[:tumor_voxels].T)
+    labels[inside] = LABELS["tumor"]
+    arterial[inside] = portal[inside] = 500.0
+    labels[:, 12:14, 0:5] = LABELS["loat"]  # 40 voxels
+    labels[:, 15:19, 12:19] = LABELS["stomach"]
+    unlabelled: frozenset[str] = frozenset({"aorta"})
+    if aorta_hu is not None:
+        labels[:, 2:4, 15:17] = LABELS["aorta"]
+        arterial[:, 2:4, 15:17], portal[:, 2:4, 15:17] = aorta_hu
+        unlabelled = frozenset()
+    return TrainingSample(
+        _image(arterial), _image(portal), labels, name=name, unlabelled=unlabelled
+    )
+
+
+def test_training_range_spans_the_studies_truth() -> None:
+    samples = [
+        _sample(50, (60.0, 100.0), (280.0, 150.0), "a"),  # 1 ml of tumour
+        _sample(125, (75.0, 120.0), (320.0, 170.0), "b"),  # 2.5 ml
+        _sample(0, (70.0, 110.0), None, "c"),  # no tumour, no aorta drawn
+    ]
+    entry = training_range(samples)
+    assert entry["studies"] == 3
+    assert entry["tumor_volume_ml"] == [0.0, 2.5]
+    assert entry["loat_volume_ml"] == [0.8, 0.8]
+    # Mean HU of the liver without the tumour: the 500 HU tumour does not leak in.
+    assert entry["liver_hu"] == {"arterial": [60.0, 75.0], "portal_venous": [100.0, 120.0]}
+    # The study without an aorta label adds nothing to the aorta range.
+    assert entry["aorta_hu"] == {"arterial": [280.0, 320.0], "portal_venous": [150.0, 170.0]}
+    parsed = training_range_of({"training_range": entry})
+    assert parsed is not None
+    assert parsed.tumor_volume_ml == (0.0, 2.5)
+    assert parsed.aorta_hu == {"arterial": (280.0, 320.0), "portal_venous": (150.0, 170.0)}
+
+
+def test_training_range_rounds_outward_and_omits_an_aorta_nobody_drew() -> None:
+    odd = _sample(1, (60.04, 99.96), None, "a")  # 0.02 ml of tumour
+    entry = training_range([odd, _sample(3, (60.06, 100.0), None, "b")])
+    assert "aorta_hu" not in entry
+    assert entry["tumor_volume_ml"] == [0.02, 0.06]
+    # HU to 0.1, outward: the measured values stay inside the range.
+    low, high = entry["liver_hu"]["arterial"]
+    assert low == 60.0 and high == 60.1
+    assert entry["liver_hu"]["portal_venous"] == [99.9, 100.0]
+    parsed = training_range_of({"training_range": entry})
+    assert parsed is not None and parsed.aorta_hu is None
+
+
+def test_uncertainty_limit_is_one_and_a_half_times_the_95th_percentile() -> None:
+    assert UNCERTAINTY_LIMIT_FACTOR == 1.5
+    quality = uncertainty_quality([0.1, 0.2, 0.3, 0.4], "validation")
+    p50, p95, top = quality["uncertainty_validation"]
+    assert p50 == pytest.approx(0.25) and p95 == pytest.approx(0.385) and top == 0.4
+    assert quality["uncertainty_limit"] == pytest.approx(0.5775)
+    assert quality["studies"] == 4 and quality["measured_on"] == "validation"
+    assert uncertainty_limit_of({"quality": quality}) == quality["uncertainty_limit"]
+    # Rounded up, never down, and never zero.
+    assert uncertainty_quality([0.12345], "training")["uncertainty_limit"] == 0.1852
+    assert uncertainty_quality([0.0], "training")["uncertainty_limit"] > 0
+    with pytest.raises(ValueError):
+        uncertainty_quality([], "validation")
+
+
+def _logits(seed: int) -> torch.Tensor:
+    return torch.randn((2, len(LABELS), 4, 6, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def test_partial_label_loss_is_dice_ce_when_every_label_is_drawn() -> None:
+    logits = _logits(0)
+    generator = torch.Generator().manual_seed(2)
+    target = torch.randint(0, len(LABELS), (2, 1, 4, 6, 6), generator=generator)
+    dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target)
+    assert float(_partial_label_loss(logits, target, [(), ()], dice)) == pytest.approx(
+        float(expected), rel=1e-5
+    )
+
+
+def test_partial_label_loss_does_not_teach_an_unlabelled_organ_as_background() -> None:
+    dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
+    stomach, aorta = LABELS["stomach"], LABELS["aorta"]
+    target = torch.zeros((2, 1, 4, 6, 6), dtype=torch.long)
+    target[:, :, :, :3] = LABELS["liver"]
+    unlabelled = [(stomach, aorta), (stomach, aorta)]
+    logits = _logits(1)
+    # Move probability between background and stomach on the background voxels, keeping their
+    # sum: the loss must not change.
+    moved = logits.clone()
+    shift = torch.log(torch.tensor(0.5))
+    background = (target[:, 0] == 0)[:, None]
+    total = torch.logaddexp(moved[:, 0:1], moved[:, stomach : stomach + 1])
+    moved[:, 0:1] = torch.where(background, total + shift, moved[:, 0:1])
+    moved[:, stomach : stomach + 1] = torch.where(
+        background, total + shift, moved[:, stomach : stomach + 1]
+    )
+    before = _partial_label_loss(logits, target, unlabelled, dice)
+    after = _partial_label_loss(moved, target, unlabelled, dice)
+    assert float(after) == pytest.approx(float(before), rel=1e-5)
+    # With the stomach labelled, the same move is a change (the truth says background there).
+    full = [(), ()]
+    assert float(_partial_label_loss(moved, target, full, dice)) != pytest.approx(
+        float(_partial_label_loss(logits, target, full, dice)), rel=1e-3
+    )
+    # The -inf of the dropped classes never reaches a gradient.
+    leaf = logits.clone().requires_grad_(True)
+    _partial_label_loss(leaf, target, unlabelled, dice).backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    # On a background voxel background, stomach and aorta are one class: the same pull on each
+    # logit in proportion to its probability.
+    probabilities = torch.softmax(logits, dim=1)[0, :, 0, 4, 4]
+    grad = leaf.grad[0, :, 0, 4, 4]
+    organs = [0, stomach, aorta]
+    ratios = grad[organs] / probabilities[organs]
+    assert torch.allclose(ratios, ratios[0].expand(3), rtol=1e-4)
+
+
+def test_a_sample_may_leave_only_the_optional_organs_unlabelled(tmp_path: Path) -> None:
+    assert OPTIONAL_LABELS == ("stomach", "aorta")
+    sample = _sample(50, (60.0, 100.0), None, "a")
+    bad = TrainingSample(
+        sample.arterial, sample.portal_venous, sample.labels, "bad", frozenset({"tumor"})
+    )
+    with pytest.raises(ValueError, match="only stomach, aorta"):
+        train_segmenter([bad], tmp_path / "x", spacing_mm=8.0, patch=(16, 16, 8), iterations=1)
+    drawn = TrainingSample(
+        sample.arterial, sample.portal_venous, sample.labels, "drawn", frozenset({"stomach"})
+    )
+    with pytest.raises(ValueError, match="stomach is said to be unlabelled"):
+        train_segmenter([drawn], tmp_path / "y", spacing_mm=8.0, patch=(16, 16, 8), iterations=1)
+
+
+def test_training_on_partial_truth_says_so_in_the_card(tmp_path: Path) -> None:
+    partial = _sample(50, (60.0, 100.0), None, "a")
+    card = train_segmenter(
+        [partial], tmp_path / "model", spacing_mm=8.0, patch=(16, 16, 8), iterations=3, seed=1
+    )
+    assert card["training"]["studies_without"] == {"stomach": 0, "aorta": 1}
+    assert "aorta_hu" not in card["training_range"]
+    assert card["training_range"]["liver_hu"]["arterial"] == [60.0, 60.0]
+    assert card["quality"]["measured_on"] == "training"
+    assert np.isfinite(card["training"]["final_loss"])
