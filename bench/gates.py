@@ -1,4 +1,4 @@
-"""The quality gates on a shifted phantom cohort: how many studies are scored, how many gated, by which.
+"""Quality gates on a shifted phantom cohort: how many studies are scored, how many gated, by what.
 
 Renders phantom studies the models never saw, shifted away from the training phantoms in one or
 more ways per study (contrast gain and HU offset, stronger correlated noise, mirrored anatomy,

@@ -41,13 +41,14 @@ RESULT_KEYS = {
 }
 
 
-def analyze_config(tmp_path: Path, **pipeline: str) -> Path:
+def analyze_config(tmp_path: Path, gates: dict[str, Any] | None = None, **pipeline: str) -> Path:
     config = tmp_path / "node.toml"
     config.write_text(
         to_toml(
             {
                 "node": {"data_dir": str(tmp_path / "data")},
                 "pipeline": {"device": "cpu", **tiny_models(), **pipeline},
+                "gates": gates or {},
             }
         )
     )
@@ -182,13 +183,26 @@ def test_analyze_measures_the_truth_when_the_study_supplies_it_as_a_seg(
     cohort = cohort_factory(seed=95, seg=True, masks=True)
     study = cohort / "study_0001"
     row = truth_row(cohort)
-    data = analyze_study(tmp_path, study, analyze_config(tmp_path))
+    # The tiny segmenter's card knows the volumes of 3 phantoms only: a wider range for them.
+    config = analyze_config(tmp_path, gates={"volume_range_factor": 4.0})
+    data = analyze_study(tmp_path, study, config)
     truth_seg = pydicom.dcmread(next(study.rglob("SEG*.dcm")), stop_before_pixels=True)
     assert data["segmentation"] == {
         "source": "supplied",
         "supplied_seg": str(truth_seg.SOPInstanceUID),
         "rejected_segs": 0,
+        "rejected": [],
+        "algorithm": f"manual SEG series {truth_seg.SeriesNumber} ({truth_seg.SeriesDescription})",
     }
+    # Every gate ran on the reader's masks and passed; no segmenter uncertainty was judged.
+    assert [(g["name"], g["passed"]) for g in data["gates"]] == [
+        ("input", True),
+        ("registration", True),
+        ("segmentation", True),
+        ("intensity", True),
+        ("roi", True),
+    ]
+    assert "uncertainty" not in data["gates"][2]["figures"]
 
     tumor, loat = data["tumor"], data["loat"]
     assert tumor["max_diameter_mm"] == pytest.approx(float(row["max_diameter_mm"]), abs=0.011)
@@ -246,7 +260,10 @@ def test_analyze_with_a_briefly_trained_unet_comes_near_the_truth(
     cohort = cohort_factory(seed=95, masks=True)
     study = cohort / "study_0001"
     row = truth_row(cohort)
-    config = analyze_config(tmp_path, segmenter_dir=str(briefly_trained_segmenter))
+    # Its masks, not the gates, are under test here.
+    config = analyze_config(
+        tmp_path, gates={"enabled": False}, segmenter_dir=str(briefly_trained_segmenter)
+    )
     data = analyze_study(tmp_path, study, config)
     assert data["segmentation"]["source"] == "unet"
 
@@ -331,9 +348,10 @@ def test_a_study_without_an_arterial_series_gets_its_notice_on_the_portal_venous
     assert result.status == "needs_review" and result.mvi_probability is None
     objects = _written(analysis, tmp_path / "out")
     assert sorted(objects) == ["sc", "sr"]
+    # Not the one-image localizer: a CT series of the study with all its slices.
     evidence = objects["sr"].CurrentRequestedProcedureEvidenceSequence[0]
     (referenced,) = evidence.ReferencedSeriesSequence
-    assert str(referenced.SeriesInstanceUID) == result.phases.portal_venous
+    assert len(referenced.ReferencedSOPSequence) == 16
     assert any(result.reason in text for text in _sr_texts(objects["sr"]))
 
 
@@ -405,22 +423,22 @@ def test_a_study_with_no_image_series_gets_a_study_level_notice(
 def test_a_failed_gate_ends_needs_review_with_its_figures_and_no_probability(
     tmp_path: Path, cohort_factory: Callable[..., Path]
 ) -> None:
-    # 8 slices where the input check wants 16: nothing after loading runs.
-    cohort = cohort_factory(seed=99, size=64, slices=8)
-    analysis = _analyse(cohort / "study_0001", _analysis_settings(tmp_path))
+    # 16 slices where this site's input check wants 20: nothing after loading runs.
+    cohort = cohort_factory(seed=99, size=64, slices=16)
+    strict = _analysis_settings(tmp_path, gates={"min_slices": 20})
+    analysis = _analyse(cohort / "study_0001", strict)
     result = analysis.result
     assert result.status == "needs_review"
-    assert result.reason.startswith("quality check failed — input: arterial slices 8")
+    assert result.reason.startswith("quality check failed — input: arterial slices 16")
     assert result.mvi_probability is None and result.risk_category is None
     (gate,) = result.gates
     assert gate.name == "input" and gate.passed is False
-    assert gate.figures["arterial_slices"] == 8 and gate.limits["min_arterial_slices"] == 16
+    assert gate.figures["arterial_slices"] == 16 and gate.limits["min_arterial_slices"] == 20
     objects = _written(analysis, tmp_path / "out")
     assert any(text.startswith("input: FAILED") for text in _sr_texts(objects["sr"]))
     # With the gates off the same study goes on (and is no longer stopped by its slice count).
-    relaxed = _analyse(
-        cohort / "study_0001", _analysis_settings(tmp_path, gates={"enabled": False})
-    )
+    off = _analysis_settings(tmp_path, gates={"enabled": False, "min_slices": 20})
+    relaxed = _analyse(cohort / "study_0001", off)
     assert relaxed.result.gates == []
     assert "input" not in (relaxed.result.reason or "")
 
