@@ -5,7 +5,8 @@ Trains a segmenter with the benchmark's own budget (``--iterations``, larger tha
 segments ``--test`` phantom studies of another cohort seed (``--test-seed``, never a training
 patient) at 256×256×64 and prints, per study and as mean / median:
 
-* Dice of tumour, LOAT and liver on the arterial grid;
+* Dice of tumour, LOAT, liver, stomach and aorta on the arterial grid, and the segmenter's
+  uncertainty (:attr:`model.segmentation.Masks.uncertainty`);
 * relative error of the maximum axial tumour diameter and of the LOAT maximum axial area against
   the phantom's truth (both measured with :func:`model.measure.measure`);
 * seconds of segmentation per study (registration excluded, printed separately);
@@ -74,10 +75,18 @@ def training_samples(count: int, cohort_seed: int, spacing_mm: float) -> list[Tr
         registration = register(arterial, portal, working_spacing_mm=spacing_mm)
         aligned = resample_onto(portal, arterial, registration.transform)
         labels = labels_from_masks(
-            phantom.masks["liver"], phantom.masks["tumor"], phantom.masks["loat"]
+            phantom.masks["liver"],
+            phantom.masks["tumor"],
+            phantom.masks["loat"],
+            stomach=phantom.masks["stomach"],
+            aorta=phantom.masks["aorta"],
         )
         samples.append(TrainingSample(arterial, aligned, labels, name=f"phantom_{index + 1}"))
     return samples
+
+
+def _organ_dice(found: np.ndarray | None, truth: np.ndarray) -> float:
+    return float("nan") if found is None else dice(found, truth)
 
 
 def _sync(device: torch.device) -> None:
@@ -106,6 +115,10 @@ def evaluate(
                 "dice_tumor": dice(masks.tumor, phantom.masks["tumor"]),
                 "dice_loat": dice(masks.loat, phantom.masks["loat"]),
                 "dice_liver": dice(masks.liver, phantom.masks["liver"]),
+                # NaN for an older segmenter without these labels (the summary skips NaN).
+                "dice_stomach": _organ_dice(masks.stomach, phantom.masks["stomach"]),
+                "dice_aorta": _organ_dice(masks.aorta, phantom.masks["aorta"]),
+                "uncertainty": float("nan") if masks.uncertainty is None else masks.uncertainty,
                 "diameter_error": _relative_error(found.max_diameter_mm, truth.max_diameter_mm),
                 "loat_area_error": _relative_error(
                     found.loat_max_area_cm2, truth.loat_max_area_cm2
@@ -133,6 +146,9 @@ def _summary(rows: list[dict[str, float]]) -> None:
         "dice_tumor": ("≥", 0.85),
         "dice_loat": ("≥", 0.80),
         "dice_liver": ("", None),
+        "dice_stomach": ("", None),
+        "dice_aorta": ("", None),
+        "uncertainty": ("", None),
         "diameter_error": ("≤", 0.10),
         "loat_area_error": ("≤", 0.15),
         "register_s": ("", None),

@@ -8,7 +8,8 @@ on the liver or anywhere. Augmentation is deliberately light: random patch offse
 per-channel intensity jitter. Mirroring is not used, because left and right are not symmetric
 here (the liver is on the right, the LOAT beside the left lobe).
 
-Loss is MONAI's Dice + cross-entropy, optimiser AdamW with a warm-up and cosine decay. The run is
+Loss is MONAI's Dice over the reported structures and background (:data:`DICE_LABELS`) plus
+cross-entropy over every class, optimiser AdamW with a warm-up and cosine decay. The run is
 deterministic for a seed on a given device. Validation segments each held-out sample with the
 very code the node runs (:meth:`UNetSegmenter.segment`, post-processing included) and reports the
 Dice of each label on the arterial grid in the model card.
@@ -20,7 +21,7 @@ network that the stomach is background: for its patches the loss marginalises, a
 softmax probability of each unlabelled class to that of background before Dice and cross-entropy
 (and leaving the unlabelled class's Dice to the studies that have it). Predicting stomach where
 such truth says background costs nothing; predicting background, liver or anything else still
-does. A batch in which every study has every label uses MONAI's Dice + cross-entropy unchanged.
+does.
 
 The model card also records what the segmenter was trained on and how uncertain it is:
 
@@ -53,7 +54,7 @@ import numpy.typing as npt
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 from monai.utils import set_determinism
 
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -74,6 +75,7 @@ from model.segmentation import (
 
 __all__ = [
     "DEFAULT_PATCH",
+    "DICE_LABELS",
     "OPTIONAL_LABELS",
     "SAMPLING",
     "UNCERTAINTY_LIMIT_FACTOR",
@@ -94,6 +96,12 @@ SAMPLING: dict[str, float] = {"tumor": 0.3, "loat": 0.3, "liver": 0.2, "any": 0.
 #: Labels a study's truth may lack (:attr:`TrainingSample.unlabelled`): the organs the quality
 #: gates use, which a site's manual SEG does not draw.
 OPTIONAL_LABELS: tuple[str, ...] = ("stomach", "aorta")
+
+#: Classes in the Dice term of the loss; cross-entropy covers every class. The stomach and the
+#: aorta are large, easy and only measured by the quality gates: cross-entropy alone learns them,
+#: and the reported structures keep the share of the Dice they had before those two were labels.
+#: (With all six in the Dice, the demo budget's held-out LOAT Dice fell from 0.86 to 0.77.)
+DICE_LABELS: tuple[str, ...] = ("background", "liver", "tumor", "loat")
 
 #: ``quality.uncertainty_limit`` is this factor times the 95th percentile of the validation
 #: studies' uncertainty: headroom for the spread of studies that are as good as those validated,
@@ -232,35 +240,47 @@ def _batch(
     return np.stack(images), np.stack(labels), unlabelled
 
 
-def _partial_label_loss(
+def _dice_weights() -> torch.Tensor:
+    """Per-class weights that put only :data:`DICE_LABELS` in MONAI's class-averaged Dice."""
+    # MONAI averages the weighted per-class terms over every class: scaled so that each Dice
+    # class counts 1 / len(DICE_LABELS), as in a plain Dice over those classes alone.
+    weights = torch.zeros(len(LABELS))
+    for name in DICE_LABELS:
+        weights[LABELS[name]] = len(LABELS) / len(DICE_LABELS)
+    return weights
+
+
+def _segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     unlabelled: Sequence[Sequence[int]],
     dice_loss: DiceLoss,
 ) -> torch.Tensor:
-    """Dice + cross-entropy with each sample's unlabelled classes merged into background.
+    """Dice (``dice_loss``, on probabilities) + cross-entropy, unlabelled classes marginalised.
 
-    Equal to MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True, batch=True)`` when no class is
-    unlabelled. Worked in log space: the merged background is a log-sum-exp, and an unlabelled
-    class gets log-probability -inf (probability 0), so it adds nothing to that sample's Dice
-    terms and cross-entropy never reads it (truth never holds an unlabelled class).
+    For a sample with unlabelled classes, their probability is added to that of background
+    before either term. Worked in log space: the merged background is a log-sum-exp, and an
+    unlabelled class gets log-probability -inf (probability 0), so it adds nothing to that
+    sample's Dice terms and cross-entropy never reads it (truth never holds an unlabelled class).
+    Without unlabelled classes this is Dice on the softmax plus plain cross-entropy.
     """
     assert LABELS["background"] == 0
     log_p = torch.log_softmax(logits, dim=1)
-    rows = []
-    for index, missing in enumerate(unlabelled):
-        row = log_p[index]
-        if missing:
-            merged = torch.logsumexp(row[[0, *missing]], dim=0)
-            drop = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
-            drop[list(missing)] = True
-            # where, not arithmetic: -inf never enters a product, so gradients stay finite.
-            row = torch.where(drop[:, None, None, None], float("-inf"), row)
-            row = torch.cat([merged[None], row[1:]])
-        rows.append(row)
-    merged_log_p = torch.stack(rows)
-    cross_entropy = F.nll_loss(merged_log_p, target[:, 0])
-    return dice_loss(merged_log_p.exp(), target) + cross_entropy
+    if any(unlabelled):
+        rows = []
+        for index, missing in enumerate(unlabelled):
+            row = log_p[index]
+            if missing:
+                merged = torch.logsumexp(row[[0, *missing]], dim=0)
+                drop = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
+                drop[list(missing)] = True
+                # where, not arithmetic: -inf never enters a product, so gradients stay finite.
+                row = torch.where(drop[:, None, None, None], float("-inf"), row)
+                row = torch.cat([merged[None], row[1:]])
+            rows.append(row)
+        log_p = torch.stack(rows)
+    cross_entropy = F.nll_loss(log_p, target[:, 0])
+    return dice_loss(log_p.exp(), target) + cross_entropy
 
 
 def _schedule(iterations: int) -> Callable[[int], float]:
@@ -503,11 +523,15 @@ def train_segmenter(
     prepare_seconds = time.perf_counter() - started
 
     spec = dict(network) if network is not None else default_network_spec()
+    outputs = (spec.get("kwargs") or {}).get("out_channels")
+    if outputs != len(LABELS):
+        raise ValueError(f"the network needs {len(LABELS)} outputs (one per label), not {outputs}")
     net = build_network(spec).to(torch_device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(iterations))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    partial_dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
+    dice_loss = DiceLoss(
+        to_onehot_y=True, softmax=False, batch=True, weight=_dice_weights().to(torch_device)
+    )
 
     net.train()
     loss_value = float("nan")
@@ -518,10 +542,7 @@ def train_segmenter(
         optimiser.zero_grad(set_to_none=True)
         with autocast(torch_device):
             logits = net(x)
-        if any(unlabelled):
-            loss = _partial_label_loss(logits.float(), y, unlabelled, partial_dice)
-        else:
-            loss = loss_fn(logits.float(), y)
+        loss = _segmentation_loss(logits.float(), y, unlabelled, dice_loss)
         loss.backward()
         optimiser.step()
         scheduler.step()
@@ -556,7 +577,8 @@ def train_segmenter(
             "patch_size": patch_xyz,
             "patch_axes": "xyz",
             "sampling": dict(SAMPLING),
-            "loss": "DiceCELoss",
+            "loss": "Dice + cross-entropy",
+            "dice_labels": list(DICE_LABELS),
             "optimizer": "AdamW",
             "studies": len(samples),
             "studies_without": {

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 
 from model.segmentation import LABELS, training_range_of, uncertainty_limit_of
 from model.train_seg import (
+    DICE_LABELS,
     OPTIONAL_LABELS,
     UNCERTAINTY_LIMIT_FACTOR,
     TrainingSample,
-    _partial_label_loss,
+    _dice_weights,
+    _segmentation_loss,
     train_segmenter,
     training_range,
     uncertainty_quality,
@@ -118,19 +120,33 @@ def _logits(seed: int) -> torch.Tensor:
     return torch.randn((2, len(LABELS), 4, 6, 6), generator=torch.Generator().manual_seed(seed))
 
 
-def test_partial_label_loss_is_dice_ce_when_every_label_is_drawn() -> None:
+def _dice() -> DiceLoss:
+    """The Dice term as training builds it."""
+    return DiceLoss(to_onehot_y=True, softmax=False, batch=True, weight=_dice_weights())
+
+
+def test_the_loss_is_dice_of_the_reported_classes_plus_cross_entropy_of_all() -> None:
+    assert DICE_LABELS == ("background", "liver", "tumor", "loat")
     logits = _logits(0)
     generator = torch.Generator().manual_seed(2)
     target = torch.randint(0, len(LABELS), (2, 1, 4, 6, 6), generator=generator)
-    dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
-    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target)
-    assert float(_partial_label_loss(logits, target, [(), ()], dice)) == pytest.approx(
-        float(expected), rel=1e-5
+    per_class = DiceLoss(to_onehot_y=True, softmax=True, batch=True, reduction="none")(
+        logits, target
+    ).flatten()
+    dice = float(per_class[[LABELS[name] for name in DICE_LABELS]].mean())
+    cross_entropy = float(torch.nn.functional.cross_entropy(logits, target[:, 0]))
+    loss = _segmentation_loss(logits, target, [(), ()], _dice())
+    assert float(loss) == pytest.approx(dice + cross_entropy, rel=1e-5)
+    # The organs' scores still matter, through cross-entropy.
+    moved = logits.clone()
+    moved[:, LABELS["aorta"]] += 1.0
+    assert float(_segmentation_loss(moved, target, [(), ()], _dice())) != pytest.approx(
+        float(loss), rel=1e-4
     )
 
 
-def test_partial_label_loss_does_not_teach_an_unlabelled_organ_as_background() -> None:
-    dice = DiceLoss(to_onehot_y=True, softmax=False, batch=True)
+def test_the_loss_does_not_teach_an_unlabelled_organ_as_background() -> None:
+    dice = _dice()
     stomach, aorta = LABELS["stomach"], LABELS["aorta"]
     target = torch.zeros((2, 1, 4, 6, 6), dtype=torch.long)
     target[:, :, :, :3] = LABELS["liver"]
@@ -146,17 +162,17 @@ def test_partial_label_loss_does_not_teach_an_unlabelled_organ_as_background() -
     moved[:, stomach : stomach + 1] = torch.where(
         background, total + shift, moved[:, stomach : stomach + 1]
     )
-    before = _partial_label_loss(logits, target, unlabelled, dice)
-    after = _partial_label_loss(moved, target, unlabelled, dice)
+    before = _segmentation_loss(logits, target, unlabelled, dice)
+    after = _segmentation_loss(moved, target, unlabelled, dice)
     assert float(after) == pytest.approx(float(before), rel=1e-5)
     # With the stomach labelled, the same move is a change (the truth says background there).
     full = [(), ()]
-    assert float(_partial_label_loss(moved, target, full, dice)) != pytest.approx(
-        float(_partial_label_loss(logits, target, full, dice)), rel=1e-3
+    assert float(_segmentation_loss(moved, target, full, dice)) != pytest.approx(
+        float(_segmentation_loss(logits, target, full, dice)), rel=1e-3
     )
     # The -inf of the dropped classes never reaches a gradient.
     leaf = logits.clone().requires_grad_(True)
-    _partial_label_loss(leaf, target, unlabelled, dice).backward()
+    _segmentation_loss(leaf, target, unlabelled, dice).backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
     # On a background voxel background, stomach and aorta are one class: the same pull on each
     # logit in proportion to its probability.

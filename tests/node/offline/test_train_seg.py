@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import CARD_NAME, WEIGHTS_NAME, load_checkpoint
+from model.segmentation import LABELS, LEGACY_LABELS, training_range_of, uncertainty_limit_of
 from node.offline.phantom_study import CohortOptions, write_cohort
 
 FAST = ("--size", "64", "--slices", "16", "--iterations", "5")
@@ -49,6 +50,30 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
     assert card["training"]["device"] == "cpu"
     assert card["training_data"]["phantoms"] == 3
     assert "validation Dice tumor" in result.stdout
+    # Phantom truth has every label, the organs the quality gates use included.
+    assert card["labels"] == LABELS and card["network"]["kwargs"]["out_channels"] == 6
+    assert card["training"]["studies_without"] == {"stomach": 0, "aorta": 0}
+    assert set(card["validation"]["dice"]) >= {"stomach", "aorta"}
+    # What the two training phantoms span, for the quality gates.
+    span = training_range_of(card)
+    assert span is not None and span.studies == 2
+    for low, high in (
+        span.tumor_volume_ml,
+        span.loat_volume_ml,
+        *span.liver_hu.values(),
+        *(span.aorta_hu or {}).values(),
+    ):
+        assert low <= high
+    assert span.tumor_volume_ml[0] > 0 and span.loat_volume_ml[0] > 0
+    assert span.aorta_hu is not None
+    assert span.aorta_hu["arterial"][0] > span.liver_hu["arterial"][1]
+    # Uncertainty of the one validation phantom, and the limit the gates apply.
+    quality = card["quality"]
+    assert quality["measured_on"] == "validation" and quality["studies"] == 1
+    p50, p95, top = quality["uncertainty_validation"]
+    assert 0.0 <= p50 <= p95 <= top <= 1.0
+    limit = uncertainty_limit_of(card)
+    assert limit is not None and limit >= 1.5 * p95 and limit > 0
     assert str(out) in result.stdout.replace("\n", "")
     # Nothing went to the demo cache: --out was given.
     assert not (tmp_path / "cache" / "mvi-node").exists()
@@ -119,6 +144,26 @@ def test_studies_from_a_cohort_skip_a_study_without_masks(tmp_path: Path) -> Non
     assert card["demo"] is False
     assert card["training"]["studies"] + card["validation"]["studies"] == 2
     assert card["input"]["spacing_mm"] == 4.0
+    # The cohort's masks folders have stomach.nrrd and aorta.nrrd: all labels are trained.
+    assert card["training"]["studies_without"] == {"stomach": 0, "aorta": 0}
+    assert "aorta_hu" in card["training_range"]
+
+
+def test_a_masks_folder_without_the_organs_leaves_them_unlabelled(tmp_path: Path) -> None:
+    from node.offline.train_seg import study_samples
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, CohortOptions(studies=2, size=64, slices=16, masks=True, seed=8))
+    (cohort / "masks" / "study_0001" / "stomach.nrrd").unlink()
+    samples, outcomes = study_samples(cohort, spacing_mm=4.0)
+    assert all(o.used for o in outcomes)
+    by_name = {s.name: s for s in samples}
+    partial, full = by_name["study_0001"], by_name["study_0002"]
+    assert partial.unlabelled == frozenset({"stomach"})
+    assert not (partial.labels == LABELS["stomach"]).any()
+    assert (partial.labels == LABELS["aorta"]).any()
+    assert full.unlabelled == frozenset()
+    assert (full.labels == LABELS["stomach"]).any() and (full.labels == LABELS["aorta"]).any()
 
 
 def test_truth_can_come_from_a_manual_seg_in_the_study(tmp_path: Path) -> None:
@@ -141,6 +186,17 @@ def test_truth_can_come_from_a_manual_seg_in_the_study(tmp_path: Path) -> None:
     assert "skipped study_" not in result.stdout
     _, card = load_checkpoint(out)
     assert card["training"]["studies"] + card["validation"]["studies"] == 2
+    # A manual SEG draws no stomach or aorta: unlabelled in training, no aorta HU range, no
+    # organ Dice; the liver, tumour and LOAT ranges are there.
+    studies = card["training"]["studies"]
+    assert card["training"]["studies_without"] == {"stomach": studies, "aorta": studies}
+    assert "aorta_hu" not in card["training_range"]
+    span = training_range_of(card)
+    assert span is not None and span.aorta_hu is None
+    assert set(span.liver_hu) == {"arterial", "portal_venous"}
+    assert card["validation"]["dice"]["stomach"] is None
+    assert card["validation"]["dice"]["aorta"] is None
+    assert uncertainty_limit_of(card) is not None
 
 
 def test_truth_masks_from_a_seg_equal_the_phantom_truth(tmp_path: Path) -> None:
@@ -188,3 +244,22 @@ def test_phantoms_without_out_fill_the_demo_cache_once(tmp_path: Path) -> None:
     other = mvi_node(*args, "--spacing", "8", cache=cache)
     assert other.returncode == 0, other.stderr
     assert len(list((cache / "mvi-node" / "models").iterdir())) == 2
+
+
+def test_a_demo_segmenter_cached_with_other_labels_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import model.segmentation
+    from node.analysis.models import demo_segmenter_dir
+    from node.offline.train_seg import DEMO_ITERATIONS, TrainSegOptions, demo_key
+
+    key = demo_key(TrainSegOptions(phantoms=2), DEMO_ITERATIONS)
+    assert key["labels"] == LABELS and key["card_version"] == 2
+    current = demo_segmenter_dir()
+    # The cache entry of a node whose segmenter had the four older labels is another folder:
+    # `mvi-node demo` finds no checkpoint at the current one and builds it.
+    monkeypatch.setattr(model.segmentation, "LABELS", LEGACY_LABELS)
+    assert demo_segmenter_dir() != current
+    monkeypatch.setattr(model.segmentation, "LABELS", LABELS)
+    monkeypatch.setattr(model.segmentation, "SEGMENTER_CARD_VERSION", 1)
+    assert demo_segmenter_dir() != current
