@@ -238,7 +238,7 @@ class GatesSection(_Section):
     min_tumor_volume_ml: float = Field(default=0.5, ge=0.0)
     min_liver_contact: float = Field(default=0.5, ge=0.0, le=1.0)
     volume_range_factor: float = Field(default=1.5, ge=1.0)
-    max_loat_distance_mm: float = Field(default=15.0, gt=0.0)
+    max_loat_distance_mm: float = Field(default=35.0, gt=0.0)
     uncertainty_limit: float | None = Field(default=None, gt=0.0, le=1.0)
     hu_margin: float = Field(default=30.0, ge=0.0)
     max_roi_outside_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
