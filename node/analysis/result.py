@@ -1,7 +1,7 @@
 """``result.json``: the one definition of an analysis result, written and read by every module.
 
 The pipeline builds a :class:`Result`, the worker records it (the store keeps it as JSON:
-:func:`to_json` at the store boundary, :func:`Result.model_validate` when reading), and export,
+:func:`to_json` at the store boundary, :func:`from_json` when reading), and export,
 re-query, metrics, the command line and the demo read its typed fields. The JSON keeps the keys
 and values it always had, plus :attr:`Result.schema_version`; a file written before that field
 existed reads as version 1 (the same shape); version 2 added ``gates`` and
@@ -37,6 +37,7 @@ __all__ = [
     "Result",
     "Segmentation",
     "Tumor",
+    "from_json",
     "json_schema",
     "to_json",
 ]
@@ -243,6 +244,11 @@ class Result(_Part):
         if data.get("device") is None:
             data.pop("device", None)
         return data
+
+
+def from_json(data: dict[str, Any]) -> Result:
+    """A result as stored or written: one without ``schema_version`` predates it (version 1)."""
+    return Result.model_validate({"schema_version": 1, **data})
 
 
 def to_json(result: Result) -> dict[str, Any]:

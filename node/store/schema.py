@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-from node.analysis.result import Result, to_json
+from node.analysis.result import Result, from_json, to_json
 
 #: The version the release before Alembic wrote into ``schema_version``. The baseline migration
 #: still writes it: an older node reads that table and refuses a database marked newer, so a
@@ -110,7 +110,7 @@ class ResultDocument(TypeDecorator[Result]):
         return to_json(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Result | None:
-        return None if value is None else Result.model_validate(value)
+        return None if value is None else from_json(value)
 
 
 metadata = MetaData()

@@ -141,3 +141,10 @@ def test_gates_and_rejected_segs_round_trip_through_the_json() -> None:
     again = Result.model_validate(to_json(result))
     assert again == result
     assert to_json(result)["schema_version"] == SCHEMA_VERSION == 2
+
+
+def test_a_stored_result_without_schema_version_reads_as_version_1() -> None:
+    from node.analysis.result import from_json
+
+    assert from_json(dict(OLD_FORMAT)).schema_version == 1
+    assert from_json({**OLD_FORMAT, "schema_version": 2}).schema_version == 2
