@@ -22,6 +22,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_sr import codes
 from dicom_sr.enum import RiskCategory, Status
@@ -42,6 +43,7 @@ __all__ = [
     "content_date_time",
     "contributing_equipment",
     "copy_patient_study",
+    "device_observer",
     "series_description",
     "set_equipment",
     "slice_references",
@@ -517,6 +519,20 @@ def _utc(when: datetime, name: str) -> datetime:
     if when.tzinfo is None or when.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (UTC), got a naive datetime")
     return when.astimezone(UTC)
+
+
+def device_observer(algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
+    """The node as the device observer of an SR or a key object selection."""
+    return hd.sr.ObserverContext(
+        observer_type=dcm_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.device_uid,
+            name=algorithm.model_name,
+            manufacturer_name=algorithm.manufacturer,
+            model_name=algorithm.model_name,
+            serial_number=algorithm.serial_number,
+        ),
+    )
 
 
 def series_description(kind: str, algorithm: AlgorithmInfo, analysis_time: datetime) -> str:

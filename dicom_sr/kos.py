@@ -19,13 +19,13 @@ from datetime import UTC, datetime
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_sr import codes
 from dicom_sr.common import (
     AlgorithmInfo,
     content_date_time,
     copy_patient_study,
+    device_observer,
     series_description,
     set_equipment,
 )
@@ -87,20 +87,6 @@ def _check(superseded: Sequence[Dataset]) -> None:
     patients = {str(dataset.PatientID) for dataset in superseded if "PatientID" in dataset}
     if len(patients) > 1:
         raise ValueError(f"the superseded instances must be of one patient, got {len(patients)}")
-
-
-def _device_observer(algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
-    """The node as the observer that selected the objects (as in the SR's context)."""
-    return hd.sr.ObserverContext(
-        observer_type=dcm_codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=algorithm.device_uid,
-            name=algorithm.model_name,
-            manufacturer_name=algorithm.manufacturer,
-            model_name=algorithm.model_name,
-            serial_number=algorithm.serial_number,
-        ),
-    )
 
 
 def build_rejection_note(
@@ -165,7 +151,7 @@ def build_rejection_note(
     content = hd.ko.KeyObjectSelection(
         document_title=codes.REJECTED_FOR_QUALITY_REASONS,
         referenced_objects=references,
-        observer_device_context=_device_observer(algorithm),
+        observer_device_context=device_observer(algorithm),
         description=description,
     )
     note = hd.ko.KeyObjectSelectionDocument(

@@ -63,6 +63,7 @@ from dicom_sr.common import (
     content_date_time,
     contributing_equipment,
     copy_patient_study,
+    device_observer,
     series_description,
     set_equipment,
     slice_references,
@@ -467,18 +468,7 @@ def _qualitative_container(result: AnalysisResult, algorithm: AlgorithmInfo) -> 
 
 
 def _observation_context(algorithm: AlgorithmInfo) -> Any:
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=dcm_codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=algorithm.device_uid,
-                name=algorithm.model_name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=algorithm.model_name,
-                serial_number=algorithm.serial_number,
-            ),
-        )
-    )
+    return hd.sr.ObservationContext(observer_device_context=device_observer(algorithm))
 
 
 def _status_report(
