@@ -9,6 +9,10 @@ study is driven by a seed and two independent latent variables:
 * ``z2`` ("loat") drives the size of the lesser omental adipose tissue (LOAT) pad between the
   left lateral liver lobe and the lesser curvature of the stomach.
 
+``PhantomSpec(domain=...)`` renders the same patient with a randomised appearance, geometry and
+organ layout for segmenter training (``"randomised"``) or further away for evaluation only
+(``"shifted"``); :mod:`model.domain` holds every range and says what each parameter does.
+
 The microvascular-invasion label is drawn from a logistic model of both latents (see
 :data:`MVI_LOGIT_COEFFICIENTS`), so an image model that sees both the tumour and the LOAT can do
 better than one that only sees the tumour.
@@ -23,6 +27,7 @@ Nothing here does file I/O, DICOM or settings; everything is numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from model.domain import Arrangement, Domain, DomainKind, draw_domain
 
 # The diameter definition lives in model.measure; re-exported here for existing callers.
 from model.measure import feret_diameter_mm, max_axial_diameter_mm, measure
@@ -184,6 +191,13 @@ class PhantomSpec:
         Subset of :data:`PHASE_NAMES` to render (rendered in canonical order).
     noise_hu
         Standard deviation of the additive Gaussian noise.
+    domain
+        :class:`model.domain.DomainKind`: ``"standard"`` (default), ``"randomised"`` (segmenter
+        training) or ``"shifted"`` (evaluation only). Other than standard, the study draws its
+        own field of view, coverage, slice spacing, noise and the rest of
+        :data:`model.domain.TRAINING_RANGES`: ``size`` is kept, the number of slices follows from
+        the drawn coverage and spacing, and ``field_of_view_mm``, ``z_extent_mm``, ``slices`` and
+        ``noise_hu`` are not used.
     """
 
     size: int = 256
@@ -194,8 +208,16 @@ class PhantomSpec:
     non_liver: bool = False
     phases: tuple[str, ...] = PHASE_NAMES
     noise_hu: float = 10.0
+    domain: DomainKind = DomainKind.STANDARD
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "domain", DomainKind(self.domain))
+        except ValueError:
+            raise ValueError(
+                f"domain must be one of {', '.join(k.value for k in DomainKind)}, "
+                f"got {self.domain!r}"
+            ) from None
         if not 32 <= self.size <= 1024:
             raise ValueError(f"size must be in 32..1024, got {self.size}")
         if not 8 <= self.slices <= 1000:
@@ -286,6 +308,8 @@ class PhantomStudy:
     masks: dict[str, MaskVolume]
     latents: dict[str, float]
     truth: Truth
+    domain: Domain | None = None
+    """What a randomised or shifted study was rendered with (``None`` for a standard one)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +332,12 @@ def _streams(
     """
     latent_ss, anatomy_ss, noise_ss = np.random.SeedSequence(int(seed)).spawn(3)
     return latent_ss, anatomy_ss, noise_ss.spawn(len(PHASE_NAMES))
+
+
+def _domain_stream(seed: int) -> np.random.SeedSequence:
+    """The fourth stream: domain randomisation (the first three are as :func:`_streams` has them,
+    so a randomised study is the same patient, with the same latents, as the standard one)."""
+    return np.random.SeedSequence(int(seed)).spawn(4)[3]
 
 
 def _sigmoid(value: float) -> float:
@@ -545,6 +575,94 @@ def _draw_anatomy(rng: np.random.Generator, latents: Mapping[str, float]) -> _An
         delays=delays,
         lungs=lungs,
         heart=heart,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Domain randomisation of the anatomy (model.domain has the ranges)
+# --------------------------------------------------------------------------------------------
+
+# Where the variant arrangement puts the tumour, relative to the right lobe's centre (mm, before
+# the liver's scale): anterior-superior (segment 8), inferior (segment 6), medial (segment 4).
+_VARIANT_TUMOR_OFFSETS: tuple[_Vec, ...] = (
+    (-15.0, -25.0, 25.0),
+    (-25.0, 20.0, -30.0),
+    (10.0, -30.0, -5.0),
+)
+
+
+def _add(a: _Vec, b: _Vec) -> _Vec:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+def _times(a: _Vec, f: float) -> _Vec:
+    return (a[0] * f, a[1] * f, a[2] * f)
+
+
+def _apply_domain(anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> _Anatomy:
+    """The anatomy displaced and resized as ``dom`` says (see :mod:`model.domain`)."""
+    shift_l, scale_l = dom.organ_shift_mm["liver"], dom.organ_scale["liver"]
+    centre = anat.liver_right.centre
+
+    def in_liver(p: _Vec) -> _Vec:
+        # Scaled about the right lobe's centre, then moved with the liver.
+        return _add(_add(centre, _times(_add(p, _times(centre, -1.0)), scale_l)), shift_l)
+
+    right = _Ellipsoid(
+        _add(centre, shift_l), _times(anat.liver_right.semi, scale_l), anat.liver_right.power
+    )
+    left_semi = _times(anat.liver_left.semi, scale_l * dom.left_lobe_scale)
+    left_centre = in_liver(anat.liver_left.centre)
+    tumor_centre = in_liver(anat.tumor_centre)
+    if dom.arrangement is Arrangement.VARIANT:
+        # "Beaver-tail" liver: the left lateral lobe runs on over the stomach toward the spleen.
+        left_centre = (left_centre[0] + 0.45 * left_semi[0], left_centre[1], left_centre[2])
+        left_semi = (left_semi[0] * 1.45, left_semi[1], left_semi[2])
+        offset = _VARIANT_TUMOR_OFFSETS[int(rng.integers(len(_VARIANT_TUMOR_OFFSETS)))]
+        tumor_centre = in_liver(_add(centre, offset))
+
+    shift_s, scale_s = dom.organ_shift_mm["stomach"], dom.stomach_scale
+    stomach = _Ellipsoid(
+        _add(anat.stomach.centre, shift_s), _times(anat.stomach.semi, scale_s), anat.stomach.power
+    )
+    # The LOAT lies behind the left lobe and against the lesser curvature: it follows the lobe's
+    # posterior surface (y), the stomach's medial wall (x) and both halfway in z, so neither a
+    # larger lobe nor a larger stomach buries it.
+    left = _Ellipsoid(left_centre, left_semi, anat.liver_left.power)
+    loat_shift = (
+        (stomach.centre[0] - stomach.semi[0]) - (anat.stomach.centre[0] - anat.stomach.semi[0]),
+        (left.centre[1] + left.semi[1]) - (anat.liver_left.centre[1] + anat.liver_left.semi[1]),
+        0.5 * (shift_l[2] + shift_s[2]),
+    )
+    shift_k, scale_k = dom.organ_shift_mm["kidneys"], dom.organ_scale["kidneys"]
+    shift_p, scale_p = dom.organ_shift_mm["spleen"], dom.organ_scale["spleen"]
+
+    cavity = (
+        anat.body_semi[0] - anat.fat_mm - anat.wall_mm,
+        anat.body_semi[1] - anat.fat_mm - anat.wall_mm,
+    )
+    outer = anat.wall_mm + dom.subcutaneous_fat_mm
+    body_semi = (cavity[0] * dom.body_scale[0] + outer, cavity[1] * dom.body_scale[1] + outer)
+    return dataclasses.replace(
+        anat,
+        body_semi=body_semi,
+        fat_mm=dom.subcutaneous_fat_mm,
+        liver_right=right,
+        liver_left=left,
+        ivc=(anat.ivc[0] + shift_l[0], anat.ivc[1] + shift_l[1], anat.ivc[2], anat.ivc[3]),
+        portal=tuple(tuple(in_liver(p) for p in path) for path in anat.portal),
+        hepatic_veins=tuple((in_liver(a), in_liver(b)) for a, b in anat.hepatic_veins),
+        stomach=stomach,
+        air_level=anat.air_level * scale_s,
+        spleen=_Ellipsoid(
+            _add(anat.spleen.centre, shift_p), _times(anat.spleen.semi, scale_p), anat.spleen.power
+        ),
+        kidneys=tuple(
+            _Ellipsoid(_add(k.centre, shift_k), _times(k.semi, scale_k), k.power)
+            for k in anat.kidneys
+        ),  # type: ignore[arg-type]
+        loat=_Ellipsoid(_add(anat.loat.centre, loat_shift), anat.loat.semi, anat.loat.power),
+        tumor_centre=tumor_centre,
     )
 
 
@@ -897,6 +1015,185 @@ def _render_phase(
 
 
 # --------------------------------------------------------------------------------------------
+# Intensities and grids of a randomised or shifted study
+# --------------------------------------------------------------------------------------------
+
+# Labels of each model.domain tissue (air, bone, CSF and lung keep their HU).
+_TISSUE_LABELS: dict[str, tuple[int, ...]] = {
+    "liver": (_LIVER, _RIM),
+    "tumor": (_TUMOR, _TUMOR_CORE),
+    "vessels": (_PORTAL, _HEPATIC_VEIN, _AORTA, _IVC, _HEART),
+    "spleen": (_SPLEEN,),
+    "kidney": (_KIDNEY,),
+    "muscle": (_MUSCLE,),
+    "bowel": (_CAVITY,),
+    "stomach_wall": (_STOMACH_WALL,),
+    "fat": (_FAT, _RETRO_FAT, _LOAT),
+}
+# Finest z step (mm) of the sub-slices a thick slice averages (partial volume along z).
+_SUB_SLICE_MM = 2.0
+
+
+def _domain_lut(anat: _Anatomy, phase: int, dom: Domain) -> _F32:
+    """HU per label: timing blended toward the neighbouring phase, enhancement scaled, offsets."""
+    tables = np.zeros((4, 256), dtype=np.float64)
+    for label, values in _HU_TABLE.items():
+        tables[:, label] = values
+    tables[1, _TUMOR] = anat.tumor_arterial_hu
+    tables[1, _RIM] = tables[1, _LIVER] + anat.peritumoral_hu
+    base = tables[0]
+    timed = tables[phase].copy()
+    if phase in (1, 2):
+        timing = dom.arterial_timing if phase == 1 else dom.portal_timing
+        toward = tables[phase - 1] if timing < 0 else tables[phase + 1]
+        timed += abs(timing) * (toward - timed)
+    offset = np.zeros(256, dtype=np.float64)
+    for tissue, labels in _TISSUE_LABELS.items():
+        offset[list(labels)] = dom.tissue_hu_offset[tissue]
+    gain = 1.0 if phase == 0 else dom.enhancement_gain[PHASE_NAMES[phase]] * anat.gains[phase]
+    lut = base + offset + gain * (timed - base) + dom.hu_offset
+    return lut.astype(np.float32)
+
+
+def _domain_grids(spec: PhantomSpec, dom: Domain) -> tuple[_Grid, _Grid, int]:
+    """The study's grid, the finer-in-z grid its labels are drawn on, and sub-slices per slice.
+
+    The patient lies ``table_offset_mm`` off the centre of the field of view: the grid moves the
+    other way in anatomy coordinates. The sub-slice count is odd, so the middle sub-slice of each
+    slice is its centre (where the masks are sampled).
+    """
+    slices = int(np.clip(round(dom.z_extent_mm / dom.slice_spacing_mm), 8, 1000))
+    pixel = dom.field_of_view_mm / spec.size
+    spacing = (pixel, pixel, dom.slice_spacing_mm)
+    tx, ty, tz = dom.table_offset_mm
+    origin = (
+        -dom.field_of_view_mm / 2.0 + pixel / 2.0 - tx,
+        -dom.field_of_view_mm / 2.0 + pixel / 2.0 - ty,
+        -slices * dom.slice_spacing_mm / 2.0 + dom.slice_spacing_mm / 2.0 - tz,
+    )
+    grid = _Grid((slices, spec.size, spec.size), origin, spacing)
+    half = max(0, math.ceil((dom.slice_thickness_mm / _SUB_SLICE_MM - 1.0) / 2.0))
+    sub = 2 * half + 1
+    step = dom.slice_spacing_mm / sub
+    fine = _Grid(
+        (slices * sub, spec.size, spec.size),
+        (origin[0], origin[1], origin[2] - half * step),
+        (pixel, pixel, step),
+    )
+    return grid, fine, sub
+
+
+def _slice_profile(fine: FloatVolume, sub: int, dom: Domain) -> FloatVolume:
+    """Each slice the mean of the sub-slices within its thickness (a box profile)."""
+    if sub == 1 and dom.slice_thickness_ratio <= 1.0:
+        return fine
+    step = dom.slice_spacing_mm / sub
+    reach = math.floor(dom.slice_thickness_mm / 2.0 / step + 1e-9)
+    n = fine.shape[0] // sub
+    centres = np.arange(n) * sub + sub // 2
+    lo = np.clip(centres - reach, 0, fine.shape[0] - 1)
+    hi = np.clip(centres + reach, 0, fine.shape[0] - 1)
+    out = np.empty((n, *fine.shape[1:]), dtype=np.float32)
+    for k in range(n):
+        out[k] = fine[lo[k] : hi[k] + 1].mean(axis=0, dtype=np.float32)
+    return out
+
+
+def _gaussian(
+    volume: FloatVolume, grid: _Grid, sigma_mm: tuple[float, float, float]
+) -> FloatVolume:
+    """Gaussian smoothing with per-axis sigma (x, y, z) in mm; 0 leaves an axis alone."""
+    if max(sigma_mm) <= 0.0:
+        return volume
+    # Imported here: a standard study (and whoever only draws latents) stays numpy-only.
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing([float(v) for v in grid.spacing])
+    variance = [float(s) ** 2 for s in sigma_mm]
+    smoothed = sitk.DiscreteGaussian(image, variance, 32, 0.01, True)
+    return sitk.GetArrayFromImage(smoothed).astype(np.float32, copy=False)
+
+
+def _artefacts(grid: _Grid, anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> FloatVolume:
+    """Bias field plus streaks, inside the body; the same for every phase of the study."""
+    x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
+    field = np.zeros(grid.shape, dtype=np.float32)
+    if dom.bias_field_hu > 0.0:
+        # Two smooth separable waves of 250-600 mm: a cupping- or beam-hardening-like drift.
+        total = np.zeros(grid.shape, dtype=np.float32)
+        for _ in range(2):
+            lx, ly, lz = (float(v) for v in rng.uniform(250.0, 600.0, 3))
+            px, py, pz = (float(v) for v in rng.uniform(0.0, 2.0 * math.pi, 3))
+            fx = np.cos(2.0 * math.pi * x / lx + px).astype(np.float32)
+            fy = np.cos(2.0 * math.pi * y / ly + py).astype(np.float32)
+            fz = np.cos(2.0 * math.pi * z / lz + pz).astype(np.float32)
+            total += fz[:, None, None] * fy[None, :, None] * fx[None, None, :]
+        peak = float(np.abs(total).max())
+        if peak > 0.0:
+            field += total * np.float32(dom.bias_field_hu / peak)
+    if dom.streak_hu > 0.0:
+        # Narrow bright and dark rays from the vertebral body, fading with distance; each slice
+        # its own strength (streaks come and go with the dense bone in the slice).
+        theta = np.arctan2((y - anat.spine_y)[:, None], x[None, :])
+        radius = np.hypot((y - anat.spine_y)[:, None], x[None, :])
+        plane = np.zeros(theta.shape, dtype=np.float64)
+        for angle, sign in zip(
+            rng.uniform(-math.pi, math.pi, 8), rng.choice([-1.0, 1.0], 8), strict=True
+        ):
+            delta = np.angle(np.exp(1j * (theta - angle)))
+            plane += sign * np.exp(-0.5 * (delta / 0.015) ** 2)
+        plane *= np.exp(-radius / 150.0) * dom.streak_hu
+        strength = rng.uniform(0.3, 1.0, grid.shape[0]).astype(np.float32)
+        field += strength[:, None, None] * plane.astype(np.float32)[None]
+    return field
+
+
+def _render_domain_phase(
+    fine_labels: npt.NDArray[np.uint8],
+    fine: _Grid,
+    grid: _Grid,
+    sub: int,
+    anat: _Anatomy,
+    phase: int,
+    shift: _Vec,
+    dom: Domain,
+    artefacts: FloatVolume,
+    body: _Bool,
+    noise_ss: np.random.SeedSequence,
+) -> FloatVolume:
+    hu_fine: FloatVolume = np.take(_domain_lut(anat, phase, dom), fine_labels)
+    if phase == 1:
+        spleen = _superquadric(fine, anat.spleen, shift)
+        if spleen is not None:
+            lx, ly, lz, phx, phy, phz = anat.spleen_wave
+            c = _moved(anat.spleen.centre, shift)
+            wx = np.sin(2.0 * math.pi * (spleen.x - c[0]) / lx + phx).astype(np.float32)
+            wy = np.sin(2.0 * math.pi * (spleen.y - c[1]) / ly + phy).astype(np.float32)
+            wz = np.sin(2.0 * math.pi * (spleen.z - c[2]) / lz + phz).astype(np.float32)
+            wave = 30.0 * anat.gains[1] * wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+            sub_hu = hu_fine[spleen.region]
+            is_spleen = fine_labels[spleen.region] == _SPLEEN
+            sub_hu[is_spleen] += wave[is_spleen]
+    hu = _slice_profile(hu_fine, sub, dom)
+    del hu_fine
+    hu[body] += artefacts[body]
+    # Reconstruction kernel: in-plane blur, then an unsharp mask's overshoot for a sharp kernel.
+    sigma = dom.kernel_sigma_mm
+    hu = _gaussian(hu, grid, (sigma, sigma, 0.0))
+    if dom.sharpen > 0.0:
+        hu += np.float32(dom.sharpen) * (hu - _gaussian(hu, grid, (1.5, 1.5, 0.0)))
+    rng = np.random.default_rng(noise_ss)
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    texture = dom.noise_correlation_mm
+    if texture > 0.0:
+        noise = _gaussian(noise, grid, (texture, texture, 0.0))
+        noise /= max(float(noise.std()), 1e-6)
+    hu += noise * np.float32(dom.noise_hu)
+    return hu
+
+
+# --------------------------------------------------------------------------------------------
 # Truth
 # --------------------------------------------------------------------------------------------
 
@@ -973,9 +1270,11 @@ def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
     latents = draw_latents(seed)
     _, anatomy_ss, noise_ss = _streams(seed)
     anat = _draw_anatomy(np.random.default_rng(anatomy_ss), latents)
-    grid = _grid(spec)
     chest = spec.non_liver
     with_tumor = spec.tumor and not chest
+    if spec.domain is not DomainKind.STANDARD:
+        return _make_domain_study(seed, spec, latents, anat, noise_ss, with_tumor)
+    grid = _grid(spec)
 
     base = _fixed_labels(grid, anat)
     if chest:
@@ -999,6 +1298,74 @@ def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
         phases[name] = PhaseVolume(name=name, hu=hu, shift_mm=shift, delay_s=anat.delays[name])
         del labels
 
+    return PhantomStudy(
+        seed=int(seed),
+        spec=spec,
+        spacing_mm=spec.spacing_mm,
+        origin_mm=spec.origin_mm,
+        phases=phases,
+        masks=masks,
+        latents=_study_latents(latents, anat),
+        truth=measure_truth(masks, spec.spacing_mm, int(latents["mvi"]) if with_tumor else None),
+    )
+
+
+def _make_domain_study(
+    seed: int,
+    spec: PhantomSpec,
+    latents: dict[str, float],
+    anat: _Anatomy,
+    noise_ss: list[np.random.SeedSequence],
+    with_tumor: bool,
+) -> PhantomStudy:
+    """:func:`make_study` for a randomised or shifted study (see :mod:`model.domain`)."""
+    rng = np.random.default_rng(_domain_stream(seed))
+    dom = draw_domain(rng, spec.domain)
+    anat = _apply_domain(anat, dom, rng)
+    grid, fine, sub = _domain_grids(spec, dom)
+    chest = spec.non_liver
+    base = _fixed_labels(fine, anat)
+    if chest:
+        _draw_chest(base, fine, anat)
+        arterial_labels = base
+    else:
+        arterial_labels = base.copy()
+        _draw_viscera(arterial_labels, fine, anat, with_tumor, (0.0, 0.0, 0.0))
+    centres = slice(sub // 2, None, sub)
+    masks = {name: np.ascontiguousarray(m[centres]) for name, m in _masks(arterial_labels).items()}
+    body = np.ascontiguousarray(base[centres] != _AIR)
+    artefacts = _artefacts(grid, anat, dom, rng)
+
+    phases: dict[str, PhaseVolume] = {}
+    for name in spec.rendered_phases:
+        index = PHASE_NAMES.index(name)
+        shift = (0.0, 0.0, 0.0) if chest else anat.shifts[name]
+        if shift == (0.0, 0.0, 0.0):
+            labels = arterial_labels
+        else:
+            labels = base.copy()
+            _draw_viscera(labels, fine, anat, with_tumor, shift)
+        hu = _render_domain_phase(
+            labels, fine, grid, sub, anat, index, shift, dom, artefacts, body, noise_ss[index]
+        )
+        phases[name] = PhaseVolume(name=name, hu=hu, shift_mm=shift, delay_s=anat.delays[name])
+        del labels
+    spacing = grid.spacing
+    origin = (grid.origin[0], grid.origin[1], grid.origin[2] + _Z_CENTRE_MM)
+    return PhantomStudy(
+        seed=int(seed),
+        spec=spec,
+        spacing_mm=spacing,
+        origin_mm=origin,
+        phases=phases,
+        masks=masks,
+        latents=_study_latents(latents, anat),
+        truth=measure_truth(masks, spacing, int(latents["mvi"]) if with_tumor else None),
+        domain=dom,
+    )
+
+
+def _study_latents(latents: Mapping[str, float], anat: _Anatomy) -> dict[str, float]:
     study_latents = dict(latents)
     study_latents.update(
         {
@@ -1017,17 +1384,7 @@ def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
             "aorta_radius_mm": anat.aorta[2],
         }
     )
-    mvi = int(latents["mvi"]) if with_tumor else None
-    return PhantomStudy(
-        seed=int(seed),
-        spec=spec,
-        spacing_mm=spec.spacing_mm,
-        origin_mm=spec.origin_mm,
-        phases=phases,
-        masks=masks,
-        latents=study_latents,
-        truth=measure_truth(masks, spec.spacing_mm, mvi),
-    )
+    return study_latents
 
 
 def localizer(study: PhantomStudy) -> tuple[FloatVolume, tuple[float, float]]:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from model.domain import DomainKind
 from node import __version__
 from node.core.errors import NodeError, exit_code
 from node.core.logging import configure_logging, get_logger, study_key, uid_key
@@ -520,6 +521,16 @@ def phantom(
     enhanced: Annotated[
         bool, typer.Option("--enhanced", help="Enhanced CT multi-frame series.")
     ] = False,
+    domain: Annotated[
+        DomainKind,
+        typer.Option(
+            help=(
+                "standard; randomised (the segmenter's training ranges) or shifted (beyond "
+                "them, for evaluation): see model/domain.py. Slices then follow the drawn "
+                "coverage and spacing."
+            )
+        ),
+    ] = DomainKind.STANDARD,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a previous phantom cohort in OUTPUT.")
     ] = False,
@@ -541,6 +552,7 @@ def phantom(
         dates=_parse_dates(dates),
         non_liver=non_liver,
         enhanced=enhanced,
+        domain=domain.value,
     )
     _prepare_output(output, force)
     started = time.perf_counter()
@@ -657,7 +669,19 @@ def train_seg(
     size: Annotated[
         int, typer.Option(min=32, max=1024, help="Phantom rows and columns (--phantoms).")
     ] = 256,
-    slices: Annotated[int, typer.Option(min=8, max=1000, help="Phantom slices (--phantoms).")] = 64,
+    slices: Annotated[
+        int,
+        typer.Option(min=8, max=1000, help="Phantom slices (--phantoms with --domain standard)."),
+    ] = 64,
+    domain: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "Phantom appearance (--phantoms): randomised (anatomy, HU, noise, slices and "
+                "artefacts drawn per study, see model/domain.py) or standard."
+            )
+        ),
+    ] = "randomised",
     force: Annotated[bool, typer.Option("--force", help="Replace a checkpoint in --out.")] = False,
 ) -> None:
     """Train the liver / tumor / LOAT segmenter and write a checkpoint (weights + model card)."""
@@ -675,6 +699,7 @@ def train_seg(
         force=force,
         size=size,
         slices=slices,
+        domain=domain,
     )
     try:
         run(options, out=out, err=err)

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from dicom_sr import codes
+from model.domain import DomainKind
 from model.phantom import PHANTOM_VERSION, PhantomSpec, PhantomStudy, make_study
 from node import __version__
 from node.offline.ct_writer import write_ct_series
@@ -74,12 +75,14 @@ class CohortOptions:
     dates: tuple[dt.date, dt.date] | None = None
     non_liver: bool = False
     enhanced: bool = False
+    #: Appearance (:class:`model.domain.DomainKind`): standard, randomised or shifted.
+    domain: str = "standard"
     #: Applied to each rendered study before it is written (benchmarks' shifted cohorts).
     transform: Callable[[PhantomStudy, int], PhantomStudy] | None = None
 
     def spec(self) -> PhantomSpec:
         """The anatomy generator's parameters for one study."""
-        spec = PhantomSpec(size=self.size, slices=self.slices)
+        spec = PhantomSpec(size=self.size, slices=self.slices, domain=DomainKind(self.domain))
         spec = replace(spec, tumor=self.tumor and not self.non_liver, non_liver=self.non_liver)
         if self.phases is not None and not self.non_liver:
             spec = replace(spec, phases=self.phases)
@@ -258,6 +261,10 @@ def write_study(
             header,
             spacing_mm=phantom.spacing_mm,
             origin_mm=phantom.origin_mm,
+            # A randomised or shifted study's slices are thicker than their spacing.
+            slice_thickness_mm=None
+            if phantom.domain is None
+            else phantom.domain.slice_thickness_mm,
             enhanced=options.enhanced,
             pixel_representation=signed,
             rescale_intercept=intercept,
@@ -284,7 +291,8 @@ def _write_localizer(phantom: PhantomStudy, folder: Path, header: Dataset) -> li
     image, (row_spacing, column_spacing) = localizer(phantom)
     sx, _, sz = phantom.spacing_mm
     ox, _, oz = phantom.origin_mm
-    top = oz + (phantom.spec.slices - 1) * sz
+    # The rendered slice count: a randomised study draws its own.
+    top = oz + (image.shape[0] - 1) * sz
     # A coronal image: rows run from head to feet (-z), columns to the patient's left (+x).
     direction = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
     return write_ct_series(

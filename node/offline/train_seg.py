@@ -118,6 +118,8 @@ class TrainSegOptions:
     force: bool = False
     size: int = 256
     slices: int = 64
+    #: Phantom appearance (:class:`model.domain.DomainKind`): ``randomised`` or ``standard``.
+    domain: str = "randomised"
 
 
 @dataclass(frozen=True)
@@ -339,18 +341,26 @@ def phantom_samples(
     slices: int,
     spacing_mm: float,
     on_study: Callable[[StudyOutcome], None] | None = None,
+    domain: str = "standard",
 ) -> tuple[list[TrainingSample], list[StudyOutcome]]:
     """Render ``count`` phantom studies in memory, register their phases, return samples.
 
     Study ``i`` has seed :func:`node.offline.phantom_study.study_seed` ``(seed, i)``: the same
-    patients as ``mvi-node phantom OUT --seed SEED``.
+    patients as ``mvi-node phantom OUT --seed SEED``, drawn with ``domain``'s appearance
+    (:mod:`model.domain`; a randomised study draws its own slice count).
     """
+    from model.domain import DomainKind
     from model.phantom import PhantomSpec, make_study
     from model.segmentation import labels_from_masks
     from model.train_seg import TrainingSample
     from node.offline.phantom_study import study_seed
 
-    spec = PhantomSpec(size=size, slices=slices, phases=("arterial", "portal_venous"))
+    spec = PhantomSpec(
+        size=size,
+        slices=slices,
+        phases=("arterial", "portal_venous"),
+        domain=DomainKind(domain),
+    )
     samples: list[TrainingSample] = []
     outcomes: list[StudyOutcome] = []
     for index in range(count):
@@ -401,11 +411,14 @@ def demo_key(options: TrainSegOptions, iterations: int) -> dict[str, Any]:
     writes a card the quality gates read differently, builds its demo segmenter afresh instead of
     reusing one cached by an older node (``mvi-node demo`` checks only that a checkpoint is there).
     """
+    from model.domain import DOMAIN_VERSION
     from model.phantom import PHANTOM_VERSION
     from model.segmentation import LABELS, SEGMENTER_CARD_VERSION
 
     return {
         "phantom_version": PHANTOM_VERSION,
+        "domain": options.domain,
+        "domain_version": DOMAIN_VERSION,
         "labels": dict(LABELS),
         "card_version": SEGMENTER_CARD_VERSION,
         "phantoms": options.phantoms,
@@ -428,6 +441,17 @@ def _check_options(options: TrainSegOptions) -> None:
         raise TrainSegUsageError("--validation-fraction must be in [0, 1)")
     if not 0.25 < options.spacing_mm <= 10.0:
         raise TrainSegUsageError("--spacing must be in (0.25, 10] mm")
+    if options.domain not in ("randomised", "standard"):
+        # The shifted cohort is what the segmenter is evaluated on: training on it would void
+        # the evaluation.
+        raise TrainSegUsageError(
+            f"--domain must be randomised or standard, not {options.domain!r}"
+            + (
+                " (the shifted cohort is for evaluation only)"
+                if options.domain == "shifted"
+                else ""
+            )
+        )
     from model.segmentation import resolve_device
 
     try:
@@ -566,6 +590,7 @@ def run(
                 options.slices,
                 options.spacing_mm,
                 on_study,
+                domain=options.domain,
             )
         else:
             assert options.studies is not None
@@ -628,10 +653,11 @@ def _train(
             "seed": options.seed,
             "size": options.size,
             "slices": options.slices,
+            "domain": options.domain,
             "command": (
                 f"mvi-node train-seg --phantoms {options.phantoms} --seed {options.seed} "
                 f"--iterations {iterations} --size {options.size} --slices {options.slices} "
-                f"--spacing {options.spacing_mm:g}"
+                f"--spacing {options.spacing_mm:g} --domain {options.domain}"
             ),
         }
     else:

@@ -267,3 +267,24 @@ def test_enhanced_and_classic_phantoms_load_identically(
     )
     assert classic.GetOrigin() == pytest.approx(enhanced_image.GetOrigin())
     assert classic.GetSpacing() == pytest.approx(enhanced_image.GetSpacing())
+
+
+def test_a_shifted_cohort_is_written_with_its_own_geometry(
+    cohort_factory: Callable[..., Path],
+) -> None:
+    from model.domain import TRAINING_RANGES
+
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    cohort = cohort_factory(seed=4, domain="shifted", seg=True)
+    row = read_csv(cohort / "truth.csv")[0]
+    study = scan_folder(cohort / row["study_folder"])[row["study_instance_uid"]]
+    arterial = study[row["arterial_series_uid"]]
+    image = load_series(arterial.paths)
+    first = pydicom.dcmread(arterial.paths[0], stop_before_pixels=True)
+    # Slices beyond what the segmenter trains on, and thicker than their spacing or as thick.
+    assert image.GetSpacing()[2] > TRAINING_RANGES.slice_spacing_mm.hi
+    assert float(first.SliceThickness) >= image.GetSpacing()[2] - 1e-6
+    for series in study.values():
+        for path in series.paths[:3]:
+            result = run_tool(dciodvfy, path, check=False)
+            assert not [line for line in result.stderr.splitlines() if line.startswith("Error")]

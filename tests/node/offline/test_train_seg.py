@@ -49,6 +49,10 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
     assert card["input"]["spacing_mm"] == 2.0
     assert card["training"]["device"] == "cpu"
     assert card["training_data"]["phantoms"] == 3
+    # Domain-randomised phantoms by default, MONAI augmentation on every patch.
+    assert card["training_data"]["domain"] == "randomised"
+    assert "--domain randomised" in card["training_data"]["command"]
+    assert {"RandAffined", "RandGaussianNoised"} <= set(card["training"]["augmentation"])
     assert "validation Dice tumor" in result.stdout
     # Phantom truth has every label, the organs the quality gates use included.
     assert card["labels"] == LABELS and card["network"]["kwargs"]["out_channels"] == 6
@@ -86,6 +90,8 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
         (("--phantoms", "2", "--studies", "."), "exactly one of --studies DIR and --phantoms N"),
         (("--studies", "."), "--studies needs --out"),
         (("--phantoms", "2", "--validation-fraction", "1.5"), "--validation-fraction"),
+        (("--phantoms", "2", "--domain", "shifted"), "for evaluation only"),
+        (("--phantoms", "2", "--domain", "wild"), "--domain must be randomised or standard"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(
