@@ -659,7 +659,7 @@ def train_seg(
     seed: Annotated[int, typer.Option(min=0, help="Seeds phantoms, sampling and weights.")] = 0,
     iterations: Annotated[
         int | None,
-        typer.Option(min=1, help="Optimiser steps (default 1000 with --phantoms, else 4000)."),
+        typer.Option(min=1, help="Optimiser steps (default 1500 with --phantoms, else 4000)."),
     ] = None,
     spacing: Annotated[float, typer.Option(help="Isotropic working spacing in mm.")] = 2.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
