@@ -44,7 +44,7 @@ import SimpleITK as sitk
 import torch
 
 from model.checkpoint import is_checkpoint_dir
-from model.domain import DomainKind
+from model.domain import DomainKind, training_domain
 from model.measure import measure
 from model.phantom import PhantomSpec, PhantomStudy, make_study
 from model.registration import register, resample_onto
@@ -93,11 +93,12 @@ def _phantom_pair(
 
 
 def training_samples(count: int, cohort_seed: int, spacing_mm: float) -> list[TrainingSample]:
-    """Domain-randomised phantoms registered as ``mvi-node train-seg --phantoms`` prepares them."""
+    """Domain-randomised phantoms (every third standard, :func:`model.domain.training_domain`),
+    registered as ``mvi-node train-seg --phantoms`` prepares them."""
     samples = []
     for index in range(count):
         arterial, portal, phantom = _phantom_pair(
-            study_seed(cohort_seed, index), 256, 64, "randomised"
+            study_seed(cohort_seed, index), 256, 64, training_domain(index)
         )
         registration = register(arterial, portal, working_spacing_mm=spacing_mm)
         aligned = resample_onto(portal, arterial, registration.transform)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -344,25 +344,22 @@ def phantom_samples(
     """Render ``count`` phantom studies in memory, register their phases, return samples.
 
     Study ``i`` has seed :func:`node.offline.phantom_study.study_seed` ``(seed, i)``: the same
-    patients as ``mvi-node phantom OUT --seed SEED``, drawn with ``domain``'s appearance
-    (:mod:`model.domain`; a randomised study draws its own slice count).
+    patients as ``mvi-node phantom OUT --seed SEED``, with the appearance
+    :func:`model.domain.training_domain` gives them in a ``domain`` cohort (a randomised study
+    draws its own slice count).
     """
-    from model.domain import DomainKind
+    from model.domain import training_domain
     from model.phantom import PhantomSpec, make_study
     from model.segmentation import labels_from_masks
     from model.train_seg import TrainingSample
     from node.offline.phantom_study import study_seed
 
-    spec = PhantomSpec(
-        size=size,
-        slices=slices,
-        phases=("arterial", "portal_venous"),
-        domain=DomainKind(domain),
-    )
+    spec = PhantomSpec(size=size, slices=slices, phases=("arterial", "portal_venous"))
     samples: list[TrainingSample] = []
     outcomes: list[StudyOutcome] = []
     for index in range(count):
-        phantom = make_study(study_seed(seed, index), spec)
+        study_spec = replace(spec, domain=training_domain(index, domain))
+        phantom = make_study(study_seed(seed, index), study_spec)
         arterial = image_from_volume(
             phantom.phases["arterial"].hu, phantom.spacing_mm, phantom.origin_mm
         )

@@ -16,12 +16,14 @@ from monai.losses import DiceLoss
 
 from model.segmentation import LABELS, training_range_of, uncertainty_limit_of
 from model.train_seg import (
+    AUGMENTATION,
     DICE_LABELS,
     OPTIONAL_LABELS,
     UNCERTAINTY_LIMIT_FACTOR,
     TrainingSample,
     _dice_weights,
     _segmentation_loss,
+    augmentation,
     train_segmenter,
     training_range,
     uncertainty_quality,
@@ -208,3 +210,41 @@ def test_training_on_partial_truth_says_so_in_the_card(tmp_path: Path) -> None:
     assert card["training_range"]["liver_hu"]["arterial"] == [60.0, 60.0]
     assert card["quality"]["measured_on"] == "training"
     assert np.isfinite(card["training"]["final_loss"])
+
+
+def _patch(seed: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((1, 16, 32, 32), dtype=np.int64)
+    labels[0, 4:12, 8:24, 8:24] = LABELS["liver"]
+    labels[0, 6:10, 12:20, 12:20] = LABELS["tumor"]
+    image = (0.3 + 0.4 * (labels > 0) + 0.01 * rng.standard_normal((2, 16, 32, 32))).astype(
+        np.float32
+    )
+    return {"image": torch.from_numpy(image), "label": torch.from_numpy(labels)}
+
+
+def test_augmentation_keeps_labels_whole_and_is_seeded() -> None:
+    # Every listed MONAI transform is in the chain, at the probability the card records.
+    chain = augmentation(0)
+    assert [type(t).__name__ for t in chain.transforms] == [name for name, _ in AUGMENTATION]
+    assert [t.prob for t in chain.transforms] == [prob for _, prob in AUGMENTATION]  # type: ignore[attr-defined]
+    first = augmentation(7)(_patch(1))
+    again = augmentation(7)(_patch(1))
+    torch.testing.assert_close(torch.as_tensor(first["image"]), torch.as_tensor(again["image"]))
+    changed = 0
+    chain = augmentation(3)
+    for index in range(40):
+        patch = _patch(index)
+        out = chain(patch)
+        image, label = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+        assert image.shape == patch["image"].shape and label.shape == patch["label"].shape
+        # Nearest-neighbour resampling: only labels that were there, as whole numbers.
+        assert set(torch.unique(label).tolist()) <= {
+            0.0,
+            float(LABELS["liver"]),
+            float(LABELS["tumor"]),
+        }
+        assert torch.equal(label, label.round())
+        changed += int(not torch.equal(image, patch["image"]))
+    # Most patches are changed by at least one transform (scale and shift alone: 3 in 4).
+    assert changed >= 25
