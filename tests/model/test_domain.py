@@ -25,6 +25,7 @@ from model.domain import (
     Span,
     draw_domain,
     shifted_spans,
+    training_domain,
 )
 from model.phantom import PhantomSpec, make_study
 
@@ -183,3 +184,12 @@ def test_the_same_seed_is_the_same_patient_and_the_same_draw() -> None:
     # The latents (and so the MVI label) do not depend on the appearance.
     assert a.truth.mvi == standard.truth.mvi
     assert a.latents["aggressiveness"] == standard.latents["aggressiveness"]
+
+
+def test_a_randomised_training_cohort_keeps_every_third_phantom_standard() -> None:
+    kinds = [training_domain(i) for i in range(9)]
+    assert kinds.count(DomainKind.STANDARD) == 3
+    assert kinds[2] is kinds[5] is kinds[8] is DomainKind.STANDARD
+    assert all(training_domain(i, "standard") is DomainKind.STANDARD for i in range(4))
+    with pytest.raises(ValueError, match="evaluation only"):
+        training_domain(0, "shifted")
