@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# First run builds and caches the demo models (about 3 minutes on 2 cores); later runs ~20 s.
+# First run builds and caches the demo models (about 5 minutes on 2 cores); later runs ~30 s.
 demo: $(STAMP)
 	$(BIN)/mvi-node demo
 
