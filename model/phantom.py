@@ -978,6 +978,24 @@ def _blur_in_plane(block: _F32) -> None:
     block[:, -1, :] = tmp[:, -1, :]
 
 
+def _add_spleen_wave(
+    hu: FloatVolume, labels: npt.NDArray[np.uint8], grid: _Grid, anat: _Anatomy, shift: _Vec
+) -> None:
+    """Arterial-phase splenic heterogeneity, in place: a smooth separable wave pattern."""
+    spleen = _superquadric(grid, anat.spleen, shift)
+    if spleen is None:
+        return
+    lx, ly, lz, phx, phy, phz = anat.spleen_wave
+    c = _moved(anat.spleen.centre, shift)
+    wx = np.sin(2.0 * math.pi * (spleen.x - c[0]) / lx + phx).astype(np.float32)
+    wy = np.sin(2.0 * math.pi * (spleen.y - c[1]) / ly + phy).astype(np.float32)
+    wz = np.sin(2.0 * math.pi * (spleen.z - c[2]) / lz + phz).astype(np.float32)
+    wave = 30.0 * anat.gains[1] * wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+    sub = hu[spleen.region]
+    is_spleen = labels[spleen.region] == _SPLEEN
+    sub[is_spleen] += wave[is_spleen]
+
+
 def _render_phase(
     labels: npt.NDArray[np.uint8],
     grid: _Grid,
@@ -990,18 +1008,7 @@ def _render_phase(
 ) -> FloatVolume:
     hu: FloatVolume = np.take(_phase_lut(anat, phase), labels)
     if phase == 1 and not chest:
-        # Arterial-phase splenic heterogeneity: a smooth separable wave pattern.
-        spleen = _superquadric(grid, anat.spleen, shift)
-        if spleen is not None:
-            lx, ly, lz, phx, phy, phz = anat.spleen_wave
-            c = _moved(anat.spleen.centre, shift)
-            wx = np.sin(2.0 * math.pi * (spleen.x - c[0]) / lx + phx).astype(np.float32)
-            wy = np.sin(2.0 * math.pi * (spleen.y - c[1]) / ly + phy).astype(np.float32)
-            wz = np.sin(2.0 * math.pi * (spleen.z - c[2]) / lz + phz).astype(np.float32)
-            wave = 30.0 * anat.gains[1] * wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
-            sub = hu[spleen.region]
-            is_spleen = labels[spleen.region] == _SPLEEN
-            sub[is_spleen] += wave[is_spleen]
+        _add_spleen_wave(hu, labels, grid, anat, shift)
     rng = np.random.default_rng(noise_ss)
     sigma = np.float32(noise_hu)
     for k0 in range(0, hu.shape[0], _SLAB):
@@ -1164,17 +1171,7 @@ def _render_domain_phase(
 ) -> FloatVolume:
     hu_fine: FloatVolume = np.take(_domain_lut(anat, phase, dom), fine_labels)
     if phase == 1:
-        spleen = _superquadric(fine, anat.spleen, shift)
-        if spleen is not None:
-            lx, ly, lz, phx, phy, phz = anat.spleen_wave
-            c = _moved(anat.spleen.centre, shift)
-            wx = np.sin(2.0 * math.pi * (spleen.x - c[0]) / lx + phx).astype(np.float32)
-            wy = np.sin(2.0 * math.pi * (spleen.y - c[1]) / ly + phy).astype(np.float32)
-            wz = np.sin(2.0 * math.pi * (spleen.z - c[2]) / lz + phz).astype(np.float32)
-            wave = 30.0 * anat.gains[1] * wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
-            sub_hu = hu_fine[spleen.region]
-            is_spleen = fine_labels[spleen.region] == _SPLEEN
-            sub_hu[is_spleen] += wave[is_spleen]
+        _add_spleen_wave(hu_fine, fine_labels, fine, anat, shift)
     hu = _slice_profile(hu_fine, sub, dom)
     del hu_fine
     hu[body] += artefacts[body]
