@@ -60,7 +60,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -281,20 +281,6 @@ class Domain:
         if isinstance(value, tuple):
             return [float(v) for v in value]
         return [float(value)]
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready (for a study's sidecar and the tests)."""
-        out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Mapping):
-                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, enum.Enum):
-                value = value.value
-            out[f.name] = value
-        return out
 
 
 _PHASES = ("arterial", "portal_venous", "delayed")
