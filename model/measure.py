@@ -29,6 +29,7 @@ __all__ = [
     "max_axial_diameter",
     "max_axial_diameter_mm",
     "measure",
+    "sized_components",
 ]
 
 _Bool = npt.NDArray[np.bool_]
@@ -223,12 +224,22 @@ def _components(mask: _Bool) -> tuple[sitk.Image, int]:
 
 def component_sizes(mask: npt.ArrayLike) -> tuple[int, ...]:
     """Voxel counts of the 26-connected components of a 3-D mask, largest first."""
+    return sized_components(mask)[1]
+
+
+def sized_components(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.int32], tuple[int, ...]]:
+    """The 26-connected components of a 3-D mask, numbered 1, 2, … by decreasing size.
+
+    Returns the ``int32`` label array (0 outside) and the voxel count of each component, largest
+    first (empty for an empty mask).
+    """
     array = _as_mask(mask, 3, "mask")
     if not array.any():
-        return ()
+        return np.zeros(array.shape, dtype=np.int32), ()
     labels, _ = _components(array)
-    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel())[1:]
-    return tuple(int(c) for c in counts if c > 0)
+    numbered = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
+    counts = np.bincount(numbered.ravel())[1:]
+    return numbered, tuple(int(c) for c in counts if c > 0)
 
 
 def largest_component(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.uint8], int]:

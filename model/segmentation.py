@@ -38,7 +38,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import BasicUNet, UNet
 
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.measure import component_sizes, largest_component
+from model.measure import sized_components
 from model.registration import resample_onto, working_grid
 
 __all__ = [
@@ -47,6 +47,8 @@ __all__ = [
     "FAT_HU",
     "LABELS",
     "LEGACY_LABELS",
+    "LIVER_COMPONENT_SHARE",
+    "LOAT_LIVER_MM",
     "NETWORK_CLASSES",
     "SEGMENTER_CARD_KEYS",
     "SEGMENTER_CARD_VERSION",
@@ -117,6 +119,18 @@ UInt8Volume = npt.NDArray[np.uint8]
 # --------------------------------------------------------------------------------------------
 
 
+#: Liver components a segmenter's output keeps besides the largest: those of at least this share
+#: of its volume (a liver that thick slices cut in two at a fissure keeps both parts; "liver" on
+#: the spleen, a kidney or the stomach wall does not survive).
+LIVER_COMPONENT_SHARE: float = 0.2
+
+#: LOAT components a segmenter's output keeps: those with a voxel within this distance (mm) of
+#: the kept liver. The lesser omentum runs from the liver's fissure for the ligamentum venosum to
+#: the lesser curvature; fat labelled LOAT further from the liver is mesenteric, perirenal or
+#: subcutaneous fat (on shifted phantoms such false LOAT lay a median 15-83 mm from the liver).
+LOAT_LIVER_MM: float = 10.0
+
+
 @dataclass(frozen=True)
 class Masks:
     """Segmentation result on the arterial grid.
@@ -138,6 +152,11 @@ class Masks:
     uncertainty
         The segmenter's mean normalised softmax entropy (0 = certain, 1 = uniform) over the
         voxels it labelled as foreground; ``None`` for a supplied SEG.
+    dropped_voxels
+        Voxels of the segmenter's raw labels that the anatomical rules of :func:`postprocess`
+        removed, per structure (``liver`` includes tumour found outside the kept liver,
+        ``tumor`` counts only those, ``loat`` the fat far from the liver); empty when no rule
+        applied (a supplied SEG).
     """
 
     liver: UInt8Volume
@@ -149,6 +168,7 @@ class Masks:
     aorta: UInt8Volume | None = None
     tumor_component_voxels: tuple[int, ...] = ()
     uncertainty: float | None = None
+    dropped_voxels: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def postprocess(
@@ -156,17 +176,26 @@ def postprocess(
     arterial_hu: npt.NDArray[Any],
     source: str,
     label_map: Mapping[str, int] = LEGACY_LABELS,
+    spacing_mm: Sequence[float] | None = None,
 ) -> Masks:
     """Turn a label map on the arterial grid into :class:`Masks`.
 
     * tumour: the largest 26-connected component of label ``tumor``
-      (:func:`model.measure.largest_component`; the report describes one lesion, and the count of
-      components is kept so a multifocal case can be flagged);
+      (the report describes one lesion, and the count and sizes of all
+      components are kept so a multifocal case can be flagged);
     * LOAT: label ``loat`` restricted to fat, :data:`FAT_HU` on the arterial image (a label
       boundary that bleeds into the stomach wall or vessels must not inflate the area);
     * liver: labels ``liver`` and ``tumor`` (dropped tumour components stay liver);
     * stomach, aorta: their labels as they are (no component filtering: the quality gates
       measure them, they are not reported), when ``label_map`` has them, else ``None``.
+
+    With ``spacing_mm`` (a segmenter's output), anatomical rules apply first, because a network
+    off its training distribution labels look-alike tissue elsewhere: liver and tumour are kept
+    only in the largest liver component and those of :data:`LIVER_COMPONENT_SHARE` of its size
+    (a hepatic tumour lies in the liver), LOAT only in fat components that come within
+    :data:`LOAT_LIVER_MM` of that liver. What they removed is counted in
+    :attr:`Masks.dropped_voxels`. Without it (a reader's supplied SEG) the labels are kept as
+    drawn.
 
     Parameters
     ----------
@@ -180,6 +209,8 @@ def postprocess(
         The classes ``labels`` can hold: :data:`LABELS` for a current segmenter; the default,
         :data:`LEGACY_LABELS`, for a supplied SEG or an older segmenter, which know no stomach or
         aorta (an empty mask would claim that the organ was looked for and not found).
+    spacing_mm
+        ``(x, y, z)`` voxel spacing of the grid; given, the anatomical rules apply.
     """
     labels = np.asarray(labels)
     hu = np.asarray(arterial_hu)
@@ -188,10 +219,22 @@ def postprocess(
             f"labels {labels.shape} and arterial_hu {hu.shape} must be 3-D of the same shape"
         )
     all_tumor = labels == label_map["tumor"]
-    tumor, components = largest_component(all_tumor)
     liver = (labels == label_map["liver"]) | all_tumor
     low, high = FAT_HU
     loat = (labels == label_map["loat"]) & (hu >= low) & (hu <= high)
+    dropped: dict[str, int] = {}
+    if spacing_mm is not None:
+        kept_liver = _main_liver(liver)
+        outside = all_tumor & ~kept_liver
+        dropped["liver"] = int(np.count_nonzero(liver & ~kept_liver))
+        dropped["tumor"] = int(np.count_nonzero(outside))
+        liver, all_tumor = kept_liver, all_tumor & kept_liver
+        near = _near_liver(loat, liver, spacing_mm, LOAT_LIVER_MM)
+        dropped["loat"] = int(np.count_nonzero(loat & ~near))
+        loat = near
+    # One labelling gives the kept lesion, the count and the sizes the gates judge.
+    numbered, sizes = sized_components(all_tumor)
+    tumor = numbered == 1
 
     def organ(name: str) -> UInt8Volume | None:
         if name not in label_map:
@@ -202,12 +245,58 @@ def postprocess(
         liver=liver.astype(np.uint8),
         tumor=tumor.astype(np.uint8),
         loat=loat.astype(np.uint8),
-        tumor_components=components,
+        tumor_components=len(sizes),
         source=source,
         stomach=organ("stomach"),
         aorta=organ("aorta"),
-        tumor_component_voxels=component_sizes(all_tumor),
+        tumor_component_voxels=sizes,
+        dropped_voxels=dropped,
     )
+
+
+def _main_liver(liver: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The largest liver component and those of at least :data:`LIVER_COMPONENT_SHARE` of it."""
+    components, sizes = sized_components(liver)
+    if not sizes:
+        return liver
+    keep = [
+        index + 1 for index, size in enumerate(sizes) if size >= LIVER_COMPONENT_SHARE * sizes[0]
+    ]
+    return np.isin(components, keep)
+
+
+def _near_liver(
+    loat: npt.NDArray[np.bool_],
+    liver: npt.NDArray[np.bool_],
+    spacing_mm: Sequence[float],
+    reach_mm: float,
+) -> npt.NDArray[np.bool_]:
+    """The components of ``loat`` with a voxel within ``reach_mm`` of ``liver``."""
+    if not loat.any() or not liver.any():
+        return np.zeros_like(loat)
+    # The distance is only needed around the LOAT candidates: crop to their box plus the reach,
+    # so a 512 × 512 × 200 study does not pay for a distance map of the whole body.
+    spacing_kji = np.asarray(spacing_mm, dtype=np.float64)[::-1]
+    margin = np.ceil(reach_mm / spacing_kji).astype(int) + 1
+    where = np.argwhere(loat)
+    low = np.maximum(where.min(axis=0) - margin, 0)
+    high = np.minimum(where.max(axis=0) + margin + 1, loat.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+    liver_box = liver[box]
+    if not liver_box.any():
+        return np.zeros_like(loat)
+    image = sitk.GetImageFromArray(liver_box.astype(np.uint8))
+    image.SetSpacing([float(v) for v in spacing_mm])
+    distance = sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(
+            image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+        )
+    )
+    components, _ = sized_components(loat[box])
+    reached = np.unique(components[(components > 0) & (distance <= reach_mm)])
+    near = np.zeros_like(loat)
+    near[box] = np.isin(components, reached[reached > 0])
+    return near
 
 
 def labels_from_masks(
@@ -620,6 +709,7 @@ class UNetSegmenter:
             sitk.GetArrayViewFromImage(arterial),
             "unet",
             self.labels,
+            spacing_mm=arterial.GetSpacing(),
         )
         return dataclasses.replace(masks, uncertainty=prediction.uncertainty)
 

@@ -82,6 +82,58 @@ def test_postprocess_keeps_loat_only_where_it_is_fat() -> None:
     assert masks.source == "supplied"
 
 
+def _abdomen() -> tuple[np.ndarray, np.ndarray]:
+    """A 2 mm grid with a liver block (tumour inside), soft tissue elsewhere."""
+    labels = np.zeros((20, 60, 60), dtype=np.uint8)
+    labels[2:18, 5:35, 5:35] = LABELS["liver"]
+    labels[6:12, 10:18, 10:18] = LABELS["tumor"]
+    return labels, np.full(labels.shape, 60.0, dtype=np.float32)
+
+
+def test_a_segmenters_liver_and_tumour_outside_the_main_liver_are_dropped() -> None:
+    labels, hu = _abdomen()
+    # "Liver" with a "tumour" in it on the spleen, far from the liver: 5 % of the liver's size.
+    labels[4:12, 44:52, 44:52] = LABELS["liver"]
+    labels[6:9, 46:49, 46:49] = LABELS["tumor"]
+    masks = postprocess(labels, hu, "unet", LABELS, spacing_mm=(2.0, 2.0, 2.0))
+    assert masks.liver[:, 40:, 40:].sum() == 0
+    assert masks.liver[2:18, 5:35, 5:35].all()
+    # The stray blob is no second lesion: one component, and the count of what was dropped.
+    assert masks.tumor_components == 1 and masks.tumor_component_voxels == (6 * 8 * 8,)
+    assert masks.dropped_voxels == {"liver": 8 * 8 * 8, "tumor": 27, "loat": 0}
+    # A reader's SEG is kept as drawn: the same labels without spacing keep both.
+    drawn = postprocess(labels, hu, "supplied", LABELS)
+    assert drawn.tumor_components == 2 and drawn.liver[4:12, 44:52, 44:52].all()
+    assert drawn.dropped_voxels == {}
+
+
+def test_a_liver_cut_in_two_keeps_both_parts() -> None:
+    labels, hu = _abdomen()
+    labels[2:18, 5:35, 20] = 0  # a fissure through the whole liver: 15 and 14 columns
+    masks = postprocess(labels, hu, "unet", LABELS, spacing_mm=(2.0, 2.0, 2.0))
+    assert masks.liver.sum() == np.count_nonzero(labels)
+    assert masks.dropped_voxels["liver"] == 0
+
+
+def test_loat_far_from_the_liver_is_dropped_and_loat_beside_it_kept() -> None:
+    labels, hu = _abdomen()
+    # Beside the liver (3 voxels from it in x: 6 mm) and 16 voxels (32 mm) away, both fat.
+    labels[6:12, 10:20, 37:40] = LABELS["loat"]
+    labels[6:12, 10:20, 50:53] = LABELS["loat"]
+    hu[labels == LABELS["loat"]] = -100.0
+    masks = postprocess(labels, hu, "unet", LABELS, spacing_mm=(2.0, 2.0, 2.0))
+    assert masks.loat[6:12, 10:20, 37:40].all()
+    assert masks.loat[:, :, 45:].sum() == 0
+    assert masks.dropped_voxels["loat"] == 6 * 10 * 3
+    # The reach is in mm: with 4 mm voxels in x the near block lies 12 mm away, beyond it.
+    coarse = postprocess(labels, hu, "unet", LABELS, spacing_mm=(4.0, 2.0, 2.0))
+    assert coarse.loat.sum() == 0 and coarse.dropped_voxels["loat"] == 2 * 6 * 10 * 3
+    # No liver found: no LOAT can be placed.
+    no_liver = np.where(labels == LABELS["loat"], labels, 0).astype(np.uint8)
+    empty = postprocess(no_liver, hu, "unet", LABELS, spacing_mm=(2.0, 2.0, 2.0))
+    assert empty.loat.sum() == 0 and empty.dropped_voxels["loat"] == 2 * 6 * 10 * 3
+
+
 def test_postprocess_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="same shape"):
         postprocess(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)), "unet")
