@@ -128,9 +128,14 @@ UNCERTAINTY_LIMIT_FACTOR: float = 1.5
 
 _WARMUP_FRACTION = 0.05
 
-#: Per-patch augmentation: (MONAI transform, probability), as the card records it. Intensities
-#: are on the [0, 1] window (600 HU wide: 0.05 is 30 HU). The dearer transforms (affine, blur)
-#: are rare: they cost 8-17 ms a patch on one CPU core, a tenth of a training step.
+#: Per-patch augmentation: (MONAI transform, probability), as the card records it; a name after
+#: ``:`` tells two uses of one transform apart. Intensities are on the [0, 1] window (600 HU
+#: wide: 0.05 is 30 HU). They reach beyond the phantoms' own ranges (:mod:`model.domain`), as
+#: SynthSeg's do: per-phase gain ±25 % and offsets ±42 HU, noise to 24 HU, and a blur along the
+#: slice axis alone (sigma 1.6-4 mm on the 2 mm grid) for slices thicker than any phantom's. With
+#: them the demo budget's held-out LOAT Dice rose from 0.85 to 0.88 (standard) and 0.82 to 0.86
+#: (randomised); on the shifted cohort it stayed at 0.60-0.63. The dearer transforms (affine,
+#: blur) are rare: they cost 8-17 ms a patch on one CPU core, a tenth of a training step.
 AUGMENTATION: tuple[tuple[str, float], ...] = (
     ("RandAffined", 0.2),
     ("RandScaleIntensityd", 0.5),
@@ -138,7 +143,8 @@ AUGMENTATION: tuple[tuple[str, float], ...] = (
     ("RandAdjustContrastd", 0.2),
     ("RandBiasFieldd", 0.1),
     ("RandGaussianSmoothd", 0.1),
-    ("RandGaussianNoised", 0.15),
+    ("RandGaussianSmoothd:slices", 0.25),
+    ("RandGaussianNoised", 0.2),
 )
 
 
@@ -161,10 +167,10 @@ def augmentation(seed: int) -> Compose:
                 padding_mode="border",
             ),
             RandScaleIntensityd(
-                keys="image", factors=0.1, prob=p["RandScaleIntensityd"], channel_wise=True
+                keys="image", factors=0.25, prob=p["RandScaleIntensityd"], channel_wise=True
             ),
             RandShiftIntensityd(
-                keys="image", offsets=0.05, prob=p["RandShiftIntensityd"], channel_wise=True
+                keys="image", offsets=0.07, prob=p["RandShiftIntensityd"], channel_wise=True
             ),
             RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=p["RandAdjustContrastd"]),
             RandBiasFieldd(
@@ -177,7 +183,15 @@ def augmentation(seed: int) -> Compose:
                 sigma_z=(0.3, 1.0),
                 prob=p["RandGaussianSmoothd"],
             ),
-            RandGaussianNoised(keys="image", std=0.02, prob=p["RandGaussianNoised"]),
+            # The first spatial axis of a patch is the slice axis (k).
+            RandGaussianSmoothd(
+                keys="image",
+                sigma_x=(0.8, 2.0),
+                sigma_y=(0.0, 0.3),
+                sigma_z=(0.0, 0.3),
+                prob=p["RandGaussianSmoothd:slices"],
+            ),
+            RandGaussianNoised(keys="image", std=0.04, prob=p["RandGaussianNoised"]),
         ]
     )
     transforms.set_random_state(seed=seed)

@@ -409,6 +409,7 @@ def demo_key(options: TrainSegOptions, iterations: int) -> dict[str, Any]:
     from model.domain import DOMAIN_VERSION
     from model.phantom import PHANTOM_VERSION
     from model.segmentation import LABELS, SEGMENTER_CARD_VERSION
+    from model.train_seg import AUGMENTATION
 
     return {
         "phantom_version": PHANTOM_VERSION,
@@ -416,6 +417,7 @@ def demo_key(options: TrainSegOptions, iterations: int) -> dict[str, Any]:
         "domain_version": DOMAIN_VERSION,
         "labels": dict(LABELS),
         "card_version": SEGMENTER_CARD_VERSION,
+        "augmentation": [list(entry) for entry in AUGMENTATION],
         "phantoms": options.phantoms,
         "seed": options.seed,
         "iterations": iterations,
