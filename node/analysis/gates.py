@@ -293,6 +293,15 @@ def check_segmentation(
             )
         else:
             verdict.figures["uncertainty"] = masks.uncertainty
+        if masks.dropped_voxels:
+            kept = int(np.count_nonzero(masks.liver))
+            stray = masks.dropped_voxels.get("liver", 0)
+            verdict.at_most(
+                "stray_liver_fraction",
+                round(stray / kept, 3) if kept else float(stray > 0),
+                limits.max_stray_liver_fraction,
+                "liver labelled outside the main liver / the liver kept",
+            )
     return verdict.gate()
 
 

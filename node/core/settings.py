@@ -237,6 +237,7 @@ class GatesSection(_Section):
     max_satellite_fraction: float = Field(default=0.5, ge=0.0)
     min_tumor_volume_ml: float = Field(default=0.5, ge=0.0)
     min_liver_contact: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_stray_liver_fraction: float = Field(default=0.5, ge=0.0)
     volume_range_factor: float = Field(default=1.5, ge=1.0)
     max_loat_distance_mm: float = Field(default=35.0, gt=0.0)
     uncertainty_limit: float | None = Field(default=None, gt=0.0, le=1.0)

@@ -62,6 +62,27 @@ def _masks(**changes: Any) -> Masks:
     return Masks(**fields)
 
 
+def test_a_segmenter_that_put_much_liver_outside_the_liver_fails_the_segmentation_check() -> None:
+    masks = _masks()
+    liver = int(masks.liver.sum())
+    lost = _masks(dropped_voxels={"liver": liver, "tumor": 40, "loat": 0})
+    gate = gates.check_segmentation(LIMITS, lost, SPACING, _card())
+    assert "liver labelled outside the main liver / the liver kept 1" in _failed(gate)
+    assert gate.figures["stray_liver_fraction"] == 1.0
+    # A few stray voxels, as the anatomical rules remove on most studies, pass.
+    few = _masks(dropped_voxels={"liver": liver // 10, "tumor": 0, "loat": 5})
+    gate = gates.check_segmentation(LIMITS, few, SPACING, _card())
+    assert gate.passed is True and gate.figures["stray_liver_fraction"] == pytest.approx(
+        0.1, abs=1e-3
+    )
+    # No rule ran (a supplied SEG): nothing to judge.
+    drawn = _masks(source="supplied", uncertainty=None)
+    assert (
+        "stray_liver_fraction"
+        not in gates.check_segmentation(LIMITS, drawn, SPACING, _card()).figures
+    )
+
+
 def _phases(masks: Masks, liver_hu: float = 75.0, aorta_hu: float = 300.0):
     arterial = np.full(SHAPE, -100.0, dtype=np.float32)
     arterial[masks.liver > 0] = liver_hu
