@@ -612,11 +612,15 @@ def encode_objects(
         hu = sitk.GetArrayViewFromImage(arterial) if arterial is not None else None
         spacing = tuple(arterial.GetSpacing()[:2]) if arterial is not None else None
         key = analysis.diameter_slice
+        area_slice = analysis.loat_area_slice
+        if key < 0 and area_slice >= 0:
+            # No tumour (none found, or none left inside the liver): the reader sees the LOAT's
+            # largest slice, what the node did find, instead of a text-only summary.
+            key = area_slice
         arterial_slice = hu[key] if hu is not None and key >= 0 else None
         tumor_slice = masks.tumor[key] if masks is not None and key >= 0 else None
         loat_slice = masks.loat[key] if masks is not None and key >= 0 else None
         loat_view = None
-        area_slice = analysis.loat_area_slice
         if hu is not None and masks is not None and area_slice >= 0 and area_slice != key:
             loat_view = (np.asarray(hu[area_slice]), masks.loat[area_slice])
         objects["sc"] = build_sc(

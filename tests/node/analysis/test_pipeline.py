@@ -400,6 +400,40 @@ def test_every_notified_status_sends_an_sr_and_sc_saying_what_happened(
     assert "input: passed (arterial_slices 16)" in texts
 
 
+def test_a_study_with_loat_but_no_tumor_gets_a_summary_of_the_loat_slice(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    # Found on phantoms: the anatomical rules left no tumour but a LOAT; the SC builder was
+    # handed the LOAT view without the tumour slice beside it and raised.
+    from model.measure import measure
+    from model.segmentation import Masks
+    from node.analysis.dicomio import scan_folder
+    from node.analysis.pipeline import Analysis, encode_objects
+    from node.analysis.result import Result
+
+    cohort = cohort_factory(seed=98, size=64, slices=16)
+    ((study_uid, series),) = scan_folder(cohort / "study_0001").items()
+    some = next(files for files in series.values() if len(files.paths) > 1)
+    arterial = sitk.ReadImage([str(p) for p in sorted(some.paths)])
+    shape = sitk.GetArrayViewFromImage(arterial).shape
+    loat = np.zeros(shape, dtype=np.uint8)
+    loat[6:9, 20:30, 20:30] = 1
+    empty = np.zeros(shape, dtype=np.uint8)
+    masks = Masks(liver=empty, tumor=empty, loat=loat, tumor_components=0, source="unet")
+    measured = measure(masks.tumor, masks.loat, arterial.GetSpacing())
+    assert measured.diameter_slice < 0 <= measured.loat_area_slice
+    result = Result(
+        study_instance_uid=study_uid, status="no_tumor", reason="no liver tumor was found"
+    )
+    analysis = Analysis(result)
+    analysis.objects = encode_objects(
+        result, _analysis_settings(tmp_path), None, some.paths, arterial, masks, measured
+    )
+    objects = _written(analysis, tmp_path / "out")
+    assert sorted(objects) == ["sc", "sr"]
+    assert "no liver tumor was found" in _sr_texts(objects["sr"])
+
+
 def test_a_study_with_no_image_series_gets_a_study_level_notice(
     tmp_path: Path, cohort_factory: Callable[..., Path]
 ) -> None:
