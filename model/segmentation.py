@@ -225,9 +225,8 @@ def postprocess(
     dropped: dict[str, int] = {}
     if spacing_mm is not None:
         kept_liver = _main_liver(liver)
-        outside = all_tumor & ~kept_liver
         dropped["liver"] = int(np.count_nonzero(liver & ~kept_liver))
-        dropped["tumor"] = int(np.count_nonzero(outside))
+        dropped["tumor"] = int(np.count_nonzero(all_tumor & ~kept_liver))
         liver, all_tumor = kept_liver, all_tumor & kept_liver
         near = _near_liver(loat, liver, spacing_mm, LOAT_LIVER_MM)
         dropped["loat"] = int(np.count_nonzero(loat & ~near))
@@ -295,7 +294,7 @@ def _near_liver(
     components, _ = sized_components(loat[box])
     reached = np.unique(components[(components > 0) & (distance <= reach_mm)])
     near = np.zeros_like(loat)
-    near[box] = np.isin(components, reached[reached > 0])
+    near[box] = np.isin(components, reached)
     return near
 
 
