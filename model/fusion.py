@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet18
 
-__all__ = ["ARCHS", "FEATURES", "FusionNet", "convert_weights"]
+__all__ = ["ARCHS", "FEATURES", "FusionEnsemble", "FusionNet", "convert_weights"]
 
 #: Network variants a model card may name.
 ARCHS: tuple[str, ...] = ("fusion", "tumor-only")
@@ -137,6 +137,89 @@ class FusionNet(nn.Module):
                 raise ValueError(f"{path} does not fit ResNet18: {exc}") from exc
             missing.extend(result.missing_keys)
         return sorted(set(missing))
+
+
+class FusionEnsemble(nn.Module):
+    """The shipped MVI model: the cross-validation's fold networks, scored by their mean logit.
+
+    Each member is the network of one fold, saved at the epoch its own validation chose, and its
+    logit is standardised, ``(logit - centre) / scale``, by the mean and standard deviation of
+    its logits over its own validation studies (no labels involved): fold networks stopped at
+    different epochs have different offsets and scales, and pooling them raw made the
+    out-of-fold AUC 0.58 where each fold's was 0.73-0.83. Every figure of the model card
+    (calibration, threshold, sensitivity, specificity, the combined model) is computed from these
+    standardised logits on the studies each member did not see; a new study is unseen by every
+    member, so their mean is on the scale the calibration was fitted on. (A separately trained
+    final network was not: shipped with the out-of-fold calibration, it called every new study
+    high risk.)
+
+    Parameters
+    ----------
+    members
+        Fold networks of one arch and channel count.
+    centre, scale
+        Per member standardisation; zeros and ones when left out.
+    """
+
+    centre: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(
+        self,
+        members: list[FusionNet],
+        centre: list[float] | None = None,
+        scale: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        kinds = {(m.arch, m.in_channels) for m in members}
+        if len(kinds) != 1:
+            raise ValueError(f"ensemble members differ in arch or channels: {sorted(kinds)}")
+        count = len(members)
+        centre = [0.0] * count if centre is None else list(centre)
+        scale = [1.0] * count if scale is None else list(scale)
+        if len(centre) != count or len(scale) != count:
+            raise ValueError(f"{count} members need {count} centres and scales")
+        if not all(v > 0 for v in scale):
+            raise ValueError(f"member scales must be positive, got {scale}")
+        self.members = nn.ModuleList(members)
+        # Buffers: saved with the weights (and so covered by the card's weights hash).
+        self.register_buffer("centre", torch.tensor(centre, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.arch = members[0].arch
+        self.in_channels = members[0].in_channels
+        self.uses_loat = members[0].loat is not None
+
+    @classmethod
+    def build(
+        cls, count: int, arch: str = "fusion", in_channels: int = 6, dropout: float = 0.3
+    ) -> FusionEnsemble:
+        """``count`` freshly initialised members (weights to be loaded)."""
+        if count < 1:
+            raise ValueError(f"an ensemble needs at least one member, got {count}")
+        return cls([FusionNet(arch, in_channels, dropout) for _ in range(count)])
+
+    def spec(self) -> dict[str, Any]:
+        """The model card's ``network`` entry: a member's spec and the member count."""
+        first = self.members[0]
+        assert isinstance(first, FusionNet)
+        return {
+            **first.spec(),
+            "members": len(self.members),
+            "combine": "mean of (member logit - centre) / scale",
+            "centre": [round(float(v), 6) for v in self.centre],
+            "scale": [round(float(v), 6) for v in self.scale],
+        }
+
+    def member_logits(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardised logits of every member, ``(N, members)``."""
+        raw = torch.stack([m(tumor, loat).float() for m in self.members], dim=1)
+        return (raw - self.centre) / self.scale
+
+    def forward(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean standardised member logit ``(N,)``."""
+        return self.member_logits(tumor, loat).mean(dim=1)
 
 
 def convert_weights(pth_in: Path, safetensors_out: Path) -> int:

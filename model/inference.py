@@ -6,6 +6,8 @@ one line that says what is wrong, a folder that holds a pickle file, weights tha
 card's SHA-256, or a card this code cannot honour (unknown kind or arch, an ROI spec it cannot
 cut, channels that disagree with the spec, combined-model predictors it does not know).
 
+The network is the fold ensemble :func:`model.train.train_fusion` ships (the card's
+``network.members``; a card without it holds one network, as earlier versions wrote).
 :meth:`FusionModel.predict` runs the network in eval mode under ``torch.inference_mode`` (bf16
 autocast on CUDA) in batches, and turns each logit into
 
@@ -32,7 +34,7 @@ import torch
 
 from dicom_sr.enum import RiskCategory
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.fusion import ARCHS, FusionNet
+from model.fusion import ARCHS, FusionEnsemble, FusionNet
 from model.roi import RoiSpec
 from model.segmentation import autocast, resolve_device
 from model.stats import logistic_predict
@@ -60,7 +62,7 @@ class Prediction:
     mvi_probability
         Calibrated DL probability of MVI.
     logit
-        The network's raw logit.
+        The uncalibrated logit: the mean of the ensemble members' standardised logits.
     risk_category
         ``"high"`` when ``mvi_probability >= threshold``, else ``"low"``.
     threshold
@@ -100,7 +102,9 @@ class FusionModel:
     Use :meth:`load`; the constructor takes an already built network and its card.
     """
 
-    def __init__(self, network: FusionNet, card: Mapping[str, Any], device: str = "auto") -> None:
+    def __init__(
+        self, network: FusionEnsemble | FusionNet, card: Mapping[str, Any], device: str = "auto"
+    ) -> None:
         self.card = dict(card)
         self.device = resolve_device(device)
         self.arch = network.arch
@@ -122,7 +126,8 @@ class FusionModel:
         if not 0.0 <= self.threshold <= 1.0:
             raise CheckpointError(f"model card: threshold {self.threshold} is not in [0, 1]")
         self.combined = self._combined_model(card.get("combined_model"))
-        self.network = network.to(self.device).eval()
+        ensemble = network if isinstance(network, FusionEnsemble) else FusionEnsemble([network])
+        self.network = ensemble.to(self.device).eval()
 
     @staticmethod
     def _combined_model(entry: Any) -> dict[str, Any] | None:
@@ -170,7 +175,15 @@ class FusionModel:
         try:
             in_channels = int(network_entry["in_channels"])
             dropout = float(network_entry.get("dropout", 0.0))
-            network = FusionNet(str(arch), in_channels=in_channels, dropout=dropout)
+            members = network_entry.get("members")
+            if members is None:  # one network, keys without the members. prefix
+                network: FusionEnsemble | FusionNet = FusionNet(
+                    str(arch), in_channels=in_channels, dropout=dropout
+                )
+            else:
+                network = FusionEnsemble.build(
+                    int(members), str(arch), in_channels=in_channels, dropout=dropout
+                )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{directory}: cannot build the network: {exc}") from exc
         try:
@@ -188,6 +201,45 @@ class FusionModel:
         if value.shape != expected:
             raise ValueError(f"{branch} ROI has shape {value.shape}; this model takes {expected}")
         return value
+
+    @property
+    def members(self) -> int:
+        """Networks in the ensemble (1 for a single-network card)."""
+        return len(self.network.members)
+
+    def _member_logits(
+        self,
+        tumors: Sequence[npt.NDArray[np.float32]],
+        loats: Sequence[npt.NDArray[np.float32]],
+        batch_size: int,
+    ) -> npt.NDArray[np.float64]:
+        out: list[npt.NDArray[np.float64]] = []
+        with torch.inference_mode(), autocast(self.device):
+            for start in range(0, len(tumors), batch_size):
+                stop = start + batch_size
+                tumor = torch.from_numpy(np.stack(tumors[start:stop])).to(self.device)
+                loat = None
+                if loats:
+                    loat = torch.from_numpy(np.stack(loats[start:stop])).to(self.device)
+                logits = self.network.member_logits(tumor, loat)
+                out.append(logits.float().cpu().numpy().astype(np.float64))
+        if not out:
+            return np.zeros((0, self.members), dtype=np.float64)
+        return np.concatenate(out)
+
+    def member_logits(
+        self, rois_batch: Sequence[Mapping[str, Any]], *, batch_size: int = 32
+    ) -> npt.NDArray[np.float64]:
+        """Standardised logits of every ensemble member, ``(studies, members)``.
+
+        Their row mean is :attr:`Prediction.logit`. For audits of the card: a training study's
+        out-of-fold logit is the column of the fold it was validated in (the card's
+        ``training_ids.fold``).
+        """
+        fusion = self.network.uses_loat
+        tumors = [self._check("tumor", rois["tumor"]) for rois in rois_batch]
+        loats = [self._check("loat", rois["loat"]) for rois in rois_batch] if fusion else []
+        return self._member_logits(tumors, loats, batch_size)
 
     def predict(
         self,
@@ -228,7 +280,7 @@ class FusionModel:
             raise ValueError(f"threshold must be in [0, 1], got {cut}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        fusion = self.network.loat is not None
+        fusion = self.network.uses_loat
         tumors = []
         loats = []
         for index, rois in enumerate(rois_batch):
@@ -238,16 +290,7 @@ class FusionModel:
             tumors.append(self._check("tumor", rois["tumor"]))
             if fusion:
                 loats.append(self._check("loat", rois["loat"]))
-        logits: list[float] = []
-        with torch.inference_mode(), autocast(self.device):
-            for start in range(0, n, batch_size):
-                stop = start + batch_size
-                tumor = torch.from_numpy(np.stack(tumors[start:stop])).to(self.device)
-                loat = None
-                if fusion:
-                    loat = torch.from_numpy(np.stack(loats[start:stop])).to(self.device)
-                out = self.network(tumor, loat)
-                logits.extend(float(v) for v in out.float().cpu())
+        logits = [float(v) for v in self._member_logits(tumors, loats, batch_size).mean(axis=1)]
         predictions = []
         for index, logit in enumerate(logits):
             dl_logit = self.a * logit + self.b

@@ -336,6 +336,13 @@ def platt_fit(
     Returns
     -------
     a, b
+
+    Raises
+    ------
+    ValueError
+        When the fitted slope ``a`` is not positive: the scores rank against the labels (or not
+        at all), and a negative slope would silently flip an anti-informative model into one
+        that looks good (raw AUC 0.10 reported as 0.90).
     """
     labels = _labels(y)
     x = _scores(logits, labels.size, "logits")
@@ -367,6 +374,11 @@ def platt_fit(
         w, previous, current = candidate, current, value
         if previous - current < 1e-12:
             break
+    if not w[0] > 0.0:
+        raise ValueError(
+            f"Platt slope {w[0]:.3g} is not positive (AUC {auc(labels, x):.3f}): the scores do "
+            "not rise with the label; refusing to flip or flatten an uninformative model"
+        )
     return float(w[0]), float(w[1])
 
 

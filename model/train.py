@@ -1,24 +1,36 @@
 """Training and cross-validation of the MVI fusion model: ROIs in, checkpoint out.
 
-:func:`train_fusion` runs stratified K-fold cross-validation. Each fold trains a fresh
-:class:`model.fusion.FusionNet` (binary cross-entropy weighted by the fold's class ratio, AdamW,
-light augmentation), records its validation logits after every epoch and stops once its own
-validation AUC has not improved for ``patience`` epochs (early stopping). The epoch is chosen on
-the validation AUC of the pooled out-of-fold (OOF) logits, one epoch for all folds so the logits
-share a scale; those OOF logits then give
+:func:`train_fusion` runs grouped, stratified K-fold cross-validation (folds never split a
+patient, or a centre with ``group_by="centre"``; ``cv="loco"`` holds out one centre per fold).
+Each fold trains a fresh :class:`model.fusion.FusionNet` (binary cross-entropy weighted by the
+fold's class ratio, AdamW, light augmentation), scores its validation studies after every epoch
+and keeps the weights of the epoch with its best validation AUC, stopping once that has not
+improved for ``patience`` epochs.
 
-* Platt calibration ``p = sigmoid(a * logit + b)``,
+**What is shipped is what was calibrated.** The saved model is the ensemble of the K fold
+networks (:class:`model.fusion.FusionEnsemble`), each at its chosen epoch with its logit
+standardised by the mean and spread of its own validation logits, scored by the mean; the
+out-of-fold (OOF) logits the card is computed from are those very networks' standardised logits
+on the studies they did not train on:
+
+* Platt calibration ``p = sigmoid(a * logit + b)`` (refused when the slope is not positive),
 * the risk threshold (Youden's J on the calibrated OOF probabilities),
 * OOF metrics (AUC with DeLong 95 % CI, sensitivity, specificity, accuracy, Brier score),
 * the combined logistic model (DL logit + max tumour diameter + LOAT area) and the clinical one
   (diameter + LOAT area), with odds ratios, CIs and p-values.
 
-A final network is trained on all studies for the chosen number of epochs and saved with
-:func:`model.checkpoint.save_checkpoint`; the card carries everything above. Note that the OOF
-metrics are mildly optimistic: the epoch was chosen on the predictions they are computed from. An
-external test set (``bench/fusion.py`` uses held-out phantom seeds) gives the unbiased figure.
+A new study is unseen by every member, as each OOF study was by its member, so the calibration
+carries over (``tests/model/test_train.py`` trains on one phantom cohort and checks the card's
+sensitivity, specificity and Brier score on another). An earlier design trained a separate final
+network on all studies and shipped it with the OOF calibration: its logits had another scale and
+it called every new study high risk. The OOF metrics remain mildly optimistic (each fold's epoch
+was chosen on its own validation studies); an external test set gives the unbiased figure.
 
-Validation and the saved network use an exponential moving average of the weights.
+The card lists the training studies and patients as salted hashes with their fold, so
+``mvi-node evaluate`` can refuse a test set that overlaps and a test can recompute every card
+figure from the shipped weights.
+
+Validation and the saved networks use an exponential moving average of the weights.
 Augmentation: small rotations and shifts, flips (the crop is local, so left/right anatomy is not
 at stake), intensity jitter per branch. Runs are deterministic for a seed on a given device.
 
@@ -37,6 +49,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +65,7 @@ import torch.nn.functional as F
 import torchvision
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.fusion import ARCHS, FusionNet
+from model.fusion import ARCHS, FusionEnsemble, FusionNet
 from model.phantom import PHANTOM_VERSION, PhantomSpec, make_study
 from model.registration import register, resample_onto
 from model.roi import RoiSpec, extract_rois
@@ -71,10 +84,17 @@ __all__ = [
     "CARD_KIND",
     "CLINICAL_FEATURES",
     "COMBINED_FEATURES",
+    "CV_SCHEMES",
     "FUSION_CARD_KEYS",
+    "GROUPINGS",
     "Progress",
     "StudyRois",
     "cached_rois",
+    "centre_folds",
+    "check_patient_centres",
+    "grouped_folds",
+    "hash_id",
+    "make_folds",
     "rois_from_phantom",
     "stratified_folds",
     "train_fusion",
@@ -94,9 +114,14 @@ COMBINED_FEATURES: tuple[str, ...] = ("dl_logit", "max_diameter_mm", "loat_area_
 #: Predictors of the clinical model (the paper's independent predictors).
 CLINICAL_FEATURES: tuple[str, ...] = ("max_diameter_mm", "loat_area_cm2")
 
-#: ``progress(stage, epoch, epochs, train_loss, val_auc)``; stage ``"fold i/k"`` or ``"final"``,
-#: ``val_auc`` ``None`` for the final model.
+#: ``progress(stage, epoch, epochs, train_loss, val_auc)``; stage ``"fold i/k"``.
 Progress = Callable[[str, int, int, float, float | None], None]
+
+#: Cross-validation schemes: K folds, or leave one centre out (one fold per centre).
+CV_SCHEMES: tuple[str, ...] = ("kfold", "loco")
+
+#: What a fold never splits: a study, a patient (all their studies in one fold), a centre.
+GROUPINGS: tuple[str, ...] = ("study", "patient", "centre")
 
 _ROTATION_DEG = 10.0
 _SHIFT = 0.06  # of the half-width (affine_grid's coordinates run -1..1)
@@ -132,7 +157,12 @@ class StudyRois:
     loat_area_cm2
         Largest axial LOAT area.
     study_id
-        For messages and the cache; never written to the card.
+        For messages and the cache; written to the card only as a salted hash.
+    patient_id
+        Groups a patient's studies into one fold (hashed in the card); empty: the study is its
+        own patient.
+    centre
+        The site the study came from (``group_by="centre"``, ``cv="loco"``); named in the card.
     """
 
     tumor: _FloatArray
@@ -141,6 +171,13 @@ class StudyRois:
     diameter_mm: float
     loat_area_cm2: float
     study_id: str = ""
+    patient_id: str = ""
+    centre: str = ""
+
+    @property
+    def patient(self) -> str:
+        """The patient grouping key: ``patient_id``, or the study for a patient not given."""
+        return self.patient_id or f"study:{self.study_id}"
 
 
 def _image(volume: npt.NDArray[Any], spacing: Sequence[float], origin: Sequence[float]) -> Any:
@@ -322,6 +359,114 @@ def stratified_folds(labels: npt.ArrayLike, folds: int, seed: int) -> list[npt.N
     return [np.sort(np.asarray(p, dtype=np.intp)) for p in parts]
 
 
+def grouped_folds(
+    labels: npt.ArrayLike, groups: Sequence[str], folds: int, seed: int
+) -> list[npt.NDArray[np.intp]]:
+    """Validation indices of each fold; a group (patient, centre) never spans two folds.
+
+    Groups are dealt largest first (ties in a seeded random order) to the fold where they leave
+    each class's count closest to its share, so folds stay balanced in size and prevalence.
+
+    Raises
+    ------
+    ValueError
+        When a fold would miss a class (fewer groups of that class than folds), or there are
+        fewer groups than folds.
+    """
+    y = np.asarray(labels)
+    if len(groups) != y.size:
+        raise ValueError(f"{len(groups)} group keys for {y.size} studies")
+    names = sorted(set(groups))
+    if len(names) < folds:
+        raise ValueError(f"{len(names)} groups, fewer than {folds} folds")
+    members: dict[str, list[int]] = {name: [] for name in names}
+    for index, name in enumerate(groups):
+        members[name].append(index)
+    rng = np.random.default_rng([int(seed), 11])
+    order = [names[i] for i in rng.permutation(len(names))]
+    order.sort(key=lambda name: -len(members[name]))  # stable: the shuffle breaks ties
+    target = np.array([np.count_nonzero(y == 0), np.count_nonzero(y == 1)]) / folds
+    counts = np.zeros((folds, 2))
+    parts: list[list[int]] = [[] for _ in range(folds)]
+    for name in order:
+        own = y[members[name]]
+        add = np.array([np.count_nonzero(own == 0), np.count_nonzero(own == 1)])
+        # Squared distance from each class's share, after minus before; then the smaller fold.
+        cost = ((counts + add - target) ** 2).sum(axis=1) - ((counts - target) ** 2).sum(axis=1)
+        best = min(range(folds), key=lambda f: (round(float(cost[f]), 9), counts[f].sum(), f))
+        counts[best] += add
+        parts[best].extend(members[name])
+    for f, part in enumerate(parts):
+        missing = [cls for cls in (0, 1) if not np.any(y[part] == cls)] if part else [0, 1]
+        if missing:
+            cls = missing[0]
+            with_class = sum(1 for name in names if any(y[i] == cls for i in members[name]))
+            raise ValueError(
+                f"fold {f + 1} of {folds} has no study of class {cls}: {with_class} groups "
+                f"hold that class; use fewer folds"
+            )
+    return [np.sort(np.asarray(p, dtype=np.intp)) for p in parts]
+
+
+def centre_folds(labels: npt.ArrayLike, centres: Sequence[str]) -> list[npt.NDArray[np.intp]]:
+    """Leave-one-centre-out: one validation fold per centre, in the centres' sorted order.
+
+    Raises
+    ------
+    ValueError
+        When a study has no centre, there are fewer than two centres, or a centre holds one
+        class only (its fold would have no AUC).
+    """
+    y = np.asarray(labels)
+    if len(centres) != y.size:
+        raise ValueError(f"{len(centres)} centres for {y.size} studies")
+    if any(not c for c in centres):
+        raise ValueError("leave-one-centre-out needs a centre for every study")
+    names = sorted(set(centres))
+    if len(names) < 2:
+        raise ValueError(f"leave-one-centre-out needs two centres or more, got {names}")
+    parts = []
+    for name in names:
+        index = np.flatnonzero(np.asarray(centres) == name)
+        classes = set(int(v) for v in y[index])
+        if classes != {0, 1}:
+            only = "MVI" if classes == {1} else "no-MVI"
+            raise ValueError(
+                f"centre {name!r} has only {only} studies ({index.size}): leave-one-centre-out "
+                "needs both classes in every centre"
+            )
+        parts.append(index.astype(np.intp))
+    return parts
+
+
+def check_patient_centres(patients: Sequence[str], centres: Sequence[str]) -> None:
+    """Refuse a patient recorded at two centres (a centre fold would split them).
+
+    Raises
+    ------
+    ValueError
+        Naming how many patients are affected (never the identifiers).
+    """
+    seen: dict[str, set[str]] = {}
+    for patient, centre in zip(patients, centres, strict=True):
+        seen.setdefault(patient, set()).add(centre)
+    split = [p for p, where in seen.items() if len(where) > 1]
+    if split:
+        raise ValueError(
+            f"{len(split)} patient(s) appear under two centres; a patient belongs to one centre"
+        )
+
+
+def hash_id(value: str, salt: str) -> str:
+    """The card's form of a study or patient identifier: 16 hex of SHA-256 over salt and value.
+
+    The salt is drawn per model and written in the card, so ``evaluate`` can hash a test set's
+    identifiers alike; identifiers the node hands over are already pseudonyms (study keys, and
+    patient IDs under the site's pseudonym key when one is set).
+    """
+    return hashlib.sha256(f"{salt}:{value.strip()}".encode()).hexdigest()[:16]
+
+
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random rotation, shift, flips and intensity jitter of a ``(N, C, H, W)`` batch."""
     n = x.shape[0]
@@ -388,28 +533,33 @@ class _RunSettings:
 
 @dataclass
 class _RunResult:
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]  # the averaged weights at best_epoch, on the CPU
     best_epoch: int
+    best_auc: float
     losses: list[float]
     val_aucs: list[float]
-    val_logits: list[_FloatArray]  # per epoch, in the order of val_index
+    val_logits: _FloatArray  # at best_epoch, in the order of val_index
+
+
+def _snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
 def _train_run(
     data: _Data,
     train_index: npt.NDArray[np.intp],
-    val_index: npt.NDArray[np.intp] | None,
+    val_index: npt.NDArray[np.intp],
     settings: _RunSettings,
     *,
     epochs: int,
     seed: int,
     stage: str,
 ) -> _RunResult:
-    """Train one network for up to ``epochs``.
+    """Train one fold's network for up to ``epochs``; keep the epoch with the best validation AUC.
 
-    With ``val_index``, the validation logits of every epoch are kept (the caller chooses the
-    epoch on the pooled out-of-fold AUC) and the run stops once the fold's own AUC has not
-    improved for ``patience`` epochs.
+    The run stops once the validation AUC has not improved for ``patience`` epochs. The kept
+    weights and their validation logits are what the ensemble ships and the card is computed
+    from.
     """
     from model.stats import auc
 
@@ -436,8 +586,14 @@ def _train_run(
         for e, v in zip(ema.state_dict().values(), net.state_dict().values(), strict=True)
         if not e.is_floating_point()
     ]
-    result = _RunResult(state={}, best_epoch=epochs, losses=[], val_aucs=[], val_logits=[])
-    best_auc = -1.0
+    result = _RunResult(
+        state={},
+        best_epoch=0,
+        best_auc=-1.0,
+        losses=[],
+        val_aucs=[],
+        val_logits=np.zeros(0, dtype=np.float32),
+    )
     for epoch in range(1, epochs + 1):
         net.train()
         total, count = 0.0, 0
@@ -464,51 +620,23 @@ def _train_run(
             total += value * int(index.numel())
             count += int(index.numel())
         result.losses.append(total / max(count, 1))
-        val_auc: float | None = None
-        if val_index is not None:
-            val_logits = _predict_logits(ema, data, val_index)
-            val_auc = auc(data.labels[val_index], val_logits)
-            result.val_logits.append(val_logits)
-            result.val_aucs.append(val_auc)
-            # Strictly better only: on ties the earlier (less fitted) epoch stays.
-            if val_auc > best_auc:
-                best_auc, result.best_epoch = val_auc, epoch
+        val_logits = _predict_logits(ema, data, val_index)
+        val_auc = auc(data.labels[val_index], val_logits)
+        result.val_aucs.append(val_auc)
+        # Strictly better only: on ties the earlier (less fitted) epoch stays.
+        if val_auc > result.best_auc:
+            result.best_auc, result.best_epoch = val_auc, epoch
+            result.val_logits = val_logits
+            result.state = _snapshot(ema)
         if settings.progress is not None:
             settings.progress(stage, epoch, epochs, result.losses[-1], val_auc)
-        if val_index is not None and epoch - result.best_epoch >= settings.patience:
+        if epoch - result.best_epoch >= settings.patience:
             break
-    if val_index is None:
-        result.state = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
     return result
 
 
-def _choose_epoch(
-    labels: npt.NDArray[np.int64],
-    fold_index: Sequence[npt.NDArray[np.intp]],
-    runs: Sequence[_RunResult],
-) -> tuple[int, npt.NDArray[np.float64], list[float]]:
-    """The epoch whose pooled out-of-fold logits rank best, those logits, and the AUC per epoch.
-
-    Pooling one epoch across folds (rather than each fold's own best epoch) keeps the OOF logits
-    on one scale, which calibration needs, and names the epoch count the final network trains
-    for. A fold that stopped early contributes its last epoch's logits to later epochs.
-    """
-    from model.stats import auc
-
-    longest = max(len(run.val_logits) for run in runs)
-    pooled: list[npt.NDArray[np.float64]] = []
-    for epoch in range(longest):
-        oof = np.zeros(labels.size, dtype=np.float64)
-        for index, run in zip(fold_index, runs, strict=True):
-            oof[index] = run.val_logits[min(epoch, len(run.val_logits) - 1)]
-        pooled.append(oof)
-    aucs = [auc(labels, oof) for oof in pooled]
-    best = int(np.argmax(aucs))  # the first (least trained) on ties
-    return best + 1, pooled[best], aucs
-
-
 # --------------------------------------------------------------------------------------------
-# Cross-validation and the final model
+# Cross-validation and the shipped ensemble
 # --------------------------------------------------------------------------------------------
 
 
@@ -542,6 +670,37 @@ def _round(value: float, digits: int = 6) -> float:
     return float(round(value, digits))
 
 
+def make_folds(
+    samples: Sequence[StudyRois],
+    labels: npt.NDArray[np.int64],
+    *,
+    cv: str,
+    group_by: str,
+    folds: int,
+    seed: int,
+) -> list[npt.NDArray[np.intp]]:
+    """The validation folds :func:`train_fusion` uses (callers check a cohort before training).
+
+    Raises
+    ------
+    ValueError
+        A patient at two centres, a centre with one class (``cv="loco"``), a fold that would
+        miss a class.
+    """
+    centres = [s.centre for s in samples]
+    if any(centres) and group_by != "study":
+        check_patient_centres([s.patient for s in samples], centres)
+    if cv == "loco":
+        return centre_folds(labels, centres)
+    if group_by == "study":
+        return stratified_folds(labels, folds, seed)
+    if group_by == "centre":
+        if any(not c for c in centres):
+            raise ValueError("group_by='centre' needs a centre for every study")
+        return grouped_folds(labels, centres, folds, seed)
+    return grouped_folds(labels, [s.patient for s in samples], folds, seed)
+
+
 def train_fusion(
     samples: Sequence[StudyRois],
     out_dir: Path,
@@ -549,6 +708,8 @@ def train_fusion(
     roi_spec: RoiSpec,
     arch: str = "fusion",
     folds: int = 5,
+    cv: str = "kfold",
+    group_by: str = "patient",
     epochs: int = 30,
     patience: int = 8,
     batch_size: int = 16,
@@ -562,12 +723,12 @@ def train_fusion(
     version: str = "1",
     card_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate, calibrate, train the final network and write the checkpoint.
+    """Cross-validate, calibrate on the out-of-fold logits and ship the fold ensemble.
 
     Parameters
     ----------
     samples
-        Studies with ROIs cut by ``roi_spec`` (at least ``folds`` of each class).
+        Studies with ROIs cut by ``roi_spec`` (every fold needs both classes).
     out_dir
         Checkpoint directory (:func:`model.checkpoint.save_checkpoint`).
     roi_spec
@@ -575,13 +736,18 @@ def train_fusion(
     arch
         ``"fusion"`` or ``"tumor-only"``.
     folds
-        Cross-validation folds (>= 2).
+        Cross-validation folds (>= 2) for ``cv="kfold"``; the ensemble has this many members.
+    cv
+        ``"kfold"``, or ``"loco"``: one fold (and member) per centre.
+    group_by
+        What a fold never splits (:data:`GROUPINGS`): ``"patient"`` (the default; a study without
+        a patient is its own), ``"centre"`` or ``"study"``.
     epochs, patience
         Most epochs per fold, and epochs without a better validation AUC before a fold stops.
     batch_size, lr, dropout
         Batch size, AdamW learning rate, dropout before the head.
     seed
-        Seeds the folds, initialisation, batch order and augmentation.
+        Seeds the folds, initialisation, batch order, augmentation and the identifier salt.
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     demo
@@ -596,10 +762,20 @@ def train_fusion(
     Returns
     -------
     dict
-        The model card as written (with ``weights_sha256``), plus nothing else.
+        The model card as written (with ``weights_sha256``).
+
+    Raises
+    ------
+    ValueError
+        On bad settings, ROIs that do not match the spec, folds that cannot hold both classes, a
+        patient at two centres, or out-of-fold logits that rank against the labels (Platt).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if cv not in CV_SCHEMES:
+        raise ValueError(f"unknown cv {cv!r}; expected one of {CV_SCHEMES}")
+    if group_by not in GROUPINGS:
+        raise ValueError(f"unknown group_by {group_by!r}; expected one of {GROUPINGS}")
     if folds < 2 or epochs < 1 or patience < 1 or batch_size < 2 or not lr > 0:
         raise ValueError("need folds >= 2, epochs >= 1, patience >= 1, batch_size >= 2, lr > 0")
     expected = (roi_spec.channels, roi_spec.size, roi_spec.size)
@@ -610,7 +786,8 @@ def train_fusion(
                 f"the ROI spec {expected}"
             )
     labels = np.asarray([int(s.label) for s in samples], dtype=np.int64)
-    fold_index = stratified_folds(labels, folds, seed)
+    fold_index = make_folds(samples, labels, cv=cv, group_by=group_by, folds=folds, seed=seed)
+    count = len(fold_index)
     torch_device = resolve_device(device)
     started = time.perf_counter()
     data = _Data(
@@ -621,7 +798,11 @@ def train_fusion(
     settings = _RunSettings(arch, roi_spec.channels, dropout, patience, batch_size, lr, progress)
 
     fold_reports: list[dict[str, Any]] = []
-    runs: list[_RunResult] = []
+    members: list[FusionNet] = []
+    centres: list[float] = []
+    scales: list[float] = []
+    fold_of = np.zeros(labels.size, dtype=np.int64)
+    oof = np.zeros(labels.size, dtype=np.float64)
     all_index = np.arange(labels.size, dtype=np.intp)
     for f, val_index in enumerate(fold_index):
         run = _train_run(
@@ -631,42 +812,57 @@ def train_fusion(
             settings,
             epochs=epochs,
             seed=seed * 1000 + f + 1,
-            stage=f"fold {f + 1}/{folds}",
+            stage=f"fold {f + 1}/{count}",
         )
-        runs.append(run)
-        fold_reports.append(
-            {
-                "studies": int(val_index.size),
-                "best_epoch": run.best_epoch,
-                "loss_history": [_round(v, 5) for v in run.losses],
-                "val_auc_history": [_round(v, 4) for v in run.val_aucs],
-            }
-        )
-    final_epochs, oof, pooled_aucs = _choose_epoch(labels, fold_index, runs)
-    cv_seconds = time.perf_counter() - started
+        member = FusionNet(arch, in_channels=roi_spec.channels, dropout=dropout)
+        member.load_state_dict(run.state)
+        members.append(member)
+        # Standardised by the member's own validation logits (no labels): fold networks stopped
+        # at different epochs differ in offset and scale, which pooling raw logits would mix.
+        centre, scale = float(np.mean(run.val_logits)), float(np.std(run.val_logits))
+        if not scale > 1e-4:
+            raise ValueError(
+                f"fold {f + 1}/{count}: its network gives every validation study the same "
+                f"logit ({centre:.4g}): nothing to rank or calibrate"
+            )
+        centres.append(centre)
+        scales.append(scale)
+        oof[val_index] = (run.val_logits - centre) / scale
+        fold_of[val_index] = f
+        report: dict[str, Any] = {
+            "studies": int(val_index.size),
+            "mvi": int(labels[val_index].sum()),
+            "best_epoch": run.best_epoch,
+            "val_auc": _round(run.best_auc, 4),
+            "loss_history": [_round(v, 5) for v in run.losses],
+            "val_auc_history": [_round(v, 4) for v in run.val_aucs],
+        }
+        if cv == "loco":
+            report["centre"] = samples[int(val_index[0])].centre
+        fold_reports.append(report)
+    total_seconds = time.perf_counter() - started
 
-    a, b = platt_fit(labels, oof)
+    # Every figure is computed with the values as the card stores them (rounded), which are the
+    # ones the node applies: the threshold is rounded down so that the study it was chosen at
+    # stays on the high side.
+    a, b = (_round(v) for v in platt_fit(labels, oof))
     calibrated = platt_apply(oof, a, b)
-    threshold = youden_threshold(labels, calibrated)
+    threshold = math.floor(youden_threshold(labels, calibrated) * 1e6) / 1e6
     auc_value, low, high = delong_ci(labels, calibrated)
     sensitivity, specificity, accuracy = sens_spec_acc(labels, calibrated, threshold)
     dl_logit = a * oof + b
     combined = _fit_logistic(COMBINED_FEATURES, dl_logit, samples, labels)
     clinical = _fit_logistic(CLINICAL_FEATURES, dl_logit, samples, labels)
+    network = FusionEnsemble(members, centres, scales)
 
-    final = _train_run(
-        data,
-        all_index,
-        None,
-        settings,
-        epochs=final_epochs,
-        seed=seed * 1000,
-        stage="final",
+    # A fresh salt per site model (no table of hashed IDs carries over between models); a demo
+    # model's is seeded so that its card is reproducible.
+    id_salt = (
+        hashlib.sha256(f"mvi-node-demo-ids:{seed}".encode()).hexdigest()[:16]
+        if demo
+        else secrets.token_hex(8)
     )
-    total_seconds = time.perf_counter() - started
-    network = FusionNet(arch, in_channels=roi_spec.channels, dropout=dropout)
-    network.load_state_dict(final.state)
-
+    site_names = sorted({s.centre for s in samples if s.centre})
     base_name = "mvi-fusion" if arch == "fusion" else "mvi-tumor-only"
     n1 = int(labels.sum())
     card: dict[str, Any] = {
@@ -678,9 +874,17 @@ def train_fusion(
         "demo": bool(demo),
         "input": roi_spec.to_card(),
         "network": network.spec(),
-        "output": "logit; p = sigmoid(calibration.a * logit + calibration.b)",
-        "calibration": {"method": "platt", "a": _round(a), "b": _round(b), "fitted_on": "oof"},
-        "threshold": _round(threshold),
+        "output": (
+            "logit = mean over the fold networks of (logit - network.centre) / network.scale; "
+            "p = sigmoid(calibration.a * logit + calibration.b)"
+        ),
+        "calibration": {
+            "method": "platt",
+            "a": a,
+            "b": b,
+            "fitted_on": "standardised out-of-fold logits of the shipped fold networks",
+        },
+        "threshold": threshold,
         "threshold_method": "youden on calibrated out-of-fold probabilities",
         "oof_metrics": {
             "auc": _round(auc_value, 4),
@@ -691,7 +895,10 @@ def train_fusion(
             "accuracy": _round(accuracy, 4),
             "brier": _round(brier(labels, calibrated), 4),
             "studies": int(labels.size),
-            "note": "the epoch was chosen on these predictions: mildly optimistic",
+            "note": (
+                "each study scored by the shipped fold network that did not train on it; each "
+                "fold's epoch was chosen on its own validation studies: mildly optimistic"
+            ),
         },
         "class_counts": {"mvi": n1, "no_mvi": int(labels.size - n1)},
         "combined_model": {
@@ -700,6 +907,14 @@ def train_fusion(
             **combined,
         },
         "clinical_model": {"features": list(CLINICAL_FEATURES), **clinical},
+        "training_ids": {
+            "hash": "sha256(salt + ':' + id), first 16 hex",
+            "salt": id_salt,
+            "studies": [hash_id(s.study_id, id_salt) for s in samples],
+            "patients": [hash_id(s.patient, id_salt) for s in samples],
+            "fold": [int(f) for f in fold_of],
+            "centres": site_names,
+        },
         "libraries": {
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
@@ -708,12 +923,14 @@ def train_fusion(
         },
         "training": {
             "seed": int(seed),
-            "folds": int(folds),
+            "cv": cv,
+            "group_by": "centre" if cv == "loco" else group_by,
+            "folds": count,
+            "patients": len({s.patient for s in samples}),
             "max_epochs": int(epochs),
             "patience": int(patience),
-            "final_epochs": final_epochs,
-            "epoch_choice": "best pooled out-of-fold AUC over epochs",
-            "oof_auc_history": [_round(v, 4) for v in pooled_aucs],
+            "epoch_choice": "per fold, best validation AUC (earliest on ties)",
+            "shipped": "ensemble of the fold networks (mean logit)",
             "batch_size": int(batch_size),
             "lr": float(lr),
             "weight_decay": _WEIGHT_DECAY,
@@ -729,10 +946,8 @@ def train_fusion(
             },
             "studies": int(labels.size),
             "device": str(torch_device),
-            "cv_seconds": round(cv_seconds, 1),
             "seconds": round(total_seconds, 1),
             "folds_detail": fold_reports,
-            "final_loss_history": [_round(v, 5) for v in final.losses],
         },
     }
     if demo:

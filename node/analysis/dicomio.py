@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,9 @@ class SeriesFiles:
         Taken from the first file (by path); empty strings when absent.
     paths
         Every file of the series, sorted by path.
+    patient_id
+        PatientID of the first file, for grouping a patient's studies in training; kept out of
+        the repr so that it never reaches a log line.
     """
 
     study_instance_uid: str
@@ -87,6 +90,7 @@ class SeriesFiles:
     sop_class_uid: str
     series_description: str
     paths: tuple[Path, ...]
+    patient_id: str = field(default="", repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,6 +535,7 @@ def scan_folder(folder: Path) -> dict[str, dict[str, SeriesFiles]]:
             sop_class_uid=str(first.get("SOPClassUID", "") or ""),
             series_description=str(first.get("SeriesDescription", "") or ""),
             paths=tuple(path for path, _ in members),
+            patient_id=str(first.get("PatientID", "") or "").strip(),
         )
     log.debug(
         "scanned folder",

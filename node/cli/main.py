@@ -710,25 +710,53 @@ def train_seg(
 @app.command()
 def train(
     studies: Annotated[Path, typer.Option("--studies", help="Folder of DICOM studies.")],
-    labels: Annotated[Path, typer.Option("--labels", help="CSV: study_instance_uid,mvi.")],
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels", help="CSV: study_instance_uid,mvi and optionally patient_id, centre."
+        ),
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
     arch: Annotated[str, typer.Option(help="fusion or tumor-only.")] = "fusion",
-    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-validation folds.")] = 5,
+    folds: Annotated[
+        int, typer.Option(min=2, max=20, help="Cross-validation folds (ensemble members).")
+    ] = 5,
+    group_by: Annotated[
+        str,
+        typer.Option(
+            "--group-by",
+            help="What a fold never splits: patient (PatientID or the labels' patient_id), "
+            "centre or study.",
+        ),
+    ] = "patient",
+    cv: Annotated[
+        str, typer.Option("--cv", help="kfold, or loco: leave one centre out per fold.")
+    ] = "kfold",
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs per fold.")] = 30,
     roi_size: Annotated[int, typer.Option(min=16, max=512, help="ROI rows/columns.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     config: ConfigOption = None,
 ) -> None:
-    """Train the MVI model on labelled studies; writes weights.safetensors + model_card.json."""
+    """Train the MVI model on labelled studies; writes weights.safetensors + model_card.json.
+
+    The model shipped is the ensemble of the fold networks, calibrated on their out-of-fold
+    predictions.
+    """
+    import numpy as np
+
     from model.roi import RoiSpec
-    from model.train import train_fusion
+    from model.train import CV_SCHEMES, GROUPINGS, make_folds, train_fusion
     from node.analysis.models import Models
     from node.offline.train_fusion import read_labels, study_rois
 
     settings = _settings(config)
     if arch not in ("fusion", "tumor-only"):
         raise fail(f"--arch {arch!r}: use fusion or tumor-only")
+    if group_by not in GROUPINGS:
+        raise fail(f"--group-by {group_by!r}: use {', '.join(GROUPINGS)}")
+    if cv not in CV_SCHEMES:
+        raise fail(f"--cv {cv!r}: use {', '.join(CV_SCHEMES)}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise fail(f"--out {out_dir} is not empty; choose an empty folder")
     if not studies.is_dir():
@@ -748,11 +776,22 @@ def train(
     for skip in skipped:
         err.print(f"skipped {skip.key}: {skip.reason}", markup=False, highlight=False)
     positives = sum(s.label for s in samples)
-    if positives < folds or len(samples) - positives < folds:
+    if cv == "kfold" and (positives < folds or len(samples) - positives < folds):
         raise fail(
             f"{len(samples)} usable studies ({positives} with MVI): each class needs at least "
             f"{folds} studies for {folds}-fold cross-validation"
         )
+    try:  # a centre with one class, too few patients of a class: said before any training
+        make_folds(
+            samples,
+            np.asarray([s.label for s in samples]),
+            cv=cv,
+            group_by=group_by,
+            folds=folds,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise fail(f"{labels}: {exc}") from None
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -775,23 +814,31 @@ def train(
                 status=f"loss {loss:.3f}{auc_text}",
             )
 
-        card = train_fusion(
-            samples,
-            out_dir,
-            roi_spec=spec,
-            arch=arch,
-            folds=folds,
-            epochs=epochs,
-            seed=seed,
-            device=device,
-            demo=False,
-            progress=on_epoch,
-        )
+        try:
+            card = train_fusion(
+                samples,
+                out_dir,
+                roi_spec=spec,
+                arch=arch,
+                folds=folds,
+                cv=cv,
+                group_by=group_by,
+                epochs=epochs,
+                seed=seed,
+                device=device,
+                demo=False,
+                progress=on_epoch,
+            )
+        except ValueError as exc:  # e.g. out-of-fold logits that do not rise with the label
+            raise fail(f"training failed: {str(exc).splitlines()[0]}", 1) from None
     metrics = card["oof_metrics"]
+    training = card["training"]
     out.print(
-        f"{arch}: {len(samples)} studies, out-of-fold AUC {metrics['auc']:.3f} "
-        f"(95 % CI {metrics['ci95'][0]:.3f}–{metrics['ci95'][1]:.3f}), threshold "
-        f"{card['threshold']:.3f} → {out_dir}"
+        f"{arch}: {len(samples)} studies of {training['patients']} patients, "
+        f"{training['folds']} folds ({training['cv']}, grouped by {training['group_by']}), "
+        f"out-of-fold AUC {metrics['auc']:.3f} (95 % CI {metrics['ci95'][0]:.3f}–"
+        f"{metrics['ci95'][1]:.3f}), sensitivity {metrics['sensitivity']:.2f}, specificity "
+        f"{metrics['specificity']:.2f} at threshold {card['threshold']:.3f} → {out_dir}"
     )
 
 
@@ -804,9 +851,20 @@ def evaluate(
     compare: Annotated[
         Path | None, typer.Option("--compare", help="A second model: paired DeLong test.")
     ] = None,
+    allow_overlap: Annotated[
+        bool,
+        typer.Option(
+            "--allow-overlap",
+            help="Evaluate even on studies or patients the model trained on (reported).",
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """AUC with DeLong CI, sensitivity/specificity at the card's threshold, Brier, ROC PNG."""
+    """AUC with DeLong CI, sensitivity/specificity at the card's threshold, Brier, ROC PNG.
+
+    Refuses a test set that shares studies or patients with the model's training set (the card's
+    hashed identifiers) unless --allow-overlap.
+    """
     import json as json_module
 
     from model.checkpoint import CheckpointError
@@ -814,7 +872,7 @@ def evaluate(
     from model.stats import delong_test
     from node.analysis.models import Models
     from node.offline.train_fusion import evaluate as score
-    from node.offline.train_fusion import read_labels, roc_png, study_rois
+    from node.offline.train_fusion import read_labels, roc_png, study_rois, training_overlap
 
     settings = _settings(config)
     try:
@@ -831,6 +889,18 @@ def evaluate(
         raise error_exit(exc) from None
     if len({s.label for s in samples}) < 2:
         raise fail(f"{len(samples)} usable studies: both classes are needed for an AUC")
+    overlaps = {str(m): training_overlap(mm.card, samples) for m, mm in [(model_dir, first)]}
+    if second is not None and compare is not None:
+        overlaps[str(compare)] = training_overlap(second.card, samples)
+    for name, overlap in overlaps.items():
+        if not overlap["checked"]:
+            err.print(f"{name}: overlap not checked ({overlap['reason']})", markup=False)
+        elif (overlap["studies"] or overlap["patients"]) and not allow_overlap:
+            raise fail(
+                f"{name} trained on {overlap['studies']} of these {overlap['test_studies']} "
+                f"studies and {overlap['patients']} of their {overlap['test_patients']} patients: "
+                "a test set must be new (--allow-overlap to evaluate anyway)"
+            )
     results = {str(model_dir): score(first, samples)}
     curves = {
         first.card.get("name", "model"): (
@@ -838,7 +908,10 @@ def evaluate(
             results[str(model_dir)]["probabilities"],
         )
     }
-    body: dict[str, Any] = {"skipped": [{"study_key": s.key, "reason": s.reason} for s in skipped]}
+    body: dict[str, Any] = {
+        "skipped": [{"study_key": s.key, "reason": s.reason} for s in skipped],
+        "training_overlap": overlaps,
+    }
     if second is not None and compare is not None:
         other = score(second, samples)
         results[str(compare)] = other
@@ -864,7 +937,9 @@ def evaluate(
     summary = body["models"][str(model_dir)]
     out.print(
         f"AUC {summary['auc']:.3f} (95 % CI {summary['auc_ci95'][0]:.3f}–"
-        f"{summary['auc_ci95'][1]:.3f}) on {summary['studies']} studies → {report}"
+        f"{summary['auc_ci95'][1]:.3f}), sensitivity {summary['sensitivity']:.2f}, specificity "
+        f"{summary['specificity']:.2f}, Brier {summary['brier']:.3f} at threshold "
+        f"{summary['threshold']:.3f} on {summary['studies']} studies → {report}"
     )
 
 

@@ -117,8 +117,8 @@ def _build_fusion(directory: Path, err: Console) -> None:
             register_pv=False,
             progress=lambda done, _total: progress.update(rendering, completed=done),
         )
-        runs = folds + 1
-        training = progress.add_task("MVI model: training", total=runs * epochs, note="")
+        # One run per fold: the fold networks are the shipped ensemble (no final run).
+        training = progress.add_task("MVI model: training", total=folds * epochs, note="")
         stages: list[str] = []
 
         def on_epoch(stage: str, epoch: int, total: int, loss: float, auc: float | None) -> None:

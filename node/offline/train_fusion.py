@@ -6,6 +6,12 @@ study wins, else the configured segmenter), measurement — with the node's sett
 are cut with the model's input spec, exactly as a job would cut them, so training and inference
 cannot drift. ROIs are cached per study (keyed by
 the study, its series and the spec), so a second run does not read DICOM again.
+
+The labels file names each study's label and, optionally, its patient and centre
+(``study_instance_uid,mvi[,patient_id][,centre]``). Without a ``patient_id`` column the study's
+PatientID groups a patient's studies into one fold. Patient identifiers are pseudonymised with
+``security.pseudonym_key`` when one is set before they reach the model (whose card holds them
+only as salted hashes); they never reach a log line.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +36,22 @@ if TYPE_CHECKING:
     from model.inference import FusionModel
     from model.roi import RoiSpec
     from model.train import StudyRois
+    from node.analysis.dicomio import SeriesFiles
 
 log = get_logger("node.offline.train_fusion")
 
 
 class FusionUsageError(ConfigurationError):
     """Bad usage of train/evaluate: one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """One labels-file row: the MVI label, and the patient and centre when the file names them."""
+
+    mvi: int
+    patient_id: str = field(default="", repr=False)
+    centre: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,23 +62,55 @@ class StudySkip:
     reason: str
 
 
-def read_labels(path: Path) -> dict[str, int]:
-    """``study_instance_uid,mvi`` rows; refuses anything else with the line that is wrong."""
+def read_labels(path: Path) -> dict[str, Label]:
+    """Read ``study_instance_uid,mvi[,patient_id][,centre]`` rows.
+
+    Refuses, naming the line (never an identifier): a missing column, a label other than 0/1, a
+    study listed twice, a patient under two centres.
+    """
     if not path.is_file():
         raise FusionUsageError(f"{path}: no such labels file")
-    labels: dict[str, int] = {}
+    labels: dict[str, Label] = {}
+    first_line: dict[str, int] = {}
+    patient_centre: dict[str, tuple[str, int]] = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"study_instance_uid", "mvi"} <= set(reader.fieldnames):
             raise FusionUsageError(f"{path}: the header must name study_instance_uid and mvi")
         for line, row in enumerate(reader, start=2):
+            uid = (row.get("study_instance_uid") or "").strip()
+            if not uid:
+                raise FusionUsageError(f"{path}:{line}: study_instance_uid is empty")
             value = (row.get("mvi") or "").strip()
             if value not in {"0", "1"}:
                 raise FusionUsageError(f"{path}:{line}: mvi must be 0 or 1, got {value!r}")
-            labels[row["study_instance_uid"].strip()] = int(value)
+            if uid in labels:
+                raise FusionUsageError(
+                    f"{path}:{line}: the study of line {first_line[uid]} is listed again"
+                )
+            patient = (row.get("patient_id") or "").strip()
+            centre = (row.get("centre") or "").strip()
+            if patient and centre:
+                seen = patient_centre.setdefault(patient, (centre, line))
+                if seen[0] != centre:
+                    raise FusionUsageError(
+                        f"{path}:{line}: this patient is at centre {seen[0]!r} on line {seen[1]} "
+                        f"and {centre!r} here; a patient belongs to one centre"
+                    )
+            labels[uid] = Label(int(value), patient, centre)
+            first_line[uid] = line
     if not labels:
         raise FusionUsageError(f"{path}: no labelled study")
     return labels
+
+
+def _patient(label: Label, series: dict[str, SeriesFiles], settings: Settings) -> str:
+    """The study's patient key: the labels file's, else PatientID; pseudonymised when keyed."""
+    from node.core.pseudonym import keyed_hash
+
+    raw = label.patient_id or next((s.patient_id for s in series.values() if s.patient_id), "")
+    key = settings.security.pseudonym_key.get_secret_value()
+    return keyed_hash(raw, key) if raw and key else raw
 
 
 def _cache_path(
@@ -77,14 +125,20 @@ def _cache_path(
 
 def study_rois(
     folder: Path,
-    labels: dict[str, int],
+    labels: dict[str, Label],
     settings: Settings,
     models: Models,
     spec: RoiSpec,
     cache: Path | None,
     on_study: Callable[[str, str | None], None] | None = None,
 ) -> tuple[list[StudyRois], list[StudySkip]]:
-    """ROIs of every labelled study under ``folder`` (and the studies skipped, with why)."""
+    """ROIs of every labelled study under ``folder`` (and the studies skipped, with why).
+
+    Raises
+    ------
+    FusionUsageError
+        When no study under ``folder`` is in the labels file (the wrong folder or file).
+    """
     from model.registration import RegistrationError
     from model.roi import RoiError
     from model.train import StudyRois
@@ -93,6 +147,11 @@ def study_rois(
 
     working = stages.working_spacing_mm(settings.pipeline)
     studies = scan_folder(folder)
+    if not set(studies) & set(labels):
+        raise FusionUsageError(
+            f"none of the {len(labels)} labelled studies is among the {len(studies)} studies "
+            f"under {folder}: check --labels and --studies"
+        )
     samples: list[StudyRois] = []
     skipped: list[StudySkip] = []
     for uid in sorted(studies):
@@ -102,6 +161,8 @@ def study_rois(
         if uid not in labels:
             reason = "no label in the labels file"
         else:
+            label = labels[uid]
+            identity = {"patient_id": _patient(label, series, settings), "centre": label.centre}
             path = (
                 _cache_path(cache, uid, list(series), spec, working) if cache is not None else None
             )
@@ -111,10 +172,11 @@ def study_rois(
                         StudyRois(
                             data["tumor"],
                             data["loat"],
-                            labels[uid],
+                            label.mvi,
                             float(data["diameter"]),
                             float(data["area"]),
                             key,
+                            **identity,
                         )
                     )
                 if on_study is not None:
@@ -143,10 +205,11 @@ def study_rois(
                 sample = StudyRois(
                     rois["tumor"],
                     rois["loat"],
-                    labels[uid],
+                    label.mvi,
                     measured.max_diameter_mm,
                     measured.loat_max_area_cm2,
                     key,
+                    **identity,
                 )
                 samples.append(sample)
                 if path is not None:
@@ -169,10 +232,60 @@ def study_rois(
     return samples, skipped
 
 
-def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]:
-    """Discrimination and calibration of a loaded model on labelled study ROIs."""
+def training_overlap(card: dict[str, Any], samples: Sequence[StudyRois]) -> dict[str, Any]:
+    """How many test studies and patients the model trained on (from the card's hashed IDs).
+
+    ``checked`` is false for a card that lists no training identifiers (an older model).
+    Patients match only when both sides were pseudonymised with the same site key.
+    """
+    from model.train import hash_id
+
+    ids = card.get("training_ids")
+    if not isinstance(ids, dict) or not isinstance(ids.get("salt"), str):
+        return {"checked": False, "reason": "the model card lists no training identifiers"}
+    salt = ids["salt"]
+    trained_studies = set(ids.get("studies") or [])
+    trained_patients = set(ids.get("patients") or [])
+    studies = sum(hash_id(s.study_id, salt) in trained_studies for s in samples)
+    patients = {hash_id(s.patient, salt) for s in samples} & trained_patients
+    return {
+        "checked": True,
+        "studies": int(studies),
+        "patients": len(patients),
+        "test_studies": len(samples),
+        "test_patients": len({s.patient for s in samples}),
+    }
+
+
+def _binary_metrics(
+    y: npt.NDArray[Any], p: npt.NDArray[Any], threshold: float | None
+) -> dict[str, Any]:
     from model.stats import brier, delong_ci, sens_spec_acc
 
+    value, low, high = delong_ci(y, p)
+    metrics: dict[str, Any] = {
+        "auc": round(value, 4),
+        "auc_ci95": [round(low, 4), round(high, 4)],
+        "brier": round(brier(y, p), 4),
+    }
+    if threshold is not None:
+        sensitivity, specificity, accuracy = sens_spec_acc(y, p, threshold)
+        metrics |= {
+            "threshold": threshold,
+            "sensitivity": round(sensitivity, 4),
+            "specificity": round(specificity, 4),
+            "accuracy": round(accuracy, 4),
+        }
+    return metrics
+
+
+def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]:
+    """Discrimination and calibration of a loaded model (and its combined model) on labelled ROIs.
+
+    Sensitivity and specificity are at the card's threshold; the combined logistic model (whose
+    probability the SR reports beside the DL one) gets its AUC and Brier score: it has no
+    threshold of its own.
+    """
     predictions = model.predict(
         [{"tumor": s.tumor, "loat": s.loat} for s in samples],
         max_diameter_mm=[s.diameter_mm for s in samples],
@@ -180,21 +293,21 @@ def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]
     )
     y = np.array([s.label for s in samples])
     p = np.array([prediction.mvi_probability for prediction in predictions])
-    value, low, high = delong_ci(y, p)
-    sensitivity, specificity, accuracy = sens_spec_acc(y, p, model.threshold)
-    return {
+    result: dict[str, Any] = {
         "studies": len(samples),
         "mvi": int(y.sum()),
-        "auc": round(value, 4),
-        "auc_ci95": [round(low, 4), round(high, 4)],
-        "threshold": model.threshold,
-        "sensitivity": round(sensitivity, 4),
-        "specificity": round(specificity, 4),
-        "accuracy": round(accuracy, 4),
-        "brier": round(brier(y, p), 4),
+        **_binary_metrics(y, p, model.threshold),
+        "card": {
+            k: model.card.get("oof_metrics", {}).get(k)
+            for k in ("auc", "sensitivity", "specificity", "brier")
+        },
         "probabilities": p,
         "labels": y,
     }
+    combined = [prediction.combined_probability for prediction in predictions]
+    if all(c is not None for c in combined):
+        result["combined_model"] = _binary_metrics(y, np.array(combined, dtype=float), None)
+    return result
 
 
 def roc_png(path: Path, curves: dict[str, tuple[npt.ArrayLike, npt.ArrayLike]]) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.checkpoint import CARD_NAME, WEIGHTS_NAME, CheckpointError, save_checkpoint
-from model.fusion import FusionNet
+from model.fusion import FusionEnsemble, FusionNet
 from model.inference import FusionModel, Prediction
 from model.roi import RoiSpec
 
@@ -72,6 +72,41 @@ def test_round_trip_two_loads_give_identical_predictions(tmp_path: Path) -> None
         assert a.logit == pytest.approx(b.logit, abs=1e-5)
     same = FusionModel.load(directory, device="cpu").predict(rois)
     assert [p.logit for p in same] == [p.logit for p in first]
+
+
+def test_an_ensemble_scores_the_mean_of_its_standardised_members(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    members = [FusionNet("fusion", in_channels=6) for _ in range(3)]
+    ensemble = FusionEnsemble(members, centre=[0.1, -0.2, 0.3], scale=[0.5, 2.0, 1.0])
+    card = _card(network=ensemble.spec())
+    save_checkpoint(tmp_path / "m", ensemble.state_dict(), card)
+    model = FusionModel.load(tmp_path / "m", device="cpu")
+    assert model.members == 3 and card["network"]["members"] == 3
+    rois = _rois(4)
+    columns = model.member_logits(rois)
+    with torch.inference_mode():
+        tumor = torch.from_numpy(np.stack([r["tumor"] for r in rois]))
+        loat = torch.from_numpy(np.stack([r["loat"] for r in rois]))
+        raw = np.stack([m.eval()(tumor, loat).numpy() for m in members], axis=1)
+    expected = (raw - np.array([0.1, -0.2, 0.3])) / np.array([0.5, 2.0, 1.0])
+    np.testing.assert_allclose(columns, expected, atol=1e-5)
+    for row, prediction in zip(expected, model.predict(rois), strict=True):
+        assert prediction.logit == pytest.approx(float(row.mean()), abs=1e-5)
+        z = 0.5 * row.mean() - 0.2
+        assert prediction.mvi_probability == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-6)
+    # Members of different kinds, or a scale that is not positive, make no ensemble.
+    with pytest.raises(ValueError, match="differ"):
+        FusionEnsemble([FusionNet("fusion"), FusionNet("tumor-only")])
+    with pytest.raises(ValueError, match="positive"):
+        FusionEnsemble(members[:1], centre=[0.0], scale=[0.0])
+
+
+def test_a_single_network_card_still_loads(tmp_path: Path) -> None:
+    # Cards written before the fold ensemble hold one network with unprefixed keys.
+    model = FusionModel.load(_save(tmp_path / "m"), device="cpu")
+    assert model.members == 1
+    (row,) = model.member_logits(_rois(1))
+    assert model.predict(_rois(1))[0].logit == pytest.approx(float(row[0]), abs=1e-6)
 
 
 def test_probability_is_calibrated_and_thresholded(tmp_path: Path) -> None:

@@ -107,6 +107,15 @@ def test_platt_stays_finite_when_the_classes_separate() -> None:
     assert math.isfinite(a) and math.isfinite(b) and a > 0
 
 
+def test_platt_refuses_to_flip_an_anti_informative_model() -> None:
+    # Logits that fall with the label: a negative slope would report AUC 0.9 for AUC 0.1.
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 50)
+    logits = -2.0 * y + rng.normal(0.0, 1.0, y.size)
+    with pytest.raises(ValueError, match=r"Platt slope -[0-9.]+ is not positive \(AUC 0\.0"):
+        stats.platt_fit(y, logits)
+
+
 def test_youden_threshold_and_sens_spec() -> None:
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])

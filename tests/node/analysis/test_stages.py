@@ -14,7 +14,7 @@ from node.analysis.dicomio import scan_folder
 from node.analysis.models import Models
 from node.analysis.pipeline import Prepared, prepare_study
 from node.core.settings import Settings
-from node.offline.train_fusion import study_rois
+from node.offline.train_fusion import Label, study_rois
 from tests.nodeproc import tiny_models
 
 
@@ -49,7 +49,9 @@ def test_training_and_inference_cut_identical_rois_with_a_configured_working_spa
     models = Models(settings, device="cpu")
     ((study_uid, series),) = scan_folder(cohort / "study_0001").items()
     with (cohort / "labels.csv").open(newline="") as handle:
-        labels = {row["study_instance_uid"]: int(row["mvi"]) for row in csv.DictReader(handle)}
+        labels = {
+            row["study_instance_uid"]: Label(int(row["mvi"])) for row in csv.DictReader(handle)
+        }
 
     prepared = prepare_study(study_uid, series, settings, models)
     assert isinstance(prepared, Prepared), "the study must reach the model"

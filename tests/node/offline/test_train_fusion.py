@@ -45,7 +45,7 @@ def test_train_then_evaluate_and_compare(
     fusion = tmp_path / "fusion"
     trained = mvi_node("train", "--out", fusion, *common)
     assert trained.returncode == 0, trained.stderr
-    assert "out-of-fold AUC" in trained.stdout
+    assert "out-of-fold AUC" in trained.stdout and "grouped by patient" in trained.stdout
     _, card = load_checkpoint(fusion)
     assert card["arch"] == "fusion" and card["demo"] is False
     # A study whose masks are too small for a crop is skipped, and said so (not a crash).
@@ -56,7 +56,7 @@ def test_train_then_evaluate_and_compare(
     assert mvi_node("train", "--out", tumor_only, "--arch", "tumor-only", *common).returncode == 0
 
     report = tmp_path / "report" / "report.json"
-    evaluated = mvi_node(
+    evaluate = (
         "evaluate",
         "--model",
         fusion,
@@ -71,12 +71,29 @@ def test_train_then_evaluate_and_compare(
         "--config",
         config,
     )
+    # The training studies are no test set: refused, with the counts, unless asked for.
+    used = 12 - len(skipped)
+    refused = mvi_node(*evaluate)
+    assert refused.returncode == 2 and not report.exists()
+    assert f"trained on {used} of these {used} studies and {used} of their" in refused.stderr
+    evaluated = mvi_node(*evaluate, "--allow-overlap")
     assert evaluated.returncode == 0, evaluated.stderr
+    assert "sensitivity" in evaluated.stdout and "Brier" in evaluated.stdout
     body = json.loads(report.read_text())
+    overlap = body["training_overlap"][str(fusion)]
+    assert overlap == {
+        "checked": True,
+        "studies": used,
+        "patients": used,
+        "test_studies": used,
+        "test_patients": used,
+    }
     first = body["models"][str(fusion)]
     assert first["studies"] == 12 - len(skipped) and 0.0 <= first["auc"] <= 1.0
     assert first["auc_ci95"][0] <= first["auc"] <= first["auc_ci95"][1]
     assert {"sensitivity", "specificity", "accuracy", "brier", "threshold"} <= set(first)
+    assert {"auc", "auc_ci95", "brier"} <= set(first["combined_model"])
+    assert set(first["card"]) == {"auc", "sensitivity", "specificity", "brier"}
     assert set(body["delong"]) == {"auc", "z", "p"}
     assert (report.parent / body["roc_png"]).is_file()
 
@@ -88,3 +105,85 @@ def test_train_refuses_bad_labels(tmp_path: Path, cohort_factory: Callable[..., 
     result = mvi_node("train", "--studies", cohort, "--labels", labels, "--out", tmp_path / "m")
     assert result.returncode == 2
     assert "labels.csv:2: mvi must be 0 or 1" in result.stderr
+
+
+def _write_labels(path: Path, rows: list[str]) -> Path:
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _uids(cohort: Path) -> list[tuple[str, str]]:
+    lines = (cohort / "labels.csv").read_text().splitlines()[1:]
+    return [(line.split(",")[0], line.split(",")[1]) for line in lines]
+
+
+def test_train_refuses_a_patient_at_two_centres(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=3, seed=96, size=48, slices=16)
+    (a, la), (b, lb), (c, lc) = _uids(cohort)
+    labels = _write_labels(
+        tmp_path / "labels.csv",
+        [
+            "study_instance_uid,mvi,patient_id,centre",
+            f"{a},{la},P1,north",
+            f"{b},{lb},P2,north",
+            f"{c},{lc},P1,south",
+        ],
+    )
+    result = mvi_node("train", "--studies", cohort, "--labels", labels, "--out", tmp_path / "m")
+    assert result.returncode == 2
+    assert "labels.csv:4: this patient is at centre 'north' on line 2 and 'south' here" in (
+        result.stderr
+    )
+    assert "P1" not in result.stderr  # identifiers stay out of messages
+
+
+def test_train_refuses_labels_that_match_no_study(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=3, seed=96, size=48, slices=16)
+    labels = _write_labels(
+        tmp_path / "labels.csv", ["study_instance_uid,mvi", "1.2.3.4,1", "1.2.3.5,0"]
+    )
+    result = mvi_node("train", "--studies", cohort, "--labels", labels, "--out", tmp_path / "m")
+    assert result.returncode == 2
+    assert "none of the 2 labelled studies is among the 3 studies under" in result.stderr
+
+
+def test_leave_one_centre_out_refuses_a_centre_with_one_class(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=12, seed=97, size=64, slices=16, seg=True)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        to_toml(
+            {
+                "node": {"data_dir": str(tmp_path / "data")},
+                "pipeline": {"device": "cpu", **tiny_models()},
+            }
+        )
+    )
+    rows = ["study_instance_uid,mvi,centre"]
+    # Centre "east" gets only the studies without MVI, "west" all the others.
+    for uid, label in _uids(cohort):
+        rows.append(f"{uid},{label},{'east' if label == '0' else 'west'}")
+    labels = _write_labels(tmp_path / "labels.csv", rows)
+    result = mvi_node(
+        "train",
+        "--studies",
+        cohort,
+        "--labels",
+        labels,
+        "--out",
+        tmp_path / "m",
+        "--cv",
+        "loco",
+        "--roi-size",
+        "32",
+        "--config",
+        config,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "centre 'east' has only no-MVI studies" in result.stderr
+    assert not (tmp_path / "m").exists()
