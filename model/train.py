@@ -15,7 +15,9 @@ on the studies they did not train on:
 
 * Platt calibration ``p = sigmoid(a * logit + b)`` (refused when the slope is not positive),
 * the risk threshold (Youden's J on the calibrated OOF probabilities),
-* OOF metrics (AUC with DeLong 95 % CI, sensitivity, specificity, accuracy, Brier score),
+* OOF metrics (AUC with DeLong 95 % CI, sensitivity, specificity, accuracy, Brier score), with
+  bootstrap and Wilson CIs (PPV and NPV too) and Harrell's optimism correction of the figures
+  that Platt and the threshold were fitted on (:mod:`model.validation`),
 * the combined logistic model (DL logit + max tumour diameter + LOAT area) and the clinical one
   (diameter + LOAT area), with odds ratios, CIs and p-values.
 
@@ -79,6 +81,7 @@ from model.stats import (
     sens_spec_acc,
     youden_threshold,
 )
+from model.validation import optimism_corrected, threshold_metrics
 
 __all__ = [
     "CARD_KIND",
@@ -850,6 +853,8 @@ def train_fusion(
     threshold = math.floor(youden_threshold(labels, calibrated) * 1e6) / 1e6
     auc_value, low, high = delong_ci(labels, calibrated)
     sensitivity, specificity, accuracy = sens_spec_acc(labels, calibrated, threshold)
+    intervals = threshold_metrics(labels, calibrated, threshold, n_boot=500, seed=seed)
+    optimism = optimism_corrected(labels, oof, n_boot=200, seed=seed)
     dl_logit = a * oof + b
     combined = _fit_logistic(COMBINED_FEATURES, dl_logit, samples, labels)
     clinical = _fit_logistic(CLINICAL_FEATURES, dl_logit, samples, labels)
@@ -900,6 +905,8 @@ def train_fusion(
                 "fold's epoch was chosen on its own validation studies: mildly optimistic"
             ),
         },
+        "oof_intervals": intervals,
+        "oof_optimism_corrected": optimism,
         "class_counts": {"mvi": n1, "no_mvi": int(labels.size - n1)},
         "combined_model": {
             "features": list(COMBINED_FEATURES),

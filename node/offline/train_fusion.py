@@ -307,7 +307,50 @@ def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]
     combined = [prediction.combined_probability for prediction in predictions]
     if all(c is not None for c in combined):
         result["combined_model"] = _binary_metrics(y, np.array(combined, dtype=float), None)
+    result.update(_reviewer_figures(y, p, model.threshold, samples))
     return result
+
+
+#: Tumour size split of the subgroup table (the paper's 5 cm).
+LARGE_TUMOUR_MM = 50.0
+
+
+def _reviewer_figures(
+    y: npt.NDArray[Any], p: npt.NDArray[Any], threshold: float, samples: Sequence[StudyRois]
+) -> dict[str, Any]:
+    """CIs for every metric, calibration, decision curve and subgroups (centre, tumour size)."""
+    from model.stats import delong_ci, sens_spec_acc
+    from model.validation import calibration, decision_curve, threshold_metrics
+
+    groups: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        size = "> 5 cm" if sample.diameter_mm > LARGE_TUMOUR_MM else "≤ 5 cm"
+        groups.setdefault(f"tumour {size}", []).append(index)
+        if sample.centre:
+            groups.setdefault(f"centre {sample.centre}", []).append(index)
+    subgroups = []
+    for name in sorted(groups):
+        members = np.asarray(groups[name])
+        yy, pp = y[members], p[members]
+        row: dict[str, Any] = {"subgroup": name, "studies": int(members.size), "mvi": int(yy.sum())}
+        if min(int(yy.sum()), int(members.size - yy.sum())) >= 2:  # DeLong's least
+            value, low, high = delong_ci(yy, pp)
+            sensitivity, specificity, _ = sens_spec_acc(yy, pp, threshold)
+            row |= {
+                "auc": round(value, 4),
+                "auc_ci95": [round(low, 4), round(high, 4)],
+                "sensitivity": round(sensitivity, 4),
+                "specificity": round(specificity, 4),
+            }
+        else:
+            row["absent_reason"] = "fewer than 2 studies of a class: no AUC"
+        subgroups.append(row)
+    return {
+        "intervals": threshold_metrics(y, p, threshold, n_boot=1000),
+        "calibration": calibration(y, p),
+        "decision_curve": decision_curve(y, p),
+        "subgroups": subgroups,
+    }
 
 
 def roc_png(path: Path, curves: dict[str, tuple[npt.ArrayLike, npt.ArrayLike]]) -> None:

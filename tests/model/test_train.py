@@ -282,6 +282,15 @@ def test_tiny_training_writes_a_complete_card(
     assert all(1 <= f["best_epoch"] <= 15 for f in training["folds_detail"])
     assert training["cv"] == "kfold" and training["group_by"] == "patient"
     assert {c[0] for c in calls} == {"fold 1/3", "fold 2/3", "fold 3/3"}  # no final network
+    # Intervals for every figure, and the optimism of fitting Platt and the threshold on them.
+    intervals = card["oof_intervals"]
+    assert intervals["sensitivity"]["value"] == pytest.approx(metrics["sensitivity"], abs=1e-4)
+    low, high = intervals["ppv"]["ci95_wilson"]
+    assert low < intervals["ppv"]["value"] < high
+    optimism = card["oof_optimism_corrected"]
+    assert optimism["apparent"]["sensitivity"] == pytest.approx(metrics["sensitivity"], abs=1e-4)
+    corrected, apparent = optimism["corrected"], optimism["apparent"]
+    assert corrected["brier"] >= apparent["brier"]
     ids = card["training_ids"]
     assert ids["studies"] == [hash_id(s.study_id, ids["salt"]) for s in samples]
     assert sorted(set(ids["fold"])) == [0, 1, 2] and len(ids["patients"]) == len(samples)

@@ -94,6 +94,12 @@ def test_train_then_evaluate_and_compare(
     assert {"sensitivity", "specificity", "accuracy", "brier", "threshold"} <= set(first)
     assert {"auc", "auc_ci95", "brier"} <= set(first["combined_model"])
     assert set(first["card"]) == {"auc", "sensitivity", "specificity", "brier"}
+    # What a reviewer asks for: CIs, calibration, net benefit, subgroups by tumour size.
+    assert {"ppv", "npv", "auc", "brier"} <= set(first["intervals"])
+    assert {"intercept", "slope", "curve"} <= set(first["calibration"])
+    assert first["decision_curve"][0]["threshold"] == 0.05
+    sizes = [row for row in first["subgroups"] if row["subgroup"].startswith("tumour")]
+    assert sum(row["studies"] for row in sizes) == used
     assert set(body["delong"]) == {"auc", "z", "p"}
     assert (report.parent / body["roc_png"]).is_file()
 

@@ -1,0 +1,305 @@
+"""The figures a reviewer asks of a validation: CIs for every metric, calibration, net benefit.
+
+* :func:`threshold_metrics`: sensitivity, specificity, PPV and NPV at a threshold with Wilson
+  95 % CIs (statsmodels), and a stratified bootstrap 95 % CI for each of them, the AUC and the
+  Brier score from one set of resamples.
+* :func:`calibration`: calibration intercept (calibration-in-the-large, the slope fixed at 1) and
+  slope (logistic regression of the outcome on the logit of the prediction), with 95 % CIs, and a
+  LOWESS-smoothed calibration curve (statsmodels).
+* :func:`decision_curve`: net benefit of the model against treat-all and treat-none over
+  threshold probabilities (Vickers & Elkin, Med Decis Making 2006).
+* :func:`optimism_corrected`: Harrell's bootstrap optimism correction of the figures that depend
+  on steps fitted on the same predictions they are reported on (Platt calibration and the Youden
+  threshold) — the networks are not refitted.
+
+Labels are 0/1; probabilities in [0, 1]. Nothing here imports :mod:`node` or reads settings.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from model.stats import (
+    _both_classes,
+    _labels,
+    _scores,
+    auc,
+    brier,
+    platt_apply,
+    platt_fit,
+    sens_spec_acc,
+    youden_threshold,
+)
+
+__all__ = [
+    "DCA_THRESHOLDS",
+    "calibration",
+    "decision_curve",
+    "optimism_corrected",
+    "threshold_metrics",
+    "wilson_ci",
+]
+
+_F64 = npt.NDArray[np.float64]
+
+#: Threshold probabilities of the decision curve: 5 % to 80 % in steps of 5 %.
+DCA_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 17))
+
+_EPS = 1e-6
+
+
+def wilson_ci(successes: int, total: int, alpha: float = 0.05) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion (``None`` when ``total`` is 0)."""
+    if total <= 0:
+        return None
+    from statsmodels.stats.proportion import proportion_confint  # type: ignore[import-untyped]
+
+    low, high = proportion_confint(successes, total, alpha=alpha, method="wilson")
+    return float(low), float(high)
+
+
+def _at_threshold(y: npt.NDArray[np.int64], p: _F64, threshold: float) -> dict[str, Any]:
+    called = p >= threshold
+    tp = int(np.sum(called & (y == 1)))
+    fp = int(np.sum(called & (y == 0)))
+    fn = int(np.sum(~called & (y == 1)))
+    tn = int(np.sum(~called & (y == 0)))
+    nan = float("nan")
+    return {
+        "sensitivity": tp / (tp + fn) if tp + fn else nan,
+        "specificity": tn / (tn + fp) if tn + fp else nan,
+        "ppv": tp / (tp + fp) if tp + fp else nan,
+        "npv": tn / (tn + fn) if tn + fn else nan,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
+
+
+def _rounded(value: float, digits: int = 4) -> float | None:
+    return None if not math.isfinite(value) else round(float(value), digits)
+
+
+def threshold_metrics(
+    y: npt.ArrayLike,
+    p: npt.ArrayLike,
+    threshold: float,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics at ``threshold`` with Wilson and bootstrap 95 % CIs, and the AUC and Brier score.
+
+    The bootstrap resamples each class separately (the prevalence stays that of the sample, as
+    in :func:`model.stats.bootstrap_ci`); a metric undefined in a resample (no study called
+    positive, for the PPV) is left out of that metric's percentiles.
+
+    Returns
+    -------
+    dict
+        ``{metric: {"value", "ci95_bootstrap", ["ci95_wilson"]}}`` for ``auc``, ``brier``,
+        ``sensitivity``, ``specificity``, ``ppv``, ``npv``, plus the confusion counts.
+    """
+    labels = _labels(y)
+    scores = _scores(p, labels.size, "probabilities")
+    _both_classes(labels)
+    point = _at_threshold(labels, scores, threshold)
+    rng = np.random.default_rng([int(seed), 5])
+    pos = np.flatnonzero(labels == 1)
+    neg = np.flatnonzero(labels == 0)
+    names = ("auc", "brier", "sensitivity", "specificity", "ppv", "npv")
+    draws: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(n_boot):
+        index = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        yb, pb = labels[index], scores[index]
+        at = _at_threshold(yb, pb, threshold)
+        values = {"auc": auc(yb, pb), "brier": brier(yb, pb), **at}
+        for name in names:
+            if math.isfinite(values[name]):
+                draws[name].append(float(values[name]))
+    point_values = {"auc": auc(labels, scores), "brier": brier(labels, scores), **point}
+    wilson: dict[str, tuple[int, int]] = {
+        "sensitivity": (point["tp"], point["tp"] + point["fn"]),
+        "specificity": (point["tn"], point["tn"] + point["fp"]),
+        "ppv": (point["tp"], point["tp"] + point["fp"]),
+        "npv": (point["tn"], point["tn"] + point["fn"]),
+    }
+    out: dict[str, Any] = {"threshold": float(threshold), "bootstrap_resamples": int(n_boot)}
+    for name in names:
+        entry: dict[str, Any] = {"value": _rounded(point_values[name])}
+        if draws[name]:
+            low, high = np.quantile(draws[name], [0.025, 0.975])
+            entry["ci95_bootstrap"] = [_rounded(low), _rounded(high)]
+        if name in wilson:
+            interval = wilson_ci(*wilson[name])
+            entry["ci95_wilson"] = None if interval is None else [_rounded(v) for v in interval]
+        out[name] = entry
+    out["confusion"] = {k: int(point[k]) for k in ("tp", "fp", "fn", "tn")}
+    return out
+
+
+def _logit(p: _F64) -> _F64:
+    clipped = np.clip(p, _EPS, 1.0 - _EPS)
+    out: _F64 = np.log(clipped / (1.0 - clipped))
+    return out
+
+
+def calibration(y: npt.ArrayLike, p: npt.ArrayLike, *, points: int = 21) -> dict[str, Any]:
+    """Calibration intercept and slope with 95 % CIs, and a LOWESS calibration curve.
+
+    The intercept is calibration-in-the-large: a logistic model with ``logit(p)`` as offset and
+    only an intercept (0 when the mean prediction matches the observed rate). The slope is that
+    of a logistic regression of the outcome on ``logit(p)`` (1 when the spread is right, < 1 when
+    predictions are too extreme). The curve is LOWESS (frac 2/3, no robustness iterations) of the
+    outcome on the prediction, read at ``points`` evenly spaced probabilities inside the range the
+    predictions cover.
+    """
+    import statsmodels.api as sm  # type: ignore[import-untyped]
+    from statsmodels.nonparametric.smoothers_lowess import lowess  # type: ignore[import-untyped]
+
+    labels = _labels(y)
+    scores = _scores(p, labels.size, "probabilities")
+    _both_classes(labels)
+    lp = _logit(scores)
+    result: dict[str, Any] = {"studies": int(labels.size)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            large = sm.GLM(
+                labels, np.ones((labels.size, 1)), family=sm.families.Binomial(), offset=lp
+            ).fit()
+            low, high = large.conf_int()[0]
+            result["intercept"] = {
+                "value": _rounded(large.params[0]),
+                "ci95": [_rounded(low), _rounded(high)],
+            }
+        except Exception as exc:  # statsmodels' convergence and separation errors
+            result["intercept"] = {"value": None, "error": str(exc).splitlines()[0]}
+        try:
+            fit = sm.GLM(labels, sm.add_constant(lp), family=sm.families.Binomial()).fit()
+            low, high = fit.conf_int()[1]
+            result["slope"] = {
+                "value": _rounded(fit.params[1]),
+                "ci95": [_rounded(low), _rounded(high)],
+            }
+        except Exception as exc:
+            result["slope"] = {"value": None, "error": str(exc).splitlines()[0]}
+        smooth = lowess(labels.astype(float), scores, frac=2.0 / 3.0, it=0, return_sorted=True)
+    grid = np.linspace(float(scores.min()), float(scores.max()), points)
+    observed = np.interp(grid, smooth[:, 0], smooth[:, 1])
+    result["curve"] = {
+        "predicted": [_rounded(v) for v in grid],
+        "observed": [_rounded(float(np.clip(v, 0.0, 1.0))) for v in observed],
+        "method": "lowess, frac 2/3",
+    }
+    return result
+
+
+def decision_curve(
+    y: npt.ArrayLike, p: npt.ArrayLike, thresholds: Sequence[float] = DCA_THRESHOLDS
+) -> list[dict[str, float]]:
+    """Net benefit per threshold probability: the model, treat all, treat none (0).
+
+    ``net benefit = TP/n − FP/n × pt / (1 − pt)``: true positives found per study, less false
+    positives weighted by the odds at which a clinician is indifferent to treating.
+    """
+    labels = _labels(y)
+    scores = _scores(p, labels.size, "probabilities")
+    n = labels.size
+    prevalence = float(labels.mean())
+    rows = []
+    for pt in thresholds:
+        if not 0.0 < pt < 1.0:
+            raise ValueError(f"threshold probabilities must lie in (0, 1), got {pt}")
+        odds = pt / (1.0 - pt)
+        called = scores >= pt
+        tp = float(np.sum(called & (labels == 1)))
+        fp = float(np.sum(called & (labels == 0)))
+        rows.append(
+            {
+                "threshold": float(pt),
+                "model": round(tp / n - fp / n * odds, 5),
+                "treat_all": round(prevalence - (1.0 - prevalence) * odds, 5),
+                "treat_none": 0.0,
+            }
+        )
+    return rows
+
+
+def optimism_corrected(
+    y: npt.ArrayLike,
+    logits: npt.ArrayLike,
+    *,
+    n_boot: int = 200,
+    seed: int = 0,
+    fit: Callable[[npt.NDArray[np.int64], _F64], tuple[float, float, float]] | None = None,
+) -> dict[str, Any]:
+    """Harrell's bootstrap optimism correction of calibration and threshold choice.
+
+    Apparent figures come from Platt scaling and the Youden threshold fitted on ``(y, logits)``
+    and reported on the same predictions. Each bootstrap resample refits both, and the optimism
+    is the mean of (figure on the resample) − (figure of the resample's fit on the original
+    predictions); the corrected figure is apparent − optimism. The networks behind the logits
+    are not refitted (their out-of-fold logits already are predictions on unseen studies).
+
+    Parameters
+    ----------
+    fit
+        ``(y, logits) -> (a, b, threshold)``; Platt + Youden by default.
+
+    Returns
+    -------
+    dict
+        ``{"apparent": {...}, "optimism": {...}, "corrected": {...}, "resamples": n}`` for
+        sensitivity, specificity, accuracy and Brier score (resamples whose refit fails are
+        skipped and counted).
+    """
+    labels = _labels(y)
+    x = _scores(logits, labels.size, "logits")
+    _both_classes(labels)
+
+    def platt_youden(yy: npt.NDArray[np.int64], xx: _F64) -> tuple[float, float, float]:
+        a, b = platt_fit(yy, xx)
+        return a, b, youden_threshold(yy, platt_apply(xx, a, b))
+
+    fitter = fit or platt_youden
+
+    def figures(yy: npt.NDArray[np.int64], xx: _F64, params: tuple[float, float, float]) -> _F64:
+        a, b, threshold = params
+        pp = platt_apply(xx, a, b)
+        sensitivity, specificity, accuracy = sens_spec_acc(yy, pp, threshold)
+        return np.array([sensitivity, specificity, accuracy, brier(yy, pp)])
+
+    names = ("sensitivity", "specificity", "accuracy", "brier")
+    apparent = figures(labels, x, fitter(labels, x))
+    rng = np.random.default_rng([int(seed), 9])
+    pos = np.flatnonzero(labels == 1)
+    neg = np.flatnonzero(labels == 0)
+    gaps = []
+    failed = 0
+    for _ in range(n_boot):
+        index = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        yb, xb = labels[index], x[index]
+        try:
+            params = fitter(yb, xb)
+        except ValueError:  # a resample whose slope is not positive
+            failed += 1
+            continue
+        gaps.append(figures(yb, xb, params) - figures(labels, x, params))
+    optimism = np.mean(gaps, axis=0) if gaps else np.full(len(names), np.nan)
+    corrected = apparent - optimism
+    return {
+        "apparent": {n: _rounded(v) for n, v in zip(names, apparent, strict=True)},
+        "optimism": {n: _rounded(v) for n, v in zip(names, optimism, strict=True)},
+        "corrected": {n: _rounded(v) for n, v in zip(names, corrected, strict=True)},
+        "resamples": len(gaps),
+        "failed_resamples": failed,
+        "method": "Harrell bootstrap: Platt calibration and Youden threshold refitted",
+    }
