@@ -90,6 +90,7 @@ __all__ = [
     "CV_SCHEMES",
     "FUSION_CARD_KEYS",
     "GROUPINGS",
+    "THRESHOLD_RULES",
     "Progress",
     "StudyRois",
     "cached_rois",
@@ -98,6 +99,7 @@ __all__ = [
     "grouped_folds",
     "hash_id",
     "make_folds",
+    "recalibrated_card",
     "rois_from_phantom",
     "stratified_folds",
     "train_fusion",
@@ -970,3 +972,71 @@ def train_fusion(
     save_checkpoint(out_dir, network.state_dict(), card)
     # Read back: the card as written (with its weights hash), and proof that it loads.
     return load_checkpoint(out_dir, required=FUSION_CARD_KEYS)[1]
+
+
+#: How ``recalibrate`` sets the threshold: keep the card's probability, or Youden on local data.
+THRESHOLD_RULES: tuple[str, ...] = ("keep", "youden")
+
+
+def recalibrated_card(
+    card: dict[str, Any],
+    logits: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    threshold_rule: str = "keep",
+) -> dict[str, Any]:
+    """A copy of ``card`` with Platt intercept and slope refitted on a site's own studies.
+
+    Only the two calibration parameters change (and, with ``threshold_rule="youden"``, the
+    threshold); the networks and everything they learnt stay. ``logits`` are the shipped model's
+    uncalibrated logits (:attr:`model.inference.Prediction.logit`) on the local studies. The card
+    keeps the previous calibration and the local figures before and after.
+
+    Raises
+    ------
+    ValueError
+        When the local studies lack a class, or the refitted slope is not positive (the model does
+        not rank the local studies: recalibration cannot rescue it).
+    """
+    from model.validation import calibration
+
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {threshold_rule!r}; expected {THRESHOLD_RULES}")
+    y = np.asarray(labels, dtype=np.int64)
+    x = np.asarray(logits, dtype=np.float64)
+    old = card["calibration"]
+    before = platt_apply(x, float(old["a"]), float(old["b"]))
+    a, b = (_round(v) for v in platt_fit(y, x))
+    after = platt_apply(x, a, b)
+    threshold = float(card["threshold"])
+    if threshold_rule == "youden":
+        threshold = math.floor(youden_threshold(y, after) * 1e6) / 1e6
+
+    def local(p: npt.NDArray[np.float64]) -> dict[str, Any]:
+        fit = calibration(y, p)
+        sensitivity, specificity, _ = sens_spec_acc(y, p, threshold)
+        return {
+            "brier": _round(brier(y, p), 4),
+            "calibration_intercept": fit["intercept"].get("value"),
+            "calibration_slope": fit["slope"].get("value"),
+            "sensitivity": _round(sensitivity, 4),
+            "specificity": _round(specificity, 4),
+        }
+
+    updated = copy.deepcopy(card)
+    updated.pop("weights_sha256", None)
+    history = list(old.get("history", []))
+    history.append({k: v for k, v in old.items() if k != "history"})
+    updated["calibration"] = {
+        "method": "platt",
+        "a": a,
+        "b": b,
+        "fitted_on": f"{y.size} local studies ({int(y.sum())} with MVI): intercept and slope only",
+        "recalibrated": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "threshold_rule": threshold_rule,
+        "local_before": local(before),
+        "local_after": local(after),
+        "history": history,
+    }
+    updated["threshold"] = threshold
+    return updated

@@ -943,6 +943,86 @@ def evaluate(
     )
 
 
+@app.command()
+def recalibrate(
+    model_dir: Annotated[Path, typer.Option("--model", help="Model folder to recalibrate.")],
+    studies: Annotated[Path, typer.Option("--studies", help="Folder of local DICOM studies.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV: study_instance_uid,mvi.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New model folder to write.")],
+    threshold: Annotated[
+        str,
+        typer.Option(
+            "--threshold",
+            help="keep: the card's threshold probability; youden: chosen on the local studies.",
+        ),
+    ] = "keep",
+    allow_overlap: Annotated[
+        bool, typer.Option("--allow-overlap", help="Accept studies the model trained on.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Refit only the calibration's intercept and slope on a site's own labelled studies.
+
+    The networks are unchanged (the weights are copied); the new card records the previous
+    calibration and the local Brier score, calibration and sensitivity/specificity before and
+    after.
+    """
+    import numpy as np
+
+    from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from model.inference import FusionModel
+    from model.train import FUSION_CARD_KEYS, THRESHOLD_RULES, recalibrated_card
+    from node.analysis.models import Models
+    from node.offline.train_fusion import read_labels, study_rois, training_overlap
+
+    settings = _settings(config)
+    if threshold not in THRESHOLD_RULES:
+        raise fail(f"--threshold {threshold!r}: use {', '.join(THRESHOLD_RULES)}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise fail(f"--out {out_dir} is not empty; choose an empty folder")
+    try:
+        label_map = read_labels(labels)
+        model = FusionModel.load(model_dir)
+        state, card = load_checkpoint(model_dir, required=FUSION_CARD_KEYS)
+    except (NodeError, CheckpointError) as exc:
+        raise fail(str(exc).splitlines()[0]) from None
+    try:
+        samples, skipped = study_rois(
+            studies,
+            label_map,
+            settings,
+            Models(settings),
+            model.spec,
+            settings.node.data_dir / "roi-cache",
+        )
+    except NodeError as exc:
+        raise error_exit(exc) from None
+    for skip in skipped:
+        err.print(f"skipped {skip.key}: {skip.reason}", markup=False, highlight=False)
+    y = np.asarray([s.label for s in samples])
+    if min(int(y.sum()), int(y.size - y.sum())) < 2:
+        raise fail(f"{len(samples)} usable studies: each class needs at least 2")
+    overlap = training_overlap(card, samples)
+    if overlap["checked"] and (overlap["studies"] or overlap["patients"]) and not allow_overlap:
+        raise fail(
+            f"{model_dir} trained on {overlap['studies']} of these {overlap['test_studies']} "
+            "studies: recalibrate on studies it has not seen (--allow-overlap to go on)"
+        )
+    logits = [p.logit for p in model.predict([{"tumor": s.tumor, "loat": s.loat} for s in samples])]
+    try:
+        updated = recalibrated_card(card, logits, y, threshold_rule=threshold)
+    except ValueError as exc:
+        raise fail(f"recalibration failed: {str(exc).splitlines()[0]}", 1) from None
+    save_checkpoint(out_dir, state, updated)
+    before, after = updated["calibration"]["local_before"], updated["calibration"]["local_after"]
+    out.print(
+        f"{len(samples)} local studies: Brier {before['brier']:.3f} → {after['brier']:.3f}, "
+        f"calibration slope {before['calibration_slope']} → {after['calibration_slope']}, "
+        f"sensitivity {after['sensitivity']:.2f}, specificity {after['specificity']:.2f} at "
+        f"threshold {updated['threshold']:.3f} → {out_dir}"
+    )
+
+
 @app.command("convert-weights")
 def convert_weights_command(
     source: Annotated[Path, typer.Argument(help="torchvision ResNet18 weights (.pth).")],

@@ -25,6 +25,7 @@ from model.train import (
     grouped_folds,
     hash_id,
     make_folds,
+    recalibrated_card,
     rois_from_phantom,
     stratified_folds,
     train_fusion,
@@ -342,3 +343,31 @@ def test_training_refuses_mismatched_rois(samples: list[StudyRois], tmp_path: Pa
         train_fusion(samples, tmp_path / "x", roi_spec=ROI, cv="bootstrap")
     with pytest.raises(ValueError, match="leave-one-centre-out needs a centre"):
         train_fusion(samples, tmp_path / "x", roi_spec=ROI, cv="loco")
+
+
+def test_recalibration_refits_only_intercept_and_slope() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0.0, 2.0, 3000)
+    # At this site the truth is sigmoid(0.5 * logit - 1): the card's a = 1, b = 0 is off.
+    y = (rng.random(logits.size) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
+    card = {
+        "calibration": {"method": "platt", "a": 1.0, "b": 0.0},
+        "threshold": 0.4,
+        "weights_sha256": "x" * 64,
+        "network": {"members": 3},
+    }
+    kept = recalibrated_card(card, logits, y)
+    calibration = kept["calibration"]
+    assert calibration["a"] == pytest.approx(0.5, abs=0.05)
+    assert calibration["b"] == pytest.approx(-1.0, abs=0.1)
+    assert calibration["history"] == [{"method": "platt", "a": 1.0, "b": 0.0}]
+    assert kept["threshold"] == 0.4 and kept["network"] == card["network"]
+    assert "weights_sha256" not in kept and card["calibration"]["a"] == 1.0  # a copy
+    before, after = calibration["local_before"], calibration["local_after"]
+    assert after["brier"] < before["brier"]
+    assert after["calibration_slope"] == pytest.approx(1.0, abs=0.1)
+    assert before["calibration_slope"] == pytest.approx(0.5, abs=0.1)
+    youden = recalibrated_card(card, logits, y, threshold_rule="youden")
+    assert youden["threshold"] != 0.4
+    with pytest.raises(ValueError, match="Platt slope"):
+        recalibrated_card(card, -logits, y)

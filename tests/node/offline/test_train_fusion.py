@@ -100,6 +100,31 @@ def test_train_then_evaluate_and_compare(
     assert first["decision_curve"][0]["threshold"] == 0.05
     sizes = [row for row in first["subgroups"] if row["subgroup"].startswith("tumour")]
     assert sum(row["studies"] for row in sizes) == used
+
+    # Recalibration on local studies: refused on the training studies, then a new folder with
+    # the same weights and only a new intercept and slope.
+    recalibrate = (
+        "recalibrate",
+        "--model",
+        fusion,
+        "--studies",
+        cohort,
+        "--labels",
+        cohort / "labels.csv",
+        "--out",
+        tmp_path / "recalibrated",
+        "--config",
+        config,
+    )
+    assert mvi_node(*recalibrate).returncode == 2
+    # (The members trained on most of these studies, so they rank them: the slope is positive.)
+    redone = mvi_node(*recalibrate, "--allow-overlap")
+    assert redone.returncode == 0, redone.stderr
+    assert "Brier" in redone.stdout
+    _, new_card = load_checkpoint(tmp_path / "recalibrated")
+    assert new_card["weights_sha256"] == card["weights_sha256"]
+    assert new_card["calibration"]["history"][0]["a"] == card["calibration"]["a"]
+    assert new_card["threshold"] == card["threshold"]
     assert set(body["delong"]) == {"auc", "z", "p"}
     assert (report.parent / body["roc_png"]).is_file()
 
