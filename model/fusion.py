@@ -1,10 +1,20 @@
-"""The dual-branch ResNet18 fusion network and its tumour-only comparator.
+"""The dual-branch ResNet18 fusion network and its tumour-only comparator, in two layouts.
 
-Each branch is torchvision's ResNet18 with its first convolution widened to the ROI's channels
-(phases × slices) and its classifier removed, so it yields the 512 globally pooled features.
-``"fusion"`` concatenates the tumour and LOAT features (1024) → dropout → linear → one logit;
-``"tumor-only"`` runs the tumour branch alone → dropout → linear. The network returns logits;
-probabilities and calibration belong to :mod:`model.inference`.
+Each branch is torchvision's ResNet18 with its first convolution widened to its input channels
+and its classifier removed, so it yields the 512 globally pooled features. Two branch layouts,
+because the method's abstract allows both and the group's earlier CGAResNet18 used the second:
+
+* ``"region"``: the branches are the regions, tumour and LOAT, each carrying both phases'
+  slices as channels. ``"fusion"`` concatenates the two branches' features (1024) → dropout →
+  linear → one logit; ``"tumor-only"`` runs the tumour branch alone.
+* ``"phase"``: the branches are the phases, arterial and portal-venous, each carrying the tumour
+  and the LOAT slices of its phase. ``"tumor-only"`` keeps the two phase branches with the tumour
+  slices only.
+
+The network returns logits; probabilities and calibration belong to :mod:`model.inference`.
+Inputs are ROIs in ``[0, 1]``; with ImageNet weights they are normalised as those weights expect
+(``normalise``: the mean and standard deviation of ImageNet's three channel statistics, since a
+CT channel is grey).
 
 Pretrained ImageNet weights are optional and must be local: :func:`convert_weights` turns a
 torchvision ``.pth`` file that a user supplies into safetensors (the only place in the project
@@ -26,10 +36,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet18
 
-__all__ = ["ARCHS", "FEATURES", "FusionEnsemble", "FusionNet", "convert_weights"]
+__all__ = [
+    "ARCHS",
+    "FEATURES",
+    "IMAGENET_GREY",
+    "LAYOUTS",
+    "FusionEnsemble",
+    "FusionNet",
+    "convert_weights",
+]
 
 #: Network variants a model card may name.
 ARCHS: tuple[str, ...] = ("fusion", "tumor-only")
+
+#: Branch layouts: branches are regions (tumour, LOAT) or phases (arterial, portal-venous).
+LAYOUTS: tuple[str, ...] = ("region", "phase")
+
+#: ImageNet's normalisation for a grey channel: the means of torchvision's RGB mean and std.
+IMAGENET_GREY: tuple[float, float] = (
+    round((0.485 + 0.456 + 0.406) / 3, 4),
+    round((0.229 + 0.224 + 0.225) / 3, 4),
+)
 
 #: Globally pooled features of one ResNet18 branch.
 FEATURES = 512
@@ -45,51 +72,118 @@ def _branch(in_channels: int) -> nn.Module:
 
 
 class FusionNet(nn.Module):
-    """Dual-branch (tumour + LOAT) or tumour-only ResNet18 classifier.
+    """Dual-branch ResNet18 classifier: fusion or tumour-only, region or phase layout.
 
     Parameters
     ----------
     arch
         ``"fusion"`` or ``"tumor-only"``.
     in_channels
-        Channels of each branch's ROI (:attr:`model.roi.RoiSpec.channels`).
+        Channels of each ROI (:attr:`model.roi.RoiSpec.channels`: phases × slices, phase-major).
     dropout
         Dropout before the linear head.
+    layout
+        ``"region"`` or ``"phase"`` (see the module's docstring).
+    phases
+        Phases in the ROI's channels; the phase layout needs exactly two.
+    normalise
+        ``(mean, std)`` applied to the inputs (ImageNet weights); ``None`` leaves them as cut.
     """
 
-    def __init__(self, arch: str = "fusion", in_channels: int = 6, dropout: float = 0.3) -> None:
+    def __init__(
+        self,
+        arch: str = "fusion",
+        in_channels: int = 6,
+        dropout: float = 0.3,
+        *,
+        layout: str = "region",
+        phases: int = 2,
+        normalise: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if layout == "phase" and (phases != 2 or in_channels % 2):
+            raise ValueError(
+                f"the phase layout needs ROIs of two phases (even channels), got {phases} phases "
+                f"and {in_channels} channels"
+            )
+        if normalise is not None and not normalise[1] > 0:
+            raise ValueError(f"normalise std must be positive, got {normalise}")
         self.arch = arch
         self.in_channels = in_channels
-        self.tumor = _branch(in_channels)
-        self.loat: nn.Module | None = _branch(in_channels) if arch == "fusion" else None
+        self.layout = layout
+        self.phases = phases
+        self.normalise = None if normalise is None else (float(normalise[0]), float(normalise[1]))
+        self.uses_loat = arch == "fusion"
+        # Region layout: attributes tumor and loat (the checkpoints' key names since version 1).
+        self.tumor: nn.Module | None = None
+        self.loat: nn.Module | None = None
+        self.arterial: nn.Module | None = None
+        self.portal_venous: nn.Module | None = None
+        if layout == "region":
+            self.tumor = _branch(in_channels)
+            self.loat = _branch(in_channels) if self.uses_loat else None
+            branches = 2 if self.uses_loat else 1
+        else:
+            per_phase = in_channels // 2 * (2 if self.uses_loat else 1)
+            self.arterial = _branch(per_phase)
+            self.portal_venous = _branch(per_phase)
+            branches = 2
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(FEATURES * (2 if arch == "fusion" else 1), 1)
+        self.head = nn.Linear(FEATURES * branches, 1)
+
+    def branches(self) -> list[nn.Module]:
+        """The ResNet18 branches, in the order their features are concatenated."""
+        found = [self.tumor, self.loat, self.arterial, self.portal_venous]
+        return [b for b in found if b is not None]
 
     def spec(self) -> dict[str, Any]:
         """The model card's ``network`` entry."""
-        return {
+        entry: dict[str, Any] = {
             "backbone": "resnet18",
             "arch": self.arch,
             "in_channels": self.in_channels,
             "dropout": float(self.dropout.p),
             "features": FEATURES,
+            "layout": self.layout,
         }
+        if self.layout == "phase":
+            entry["phases"] = self.phases
+        if self.normalise is not None:
+            entry["normalise"] = {"mean": self.normalise[0], "std": self.normalise[1]}
+        return entry
 
     def features(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features before the head: ``(N, 512)`` or ``(N, 1024)`` for fusion."""
-        parts = [self.tumor(tumor)]
-        if self.loat is not None:
-            if loat is None:
-                raise ValueError("the fusion network needs the LOAT ROI")
-            parts.append(self.loat(loat))
-        return torch.cat(parts, dim=1)
+        """Pooled features before the head: ``(N, 512 × branches)``."""
+        if self.uses_loat and loat is None:
+            raise ValueError("the fusion network needs the LOAT ROI")
+        if self.normalise is not None:
+            mean, std = self.normalise
+            tumor = (tumor - mean) / std
+            loat = None if loat is None else (loat - mean) / std
+        if self.layout == "region":
+            assert self.tumor is not None
+            parts = [self.tumor(tumor)]
+            if self.loat is not None and loat is not None:
+                parts.append(self.loat(loat))
+            return torch.cat(parts, dim=1)
+        # Phase-major channels: the first half is the arterial phase's slices.
+        half = self.in_channels // 2
+        inputs = []
+        for index in range(2):
+            own = [tumor[:, index * half : (index + 1) * half]]
+            if self.uses_loat and loat is not None:
+                own.append(loat[:, index * half : (index + 1) * half])
+            inputs.append(torch.cat(own, dim=1))
+        assert self.arterial is not None and self.portal_venous is not None
+        return torch.cat([self.arterial(inputs[0]), self.portal_venous(inputs[1])], dim=1)
 
     def forward(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(N,)`` from ROIs ``(N, C, H, W)``; ``loat`` is ignored by tumor-only."""
@@ -127,10 +221,12 @@ class FusionNet(nn.Module):
             raise ValueError(f"{path} is not a torchvision ResNet18 state dict (no conv1.weight)")
         adapted = {k: v for k, v in state.items() if not k.startswith("fc.")}
         mean = conv1.float().mean(dim=1, keepdim=True)
-        adapted["conv1.weight"] = mean.repeat(1, self.in_channels, 1, 1) * (3.0 / self.in_channels)
         missing: list[str] = []
-        branches = [self.tumor] if self.loat is None else [self.tumor, self.loat]
-        for branch in branches:
+        for branch in self.branches():
+            conv1_layer = branch.get_submodule("conv1")
+            assert isinstance(conv1_layer, nn.Conv2d)
+            channels = int(conv1_layer.in_channels)
+            adapted["conv1.weight"] = mean.repeat(1, channels, 1, 1) * (3.0 / channels)
             try:
                 result = branch.load_state_dict(adapted, strict=False)
             except RuntimeError as exc:
@@ -173,7 +269,7 @@ class FusionEnsemble(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        kinds = {(m.arch, m.in_channels) for m in members}
+        kinds = {(m.arch, m.in_channels, m.layout, m.normalise) for m in members}
         if len(kinds) != 1:
             raise ValueError(f"ensemble members differ in arch or channels: {sorted(kinds)}")
         count = len(members)
@@ -189,16 +285,15 @@ class FusionEnsemble(nn.Module):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
         self.arch = members[0].arch
         self.in_channels = members[0].in_channels
-        self.uses_loat = members[0].loat is not None
+        self.uses_loat = members[0].uses_loat
 
     @classmethod
-    def build(
-        cls, count: int, arch: str = "fusion", in_channels: int = 6, dropout: float = 0.3
-    ) -> FusionEnsemble:
-        """``count`` freshly initialised members (weights to be loaded)."""
+    def build(cls, count: int, **network: Any) -> FusionEnsemble:
+        """``count`` freshly initialised members (weights to be loaded); ``network`` as
+        :class:`FusionNet` takes it."""
         if count < 1:
             raise ValueError(f"an ensemble needs at least one member, got {count}")
-        return cls([FusionNet(arch, in_channels, dropout) for _ in range(count)])
+        return cls([FusionNet(**network) for _ in range(count)])
 
     def spec(self) -> dict[str, Any]:
         """The model card's ``network`` entry: a member's spec and the member count."""

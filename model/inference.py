@@ -173,17 +173,22 @@ class FusionModel:
         if not isinstance(network_entry, Mapping):
             raise CheckpointError(f"{directory}: the card's network entry must be an object")
         try:
-            in_channels = int(network_entry["in_channels"])
-            dropout = float(network_entry.get("dropout", 0.0))
+            normalise = network_entry.get("normalise")
+            shape: dict[str, Any] = {
+                "arch": str(arch),
+                "in_channels": int(network_entry["in_channels"]),
+                "dropout": float(network_entry.get("dropout", 0.0)),
+                "layout": str(network_entry.get("layout", "region")),
+                "phases": int(network_entry.get("phases", 2)),
+                "normalise": None
+                if normalise is None
+                else (float(normalise["mean"]), float(normalise["std"])),
+            }
             members = network_entry.get("members")
             if members is None:  # one network, keys without the members. prefix
-                network: FusionEnsemble | FusionNet = FusionNet(
-                    str(arch), in_channels=in_channels, dropout=dropout
-                )
+                network: FusionEnsemble | FusionNet = FusionNet(**shape)
             else:
-                network = FusionEnsemble.build(
-                    int(members), str(arch), in_channels=in_channels, dropout=dropout
-                )
+                network = FusionEnsemble.build(int(members), **shape)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{directory}: cannot build the network: {exc}") from exc
         try:

@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.fusion import ARCHS, FusionEnsemble, FusionNet
+from model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from model.fusion import ARCHS, IMAGENET_GREY, LAYOUTS, FusionEnsemble, FusionNet
 from model.phantom import PHANTOM_VERSION, PhantomSpec, make_study
 from model.registration import register, resample_onto
 from model.roi import RoiSpec, extract_rois
@@ -513,7 +513,7 @@ def _predict_logits(net: FusionNet, data: _Data, index: npt.NDArray[np.intp]) ->
     with torch.inference_mode(), autocast(device):
         for start in range(0, index.size, _EVAL_BATCH):
             batch = torch.as_tensor(index[start : start + _EVAL_BATCH], device=device)
-            logits = net(data.tumor[batch], data.loat[batch] if net.loat is not None else None)
+            logits = net(data.tumor[batch], data.loat[batch] if net.uses_loat else None)
             out.append(logits.float().cpu().numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
 
@@ -534,6 +534,29 @@ class _RunSettings:
     batch_size: int
     lr: float
     progress: Progress | None
+    layout: str = "region"
+    phases: int = 2
+    pretrained: Path | None = None  # safetensors ResNet18 weights (init "imagenet")
+
+
+def _new_network(settings: _RunSettings) -> FusionNet:
+    """A fold's network: random, or every branch from ImageNet weights (inputs normalised)."""
+    net = FusionNet(
+        settings.arch,
+        in_channels=settings.in_channels,
+        dropout=settings.dropout,
+        layout=settings.layout,
+        phases=settings.phases,
+        normalise=IMAGENET_GREY if settings.pretrained is not None else None,
+    )
+    if settings.pretrained is not None:
+        missing = net.load_pretrained(settings.pretrained)
+        if missing:
+            raise ValueError(
+                f"{settings.pretrained} leaves {len(missing)} ResNet18 tensors unset "
+                f"(first: {missing[0]})"
+            )
+    return net
 
 
 @dataclass
@@ -572,8 +595,7 @@ def _train_run(
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = data.tumor.device
-    net = FusionNet(settings.arch, in_channels=settings.in_channels, dropout=settings.dropout)
-    net = net.to(device)
+    net = _new_network(settings).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=_WEIGHT_DECAY)
     labels = data.labels[train_index]
     n1 = int(labels.sum())
@@ -605,7 +627,7 @@ def _train_run(
         for local in _batches(train_index.size, settings.batch_size, rng):
             index = torch.as_tensor(train_index[local], device=device)
             tumor = _augment(data.tumor[index], generator)
-            loat = _augment(data.loat[index], generator) if net.loat is not None else None
+            loat = _augment(data.loat[index], generator) if net.uses_loat else None
             optimiser.zero_grad(set_to_none=True)
             with autocast(device):
                 logits = net(tumor, loat)
@@ -722,6 +744,8 @@ def train_fusion(
     dropout: float = 0.3,
     seed: int = 0,
     device: str = "auto",
+    layout: str = "region",
+    pretrained: Path | None = None,
     demo: bool = False,
     progress: Progress | None = None,
     name: str | None = None,
@@ -755,6 +779,13 @@ def train_fusion(
         Seeds the folds, initialisation, batch order, augmentation and the identifier salt.
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    layout
+        ``"region"`` (branches tumour and LOAT) or ``"phase"`` (branches arterial and
+        portal-venous), :mod:`model.fusion`.
+    pretrained
+        torchvision ResNet18 weights as safetensors (``mvi-node convert-weights``): every
+        branch of every fold starts from them and inputs are normalised as ImageNet's; ``None``
+        initialises at random.
     demo
         Trained on phantoms: the card says so and records the phantom generator's version.
     progress
@@ -781,6 +812,8 @@ def train_fusion(
         raise ValueError(f"unknown cv {cv!r}; expected one of {CV_SCHEMES}")
     if group_by not in GROUPINGS:
         raise ValueError(f"unknown group_by {group_by!r}; expected one of {GROUPINGS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if folds < 2 or epochs < 1 or patience < 1 or batch_size < 2 or not lr > 0:
         raise ValueError("need folds >= 2, epochs >= 1, patience >= 1, batch_size >= 2, lr > 0")
     expected = (roi_spec.channels, roi_spec.size, roi_spec.size)
@@ -800,7 +833,18 @@ def train_fusion(
         loat=torch.from_numpy(np.stack([s.loat for s in samples])).to(torch_device),
         labels=labels,
     )
-    settings = _RunSettings(arch, roi_spec.channels, dropout, patience, batch_size, lr, progress)
+    settings = _RunSettings(
+        arch,
+        roi_spec.channels,
+        dropout,
+        patience,
+        batch_size,
+        lr,
+        progress,
+        layout=layout,
+        phases=len(roi_spec.phases),
+        pretrained=None if pretrained is None else Path(pretrained),
+    )
 
     fold_reports: list[dict[str, Any]] = []
     members: list[FusionNet] = []
@@ -819,7 +863,14 @@ def train_fusion(
             seed=seed * 1000 + f + 1,
             stage=f"fold {f + 1}/{count}",
         )
-        member = FusionNet(arch, in_channels=roi_spec.channels, dropout=dropout)
+        member = FusionNet(
+            arch,
+            in_channels=roi_spec.channels,
+            dropout=dropout,
+            layout=layout,
+            phases=len(roi_spec.phases),
+            normalise=IMAGENET_GREY if pretrained is not None else None,
+        )
         member.load_state_dict(run.state)
         members.append(member)
         # Standardised by the member's own validation logits (no labels): fold networks stopped
@@ -878,6 +929,7 @@ def train_fusion(
         "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "kind": CARD_KIND,
         "arch": arch,
+        "layout": layout,
         "demo": bool(demo),
         "input": roi_spec.to_card(),
         "network": network.spec(),
@@ -939,6 +991,8 @@ def train_fusion(
             "max_epochs": int(epochs),
             "patience": int(patience),
             "epoch_choice": "per fold, best validation AUC (earliest on ties)",
+            "init": "random" if pretrained is None else "imagenet",
+            "pretrained_sha256": None if pretrained is None else file_sha256(Path(pretrained)),
             "shipped": "ensemble of the fold networks (mean logit)",
             "batch_size": int(batch_size),
             "lr": float(lr),

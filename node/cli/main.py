@@ -732,6 +732,22 @@ def train(
     cv: Annotated[
         str, typer.Option("--cv", help="kfold, or loco: leave one centre out per fold.")
     ] = "kfold",
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            help="region: branches tumour and LOAT; phase: branches arterial and portal-venous.",
+        ),
+    ] = "region",
+    init: Annotated[
+        str, typer.Option("--init", help="random, or imagenet (needs --weights).")
+    ] = "random",
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--weights", help="ResNet18 ImageNet weights as safetensors (convert-weights)."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs per fold.")] = 30,
     roi_size: Annotated[int, typer.Option(min=16, max=512, help="ROI rows/columns.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -745,6 +761,7 @@ def train(
     """
     import numpy as np
 
+    from model.fusion import LAYOUTS
     from model.roi import RoiSpec
     from model.train import CV_SCHEMES, GROUPINGS, make_folds, train_fusion
     from node.analysis.models import Models
@@ -757,6 +774,17 @@ def train(
         raise fail(f"--group-by {group_by!r}: use {', '.join(GROUPINGS)}")
     if cv not in CV_SCHEMES:
         raise fail(f"--cv {cv!r}: use {', '.join(CV_SCHEMES)}")
+    if layout not in LAYOUTS:
+        raise fail(f"--layout {layout!r}: use {', '.join(LAYOUTS)}")
+    if init not in ("random", "imagenet"):
+        raise fail(f"--init {init!r}: use random or imagenet")
+    if (init == "imagenet") != (weights is not None):
+        raise fail("--init imagenet and --weights FILE go together")
+    if weights is not None and (not weights.is_file() or weights.suffix != ".safetensors"):
+        raise fail(
+            f"--weights {weights}: not a .safetensors file (turn a torchvision .pth into one "
+            "with `mvi-node convert-weights`)"
+        )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise fail(f"--out {out_dir} is not empty; choose an empty folder")
     if not studies.is_dir():
@@ -826,6 +854,8 @@ def train(
                 epochs=epochs,
                 seed=seed,
                 device=device,
+                layout=layout,
+                pretrained=weights,
                 demo=False,
                 progress=on_epoch,
             )

@@ -56,7 +56,33 @@ def test_same_seed_same_network_and_output() -> None:
         "in_channels": 3,
         "dropout": 0.1,
         "features": FEATURES,
+        "layout": "region",
     }
+
+
+def test_the_phase_layout_gives_each_phase_its_tumour_and_fat_slices() -> None:
+    # Channels are phase-major: 0-2 arterial slices, 3-5 portal-venous slices.
+    torch.manual_seed(0)
+    net = FusionNet("fusion", in_channels=6, layout="phase").eval()
+    assert {b.conv1.in_channels for b in net.branches()} == {6}  # 3 tumour + 3 LOAT slices
+    assert net.tumor is None and net.loat is None and len(net.branches()) == 2
+    tumor = torch.rand(2, 6, 32, 32)
+    loat = torch.rand(2, 6, 32, 32)
+    changed = loat.clone()
+    changed[:, 3:] += 1.0  # the portal-venous fat only
+    with torch.inference_mode():
+        arterial = net.arterial(torch.cat([tumor[:, :3], loat[:, :3]], dim=1))
+        assert torch.equal(net.features(tumor, loat)[:, :512], arterial)
+        assert torch.equal(net.features(tumor, changed)[:, :512], arterial)
+        assert not torch.equal(
+            net.features(tumor, changed)[:, 512:], net.features(tumor, loat)[:, 512:]
+        )
+    # Its tumour-only comparator keeps both phase branches, with the tumour slices alone.
+    alone = FusionNet("tumor-only", in_channels=6, layout="phase")
+    assert [b.conv1.in_channels for b in alone.branches()] == [3, 3]
+    assert alone.spec()["layout"] == "phase" and not alone.uses_loat
+    with pytest.raises(ValueError, match="two phases"):
+        FusionNet(in_channels=3, layout="phase", phases=1)
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -66,6 +92,8 @@ def test_bad_arguments_are_refused() -> None:
         FusionNet(in_channels=0)
     with pytest.raises(ValueError, match="dropout"):
         FusionNet(dropout=1.0)
+    with pytest.raises(ValueError, match="layout"):
+        FusionNet(layout="channels")
 
 
 def test_convert_weights_round_trip_and_pretrained_loading(tmp_path: Path) -> None:
@@ -92,6 +120,13 @@ def test_convert_weights_round_trip_and_pretrained_loading(tmp_path: Path) -> No
         expected = reference.conv1.weight.mean(dim=1, keepdim=True) * 0.5  # 3 / 6
         assert torch.allclose(conv1[:, :1], expected)
         assert torch.allclose(conv1[:, 5:], expected)
+    # The phase layout's branches take 6 channels of their own; tumour-only phase branches 3.
+    phase = FusionNet("tumor-only", in_channels=6, layout="phase")
+    assert phase.load_pretrained(out) == []
+    conv1 = phase.state_dict()["arterial.conv1.weight"]
+    assert torch.allclose(
+        conv1, reference.conv1.weight.mean(dim=1, keepdim=True).repeat(1, 3, 1, 1)
+    )
 
 
 def test_convert_weights_refuses_what_is_not_a_state_dict(tmp_path: Path) -> None:

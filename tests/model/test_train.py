@@ -371,3 +371,44 @@ def test_recalibration_refits_only_intercept_and_slope() -> None:
     assert youden["threshold"] != 0.4
     with pytest.raises(ValueError, match="Platt slope"):
         recalibrated_card(card, -logits, y)
+
+
+def test_imagenet_initialisation_and_the_phase_layout_reach_the_card(
+    samples: list[StudyRois], tmp_path: Path
+) -> None:
+    # No weights can be downloaded here: a file with torchvision ResNet18's names and shapes.
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    from model.fusion import IMAGENET_GREY
+
+    torch.manual_seed(7)
+    reference = resnet18(weights=None).state_dict()
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(weights))
+    card = train_fusion(
+        samples[:96],
+        tmp_path / "phase",
+        roi_spec=ROI,
+        folds=2,
+        epochs=3,
+        patience=3,
+        batch_size=16,
+        lr=1e-3,
+        seed=1,
+        device="cpu",
+        demo=True,
+        layout="phase",
+        pretrained=weights,
+    )
+    assert card["layout"] == "phase" and card["network"]["layout"] == "phase"
+    assert card["network"]["normalise"] == {"mean": IMAGENET_GREY[0], "std": IMAGENET_GREY[1]}
+    assert card["training"]["init"] == "imagenet"
+    assert len(card["training"]["pretrained_sha256"]) == 64
+    model = FusionModel.load(tmp_path / "phase", device="cpu")
+    assert model.network.members[0].normalise == IMAGENET_GREY
+    assert model.network.members[0].layout == "phase"
+    assert len(model.predict(_rois_of(samples[:2]))) == 2
+    with pytest.raises(ValueError, match="layout"):
+        train_fusion(samples, tmp_path / "x", roi_spec=ROI, layout="channels")

@@ -218,3 +218,20 @@ def test_leave_one_centre_out_refuses_a_centre_with_one_class(
     assert result.returncode == 2, result.stderr
     assert "centre 'east' has only no-MVI studies" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_train_refuses_imagenet_without_safetensors_weights(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(studies=3, seed=96, size=48, slices=16)
+    common = ("train", "--studies", cohort, "--labels", cohort / "labels.csv", "--out", tmp_path)
+    alone = mvi_node(*common, "--init", "imagenet")
+    assert (
+        alone.returncode == 2 and "--init imagenet and --weights FILE go together" in alone.stderr
+    )
+    pth = tmp_path / "resnet18.pth"
+    pth.write_bytes(b"\0" * 16)
+    pickled = mvi_node(*common, "--init", "imagenet", "--weights", pth)
+    assert pickled.returncode == 2 and "mvi-node convert-weights" in pickled.stderr
+    layout = mvi_node(*common, "--layout", "channels")
+    assert layout.returncode == 2 and "--layout 'channels': use region, phase" in layout.stderr
