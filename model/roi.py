@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "BRANCHES",
+    "CROPS",
     "DEFAULT_WINDOWS",
     "MIN_KEY_PIXELS",
     "PHASES",
@@ -39,6 +40,7 @@ __all__ = [
     "extract_branch",
     "extract_rois",
     "key_slice",
+    "square_box",
 ]
 
 #: The branches, in the order the fusion network concatenates their features.
@@ -46,6 +48,9 @@ BRANCHES: tuple[str, ...] = ("tumor", "loat")
 
 #: The phases an ROI can be cut from (the arterial grid is the reference of both).
 PHASES: tuple[str, ...] = ("arterial", "portal_venous")
+
+#: How an ROI is cut around its mask (:class:`RoiSpec` ``crop``).
+CROPS: tuple[str, ...] = ("box", "square", "fixed")
 
 #: ``(width, level)`` HU per branch: a liver window shows enhancement differences of the tumour
 #: and its rim; a fat window keeps the LOAT apart from the stomach wall and the liver.
@@ -93,6 +98,14 @@ class RoiSpec:
     windows
         ``{branch: (width, level)}`` HU; the window ``[level - width/2, level + width/2]`` maps
         to ``[0, 1]``.
+    crop
+        ``"box"``: the mask's bounding box plus the margin, resized to ``size²`` (stretches a
+        long tumour; the first models' crop). ``"square"``: the box's longer side plus the margin
+        as a square in mm, so the shape keeps its aspect (its size does not survive the
+        resizing). ``"fixed"``: a square of ``field_mm`` centred on the box, so shape and
+        physical size both survive (a mask larger than the field is cut at its edges).
+    field_mm
+        Side of the ``"fixed"`` square, mm.
     """
 
     phases: tuple[str, ...] = PHASES
@@ -102,6 +115,8 @@ class RoiSpec:
     windows: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: dict(DEFAULT_WINDOWS)
     )
+    crop: str = "box"
+    field_mm: float = 100.0
 
     def __post_init__(self) -> None:
         phases = tuple(self.phases)
@@ -115,6 +130,10 @@ class RoiSpec:
             raise ValueError(f"size must be an integer >= 8, got {self.size!r}")
         if not (math.isfinite(self.margin_mm) and self.margin_mm >= 0.0):
             raise ValueError(f"margin_mm must be finite and >= 0, got {self.margin_mm}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if not (math.isfinite(self.field_mm) and self.field_mm > 0.0):
+            raise ValueError(f"field_mm must be positive, got {self.field_mm}")
         windows: dict[str, tuple[float, float]] = {}
         for branch in BRANCHES:
             if branch not in self.windows:
@@ -147,6 +166,8 @@ class RoiSpec:
             "windows": {b: {"width": w, "level": lv} for b, (w, lv) in self.windows.items()},
             "channels": self.channels,
             "channel_order": "phase-major, slices inferior to superior",
+            "crop": self.crop,
+            "field_mm": self.field_mm,
         }
 
     @classmethod
@@ -170,6 +191,9 @@ class RoiSpec:
                 size=int(entry["size"]),
                 margin_mm=float(entry["margin_mm"]),
                 windows=windows,
+                # Cards from before the crop choice cut the bounding box.
+                crop=str(entry.get("crop", "box")),
+                field_mm=float(entry.get("field_mm", 100.0)),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"ROI input spec is incomplete: {exc!r}") from exc
@@ -213,6 +237,25 @@ def crop_box(
     mi = math.ceil(margin_mm / sx - 1e-9)
     mj = math.ceil(margin_mm / sy - 1e-9)
     return int(rows[0]) - mj, int(rows[-1]) + 1 + mj, int(cols[0]) - mi, int(cols[-1]) + 1 + mi
+
+
+def square_box(
+    box: tuple[int, int, int, int], spacing_xy: Sequence[float], side_mm: float | None = None
+) -> tuple[int, int, int, int]:
+    """A box made square in mm around the centre of ``box``: its longer side, or ``side_mm``.
+
+    Pixels may be anisotropic: the half-side is converted per axis, so that the resized ROI is
+    square in millimetres, not in pixels.
+    """
+    r0, r1, c0, c1 = box
+    sx, sy = float(spacing_xy[0]), float(spacing_xy[1])
+    side = side_mm if side_mm is not None else max((r1 - r0) * sy, (c1 - c0) * sx)
+    rows = max(1, round(side / sy))
+    cols = max(1, round(side / sx))
+    # Integer centre (floor of the midpoint): the same box on every platform.
+    top = (r0 + r1 - rows) // 2
+    left = (c0 + c1 - cols) // 2
+    return top, top + rows, left, left + cols
 
 
 def _cut(
@@ -289,6 +332,8 @@ def extract_branch(
             branch, f"only {count} mask pixel(s) on the key slice (at least {MIN_KEY_PIXELS})"
         )
     box = crop_box(on_key, spacing_mm[:2], spec.margin_mm)
+    if spec.crop != "box":
+        box = square_box(box, spacing_mm[:2], spec.field_mm if spec.crop == "fixed" else None)
     half = spec.slices // 2
     # Clamped at the volume's ends: the edge slice repeats rather than inventing anatomy.
     ks = [min(max(k + d, 0), array.shape[0] - 1) for d in range(-half, half + 1)]

@@ -84,6 +84,7 @@ from model.stats import (
 from model.validation import optimism_corrected, threshold_metrics
 
 __all__ = [
+    "AUGMENTATIONS",
     "CARD_KIND",
     "CLINICAL_FEATURES",
     "COMBINED_FEATURES",
@@ -472,17 +473,55 @@ def hash_id(value: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{value.strip()}".encode()).hexdigest()[:16]
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, shift, flips and intensity jitter of a ``(N, C, H, W)`` batch."""
+#: Augmentation levels: ``light`` (rotation, shift, flips, small intensity jitter) and
+#: ``strong``, which adds what differs between scanners and sites: spacing (zoom ±15 %), an HU
+#: offset of ±20 HU, reconstruction-kernel blur (σ up to 1 pixel) and noise (σ up to 0.03 of the
+#: window, ~10 HU).
+AUGMENTATIONS: tuple[str, ...] = ("light", "strong")
+
+_ZOOM = 0.15
+_STRONG_SHIFT = 0.055  # of the window: ~20 HU
+_BLUR_SIGMA = 1.0
+_NOISE = 0.03
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)`` with one sigma (pixels) per sample."""
+    radius = 2
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    s = sigma.clamp_min(1e-3)[:, None]
+    kernel = torch.exp(-0.5 * (offsets[None, :] / s) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (N, 5)
+    n, c, h, w = x.shape
+    flat = x.reshape(1, n * c, h, w)
+    per_channel = kernel.repeat_interleave(c, dim=0)  # (N*C, 5)
+    rows = F.conv2d(
+        F.pad(flat, (0, 0, radius, radius), mode="replicate"),
+        per_channel[:, None, :, None],
+        groups=n * c,
+    )
+    cols = F.conv2d(
+        F.pad(rows, (radius, radius, 0, 0), mode="replicate"),
+        per_channel[:, None, None, :],
+        groups=n * c,
+    )
+    return cols.reshape(n, c, h, w)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, level: str = "light") -> torch.Tensor:
+    """Random rotation, shift, flips and intensity jitter of a ``(N, C, H, W)`` batch; with
+    ``level="strong"`` also zoom, HU offset, blur and noise (see :data:`AUGMENTATIONS`)."""
     n = x.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
 
+    strong = level == "strong"
     angle = uniform(-_ROTATION_DEG, _ROTATION_DEG) * (math.pi / 180.0)
     flip_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     flip_y = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    zoom = uniform(1.0 - _ZOOM, 1.0 + _ZOOM) if strong else torch.ones(n)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = cos * flip_x
     theta[:, 0, 1] = -sin * flip_y
@@ -491,11 +530,17 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     theta[:, 0, 2] = uniform(-_SHIFT, _SHIFT)
     theta[:, 1, 2] = uniform(-_SHIFT, _SHIFT)
     scale = 1.0 + uniform(-_INTENSITY_SCALE, _INTENSITY_SCALE)
-    shift = uniform(-_INTENSITY_SHIFT, _INTENSITY_SHIFT)
+    bound = _STRONG_SHIFT if strong else _INTENSITY_SHIFT
+    shift = uniform(-bound, bound)
     theta, scale, shift = theta.to(x.device), scale.to(x.device), shift.to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Border padding: a rotated crop's corners repeat the edge instead of inventing black.
     moved = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if strong:
+        sigma = uniform(0.0, _BLUR_SIGMA).to(x.device)
+        moved = _blur(moved, sigma)
+        noise = torch.randn(moved.shape, generator=generator).to(x.device)
+        moved = moved + noise * uniform(0.0, _NOISE).to(x.device)[:, None, None, None]
     return moved * scale[:, None, None, None] + shift[:, None, None, None]
 
 
@@ -537,6 +582,7 @@ class _RunSettings:
     layout: str = "region"
     phases: int = 2
     pretrained: Path | None = None  # safetensors ResNet18 weights (init "imagenet")
+    augment: str = "light"
 
 
 def _new_network(settings: _RunSettings) -> FusionNet:
@@ -626,8 +672,10 @@ def _train_run(
         total, count = 0.0, 0
         for local in _batches(train_index.size, settings.batch_size, rng):
             index = torch.as_tensor(train_index[local], device=device)
-            tumor = _augment(data.tumor[index], generator)
-            loat = _augment(data.loat[index], generator) if net.uses_loat else None
+            tumor = _augment(data.tumor[index], generator, settings.augment)
+            loat = (
+                _augment(data.loat[index], generator, settings.augment) if net.uses_loat else None
+            )
             optimiser.zero_grad(set_to_none=True)
             with autocast(device):
                 logits = net(tumor, loat)
@@ -746,6 +794,7 @@ def train_fusion(
     device: str = "auto",
     layout: str = "region",
     pretrained: Path | None = None,
+    augment: str = "light",
     demo: bool = False,
     progress: Progress | None = None,
     name: str | None = None,
@@ -786,6 +835,8 @@ def train_fusion(
         torchvision ResNet18 weights as safetensors (``mvi-node convert-weights``): every
         branch of every fold starts from them and inputs are normalised as ImageNet's; ``None``
         initialises at random.
+    augment
+        :data:`AUGMENTATIONS`: ``"light"`` or ``"strong"`` (adds zoom, HU offset, blur, noise).
     demo
         Trained on phantoms: the card says so and records the phantom generator's version.
     progress
@@ -814,6 +865,8 @@ def train_fusion(
         raise ValueError(f"unknown group_by {group_by!r}; expected one of {GROUPINGS}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTATIONS}")
     if folds < 2 or epochs < 1 or patience < 1 or batch_size < 2 or not lr > 0:
         raise ValueError("need folds >= 2, epochs >= 1, patience >= 1, batch_size >= 2, lr > 0")
     expected = (roi_spec.channels, roi_spec.size, roi_spec.size)
@@ -844,6 +897,7 @@ def train_fusion(
         layout=layout,
         phases=len(roi_spec.phases),
         pretrained=None if pretrained is None else Path(pretrained),
+        augment=augment,
     )
 
     fold_reports: list[dict[str, Any]] = []
@@ -1001,11 +1055,17 @@ def train_fusion(
             "weights_ema_decay": _EMA_DECAY,
             "loss": "BCEWithLogits, pos_weight = negatives / positives",
             "augmentation": {
+                "level": augment,
                 "rotation_deg": _ROTATION_DEG,
                 "shift_fraction": _SHIFT / 2.0,
                 "flips": True,
                 "intensity_scale": _INTENSITY_SCALE,
-                "intensity_shift": _INTENSITY_SHIFT,
+                "intensity_shift": _STRONG_SHIFT if augment == "strong" else _INTENSITY_SHIFT,
+                **(
+                    {"zoom": _ZOOM, "blur_sigma_px": _BLUR_SIGMA, "noise_sd": _NOISE}
+                    if augment == "strong"
+                    else {}
+                ),
             },
             "studies": int(labels.size),
             "device": str(torch_device),

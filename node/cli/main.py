@@ -750,6 +750,23 @@ def train(
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs per fold.")] = 30,
     roi_size: Annotated[int, typer.Option(min=16, max=512, help="ROI rows/columns.")] = 128,
+    crop: Annotated[
+        str,
+        typer.Option(
+            "--crop",
+            help="box: bounding box + margin, stretched; square: aspect kept; fixed: a square "
+            "of --field-mm, physical size kept.",
+        ),
+    ] = "box",
+    field_mm: Annotated[
+        float, typer.Option("--field-mm", min=10.0, help="Side of the fixed crop, mm.")
+    ] = 100.0,
+    augment: Annotated[
+        str,
+        typer.Option(
+            "--augment", help="light, or strong: adds zoom, HU offset, kernel blur and noise."
+        ),
+    ] = "light",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     config: ConfigOption = None,
@@ -762,8 +779,8 @@ def train(
     import numpy as np
 
     from model.fusion import LAYOUTS
-    from model.roi import RoiSpec
-    from model.train import CV_SCHEMES, GROUPINGS, make_folds, train_fusion
+    from model.roi import CROPS, RoiSpec
+    from model.train import AUGMENTATIONS, CV_SCHEMES, GROUPINGS, make_folds, train_fusion
     from node.analysis.models import Models
     from node.offline.train_fusion import read_labels, study_rois
 
@@ -793,7 +810,11 @@ def train(
         label_map = read_labels(labels)
     except NodeError as exc:
         raise error_exit(exc) from None
-    spec = RoiSpec(size=roi_size)
+    if crop not in CROPS:
+        raise fail(f"--crop {crop!r}: use {', '.join(CROPS)}")
+    if augment not in AUGMENTATIONS:
+        raise fail(f"--augment {augment!r}: use {', '.join(AUGMENTATIONS)}")
+    spec = RoiSpec(size=roi_size, crop=crop, field_mm=field_mm)
     models = Models(settings, device=device)
     try:
         samples, skipped = study_rois(
@@ -856,6 +877,7 @@ def train(
                 device=device,
                 layout=layout,
                 pretrained=weights,
+                augment=augment,
                 demo=False,
                 progress=on_epoch,
             )

@@ -14,6 +14,7 @@ from model.roi import (
     extract_branch,
     extract_rois,
     key_slice,
+    square_box,
 )
 
 
@@ -130,3 +131,40 @@ def test_spec_card_round_trip_and_refusals() -> None:
         RoiSpec(slices=2)
     with pytest.raises(ValueError):
         RoiSpec(phases=("delayed",))
+
+
+def test_square_and_fixed_crops_keep_shape_and_physical_size() -> None:
+    # A 10 x 30 mm bar on 1 x 0.5 mm pixels (x, y): 10 columns by 60 rows.
+    shape = (3, 200, 200)
+    bar = np.zeros(shape, dtype=np.uint8)
+    bar[1, 50:110, 80:90] = 1
+    hu = np.where(bar > 0, 500.0, -500.0).astype(np.float32)
+    windows = {"tumor": (1000.0, 0.0), "loat": (1000.0, 0.0)}
+
+    def inside(spec: RoiSpec, mask: np.ndarray) -> tuple[int, int]:
+        roi = extract_branch("tumor", [hu], mask, (1.0, 0.5, 2.0), spec)
+        key = roi[1] > 0.5  # the key slice's channel
+        return int(key.any(axis=1).sum()), int(key.any(axis=0).sum())  # rows, cols covered
+
+    one = ("arterial",)
+    stretched = inside(RoiSpec(phases=one, size=60, margin_mm=0.0, windows=windows), bar)
+    assert stretched == (60, 60)  # the box fills the ROI: 30 mm and 10 mm both span it
+    rows, cols = inside(
+        RoiSpec(phases=one, size=60, margin_mm=0.0, windows=windows, crop="square"), bar
+    )
+    assert rows == 60 and abs(cols - 20) <= 1  # 30 mm by 10 mm stays 3 : 1
+    fixed = RoiSpec(phases=one, size=60, margin_mm=0.0, windows=windows, crop="fixed", field_mm=60)
+    rows, cols = inside(fixed, bar)  # 1 mm per ROI pixel
+    assert abs(rows - 30) <= 1 and abs(cols - 10) <= 1
+    # A bar half as long shows half as long in the fixed field (size survives); not in "square".
+    short = np.zeros_like(bar)
+    short[1, 65:95, 80:90] = 1
+    hu[:] = np.where(short > 0, 500.0, -500.0)
+    assert abs(inside(fixed, short)[0] - 15) <= 1
+    assert RoiSpec.from_card(fixed.to_card()) == fixed
+    legacy = fixed.to_card()
+    del legacy["crop"], legacy["field_mm"]
+    assert RoiSpec.from_card(legacy).crop == "box"  # cards from before the choice
+    with pytest.raises(ValueError, match="crop"):
+        RoiSpec(crop="circle")
+    assert square_box((10, 20, 10, 40), (1.0, 1.0)) == (0, 30, 10, 40)

@@ -412,3 +412,24 @@ def test_imagenet_initialisation_and_the_phase_layout_reach_the_card(
     assert len(model.predict(_rois_of(samples[:2]))) == 2
     with pytest.raises(ValueError, match="layout"):
         train_fusion(samples, tmp_path / "x", roi_spec=ROI, layout="channels")
+
+
+def test_strong_augmentation_adds_zoom_offset_blur_and_noise() -> None:
+    import torch
+
+    from model.train import _augment
+
+    x = torch.zeros(4, 2, 32, 32)
+    x[:, :, 12:20, 12:20] = 0.5
+    light = _augment(x, torch.Generator().manual_seed(0), "light")
+    strong = _augment(x, torch.Generator().manual_seed(0), "strong")
+    assert light.shape == strong.shape == x.shape
+
+    # Noise: a flat corner stays flat in each image under light augmentation, not under strong.
+    def spread(batch: torch.Tensor) -> float:
+        return float(batch[:, :, :6, :6].std(dim=(2, 3)).max())
+
+    assert spread(light) < 1e-4 < spread(strong)
+    # The HU offset: up to ±0.055 of the window (about 20 HU) against ±0.02 for light.
+    offsets = strong[:, :, :6, :6].mean(dim=(1, 2, 3))
+    assert float(offsets.abs().max()) <= 0.055 + 0.01
