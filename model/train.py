@@ -81,7 +81,12 @@ from model.stats import (
     sens_spec_acc,
     youden_threshold,
 )
-from model.validation import optimism_corrected, threshold_metrics
+from model.validation import (
+    EVENTS_PER_VARIABLE,
+    optimism_corrected,
+    select_predictors,
+    threshold_metrics,
+)
 
 __all__ = [
     "AUGMENTATIONS",
@@ -112,9 +117,9 @@ CARD_KIND = "mvi-fusion"
 #: Card keys a fusion model needs beyond :data:`model.checkpoint.REQUIRED_CARD_KEYS`.
 FUSION_CARD_KEYS: tuple[str, ...] = ("arch", "input", "network", "calibration", "threshold")
 
-#: Predictors of the combined logistic model (``dl_logit`` is the calibrated logit
-#: ``a * logit + b``: on that scale the combined model reproduces the calibrated DL probability
-#: when the measurements add nothing).
+#: Candidate predictors of the combined logistic model. ``dl_logit``, always in, is the calibrated
+#: logit ``a * logit + b``: on that scale the combined model reproduces the calibrated DL
+#: probability when the measurements add nothing. The others are selected (EPV 10).
 COMBINED_FEATURES: tuple[str, ...] = ("dl_logit", "max_diameter_mm", "loat_area_cm2")
 
 #: Predictors of the clinical model (the paper's independent predictors).
@@ -733,12 +738,41 @@ def _fit_logistic(
 ) -> dict[str, Any]:
     rows = zip(dl_logits, samples, strict=True)
     x = np.asarray([[_features(n, float(d), s) for n in names] for d, s in rows])
+    events = int(min(labels.sum(), labels.size - labels.sum()))
     try:
+        if events < EVENTS_PER_VARIABLE * len(names):
+            raise ValueError(
+                f"{events} events allow {events // EVENTS_PER_VARIABLE} predictor(s) at "
+                f"{EVENTS_PER_VARIABLE} events per variable, not {len(names)}"
+            )
         model = logistic_model(x, labels, list(names))
     except ValueError as exc:
         # A tiny or separable cohort: the card says why and inference reports no combined value.
         return {"names": list(names), "error": str(exc)}
     return model
+
+
+def _combined(
+    dl_logits: npt.NDArray[np.float64],
+    samples: Sequence[StudyRois],
+    labels: npt.NDArray[np.int64],
+) -> dict[str, Any]:
+    """The combined model: DL logit forced in, clinical candidates selected (EPV 10)."""
+    columns: dict[str, npt.ArrayLike] = {
+        name: [_features(name, float(d), s) for d, s in zip(dl_logits, samples, strict=True)]
+        for name in COMBINED_FEATURES
+    }
+    try:
+        names, selection = select_predictors(columns, labels, forced=["dl_logit"])
+    except ValueError as exc:
+        return {"features": [], "names": [], "error": str(exc)}
+    model = _fit_logistic(names, dl_logits, samples, labels)
+    return {
+        "features": names,
+        "candidates": list(COMBINED_FEATURES),
+        "selection": selection,
+        **model,
+    }
 
 
 def _round(value: float, digits: int = 6) -> float:
@@ -963,7 +997,7 @@ def train_fusion(
     intervals = threshold_metrics(labels, calibrated, threshold, n_boot=500, seed=seed)
     optimism = optimism_corrected(labels, oof, n_boot=200, seed=seed)
     dl_logit = a * oof + b
-    combined = _fit_logistic(COMBINED_FEATURES, dl_logit, samples, labels)
+    combined = _combined(dl_logit, samples, labels)
     clinical = _fit_logistic(CLINICAL_FEATURES, dl_logit, samples, labels)
     network = FusionEnsemble(members, centres, scales)
 
@@ -1017,8 +1051,10 @@ def train_fusion(
         "oof_optimism_corrected": optimism,
         "class_counts": {"mvi": n1, "no_mvi": int(labels.size - n1)},
         "combined_model": {
-            "features": list(COMBINED_FEATURES),
-            "fitted_on": "out-of-fold calibrated DL logit, max tumour diameter, LOAT area",
+            "fitted_on": (
+                "out-of-fold calibrated DL logit (forced) and the clinical candidates selected "
+                "(model.validation.select_predictors)"
+            ),
             **combined,
         },
         "clinical_model": {"features": list(CLINICAL_FEATURES), **clinical},

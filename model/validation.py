@@ -8,6 +8,8 @@
   LOWESS-smoothed calibration curve (statsmodels).
 * :func:`decision_curve`: net benefit of the model against treat-all and treat-none over
   threshold probabilities (Vickers & Elkin, Med Decis Making 2006).
+* :func:`select_predictors`: the combined model's predictors, screened univariably, eliminated
+  backward, and capped at one variable per 10 events.
 * :func:`optimism_corrected`: Harrell's bootstrap optimism correction of the figures that depend
   on steps fitted on the same predictions they are reported on (Platt calibration and the Youden
   threshold) — the networks are not refitted.
@@ -39,9 +41,13 @@ from model.stats import (
 
 __all__ = [
     "DCA_THRESHOLDS",
+    "ENTER_P",
+    "EVENTS_PER_VARIABLE",
+    "STAY_P",
     "calibration",
     "decision_curve",
     "optimism_corrected",
+    "select_predictors",
     "threshold_metrics",
     "wilson_ci",
 ]
@@ -303,3 +309,100 @@ def optimism_corrected(
         "failed_resamples": failed,
         "method": "Harrell bootstrap: Platt calibration and Youden threshold refitted",
     }
+
+
+#: Events per variable the combined model needs (Peduzzi et al., J Clin Epidemiol 1996).
+EVENTS_PER_VARIABLE = 10
+#: Univariable p below which a candidate enters the multivariable model.
+ENTER_P = 0.10
+#: Multivariable p a predictor must keep (backward elimination above it).
+STAY_P = 0.05
+
+
+def select_predictors(
+    columns: dict[str, npt.ArrayLike],
+    y: npt.ArrayLike,
+    *,
+    forced: Sequence[str] = (),
+    enter_p: float = ENTER_P,
+    stay_p: float = STAY_P,
+    events_per_variable: int = EVENTS_PER_VARIABLE,
+) -> tuple[list[str], dict[str, Any]]:
+    """Univariable screening, then multivariable backward elimination, under an EPV rule.
+
+    Each candidate (every column not in ``forced``) is tested alone; those with ``p < enter_p``
+    enter a model with the ``forced`` predictors, and the candidate with the largest p is dropped
+    while that p is ``>= stay_p``. The variables may not exceed ``events / events_per_variable``
+    (events: the smaller class): beyond that, candidates with the weakest univariable p go first.
+
+    Returns
+    -------
+    names, report
+        The predictors chosen (forced first, in the order given), and what each step saw.
+
+    Raises
+    ------
+    ValueError
+        When the events allow not even the forced predictors.
+    """
+    from model.stats import logistic_model
+
+    labels = _labels(y)
+    n1, n0 = _both_classes(labels)
+    events = min(n1, n0)
+    allowed = events // events_per_variable
+    forced = list(forced)
+    if allowed < max(1, len(forced)):
+        raise ValueError(
+            f"{events} events allow {allowed} predictor(s) at {events_per_variable} events per "
+            f"variable; the combined model needs {max(1, len(forced))}"
+        )
+    data = {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+    univariable: dict[str, Any] = {}
+    for name in data:
+        if name in forced:
+            continue
+        try:
+            fit = logistic_model(data[name][:, None], labels, [name])
+            univariable[name] = {
+                "odds_ratio": fit["odds_ratios"][name],
+                "p": fit["p_values"][name],
+            }
+        except ValueError as exc:
+            univariable[name] = {"error": str(exc)}
+    entered = sorted(
+        (n for n, r in univariable.items() if "p" in r and r["p"] < enter_p),
+        key=lambda n: univariable[n]["p"],
+    )
+    capped = entered[: max(0, allowed - len(forced))]
+    chosen = list(capped)
+    steps: list[dict[str, Any]] = []
+    while chosen:
+        names = forced + chosen
+        try:
+            fit = logistic_model(np.stack([data[n] for n in names], axis=1), labels, names)
+        except ValueError as exc:  # separation or collinearity: the weakest candidate goes
+            weakest = chosen[-1]
+            steps.append({"dropped": weakest, "reason": str(exc).splitlines()[0]})
+            chosen.remove(weakest)
+            continue
+        worst = max(chosen, key=lambda n: fit["p_values"][n])
+        if fit["p_values"][worst] < stay_p:
+            break
+        steps.append({"dropped": worst, "p": fit["p_values"][worst]})
+        chosen.remove(worst)
+    report = {
+        "rule": (
+            f"univariable p < {enter_p} enters; backward elimination while multivariable "
+            f"p >= {stay_p}; at most one variable per {events_per_variable} events"
+        ),
+        "events": int(events),
+        "variables_allowed": int(allowed),
+        "forced": forced,
+        "univariable": univariable,
+        "entered": entered,
+        "capped_by_events": [n for n in entered if n not in capped],
+        "eliminated": steps,
+        "selected": forced + chosen,
+    }
+    return forced + chosen, report

@@ -273,7 +273,11 @@ def test_tiny_training_writes_a_complete_card(
     labels = [s.label for s in samples]
     assert card["class_counts"] == {"mvi": sum(labels), "no_mvi": len(labels) - sum(labels)}
     assert "phantom-" not in str(card)  # no study identifiers in the card
-    assert card["combined_model"]["features"] == ["dl_logit", "max_diameter_mm", "loat_area_cm2"]
+    combined = card["combined_model"]
+    assert combined["features"][0] == "dl_logit"  # forced in; the measurements are selected
+    assert set(combined["features"]) <= {"dl_logit", "max_diameter_mm", "loat_area_cm2"}
+    assert combined["selection"]["selected"] == combined["features"]
+    assert combined["selection"]["variables_allowed"] == min(card["class_counts"].values()) // 10
     # The shipped network is the fold ensemble, each member with its standardisation.
     assert card["network"]["members"] == 3
     assert any(k.startswith("members.1.loat.") for k in state)

@@ -78,3 +78,27 @@ def test_optimism_correction_lowers_what_the_threshold_was_chosen_on() -> None:
         apparent["sensitivity"] + apparent["specificity"]
     )
     assert result["resamples"] + result["failed_resamples"] == 100
+
+
+def test_predictor_selection_screens_eliminates_and_respects_events_per_variable() -> None:
+    rng = np.random.default_rng(6)
+    n = 600
+    strong = rng.normal(0, 1, n)
+    weak_but_real = rng.normal(0, 1, n)
+    noise = rng.normal(0, 1, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(1.5 * strong + 0.6 * weak_but_real)))).astype(int)
+    columns = {"dl_logit": strong, "size": weak_but_real, "noise": noise}
+    names, report = validation.select_predictors(columns, y, forced=["dl_logit"])
+    assert names[0] == "dl_logit" and "size" in names and "noise" not in names
+    assert report["univariable"]["size"]["p"] < 0.10
+    assert report["events"] == min(int(y.sum()), n - int(y.sum()))
+    # Twenty events allow two variables: the forced one and the strongest candidate only.
+    few = np.zeros(n, dtype=int)
+    few[rng.choice(n, 20, replace=False, p=np.exp(strong) / np.exp(strong).sum())] = 1
+    names, report = validation.select_predictors(columns, few, forced=["dl_logit"])
+    assert len(names) <= 2 and report["variables_allowed"] == 2
+    # Nine events allow none: a clear refusal, not a model.
+    nine = np.zeros(n, dtype=int)
+    nine[:9] = 1
+    with pytest.raises(ValueError, match="9 events allow 0 predictor"):
+        validation.select_predictors(columns, nine, forced=["dl_logit"])
