@@ -767,6 +767,12 @@ def train(
             "--augment", help="light, or strong: adds zoom, HU offset, kernel blur and noise."
         ),
     ] = "light",
+    label_source: Annotated[
+        str,
+        typer.Option(
+            "--label-source", help="Where the MVI labels come from (the card's TRIPOD+AI items)."
+        ),
+    ] = "histopathology of the resected specimen (labels file)",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(min=0)] = 0,
     config: ConfigOption = None,
@@ -783,6 +789,7 @@ def train(
     from model.train import AUGMENTATIONS, CV_SCHEMES, GROUPINGS, make_folds, train_fusion
     from node.analysis.models import Models
     from node.offline.train_fusion import read_labels, study_rois
+    from node.offline.tripod import tripod_section
 
     settings = _settings(config)
     if arch not in ("fusion", "tumor-only"):
@@ -841,6 +848,14 @@ def train(
         )
     except ValueError as exc:
         raise fail(f"{labels}: {exc}") from None
+    tripod = tripod_section(
+        studies=len(samples),
+        patients=len({s.patient for s in samples}),
+        positives=positives,
+        centres=sorted({s.centre for s in samples if s.centre}),
+        skipped=[(skip.key, skip.reason) for skip in skipped],
+        label_source=label_source,
+    )
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -880,6 +895,7 @@ def train(
                 augment=augment,
                 demo=False,
                 progress=on_epoch,
+                card_extra={"tripod": tripod},
             )
         except ValueError as exc:  # e.g. out-of-fold logits that do not rise with the label
             raise fail(f"training failed: {str(exc).splitlines()[0]}", 1) from None
@@ -925,6 +941,7 @@ def evaluate(
     from node.analysis.models import Models
     from node.offline.train_fusion import evaluate as score
     from node.offline.train_fusion import read_labels, roc_png, study_rois, training_overlap
+    from node.offline.tripod import render_report
 
     settings = _settings(config)
     try:
@@ -985,6 +1002,13 @@ def evaluate(
     png = report.with_suffix(".roc.png")
     roc_png(png, curves)
     body["roc_png"] = png.name
+    markdown = report.with_suffix(".md")
+    markdown.write_text(
+        render_report(first.card, results[str(model_dir)], overlaps[str(model_dir)]),
+        encoding="utf-8",
+    )
+    body["report_md"] = markdown.name
+    body["tripod"] = first.card.get("tripod")
     report.write_text(json_module.dumps(body, indent=2))
     summary = body["models"][str(model_dir)]
     out.print(

@@ -92,6 +92,7 @@ def _build_fusion(directory: Path, err: Console) -> None:
     from model.train import cached_rois, train_fusion
     from node.analysis.models import DEMO_FUSION
     from node.offline.phantom_study import study_seed
+    from node.offline.tripod import tripod_section
 
     studies = int(DEMO_FUSION["studies"])
     epochs = int(DEMO_FUSION["epochs"])
@@ -139,6 +140,17 @@ def _build_fusion(directory: Path, err: Console) -> None:
             progress=on_epoch,
             name="mvi-fusion-resnet18",
             version=f"demo-{PHANTOM_VERSION}",
+            card_extra={
+                "tripod": tripod_section(
+                    studies=len(samples),
+                    patients=len(samples),
+                    positives=sum(s.label for s in samples),
+                    centres=[],
+                    skipped=[],
+                    label_source="phantom truth (synthetic studies made by the project)",
+                    demo=True,
+                )
+            },
         )
 
 

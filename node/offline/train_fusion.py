@@ -307,6 +307,10 @@ def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]
     combined = [prediction.combined_probability for prediction in predictions]
     if all(c is not None for c in combined):
         result["combined_model"] = _binary_metrics(y, np.array(combined, dtype=float), None)
+    else:
+        entry = model.card.get("combined_model")
+        why = entry.get("error") if isinstance(entry, dict) else None
+        result["combined_model"] = {"absent_reason": why or "the card has no combined model"}
     result.update(_reviewer_figures(y, p, model.threshold, samples))
     return result
 
