@@ -18,10 +18,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EVENT", "HIGH", "PH_ALPHA", "TIME", "first_line", "fit_cox", "risk_group_survival"]
+__all__ = [
+    "EVENT",
+    "HIGH",
+    "PH_ALPHA",
+    "SCORE",
+    "TIME",
+    "first_line",
+    "fit_cox",
+    "risk_group_survival",
+    "score_survival",
+    "time_dependent_auc",
+]
 
 #: Column names of the Cox design; dunder names cannot collide with a site's covariates.
 TIME, EVENT, HIGH = "__time__", "__event__", "high_risk"
+#: The continuous score's term: the MVI probability in tens of percentage points.
+SCORE = "mvi_probability_per_10_points"
 #: Significance level of the proportional-hazards test.
 PH_ALPHA = 0.05
 
@@ -32,7 +45,9 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def fit_cox(frame: Any, terms: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+def fit_cox(
+    frame: Any, terms: list[str], headline: str = HIGH
+) -> tuple[dict[str, Any] | None, str | None]:
     """Cox model of ``terms`` with its proportional-hazards check; (None, why) if it fails.
 
     Parameters
@@ -40,7 +55,9 @@ def fit_cox(frame: Any, terms: list[str]) -> tuple[dict[str, Any] | None, str | 
     frame
         A pandas frame with :data:`TIME`, :data:`EVENT`, :data:`HIGH` and the other ``terms``.
     terms
-        The model's terms; :data:`HIGH` must be one of them (the headline hazard ratio).
+        The model's terms; ``headline`` must be one of them.
+    headline
+        The term whose hazard ratio is copied flat into the result (:data:`HIGH` by default).
 
     Returns
     -------
@@ -79,8 +96,8 @@ def fit_cox(frame: Any, terms: list[str]) -> tuple[dict[str, Any] | None, str | 
         }
     if not all(math.isfinite(v) for t in model["terms"].values() for v in t.values()):
         return None, "Cox model did not converge (non-finite estimates: too few events?)"
-    # The headline: high vs low risk, flat in the dict for readers of report.json.
-    model.update({k: model["terms"][HIGH][k] for k in ("hr", "ci_low", "ci_high", "p")})
+    # The headline (high vs low risk by default), flat in the dict for readers of report.json.
+    model.update({k: model["terms"][headline][k] for k in ("hr", "ci_low", "ci_high", "p")})
     model["warnings"] = sorted({str(w.message).strip().splitlines()[0] for w in caught})
     try:
         with warnings.catch_warnings():
@@ -216,3 +233,66 @@ def risk_group_survival(
                 report["cox_adjusted"]["excluded_missing_covariates"] = n - len(complete)
     report["cox_adjusted_absent_reason"] = reason
     return report, fitters
+
+
+def time_dependent_auc(
+    time: Sequence[float], event: Sequence[int], score: Sequence[float], horizon: float
+) -> float | None:
+    """Cumulative/dynamic AUC at ``horizon`` with inverse-probability-of-censoring weights.
+
+    Cases had the event by ``horizon``, controls were event-free beyond it; each case is weighted
+    by 1 / G(T−), G the Kaplan–Meier estimate of remaining uncensored (Uno et al., Stat Med 2007,
+    the cumulative/dynamic form). ``None`` when there is no case or no control.
+    """
+    from lifelines import KaplanMeierFitter
+
+    t = np.asarray(time, dtype=np.float64)
+    d = np.asarray(event, dtype=np.int64)
+    s = np.asarray(score, dtype=np.float64)
+    cases = (t <= horizon) & (d == 1)
+    controls = t > horizon
+    if not cases.any() or not controls.any():
+        return None
+    censoring = KaplanMeierFitter().fit(t, 1 - d)
+    # G just before each case's time: the survival function at the previous distinct time.
+    g = np.asarray(censoring.survival_function_at_times(np.nextafter(t[cases], -np.inf)))
+    weights = 1.0 / np.clip(g, 1e-6, None)
+    greater = (s[cases][:, None] > s[controls][None, :]).astype(float)
+    ties = (s[cases][:, None] == s[controls][None, :]).astype(float) * 0.5
+    numerator = float(np.sum(weights[:, None] * (greater + ties)))
+    return numerator / float(np.sum(weights) * controls.sum())
+
+
+def score_survival(
+    time: Sequence[float],
+    event: Sequence[int],
+    probability: Sequence[float],
+    horizons: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Survival against the continuous MVI probability, not only the risk groups.
+
+    Cox on the probability (hazard ratio per 10 percentage points) with its PH check, Harrell's
+    C (lifelines' ``concordance_index``: a higher probability should mean an earlier event) and
+    the time-dependent AUC at ``horizons`` (default: the quartiles of the observed event times).
+    """
+    import pandas as pd
+    from lifelines.utils import concordance_index  # type: ignore[import-untyped]
+
+    t = [float(v) for v in time]
+    d = [int(v) for v in event]
+    p = [float(v) for v in probability]
+    report: dict[str, Any] = {"n": len(t), "events": int(sum(d))}
+    if sum(d) == 0 or len(set(p)) < 2:
+        why = "no events" if sum(d) == 0 else "every probability is the same"
+        return report | {"cox": None, "cox_absent_reason": why, "harrell_c": None}
+    frame = pd.DataFrame({TIME: t, EVENT: d, SCORE: [10.0 * v for v in p]})
+    report["cox"], report["cox_absent_reason"] = fit_cox(frame, [SCORE], headline=SCORE)
+    report["harrell_c"] = float(concordance_index(t, [-v for v in p], d))
+    if horizons is None:
+        times = sorted(tt for tt, dd in zip(t, d, strict=True) if dd)
+        horizons = [float(np.quantile(times, q)) for q in (0.25, 0.5, 0.75)]
+    report["time_dependent_auc"] = [
+        {"time": float(h), "auc": time_dependent_auc(t, d, p, float(h))} for h in horizons
+    ]
+    report["time_dependent_auc_method"] = "cumulative/dynamic, IPCW (Uno 2007)"
+    return report

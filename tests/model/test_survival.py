@@ -57,3 +57,30 @@ def test_a_cox_model_that_cannot_be_fitted_says_why() -> None:
     frame = pd.DataFrame({TIME: [1.0, 2.0, 3.0, 4.0], EVENT: [1, 1, 0, 0], HIGH: [1, 1, 0, 0]})
     model, reason = fit_cox(frame, [HIGH])
     assert model is None and reason is not None and "Cox model" in reason
+
+
+def test_the_continuous_score_gets_a_hazard_ratio_harrells_c_and_time_dependent_auc() -> None:
+    from model.stats import auc
+    from model.survival import score_survival, time_dependent_auc
+
+    rng = np.random.default_rng(11)
+    n = 400
+    probability = rng.random(n)
+    # Hazard doubles per 0.25 of probability; censoring uniform over 0-30 months.
+    event_time = rng.exponential(20.0 / np.exp(np.log(2) * probability / 0.25))
+    censor = rng.uniform(0, 30, n)
+    time = np.minimum(event_time, censor)
+    event = (event_time <= censor).astype(int)
+    report = score_survival(time, event, probability, horizons=[6.0, 12.0])
+    cox = report["cox"]
+    # Per 10 points: 2 ** 0.4 = 1.32.
+    assert 1.2 < cox["hr"] < 1.45 and cox["ci_low"] < 1.32 < cox["ci_high"]
+    assert 0.6 < report["harrell_c"] < 0.75
+    assert all(0.65 < row["auc"] < 0.9 for row in report["time_dependent_auc"])
+    # Without censoring the weights are all one: the plain AUC of "event by t" against the rest.
+    full = np.ones(n, dtype=int)
+    plain = auc((event_time <= 12.0).astype(int), probability)
+    assert time_dependent_auc(event_time, full, probability, 12.0) == pytest.approx(plain)
+    assert score_survival(time, np.zeros(n, dtype=int), probability)["cox_absent_reason"] == (
+        "no events"
+    )

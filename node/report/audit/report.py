@@ -53,6 +53,11 @@ def _survival(
         {c: [f.covariates[c] for f, _ in pairs] for c in options.covariates},
         options.time_unit,
     )
+    from model.survival import score_survival
+
+    report["score"] = score_survival(
+        [f.time for f, _ in pairs], [f.event for f, _ in pairs], [r.probability for _, r in pairs]
+    )
     note = []
     if report["logrank"] is not None:
         note.append(f"log-rank p {_fmt_p(report['logrank']['p'])}")

@@ -197,6 +197,10 @@ def test_hazard_ratio_recovered_and_logrank_significant(cohort: dict[str, Any]) 
     assert survival["groups"]["high"]["n"] + survival["groups"]["low"]["n"] == 300
     assert set(cox["ph_test"]["terms"]) == {"high_risk"}
     assert isinstance(cox["ph_violation"], bool)
+    # The continuous probability too: its hazard ratio, Harrell's C, time-dependent AUC.
+    score = survival["score"]
+    assert score["n"] == 300 and score["cox"]["hr"] > 1.0 and score["harrell_c"] > 0.5
+    assert len(score["time_dependent_auc"]) == 3
 
 
 def test_numbers_equal_lifelines_own_fit(cohort: dict[str, Any]) -> None:
