@@ -58,6 +58,14 @@ def register(app: typer.Typer) -> None:
                 "--covariates", help="Comma-separated numeric follow-up columns to adjust for."
             ),
         ] = "",
+        time_origin_col: Annotated[
+            str | None,
+            typer.Option(
+                "--time-origin-col",
+                help="Follow-up date column where time starts (e.g. surgery); studies dated "
+                "after it are left out.",
+            ),
+        ] = None,
         config: Annotated[
             Path | None,
             typer.Option("--config", "-c", help="TOML configuration file (default: $MVI_CONFIG)."),
@@ -84,6 +92,7 @@ def register(app: typer.Typer) -> None:
                 event_col=event_col,
                 time_unit=time_unit,
                 covariates=tuple(c.strip() for c in covariates.split(",") if c.strip()),
+                time_origin_col=time_origin_col,
                 pseudonym_key=settings.security.pseudonym_key.get_secret_value(),
             )
             report = run_audit(results, followup, out_dir, pathology_csv=pathology, options=options)

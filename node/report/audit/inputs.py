@@ -54,7 +54,12 @@ class AuditOptions:
         The identifier both files share. ``patient_id`` keeps one study per patient: the
         earliest scored one.
     time_col, event_col
-        Follow-up columns: time from the study to the event or censoring, and 1 = event.
+        Follow-up columns: time from the origin to the event or censoring, and 1 = event.
+    time_origin_col
+        A follow-up date column (YYYY-MM-DD or YYYYMMDD) naming each patient's time origin
+        (surgery, say, as the paper's survival ran from resection). Given, the origin is
+        explicit: a study dated after it is not a pre-operative prediction and leaves the
+        survival analysis, counted. Not given, time runs from the study (as before).
     time_unit
         Unit of the follow-up times (labels only; nothing is converted).
     covariates
@@ -69,6 +74,7 @@ class AuditOptions:
     time_unit: TimeUnit = "months"
     covariates: tuple[str, ...] = ()
     pseudonym_key: str = field(default="", repr=False)
+    time_origin_col: str | None = None
 
     def __post_init__(self) -> None:
         if self.join not in get_args(JoinColumn):
@@ -77,6 +83,15 @@ class AuditOptions:
             raise AuditInputError(f"time unit must be one of {', '.join(get_args(TimeUnit))}")
         if self.time_col == self.event_col:
             raise AuditInputError(f"time and event columns are both {self.time_col!r}")
+        if self.time_origin_col is not None and self.time_origin_col in {
+            self.join,
+            self.time_col,
+            self.event_col,
+        }:
+            raise AuditInputError(
+                f"time origin column {self.time_origin_col!r} is also the join, time or event "
+                "column"
+            )
         taken = {self.join, self.time_col, self.event_col, _TIME, _EVENT, _HIGH}
         seen: set[str] = set()
         for name in self.covariates:
@@ -165,6 +180,18 @@ _DATE_FORMATS = (
     (re.compile(r"^\d{8}$"), "%Y%m%d"),
     (re.compile(r"^\d{4}-\d{2}-\d{2}$"), "%Y-%m-%d"),
 )
+
+
+def _date_cell(text: str, table: _Table, line: int, column: str) -> dt.date:
+    value = text.strip()
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(value, fmt).date()
+        except ValueError:
+            continue
+    raise AuditInputError(
+        f"{table.name} line {line}: {column} {value!r} is not a date (YYYY-MM-DD or YYYYMMDD)"
+    )
 
 
 def _study_date(text: str, table: _Table, line: int) -> dt.date | None:
@@ -311,11 +338,15 @@ class _FollowUp:
     time: float
     event: int
     covariates: dict[str, float | None]
+    origin: dt.date | None = None
 
 
 def _load_followup(path: Path, options: AuditOptions) -> tuple[_Table, list[_FollowUp]]:
     table = _read_csv(path)
-    table.require([options.join, options.time_col, options.event_col, *options.covariates])
+    origin_col = [options.time_origin_col] if options.time_origin_col else []
+    table.require(
+        [options.join, options.time_col, options.event_col, *options.covariates, *origin_col]
+    )
     rows: list[_FollowUp] = []
     first_line: dict[str, int] = {}
     for line, cells in table.rows:
@@ -349,7 +380,12 @@ def _load_followup(path: Path, options: AuditOptions) -> tuple[_Table, list[_Fol
                     f"{table.name} line {line}: covariate {name} {raw!r} is not a number"
                 )
             covariates[name] = value  # empty: left out of the adjusted model only
-        rows.append(_FollowUp(line, key, time, event, covariates))
+        origin = None
+        if options.time_origin_col:
+            origin = _date_cell(
+                cells[options.time_origin_col], table, line, options.time_origin_col
+            )
+        rows.append(_FollowUp(line, key, time, event, covariates, origin))
     if not rows:
         raise AuditInputError(f"{table.name}: no data rows")
     return table, rows

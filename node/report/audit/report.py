@@ -213,14 +213,26 @@ def run_audit(
     pairs: list[tuple[_FollowUp, _Result]] = []
     unmatched_followup: list[str] = []
     seen: set[str] = set()
+    after_origin = undated = 0
     for row in followup:
         looked_up = to_results(row.key)
         match = by_key.get(looked_up)
         if match is None:
             unmatched_followup.append(row.key)
+            continue
+        seen.add(looked_up)
+        if row.origin is not None and match.date is None:
+            undated += 1  # cannot tell whether the CT preceded the origin
+        elif row.origin is not None and match.date is not None and match.date > row.origin:
+            after_origin += 1  # a CT after surgery predicts nothing about that surgery
         else:
             pairs.append((row, match))
-            seen.add(looked_up)
+    if not pairs and (after_origin or undated):
+        raise AuditInputError(
+            f"{followup_table.name}: every matched study is dated after its "
+            f"{options.time_origin_col} ({after_origin}) or undated ({undated}): nothing "
+            "pre-operative to audit"
+        )
     if not pairs:
         raise AuditInputError(
             f"no {options.join} of {followup_table.name} matches a scored study of "
@@ -250,6 +262,7 @@ def run_audit(
             "event_col": options.event_col,
             "time_unit": options.time_unit,
             "covariates": list(options.covariates),
+            "time_origin": options.time_origin_col or "the study",
         },
         "models": results.models,
         "results": {
@@ -269,6 +282,8 @@ def run_audit(
             "unmatched_results": len(unmatched_results),
             "unmatched_followup_keys": unmatched_followup,
             "unmatched_results_keys": unmatched_results,
+            "study_after_time_origin": after_origin,
+            "study_undated_with_time_origin": undated,
         },
     }
     survival, km = _survival(pairs, options)

@@ -651,3 +651,29 @@ def test_cli_exits_2_with_one_line_on_bad_input(small: dict[str, Any]) -> None:
     assert len(lines) == 1
     assert lines[0].startswith("mvi-node: results.csv: missing column mvi_probability")
     assert not (folder / "o").exists()
+
+
+def test_an_explicit_time_origin_leaves_out_studies_after_it(tmp_path: Path) -> None:
+    # Time runs from surgery: a CT dated after the operation predicts nothing about it.
+    scored = make_results(120, seed=21)
+    followup = make_followup(scored, seed=22)
+    for index, row in enumerate(followup):
+        study = dt.datetime.strptime(scored[index]["study_date"], "%Y%m%d").date()
+        # Every fourth patient was operated on the day before the CT; the others a week after.
+        offset = -1 if index % 4 == 0 else 7
+        row["surgery_date"] = (study + dt.timedelta(days=offset)).isoformat()
+    results = _write(tmp_path / "results.csv", scored, RESULTS_COLUMNS)
+    columns = ("study_instance_uid", *FOLLOWUP_COLUMNS, "surgery_date")
+    followup_csv = _write(tmp_path / "followup.csv", followup, columns)
+    options = AuditOptions(time_origin_col="surgery_date")
+    report = run_audit(results, followup_csv, tmp_path / "out", options=options)
+    assert report["options"]["time_origin"] == "surgery_date"
+    assert report["join"]["study_after_time_origin"] == 30
+    assert report["survival"]["n"] == 90
+    # A bad date names the line and the column.
+    followup[5]["surgery_date"] = "last spring"
+    bad = _write(tmp_path / "bad.csv", followup, columns)
+    with pytest.raises(AuditInputError, match=r"bad\.csv line 7: surgery_date 'last spring'"):
+        run_audit(results, bad, tmp_path / "out2", options=options)
+    with pytest.raises(AuditInputError, match="time origin column"):
+        AuditOptions(time_origin_col="time")
