@@ -55,7 +55,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ class StudyRois:
     diameter_mm: float
     loat_area_cm2: float
     study_id: str = ""
-    patient_id: str = ""
+    patient_id: str = field(default="", repr=False)  # may be a plain PatientID: never printed
     centre: str = ""
 
     @property

@@ -437,3 +437,9 @@ def test_strong_augmentation_adds_zoom_offset_blur_and_noise() -> None:
     # The HU offset: up to ±0.055 of the window (about 20 HU) against ±0.02 for light.
     offsets = strong[:, :, :6, :6].mean(dim=(1, 2, 3))
     assert float(offsets.abs().max()) <= 0.055 + 0.01
+
+
+def test_a_patient_identifier_never_reaches_a_repr() -> None:
+    sample = StudyRois(np.zeros(1), np.zeros(1), 1, 30.0, 4.0, "study-key", "PAT-00417", "north")
+    assert "PAT-00417" not in repr(sample) and sample.patient == "PAT-00417"
+    assert StudyRois(np.zeros(1), np.zeros(1), 0, 1.0, 1.0, "k").patient == "study:k"
