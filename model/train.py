@@ -775,6 +775,12 @@ def _combined(
     }
 
 
+def _stored_threshold(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> float:
+    """Youden's threshold as the card stores it: rounded down to 6 decimals, so that the study
+    it was chosen at stays on the high side."""
+    return math.floor(youden_threshold(labels, probabilities) * 1e6) / 1e6
+
+
 def _round(value: float, digits: int = 6) -> float:
     return float(round(value, digits))
 
@@ -991,7 +997,7 @@ def train_fusion(
     # stays on the high side.
     a, b = (_round(v) for v in platt_fit(labels, oof))
     calibrated = platt_apply(oof, a, b)
-    threshold = math.floor(youden_threshold(labels, calibrated) * 1e6) / 1e6
+    threshold = _stored_threshold(labels, calibrated)
     auc_value, low, high = delong_ci(labels, calibrated)
     sensitivity, specificity, accuracy = sens_spec_acc(labels, calibrated, threshold)
     intervals = threshold_metrics(labels, calibrated, threshold, n_boot=500, seed=seed)
@@ -1160,7 +1166,7 @@ def recalibrated_card(
     after = platt_apply(x, a, b)
     threshold = float(card["threshold"])
     if threshold_rule == "youden":
-        threshold = math.floor(youden_threshold(y, after) * 1e6) / 1e6
+        threshold = _stored_threshold(y, after)
 
     def local(p: npt.NDArray[np.float64]) -> dict[str, Any]:
         fit = calibration(y, p)

@@ -910,6 +910,18 @@ def train(
     )
 
 
+def _check_overlap(name: str, overlap: dict[str, Any], allow: bool, hint: str) -> None:
+    """Refuse studies or patients the model trained on (``training_overlap``) unless allowed."""
+    if not overlap["checked"]:
+        err.print(f"{name}: overlap not checked ({overlap['reason']})", markup=False)
+    elif (overlap["studies"] or overlap["patients"]) and not allow:
+        raise fail(
+            f"{name} trained on {overlap['studies']} of these {overlap['test_studies']} "
+            f"studies and {overlap['patients']} of their {overlap['test_patients']} patients: "
+            f"{hint}"
+        )
+
+
 @app.command()
 def evaluate(
     model_dir: Annotated[Path, typer.Option("--model", help="Model folder.")],
@@ -958,18 +970,16 @@ def evaluate(
         raise error_exit(exc) from None
     if len({s.label for s in samples}) < 2:
         raise fail(f"{len(samples)} usable studies: both classes are needed for an AUC")
-    overlaps = {str(m): training_overlap(mm.card, samples) for m, mm in [(model_dir, first)]}
+    overlaps = {str(model_dir): training_overlap(first.card, samples)}
     if second is not None and compare is not None:
         overlaps[str(compare)] = training_overlap(second.card, samples)
     for name, overlap in overlaps.items():
-        if not overlap["checked"]:
-            err.print(f"{name}: overlap not checked ({overlap['reason']})", markup=False)
-        elif (overlap["studies"] or overlap["patients"]) and not allow_overlap:
-            raise fail(
-                f"{name} trained on {overlap['studies']} of these {overlap['test_studies']} "
-                f"studies and {overlap['patients']} of their {overlap['test_patients']} patients: "
-                "a test set must be new (--allow-overlap to evaluate anyway)"
-            )
+        _check_overlap(
+            name,
+            overlap,
+            allow_overlap,
+            "a test set must be new (--allow-overlap to evaluate anyway)",
+        )
     results = {str(model_dir): score(first, samples)}
     curves = {
         first.card.get("name", "model"): (
@@ -1078,12 +1088,12 @@ def recalibrate(
     y = np.asarray([s.label for s in samples])
     if min(int(y.sum()), int(y.size - y.sum())) < 2:
         raise fail(f"{len(samples)} usable studies: each class needs at least 2")
-    overlap = training_overlap(card, samples)
-    if overlap["checked"] and (overlap["studies"] or overlap["patients"]) and not allow_overlap:
-        raise fail(
-            f"{model_dir} trained on {overlap['studies']} of these {overlap['test_studies']} "
-            "studies: recalibrate on studies it has not seen (--allow-overlap to go on)"
-        )
+    _check_overlap(
+        str(model_dir),
+        training_overlap(card, samples),
+        allow_overlap,
+        "recalibrate on studies it has not seen (--allow-overlap to go on)",
+    )
     logits = [p.logit for p in model.predict([{"tumor": s.tumor, "loat": s.loat} for s in samples])]
     try:
         updated = recalibrated_card(card, logits, y, threshold_rule=threshold)

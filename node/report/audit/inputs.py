@@ -182,16 +182,25 @@ _DATE_FORMATS = (
 )
 
 
+def _parse_date(value: str) -> dt.date | None:
+    """YYYYMMDD or YYYY-MM-DD; None when it is neither (or no such day)."""
+    for pattern, fmt in _DATE_FORMATS:
+        if pattern.match(value):
+            try:
+                return dt.datetime.strptime(value, fmt).date()
+            except ValueError:
+                return None
+    return None
+
+
 def _date_cell(text: str, table: _Table, line: int, column: str) -> dt.date:
     value = text.strip()
-    for fmt in ("%Y-%m-%d", "%Y%m%d"):
-        try:
-            return dt.datetime.strptime(value, fmt).date()
-        except ValueError:
-            continue
-    raise AuditInputError(
-        f"{table.name} line {line}: {column} {value!r} is not a date (YYYY-MM-DD or YYYYMMDD)"
-    )
+    date = _parse_date(value)
+    if date is None:
+        raise AuditInputError(
+            f"{table.name} line {line}: {column} {value!r} is not a date (YYYY-MM-DD or YYYYMMDD)"
+        )
+    return date
 
 
 def _study_date(text: str, table: _Table, line: int) -> dt.date | None:
@@ -199,15 +208,12 @@ def _study_date(text: str, table: _Table, line: int) -> dt.date | None:
     value = text.strip()
     if not value:
         return None
-    for pattern, fmt in _DATE_FORMATS:
-        if pattern.match(value):
-            try:
-                return dt.datetime.strptime(value, fmt).date()
-            except ValueError:
-                break
-    raise AuditInputError(
-        f"{table.name} line {line}: study_date {value!r} is not a date (YYYYMMDD)"
-    )
+    date = _parse_date(value)
+    if date is None:
+        raise AuditInputError(
+            f"{table.name} line {line}: study_date {value!r} is not a date (YYYYMMDD)"
+        )
+    return date
 
 
 def _zero_one(text: str, table: _Table, line: int, column: str) -> int:
