@@ -2,20 +2,29 @@
 
 The phantom is a numerical abdomen rendered in continuous millimetre coordinates (LPS, identity
 direction) and sampled onto a voxel grid, so anatomy does not depend on the grid resolution. Each
-study is driven by a seed and two independent latent variables:
+study is driven by a seed and three independent latent variables:
 
-* ``z1`` ("aggressiveness") drives tumour size, margin irregularity and peritumoral arterial
-  enhancement;
+* ``z1`` ("aggressiveness") drives margin irregularity, peritumoral arterial enhancement and,
+  loosely (half its variance is independent jitter), tumour size;
 * ``z2`` ("loat") drives the size of the lesser omental adipose tissue (LOAT) pad between the
-  left lateral liver lobe and the lesser curvature of the stomach.
+  left lateral liver lobe and the lesser curvature of the stomach;
+* ``z3`` ("washout") is visible only after the arterial phase: the tumour's portal-venous and
+  delayed washout against the liver and its enhancing capsule. Size does not carry it.
 
 ``PhantomSpec(domain=...)`` renders the same patient with a randomised appearance, geometry and
 organ layout for segmenter training (``"randomised"``) or further away for evaluation only
 (``"shifted"``); :mod:`model.domain` holds every range and says what each parameter does.
 
-The microvascular-invasion label is drawn from a logistic model of both latents (see
-:data:`MVI_LOGIT_COEFFICIENTS`), so an image model that sees both the tumour and the LOAT can do
-better than one that only sees the tumour.
+The microvascular-invasion label is drawn from a logistic model of the three latents (see
+:data:`MVI_LOGIT_COEFFICIENTS`), so an image model that sees the tumour in both phases and the
+LOAT can do better than one that only sees the tumour, one that only sees the arterial phase, or
+a clinical model of the maximum diameter and the LOAT area (which see z2 well but z1 only
+partly and z3 not at all).
+
+Multi-centre cohorts: ``PhantomSpec(site=...)`` renders a study as a :class:`model.site.Site`'s
+scanner would (noise, kernel, HU offset) with that site's case mix; ``make_study(seed, spec,
+patient=...)`` renders a repeat study of a patient (same latents, label and anatomy, new noise).
+:func:`model.cohort.make_cohort` assembles both.
 
 Array index order is ``[k, j, i] = [slice, row, column]``; the centre of voxel ``[k, j, i]`` is at
 ``x = origin_x + i * spacing_x``, ``y = origin_y + j * spacing_y``, ``z = origin_z + k * spacing_z``
@@ -40,6 +49,7 @@ from model.domain import Arrangement, Domain, DomainKind, draw_domain
 
 # The diameter definition lives in model.measure; re-exported here for existing callers.
 from model.measure import feret_diameter_mm, max_axial_diameter_mm, measure
+from model.site import KERNELS, Site
 
 __all__ = [
     "MVI_LOGIT_COEFFICIENTS",
@@ -57,16 +67,18 @@ __all__ = [
     "measure_truth",
 ]
 
-PHANTOM_VERSION: str = "1"
+PHANTOM_VERSION: str = "2"
 """Bump whenever :func:`make_study` output changes for a given seed and spec (cache key)."""
 
 PHASE_NAMES: tuple[str, ...] = ("non_contrast", "arterial", "portal_venous", "delayed")
 
-# Label model: mvi ~ Bernoulli(sigmoid(a*z1 + b*z2 + c)), z1, z2 iid N(0, 1).
-# Tuned by Monte Carlo (400k draws): prevalence 0.44, AUC(a*z1 + b*z2) 0.90, AUC(z1) 0.80,
-# AUC(z2) 0.74. Larger |a|, |b| push the ideal AUC above 0.92; b much smaller than a closes the gap
-# between the ideal score and z1 alone, which would make the LOAT uninformative.
-MVI_LOGIT_COEFFICIENTS: tuple[float, float, float] = (2.0, 1.6, -0.5)
+# Label model: mvi ~ Bernoulli(sigmoid(a*z1 + b*z2 + d*z3 + c)), z1, z2, z3 iid N(0, 1).
+# Tuned by Monte Carlo (200k draws) with the size model of draw_latents: prevalence 0.44; AUC of
+# the ideal score 0.90, of the tumour's latents (z1, z3) 0.84, of the arterial phase's (z1, z2)
+# 0.80, of a logistic model of log diameter and LOAT area 0.74, of the diameter alone 0.66.
+# (Version 1 had no z3 and size nearly fixed by z1: that clinical model reached 0.88 of 0.90,
+# so no image model could show what it adds.)
+MVI_LOGIT_COEFFICIENTS: tuple[float, float, float, float] = (1.5, 1.3, 1.6, -0.5)
 
 FloatVolume = npt.NDArray[np.float32]
 MaskVolume = npt.NDArray[np.uint8]
@@ -114,7 +126,8 @@ _SLAB = 16
 _N_LABELS = 25
 
 # (non_contrast, arterial, portal_venous, delayed). _CAVITY stands for bowel and mesentery.
-# _TUMOR's arterial value and _RIM are replaced per study (they carry the z1 signal).
+# Per study (see _study_tables): _TUMOR's arterial value and the arterial _RIM carry z1; the
+# tumour's portal-venous and delayed values (washout) and the later _RIM (capsule) carry z3.
 _HU_TABLE: dict[int, tuple[float, float, float, float]] = {
     _AIR: (-1000.0, -1000.0, -1000.0, -1000.0),
     _FAT: (-100.0, -100.0, -100.0, -100.0),
@@ -198,6 +211,9 @@ class PhantomSpec:
         :data:`model.domain.TRAINING_RANGES`: ``size`` is kept, the number of slices follows from
         the drawn coverage and spacing, and ``field_of_view_mm``, ``z_extent_mm``, ``slices`` and
         ``noise_hu`` are not used.
+    site
+        A :class:`model.site.Site` (standard domain only): its noise replaces ``noise_hu``, its
+        kernel and HU offset are applied to every phase, its logit offset to the MVI label.
     """
 
     size: int = 256
@@ -209,6 +225,7 @@ class PhantomSpec:
     phases: tuple[str, ...] = PHASE_NAMES
     noise_hu: float = 10.0
     domain: DomainKind = DomainKind.STANDARD
+    site: Site | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -241,6 +258,12 @@ class PhantomSpec:
             raise ValueError(f"unknown phases {unknown}; expected a subset of {PHASE_NAMES}")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError(f"duplicate phases in {self.phases}")
+        if self.site is not None:
+            if not isinstance(self.site, Site):
+                raise ValueError(f"site must be a model.site.Site, got {self.site!r}")
+            if self.domain is not DomainKind.STANDARD:
+                # A randomised domain already draws noise, kernel and offsets of its own.
+                raise ValueError(f"site applies to the standard domain only, not {self.domain}")
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -344,46 +367,60 @@ def _sigmoid(value: float) -> float:
     return 1.0 / (1.0 + math.exp(-value))
 
 
-def draw_latents(seed: int) -> dict[str, float]:
-    """Draw the per-study latents and MVI label without rendering anything.
+def draw_latents(seed: int, logit_offset: float = 0.0) -> dict[str, float]:
+    """Draw the per-patient latents and MVI label without rendering anything.
 
     :func:`make_study` uses exactly this draw, so ``draw_latents(s)["mvi"]`` is the label of
-    ``make_study(s)`` (when it has a tumour).
+    ``make_study(s)`` (when it has a tumour; of ``make_study(t, spec, patient=s)`` for a repeat
+    study, with ``logit_offset`` the spec's site's).
 
     Parameters
     ----------
     seed
-        Non-negative study seed.
+        Non-negative patient (or study) seed.
+    logit_offset
+        Added to the label's logit (a site's case mix, :attr:`model.site.Site.mvi_logit_offset`).
 
     Returns
     -------
     dict
-        ``aggressiveness`` (z1), ``loat`` (z2), ``mvi_probability``, ``mvi`` (0.0 or 1.0),
-        the independent jitters ``diameter_jitter`` and ``loat_jitter``, and the derived
-        ``tumor_nominal_diameter_mm``, ``tumor_irregularity``, ``peritumoral_enhancement_hu``,
-        ``tumor_arterial_hu`` and ``loat_scale``.
+        ``aggressiveness`` (z1), ``loat`` (z2), ``washout`` (z3), ``mvi_probability``, ``mvi``
+        (0.0 or 1.0), the independent jitters ``diameter_jitter`` and ``loat_jitter``, and the
+        derived ``tumor_nominal_diameter_mm``, ``tumor_irregularity``,
+        ``peritumoral_enhancement_hu``, ``tumor_arterial_hu``, ``tumor_washout_hu``,
+        ``capsule_hu`` and ``loat_scale``.
     """
     _check_seed(seed)
+    if not math.isfinite(logit_offset):
+        raise ValueError(f"logit_offset must be finite, got {logit_offset!r}")
     rng = np.random.default_rng(_streams(seed)[0])
     z1, z2 = (float(v) for v in rng.standard_normal(2))
     u = float(rng.random())
     e_diameter, e_loat = (float(v) for v in rng.standard_normal(2))
-    a, b, c = MVI_LOGIT_COEFFICIENTS
-    probability = _sigmoid(a * z1 + b * z2 + c)
+    # Drawn last, so z1, z2 and the jitters of a seed are those of phantom version 1.
+    z3 = float(rng.standard_normal())
+    a, b, d, c = MVI_LOGIT_COEFFICIENTS
+    probability = _sigmoid(a * z1 + b * z2 + d * z3 + c + logit_offset)
     return {
         "aggressiveness": z1,
         "loat": z2,
+        "washout": z3,
         "mvi_probability": probability,
         "mvi": 1.0 if u < probability else 0.0,
         "diameter_jitter": e_diameter,
         "loat_jitter": e_loat,
-        # Log-linear in z1 with independent jitter: monotone but not deterministic.
+        # Log-linear in z1 with as much independent jitter: size tells of z1, but only half.
         "tumor_nominal_diameter_mm": float(
-            np.clip(34.0 * math.exp(0.35 * z1 + 0.12 * e_diameter), 14.0, 64.0)
+            np.clip(34.0 * math.exp(0.22 * z1 + 0.22 * e_diameter), 14.0, 64.0)
         ),
         "tumor_irregularity": 0.04 + 0.08 * _sigmoid(1.5 * z1),
         "peritumoral_enhancement_hu": float(np.clip(20.0 + 14.0 * z1, 0.0, 55.0)),
         "tumor_arterial_hu": 118.0 + 6.0 * float(np.clip(z1, -2.0, 2.0)),
+        # Portal-venous (and delayed) washout below the liver, from almost none (iso-dense: the
+        # tumour is then seen in the arterial phase only) to 70 HU; version 1 had a fixed 30.
+        "tumor_washout_hu": float(np.clip(30.0 + 16.0 * z3, 4.0, 70.0)),
+        # The enhancing capsule: the peritumoral ring above the liver after the arterial phase.
+        "capsule_hu": float(np.clip(10.0 + 10.0 * z3, 0.0, 35.0)),
         "loat_scale": math.exp(0.25 * z2 + 0.08 * e_loat),
     }
 
@@ -432,6 +469,8 @@ class _Anatomy:
     gains: tuple[float, float, float, float]
     tumor_arterial_hu: float
     peritumoral_hu: float
+    tumor_washout_hu: float
+    capsule_hu: float
     shifts: dict[str, _Vec]
     delays: dict[str, float]
     # chest phantom (non_liver)
@@ -571,6 +610,8 @@ def _draw_anatomy(rng: np.random.Generator, latents: Mapping[str, float]) -> _An
         gains=(float(gains[0]), float(gains[1]), float(gains[2]), float(gains[3])),
         tumor_arterial_hu=latents["tumor_arterial_hu"],
         peritumoral_hu=latents["peritumoral_enhancement_hu"],
+        tumor_washout_hu=latents["tumor_washout_hu"],
+        capsule_hu=latents["capsule_hu"],
         shifts=shifts,
         delays=delays,
         lungs=lungs,
@@ -956,15 +997,22 @@ def _masks(labels: npt.NDArray[np.uint8]) -> dict[str, MaskVolume]:
 # --------------------------------------------------------------------------------------------
 
 
-def _phase_lut(anat: _Anatomy, phase: int) -> _F32:
-    base = np.zeros(256, dtype=np.float64)
-    target = np.zeros(256, dtype=np.float64)
+def _study_tables(anat: _Anatomy) -> _F64:
+    """HU per phase and label of this study: the table with the latents' tumour and rim values."""
+    tables = np.zeros((len(PHASE_NAMES), 256), dtype=np.float64)
     for label, values in _HU_TABLE.items():
-        base[label] = values[0]
-        target[label] = values[phase]
-    if phase == 1:
-        target[_TUMOR] = anat.tumor_arterial_hu
-        target[_RIM] = target[_LIVER] + anat.peritumoral_hu
+        tables[:, label] = values
+    tables[1, _TUMOR] = anat.tumor_arterial_hu
+    tables[1, _RIM] = tables[1, _LIVER] + anat.peritumoral_hu
+    for later in (2, 3):
+        tables[later, _TUMOR] = tables[later, _LIVER] - anat.tumor_washout_hu
+        tables[later, _RIM] = tables[later, _LIVER] + anat.capsule_hu
+    return tables
+
+
+def _phase_lut(anat: _Anatomy, phase: int) -> _F32:
+    tables = _study_tables(anat)
+    base, target = tables[0], tables[phase]
     # One gain per phase scales every enhancement: contrast dose/timing varies between patients.
     return (base + anat.gains[phase] * (target - base)).astype(np.float32)
 
@@ -1043,11 +1091,7 @@ _SUB_SLICE_MM = 2.0
 
 def _domain_lut(anat: _Anatomy, phase: int, dom: Domain) -> _F32:
     """HU per label: timing blended toward the neighbouring phase, enhancement scaled, offsets."""
-    tables = np.zeros((4, 256), dtype=np.float64)
-    for label, values in _HU_TABLE.items():
-        tables[:, label] = values
-    tables[1, _TUMOR] = anat.tumor_arterial_hu
-    tables[1, _RIM] = tables[1, _LIVER] + anat.peritumoral_hu
+    tables = _study_tables(anat)
     base = tables[0]
     timed = tables[phase].copy()
     if phase in (1, 2):
@@ -1122,6 +1166,25 @@ def _gaussian(
     return sitk.GetArrayFromImage(smoothed).astype(np.float32, copy=False)
 
 
+def _reconstruction_kernel(
+    hu: FloatVolume, grid: _Grid, sigma_mm: float, sharpen: float
+) -> FloatVolume:
+    """In-plane blur, then an unsharp mask's overshoot for a sharp kernel."""
+    hu = _gaussian(hu, grid, (sigma_mm, sigma_mm, 0.0))
+    if sharpen > 0.0:
+        hu += np.float32(sharpen) * (hu - _gaussian(hu, grid, (1.5, 1.5, 0.0)))
+    return hu
+
+
+def _site_effects(hu: FloatVolume, grid: _Grid, site: Site) -> FloatVolume:
+    """A site's kernel (on the noisy image, as a scanner reconstructs it) and HU offset."""
+    sigma_mm, sharpen = KERNELS[site.kernel]
+    hu = _reconstruction_kernel(hu, grid, sigma_mm, sharpen)
+    if site.hu_offset:
+        hu += np.float32(site.hu_offset)
+    return hu
+
+
 def _artefacts(grid: _Grid, anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> FloatVolume:
     """Bias field plus streaks, inside the body; the same for every phase of the study."""
     x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
@@ -1175,11 +1238,7 @@ def _render_domain_phase(
     hu = _slice_profile(hu_fine, sub, dom)
     del hu_fine
     hu[body] += artefacts[body]
-    # Reconstruction kernel: in-plane blur, then an unsharp mask's overshoot for a sharp kernel.
-    sigma = dom.kernel_sigma_mm
-    hu = _gaussian(hu, grid, (sigma, sigma, 0.0))
-    if dom.sharpen > 0.0:
-        hu += np.float32(dom.sharpen) * (hu - _gaussian(hu, grid, (1.5, 1.5, 0.0)))
+    hu = _reconstruction_kernel(hu, grid, dom.kernel_sigma_mm, dom.sharpen)
     rng = np.random.default_rng(noise_ss)
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     texture = dom.noise_correlation_mm
@@ -1244,11 +1303,13 @@ def measure_truth(
 # --------------------------------------------------------------------------------------------
 
 
-def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
+def make_study(
+    seed: int, spec: PhantomSpec | None = None, *, patient: int | None = None
+) -> PhantomStudy:
     """Render one synthetic study.
 
-    Deterministic per ``(seed, spec)``; the anatomy and latents depend on the seed only, so the
-    same seed at a different resolution is the same patient.
+    Deterministic per ``(seed, spec, patient)``; the anatomy and latents depend on the seed only
+    (the patient's, when given), so the same seed at a different resolution is the same patient.
 
     Parameters
     ----------
@@ -1256,6 +1317,10 @@ def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
         Non-negative study seed.
     spec
         What to render; defaults to ``PhantomSpec()``.
+    patient
+        A repeat study: the latents, label and anatomy are those of seed ``patient`` (the same
+        tumour, LOAT and breathing), the noise is this study's. ``None``: the study is its own
+        patient.
 
     Returns
     -------
@@ -1264,8 +1329,11 @@ def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
     """
     _check_seed(seed)
     spec = PhantomSpec() if spec is None else spec
-    latents = draw_latents(seed)
-    _, anatomy_ss, noise_ss = _streams(seed)
+    patient = seed if patient is None else patient
+    _check_seed(patient)
+    latents = draw_latents(patient, spec.site.mvi_logit_offset if spec.site else 0.0)
+    _, anatomy_ss, _ = _streams(patient)
+    noise_ss = _streams(seed)[2]
     anat = _draw_anatomy(np.random.default_rng(anatomy_ss), latents)
     chest = spec.non_liver
     with_tumor = spec.tumor and not chest
@@ -1291,7 +1359,10 @@ def make_study(seed: int, spec: PhantomSpec | None = None) -> PhantomStudy:
         else:
             labels = base.copy()
             _draw_viscera(labels, grid, anat, with_tumor, shift)
-        hu = _render_phase(labels, grid, anat, index, shift, spec.noise_hu, noise_ss[index], chest)
+        noise_hu = spec.site.noise_hu if spec.site else spec.noise_hu
+        hu = _render_phase(labels, grid, anat, index, shift, noise_hu, noise_ss[index], chest)
+        if spec.site is not None:
+            hu = _site_effects(hu, grid, spec.site)
         phases[name] = PhaseVolume(name=name, hu=hu, shift_mm=shift, delay_s=anat.delays[name])
         del labels
 

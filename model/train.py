@@ -67,6 +67,7 @@ import torch.nn.functional as F
 import torchvision
 
 from model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from model.cohort import CohortStudy
 from model.fusion import ARCHS, IMAGENET_GREY, LAYOUTS, FusionEnsemble, FusionNet
 from model.phantom import PHANTOM_VERSION, PhantomSpec, make_study
 from model.registration import register, resample_onto
@@ -100,6 +101,7 @@ __all__ = [
     "Progress",
     "StudyRois",
     "cached_rois",
+    "cohort_rois",
     "centre_folds",
     "check_patient_centres",
     "grouped_folds",
@@ -199,7 +201,12 @@ def _image(volume: npt.NDArray[Any], spacing: Sequence[float], origin: Sequence[
 
 
 def rois_from_phantom(
-    seed: int, spec_phantom: PhantomSpec, roi_spec: RoiSpec, *, register_pv: bool = True
+    seed: int,
+    spec_phantom: PhantomSpec,
+    roi_spec: RoiSpec,
+    *,
+    register_pv: bool = True,
+    patient: int | None = None,
 ) -> StudyRois:
     """Render a phantom study and cut its ROIs from the truth masks.
 
@@ -216,6 +223,10 @@ def rois_from_phantom(
         Register the portal-venous phase onto the arterial one with
         :func:`model.registration.register` (as the node does); ``False`` uses the phantom's
         known breathing shift instead (exact, and much faster).
+    patient
+        A repeat study of patient seed ``patient`` (:func:`model.phantom.make_study`); the
+        sample's ``patient_id`` is ``patient-<seed>`` either way and its ``centre`` the spec's
+        site's name (empty without one).
 
     Raises
     ------
@@ -223,7 +234,7 @@ def rois_from_phantom(
         When the phantom has no tumour; :class:`model.roi.RoiError` when a mask is too small.
     """
     spec = dataclasses.replace(spec_phantom, phases=("arterial", "portal_venous"))
-    study = make_study(seed, spec)
+    study = make_study(seed, spec, patient=patient)
     if study.truth.mvi is None:
         raise ValueError(f"phantom {seed} has no tumour: no MVI label")
     arterial = _image(study.phases["arterial"].hu, study.spacing_mm, study.origin_mm)
@@ -249,6 +260,8 @@ def rois_from_phantom(
         diameter_mm=float(study.truth.max_diameter_mm),
         loat_area_cm2=float(study.truth.loat_max_area_cm2),
         study_id=f"phantom-{seed}",
+        patient_id=f"patient-{seed if patient is None else patient}",
+        centre="" if spec.site is None else spec.site.name,
     )
 
 
@@ -285,7 +298,7 @@ def _write_npz(path: Path, sample: StudyRois) -> None:
         raise
 
 
-def _read_npz(path: Path, study_id: str) -> StudyRois | None:
+def _read_npz(path: Path, study_id: str, patient_id: str, centre: str) -> StudyRois | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             return StudyRois(
@@ -295,6 +308,8 @@ def _read_npz(path: Path, study_id: str) -> StudyRois | None:
                 diameter_mm=float(data["diameter_mm"]),
                 loat_area_cm2=float(data["loat_area_cm2"]),
                 study_id=study_id,
+                patient_id=patient_id,
+                centre=centre,
             )
     except (OSError, KeyError, ValueError):
         return None  # unreadable or from an older layout: render again
@@ -320,26 +335,68 @@ def cached_rois(
     progress
         Called with ``(done, total)`` after each study.
     """
-    folder = None
-    if cache_dir is not None:
-        folder = _cache_folder(cache_dir, spec_phantom, roi_spec, register_pv)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     samples: list[StudyRois] = []
     for done, seed in enumerate(seeds, start=1):
-        study_id = f"phantom-{int(seed)}"
-        sample = None
-        path = None if folder is None else folder / f"{study_id}.npz"
-        if path is not None and path.is_file():
-            sample = _read_npz(path, study_id)
-        if sample is None:
-            sample = rois_from_phantom(int(seed), spec_phantom, roi_spec, register_pv=register_pv)
-            if path is not None:
-                _write_npz(path, sample)
-        samples.append(sample)
+        samples.append(_cached(int(seed), None, spec_phantom, roi_spec, cache_dir, register_pv))
         if progress is not None:
             progress(done, len(seeds))
     return samples
+
+
+def cohort_rois(
+    cohort: Sequence[CohortStudy],
+    spec_phantom: PhantomSpec,
+    roi_spec: RoiSpec,
+    cache_dir: Path | None,
+    *,
+    register_pv: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[StudyRois]:
+    """:func:`cached_rois` for a :func:`model.cohort.make_cohort` cohort: each study rendered at
+    its site, a repeat study as its patient's, with ``patient_id`` and ``centre`` set."""
+    samples: list[StudyRois] = []
+    for done, study in enumerate(cohort, start=1):
+        samples.append(
+            _cached(
+                study.seed,
+                study.patient,
+                study.spec(spec_phantom),
+                roi_spec,
+                cache_dir,
+                register_pv,
+            )
+        )
+        if progress is not None:
+            progress(done, len(cohort))
+    return samples
+
+
+def _cached(
+    seed: int,
+    patient: int | None,
+    spec_phantom: PhantomSpec,
+    roi_spec: RoiSpec,
+    cache_dir: Path | None,
+    register_pv: bool,
+) -> StudyRois:
+    study_id = f"phantom-{seed}"
+    patient_id = f"patient-{seed if patient is None else patient}"
+    centre = "" if spec_phantom.site is None else spec_phantom.site.name
+    path = None
+    if cache_dir is not None:
+        folder = _cache_folder(cache_dir, spec_phantom, roi_spec, register_pv)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (f"{study_id}.npz" if patient is None else f"{study_id}-of-{patient}.npz")
+        if path.is_file():
+            sample = _read_npz(path, study_id, patient_id, centre)
+            if sample is not None:
+                return sample
+    sample = rois_from_phantom(
+        seed, spec_phantom, roi_spec, register_pv=register_pv, patient=patient
+    )
+    if path is not None:
+        _write_npz(path, sample)
+    return sample
 
 
 # --------------------------------------------------------------------------------------------
