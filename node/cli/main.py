@@ -531,6 +531,25 @@ def phantom(
             )
         ),
     ] = DomainKind.STANDARD,
+    sites: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=3,
+            help=(
+                "Deal patients to this many centres (model/site.py: noise, kernel, HU offset, "
+                "case mix); labels.csv gains patient_id and centre."
+            ),
+        ),
+    ] = 0,
+    repeat_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of patients with a second study (same patient ID, tumour and label).",
+        ),
+    ] = 0.0,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a previous phantom cohort in OUTPUT.")
     ] = False,
@@ -539,21 +558,26 @@ def phantom(
     from node.offline.phantom_study import CohortOptions, write_cohort
 
     log = get_logger("phantom")
-    options = CohortOptions(
-        studies=studies,
-        seed=seed,
-        size=size,
-        slices=slices,
-        masks=masks,
-        seg=seg,
-        tumor=not no_tumor,
-        phases=_parse_phases(phases),
-        descriptions=not no_descriptions,
-        dates=_parse_dates(dates),
-        non_liver=non_liver,
-        enhanced=enhanced,
-        domain=domain.value,
-    )
+    try:
+        options = CohortOptions(
+            studies=studies,
+            seed=seed,
+            size=size,
+            slices=slices,
+            masks=masks,
+            seg=seg,
+            tumor=not no_tumor,
+            phases=_parse_phases(phases),
+            descriptions=not no_descriptions,
+            dates=_parse_dates(dates),
+            non_liver=non_liver,
+            enhanced=enhanced,
+            domain=domain.value,
+            sites=sites,
+            repeat_share=repeat_share,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--sites / --repeat-share") from exc
     _prepare_output(output, force)
     started = time.perf_counter()
     table = Table(title=f"phantom cohort in {output}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,8 +25,10 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from dicom_sr import codes
+from model.cohort import CohortStudy, make_cohort
 from model.domain import DomainKind
 from model.phantom import PHANTOM_VERSION, PhantomSpec, PhantomStudy, make_study
+from model.site import SITES, Site
 from node import __version__
 from node.offline.ct_writer import write_ct_series
 
@@ -79,6 +82,23 @@ class CohortOptions:
     domain: str = "standard"
     #: Applied to each rendered study before it is written (benchmarks' shifted cohorts).
     transform: Callable[[PhantomStudy, int], PhantomStudy] | None = None
+    #: Centres (the first ``sites`` of :data:`model.site.SITES`; 0: one site-less cohort).
+    sites: int = 0
+    #: Share of patients with a second study (:func:`model.cohort.make_cohort`).
+    repeat_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sites <= len(SITES):
+            raise ValueError(f"sites must be in 0..{len(SITES)}, got {self.sites}")
+        if not 0.0 <= self.repeat_share <= 1.0:
+            raise ValueError(f"repeat_share must be in 0..1, got {self.repeat_share}")
+        if (self.sites or self.repeat_share) and DomainKind(self.domain) is not DomainKind.STANDARD:
+            raise ValueError("sites and repeat studies apply to the standard domain only")
+
+    @property
+    def multi_centre(self) -> bool:
+        """Patients, centres and repeat studies (labels.csv then has patient_id and centre)."""
+        return bool(self.sites or self.repeat_share)
 
     def spec(self) -> PhantomSpec:
         """The anatomy generator's parameters for one study."""
@@ -107,6 +127,26 @@ def study_seed(cohort_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([cohort_seed, index]).generate_state(1)[0])
 
 
+def patient_id(seed: int) -> str:
+    """The PatientID of a phantom patient (also labels.csv's ``patient_id``)."""
+    return f"PH{seed % 10**8:08d}"
+
+
+@functools.lru_cache(maxsize=4)
+def _cohort(seed: int, studies: int, sites: int, repeat_share: float) -> tuple[CohortStudy, ...]:
+    # As many patients as studies, cut at ``studies``: the count asked for is the count written.
+    chosen = SITES[:sites] if sites else (Site("site"),)
+    cohort = make_cohort(seed, studies, sites=chosen, repeat_share=repeat_share)
+    return tuple(cohort[:studies])
+
+
+def cohort_study(options: CohortOptions, index: int) -> CohortStudy | None:
+    """Study ``index`` of a multi-centre cohort (``None`` for a plain one)."""
+    if not options.multi_centre:
+        return None
+    return _cohort(options.seed, options.studies, options.sites, options.repeat_share)[index]
+
+
 def _uid(*parts: object) -> str:
     # A 2.25 UID is a 128-bit integer; hashing the parts makes it reproducible per seed
     # (pydicom's generate_uid ignores its entropy sources when the prefix is 2.25).
@@ -118,12 +158,20 @@ def _pick(rng: np.random.Generator, choices: Sequence[str]) -> str:
     return choices[int(rng.integers(len(choices)))]
 
 
-def _study_header(seed: int, index: int, rng: np.random.Generator, date: dt.date) -> Dataset:
+def _study_header(
+    seed: int,
+    index: int,
+    rng: np.random.Generator,
+    date: dt.date,
+    patient: CohortStudy | None = None,
+) -> Dataset:
     """Patient, study and equipment attributes shared by every series of one study."""
     header = Dataset()
     header.SpecificCharacterSet = "ISO_IR 192"
-    header.PatientName = f"{_pick(rng, FAMILY_NAMES)}^{_pick(rng, GIVEN_NAMES)}^^^"
-    header.PatientID = f"PH{seed % 10**8:08d}"
+    # A repeat study's patient keeps name and ID: drawn from the patient's seed.
+    who = rng if patient is None else np.random.default_rng([patient.patient, 2])
+    header.PatientName = f"{_pick(who, FAMILY_NAMES)}^{_pick(who, GIVEN_NAMES)}^^^"
+    header.PatientID = patient_id(seed if patient is None else patient.patient)
     birth_year = date.year - int(rng.integers(35, 80))
     header.PatientBirthDate = f"{birth_year:04d}{int(rng.integers(1, 13)):02d}15"
     header.PatientSex = "M" if rng.random() < 0.75 else "F"  # HCC is more common in men
@@ -138,7 +186,9 @@ def _study_header(seed: int, index: int, rng: np.random.Generator, date: dt.date
     header.ManufacturerModelName = SCANNER_MODEL
     header.DeviceSerialNumber = "PH-0001"
     header.SoftwareVersions = f"mvi-node {__version__} phantom {PHANTOM_VERSION}"
-    header.InstitutionName = "Phantom General Hospital"
+    header.InstitutionName = (
+        "Phantom General Hospital" if patient is None else f"Phantom Hospital {patient.site.name}"
+    )
     header.StationName = "CT01"
     header.BodyPartExamined = "ABDOMEN"
     header.PatientPosition = "FFS"
@@ -221,13 +271,19 @@ def write_study(
     masks_dir
         When given, the truth masks are written there as NRRD files in patient space.
     """
-    seed = study_seed(options.seed, index)
-    phantom = make_study(seed, options.spec())
+    member = cohort_study(options, index)
+    if member is None:
+        seed = study_seed(options.seed, index)
+        phantom = make_study(seed, options.spec())
+    else:
+        seed = member.seed
+        spec = options.spec() if options.sites == 0 else member.spec(options.spec())
+        phantom = make_study(seed, spec, patient=member.patient)
     if options.transform is not None:
         phantom = options.transform(phantom, index)
     rng = np.random.default_rng([seed, 1])  # identifiers and tags: separate from the anatomy
     date = _study_date(options, index, rng)
-    study = _study_header(seed, index, rng, date)
+    study = _study_header(seed, index, rng, date, member)
     written = WrittenStudy(
         study_instance_uid=str(study.StudyInstanceUID),
         folder=folder,
@@ -466,10 +522,15 @@ def write_cohort(
     masks_dir = out / "masks" if options.masks else None
     written_all: list[WrittenStudy] = []
     truth_rows: list[dict[str, str]] = []
+    groups: list[list[str]] = []  # patient_id, centre of a multi-centre cohort's studies
     for index in range(options.studies):
         written = write_study(out / f"study_{index + 1:04d}", index, options, masks_dir)
         written_all.append(written)
-        truth_rows.append(truth_row(written, study_seed(options.seed, index)))
+        member = cohort_study(options, index)
+        seed = study_seed(options.seed, index) if member is None else member.seed
+        truth_rows.append(truth_row(written, seed))
+        if member is not None:
+            groups.append([patient_id(member.patient), member.site.name if options.sites else ""])
         if on_study is not None:
             on_study(written)
     with (out / "truth.csv").open("w", newline="") as handle:
@@ -478,8 +539,10 @@ def write_cohort(
         writer.writerows(truth_rows)
     with (out / "labels.csv").open("w", newline="") as handle:
         labels = csv.writer(handle)
-        labels.writerow(["study_instance_uid", "mvi"])
-        for row in truth_rows:
+        extra = ["patient_id", "centre"] if options.multi_centre else []
+        labels.writerow(["study_instance_uid", "mvi", *extra])
+        for number, row in enumerate(truth_rows):
             if row["mvi"] != "":
-                labels.writerow([row["study_instance_uid"], row["mvi"]])
+                grouping = groups[number] if extra else []
+                labels.writerow([row["study_instance_uid"], row["mvi"], *grouping])
     return written_all

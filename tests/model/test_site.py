@@ -69,9 +69,10 @@ def test_the_noise_and_the_kernel_set_the_texture() -> None:
     assert noise[Kernel.SMOOTH] < 0.8 * noise[Kernel.STANDARD]
     assert noise[Kernel.SHARP] > 1.2 * noise[Kernel.STANDARD]
     louder = _render(Site("loud", noise_hu=24.0))
-    assert float(louder.phases["arterial"].hu[_liver_core(louder)].std()) > 1.6 * noise[
-        Kernel.STANDARD
-    ]
+    assert (
+        float(louder.phases["arterial"].hu[_liver_core(louder)].std())
+        > 1.6 * noise[Kernel.STANDARD]
+    )
 
 
 def test_a_site_case_mix_moves_the_label_probability_not_the_patient() -> None:

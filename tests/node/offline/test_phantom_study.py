@@ -288,3 +288,42 @@ def test_a_shifted_cohort_is_written_with_its_own_geometry(
         for path in series.paths[:3]:
             result = run_tool(dciodvfy, path, check=False)
             assert not [line for line in result.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_a_multi_centre_cohort_names_patients_and_centres(
+    cohort_factory: Callable[..., Path],
+) -> None:
+    from node.offline.train_fusion import read_labels
+
+    cohort = cohort_factory(studies=8, seed=21, sites=2, repeat_share=0.6)
+    labels = read_csv(cohort / "labels.csv")
+    assert list(labels[0]) == ["study_instance_uid", "mvi", "patient_id", "centre"]
+    assert {row["centre"] for row in labels} == {"centre-a", "centre-b"}
+    by_patient: dict[str, list[dict[str, str]]] = {}
+    for row in labels:
+        by_patient.setdefault(row["patient_id"], []).append(row)
+    repeats = [rows for rows in by_patient.values() if len(rows) == 2]
+    assert repeats, "a 0.6 repeat share gives at least one patient two studies"
+    for first, second in repeats:
+        # The same patient: one label, one centre, two studies.
+        assert first["mvi"] == second["mvi"] and first["centre"] == second["centre"]
+        assert first["study_instance_uid"] != second["study_instance_uid"]
+    # The DICOM says the same: PatientID as in labels.csv, the centre's institution.
+    truth = {
+        row["study_instance_uid"]: row["study_folder"] for row in read_csv(cohort / "truth.csv")
+    }
+    for row in labels:
+        ds = next(iter(series_headers(cohort / truth[row["study_instance_uid"]]).values()))
+        assert ds.PatientID == row["patient_id"]
+        assert str(ds.InstitutionName).endswith(row["centre"])
+    read = read_labels(cohort / "labels.csv")
+    assert {label.centre for label in read.values()} == {"centre-a", "centre-b"}
+
+
+def test_sites_need_the_standard_domain(tmp_path: Path) -> None:
+    from node.offline.phantom_study import CohortOptions
+
+    with pytest.raises(ValueError, match="standard domain only"):
+        CohortOptions(sites=2, domain="shifted")
+    with pytest.raises(ValueError, match=r"sites must be in 0\.\.3"):
+        CohortOptions(sites=4)
