@@ -84,6 +84,7 @@ from model.stats import (
 )
 from model.validation import (
     EVENTS_PER_VARIABLE,
+    logistic_optimism,
     optimism_corrected,
     select_predictors,
     threshold_metrics,
@@ -101,9 +102,9 @@ __all__ = [
     "Progress",
     "StudyRois",
     "cached_rois",
-    "cohort_rois",
     "centre_folds",
     "check_patient_centres",
+    "cohort_rois",
     "grouped_folds",
     "hash_id",
     "make_folds",
@@ -809,21 +810,33 @@ def _fit_logistic(
     return model
 
 
+def _columns(
+    names: Sequence[str], dl_logits: npt.NDArray[np.float64], samples: Sequence[StudyRois]
+) -> dict[str, npt.ArrayLike]:
+    return {
+        name: [_features(name, float(d), s) for d, s in zip(dl_logits, samples, strict=True)]
+        for name in names
+    }
+
+
 def _combined(
     dl_logits: npt.NDArray[np.float64],
     samples: Sequence[StudyRois],
     labels: npt.NDArray[np.int64],
+    seed: int,
 ) -> dict[str, Any]:
-    """The combined model: DL logit forced in, clinical candidates selected (EPV 10)."""
-    columns: dict[str, npt.ArrayLike] = {
-        name: [_features(name, float(d), s) for d, s in zip(dl_logits, samples, strict=True)]
-        for name in COMBINED_FEATURES
-    }
+    """The combined model: DL logit forced in, clinical candidates selected (EPV 10), with its
+    optimism (selection and fit repeated in each bootstrap resample)."""
+    columns = _columns(COMBINED_FEATURES, dl_logits, samples)
     try:
         names, selection = select_predictors(columns, labels, forced=["dl_logit"])
     except ValueError as exc:
         return {"features": [], "names": [], "error": str(exc)}
     model = _fit_logistic(names, dl_logits, samples, labels)
+    if "error" not in model:
+        model["optimism_corrected"] = logistic_optimism(
+            columns, labels, forced=["dl_logit"], n_boot=200, seed=seed
+        )
     return {
         "features": names,
         "candidates": list(COMBINED_FEATURES),
@@ -1060,8 +1073,16 @@ def train_fusion(
     intervals = threshold_metrics(labels, calibrated, threshold, n_boot=500, seed=seed)
     optimism = optimism_corrected(labels, oof, n_boot=200, seed=seed)
     dl_logit = a * oof + b
-    combined = _combined(dl_logit, samples, labels)
+    combined = _combined(dl_logit, samples, labels, seed)
     clinical = _fit_logistic(CLINICAL_FEATURES, dl_logit, samples, labels)
+    if "error" not in clinical:
+        clinical["optimism_corrected"] = logistic_optimism(
+            _columns(CLINICAL_FEATURES, dl_logit, samples),
+            labels,
+            select=False,
+            n_boot=200,
+            seed=seed,
+        )
     network = FusionEnsemble(members, centres, scales)
 
     # A fresh salt per site model (no table of hashed IDs carries over between models); a demo

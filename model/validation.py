@@ -12,7 +12,8 @@
   backward, and capped at one variable per 10 events.
 * :func:`optimism_corrected`: Harrell's bootstrap optimism correction of the figures that depend
   on steps fitted on the same predictions they are reported on (Platt calibration and the Youden
-  threshold) — the networks are not refitted.
+  threshold) — the networks are not refitted; :func:`logistic_optimism` does the same for the
+  combined and clinical logistic models, predictor selection included.
 
 Labels are 0/1; probabilities in [0, 1]. Nothing here imports :mod:`node` or reads settings.
 """
@@ -46,6 +47,7 @@ __all__ = [
     "STAY_P",
     "calibration",
     "decision_curve",
+    "logistic_optimism",
     "optimism_corrected",
     "select_predictors",
     "threshold_metrics",
@@ -406,3 +408,96 @@ def select_predictors(
         "selected": forced + chosen,
     }
     return forced + chosen, report
+
+
+def logistic_optimism(
+    columns: dict[str, npt.ArrayLike],
+    y: npt.ArrayLike,
+    *,
+    forced: Sequence[str] = (),
+    select: bool = True,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Harrell's bootstrap optimism of a logistic model, the predictor selection included.
+
+    The apparent figures are those of the model fitted on all studies (after
+    :func:`select_predictors` when ``select``). Each stratified resample repeats the whole
+    procedure, selection included (a selection made once and then refitted would hide its own
+    optimism), and the optimism is the mean of (figure on the resample) − (the resample's model
+    on the original studies). Figures: AUC, Brier score, and the calibration slope (the original
+    outcome on the resample model's linear predictor: 1 apparent; its corrected value is the
+    shrinkage a new cohort should expect).
+
+    Returns
+    -------
+    dict
+        ``apparent``, ``optimism``, ``corrected`` (auc, brier, calibration_slope), ``resamples``,
+        ``failed_resamples`` (a resample whose fit separates or whose selection fails), ``method``.
+    """
+    import statsmodels.api as sm
+
+    labels = _labels(y)
+    _both_classes(labels)
+    data = {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+
+    def procedure(index: npt.NDArray[np.intp]) -> tuple[list[str], _F64]:
+        yy = labels[index]
+        sub: dict[str, npt.ArrayLike] = {name: values[index] for name, values in data.items()}
+        if select:
+            names, _ = select_predictors(sub, yy, forced=forced)
+        else:
+            names = list(data)
+        design = sm.add_constant(
+            np.stack([data[n][index] for n in names], axis=1), has_constant="add"
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = sm.Logit(yy, design).fit(disp=0, maxiter=100)
+        params = np.asarray(fit.params, dtype=np.float64)
+        if not np.all(np.isfinite(params)) or np.max(np.abs(params)) > 50.0:
+            raise ValueError("separation")
+        return names, params
+
+    def linear(names: list[str], params: _F64, index: npt.NDArray[np.intp]) -> _F64:
+        x = np.stack([data[n][index] for n in names], axis=1)
+        return np.asarray(params[0] + x @ params[1:], dtype=np.float64)
+
+    def figures(yy: npt.NDArray[np.int64], lp: _F64) -> _F64:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slope = sm.Logit(yy, sm.add_constant(lp, has_constant="add")).fit(disp=0).params[1]
+        p = 1.0 / (1.0 + np.exp(-lp))
+        return np.array([auc(yy, p), brier(yy, p), float(slope)])
+
+    everyone = np.arange(labels.size)
+    names, params = procedure(everyone)
+    apparent = figures(labels, linear(names, params, everyone))
+    rng = np.random.default_rng([int(seed), 11])
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    gaps, failed = [], 0
+    for _ in range(n_boot):
+        index = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        try:
+            boot_names, boot_params = procedure(index)
+            on_boot = figures(labels[index], linear(boot_names, boot_params, index))
+            on_all = figures(labels, linear(boot_names, boot_params, everyone))
+        except (ValueError, np.linalg.LinAlgError):
+            failed += 1
+            continue
+        gaps.append(on_boot - on_all)
+    keys = ("auc", "brier", "calibration_slope")
+    optimism = np.mean(gaps, axis=0) if gaps else np.full(len(keys), np.nan)
+    corrected = apparent - optimism
+    return {
+        "apparent": {k: _rounded(v) for k, v in zip(keys, apparent, strict=True)},
+        "optimism": {k: _rounded(v) for k, v in zip(keys, optimism, strict=True)},
+        "corrected": {k: _rounded(v) for k, v in zip(keys, corrected, strict=True)},
+        "resamples": len(gaps),
+        "failed_resamples": failed,
+        "method": (
+            "Harrell bootstrap: predictor selection and logistic fit repeated per resample"
+            if select
+            else "Harrell bootstrap: logistic fit repeated per resample"
+        ),
+    }

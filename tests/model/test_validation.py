@@ -102,3 +102,22 @@ def test_predictor_selection_screens_eliminates_and_respects_events_per_variable
     nine[:9] = 1
     with pytest.raises(ValueError, match="9 events allow 0 predictor"):
         validation.select_predictors(columns, nine, forced=["dl_logit"])
+
+
+def test_the_combined_model_optimism_repeats_the_selection_in_every_resample() -> None:
+    rng = np.random.default_rng(12)
+    n = 160
+    signal = rng.normal(0, 1, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-1.2 * signal))).astype(int)
+    # Eight noise candidates: a selection made on these very studies flatters itself.
+    columns = {"dl_logit": signal, **{f"noise{k}": rng.normal(0, 1, n) for k in range(8)}}
+    result = validation.logistic_optimism(columns, y, forced=["dl_logit"], n_boot=60, seed=1)
+    apparent, corrected = result["apparent"], result["corrected"]
+    assert apparent["calibration_slope"] == pytest.approx(1.0, abs=1e-6)
+    assert corrected["auc"] < apparent["auc"]
+    assert corrected["brier"] > apparent["brier"]
+    assert corrected["calibration_slope"] < 1.0  # a new cohort should expect shrinkage
+    assert result["resamples"] + result["failed_resamples"] == 60
+    fixed = validation.logistic_optimism({"dl_logit": signal}, y, select=False, n_boot=60)
+    # One predictor chosen in advance has less to be optimistic about.
+    assert fixed["optimism"]["auc"] < result["optimism"]["auc"] + 1e-9
