@@ -785,6 +785,15 @@ def train(
     field_mm: Annotated[
         float, typer.Option("--field-mm", min=10.0, help="Side of the fixed crop, mm.")
     ] = 100.0,
+    roi_slices: Annotated[
+        int,
+        typer.Option(
+            "--roi-slices",
+            min=1,
+            max=15,
+            help="Axial slices per phase around the key slice (odd): 3 is the paper's 2.5D.",
+        ),
+    ] = 3,
     augment: Annotated[
         str,
         typer.Option(
@@ -845,7 +854,9 @@ def train(
         raise fail(f"--crop {crop!r}: use {', '.join(CROPS)}")
     if augment not in AUGMENTATIONS:
         raise fail(f"--augment {augment!r}: use {', '.join(AUGMENTATIONS)}")
-    spec = RoiSpec(size=roi_size, crop=crop, field_mm=field_mm)
+    if roi_slices % 2 == 0:
+        raise fail(f"--roi-slices {roi_slices}: use an odd number (the key slice in the middle)")
+    spec = RoiSpec(size=roi_size, crop=crop, field_mm=field_mm, slices=roi_slices)
     models = Models(settings, device=device)
     try:
         samples, skipped = study_rois(

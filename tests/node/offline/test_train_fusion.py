@@ -241,3 +241,23 @@ def test_train_refuses_imagenet_without_safetensors_weights(
     assert pickled.returncode == 2 and "mvi-node convert-weights" in pickled.stderr
     layout = mvi_node(*common, "--layout", "channels")
     assert layout.returncode == 2 and "--layout 'channels': use region, phase" in layout.stderr
+
+
+def test_train_refuses_an_even_slice_count(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    cohort = cohort_factory(seed=98, size=48, slices=16)
+    result = mvi_node(
+        "train",
+        "--studies",
+        cohort,
+        "--labels",
+        cohort / "labels.csv",
+        "--out",
+        tmp_path / "m",
+        "--roi-slices",
+        "4",
+    )
+    assert result.returncode == 2
+    assert "--roi-slices 4: use an odd number" in result.stderr
+    assert not (tmp_path / "m").exists()
