@@ -26,9 +26,10 @@ Goal of the issue: fusion above tumour-only and above the clinical model, DeLong
 least 300 held-out studies. The label model caps the AUC near 0.90 (all latents), 0.84 (the
 tumour's), 0.74 (diameter + LOAT area).
 
-Time on two CPU threads: the default run (200 training patients, about 240 studies; 300 held out;
-ROI 64; 5 folds; both layouts; LOCO) takes about 45-60 minutes, rendering included on a cold cache.
-``--quick`` (100 patients, 300 held out, ROI 32, region layout, 12 epochs, no LOCO) about 8.
+Time: the default run (200 training patients, 244 studies; 300 held out; ROI 64; 5 folds; both
+layouts; LOCO) took 1,880 s on one CPU thread beside a test run, rendering included (cold cache).
+``--quick`` (100 patients, 300 held out, ROI 32, region layout, 12 epochs, no LOCO) about 3
+(152 s beside a test run).
 
 Usage: python bench/fusion.py [--quick] [--train 200] [--test 300] [--sites 3] [--repeat-share 0.2]
        [--roi-size 64] [--epochs 20] [--folds 5] [--layout region phase] [--loco | --no-loco]
