@@ -260,10 +260,17 @@ def rois_from_phantom(
         label=int(study.truth.mvi),
         diameter_mm=float(study.truth.max_diameter_mm),
         loat_area_cm2=float(study.truth.loat_max_area_cm2),
-        study_id=f"phantom-{seed}",
-        patient_id=f"patient-{seed if patient is None else patient}",
-        centre="" if spec.site is None else spec.site.name,
+        **_sample_ids(seed, patient, spec),
     )
+
+
+def _sample_ids(seed: int, patient: int | None, spec: PhantomSpec) -> dict[str, str]:
+    """A phantom sample's study, patient and centre (a study without a patient is its own)."""
+    return {
+        "study_id": f"phantom-{seed}",
+        "patient_id": f"patient-{seed if patient is None else patient}",
+        "centre": "" if spec.site is None else spec.site.name,
+    }
 
 
 def _cache_folder(
@@ -299,7 +306,7 @@ def _write_npz(path: Path, sample: StudyRois) -> None:
         raise
 
 
-def _read_npz(path: Path, study_id: str, patient_id: str, centre: str) -> StudyRois | None:
+def _read_npz(path: Path, ids: dict[str, str]) -> StudyRois | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             return StudyRois(
@@ -308,9 +315,7 @@ def _read_npz(path: Path, study_id: str, patient_id: str, centre: str) -> StudyR
                 label=int(data["label"]),
                 diameter_mm=float(data["diameter_mm"]),
                 loat_area_cm2=float(data["loat_area_cm2"]),
-                study_id=study_id,
-                patient_id=patient_id,
-                centre=centre,
+                **ids,
             )
     except (OSError, KeyError, ValueError):
         return None  # unreadable or from an older layout: render again
@@ -336,12 +341,8 @@ def cached_rois(
     progress
         Called with ``(done, total)`` after each study.
     """
-    samples: list[StudyRois] = []
-    for done, seed in enumerate(seeds, start=1):
-        samples.append(_cached(int(seed), None, spec_phantom, roi_spec, cache_dir, register_pv))
-        if progress is not None:
-            progress(done, len(seeds))
-    return samples
+    studies = [(int(seed), None, spec_phantom) for seed in seeds]
+    return _cached_many(studies, roi_spec, cache_dir, register_pv, progress)
 
 
 def cohort_rois(
@@ -355,20 +356,22 @@ def cohort_rois(
 ) -> list[StudyRois]:
     """:func:`cached_rois` for a :func:`model.cohort.make_cohort` cohort: each study rendered at
     its site, a repeat study as its patient's, with ``patient_id`` and ``centre`` set."""
+    studies = [(study.seed, study.patient, study.spec(spec_phantom)) for study in cohort]
+    return _cached_many(studies, roi_spec, cache_dir, register_pv, progress)
+
+
+def _cached_many(
+    studies: Sequence[tuple[int, int | None, PhantomSpec]],
+    roi_spec: RoiSpec,
+    cache_dir: Path | None,
+    register_pv: bool,
+    progress: Callable[[int, int], None] | None,
+) -> list[StudyRois]:
     samples: list[StudyRois] = []
-    for done, study in enumerate(cohort, start=1):
-        samples.append(
-            _cached(
-                study.seed,
-                study.patient,
-                study.spec(spec_phantom),
-                roi_spec,
-                cache_dir,
-                register_pv,
-            )
-        )
+    for done, (seed, patient, spec) in enumerate(studies, start=1):
+        samples.append(_cached(seed, patient, spec, roi_spec, cache_dir, register_pv))
         if progress is not None:
-            progress(done, len(cohort))
+            progress(done, len(studies))
     return samples
 
 
@@ -380,16 +383,15 @@ def _cached(
     cache_dir: Path | None,
     register_pv: bool,
 ) -> StudyRois:
-    study_id = f"phantom-{seed}"
-    patient_id = f"patient-{seed if patient is None else patient}"
-    centre = "" if spec_phantom.site is None else spec_phantom.site.name
+    ids = _sample_ids(seed, patient, spec_phantom)
+    study_id = ids["study_id"]
     path = None
     if cache_dir is not None:
         folder = _cache_folder(cache_dir, spec_phantom, roi_spec, register_pv)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / (f"{study_id}.npz" if patient is None else f"{study_id}-of-{patient}.npz")
         if path.is_file():
-            sample = _read_npz(path, study_id, patient_id, centre)
+            sample = _read_npz(path, ids)
             if sample is not None:
                 return sample
     sample = rois_from_phantom(

@@ -285,22 +285,43 @@ def optimism_corrected(
         sensitivity, specificity, accuracy = sens_spec_acc(yy, pp, threshold)
         return np.array([sensitivity, specificity, accuracy, brier(yy, pp)])
 
-    names = ("sensitivity", "specificity", "accuracy", "brier")
-    apparent = figures(labels, x, fitter(labels, x))
-    rng = np.random.default_rng([int(seed), 9])
-    pos = np.flatnonzero(labels == 1)
-    neg = np.flatnonzero(labels == 0)
-    gaps = []
-    failed = 0
+    def gap(index: npt.NDArray[np.intp]) -> _F64:
+        yb, xb = labels[index], x[index]
+        params = fitter(yb, xb)  # ValueError: a resample whose slope is not positive
+        return figures(yb, xb, params) - figures(labels, x, params)
+
+    return _harrell(
+        labels,
+        ("sensitivity", "specificity", "accuracy", "brier"),
+        figures(labels, x, fitter(labels, x)),
+        gap,
+        n_boot=n_boot,
+        rng=np.random.default_rng([int(seed), 9]),
+        method="Harrell bootstrap: Platt calibration and Youden threshold refitted",
+    )
+
+
+def _harrell(
+    labels: npt.NDArray[np.int64],
+    names: Sequence[str],
+    apparent: _F64,
+    gap: Callable[[npt.NDArray[np.intp]], _F64],
+    *,
+    n_boot: int,
+    rng: np.random.Generator,
+    method: str,
+) -> dict[str, Any]:
+    """Harrell's optimism: the mean of ``gap`` (figures on a class-stratified resample minus the
+    resample's fit on the original studies) over ``n_boot`` resamples; a resample whose fit
+    raises ``ValueError`` or ``LinAlgError`` is skipped and counted."""
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    gaps, failed = [], 0
     for _ in range(n_boot):
         index = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
-        yb, xb = labels[index], x[index]
         try:
-            params = fitter(yb, xb)
-        except ValueError:  # a resample whose slope is not positive
+            gaps.append(gap(index))
+        except (ValueError, np.linalg.LinAlgError):
             failed += 1
-            continue
-        gaps.append(figures(yb, xb, params) - figures(labels, x, params))
     optimism = np.mean(gaps, axis=0) if gaps else np.full(len(names), np.nan)
     corrected = apparent - optimism
     return {
@@ -309,7 +330,7 @@ def optimism_corrected(
         "corrected": {n: _rounded(v) for n, v in zip(names, corrected, strict=True)},
         "resamples": len(gaps),
         "failed_resamples": failed,
-        "method": "Harrell bootstrap: Platt calibration and Youden threshold refitted",
+        "method": method,
     }
 
 
@@ -471,33 +492,23 @@ def logistic_optimism(
         return np.array([auc(yy, p), brier(yy, p), float(slope)])
 
     everyone = np.arange(labels.size)
+
+    def gap(index: npt.NDArray[np.intp]) -> _F64:
+        boot_names, boot_params = procedure(index)
+        on_boot = figures(labels[index], linear(boot_names, boot_params, index))
+        return on_boot - figures(labels, linear(boot_names, boot_params, everyone))
+
     names, params = procedure(everyone)
-    apparent = figures(labels, linear(names, params, everyone))
-    rng = np.random.default_rng([int(seed), 11])
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    gaps, failed = [], 0
-    for _ in range(n_boot):
-        index = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
-        try:
-            boot_names, boot_params = procedure(index)
-            on_boot = figures(labels[index], linear(boot_names, boot_params, index))
-            on_all = figures(labels, linear(boot_names, boot_params, everyone))
-        except (ValueError, np.linalg.LinAlgError):
-            failed += 1
-            continue
-        gaps.append(on_boot - on_all)
-    keys = ("auc", "brier", "calibration_slope")
-    optimism = np.mean(gaps, axis=0) if gaps else np.full(len(keys), np.nan)
-    corrected = apparent - optimism
-    return {
-        "apparent": {k: _rounded(v) for k, v in zip(keys, apparent, strict=True)},
-        "optimism": {k: _rounded(v) for k, v in zip(keys, optimism, strict=True)},
-        "corrected": {k: _rounded(v) for k, v in zip(keys, corrected, strict=True)},
-        "resamples": len(gaps),
-        "failed_resamples": failed,
-        "method": (
+    return _harrell(
+        labels,
+        ("auc", "brier", "calibration_slope"),
+        figures(labels, linear(names, params, everyone)),
+        gap,
+        n_boot=n_boot,
+        rng=np.random.default_rng([int(seed), 11]),
+        method=(
             "Harrell bootstrap: predictor selection and logistic fit repeated per resample"
             if select
             else "Harrell bootstrap: logistic fit repeated per resample"
         ),
-    }
+    )
