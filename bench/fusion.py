@@ -32,7 +32,9 @@ layouts; LOCO) took 1,880 s on one CPU thread beside a test run, rendering inclu
 (152 s beside a test run).
 
 Usage: python bench/fusion.py [--quick] [--train 200] [--test 300] [--sites 3] [--repeat-share 0.2]
-       [--roi-size 64] [--epochs 20] [--folds 5] [--layout region phase] [--loco | --no-loco]
+       [--roi-size 64] [--crop box|square|fixed] [--field-mm 100] [--augment light|strong]
+       [--size-target 0]
+       [--epochs 20] [--folds 5] [--layout region phase] [--loco | --no-loco]
        [--device auto|cpu|cuda] [--cache DIR] [--save DIR] [--json FILE]
 """
 
@@ -98,6 +100,10 @@ def main() -> None:
     parser.add_argument("--phantom-size", type=int, default=128)
     parser.add_argument("--phantom-slices", type=int, default=32)
     parser.add_argument("--roi-size", type=int, default=64)
+    parser.add_argument("--crop", default="box", choices=("box", "square", "fixed"))
+    parser.add_argument("--field-mm", type=float, default=100.0, help="the fixed crop's side")
+    parser.add_argument("--augment", default="light", choices=("light", "strong"))
+    parser.add_argument("--size-target", type=float, default=0.0, help="auxiliary size loss")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--patience", type=int, default=8)
@@ -122,7 +128,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     spec_phantom = PhantomSpec(size=args.phantom_size, slices=args.phantom_slices)
-    roi_spec = RoiSpec(size=args.roi_size)
+    roi_spec = RoiSpec(size=args.roi_size, crop=args.crop, field_mm=args.field_mm)
     sites = SITES[: args.sites]
     started = time.perf_counter()
     train_cohort = make_cohort(args.seed, args.train, sites=sites, repeat_share=args.repeat_share)
@@ -141,7 +147,8 @@ def main() -> None:
             for c in centres
         )
         + f"; phantom {args.phantom_size}×{args.phantom_size}×"
-        f"{args.phantom_slices}, ROI {roi_spec.channels}×{args.roi_size}×{args.roi_size}, "
+        f"{args.phantom_slices}, ROI {roi_spec.channels}×{args.roi_size}×{args.roi_size} "
+        f"({args.crop} crop{f' {args.field_mm:g} mm' if args.crop == 'fixed' else ''}), "
         f"{time.perf_counter() - started:.1f} s; device {device}, torch threads "
         f"{torch.get_num_threads()}"
     )
@@ -182,6 +189,8 @@ def main() -> None:
                 batch_size=args.batch_size,
                 lr=args.lr,
                 seed=args.train_seed,
+                augment=args.augment,
+                size_target=args.size_target,
                 device=str(device),
                 demo=True,
                 progress=progress,

@@ -88,6 +88,9 @@ class FusionNet(nn.Module):
         Phases in the ROI's channels; the phase layout needs exactly two.
     normalise
         ``(mean, std)`` applied to the inputs (ImageNet weights); ``None`` leaves them as cut.
+    size_head
+        A second linear head on the same features that predicts the tumour's size (training's
+        auxiliary target, :meth:`forward_with_size`); shipped networks leave it out.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class FusionNet(nn.Module):
         layout: str = "region",
         phases: int = 2,
         normalise: tuple[float, float] | None = None,
+        size_head: bool = False,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -138,6 +142,7 @@ class FusionNet(nn.Module):
             branches = 2
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(FEATURES * branches, 1)
+        self.size_head = nn.Linear(FEATURES * branches, 1) if size_head else None
 
     def branches(self) -> list[nn.Module]:
         """The ResNet18 branches, in the order their features are concatenated."""
@@ -188,6 +193,19 @@ class FusionNet(nn.Module):
     def forward(self, tumor: torch.Tensor, loat: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(N,)`` from ROIs ``(N, C, H, W)``; ``loat`` is ignored by tumor-only."""
         return self.head(self.dropout(self.features(tumor, loat)))[:, 0]
+
+    def forward_with_size(
+        self, tumor: torch.Tensor, loat: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the size head's prediction ``(N,)`` each, from one pass of the branches.
+
+        The size target makes the shared features carry the tumour's size, which a crop resized
+        to a fixed pixel grid otherwise hides (``box`` and ``square`` crops).
+        """
+        if self.size_head is None:
+            raise ValueError("this network has no size head (built with size_head=False)")
+        features = self.dropout(self.features(tumor, loat))
+        return self.head(features)[:, 0], self.size_head(features)[:, 0]
 
     def load_pretrained(self, path: Path) -> list[str]:
         """Initialise every branch from local torchvision ResNet18 weights (safetensors).

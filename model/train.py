@@ -77,6 +77,7 @@ from model.stats import (
     brier,
     delong_ci,
     logistic_model,
+    logistic_predict,
     platt_apply,
     platt_fit,
     sens_spec_acc,
@@ -614,6 +615,7 @@ class _Data:
     tumor: torch.Tensor  # (N, C, H, W) on the device
     loat: torch.Tensor
     labels: npt.NDArray[np.int64]
+    log_diameter: npt.NDArray[np.float64]  # the size target's raw values, log(mm)
 
 
 def _predict_logits(net: FusionNet, data: _Data, index: npt.NDArray[np.intp]) -> _FloatArray:
@@ -648,18 +650,25 @@ class _RunSettings:
     phases: int = 2
     pretrained: Path | None = None  # safetensors ResNet18 weights (init "imagenet")
     augment: str = "light"
+    size_weight: float = 0.0  # weight of the auxiliary size loss; 0: no size head
 
 
-def _new_network(settings: _RunSettings) -> FusionNet:
-    """A fold's network: random, or every branch from ImageNet weights (inputs normalised)."""
-    net = FusionNet(
+def _member(settings: _RunSettings, *, size_head: bool = False) -> FusionNet:
+    return FusionNet(
         settings.arch,
         in_channels=settings.in_channels,
         dropout=settings.dropout,
         layout=settings.layout,
         phases=settings.phases,
         normalise=IMAGENET_GREY if settings.pretrained is not None else None,
+        size_head=size_head,
     )
+
+
+def _new_network(settings: _RunSettings) -> FusionNet:
+    """A fold's network: random, or every branch from ImageNet weights (inputs normalised); with
+    a size head when the size target is on."""
+    net = _member(settings, size_head=settings.size_weight > 0)
     if settings.pretrained is not None:
         missing = net.load_pretrained(settings.pretrained)
         if missing:
@@ -713,6 +722,13 @@ def _train_run(
     n0 = int(labels.size - n1)
     pos_weight = torch.tensor([n0 / max(n1, 1)], device=device)
     targets_all = torch.as_tensor(data.labels, dtype=torch.float32, device=device)
+    # The size target: log diameter standardised on this fold's training studies only.
+    sizes = data.log_diameter[train_index]
+    size_all = torch.as_tensor(
+        (data.log_diameter - sizes.mean()) / max(float(sizes.std()), 1e-6),
+        dtype=torch.float32,
+        device=device,
+    )
     ema = copy.deepcopy(net).eval()
     ema_pairs = [
         (e, v)
@@ -743,10 +759,15 @@ def _train_run(
             )
             optimiser.zero_grad(set_to_none=True)
             with autocast(device):
-                logits = net(tumor, loat)
+                if settings.size_weight > 0:
+                    logits, size = net.forward_with_size(tumor, loat)
+                else:
+                    logits, size = net(tumor, loat), None
             loss = F.binary_cross_entropy_with_logits(
                 logits.float(), targets_all[index], pos_weight=pos_weight
             )
+            if size is not None:
+                loss = loss + settings.size_weight * F.mse_loss(size.float(), size_all[index])
             loss.backward()
             optimiser.step()
             with torch.no_grad():
@@ -836,6 +857,7 @@ def _combined(
         return {"features": [], "names": [], "error": str(exc)}
     model = _fit_logistic(names, dl_logits, samples, labels)
     if "error" not in model:
+        model.update(_own_threshold(model, columns, labels))
         model["optimism_corrected"] = logistic_optimism(
             columns, labels, forced=["dl_logit"], n_boot=200, seed=seed
         )
@@ -844,6 +866,28 @@ def _combined(
         "candidates": list(COMBINED_FEATURES),
         "selection": selection,
         **model,
+    }
+
+
+def _own_threshold(
+    model: dict[str, Any], columns: dict[str, npt.ArrayLike], labels: npt.NDArray[np.int64]
+) -> dict[str, Any]:
+    """A logistic model's own Youden threshold (stored as the DL threshold is) and its in-sample
+    sensitivity and specificity, so that its calls can be validated like the DL model's."""
+    values = {name: np.asarray(columns[name], dtype=np.float64) for name in model["names"]}
+    p = np.asarray(
+        [
+            logistic_predict(model, {name: float(v[i]) for name, v in values.items()})
+            for i in range(labels.size)
+        ]
+    )
+    threshold = _stored_threshold(labels, p)
+    sensitivity, specificity, _ = sens_spec_acc(labels, p, threshold)
+    return {
+        "threshold": threshold,
+        "threshold_method": "youden on the model's in-sample probabilities",
+        "sensitivity": _round(sensitivity, 4),
+        "specificity": _round(specificity, 4),
     }
 
 
@@ -907,6 +951,7 @@ def train_fusion(
     layout: str = "region",
     pretrained: Path | None = None,
     augment: str = "light",
+    size_target: float = 0.0,
     demo: bool = False,
     progress: Progress | None = None,
     name: str | None = None,
@@ -949,6 +994,10 @@ def train_fusion(
         initialises at random.
     augment
         :data:`AUGMENTATIONS`: ``"light"`` or ``"strong"`` (adds zoom, HU offset, blur, noise).
+    size_target
+        Weight of an auxiliary loss (mean squared error) on the tumour's log maximum diameter,
+        standardised per fold, predicted by a second head on the same features; 0 (the default)
+        trains the classifier alone. The head is not shipped.
     demo
         Trained on phantoms: the card says so and records the phantom generator's version.
     progress
@@ -979,6 +1028,8 @@ def train_fusion(
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTATIONS}")
+    if not (math.isfinite(size_target) and size_target >= 0.0):
+        raise ValueError(f"size_target must be a finite weight >= 0, got {size_target}")
     if folds < 2 or epochs < 1 or patience < 1 or batch_size < 2 or not lr > 0:
         raise ValueError("need folds >= 2, epochs >= 1, patience >= 1, batch_size >= 2, lr > 0")
     expected = (roi_spec.channels, roi_spec.size, roi_spec.size)
@@ -997,6 +1048,7 @@ def train_fusion(
         tumor=torch.from_numpy(np.stack([s.tumor for s in samples])).to(torch_device),
         loat=torch.from_numpy(np.stack([s.loat for s in samples])).to(torch_device),
         labels=labels,
+        log_diameter=np.log(np.asarray([max(s.diameter_mm, 1.0) for s in samples])),
     )
     settings = _RunSettings(
         arch,
@@ -1010,6 +1062,7 @@ def train_fusion(
         phases=len(roi_spec.phases),
         pretrained=None if pretrained is None else Path(pretrained),
         augment=augment,
+        size_weight=float(size_target),
     )
 
     fold_reports: list[dict[str, Any]] = []
@@ -1029,15 +1082,11 @@ def train_fusion(
             seed=seed * 1000 + f + 1,
             stage=f"fold {f + 1}/{count}",
         )
-        member = FusionNet(
-            arch,
-            in_channels=roi_spec.channels,
-            dropout=dropout,
-            layout=layout,
-            phases=len(roi_spec.phases),
-            normalise=IMAGENET_GREY if pretrained is not None else None,
+        # The size head served training only: the shipped member is the classifier.
+        member = _member(settings)
+        member.load_state_dict(
+            {k: v for k, v in run.state.items() if not k.startswith("size_head.")}
         )
-        member.load_state_dict(run.state)
         members.append(member)
         # Standardised by the member's own validation logits (no labels): fold networks stopped
         # at different epochs differ in offset and scale, which pooling raw logits would mix.
@@ -1078,8 +1127,10 @@ def train_fusion(
     combined = _combined(dl_logit, samples, labels, seed)
     clinical = _fit_logistic(CLINICAL_FEATURES, dl_logit, samples, labels)
     if "error" not in clinical:
+        clinical_columns = _columns(CLINICAL_FEATURES, dl_logit, samples)
+        clinical.update(_own_threshold(clinical, clinical_columns, labels))
         clinical["optimism_corrected"] = logistic_optimism(
-            _columns(CLINICAL_FEATURES, dl_logit, samples),
+            clinical_columns,
             labels,
             select=False,
             n_boot=200,
@@ -1176,6 +1227,16 @@ def train_fusion(
             "optimizer": "AdamW",
             "weights_ema_decay": _EMA_DECAY,
             "loss": "BCEWithLogits, pos_weight = negatives / positives",
+            "size_target": (
+                {
+                    "weight": float(size_target),
+                    "target": "log maximum tumour diameter, standardised per fold",
+                    "loss": "mean squared error of a second head on the same features",
+                    "shipped": False,
+                }
+                if size_target > 0
+                else None
+            ),
             "augmentation": {
                 "level": augment,
                 "rotation_deg": _ROTATION_DEG,

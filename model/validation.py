@@ -446,15 +446,17 @@ def logistic_optimism(
     :func:`select_predictors` when ``select``). Each stratified resample repeats the whole
     procedure, selection included (a selection made once and then refitted would hide its own
     optimism), and the optimism is the mean of (figure on the resample) − (the resample's model
-    on the original studies). Figures: AUC, Brier score, and the calibration slope (the original
+    on the original studies). Figures: AUC, Brier score, the calibration slope (the original
     outcome on the resample model's linear predictor: 1 apparent; its corrected value is the
-    shrinkage a new cohort should expect).
+    shrinkage a new cohort should expect), and sensitivity and specificity at the model's own
+    Youden threshold, which each resample chooses again on its own fit.
 
     Returns
     -------
     dict
-        ``apparent``, ``optimism``, ``corrected`` (auc, brier, calibration_slope), ``resamples``,
-        ``failed_resamples`` (a resample whose fit separates or whose selection fails), ``method``.
+        ``apparent``, ``optimism``, ``corrected`` (auc, brier, calibration_slope, sensitivity,
+        specificity), ``resamples``, ``failed_resamples`` (a resample whose fit separates or whose
+        selection fails), ``method``.
     """
     import statsmodels.api as sm
 
@@ -484,25 +486,32 @@ def logistic_optimism(
         x = np.stack([data[n][index] for n in names], axis=1)
         return np.asarray(params[0] + x @ params[1:], dtype=np.float64)
 
-    def figures(yy: npt.NDArray[np.int64], lp: _F64) -> _F64:
+    def figures(yy: npt.NDArray[np.int64], lp: _F64, threshold: float) -> _F64:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             slope = sm.Logit(yy, sm.add_constant(lp, has_constant="add")).fit(disp=0).params[1]
         p = 1.0 / (1.0 + np.exp(-lp))
-        return np.array([auc(yy, p), brier(yy, p), float(slope)])
+        sensitivity, specificity, _ = sens_spec_acc(yy, p, threshold)
+        return np.array([auc(yy, p), brier(yy, p), float(slope), sensitivity, specificity])
+
+    def youden(yy: npt.NDArray[np.int64], lp: _F64) -> float:
+        return youden_threshold(yy, 1.0 / (1.0 + np.exp(-lp)))
 
     everyone = np.arange(labels.size)
 
     def gap(index: npt.NDArray[np.intp]) -> _F64:
         boot_names, boot_params = procedure(index)
-        on_boot = figures(labels[index], linear(boot_names, boot_params, index))
-        return on_boot - figures(labels, linear(boot_names, boot_params, everyone))
+        on_resample = linear(boot_names, boot_params, index)
+        threshold = youden(labels[index], on_resample)
+        on_boot = figures(labels[index], on_resample, threshold)
+        return on_boot - figures(labels, linear(boot_names, boot_params, everyone), threshold)
 
     names, params = procedure(everyone)
+    apparent_lp = linear(names, params, everyone)
     return _harrell(
         labels,
-        ("auc", "brier", "calibration_slope"),
-        figures(labels, linear(names, params, everyone)),
+        ("auc", "brier", "calibration_slope", "sensitivity", "specificity"),
+        figures(labels, apparent_lp, youden(labels, apparent_lp)),
         gap,
         n_boot=n_boot,
         rng=np.random.default_rng([int(seed), 11]),

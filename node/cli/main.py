@@ -800,6 +800,14 @@ def train(
             "--augment", help="light, or strong: adds zoom, HU offset, kernel blur and noise."
         ),
     ] = "light",
+    size_target: Annotated[
+        float,
+        typer.Option(
+            "--size-target",
+            min=0.0,
+            help="Weight of an auxiliary loss on the tumour's log diameter (0: off).",
+        ),
+    ] = 0.0,
     label_source: Annotated[
         str,
         typer.Option(
@@ -928,6 +936,7 @@ def train(
                 layout=layout,
                 pretrained=weights,
                 augment=augment,
+                size_target=size_target,
                 demo=False,
                 progress=on_epoch,
                 card_extra={"tripod": tripod},
@@ -1062,6 +1071,13 @@ def evaluate(
         f"{summary['specificity']:.2f}, Brier {summary['brier']:.3f} at threshold "
         f"{summary['threshold']:.3f} on {summary['studies']} studies → {report}"
     )
+    combined = summary.get("combined_model", {})
+    if "sensitivity" in combined:
+        out.print(
+            f"combined model: AUC {combined['auc']:.3f}, sensitivity "
+            f"{combined['sensitivity']:.2f}, specificity {combined['specificity']:.2f} at its "
+            f"threshold {combined['threshold']:.3f}"
+        )
 
 
 @app.command()

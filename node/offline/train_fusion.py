@@ -283,8 +283,9 @@ def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]
     """Discrimination and calibration of a loaded model (and its combined model) on labelled ROIs.
 
     Sensitivity and specificity are at the card's threshold; the combined logistic model (whose
-    probability the SR reports beside the DL one) gets its AUC and Brier score: it has no
-    threshold of its own.
+    probability the SR reports beside the DL one) gets its AUC and Brier score, and its
+    sensitivity and specificity at its own threshold when the card has one (cards from before
+    the combined model's threshold have none), beside the card's optimism-corrected figures.
     """
     predictions = model.predict(
         [{"tumor": s.tumor, "loat": s.loat} for s in samples],
@@ -305,10 +306,17 @@ def evaluate(model: FusionModel, samples: Sequence[StudyRois]) -> dict[str, Any]
         "labels": y,
     }
     combined = [prediction.combined_probability for prediction in predictions]
-    if all(c is not None for c in combined):
-        result["combined_model"] = _binary_metrics(y, np.array(combined, dtype=float), None)
+    entry = model.card.get("combined_model")
+    if all(c is not None for c in combined) and isinstance(entry, dict):
+        threshold = entry.get("threshold")
+        result["combined_model"] = _binary_metrics(
+            y, np.array(combined, dtype=float), None if threshold is None else float(threshold)
+        )
+        corrected = (entry.get("optimism_corrected") or {}).get("corrected") or {}
+        result["combined_model"]["card"] = {
+            k: corrected.get(k) for k in ("auc", "sensitivity", "specificity", "brier")
+        }
     else:
-        entry = model.card.get("combined_model")
         why = entry.get("error") if isinstance(entry, dict) else None
         result["combined_model"] = {"absent_reason": why or "the card has no combined model"}
     result.update(_reviewer_figures(y, p, model.threshold, samples))

@@ -177,6 +177,36 @@ def render_report(card: dict[str, Any], result: dict[str, Any], overlap: dict[st
     lines += ["", "| threshold probability | net benefit: model | treat all |", "|---|---|---|"]
     for row in result.get("decision_curve", []):
         lines.append(f"| {row['threshold']:.2f} | {row['model']:.4f} | {row['treat_all']:.4f} |")
+    lines += _combined_lines(card, result.get("combined_model") or {})
     if card.get("demo"):
         lines += ["", "Demo model — not for clinical use."]
     return "\n".join(lines) + "\n"
+
+
+def _combined_lines(card: dict[str, Any], combined: dict[str, Any]) -> list[str]:
+    """The combined logistic model on the test set beside its card (optimism-corrected)."""
+    lines = ["", "## Combined model (DL logit + selected clinical predictors)", ""]
+    if "auc" not in combined:
+        return [*lines, f"Not evaluated: {combined.get('absent_reason', 'no combined model')}."]
+    features = (card.get("combined_model") or {}).get("features") or []
+    low, high = combined["auc_ci95"]
+    lines += [
+        f"Predictors: {', '.join(features) or '—'}; threshold "
+        + ("none in the card (an older model)" if "threshold" not in combined else "")
+        + (f"{combined['threshold']:.4f} (its own Youden)" if "threshold" in combined else ""),
+        "",
+        "| metric | test | card (optimism-corrected) |",
+        "|---|---|---|",
+        f"| auc | {combined['auc']:.3f} ({low:.3f}–{high:.3f}) | "
+        f"{_number(combined.get('card', {}).get('auc'))} |",
+    ]
+    for metric in ("sensitivity", "specificity", "brier"):
+        value = combined.get(metric)
+        lines.append(
+            f"| {metric} | {_number(value)} | {_number(combined.get('card', {}).get(metric))} |"
+        )
+    return lines
+
+
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.3f}"

@@ -151,3 +151,23 @@ def test_load_pretrained_refuses_other_networks(tmp_path: Path) -> None:
     save_file({"weight": torch.zeros(3)}, str(path))
     with pytest.raises(ValueError, match="ResNet18"):
         FusionNet().load_pretrained(path)
+
+
+def test_the_size_head_shares_the_branches_and_stays_out_of_a_plain_network() -> None:
+    torch.manual_seed(0)
+    for layout in ("region", "phase"):
+        net = FusionNet("fusion", in_channels=6, layout=layout, size_head=True).eval()
+        tumor, loat = torch.rand(3, 6, 32, 32), torch.rand(3, 6, 32, 32)
+        logits, size = net.forward_with_size(tumor, loat)
+        assert logits.shape == size.shape == (3,)
+        assert torch.allclose(logits, net(tumor, loat))  # the classifier's logit is unchanged
+        # The size loss alone trains the shared branches, not only its own head.
+        net.zero_grad()
+        size.pow(2).sum().backward()
+        stem = net.branches()[0].conv1.weight.grad
+        assert stem is not None and float(stem.abs().sum()) > 0
+        assert net.head.weight.grad is None or float(net.head.weight.grad.abs().sum()) == 0
+    plain = FusionNet("fusion", in_channels=6)
+    assert not any(k.startswith("size_head.") for k in plain.state_dict())
+    with pytest.raises(ValueError, match="no size head"):
+        plain.forward_with_size(torch.rand(2, 6, 32, 32), torch.rand(2, 6, 32, 32))

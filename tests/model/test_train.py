@@ -14,7 +14,14 @@ from model.checkpoint import REQUIRED_CARD_KEYS, load_checkpoint
 from model.inference import FusionModel
 from model.phantom import PhantomSpec
 from model.roi import RoiSpec
-from model.stats import brier, platt_apply, platt_fit, sens_spec_acc, youden_threshold
+from model.stats import (
+    brier,
+    logistic_predict,
+    platt_apply,
+    platt_fit,
+    sens_spec_acc,
+    youden_threshold,
+)
 from model.train import (
     CARD_KIND,
     FUSION_CARD_KEYS,
@@ -181,6 +188,25 @@ def test_the_card_is_recomputed_from_the_shipped_weights(
     assert sensitivity == pytest.approx(metrics["sensitivity"], abs=1e-3)
     assert specificity == pytest.approx(metrics["specificity"], abs=1e-3)
     assert brier(y, p) == pytest.approx(metrics["brier"], abs=1e-3)
+    # The combined model's own threshold and its calls, from the same out-of-fold logits and
+    # the studies' measurements.
+    combined = card["combined_model"]
+    values = {
+        "dl_logit": card["calibration"]["a"] * oof + card["calibration"]["b"],
+        "max_diameter_mm": np.asarray([s.diameter_mm for s in samples]),
+        "loat_area_cm2": np.asarray([s.loat_area_cm2 for s in samples]),
+    }
+    q = np.asarray(
+        [
+            logistic_predict(combined, {k: float(v[i]) for k, v in values.items()})
+            for i in range(y.size)
+        ]
+    )
+    assert youden_threshold(y, q) == pytest.approx(combined["threshold"], abs=1e-5)
+    sensitivity, specificity, _ = sens_spec_acc(y, q, combined["threshold"])
+    assert sensitivity == pytest.approx(combined["sensitivity"], abs=1e-3)
+    assert specificity == pytest.approx(combined["specificity"], abs=1e-3)
+    assert {"sensitivity", "specificity"} <= set(combined["optimism_corrected"]["corrected"])
     # And what the node sends for a study is the calibrated mean of the members.
     predictions = model.predict(_rois_of(samples[:4]))
     for row, prediction in zip(logits[:4], predictions, strict=True):
@@ -344,6 +370,29 @@ def test_training_is_deterministic_for_a_seed(samples: list[StudyRois], tmp_path
     assert again["oof_metrics"] == first["oof_metrics"]
     assert again["calibration"] == first["calibration"]
     assert again["training_ids"] == first["training_ids"]  # a demo card's salt is seeded
+
+
+def test_the_size_target_trains_a_second_head_that_is_not_shipped(
+    samples: list[StudyRois], tmp_path: Path
+) -> None:
+    plain = _short_run(samples, tmp_path / "plain")
+    sized = _short_run(samples, tmp_path / "sized", size_target=1.0)
+    assert plain["training"]["size_target"] is None
+    assert sized["training"]["size_target"]["weight"] == 1.0
+    # The loss carries the size term (a standardised target starts near a squared error of 1).
+    for without, with_size in zip(
+        plain["training"]["folds_detail"], sized["training"]["folds_detail"], strict=True
+    ):
+        assert with_size["loss_history"][0] > without["loss_history"][0] + 0.2
+    # The shipped members are plain classifiers: no size head in the weights or the card.
+    state, _ = load_checkpoint(tmp_path / "sized", required=FUSION_CARD_KEYS)
+    assert not any("size_head" in k for k in state)
+    shape = {k: v for k, v in sized["network"].items() if k not in ("centre", "scale")}
+    assert shape == {k: v for k, v in plain["network"].items() if k not in ("centre", "scale")}
+    model = FusionModel.load(tmp_path / "sized", device="cpu")
+    assert len(model.predict(_rois_of(samples[:2]))) == 2
+    with pytest.raises(ValueError, match="size_target"):
+        train_fusion(samples, tmp_path / "x", roi_spec=ROI, size_target=-1.0)
 
 
 def test_training_refuses_mismatched_rois(samples: list[StudyRois], tmp_path: Path) -> None:

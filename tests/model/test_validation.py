@@ -117,6 +117,12 @@ def test_the_combined_model_optimism_repeats_the_selection_in_every_resample() -
     assert corrected["auc"] < apparent["auc"]
     assert corrected["brier"] > apparent["brier"]
     assert corrected["calibration_slope"] < 1.0  # a new cohort should expect shrinkage
+
+    # The model's own Youden threshold, chosen again in every resample, flatters itself too.
+    def youden_j(figures: dict[str, float]) -> float:
+        return figures["sensitivity"] + figures["specificity"] - 1.0
+
+    assert youden_j(corrected) < youden_j(apparent)
     assert result["resamples"] + result["failed_resamples"] == 60
     fixed = validation.logistic_optimism({"dl_logit": signal}, y, select=False, n_boot=60)
     # One predictor chosen in advance has less to be optimistic about.

@@ -80,3 +80,30 @@ def test_the_report_shows_the_card_items_and_the_test_figures() -> None:
     assert "training set: 0 studies, 0 patients" in text
     older = render_report({"name": "old"}, result, {"checked": False, "reason": "no ids"})
     assert "no TRIPOD+AI section" in older and "training set not checked (no ids)" in older
+    assert "Not evaluated: no combined model." in older
+
+
+def test_the_report_validates_the_combined_model_at_its_own_threshold() -> None:
+    card = {"name": "m", "combined_model": {"features": ["dl_logit", "loat_area_cm2"]}}
+    combined = {
+        "auc": 0.84,
+        "auc_ci95": [0.79, 0.89],
+        "brier": 0.17,
+        "threshold": 0.3812,
+        "sensitivity": 0.75,
+        "specificity": 0.8,
+        "card": {"auc": 0.86, "sensitivity": 0.78, "specificity": None, "brier": 0.16},
+    }
+    text = render_report(card, {"combined_model": combined}, {"checked": False, "reason": "-"})
+    assert "Predictors: dl_logit, loat_area_cm2; threshold 0.3812 (its own Youden)" in text
+    assert "| auc | 0.840 (0.790–0.890) | 0.860 |" in text
+    assert "| sensitivity | 0.750 | 0.780 |" in text
+    assert "| specificity | 0.800 | — |" in text
+    # A card from before the combined model had a threshold: AUC and Brier only.
+    older = {k: v for k, v in combined.items() if k not in ("threshold", "sensitivity")}
+    text = render_report(card, {"combined_model": older}, {"checked": False, "reason": "-"})
+    assert "threshold none in the card (an older model)" in text
+    assert "| sensitivity | — | 0.780 |" in text
+    absent = {"absent_reason": "9 events allow 0 predictor(s)"}
+    text = render_report(card, {"combined_model": absent}, {"checked": False, "reason": "-"})
+    assert "Not evaluated: 9 events allow 0 predictor(s)." in text
