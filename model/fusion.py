@@ -8,8 +8,12 @@ because the method's abstract allows both and the group's earlier CGAResNet18 us
   slices as channels. ``"fusion"`` concatenates the two branches' features (1024) → dropout →
   linear → one logit; ``"tumor-only"`` runs the tumour branch alone.
 * ``"phase"``: the branches are the phases, arterial and portal-venous, each carrying the tumour
-  and the LOAT slices of its phase. ``"tumor-only"`` keeps the two phase branches with the tumour
-  slices only.
+  and the LOAT slices of its phase as channels. ``"tumor-only"`` keeps the two phase branches
+  with the tumour slices only.
+* ``"phase-tiled"``: the phase branches again, but each sees its tumour crop and its LOAT crop
+  side by side in one image (``H × 2W``) instead of stacked as channels, so the first
+  convolution never adds a tumour pixel to an unrelated fat pixel. Its tumour-only comparator is
+  the phase layout's.
 
 The network returns logits; probabilities and calibration belong to :mod:`model.inference`.
 Inputs are ROIs in ``[0, 1]``; with ImageNet weights they are normalised as those weights expect
@@ -50,7 +54,7 @@ __all__ = [
 ARCHS: tuple[str, ...] = ("fusion", "tumor-only")
 
 #: Branch layouts: branches are regions (tumour, LOAT) or phases (arterial, portal-venous).
-LAYOUTS: tuple[str, ...] = ("region", "phase")
+LAYOUTS: tuple[str, ...] = ("region", "phase", "phase-tiled")
 
 #: ImageNet's normalisation for a grey channel: the means of torchvision's RGB mean and std.
 IMAGENET_GREY: tuple[float, float] = (
@@ -113,7 +117,7 @@ class FusionNet(nn.Module):
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if layout == "phase" and (phases != 2 or in_channels % 2):
+        if layout != "region" and (phases != 2 or in_channels % 2):
             raise ValueError(
                 f"the phase layout needs ROIs of two phases (even channels), got {phases} phases "
                 f"and {in_channels} channels"
@@ -136,7 +140,8 @@ class FusionNet(nn.Module):
             self.loat = _branch(in_channels) if self.uses_loat else None
             branches = 2 if self.uses_loat else 1
         else:
-            per_phase = in_channels // 2 * (2 if self.uses_loat else 1)
+            stacked = self.uses_loat and layout == "phase"
+            per_phase = in_channels // 2 * (2 if stacked else 1)
             self.arterial = _branch(per_phase)
             self.portal_venous = _branch(per_phase)
             branches = 2
@@ -159,7 +164,7 @@ class FusionNet(nn.Module):
             "features": FEATURES,
             "layout": self.layout,
         }
-        if self.layout == "phase":
+        if self.layout != "region":
             entry["phases"] = self.phases
         if self.normalise is not None:
             entry["normalise"] = {"mean": self.normalise[0], "std": self.normalise[1]}
@@ -186,7 +191,8 @@ class FusionNet(nn.Module):
             own = [tumor[:, index * half : (index + 1) * half]]
             if self.uses_loat and loat is not None:
                 own.append(loat[:, index * half : (index + 1) * half])
-            inputs.append(torch.cat(own, dim=1))
+            # Stacked as channels ("phase"), or side by side along the width ("phase-tiled").
+            inputs.append(torch.cat(own, dim=1 if self.layout == "phase" else 3))
         assert self.arterial is not None and self.portal_venous is not None
         return torch.cat([self.arterial(inputs[0]), self.portal_venous(inputs[1])], dim=1)
 

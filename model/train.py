@@ -986,8 +986,8 @@ def train_fusion(
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     layout
-        ``"region"`` (branches tumour and LOAT) or ``"phase"`` (branches arterial and
-        portal-venous), :mod:`model.fusion`.
+        ``"region"`` (branches tumour and LOAT), ``"phase"`` (branches arterial and
+        portal-venous) or ``"phase-tiled"`` (the same, crops side by side), :mod:`model.fusion`.
     pretrained
         torchvision ResNet18 weights as safetensors (``mvi-node convert-weights``): every
         branch of every fold starts from them and inputs are normalised as ImageNet's; ``None``

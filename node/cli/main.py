@@ -760,7 +760,10 @@ def train(
         str,
         typer.Option(
             "--layout",
-            help="region: branches tumour and LOAT; phase: branches arterial and portal-venous.",
+            help=(
+                "region: branches tumour and LOAT; phase: branches arterial and portal-venous "
+                "(tumour and fat slices as channels); phase-tiled: the same, crops side by side."
+            ),
         ),
     ] = "region",
     init: Annotated[

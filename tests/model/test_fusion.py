@@ -85,6 +85,28 @@ def test_the_phase_layout_gives_each_phase_its_tumour_and_fat_slices() -> None:
         FusionNet(in_channels=3, layout="phase", phases=1)
 
 
+def test_the_tiled_phase_layout_puts_tumour_and_fat_side_by_side() -> None:
+    torch.manual_seed(0)
+    net = FusionNet("fusion", in_channels=6, layout="phase-tiled").eval()
+    assert [b.conv1.in_channels for b in net.branches()] == [3, 3]  # slices of one phase
+    tumor, loat = torch.rand(2, 6, 32, 32), torch.rand(2, 6, 32, 32)
+    with torch.inference_mode():
+        tiled = torch.cat([tumor[:, :3], loat[:, :3]], dim=3)  # 32 × 64: tumour left, fat right
+        assert torch.equal(net.features(tumor, loat)[:, :512], net.arterial(tiled))
+        changed = loat.clone()
+        changed[:, :3] += 1.0  # the arterial fat only
+        assert not torch.equal(net.features(tumor, changed)[:, :512], net.arterial(tiled))
+        assert torch.equal(
+            net.features(tumor, changed)[:, 512:], net.features(tumor, loat)[:, 512:]
+        )
+    assert net.spec()["layout"] == "phase-tiled" and net.spec()["phases"] == 2
+    # Its tumour-only comparator is the phase layout's: the tumour crop alone per phase.
+    alone = FusionNet("tumor-only", in_channels=6, layout="phase-tiled")
+    assert [b.conv1.in_channels for b in alone.branches()] == [3, 3]
+    with pytest.raises(ValueError, match="two phases"):
+        FusionNet(in_channels=3, layout="phase-tiled", phases=1)
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="arch"):
         FusionNet("radiomics")
