@@ -461,6 +461,15 @@ def test_imagenet_initialisation_and_the_phase_layout_reach_the_card(
         train_fusion(samples, tmp_path / "x", roi_spec=ROI, layout="channels")
 
 
+def test_the_tiled_phase_layout_trains_and_loads(samples: list[StudyRois], tmp_path: Path) -> None:
+    card = _short_run(samples, tmp_path / "tiled", layout="phase-tiled")
+    assert card["layout"] == "phase-tiled" and card["network"]["layout"] == "phase-tiled"
+    model = FusionModel.load(tmp_path / "tiled", device="cpu")
+    assert [b.conv1.in_channels for b in model.network.members[0].branches()] == [3, 3]
+    predictions = model.predict(_rois_of(samples[:3]))
+    assert all(0.0 <= q.mvi_probability <= 1.0 for q in predictions)
+
+
 def test_strong_augmentation_adds_zoom_offset_blur_and_noise() -> None:
     import torch
 
