@@ -28,8 +28,8 @@ least 300 held-out studies. The label model caps the AUC near 0.90 (all latents)
 tumour's), 0.74 (diameter + LOAT area).
 
 Time: the default run (200 training patients, 244 studies; 300 held out; ROI 64; 5 folds; three
-layouts; LOCO) takes about an hour on one CPU thread: region and phase with LOCO took 1,880 s
-beside a test run, rendering included (cold cache), and phase-tiled alone 1,666 s.
+layouts; LOCO) took 1,652 s on two CPU threads with nothing else running (ROIs cached; rendering
+them cold adds about 50 s), and about an hour on one thread beside other work.
 ``--quick`` (100 patients, 300 held out, ROI 32, region layout, 12 epochs, no LOCO) about 3
 (152 s beside a test run).
 
