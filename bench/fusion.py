@@ -89,14 +89,6 @@ def _timings(model: FusionModel, samples: list[StudyRois], repeats: int) -> dict
     return {"latency_s": statistics.median(single), "throughput_per_s": len(batch) / elapsed}
 
 
-def _tumour_only_layout(layout: str, scores: dict[str, Any]) -> str:
-    """The layout whose tumour-only model is ``layout``'s comparator (phase-tiled shares the
-    phase layout's when that one was trained)."""
-    if layout == "phase-tiled" and "tumor-only/phase-tiled" not in scores:
-        return "phase"
-    return layout
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smaller check (see above)")
@@ -180,10 +172,14 @@ def main() -> None:
     }
     scores: dict[str, np.ndarray] = {}
     save_root = args.save or Path(tempfile.mkdtemp(prefix="mvi-bench-models-"))
-    runs = [(lo, ar, "kfold") for lo in args.layout for ar in args.arch]
-    shared = ("phase-tiled", "tumor-only", "kfold")
-    if "phase" in args.layout and shared in runs:
-        runs.remove(shared)  # phase-tiled's tumour-only network is the phase layout's
+    # Phase-tiled's tumour-only network is the phase layout's: trained once when both run.
+    comparator = {"phase-tiled": "phase"} if "phase" in args.layout else {}
+    runs = [
+        (lo, ar, "kfold")
+        for lo in args.layout
+        for ar in args.arch
+        if not (ar == "tumor-only" and lo in comparator)
+    ]
     if args.loco and "fusion" in args.arch and args.sites > 1:
         runs.append((args.layout[0], "fusion", "loco"))
     for layout, arch, cv in runs:
@@ -340,7 +336,7 @@ def main() -> None:
         if fusion not in scores:
             continue
         for other, name in (
-            (f"tumor-only/{_tumour_only_layout(layout, scores)}", "tumour-only"),
+            (f"tumor-only/{comparator.get(layout, layout)}", "tumour-only"),
             ("clinical", "clinical"),
             (f"combined:{fusion}", "combined"),
         ):

@@ -192,8 +192,11 @@ def _combined_lines(card: dict[str, Any], combined: dict[str, Any]) -> list[str]
     low, high = combined["auc_ci95"]
     lines += [
         f"Predictors: {', '.join(features) or '—'}; threshold "
-        + ("none in the card (an older model)" if "threshold" not in combined else "")
-        + (f"{combined['threshold']:.4f} (its own Youden)" if "threshold" in combined else ""),
+        + (
+            f"{combined['threshold']:.4f} (its own Youden)"
+            if "threshold" in combined
+            else "none in the card (an older model)"
+        ),
         "",
         "| metric | test | card (optimism-corrected) |",
         "|---|---|---|",
