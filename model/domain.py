@@ -85,7 +85,7 @@ __all__ = [
     "training_domain",
 ]
 
-DOMAIN_VERSION: str = "2"
+DOMAIN_VERSION: str = "3"
 """Bump whenever a range, a shift or the way :func:`draw_domain` draws changes (cache keys)."""
 
 

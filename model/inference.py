@@ -125,14 +125,20 @@ class FusionModel:
         self.threshold = _number(card["threshold"], "threshold")
         if not 0.0 <= self.threshold <= 1.0:
             raise CheckpointError(f"model card: threshold {self.threshold} is not in [0, 1]")
-        self.combined = self._combined_model(card.get("combined_model"))
+        self.combined = self._combined_model(card.get("combined_model"), calibration)
         ensemble = network if isinstance(network, FusionEnsemble) else FusionEnsemble([network])
         self.network = ensemble.to(self.device).eval()
 
     @staticmethod
-    def _combined_model(entry: Any) -> dict[str, Any] | None:
+    def _combined_model(entry: Any, calibration: Mapping[str, Any]) -> dict[str, Any] | None:
         if not isinstance(entry, Mapping) or "error" in entry or "coefficients" not in entry:
             return None  # the card records why there is none; predictions carry None
+        # The calibration its dl_logit was fitted on: its own record, else (a card written before
+        # that record, since recalibrated) the first calibration in the history, else the card's.
+        history = calibration.get("history") or []
+        fitted_on = entry.get("dl_calibration") or (history[0] if history else calibration)
+        if not isinstance(fitted_on, Mapping):
+            raise CheckpointError("model card: combined_model.dl_calibration must have a and b")
         names = entry.get("names")
         if not isinstance(names, list) or not set(names) <= KNOWN_PREDICTORS:
             raise CheckpointError(
@@ -142,6 +148,8 @@ class FusionModel:
         coefficients = entry["coefficients"]
         return {
             "names": list(names),
+            "a": _number(fitted_on.get("a"), "combined_model.dl_calibration.a"),
+            "b": _number(fitted_on.get("b"), "combined_model.dl_calibration.b"),
             "intercept": _number(entry.get("intercept"), "combined_model.intercept"),
             "coefficients": {
                 n: _number(coefficients.get(n), f"combined_model.coefficients.{n}") for n in names
@@ -304,10 +312,12 @@ class FusionModel:
             diameter = None if max_diameter_mm is None else max_diameter_mm[index]
             area = None if loat_area_cm2 is None else loat_area_cm2[index]
             if self.combined is not None and diameter is not None and area is not None:
-                combined = logistic_predict(
-                    self.combined,
-                    {"dl_logit": dl_logit, "max_diameter_mm": diameter, "loat_area_cm2": area},
-                )
+                predictors = {
+                    "dl_logit": self.combined["a"] * logit + self.combined["b"],
+                    "max_diameter_mm": diameter,
+                    "loat_area_cm2": area,
+                }
+                combined = logistic_predict(self.combined, predictors)
             predictions.append(
                 Prediction(
                     mvi_probability=probability,

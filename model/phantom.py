@@ -476,6 +476,8 @@ class _Anatomy:
     # chest phantom (non_liver)
     lungs: tuple[_Ellipsoid, _Ellipsoid]
     heart: _Ellipsoid
+    # The LOAT pad may displace liver parenchyma (:func:`_clear_loat`): domain studies only.
+    loat_in_fissure: bool = False
 
 
 def _draw_anatomy(rng: np.random.Generator, latents: Mapping[str, float]) -> _Anatomy:
@@ -636,6 +638,70 @@ def _add(a: _Vec, b: _Vec) -> _Vec:
     return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
+#: Most of the LOAT pad an organ may cover before :func:`_clear_loat` moves the pad…
+_LOAT_COVER_MAX: float = 0.25
+#: …by at most this far (mm), in steps of ``_LOAT_STEP_MM``.
+_LOAT_MOVE_MAX_MM: float = 40.0
+_LOAT_STEP_MM: float = 2.0
+_AXES: tuple[_Vec, ...] = (
+    (1.0, 0.0, 0.0),
+    (-1.0, 0.0, 0.0),
+    (0.0, 1.0, 0.0),
+    (0.0, -1.0, 0.0),
+    (0.0, 0.0, 1.0),
+    (0.0, 0.0, -1.0),
+)
+
+
+def _inside(e: _Ellipsoid, points: _F64) -> npt.NDArray[np.bool_]:
+    """Which of ``points`` (n × 3, mm) lie inside the superquadric ``e``."""
+    t = np.abs((points - np.asarray(e.centre)) / np.asarray(e.semi)) ** e.power
+    return np.asarray(t.sum(axis=1) <= 1.0)
+
+
+def _clear_loat(loat: _Ellipsoid, organs: Sequence[_Ellipsoid]) -> tuple[_Ellipsoid, bool]:
+    """The LOAT pad moved out from under ``organs`` when they cover most of it, and whether it
+    must instead displace liver parenchyma where it lies.
+
+    The LOAT is painted last and only into free cavity. Displaced and resized organs (most often
+    the liver pushed onto it) could bury it: 3 of 24 shifted studies had under 5 ml of it (one
+    none), where a patient always has the lesser omentum between the liver and the lesser
+    curvature. The pad is pushed along the axis direction that frees it soonest, as the organ
+    would push the fat. Where no push of up to ``_LOAT_MOVE_MAX_MM`` frees it, the liver has
+    engulfed its place and the pad is painted into the parenchyma instead, as the lesser omentum
+    lies in the fissure for the ligamentum venosum. The draw itself is not repeated, so the seed
+    still fixes the study.
+    """
+    unit = np.linspace(-0.9, 0.9, 7)
+    grid = np.stack(np.meshgrid(unit, unit, unit, indexing="ij"), axis=-1).reshape(-1, 3)
+    grid = grid[(np.abs(grid) ** loat.power).sum(axis=1) <= 1.0] * np.asarray(loat.semi)
+
+    def covered(centre: _F64) -> float:
+        points = grid + centre
+        hit = np.zeros(len(points), dtype=bool)
+        for organ in organs:
+            hit |= _inside(organ, points)
+        return float(hit.mean())
+
+    start = np.asarray(loat.centre)
+    if covered(start) <= _LOAT_COVER_MAX:
+        return loat, False
+    steps = np.arange(_LOAT_STEP_MM, _LOAT_MOVE_MAX_MM + 1e-9, _LOAT_STEP_MM)
+    best: tuple[float, float, _F64] | None = None  # (distance, cover, centre)
+    for distance in steps:
+        for axis in _AXES:
+            centre = start + distance * np.asarray(axis)
+            cover = covered(centre)
+            if cover <= _LOAT_COVER_MAX and (best is None or cover < best[1]):
+                best = (float(distance), cover, centre)
+        if best is not None:
+            break
+    if best is None:
+        return loat, True
+    c = best[2]
+    return _Ellipsoid((float(c[0]), float(c[1]), float(c[2])), loat.semi, loat.power), False
+
+
 def _times(a: _Vec, f: float) -> _Vec:
     return (a[0] * f, a[1] * f, a[2] * f)
 
@@ -675,6 +741,10 @@ def _apply_domain(anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> _Ana
         (left.centre[1] + left.semi[1]) - (anat.liver_left.centre[1] + anat.liver_left.semi[1]),
         0.5 * (shift_l[2] + shift_s[2]),
     )
+    loat, loat_in_fissure = _clear_loat(
+        _Ellipsoid(_add(anat.loat.centre, loat_shift), anat.loat.semi, anat.loat.power),
+        (right, left, stomach),
+    )
     shift_k, scale_k = dom.organ_shift_mm["kidneys"], dom.organ_scale["kidneys"]
     shift_p, scale_p = dom.organ_shift_mm["spleen"], dom.organ_scale["spleen"]
 
@@ -702,7 +772,8 @@ def _apply_domain(anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> _Ana
             _Ellipsoid(_add(k.centre, shift_k), _times(k.semi, scale_k), k.power)
             for k in anat.kidneys
         ),  # type: ignore[arg-type]
-        loat=_Ellipsoid(_add(anat.loat.centre, loat_shift), anat.loat.semi, anat.loat.power),
+        loat=loat,
+        loat_in_fissure=loat_in_fissure,
         tumor_centre=tumor_centre,
     )
 
@@ -966,7 +1037,8 @@ def _draw_viscera(
             sub[tumor_voxels & core] = _TUMOR_CORE
             sub[rim & (sub == _LIVER)] = _RIM
 
-    _paint(labels, _superquadric(grid, anat.loat, shift), _LOAT, _IN_CAVITY)
+    loat_over = _overwrite(_CAVITY, _LIVER) if anat.loat_in_fissure else _IN_CAVITY
+    _paint(labels, _superquadric(grid, anat.loat, shift), _LOAT, loat_over)
 
 
 def _draw_chest(labels: npt.NDArray[np.uint8], grid: _Grid, anat: _Anatomy) -> None:

@@ -1192,6 +1192,9 @@ def train_fusion(
                 "out-of-fold calibrated DL logit (forced) and the clinical candidates selected "
                 "(model.validation.select_predictors)"
             ),
+            # Its dl_logit is this calibration of the network's logit, whatever a later
+            # `recalibrate` does to the card's own: the coefficients were fitted on this scale.
+            "dl_calibration": {"a": a, "b": b},
             **combined,
         },
         "clinical_model": {"features": list(CLINICAL_FEATURES), **clinical},

@@ -164,6 +164,24 @@ def test_a_rendered_study_shows_its_drawn_noise_offset_spacing_and_organ_positio
     assert study.masks["liver"].sum() > study.masks["tumor"].sum() > 0
 
 
+#: Shifted studies of the segmentation bench's cohort (seed 9201, studies 6, 14, 19) whose
+#: displaced liver covered the LOAT pad: 0.32, 0.0 and 4.4 ml of LOAT before it was pushed free.
+BURIED_LOAT_SEEDS = (3050718788, 3044701507, 4026029558)
+
+
+@pytest.mark.parametrize("seed", BURIED_LOAT_SEEDS)
+def test_a_displaced_liver_pushes_the_loat_aside_instead_of_burying_it(seed: int) -> None:
+    study = make_study(seed, PhantomSpec(size=64, phases=("arterial",), domain="shifted"))
+    standard = make_study(seed, PhantomSpec(size=64, phases=("arterial",)))
+    # The pad keeps most of the size the patient's latent gave it (a standard rendering of the
+    # same patient has the LOAT in free cavity).
+    assert study.truth.loat_volume_ml > 0.25 * standard.truth.loat_volume_ml
+    assert study.truth.loat_volume_ml > 3.0
+    # It stays fat beside the liver, never painted over the tumour.
+    assert not (study.masks["loat"] & study.masks["tumor"]).any()
+    assert study.masks["tumor"].sum() > 0
+
+
 def test_measured_shifted_figures_lie_beyond_the_training_ranges() -> None:
     r = TRAINING_RANGES
     for seed in (5, 6):

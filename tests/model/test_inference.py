@@ -139,6 +139,27 @@ def test_combined_probability_follows_the_card(tmp_path: Path) -> None:
     assert only[0].combined_probability is None
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_recalibration_moves_the_dl_probability_not_the_combined_models_scale(
+    tmp_path: Path, recorded: bool
+) -> None:
+    """The combined model was fitted on the training calibration's dl_logit: a site's
+    recalibration changes the DL probability and leaves the combined model's input as it was
+    (from its own record, or for an older card from the first calibration in the history)."""
+    combined = {**COMBINED, "dl_calibration": {"a": 0.5, "b": -0.2}} if recorded else COMBINED
+    history = [{"method": "platt", "a": 0.5, "b": -0.2}]
+    recalibrated = {"method": "platt", "a": 1.7, "b": 0.9, "history": history}
+    before = _save(tmp_path / "before", combined_model=combined)
+    after = _save(tmp_path / "after", combined_model=combined, calibration=recalibrated)
+    kwargs: dict[str, Any] = {"max_diameter_mm": [40.0, 25.0], "loat_area_cm2": [6.0, 3.0]}
+    old = FusionModel.load(before, device="cpu").predict(_rois(2), **kwargs)
+    new = FusionModel.load(after, device="cpu").predict(_rois(2), **kwargs)
+    for o, n in zip(old, new, strict=True):
+        assert n.mvi_probability == pytest.approx(1.0 / (1.0 + math.exp(-(1.7 * n.logit + 0.9))))
+        assert n.mvi_probability != pytest.approx(o.mvi_probability)
+        assert n.combined_probability == pytest.approx(o.combined_probability)
+
+
 def test_tumor_only_needs_no_loat(tmp_path: Path) -> None:
     model = FusionModel.load(_save(tmp_path / "t", arch="tumor-only"), device="cpu")
     rois = [{"tumor": r["tumor"]} for r in _rois(3)]

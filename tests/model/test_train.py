@@ -307,6 +307,8 @@ def test_tiny_training_writes_a_complete_card(
     assert set(combined["features"]) <= {"dl_logit", "max_diameter_mm", "loat_area_cm2"}
     assert combined["selection"]["selected"] == combined["features"]
     assert combined["selection"]["variables_allowed"] == min(card["class_counts"].values()) // 10
+    calibration = card["calibration"]
+    assert combined["dl_calibration"] == {"a": calibration["a"], "b": calibration["b"]}
     # The shipped network is the fold ensemble, each member with its standardisation.
     assert card["network"]["members"] == FOLDS
     assert any(k.startswith("members.1.loat.") for k in state)
