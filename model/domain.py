@@ -48,9 +48,16 @@ Anatomy
     the lesser curvature; the tumour and the intrahepatic vessels move with the liver.
     ``organ_scale``: per organ, a factor on its size (about its own centre; the liver's vessels and
     tumour position scale with it, the tumour's size does not: it is a latent of the MVI label).
-    ``left_lobe_scale``: the left lateral lobe's size relative to the rest of the liver.
+    ``left_lobe_scale``: the left lateral lobe's size relative to the rest of the liver;
+    ``left_lobe_reach``: a further factor on its width alone, its medial edge kept (how far the
+    lobe runs toward the spleen). ``tumor_offset_mm``: per axis, where in the right lobe the
+    tumour lies, relative to the standard phantom's position (kept inside the lobe).
     ``stomach_scale``: distension. ``body_scale``: the abdominal cavity's width and depth;
     ``subcutaneous_fat_mm``: fat outside the muscle wall (body habitus).
+
+The last two were added after a segmenter trained with the tumour always in one place (±3 mm)
+missed tumours elsewhere in the liver: an HCC may lie in any segment. They are drawn last, so
+every earlier draw of a seed is what it was.
 
 Nothing here renders; :func:`draw_domain` returns the numbers a study is rendered with.
 """
@@ -85,7 +92,7 @@ __all__ = [
     "training_domain",
 ]
 
-DOMAIN_VERSION: str = "3"
+DOMAIN_VERSION: str = "4"
 """Bump whenever a range, a shift or the way :func:`draw_domain` draws changes (cache keys)."""
 
 
@@ -170,6 +177,8 @@ class DomainRanges:
     stomach_scale: Span
     body_scale: Span
     subcutaneous_fat_mm: Span
+    left_lobe_reach: Span
+    tumor_offset_mm: Span
 
 
 #: Segmenter training ranges. Each holds the standard phantom's value (offsets 0, gains and
@@ -197,6 +206,8 @@ TRAINING_RANGES = DomainRanges(
     stomach_scale=Span(0.75, 1.3),
     body_scale=Span(0.95, 1.15),
     subcutaneous_fat_mm=Span(6.0, 40.0),
+    left_lobe_reach=Span(0.85, 1.25),
+    tumor_offset_mm=Span(-25.0, 25.0),
 )
 
 
@@ -265,6 +276,8 @@ class Domain:
     stomach_scale: float
     body_scale: tuple[float, float]
     subcutaneous_fat_mm: float
+    left_lobe_reach: float
+    tumor_offset_mm: Vec
 
     @property
     def slice_thickness_mm(self) -> float:
@@ -348,6 +361,13 @@ def draw_domain(
         stomach_scale=plain("stomach_scale"),
         body_scale=(plain("body_scale"), plain("body_scale")),
         subcutaneous_fat_mm=plain("subcutaneous_fat_mm"),
+        # Keyword arguments are evaluated in order: these two are drawn after everything above.
+        left_lobe_reach=plain("left_lobe_reach"),
+        tumor_offset_mm=(
+            plain("tumor_offset_mm"),
+            plain("tumor_offset_mm"),
+            plain("tumor_offset_mm"),
+        ),
     )
 
 

@@ -653,6 +653,23 @@ _AXES: tuple[_Vec, ...] = (
 )
 
 
+#: How deep in the right lobe a moved tumour's centre must stay (superquadric radius, 1 = surface).
+_TUMOR_DEPTH_MAX: float = 0.7
+
+
+def _inside_lobe(lobe: _Ellipsoid, centre: _Vec, offset: _Vec) -> _Vec:
+    """``centre + offset``, the offset shortened until the point lies inside the lobe.
+
+    A tumour pushed out of the liver would be clipped to nothing (it only replaces parenchyma).
+    """
+    for fraction in (1.0, 0.75, 0.5, 0.25):
+        point = _add(centre, _times(offset, fraction))
+        d = np.abs((np.asarray(point) - np.asarray(lobe.centre)) / np.asarray(lobe.semi))
+        if float((d**lobe.power).sum()) ** (1.0 / lobe.power) <= _TUMOR_DEPTH_MAX:
+            return point
+    return centre
+
+
 def _inside(e: _Ellipsoid, points: _F64) -> npt.NDArray[np.bool_]:
     """Which of ``points`` (n × 3, mm) lie inside the superquadric ``e``."""
     t = np.abs((points - np.asarray(e.centre)) / np.asarray(e.semi)) ** e.power
@@ -720,7 +737,13 @@ def _apply_domain(anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> _Ana
     )
     left_semi = _times(anat.liver_left.semi, scale_l * dom.left_lobe_scale)
     left_centre = in_liver(anat.liver_left.centre)
-    tumor_centre = in_liver(anat.tumor_centre)
+    # A longer or shorter lobe toward the spleen, its medial edge where it was.
+    reach = dom.left_lobe_reach
+    left_centre = (left_centre[0] + (reach - 1.0) * left_semi[0], left_centre[1], left_centre[2])
+    left_semi = (left_semi[0] * reach, left_semi[1], left_semi[2])
+    tumor_centre = _inside_lobe(
+        right, in_liver(anat.tumor_centre), _times(dom.tumor_offset_mm, scale_l)
+    )
     if dom.arrangement is Arrangement.VARIANT:
         # "Beaver-tail" liver: the left lateral lobe runs on over the stomach toward the spleen.
         left_centre = (left_centre[0] + 0.45 * left_semi[0], left_centre[1], left_centre[2])

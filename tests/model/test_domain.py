@@ -27,7 +27,7 @@ from model.domain import (
     shifted_spans,
     training_domain,
 )
-from model.phantom import PhantomSpec, make_study
+from model.phantom import PhantomSpec, PhantomStudy, make_study
 
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 PARAMETERS = [f.name for f in dataclasses.fields(TRAINING_RANGES)]
@@ -91,9 +91,21 @@ def test_the_standard_phantom_is_inside_the_training_ranges() -> None:
     assert standard.spacing_mm[2] in r.slice_spacing_mm
     assert standard.field_of_view_mm in r.field_of_view_mm
     assert standard.z_extent_mm in r.z_extent_mm
-    for name in ("tissue_hu_offset", "hu_offset", "organ_shift_mm", "table_offset_mm"):
+    for name in (
+        "tissue_hu_offset",
+        "hu_offset",
+        "organ_shift_mm",
+        "table_offset_mm",
+        "tumor_offset_mm",
+    ):
         assert 0.0 in getattr(r, name)
-    for name in ("enhancement_gain", "organ_scale", "left_lobe_scale", "stomach_scale"):
+    for name in (
+        "enhancement_gain",
+        "organ_scale",
+        "left_lobe_scale",
+        "left_lobe_reach",
+        "stomach_scale",
+    ):
         assert 1.0 in getattr(r, name)
 
 
@@ -180,6 +192,26 @@ def test_a_displaced_liver_pushes_the_loat_aside_instead_of_burying_it(seed: int
     # It stays fat beside the liver, never painted over the tumour.
     assert not (study.masks["loat"] & study.masks["tumor"]).any()
     assert study.masks["tumor"].sum() > 0
+
+
+def test_the_tumour_lies_anywhere_in_the_right_lobe_not_in_one_place() -> None:
+    """A segmenter trained with the tumour always in one spot learns the spot: the randomised
+    tumour moves by its drawn offset (tens of mm) and stays in the liver."""
+
+    def tumour_centroid(study: PhantomStudy) -> np.ndarray:
+        return _centroid_mm(study.masks["tumor"], study.spacing_mm, study.origin_mm)
+
+    moved, still = [], []
+    for seed in range(8):
+        study = make_study(seed, PhantomSpec(size=64, phases=("arterial",), domain="randomised"))
+        standard = make_study(seed, PhantomSpec(size=64, phases=("arterial",)))
+        assert study.truth.tumor_volume_ml > 1.0
+        assert study.domain is not None
+        liver = np.asarray(study.domain.organ_shift_mm["liver"])
+        moved.append(tumour_centroid(study) - liver)
+        still.append(tumour_centroid(standard))
+    assert np.std(moved, axis=0).max() > 8.0
+    assert np.std(still, axis=0).max() < 4.0
 
 
 def test_measured_shifted_figures_lie_beyond_the_training_ranges() -> None:
