@@ -43,6 +43,7 @@ from node.core.settings import PeerSection, Settings
 __all__ = [
     "ANALYSABLE_SOP_CLASSES",
     "CANNOT_UNDERSTAND",
+    "CANNOT_UNDERSTAND_INVALID_UID",
     "CANNOT_UNDERSTAND_MISSING_UID",
     "COMPREHENSIVE_3D_SR_STORAGE",
     "COMPREHENSIVE_SR_STORAGE",
@@ -107,6 +108,9 @@ DATASET_SOP_CLASS_MISMATCH: Final = 0xA900
 DATASET_SOP_INSTANCE_MISMATCH: Final = 0xA901
 CANNOT_UNDERSTAND: Final = 0xC000
 CANNOT_UNDERSTAND_MISSING_UID: Final = 0xC001
+#: A UID that is not 1–64 characters of digits in dot-separated components (PS3.5 9.1): it would
+#: be copied into the node's results and could name a path.
+CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC002
 
 
 def is_pending(code: int) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    RE_VALID_UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -43,6 +44,7 @@ from node import MANUFACTURER, MODEL_NAME
 from node.core.dicom import (
     ANALYSABLE_SOP_CLASSES,
     CANNOT_UNDERSTAND,
+    CANNOT_UNDERSTAND_INVALID_UID,
     CANNOT_UNDERSTAND_MISSING_UID,
     DATASET_SOP_CLASS_MISMATCH,
     DATASET_SOP_INSTANCE_MISMATCH,
@@ -199,6 +201,11 @@ def _store(event: evt.Event, state: ReceiverState) -> int:
     if missing:
         log.warning("store failed: dataset lacks UIDs", missing=missing)
         return CANNOT_UNDERSTAND_MISSING_UID
+    invalid = [k for k, v in uids.items() if len(v) > 64 or not RE_VALID_UID.match(v)]
+    if invalid:
+        # Only the keys: a bad UID may carry anything the sender put there.
+        log.warning("store failed: dataset has invalid UIDs", invalid=invalid)
+        return CANNOT_UNDERSTAND_INVALID_UID
     if uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
         log.warning("store failed: SOP class differs from the request")
         return DATASET_SOP_CLASS_MISMATCH

@@ -275,9 +275,23 @@ def test_bad_datasets_get_failure_statuses_and_the_node_carries_on(
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(mismatch, enforce_file_format=False)
 
+    bad_uids = []
+    for key, value in (
+        ("StudyInstanceUID", "../../x"),
+        ("SeriesInstanceUID", "1.2.abc"),
+        ("StudyInstanceUID", "1.2." + "3" * 70),
+        ("SeriesInstanceUID", "1..2"),
+    ):
+        ds = _ct_dataset()
+        setattr(ds, key, value)
+        path = tmp_path / f"bad_uid_{len(bad_uids)}.dcm"
+        ds.save_as(path, enforce_file_format=False)
+        bad_uids.append(path)
+
     with running_node(tmp_path / "node") as node:
         assert _send_file(node, truncated) & 0xF000 == 0xC000
         assert _send_file(node, no_uid) == 0xC001
+        assert [_send_file(node, path) for path in bad_uids] == [0xC002] * len(bad_uids)
         assert _send_file(node, mismatch) == 0xA901
         assert _send_file(node, good) == 0x0000
         assert node.process.poll() is None
