@@ -4,14 +4,23 @@ Every log line that concerns a study names it by :func:`study_key`, a short keye
 StudyInstanceUID, never by the UID or by patient identifiers. :func:`scrub_phi` is a structlog
 processor that enforces it: patient name, patient ID, birth date and accession number are
 dropped from every event, whatever the caller passed, and raw UIDs are replaced by their keys.
+
+Exceptions are where identifiers slip past key-based scrubbing: a database error's message
+carries the statement's parameters, a parser's error may quote a value. :func:`exception_summary`
+renders an exception as its type, its message with quoted text and bracketed parameter lists
+masked, and the frames (file, line, function) without their source text; engines are made with
+``hide_parameters=True`` besides.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
+import traceback
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
@@ -94,6 +103,65 @@ def scrub_phi(
     return event_dict
 
 
+#: Quoted text and the ``[parameters: …]`` a database error appends: values, not structure.
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"|\[parameters: [^\]]*\]")
+_MESSAGE_LIMIT = 300
+
+
+def exception_summary(
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> str:
+    """``Type: message`` with values masked, then ``at file:line in function`` for each frame.
+
+    Enough to find the failing line, nothing a dataset could have put there: a message's quoted
+    values become ``'…'``, and the source lines of the frames are left out.
+    """
+    name = exc_type.__name__ if exc_type is not None else "Exception"
+    message = _QUOTED.sub("'…'", str(exc) if exc is not None else "")
+    message = " ".join(message.split())[:_MESSAGE_LIMIT]
+    frames = [
+        f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
+        for frame in traceback.extract_tb(tb)
+    ]
+    cause = exc.__cause__ if exc is not None else None
+    text = f"{name}: {message}" if message else name
+    if frames:
+        text += " (at " + " < ".join(reversed(frames)) + ")"
+    if cause is not None:
+        text += " caused by " + exception_summary(type(cause), cause, cause.__traceback__)
+    return text
+
+
+def _exc_info(value: Any) -> tuple[Any, Any, Any] | None:
+    if isinstance(value, BaseException):
+        return type(value), value, value.__traceback__
+    if isinstance(value, tuple) and len(value) == 3:
+        return value[0], value[1], value[2]
+    if value:
+        current = sys.exc_info()
+        return current if current[0] is not None else None
+    return None
+
+
+def summarise_exceptions(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: ``exc_info`` becomes an ``exception`` summary, never a traceback."""
+    info = _exc_info(event_dict.pop("exc_info", None))
+    if info is not None:
+        event_dict["exception"] = exception_summary(*info)
+    return event_dict
+
+
+class _SummaryFormatter(logging.Formatter):
+    """The libraries' log lines (standard logging) with exceptions summarised the same way."""
+
+    def formatException(self, ei: Any) -> str:
+        return "exception: " + exception_summary(*ei)
+
+
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog (and the standard library's logging) for the whole process.
 
@@ -119,7 +187,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         scrub_phi,
         structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
+        summarise_exceptions,
         renderer,
     ]
     structlog.configure(
@@ -131,7 +199,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     # Libraries (pynetdicom, apscheduler) log through the standard library: same stream, never
     # below INFO, so their per-dataset debug dumps cannot reach the log.
     handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_SummaryFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))

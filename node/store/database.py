@@ -909,9 +909,11 @@ def store_writable(url: str) -> str | None:
     path = sqlite_path(url)
     if path is not None:
         # mode=rw: a missing file is an error here, not a new empty database.
-        engine = create_engine(f"sqlite:///file:{path}?mode=rw&uri=true", poolclass=NullPool)
+        engine = create_engine(
+            f"sqlite:///file:{path}?mode=rw&uri=true", poolclass=NullPool, hide_parameters=True
+        )
     else:
-        engine = create_engine(url, poolclass=NullPool)
+        engine = create_engine(url, poolclass=NullPool, hide_parameters=True)
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "sqlite":

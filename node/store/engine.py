@@ -36,7 +36,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     """The engine a :class:`~node.store.database.Store` runs its queries on."""
-    engine = create_engine(url, future=True)
+    # hide_parameters: an error's message would otherwise carry the row's values (patient names).
+    engine = create_engine(url, future=True, hide_parameters=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -50,7 +51,7 @@ def schema_engine(url: str) -> Engine:
     process that wants to change the schema waits (busy_timeout) until the first has committed.
     PostgreSQL: a transaction-scoped advisory lock does the same.
     """
-    engine = create_engine(url, future=True, poolclass=NullPool)
+    engine = create_engine(url, future=True, poolclass=NullPool, hide_parameters=True)
     if engine.dialect.name == "sqlite":
 
         def connect(dbapi_connection: Any, record: Any) -> None:

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import sqlite3
+from pathlib import Path
 
-from node.core.logging import configure_logging, get_logger, study_key, uid_key
+from node.core.logging import (
+    configure_logging,
+    exception_summary,
+    get_logger,
+    study_key,
+    uid_key,
+)
+from node.store.database import InstanceRecord, Store
 
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 
@@ -79,3 +89,59 @@ def test_series_and_instance_uids_become_keys() -> None:
     record = json.loads(stream.getvalue().strip())
     assert record == record | {"series_key": uid_key("1.2.3"), "instance_key": uid_key("1.2.3.4")}
     assert "1.2.3" not in stream.getvalue()
+
+
+def test_a_database_error_on_a_phi_laden_row_logs_no_identifier(tmp_path: Path) -> None:
+    """SQLAlchemy puts a failed statement's parameters in its message, and a traceback quotes
+    it: the node's log keeps the error's type and where it happened, never the row's values."""
+    store = Store(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    connection = sqlite3.connect(tmp_path / "node.sqlite3")
+    with connection:
+        connection.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON studies "
+            "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+        )
+    connection.close()
+    row = InstanceRecord(
+        study_uid=UID,
+        series_uid=UID + ".1",
+        sop_instance_uid=UID + ".1.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path="aa/x.dcm",
+        size=10,
+        sha256="0" * 64,
+        calling_ae="SCU",
+        modality="CT",
+        analysable=True,
+        patient_id="PID-998877",
+        patient_name="DOE^JANE",
+        accession_number="ACC-55443322",
+        study_date="19450101",
+    )
+    for stream, on_tty in ((io.StringIO(), False), (FakeTTY(), True)):
+        configure_logging("info", stream=stream)
+        try:
+            store.record_instance(row)
+        except Exception:
+            get_logger("test").exception("store failed")
+            logging.getLogger("a.library").exception("job raised")
+        else:
+            raise AssertionError("the trigger should have refused the row")
+        text = stream.getvalue()
+        for secret in ("DOE^JANE", "PID-998877", "ACC-55443322", "19450101", UID):
+            assert secret not in text, (on_tty, secret)
+        assert "IntegrityError" in text and "record_instance" in text
+        if not on_tty:
+            record = json.loads(text.splitlines()[0])
+            assert record["exception"].startswith("IntegrityError: ")
+
+
+def test_an_exception_summary_masks_quoted_values_and_keeps_the_frames() -> None:
+    try:
+        raise ValueError("bad PatientName 'DOE^JANE' in \"file-of-DOE\"")
+    except ValueError as exc:
+        summary = exception_summary(type(exc), exc, exc.__traceback__)
+    assert "DOE" not in summary
+    assert summary.startswith("ValueError: bad PatientName '…' in '…'")
+    assert "test_logging.py:" in summary and "in test_an_exception_summary" in summary
