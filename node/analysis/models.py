@@ -1,16 +1,20 @@
 """Which segmenter and MVI model a node uses, loaded once per worker process.
 
 ``pipeline.segmenter_dir`` and ``pipeline.model_dir`` name site models; when empty, the demo
-models cached by ``mvi-node demo`` (``$XDG_CACHE_HOME/mvi-node/models``) are used. Without either,
-a job fails with one line that says how to get one.
+models are used: the demo segmenter shipped with the code (:data:`SHIPPED_SEGMENTER`) while it
+matches this code, else the one ``mvi-node demo`` builds, and the demo MVI model, both cached in
+``$XDG_CACHE_HOME/mvi-node/models``. Without either, a job fails with one line that says how to
+get one.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import model
 from node.core.errors import ConfigurationError
 from node.core.settings import Settings
 
@@ -24,13 +28,48 @@ class ModelUnavailable(ConfigurationError):
     """No usable model: the message says which setting to set or which command to run."""
 
 
-def demo_segmenter_dir() -> Path:
-    """Where `mvi-node train-seg --phantoms` (with the demo defaults) caches the segmenter."""
-    from model.checkpoint import demo_cache_dir
+#: The demo segmenter as the project trained it (``make demo-segmenter``: ``mvi-node train-seg
+#: --phantoms 48``, 6,000 steps, 33 min on 2 CPU cores), shipped so that a first ``make demo``
+#: need not train one: 2.4 MB of safetensors and its card. Trained on the project's own phantoms
+#: only, a demo model like the rest.
+SHIPPED_SEGMENTER: Path = Path(model.__file__).resolve().parent / "weights" / "demo_segmenter"
+
+
+def demo_segmenter_key() -> dict[str, Any]:
+    """Every setting of the demo segmenter's build (:func:`node.offline.train_seg.demo_key`)."""
     from node.offline.train_seg import DEMO_ITERATIONS, DEMO_PHANTOMS, TrainSegOptions, demo_key
 
-    options = TrainSegOptions(phantoms=DEMO_PHANTOMS)
-    return demo_cache_dir("segmenter", demo_key(options, DEMO_ITERATIONS))
+    key = demo_key(TrainSegOptions(phantoms=DEMO_PHANTOMS), DEMO_ITERATIONS)
+    # As a card stores it (tuples become lists), so that the two compare equal.
+    return dict(json.loads(json.dumps(key)))
+
+
+def shipped_segmenter_is_current(directory: Path | None = None) -> bool:
+    """Whether the shipped demo segmenter was built by this code's demo settings.
+
+    A change to the labels, the card, the phantoms, the domain ranges or the augmentation changes
+    the key: the shipped weights are then passed over (and a test says to rebuild them).
+    """
+    from model.checkpoint import CARD_NAME, is_checkpoint_dir
+
+    directory = SHIPPED_SEGMENTER if directory is None else directory
+    if not is_checkpoint_dir(directory):
+        return False
+    try:
+        card = json.loads((directory / CARD_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and card.get("demo_key") == demo_segmenter_key()
+
+
+def demo_segmenter_dir() -> Path:
+    """The demo segmenter: the shipped one while current, else where `mvi-node train-seg
+    --phantoms` (with the demo defaults) caches the one it builds."""
+    from model.checkpoint import demo_cache_dir
+
+    if shipped_segmenter_is_current():
+        return SHIPPED_SEGMENTER
+    return demo_cache_dir("segmenter", demo_segmenter_key())
 
 
 #: Training settings of the demo MVI model (part of its cache key; ``shipped`` 2: the fold

@@ -52,6 +52,8 @@ def test_model_build_skipped_when_cached(tmp_path: Path, monkeypatch: pytest.Mon
     from node.analysis.models import demo_fusion_dir, demo_segmenter_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # As if the shipped segmenter no longer matched the code: both come from the cache.
+    monkeypatch.setattr("node.analysis.models.SHIPPED_SEGMENTER", tmp_path / "not-shipped")
     seg_dir, fusion_dir = demo_segmenter_dir(), demo_fusion_dir()
     assert str(seg_dir).startswith(str(tmp_path))
     assert demo.needs_build(seg_dir, fusion_dir) == {"segmenter": True, "fusion": True}
