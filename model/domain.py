@@ -92,7 +92,7 @@ __all__ = [
     "training_domain",
 ]
 
-DOMAIN_VERSION: str = "4"
+DOMAIN_VERSION: str = "5"
 """Bump whenever a range, a shift or the way :func:`draw_domain` draws changes (cache keys)."""
 
 

@@ -478,6 +478,9 @@ class _Anatomy:
     heart: _Ellipsoid
     # The LOAT pad may displace liver parenchyma (:func:`_clear_loat`): domain studies only.
     loat_in_fissure: bool = False
+    # The perirenal fat displaces liver parenchyma, so a kidney pushed up never touches the
+    # liver bare (domain studies only; the standard phantom keeps its pixels).
+    kidney_fat_over_liver: bool = False
 
 
 def _draw_anatomy(rng: np.random.Generator, latents: Mapping[str, float]) -> _Anatomy:
@@ -797,6 +800,10 @@ def _apply_domain(anat: _Anatomy, dom: Domain, rng: np.random.Generator) -> _Ana
         ),  # type: ignore[arg-type]
         loat=loat,
         loat_in_fissure=loat_in_fissure,
+        # Displaced organs made the kidney indent the liver with no fat between them: on the
+        # shifted cohort the segmenter read the bright kidney inside the liver's outline as a
+        # hypervascular tumour (6.7 to 18 ml components). Gerota's fat is always there.
+        kidney_fat_over_liver=True,
         tumor_centre=tumor_centre,
     )
 
@@ -1032,7 +1039,8 @@ def _draw_viscera(
         fat = _Ellipsoid(
             kidney.centre, (kidney.semi[0] + 8.0, kidney.semi[1] + 8.0, kidney.semi[2] + 8.0)
         )
-        _paint(labels, _superquadric(grid, fat, shift), _RETRO_FAT, _IN_CAVITY)
+        fat_over = _overwrite(_CAVITY, _LIVER) if anat.kidney_fat_over_liver else _IN_CAVITY
+        _paint(labels, _superquadric(grid, fat, shift), _RETRO_FAT, fat_over)
         _paint(
             labels,
             _superquadric(grid, kidney, shift),

@@ -7,6 +7,7 @@ line that says what is wrong and what to do.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import sys
 import time
@@ -1368,8 +1369,14 @@ def _register_demo() -> None:
 _register_demo()
 
 
+#: Files the node writes hold patient data (spool, database, exports, reports): never readable
+#: by other users, whatever the shell's umask (the systemd unit sets the same).
+UMASK = 0o027
+
+
 def main() -> None:
     """Console-script entry point."""
+    os.umask(UMASK)
     try:
         app()
     except KeyboardInterrupt:

@@ -67,6 +67,9 @@ def start_node(settings: Settings) -> Node:
     # Bad TLS files must stop the start before anything else runs.
     tls = server_context(settings.security)
     data_dir = settings.node.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The spool and the database live here: the node's account alone, even if created by hand.
+    data_dir.chmod(0o700)
     spool_root = data_dir / "spool"
     spool_root.mkdir(parents=True, exist_ok=True)
     # The embedded database is the node's own: serve brings it to head before the workers

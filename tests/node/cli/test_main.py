@@ -46,7 +46,9 @@ def test_config_check_prints_the_effective_configuration() -> None:
 def test_config_check_redacts_secrets(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text("[node]\nport = 11113\n")
-    result = mvi_node("config", "check", path, env={"MVI_SECURITY__PSEUDONYM_KEY": "topsecret"})
+    result = mvi_node(
+        "config", "check", path, env={"MVI_SECURITY__PSEUDONYM_KEY": "topsecret-" + "k" * 32}
+    )
     assert result.returncode == 0, result.stderr
     assert "topsecret" not in result.stdout
     assert "port = 11113" in result.stdout

@@ -172,18 +172,33 @@ def test_a_bad_environment_variable_is_named(
     assert "MVI_NODE__PORT" in line
 
 
-def test_secrets_are_redacted(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        '[security]\npseudonym_key = "hunter2"\n'
-        '[database]\nurl = "postgresql+psycopg://mvi:s3cret@db/mvi"\n',
-    )
+KEY = "hunter2-" + "x" * 32
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://mvi:s3cret@db/mvi", f"mvi:{REDACTED}@db/mvi"),
+        (
+            "postgresql+psycopg://mvi@db/mvi?sslmode=require&password=s3cret",
+            f"mvi@db/mvi?sslmode=require&password={REDACTED}",
+        ),
+    ],
+)
+def test_secrets_are_redacted(tmp_path: Path, url: str, shown: str) -> None:
+    path = write(tmp_path, f'[security]\npseudonym_key = "{KEY}"\n[database]\nurl = "{url}"\n')
     settings = load_settings(path)
     text = to_toml(redacted_dict(settings))
     assert "hunter2" not in text and "s3cret" not in text
     assert f'pseudonym_key = "{REDACTED}"' in text
-    assert f"mvi:{REDACTED}@db" in text
-    assert settings.security.pseudonym_key.get_secret_value() == "hunter2"
+    assert shown in text
+    assert settings.security.pseudonym_key.get_secret_value() == KEY
+
+
+def test_a_short_pseudonym_key_is_refused_without_being_printed(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, '[security]\npseudonym_key = "hunter2"\n')
+    assert "security.pseudonym_key" in line and "at least 32 bytes, got 7" in line
+    assert "hunter2" not in line
 
 
 def test_printed_configuration_reads_back_identically(tmp_path: Path) -> None:

@@ -538,3 +538,19 @@ def test_operator_commands_echo_and_studies_list(tmp_path: Path, cohort: Path) -
         assert patient_id in shown.stdout
     closed = mvi_node("echo", "self", "--config", cli_config)
     assert closed.returncode == 1 and "association failed" in closed.stderr
+
+
+def test_patient_data_at_rest_is_the_node_accounts_alone(tmp_path: Path) -> None:
+    """Outside systemd (no UMask=) the node still writes nothing other users can read: the data
+    directory 0700, spooled instances and the database without any bit for others."""
+    data = tmp_path / "node" / "data"
+    data.mkdir(parents=True, mode=0o755)  # made by hand, too open
+    good = tmp_path / "good.dcm"
+    _ct_dataset().save_as(good, enforce_file_format=False)
+    with running_node(tmp_path / "node") as node:
+        assert _send_file(node, good) == 0x0000
+        assert data.stat().st_mode & 0o777 == 0o700
+        files = [*node.spool.rglob("*.dcm"), *data.glob("*.sqlite3*")]
+        assert len(files) >= 2
+        for path in files:
+            assert path.stat().st_mode & 0o007 == 0, (path.name, oct(path.stat().st_mode))

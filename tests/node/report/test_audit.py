@@ -30,7 +30,7 @@ from node.report.audit import (
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 TRUE_HR = 2.5
 BASE_RATE = 0.02  # events per month in the low-risk group
-KEY = "audit-test-pseudonym-key"
+KEY = "audit-test-pseudonym-key-of-32-bytes-at-least"
 
 
 # --------------------------------------------------------------------------------------------

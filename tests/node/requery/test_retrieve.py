@@ -29,6 +29,7 @@ from tests.orthanc import Orthanc, orthanc_or_skip, running_orthanc
 #: The cohort's studies are dated 2024-03-01 + index days (the phantom writer's default).
 FIRST_DAY = dt.date(2024, 3, 1)
 SIZE = {"size": 64, "slices": 16}
+SITE_KEY = "site-secret-" + "k" * 32  # security.pseudonym_key needs 32 bytes
 
 
 def _series(*descriptions: str, modality: str = "CT") -> list[dict[str, str]]:
@@ -342,7 +343,12 @@ def _store_with_results(tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
     data = tmp_path / "data"
     config = tmp_path / "node.toml"
     config.write_text(
-        to_toml({"node": {"data_dir": str(data)}, "security": {"pseudonym_key": "site-secret"}})
+        to_toml(
+            {
+                "node": {"data_dir": str(data)},
+                "security": {"pseudonym_key": SITE_KEY},
+            }
+        )
     )
     settings = Settings.model_validate(tomllib.loads(config.read_text()))
     store = Store(settings.database_url)
@@ -404,9 +410,9 @@ def test_results_export_hashes_identifiers_by_default(tmp_path: Path) -> None:
         assert tuple(next(csv.reader(handle))) == COLUMNS
     rows = _read_csv(out)
     assert [r["study_instance_uid"] for r in rows] == [
-        keyed_hash(s["uid"], "site-secret") for s in studies
+        keyed_hash(s["uid"], SITE_KEY) for s in studies
     ]
-    assert rows[0]["patient_id"] == keyed_hash("PAT0", "site-secret")
+    assert rows[0]["patient_id"] == keyed_hash("PAT0", SITE_KEY)
     text = out.read_text()
     for s in studies:
         assert s["uid"] not in text and s["patient"] not in text and s["accession"] not in text
