@@ -106,6 +106,21 @@ class NodeSection(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+#: Shortest ``security.pseudonym_key`` (bytes, UTF-8): a short key lets anyone who guesses it
+#: recompute a patient's pseudonym from the patient ID. ``openssl rand -hex 32`` gives 64.
+PSEUDONYM_KEY_MIN_BYTES = 32
+
+
+def _check_pseudonym_key(value: SecretStr) -> SecretStr:
+    size = len(value.get_secret_value().encode("utf-8"))
+    if 0 < size < PSEUDONYM_KEY_MIN_BYTES:
+        raise ValueError(
+            f"must be at least {PSEUDONYM_KEY_MIN_BYTES} bytes, got {size} "
+            "(make one with `openssl rand -hex 32`)"
+        )
+    return value
+
+
 class SecuritySection(_Section):
     """``[security]``: who may associate, DICOM TLS, and the key for pseudonymised exports."""
 
@@ -117,6 +132,7 @@ class SecuritySection(_Section):
     pseudonym_key: SecretStr = SecretStr("")
 
     _none = field_validator("tls_cert", "tls_key", "tls_ca", mode="before")(_empty_to_none)
+    _key = field_validator("pseudonym_key")(_check_pseudonym_key)
 
 
 class PeerSection(_Section):
@@ -527,12 +543,22 @@ def redacted_dict(settings: Settings) -> dict[str, Any]:
     return data
 
 
+#: Query parameters of a database URL that carry a secret (libpq's and the drivers' names).
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "secret", "token"})
+
+
 def _redact_url(url: str) -> str:
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)
+    query = "&".join(
+        f"{name}={REDACTED}" if name.lower() in _SECRET_QUERY_KEYS and sep else pair
+        for pair in parts.query.split("&")
+        if pair
+        for name, sep, _ in [pair.partition("=")]
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
