@@ -20,6 +20,7 @@ from model.registration import register, resample_onto
 from model.segmentation import (
     LABELS,
     LEGACY_LABELS,
+    MIN_LESION_WIDTH_MM,
     SEGMENTER_CARD_VERSION,
     Masks,
     TrainingRange,
@@ -100,11 +101,37 @@ def test_a_segmenters_liver_and_tumour_outside_the_main_liver_are_dropped() -> N
     assert masks.liver[2:18, 5:35, 5:35].all()
     # The stray blob is no second lesion: one component, and the count of what was dropped.
     assert masks.tumor_components == 1 and masks.tumor_component_voxels == (6 * 8 * 8,)
-    assert masks.dropped_voxels == {"liver": 8 * 8 * 8, "tumor": 27, "loat": 0}
+    assert masks.dropped_voxels == {"liver": 8 * 8 * 8, "tumor": 27, "loat": 0, "tumor_narrow": 0}
     # A reader's SEG is kept as drawn: the same labels without spacing keep both.
     drawn = postprocess(labels, hu, "supplied", LABELS)
     assert drawn.tumor_components == 2 and drawn.liver[4:12, 44:52, 44:52].all()
     assert drawn.dropped_voxels == {}
+
+
+def test_tumour_specks_narrower_than_a_lesion_stay_liver() -> None:
+    """Partial volume at the liver's surface and noise give thin "tumour" specks: a component
+    is a lesion only when it is MIN_LESION_WIDTH_MM (8 mm) wide on some axial slice."""
+    assert MIN_LESION_WIDTH_MM == 8.0
+    labels, hu = _abdomen()  # the tumour: 16 mm wide, 12 mm deep
+    labels[3:10, 28:34, 33:35] = LABELS["tumor"]  # a rim at the surface, 4 mm wide
+    labels[14:16, 25:27, 25:27] = LABELS["tumor"]  # a speck 4 mm wide
+    masks = postprocess(labels, hu, "unet", LABELS, spacing_mm=(2.0, 2.0, 2.0))
+    assert masks.tumor_components == 1 and masks.tumor_component_voxels == (6 * 8 * 8,)
+    assert masks.dropped_voxels["tumor_narrow"] == 7 * 6 * 2 + 2 * 2 * 2
+    assert masks.liver[3:10, 28:34, 33:35].all()  # the specks stay liver
+    # Width is in-plane and in mm: with 1 mm pixels the tumour is 8 mm wide and stays…
+    fine = postprocess(labels, hu, "unet", LABELS, spacing_mm=(1.0, 1.0, 2.0))
+    assert fine.tumor_components == 1 and fine.tumor.sum() == 6 * 8 * 8
+    # …a lesion on one thick slice is no thinner for it…
+    one_slice = np.where(labels == LABELS["tumor"], LABELS["liver"], labels).astype(np.uint8)
+    one_slice[8, 10:16, 10:16] = LABELS["tumor"]  # 12 mm wide, one 7 mm slice
+    thick = postprocess(one_slice, hu, "unet", LABELS, spacing_mm=(2.0, 2.0, 7.0))
+    assert thick.tumor.sum() == 36
+    # …and with 0.5 mm pixels the 12 mm tumour is 4 mm wide: a speck, no lesion.
+    small = postprocess(labels, hu, "unet", LABELS, spacing_mm=(0.5, 0.5, 2.0))
+    assert small.tumor_components == 0 and small.tumor.sum() == 0
+    # A reader's SEG is kept as drawn.
+    assert postprocess(labels, hu, "supplied", LABELS).tumor_components == 3
 
 
 def test_a_liver_cut_in_two_keeps_both_parts() -> None:
