@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mvi-node demo
 
-# Rebuilds the demo segmenter shipped in model/weights (about 30 minutes on 2 cores): needed when
+# Rebuilds the demo segmenter shipped in model/weights (about 21 minutes on 2 cores): needed when
 # tests/node/analysis/test_models.py says the shipped one no longer matches the code. Commit it.
 demo-segmenter: $(STAMP)
 	$(BIN)/mvi-node train-seg --phantoms 48 --force --out model/weights/demo_segmenter

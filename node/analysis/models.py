@@ -29,7 +29,7 @@ class ModelUnavailable(ConfigurationError):
 
 
 #: The demo segmenter as the project trained it (``make demo-segmenter``: ``mvi-node train-seg
-#: --phantoms 48``, 6,000 steps, 33 min on 2 CPU cores), shipped so that a first ``make demo``
+#: --phantoms 48``, 6,000 steps, 21 min on 2 CPU cores), shipped so that a first ``make demo``
 #: need not train one: 2.4 MB of safetensors and its card. Trained on the project's own phantoms
 #: only, a demo model like the rest.
 SHIPPED_SEGMENTER: Path = Path(model.__file__).resolve().parent / "weights" / "demo_segmenter"
