@@ -135,9 +135,9 @@ LOAT_LIVER_MM: float = 10.0
 #: slice, i.e. holding an in-plane point half of it from their edge. Narrower ones are specks of
 #: partial volume at the liver's surface and noise: on the shifted cohort 7 of 8 studies had 1 to
 #: 9 of them (0.1-1.9 ml, all but one at most 3.8 mm from their own edge, a median 2 mm inside
-#: the liver), while the true tumours (14 mm across and more) reached 7.7 mm and more. Counted in the axial plane, as
-#: the report's diameter is, so thick slices do not make a lesion look thin. A lesion under 8 mm
-#: is below what the node measures; such components stay liver.
+#: the liver), while the true tumours (14 mm across and more) reached 7.7 mm and more. Counted
+#: in the axial plane, as the report's diameter is, so thick slices do not make a lesion look
+#: thin. A lesion under 8 mm is below what the node measures; such components stay liver.
 MIN_LESION_WIDTH_MM: float = 8.0
 
 
