@@ -324,6 +324,8 @@ class RetentionSection(_Section):
 class MetricsSection(_Section):
     """``[metrics]``: the Prometheus ``/metrics`` and ``/healthz`` endpoint."""
 
+    # Loopback unless a site opens it: the pages have no authentication.
+    host: str = "127.0.0.1"
     port: Port | None = None
 
     _none = field_validator("port", mode="before")(_empty_to_none)

@@ -6,7 +6,11 @@ studies, jobs and the outbox is read from the store when Prometheus scrapes.
 
 ``/healthz`` answers 200 only when the AE listens, the store accepts a write transaction, free
 disk is above ``node.free_disk_floor_mb`` and the scheduler runs; otherwise 503 and the failing
-checks, one per line.
+checks, one per line. Whether the AE listens is read from its own socket, never by connecting to
+the DICOM port: every poll used to hold one of the node's association slots until the ACSE
+timeout, and 16 monitors polling locked PACS out. The answer is reused for
+:data:`HEALTH_CACHE_S`. The server binds ``metrics.host`` (loopback by default): neither page asks
+who is calling.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import datetime as dt
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -191,19 +196,29 @@ def _histogram(name: str, documentation: str, values: list[float]) -> HistogramM
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(values))
 
 
+#: Seconds a ``/healthz`` answer is reused: a monitor polling every second costs one round of
+#: checks (a write transaction among them) every few seconds, not one per poll.
+HEALTH_CACHE_S: float = 5.0
+
+
+def listening(server_socket: socket.socket) -> str | None:
+    """None when ``server_socket`` is a listening socket, else what it is not."""
+    try:
+        if server_socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return None
+    except OSError as exc:
+        return f"the DICOM port is closed: {exc.strerror or exc}"
+    return "the DICOM port does not listen"
+
+
 def health_checks(
-    receiver: ReceiverState, host: str, port: int, scheduler_running: Callable[[], bool]
+    receiver: ReceiverState, server_socket: socket.socket, scheduler_running: Callable[[], bool]
 ) -> list[HealthCheck]:
-    """The checks ``/healthz`` runs."""
+    """The checks ``/healthz`` runs; ``server_socket`` is the DICOM listener's."""
     settings = receiver.settings
 
     def ae_listens() -> str | None:
-        target = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        try:
-            with socket.create_connection((target, port), timeout=2):
-                return None
-        except OSError as exc:
-            return f"the DICOM port {port} does not accept connections: {exc.strerror or exc}"
+        return listening(server_socket)
 
     def disk() -> str | None:
         free = free_megabytes(receiver.spool_root)
@@ -221,6 +236,25 @@ def health_checks(
     ]
 
 
+class CachedChecks:
+    """:func:`run_checks` whose answer is reused for ``ttl_s`` seconds (thread-safe)."""
+
+    def __init__(self, checks: list[HealthCheck], ttl_s: float = HEALTH_CACHE_S) -> None:
+        self._checks = checks
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._results: dict[str, str | None] = {}
+
+    def __call__(self) -> dict[str, str | None]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at >= self._ttl_s:
+                self._results = run_checks(self._checks)
+                self._at = now
+            return dict(self._results)
+
+
 def run_checks(checks: list[HealthCheck]) -> dict[str, str | None]:
     """Run every check; an exception in a check counts as its failure."""
     results: dict[str, str | None] = {}
@@ -236,13 +270,14 @@ def start_metrics_server(
     host: str, port: int, registry: CollectorRegistry, checks: list[HealthCheck]
 ) -> ThreadingHTTPServer:
     """Serve ``/metrics`` and ``/healthz`` from a daemon thread; returns the server."""
+    health = CachedChecks(checks)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?")[0] == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif self.path.split("?")[0] == "/healthz":
-                results = run_checks(checks)
+                results = health()
                 failing = {k: v for k, v in results.items() if v is not None}
                 body = {"status": "fail" if failing else "ok", "checks": results}
                 self._send(

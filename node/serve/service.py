@@ -119,11 +119,9 @@ def start_node(settings: Settings) -> Node:
     if settings.metrics.port is not None:
         from node.serve.metrics import build_registry, health_checks, start_metrics_server
 
-        checks = health_checks(
-            receiver, settings.node.host, settings.node.port, lambda: bool(scheduler.running)
-        )
+        checks = health_checks(receiver, server.socket, lambda: bool(scheduler.running))
         metrics_server = start_metrics_server(
-            settings.node.host, settings.metrics.port, build_registry(receiver, store), checks
+            settings.metrics.host, settings.metrics.port, build_registry(receiver, store), checks
         )
     log.info(
         "node started",

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from node.core.settings import Settings
+from node.serve.metrics import HEALTH_CACHE_S, CachedChecks, HealthCheck, listening
 from tests.conftest import require_tool, run_tool
 from tests.nodeproc import NODE_AET, dcmtk_env, running_node, storescu_command, wait_for
 from tests.orthanc import free_port
@@ -94,8 +100,41 @@ def test_metrics_count_instances_rejections_and_health(
         # (chmod would not do: the tests run as root, who writes read-only files anyway.)
         database = node.settings.node.data_dir / "mvi-node.sqlite3"
         database.rename(database.with_suffix(".moved"))
+        # Answers are reused for HEALTH_CACHE_S: the failure shows within that.
+        wait_for(lambda: get(base + "/healthz")[0] == 503, timeout=HEALTH_CACHE_S + 5)
         status, body = get(base + "/healthz")
         report = json.loads(body)
         assert status == 503
         assert report["checks"]["store"].startswith("store unavailable")
         assert report["checks"]["ae"] is None
+
+
+def test_the_ae_check_reads_the_listener_and_never_connects() -> None:
+    """A monitor's poll must not take one of the node's association slots: the check asks the
+    listening socket itself whether it listens."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    assert listening(server) == "the DICOM port does not listen"
+    server.listen()
+    assert listening(server) is None
+    server.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        server.accept()  # nobody knocked
+    server.close()
+    assert listening(server) is not None and "closed" in str(listening(server))
+
+
+def test_health_answers_are_reused_for_a_few_seconds() -> None:
+    runs: list[float] = []
+
+    def counted() -> str | None:
+        runs.append(time.monotonic())
+        return None
+
+    health = CachedChecks([HealthCheck("counted", counted)], ttl_s=0.3)
+    assert [health() for _ in range(20)] == [{"counted": None}] * 20
+    assert len(runs) == 1
+    time.sleep(0.35)
+    health()
+    assert len(runs) == 2
+    assert HEALTH_CACHE_S == 5.0 and Settings().metrics.host == "127.0.0.1"
