@@ -120,6 +120,16 @@ def allowed_caller(settings: Settings, calling_ae: str, address: str) -> str | N
     return "calling AE title not allowed from this address"
 
 
+def _reject(assoc: Any, diagnostic: int) -> None:
+    """A-ASSOCIATE-RJ (rejected-permanent, by the service user) with ``diagnostic``.
+
+    Waits, as pynetdicom's own rejections do, until the PDU is sent and the peer has closed:
+    returning at once let the server close the socket first, and the caller read an A-ABORT.
+    """
+    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    assoc.kill()
+
+
 def handle_requested(event: evt.Event, state: ReceiverState) -> None:
     """Reject an association from an unknown caller, or addressed to another AE title."""
     assoc = event.assoc
@@ -137,7 +147,7 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
             allow_with=f"node.ae_title = {called!r} (the node's title is "
             f"{state.settings.node.ae_title!r}; configure the sender instead)",
         )
-        assoc.acse.send_reject(0x01, 0x01, 0x07)
+        _reject(assoc, 0x07)
         return
     reason = allowed_caller(state.settings, calling, address)
     if reason is not None:
@@ -151,7 +161,7 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
             address=address,
             allow_with=f'[peers.NAME] ae_title = "{calling}" host = "{address}"',
         )
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        _reject(assoc, 0x03)
         return
     state.count("associations_accepted")
 

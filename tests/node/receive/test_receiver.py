@@ -123,10 +123,16 @@ def test_unknown_caller_and_wrong_called_title_are_rejected(tmp_path: Path) -> N
             echoscu, "-aet", "INTRUDER", "-aec", NODE_AET, "127.0.0.1", node.port, check=False
         )
         assert intruder.returncode != 0
+        # A genuine A-ASSOCIATE-RJ with the reason the conformance statement promises, not an
+        # A-ABORT (the socket used to close before the reject was sent).
+        said = intruder.stdout + intruder.stderr
+        assert "Association Rejected" in said and "Calling AE Title Not Recognized" in said
         misdialled = run_tool(
             echoscu, "-aet", SCU_AET, "-aec", "SOMEONE_ELSE", "127.0.0.1", node.port, check=False
         )
         assert misdialled.returncode != 0
+        said = misdialled.stdout + misdialled.stderr
+        assert "Association Rejected" in said and "Called AE Title Not Recognized" in said
         log = node.log()
         assert '[peers.NAME] ae_title = \\"INTRUDER\\"' in log or "INTRUDER" in log
         assert "allow_with" in log
