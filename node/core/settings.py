@@ -529,6 +529,14 @@ def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
         )
     security = data.get("security")
     security = security if isinstance(security, Mapping) else {}
+    if not security.get("tls_ca"):
+        for name, peer in peers.items():
+            if isinstance(peer, Mapping) and peer.get("tls") is True:
+                yield Problem(
+                    f"peers.{name}.tls",
+                    "true",
+                    "needs security.tls_ca to verify the peer's certificate",
+                )
     given = {key for key in ("tls_cert", "tls_key") if security.get(key)}
     if len(given) == 1:
         missing = ({"tls_cert", "tls_key"} - given).pop()

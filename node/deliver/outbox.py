@@ -219,12 +219,22 @@ class Dispatcher:
                     items
                 )
             else:
-                attempts = send_files(
-                    self.settings, destination, peer, [Path(item.path) for item in items]
-                )
+                attempts = self._send(destination, peer, items)
             for item, attempt in zip(items, attempts, strict=True):
                 self._record(item, attempt)
         return len(rows)
+
+    def _send(self, destination: str, peer: PeerSection, items: list[OutboxItem]) -> list[Attempt]:
+        """:func:`send_files`, any error an attempt that is counted and retried.
+
+        One destination's failure (a TLS context it cannot build, a bug) must neither stall the
+        round for the others nor escape the attempt count, backoff and give-up.
+        """
+        try:
+            return send_files(self.settings, destination, peer, [Path(i.path) for i in items])
+        except Exception as exc:
+            log.exception("delivery to one destination failed", destination=destination)
+            return [Attempt(False, False, f"{type(exc).__name__}: {exc}")] * len(items)
 
     def _record(self, item: OutboxItem, attempt: Attempt) -> None:
         now = utcnow()

@@ -254,3 +254,65 @@ def test_results_come_back_into_the_same_study_on_the_pacs(
                 assert "failed" in text and "missing-model" in text
         assert "SR" in kinds and len(instances) >= 2, "an SR and a summary image at least"
         assert study.state == ("failed" if broken_model else "done")
+
+
+def test_one_broken_destination_neither_stalls_the_others_nor_escapes_the_count(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    """A peer whose association cannot even be built (TLS without a CA to check it, which
+    `config check` now refuses, but a file edited under a running node can still hold) raised
+    out of every round: no attempt was counted and the other destination was never tried."""
+    from node.core.settings import Settings
+    from node.deliver.outbox import Dispatcher
+
+    storescp = require_tool("storescp", "dcmtk")
+    cohort = cohort_factory(seed=81, size=48, slices=16, seg=True)
+    row, seg, _ = result_of(cohort)
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    scp = subprocess.Popen(
+        [storescp, "-aet", "PACS", "-od", str(received), str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings = Settings.model_validate(
+            {
+                "peers": {
+                    "broken": {"ae_title": "BROKEN", "host": "127.0.0.1", "port": 9, "tls": True},
+                    "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port},
+                },
+                "outbox": {"backoff_initial_s": 60},
+            }
+        )
+        store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+        job_id = make_job(store, row["study_instance_uid"])
+        enqueue(store, job_id, row["study_instance_uid"], [as_result(seg)], ["broken", "pacs"])
+        dispatcher = Dispatcher(settings, store)
+        assert dispatcher.deliver_due() == 2  # both tried in one round
+        assert len(list(received.iterdir())) == 1
+        by_destination = {r.destination: r for r in list_outbox(store, include_sent=True)}
+        assert by_destination["pacs"].state == "sent"
+        broken = by_destination["broken"]
+        assert broken.state != "failed" and broken.attempts == 1
+        assert "TLSConfigError" in (broken.last_status or "")
+        assert broken.next_attempt_at is not None and broken.next_attempt_at > utcnow()
+        # Not due again before its backoff: the next round tries nothing.
+        assert dispatcher.deliver_due() == 0
+        store.close()
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+
+def test_config_check_refuses_a_tls_peer_without_a_ca(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[peers.pacs]\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\ntls = true\n'
+    )
+    result = mvi_node("config", "check", config)
+    assert result.returncode == 2
+    assert "peers.pacs.tls" in result.stdout + result.stderr
+    assert "security.tls_ca" in result.stdout + result.stderr
