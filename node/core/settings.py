@@ -151,6 +151,9 @@ class CompletionSection(_Section):
     """``[completion]``: when a study counts as complete."""
 
     quiet_seconds: PositiveSeconds = 10.0
+    # A study that never falls quiet (a slice every few seconds) is complete this long after its
+    # first instance anyway; later instances re-open it and a new job supersedes.
+    max_receive_minutes: Annotated[float, Field(gt=0)] = 30.0
 
 
 class PhasesSection(_Section):

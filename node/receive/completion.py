@@ -4,7 +4,9 @@ When a study has received nothing for ``completion.quiet_seconds`` it is complet
 queued for it (pairing of the arterial and portal-venous phases happens in the job, in a worker
 process, so the receiving process never loads pixel data). An instance that arrives for a
 completed study re-opens it; the next completion queues a job that supersedes the earlier one.
-The node's own outputs coming back never re-open a study.
+The node's own outputs coming back never re-open a study. A study that never falls quiet (one
+slice every 2.5 s against a 3 s quiet period) is complete ``completion.max_receive_minutes`` after
+its first instance anyway: it would otherwise stay ``receiving`` for ever.
 """
 
 from __future__ import annotations
@@ -31,15 +33,27 @@ class Assembler:
         A started (or about to be started) background scheduler.
     quiet_seconds
         Silence after which a study is complete.
+    max_receive_s
+        Time after the first instance (of this receiving episode) after which the study is
+        complete whether or not it fell quiet.
     """
 
-    def __init__(self, store: Store, scheduler: BackgroundScheduler, quiet_seconds: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        scheduler: BackgroundScheduler,
+        quiet_seconds: float,
+        max_receive_s: float = 1800.0,
+    ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.quiet = dt.timedelta(seconds=quiet_seconds)
+        self.window = dt.timedelta(seconds=max_receive_s)
         # Last arrival per study with a timer pending. The timer is not moved on every instance
         # (hundreds a second): when it fires early it re-arms itself from the last arrival.
         self._last_seen: dict[str, dt.datetime] = {}
+        # First arrival of the same studies: where the receive window starts.
+        self._first_seen: dict[str, dt.datetime] = {}
         self._lock = threading.Lock()
 
     def on_instance(self, study_uid: str, own_output: bool) -> None:
@@ -50,6 +64,7 @@ class Assembler:
         with self._lock:
             pending = study_uid in self._last_seen
             self._last_seen[study_uid] = now
+            self._first_seen.setdefault(study_uid, now)
         if not pending:
             self._schedule(study_uid, now + self.quiet)
 
@@ -68,10 +83,16 @@ class Assembler:
         key = study_key(study_uid)
         with self._lock:
             last = self._last_seen.get(study_uid)
-            if last is not None and utcnow() - last < self.quiet:
-                self._schedule(study_uid, last + self.quiet)
+            first = self._first_seen.get(study_uid)
+            now = utcnow()
+            overdue = first is not None and now - first >= self.window
+            if last is not None and now - last < self.quiet and not overdue:
+                # Re-armed for the quiet period, but never past the end of the window.
+                when = last + self.quiet
+                self._schedule(study_uid, when if first is None else min(when, first + self.window))
                 return
             self._last_seen.pop(study_uid, None)
+            self._first_seen.pop(study_uid, None)
         try:
             if not self.store.has_analysable_instances(study_uid):
                 study = self.store.study(study_uid)
@@ -80,7 +101,8 @@ class Assembler:
                         study_uid, "not_applicable", "no CT or SEG instances in the study"
                     )
                 return
-            job_id = self.store.complete_study(study_uid, only_if_quiet_since=utcnow() - self.quiet)
+            quiet_since = None if overdue else utcnow() - self.quiet
+            job_id = self.store.complete_study(study_uid, only_if_quiet_since=quiet_since)
         except Exception:
             # The timer must not die with a database hiccup: try again one quiet period later.
             log.exception("completion failed; retrying", study_key=key)
@@ -92,7 +114,15 @@ class Assembler:
                 # An instance arrived after the timer was set; wait for the quiet period again.
                 self._schedule(study_uid, utcnow() + self.quiet)
             return
-        log.info("study complete; job queued", study_key=key, job_id=job_id)
+        if overdue:
+            log.warning(
+                "study still receiving after completion.max_receive_minutes; job queued with what "
+                "has arrived (later instances re-open it)",
+                study_key=key,
+                job_id=job_id,
+            )
+        else:
+            log.info("study complete; job queued", study_key=key, job_id=job_id)
 
     def restore(self) -> int:
         """On start: studies still receiving get their timers back. Returns how many."""

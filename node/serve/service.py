@@ -77,7 +77,12 @@ def start_node(settings: Settings) -> Node:
     store = Store(settings.database_url, schema="check" if settings.database.url else "upgrade")
     requeued = store.requeue_interrupted()
     scheduler = BackgroundScheduler(timezone=dt.UTC)
-    assembler = Assembler(store, scheduler, settings.completion.quiet_seconds)
+    assembler = Assembler(
+        store,
+        scheduler,
+        settings.completion.quiet_seconds,
+        settings.completion.max_receive_minutes * 60.0,
+    )
     scheduler.start()
     restored = assembler.restore()
     scheduler.add_job(

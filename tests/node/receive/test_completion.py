@@ -56,3 +56,38 @@ def test_a_study_completes_only_after_the_quiet_period(
         finally:
             restarted.stop()
             store.close()
+
+
+def test_a_study_that_never_falls_quiet_is_complete_when_its_window_ends(tmp_path: Path) -> None:
+    """One slice every 0.2 s against a 0.5 s quiet period: the study would stay receiving for
+    ever; the receive window (here 2 s) ends it with what has arrived."""
+    import datetime as dt
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from node.receive.completion import Assembler
+    from node.store.database import Store
+    from tests.node.store.test_database import record
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    scheduler.start()
+    assembler = Assembler(store, scheduler, quiet_seconds=0.5, max_receive_s=2.0)
+    try:
+        for index in range(50):  # up to 10 s of trickle
+            study = store.study("1.2.3")
+            if study is not None and study.state != "receiving":
+                break
+            store.record_instance(record(sop=f"1.2.3.1.{index + 1}", path=f"aa/{index}.dcm"))
+            assembler.on_instance("1.2.3", own_output=False)
+            time.sleep(0.2)
+        assert study is not None and study.state == "queued", "the window ends the trickle"
+        assert len(store.list_jobs()) == 1
+        # Completed although it never fell quiet: the last instance came less than the quiet
+        # period before.
+        assert study.completed_at is not None and study.last_received_at is not None
+        assert study.completed_at - study.last_received_at < dt.timedelta(seconds=0.5)
+        assert 5 < index < 49
+    finally:
+        scheduler.shutdown(wait=False)
+        store.close()
