@@ -67,7 +67,6 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
-    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
 )
 from monai.utils import set_determinism
@@ -142,7 +141,6 @@ AUGMENTATION: tuple[tuple[str, float], ...] = (
     ("RandScaleIntensityd", 0.5),
     ("RandShiftIntensityd", 0.5),
     ("RandAdjustContrastd", 0.2),
-    ("RandScaleIntensityFixedMeand", 0.25),
     ("RandBiasFieldd", 0.1),
     ("RandGaussianSmoothd", 0.1),
     ("RandGaussianSmoothd:slices", 0.25),
@@ -175,15 +173,6 @@ def augmentation(seed: int) -> Compose:
                 keys="image", offsets=0.07, prob=p["RandShiftIntensityd"], channel_wise=True
             ),
             RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=p["RandAdjustContrastd"]),
-            # Contrast about the patch's mean, per phase: every tissue difference × 0.55-1.45,
-            # as a lower or higher contrast dose would make it (the generator's gain: 0.75-1.3).
-            RandScaleIntensityFixedMeand(
-                keys="image",
-                factors=0.45,
-                fixed_mean=True,
-                prob=p["RandScaleIntensityFixedMeand"],
-                channel_wise=True,
-            ),
             RandBiasFieldd(
                 keys="image", coeff_range=(0.0, 0.05), degree=3, prob=p["RandBiasFieldd"]
             ),
