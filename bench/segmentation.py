@@ -27,7 +27,7 @@ Goals of the issue on the shifted cohort for the demo segmenter: Dice tumour ≥
 diameter error median ≤ 10 %, LOAT area error median ≤ 20 %, no study with more than 3 tumour
 components.
 
-Usage: python bench/segmentation.py [--iterations 8000] [--phantoms 64] [--model DIR]
+Usage: python bench/segmentation.py [--iterations 6000] [--phantoms 64] [--model DIR]
        [--demo-model DIR] [--test 8] [--device auto|cpu|cuda] [--large/--no-large]
        [--cohorts standard,randomised,shifted] [--save DIR] [--no-bench]
 """
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument(
         "--demo-model", type=Path, help="Demo segmenter (default: the shipped one or the cache)."
     )
-    parser.add_argument("--iterations", type=int, default=8000, help="Bench training budget.")
+    parser.add_argument("--iterations", type=int, default=6000, help="Bench training budget.")
     parser.add_argument("--phantoms", type=int, default=64, help="Bench training phantoms.")
     parser.add_argument("--seed", type=int, default=0, help="Training cohort seed.")
     parser.add_argument("--spacing", type=float, default=2.0, help="Working spacing (mm).")
