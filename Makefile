@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# First run builds and caches the demo models (about 5 minutes on 2 cores); later runs ~30 s.
+# First run builds and caches the demo MVI model (about 80 s on 2 cores; the segmenter ships in
+# model/weights); later runs ~30 s.
 demo: $(STAMP)
 	$(BIN)/mvi-node demo
 
