@@ -112,6 +112,7 @@ def exception_summary(
     exc_type: type[BaseException] | None,
     exc: BaseException | None,
     tb: TracebackType | None,
+    _depth: int = 0,
 ) -> str:
     """``Type: message`` with values masked, then ``at file:line in function`` for each frame.
 
@@ -129,8 +130,10 @@ def exception_summary(
     text = f"{name}: {message}" if message else name
     if frames:
         text += " (at " + " < ".join(reversed(frames)) + ")"
-    if cause is not None:
-        text += " caused by " + exception_summary(type(cause), cause, cause.__traceback__)
+    if cause is not None and _depth < 3:  # a chain can be long, or even a loop
+        text += " caused by " + exception_summary(
+            type(cause), cause, cause.__traceback__, _depth + 1
+        )
     return text
 
 
