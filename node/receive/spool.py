@@ -52,7 +52,7 @@ def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> Spooled
     """Write ``chunks`` (concatenated) to ``root/relative``; durable once this returns.
 
     Temp file in the target folder, ``fdatasync``, rename over the target, ``fsync`` of the
-    folder (and, for a new folder, of its parents up to the spool root).
+    folder (and, the first time this process writes there, of its parent and the root).
 
     Raises
     ------
@@ -61,9 +61,11 @@ def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> Spooled
     """
     target = root / relative
     folder = target.parent
-    created = False
-    if folder not in _known_folders:
-        created = not folder.exists()
+    # The first write of this process into a folder makes the folder's own entry durable too,
+    # whoever created it: a second thread that found it made by the first used to acknowledge
+    # before the first had fsynced the parent.
+    first = folder not in _known_folders
+    if first:
         folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".incoming-{target.stem}-{threading.get_ident()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -84,9 +86,9 @@ def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> Spooled
         temp.unlink(missing_ok=True)
         raise
     _fsync_directory(folder)
-    if created:
-        # A new folder's own entry lives in its parent (and so on up to the spool root).
-        for parent in (folder.parent, root):
+    if first:
+        # A folder's own entry lives in its parent (and so on up to the root).
+        for parent in {folder.parent, root}:
             _fsync_directory(parent)
     _known_folders.add(folder)
     return SpooledFile(path=target, relative=relative, size=size)
