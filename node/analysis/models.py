@@ -44,7 +44,7 @@ def demo_segmenter_key() -> dict[str, Any]:
     return dict(json.loads(json.dumps(key)))
 
 
-def shipped_segmenter_is_current(directory: Path | None = None) -> bool:
+def shipped_segmenter_is_current() -> bool:
     """Whether the shipped demo segmenter was built by this code's demo settings.
 
     A change to the labels, the card, the phantoms, the domain ranges or the augmentation changes
@@ -52,11 +52,10 @@ def shipped_segmenter_is_current(directory: Path | None = None) -> bool:
     """
     from model.checkpoint import CARD_NAME, is_checkpoint_dir
 
-    directory = SHIPPED_SEGMENTER if directory is None else directory
-    if not is_checkpoint_dir(directory):
+    if not is_checkpoint_dir(SHIPPED_SEGMENTER):
         return False
     try:
-        card = json.loads((directory / CARD_NAME).read_text())
+        card = json.loads((SHIPPED_SEGMENTER / CARD_NAME).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(card, dict) and card.get("demo_key") == demo_segmenter_key()

@@ -49,11 +49,10 @@ class Assembler:
         self.scheduler = scheduler
         self.quiet = dt.timedelta(seconds=quiet_seconds)
         self.window = dt.timedelta(seconds=max_receive_s)
-        # Last arrival per study with a timer pending. The timer is not moved on every instance
-        # (hundreds a second): when it fires early it re-arms itself from the last arrival.
-        self._last_seen: dict[str, dt.datetime] = {}
-        # First arrival of the same studies: where the receive window starts.
-        self._first_seen: dict[str, dt.datetime] = {}
+        # First and last arrival per study with a timer pending (the first starts the receive
+        # window). The timer is not moved on every instance (hundreds a second): when it fires
+        # early it re-arms itself from the last arrival.
+        self._seen: dict[str, tuple[dt.datetime, dt.datetime]] = {}
         self._lock = threading.Lock()
 
     def on_instance(self, study_uid: str, own_output: bool) -> None:
@@ -62,9 +61,9 @@ class Assembler:
             return
         now = utcnow()
         with self._lock:
-            pending = study_uid in self._last_seen
-            self._last_seen[study_uid] = now
-            self._first_seen.setdefault(study_uid, now)
+            pending = study_uid in self._seen
+            first = self._seen[study_uid][0] if pending else now
+            self._seen[study_uid] = (first, now)
         if not pending:
             self._schedule(study_uid, now + self.quiet)
 
@@ -82,17 +81,14 @@ class Assembler:
     def _fire(self, study_uid: str) -> None:
         key = study_key(study_uid)
         with self._lock:
-            last = self._last_seen.get(study_uid)
-            first = self._first_seen.get(study_uid)
+            seen = self._seen.pop(study_uid, None)
             now = utcnow()
-            overdue = first is not None and now - first >= self.window
-            if last is not None and now - last < self.quiet and not overdue:
+            overdue = seen is not None and now - seen[0] >= self.window
+            if seen is not None and now - seen[1] < self.quiet and not overdue:
                 # Re-armed for the quiet period, but never past the end of the window.
-                when = last + self.quiet
-                self._schedule(study_uid, when if first is None else min(when, first + self.window))
+                self._seen[study_uid] = seen
+                self._schedule(study_uid, min(seen[1] + self.quiet, seen[0] + self.window))
                 return
-            self._last_seen.pop(study_uid, None)
-            self._first_seen.pop(study_uid, None)
         try:
             if not self.store.has_analysable_instances(study_uid):
                 study = self.store.study(study_uid)

@@ -217,9 +217,6 @@ def health_checks(
     """The checks ``/healthz`` runs; ``server_socket`` is the DICOM listener's."""
     settings = receiver.settings
 
-    def ae_listens() -> str | None:
-        return listening(server_socket)
-
     def disk() -> str | None:
         free = free_megabytes(receiver.spool_root)
         floor = settings.node.free_disk_floor_mb
@@ -229,7 +226,7 @@ def health_checks(
         return None if scheduler_running() else "the scheduler is not running"
 
     return [
-        HealthCheck("ae", ae_listens),
+        HealthCheck("ae", lambda: listening(server_socket)),
         HealthCheck("store", lambda: store_writable(settings.database_url)),
         HealthCheck("disk", disk),
         HealthCheck("scheduler", scheduler),
