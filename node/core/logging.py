@@ -137,27 +137,6 @@ def exception_summary(
     return text
 
 
-def _exc_info(value: Any) -> tuple[Any, Any, Any] | None:
-    if isinstance(value, BaseException):
-        return type(value), value, value.__traceback__
-    if isinstance(value, tuple) and len(value) == 3:
-        return value[0], value[1], value[2]
-    if value:
-        current = sys.exc_info()
-        return current if current[0] is not None else None
-    return None
-
-
-def summarise_exceptions(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """structlog processor: ``exc_info`` becomes an ``exception`` summary, never a traceback."""
-    info = _exc_info(event_dict.pop("exc_info", None))
-    if info is not None:
-        event_dict["exception"] = exception_summary(*info)
-    return event_dict
-
-
 class _SummaryFormatter(logging.Formatter):
     """The libraries' log lines (standard logging) with exceptions summarised the same way."""
 
@@ -190,7 +169,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         scrub_phi,
         structlog.processors.StackInfoRenderer(),
-        summarise_exceptions,
+        # structlog's own renderer finds the exception; the summary formats it.
+        structlog.processors.ExceptionRenderer(lambda info: exception_summary(*info)),
         renderer,
     ]
     structlog.configure(
