@@ -17,6 +17,9 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
+#: Fixtures every test may ask for: a PostgreSQL server and a fresh database on it.
+pytest_plugins = ["tests.postgres"]
+
 
 #: The virtualenv's bin folder: pynetdicom installs Python look-alikes of DCMTK's storescu,
 #: echoscu, findscu… there, which must never stand in for the real DCMTK peers.

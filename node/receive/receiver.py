@@ -18,6 +18,7 @@ import hashlib
 import io
 import ssl
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,8 +55,13 @@ from node.core.dicom import (
 )
 from node.core.logging import get_logger, uid_key
 from node.core.settings import Settings
-from node.receive.spool import free_megabytes, instance_relative_path, write_durably
-from node.store.database import InstanceRecord, Store
+from node.receive.spool import (
+    free_megabytes,
+    instance_relative_path,
+    remove_files,
+    write_durably,
+)
+from node.store.database import InstanceOutcome, InstanceRecord, Store
 
 log = get_logger("node.receive.receiver")
 
@@ -97,6 +103,16 @@ class ReceiverState:
     on_instance: Callable[[str, bool], None] = lambda study_uid, own: None
     counters: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Striped locks that serialise the write-commit-cleanup of one instance (by its path's
+    #: folder and UID hash, the part of the name before the dataset hash).
+    instance_locks: tuple[threading.Lock, ...] = field(
+        default_factory=lambda: tuple(threading.Lock() for _ in range(64))
+    )
+
+    def instance_lock(self, relative: str) -> threading.Lock:
+        """The lock of the instance stored at spool path ``relative``."""
+        identity = relative.rsplit("-", 1)[0]
+        return self.instance_locks[zlib.crc32(identity.encode()) % len(self.instance_locks)]
 
     def count(self, key: str, amount: int = 1) -> None:
         """Thread-safe counter increment (handlers run in one thread per association)."""
@@ -240,7 +256,7 @@ def _persist(
     digest = hashlib.sha256(chunks[1]).hexdigest()
     size = len(chunks[0]) + len(chunks[1])
     own = is_own_output(header)
-    relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid)
+    relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid, digest)
     record = InstanceRecord(
         study_uid=study_uid,
         series_uid=uids["SeriesInstanceUID"],
@@ -261,17 +277,47 @@ def _persist(
         accession_number=str(header.get("AccessionNumber", "") or ""),
         study_date=str(header.get("StudyDate", "") or ""),
     )
-    try:
-        write_durably(state.spool_root, relative, chunks)
-        outcome = state.store.record_instance(record)
-    except Exception:
-        log.exception("store failed: could not persist the instance", instance_key=uid_key(sop_uid))
-        return OUT_OF_RESOURCES_PERSISTENCE
-    if outcome == "identical":
+    target = state.spool_root / relative
+    # One instance at a time per key: two associations sending two versions of one instance must
+    # not decide about each other's files halfway.
+    with state.instance_lock(relative):
+        existed = target.exists()
+        try:
+            write_durably(state.spool_root, relative, chunks)
+        except Exception:
+            log.exception(
+                "store failed: could not write the instance", instance_key=uid_key(sop_uid)
+            )
+            return OUT_OF_RESOURCES_PERSISTENCE
+        try:
+            recorded = state.store.record_instance(record)
+        except Exception:
+            log.exception(
+                "store failed: could not commit the instance", instance_key=uid_key(sop_uid)
+            )
+            if not existed:
+                # Nothing names the new file: the sender keeps its copy and sends it again.
+                target.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES_PERSISTENCE
+        if recorded.previous_path not in (None, relative):
+            # Committed, so exactly one of the two files is named by the row: a replacement's
+            # row names the new file, an identical resend's still names the file it had (one
+            # written under an older naming).
+            stale = relative if recorded.outcome is InstanceOutcome.IDENTICAL else None
+            remove_files(state.spool_root, [stale or str(recorded.previous_path)])
+    if recorded.also_in_studies:
+        log.warning(
+            "SOP Instance UID also used in another study: both kept apart",
+            study_key=uid_key(study_uid),
+            instance_key=uid_key(sop_uid),
+            other_studies=recorded.also_in_studies,
+        )
+        state.count("instances_uid_reused")
+    if recorded.outcome is InstanceOutcome.IDENTICAL:
         # A resend of the same dataset (a PACS retrying a move): safe, and nothing changes.
         state.count("instances_duplicate")
         return SUCCESS
-    if outcome == "replaced":
+    if recorded.outcome is InstanceOutcome.REPLACED:
         log.info(
             "instance replaced by a different dataset with the same SOP Instance UID",
             study_key=uid_key(study_uid),

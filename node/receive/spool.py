@@ -1,8 +1,9 @@
 """Durable instance files: what the receiver acknowledges is on disk before it says so.
 
 Each instance is written to a temporary file inside the spool, fsynced, renamed to a name derived
-from a hash of (Study, Series, SOP Instance UID) and the directory fsynced; only then may its row
-be committed and the C-STORE answered with success. Paths never contain raw UIDs.
+from a hash of (Study, Series, SOP Instance UID) and of the dataset, and the directory fsynced;
+only then may its row be committed and the C-STORE answered with success. Paths never contain
+raw UIDs.
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ class SpooledFile:
     size: int
 
 
-def instance_relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
-    """Spool-relative path of an instance: two fan-out levels, then the hash.
+def instance_relative_path(
+    study_uid: str, series_uid: str, sop_instance_uid: str, sha256: str
+) -> str:
+    """Spool-relative path of one dataset of an instance: two fan-out levels, then the hashes.
 
     The study's part of the hash comes first so that one study's files share a folder:
-    ``<study hash[:2]>/<study hash[:12]>/<instance hash>.dcm``.
+    ``<study hash[:2]>/<study hash[:12]>/<instance hash[:32]>-<dataset sha256[:16]>.dcm``. The
+    dataset's own hash is part of the name so that a replacement (same UIDs, other bytes) is
+    written beside the acknowledged file, never over it: the old file goes only once the store
+    has committed the new one.
     """
     study_hash = hashlib.sha256(study_uid.encode()).hexdigest()
     key = f"{study_uid}\\{series_uid}\\{sop_instance_uid}".encode()
     instance_hash = hashlib.sha256(key).hexdigest()
-    return f"{study_hash[:2]}/{study_hash[:12]}/{instance_hash[:32]}.dcm"
+    return f"{study_hash[:2]}/{study_hash[:12]}/{instance_hash[:32]}-{sha256[:16]}.dcm"
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -26,7 +26,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, func, insert, select, text, update
+from sqlalchemy import Engine, Table, create_engine, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
@@ -54,9 +56,11 @@ from node.store.schema import (
 from node.store.types import (
     Delivery,
     InstanceFile,
+    InstanceOutcome,
     InstanceRecord,
     Job,
     OutboxItem,
+    Recorded,
     RetrospectiveRow,
     StoredResult,
     StoreSnapshot,
@@ -76,9 +80,11 @@ __all__ = [
     "STUDY_STATES",
     "Delivery",
     "InstanceFile",
+    "InstanceOutcome",
     "InstanceRecord",
     "Job",
     "OutboxItem",
+    "Recorded",
     "RetrospectiveRow",
     "SchemaError",
     "Store",
@@ -90,6 +96,27 @@ __all__ = [
     "store_writable",
     "utcnow",
 ]
+
+
+def _insert_new(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+    """``INSERT … ON CONFLICT (primary key) DO NOTHING``; True when the row was new.
+
+    Check-then-insert raced: two associations that both found no row both inserted, and the
+    second's C-STORE failed on the unique constraint after its file was written.
+    """
+    key = [column.name for column in table.primary_key.columns]
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        statement: Any = postgresql_insert(table).values(**values)
+    elif dialect == "sqlite":
+        statement = sqlite_insert(table).values(**values)
+    else:  # pragma: no cover - the store runs on SQLite and PostgreSQL only
+        raise NotImplementedError(f"no upsert for {dialect}")
+    # RETURNING, not rowcount: psycopg's rowcount for this statement is not the rows inserted.
+    returning = statement.on_conflict_do_nothing(index_elements=key).returning(
+        *table.primary_key.columns
+    )
+    return conn.execute(returning).first() is not None
 
 
 class Transaction:
@@ -183,65 +210,70 @@ class Store:
 
     # -- instances ---------------------------------------------------------------------------
 
-    def instance_sha256(self, sop_instance_uid: str) -> str | None:
+    def instance_sha256(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str | None:
         """The stored hash of an instance's bytes, or None when it is new."""
         with self._engine.connect() as conn:
             return conn.execute(
-                select(instances.c.sha256).where(instances.c.sop_instance_uid == sop_instance_uid)
+                select(instances.c.sha256).where(
+                    instances.c.study_uid == study_uid,
+                    instances.c.series_uid == series_uid,
+                    instances.c.sop_instance_uid == sop_instance_uid,
+                )
             ).scalar()
 
-    def record_instance(self, record: InstanceRecord, *, reopen: bool = True) -> str:
-        """Commit an instance row (and its series and study).
+    def record_instance(self, record: InstanceRecord, *, reopen: bool = True) -> Recorded:
+        """Commit an instance row (and its series and study); safe under concurrent callers.
 
-        Returns 'new', 'replaced' (same SOP Instance UID, other dataset) or 'identical' (same
-        dataset hash as the stored one: nothing changes).
+        An instance is keyed by its study, series and SOP Instance UID. The outcome is
+        :attr:`~InstanceOutcome.NEW`, :attr:`~InstanceOutcome.REPLACED` (same key, another
+        dataset: the row now names ``record.path``) or :attr:`~InstanceOutcome.IDENTICAL` (same
+        dataset hash: nothing changes). Rows are created with ``ON CONFLICT DO NOTHING``, so two
+        associations (or two receivers on one PostgreSQL database) delivering the first instances
+        of a new study at once both succeed; the loser of a race reads the winner's row.
 
         A new instance of an own-output series never changes the study's state; any other
         instance puts the study back to ``receiving`` when ``reopen`` (the quiet timer restarts).
         """
         now = utcnow()
+        key = {
+            "study_uid": record.study_uid,
+            "series_uid": record.series_uid,
+            "sop_instance_uid": record.sop_instance_uid,
+        }
+        values = {
+            "sop_class_uid": record.sop_class_uid,
+            "transfer_syntax_uid": record.transfer_syntax_uid,
+            "path": record.path,
+            "size": record.size,
+            "sha256": record.sha256,
+            "calling_ae": record.calling_ae,
+            "received_at": now,
+        }
         with self._engine.begin() as conn:
             self._ensure_study(conn, record, now)
             self._ensure_series(conn, record)
-            existing = conn.execute(
-                select(instances.c.sha256).where(
-                    instances.c.sop_instance_uid == record.sop_instance_uid
-                )
-            ).first()
-            if existing is not None and existing.sha256 == record.sha256:
-                # The same dataset again: its file was rewritten with the same bytes, and the
-                # study is not re-opened (a PACS resending a study does not trigger analysis).
-                return "identical"
-            values = {
-                "series_uid": record.series_uid,
-                "study_uid": record.study_uid,
-                "sop_class_uid": record.sop_class_uid,
-                "transfer_syntax_uid": record.transfer_syntax_uid,
-                "path": record.path,
-                "size": record.size,
-                "sha256": record.sha256,
-                "calling_ae": record.calling_ae,
-                "received_at": now,
-            }
             study_values: dict[str, Any] = {"last_received_at": now}
-            if existing is None:
-                conn.execute(
-                    insert(instances).values(sop_instance_uid=record.sop_instance_uid, **values)
-                )
+            previous = None
+            if _insert_new(conn, instances, {**key, **values}):
                 conn.execute(
                     update(series)
                     .where(series.c.series_uid == record.series_uid)
                     .values(instance_count=series.c.instance_count + 1)
                 )
                 study_values["instance_count"] = studies.c.instance_count + 1
-                outcome = "new"
+                outcome = InstanceOutcome.NEW
             else:
-                conn.execute(
-                    update(instances)
-                    .where(instances.c.sop_instance_uid == record.sop_instance_uid)
-                    .values(**values)
-                )
-                outcome = "replaced"
+                match = [instances.c[name] == value for name, value in key.items()]
+                stored = conn.execute(
+                    select(instances.c.sha256, instances.c.path).where(*match)
+                ).one()
+                previous = stored.path
+                if stored.sha256 == record.sha256:
+                    # The same dataset again (a PACS retrying a move): the study is not
+                    # re-opened, and the row keeps naming the file it named.
+                    return Recorded(InstanceOutcome.IDENTICAL, previous_path=previous)
+                conn.execute(update(instances).where(*match).values(**values))
+                outcome = InstanceOutcome.REPLACED
             if reopen and not record.own_output:
                 study_values["state"] = "receiving"
                 study_values["reason"] = None
@@ -250,7 +282,13 @@ class Store:
                 .where(studies.c.study_uid == record.study_uid)
                 .values(**study_values)
             )
-        return outcome
+            elsewhere = conn.execute(
+                select(func.count(func.distinct(instances.c.study_uid))).where(
+                    instances.c.sop_instance_uid == record.sop_instance_uid,
+                    instances.c.study_uid != record.study_uid,
+                )
+            ).scalar_one()
+        return Recorded(outcome, previous_path=previous, also_in_studies=int(elsewhere))
 
     def _ensure_study(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> None:
         exists = conn.execute(
@@ -267,21 +305,24 @@ class Store:
                 retrospective.c.state == "requested",
             )
         ).first()
-        conn.execute(
-            insert(studies).values(
-                study_uid=record.study_uid,
-                study_key=study_key(record.study_uid),
+        # Another association may create it between the look and the insert: then its row wins.
+        _insert_new(
+            conn,
+            studies,
+            {
+                "study_uid": record.study_uid,
+                "study_key": study_key(record.study_uid),
                 # A study first seen through the node's own outputs is not one to analyse.
-                state="not_applicable" if record.own_output else "receiving",
-                reason="only the node's own outputs" if record.own_output else None,
-                priority=PRIORITY_RETROSPECTIVE if requested is not None else PRIORITY_LIVE,
-                patient_id=record.patient_id,
-                patient_name=record.patient_name,
-                accession_number=record.accession_number,
-                study_date=record.study_date,
-                instance_count=0,
-                first_received_at=now,
-            )
+                "state": "not_applicable" if record.own_output else "receiving",
+                "reason": "only the node's own outputs" if record.own_output else None,
+                "priority": PRIORITY_RETROSPECTIVE if requested is not None else PRIORITY_LIVE,
+                "patient_id": record.patient_id,
+                "patient_name": record.patient_name,
+                "accession_number": record.accession_number,
+                "study_date": record.study_date,
+                "instance_count": 0,
+                "first_received_at": now,
+            },
         )
 
     def _ensure_series(self, conn: Connection, record: InstanceRecord) -> None:
@@ -290,18 +331,20 @@ class Store:
         ).first()
         if exists is not None:
             return
-        conn.execute(
-            insert(series).values(
-                series_uid=record.series_uid,
-                study_uid=record.study_uid,
-                modality=record.modality,
-                sop_class_uid=record.sop_class_uid,
-                series_number=record.series_number,
-                series_description=record.series_description[:64],
-                analysable=record.analysable,
-                own_output=record.own_output,
-                instance_count=0,
-            )
+        _insert_new(
+            conn,
+            series,
+            {
+                "series_uid": record.series_uid,
+                "study_uid": record.study_uid,
+                "modality": record.modality,
+                "sop_class_uid": record.sop_class_uid,
+                "series_number": record.series_number,
+                "series_description": record.series_description[:64],
+                "analysable": record.analysable,
+                "own_output": record.own_output,
+                "instance_count": 0,
+            },
         )
 
     def instance_files(self, study_uid: str) -> list[InstanceFile]:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -158,12 +159,20 @@ series = Table(
     Column("instance_count", Integer, nullable=False, default=0),
 )
 
+#: Keyed by all three UIDs, as the spool names the file: a dataset that reuses another study's
+#: SOP Instance UID is another row, never an update of that study's (migration 0002).
 instances = Table(
     "instances",
     metadata,
+    Column("study_uid", String(64), primary_key=True, index=True),
+    Column(
+        "series_uid",
+        String(64),
+        ForeignKey("series.series_uid"),
+        primary_key=True,
+        index=True,
+    ),
     Column("sop_instance_uid", String(64), primary_key=True),
-    Column("series_uid", String(64), ForeignKey("series.series_uid"), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, index=True),
     Column("sop_class_uid", String(64), nullable=False),
     Column("transfer_syntax_uid", String(64)),
     Column("path", Text, nullable=False),
@@ -171,6 +180,7 @@ instances = Table(
     Column("sha256", String(64), nullable=False),
     Column("calling_ae", String(16)),
     Column("received_at", UTCDateTime, nullable=False),
+    Index("ix_instances_sop_uid", "sop_instance_uid"),
 )
 
 jobs = Table(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,6 +39,29 @@ class InstanceRecord:
     patient_name: str = ""
     accession_number: str = ""
     study_date: str = ""
+
+
+class InstanceOutcome(enum.StrEnum):
+    """What :meth:`~node.store.database.Store.record_instance` did with an instance."""
+
+    #: A new row.
+    NEW = "new"
+    #: Same study, series and SOP Instance UID, another dataset: the row now names the new file.
+    REPLACED = "replaced"
+    #: The same dataset as the stored one (hash equal): nothing changed.
+    IDENTICAL = "identical"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """:meth:`~node.store.database.Store.record_instance`'s answer."""
+
+    outcome: InstanceOutcome
+    #: The file the row named before (a replacement or an identical resend), else None. The
+    #: caller deletes it once the row names another file: never before the commit.
+    previous_path: str | None = None
+    #: Other studies that hold an instance with this SOP Instance UID (a sender reusing UIDs).
+    also_in_studies: int = 0
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ A PACS must be able to push a study and trust that every acknowledged instance i
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import hashlib
 import io
 import re
+import sqlite3
 import subprocess
 import threading
 import tomllib
@@ -322,6 +324,101 @@ def test_identical_resend_is_a_success_and_a_different_dataset_replaces(
         (stored,) = spooled(node).values()
         assert pydicom.dcmread(stored).SeriesDescription == "edited on the PACS"
         assert "instance replaced" in node.log()
+
+
+def test_parallel_associations_deliver_the_first_instances_of_a_new_study(
+    tmp_path: Path,
+) -> None:
+    # Check-then-insert of the study row lost this race: 5 of 18 such C-STOREs got 0xA701 and
+    # left files no row named.
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for index in range(12):
+        ds = _ct_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=index)
+        paths.append(_write(ds, tmp_path / f"{index}.dcm"))
+    with running_node(tmp_path / "node", {"node": {"max_associations": 16}}) as node:
+        barrier = threading.Barrier(len(paths))
+
+        def send(path: Path) -> int:
+            barrier.wait()
+            return _send_file(node, path)
+
+        with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+            assert list(pool.map(send, paths)) == [0x0000] * len(paths)
+        store = node.store()
+        try:
+            rows = store.instance_files(study)
+            assert len(rows) == len(paths) == len(spooled(node))
+            assert {node.spool / r.path for r in rows} == set(spooled(node).values())
+        finally:
+            store.close()
+
+
+def test_a_reused_sop_instance_uid_never_moves_another_studys_instance(tmp_path: Path) -> None:
+    victim, series = generate_uid(), generate_uid()
+    originals = [
+        _write(
+            _ct_dataset(StudyInstanceUID=victim, SeriesInstanceUID=series),
+            tmp_path / f"victim{n}.dcm",
+        )
+        for n in range(3)
+    ]
+    reused_uid = pydicom.dcmread(originals[1]).SOPInstanceUID
+    intruder = _ct_dataset(SOPInstanceUID=reused_uid)
+    intruder.file_meta.MediaStorageSOPInstanceUID = reused_uid
+    intruder_path = _write(intruder, tmp_path / "intruder.dcm")
+    with running_node(tmp_path / "node") as node:
+        assert [_send_file(node, p) for p in originals] == [0x0000] * 3
+        # Kept apart: the other study's instance is its own row and file.
+        assert _send_file(node, intruder_path) == 0x0000
+        store = node.store()
+        try:
+            rows = store.instance_files(victim)
+            assert len(rows) == 3 and store.study(victim).instance_count == 3  # type: ignore[union-attr]
+            assert {dataset_bytes(node.spool / r.path) for r in rows} == {
+                dataset_bytes(p) for p in originals
+            }
+            (other,) = store.instance_files(str(intruder.StudyInstanceUID))
+            assert dataset_bytes(node.spool / other.path) == dataset_bytes(intruder_path)
+        finally:
+            store.close()
+        assert len(list(node.spool.rglob("*.dcm"))) == 4
+        assert "SOP Instance UID also used in another study" in node.log()
+
+
+def test_a_replacement_whose_commit_fails_keeps_the_acknowledged_file(tmp_path: Path) -> None:
+    original = _write(_ct_dataset(SeriesDescription="first"), tmp_path / "first.dcm")
+    changed = pydicom.dcmread(original)
+    changed.SeriesDescription = "edited on the PACS"
+    replacement = _write(changed, tmp_path / "second.dcm")
+    with running_node(tmp_path / "node") as node:
+        assert _send_file(node, original) == 0x0000
+        (acknowledged,) = node.spool.rglob("*.dcm")
+        acknowledged_bytes = acknowledged.read_bytes()
+        database = sqlite3.connect(node.settings.database_url.removeprefix("sqlite:///"))
+        with database:
+            database.execute(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON instances "
+                "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+            )
+        # The commit fails: the sender is told, and the file acknowledged before is untouched.
+        assert _send_file(node, replacement) == 0xA701
+        assert list(node.spool.rglob("*.dcm")) == [acknowledged]
+        assert acknowledged.read_bytes() == acknowledged_bytes
+        with database:
+            database.execute("DROP TRIGGER refuse")
+        database.close()
+        # Committed: the new file replaces the old one, which is gone.
+        assert _send_file(node, replacement) == 0x0000
+        (stored,) = node.spool.rglob("*.dcm")
+        assert stored != acknowledged
+        assert pydicom.dcmread(stored).SeriesDescription == "edited on the PACS"
+        store = node.store()
+        try:
+            (row,) = store.instance_files(str(changed.StudyInstanceUID))
+            assert node.spool / row.path == stored
+        finally:
+            store.close()
 
 
 def test_eight_concurrent_senders(tmp_path: Path, cohort_factory: Callable[..., Path]) -> None:

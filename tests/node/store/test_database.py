@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,9 +70,9 @@ def record(
 def test_sqlite_runs_in_wal_mode_with_a_schema_version(tmp_path: Path, store: Store) -> None:
     connection = sqlite3.connect(tmp_path / "db" / "node.sqlite3")
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert (
-        connection.execute("SELECT max(version) FROM schema_version").fetchone()[0]
-        == SCHEMA_VERSION
+    # Higher than the release before migrations knows: that release refuses this database.
+    assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] > (
+        SCHEMA_VERSION
     )
     connection.close()
 
@@ -86,21 +88,85 @@ def test_a_newer_schema_is_refused(tmp_path: Path, store: Store) -> None:
 
 
 def test_instances_count_once_and_replacements_are_reported(store: Store) -> None:
-    assert store.record_instance(record()) == "new"
-    assert store.record_instance(record(sop="1.2.3.1.2")) == "new"
-    assert store.record_instance(record(sha256="1" * 64)) == "replaced"
+    assert store.record_instance(record()).outcome == "new"
+    assert store.record_instance(record(sop="1.2.3.1.2")).outcome == "new"
+    replaced = store.record_instance(record(sha256="1" * 64, path="aa/new.dcm"))
+    # The caller deletes the previous file once this has committed, never before.
+    assert (replaced.outcome, replaced.previous_path) == ("replaced", "aa/1.2.3.1.1.dcm")
     study = study_of(store)
     assert study.instance_count == 2
     assert study.state == "receiving"
-    assert store.instance_sha256("1.2.3.1.1") == "1" * 64
+    assert store.instance_sha256("1.2.3", "1.2.3.1", "1.2.3.1.1") == "1" * 64
+    assert {f.path for f in store.instance_files("1.2.3")} == {"aa/new.dcm", "aa/1.2.3.1.2.dcm"}
 
 
 def test_an_identical_resend_changes_nothing(store: Store) -> None:
     store.record_instance(record())
     store.complete_study("1.2.3")
-    assert store.record_instance(record()) == "identical"
+    again = store.record_instance(record(path="aa/other-name.dcm"))
+    assert (again.outcome, again.previous_path) == ("identical", "aa/1.2.3.1.1.dcm")
     study = study_of(store)
     assert study.state == "queued" and study.instance_count == 1
+    assert [f.path for f in store.instance_files("1.2.3")] == ["aa/1.2.3.1.1.dcm"]
+
+
+def test_a_reused_sop_instance_uid_never_moves_another_studys_instance(store: Store) -> None:
+    for index in range(3):
+        store.record_instance(record(sop=f"1.2.3.1.{index + 1}"))
+    # Another study's dataset that carries one of those SOP Instance UIDs.
+    reused = store.record_instance(
+        record(study="7.7", series="7.7.1", sop="1.2.3.1.2", sha256="7" * 64, path="bb/x.dcm")
+    )
+    assert (reused.outcome, reused.also_in_studies) == ("new", 1)
+    assert study_of(store, "1.2.3").instance_count == 3
+    victim = store.instance_files("1.2.3")
+    assert [(f.sop_instance_uid, f.path) for f in victim] == [
+        (f"1.2.3.1.{n}", f"aa/1.2.3.1.{n}.dcm") for n in (1, 2, 3)
+    ]
+    assert [f.path for f in store.instance_files("7.7")] == ["bb/x.dcm"]
+    assert store.instance_sha256("1.2.3", "1.2.3.1", "1.2.3.1.2") == "0" * 64
+
+
+def _first_instances_at_once(stores: list[Store], senders: int) -> list[str]:
+    """``senders`` threads record the first instances of one new study at the same moment."""
+    barrier = threading.Barrier(senders)
+
+    def send(index: int) -> str:
+        barrier.wait()
+        recorded = stores[index % len(stores)].record_instance(
+            record(sop=f"1.2.3.1.{index + 1}", path=f"aa/{index}.dcm")
+        )
+        return str(recorded.outcome)
+
+    with concurrent.futures.ThreadPoolExecutor(senders) as pool:
+        return list(pool.map(send, range(senders)))
+
+
+def test_parallel_first_instances_of_a_new_study_all_commit(store: Store) -> None:
+    # Check-then-insert lost this race: 5 of 18 C-STOREs failed on the unique constraint.
+    for attempt in range(3):
+        fresh = Store(store.url.replace("node.sqlite3", f"race{attempt}.sqlite3"))
+        try:
+            assert _first_instances_at_once([fresh], 12) == ["new"] * 12
+            assert study_of(fresh).instance_count == 12
+            assert len(fresh.instance_files("1.2.3")) == 12
+        finally:
+            fresh.close()
+
+
+def test_two_receivers_on_postgresql_create_a_new_study_once(postgres_database: str) -> None:
+    receivers = [Store(postgres_database), Store(postgres_database)]
+    try:
+        assert _first_instances_at_once(receivers, 16) == ["new"] * 16
+        study = study_of(receivers[0])
+        assert study.instance_count == 16 and study.state == "receiving"
+        assert len(receivers[1].instance_files("1.2.3")) == 16
+        # And the same instance from both at once is one row: one new, one identical.
+        both = sorted(str(r.record_instance(record(sop="1.2.3.1.99")).outcome) for r in receivers)
+        assert both == ["identical", "new"]
+    finally:
+        for receiver in receivers:
+            receiver.close()
 
 
 def test_completion_queues_one_job_and_claims_it_once(store: Store) -> None:

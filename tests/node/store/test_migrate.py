@@ -13,10 +13,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, inspect, text
 
 from node.core.settings import to_toml
 from node.store import migrate
 from node.store.database import SchemaError, Store
+from node.store.engine import schema_engine
 from tests.node.cli.test_main import mvi_node
 from tests.nodeproc import start_node_process
 from tests.orthanc import free_port
@@ -85,32 +87,109 @@ def test_head_is_the_newest_revision_of_the_package() -> None:
     assert script.get_base() == migrate.BASELINE
 
 
-def test_the_baseline_is_the_release_schema_and_the_tables(tmp_path: Path) -> None:
-    new = tmp_path / "new.sqlite3"
-    assert migrate.upgrade(f"sqlite:///{new}").describe() == (
-        f"sqlite:///{new}: upgraded from an empty database to revision 0001 (head)"
-    )
+def upgrade_to(url: str, revision: str) -> None:
+    """Run the migrations of an empty database up to ``revision`` only."""
+    from alembic import command
+
+    engine = schema_engine(url)
+    try:
+        with engine.begin() as conn:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def rows_of(url: str) -> dict[str, list[tuple[tuple[str, object], ...]]]:
+    """Every row of every table, as sorted (column, value) pairs: a rebuilt table compares."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                table: sorted(
+                    tuple(sorted(row._mapping.items()))
+                    for row in conn.execute(text(f"SELECT * FROM {table}"))
+                )
+                for table in inspect(conn).get_table_names()
+                if table != "alembic_version"
+            }
+    finally:
+        engine.dispose()
+
+
+def test_the_baseline_is_the_release_schema_and_head_is_the_tables(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline.sqlite3"
+    upgrade_to(f"sqlite:///{baseline}", migrate.BASELINE)
     release_database(tmp_path / "release.sqlite3")
     # The same DDL, statement for statement, as the release's create_all wrote.
-    assert schema_of(new) == schema_of(tmp_path / "release.sqlite3")
+    assert schema_of(baseline) == schema_of(tmp_path / "release.sqlite3")
+
+    new = tmp_path / "new.sqlite3"
+    assert migrate.upgrade(f"sqlite:///{new}").describe() == (
+        f"sqlite:///{new}: upgraded from an empty database to revision {migrate.HEAD} (head)"
+    )
     assert migrate.drift(f"sqlite:///{new}") == []
+
+
+def test_instances_are_keyed_by_study_series_and_sop_uid_on_both_databases(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    for url in (f"sqlite:///{tmp_path / 'node.sqlite3'}", postgres_database):
+        upgrade_to(url, migrate.BASELINE)
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO studies VALUES ('1.2', 'k', 'done', NULL, 0, "
+                    "NULL, NULL, NULL, NULL, 1, NULL, NULL, NULL, NULL)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO series VALUES ('1.2.1', '1.2', 'CT', '1.2.840', "
+                    "1, 'A', true, false, 1)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO instances VALUES ('1.2.1.1', '1.2.1', '1.2', "
+                    "'1.2.840', NULL, 'aa/1.dcm', 10, 'ab', 'PACS', "
+                    "'2026-12-01 10:00:00')"
+                )
+            )
+        before = rows_of(url)
+        assert migrate.upgrade(url).after == migrate.HEAD
+        after = rows_of(url)
+        assert after["instances"] == before["instances"]
+        assert [r for r in after["schema_version"] if r not in before["schema_version"]]
+        with engine.connect() as conn:
+            key = inspect(conn).get_pk_constraint("instances")
+        engine.dispose()
+        assert key["constrained_columns"] == ["study_uid", "series_uid", "sop_instance_uid"]
+        assert migrate.drift(url) == []
 
 
 def test_db_upgrade_brings_a_release_database_to_head_with_every_row(tmp_path: Path) -> None:
     path = tmp_path / "data" / "mvi-node.sqlite3"  # the embedded database of the config
     url = release_database(path)
     config = node_config(tmp_path)
-    before = dump(path)
+    before = rows_of(url)
 
     done = mvi_node("db", "upgrade", "--config", config)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        f"{url}: upgraded from the release schema (schema_version 1) to revision 0001 (head)"
+        f"{url}: upgraded from the release schema (schema_version 1) to revision "
+        f"{migrate.HEAD} (head)"
     )
     assert migrate.current_revision(url) == migrate.HEAD
-    # Stamped, not rebuilt: every row of the release is still there, byte for byte.
-    after = dump(path)
-    assert [line for line in after if "alembic_version" not in line] == before
+    # Every row of the release is still there, value for value; the only new row is the
+    # schema_version that makes the release refuse this database now.
+    after = rows_of(url)
+    assert {t: r for t, r in after.items() if t != "schema_version"} == {
+        t: r for t, r in before.items() if t != "schema_version"
+    }
+    assert len(after["schema_version"]) == len(before["schema_version"]) + 1
 
     store = Store(url, schema="check")  # what a worker of `serve` does
     try:
@@ -131,7 +210,7 @@ def test_db_upgrade_brings_a_release_database_to_head_with_every_row(tmp_path: P
             (PORTAL, True, False),
         ]
         assert {f.calling_ae for f in files} == {"PACS"}
-        assert store.instance_sha256("1.2.826.0.1.3680043.8.498.3.2") == "b" * 64
+        assert store.instance_sha256(STUDY, ARTERIAL, "1.2.826.0.1.3680043.8.498.3.2") == "b" * 64
         (job,) = store.list_jobs()
         assert (job.id, job.state, job.attempts, job.worker_pid) == (1, "done", 1, 4242)
         assert (job.arterial_uid, job.portal_venous_uid) == (ARTERIAL, PORTAL)
@@ -156,7 +235,9 @@ def test_db_upgrade_brings_a_release_database_to_head_with_every_row(tmp_path: P
     written = dump(path)
     again = mvi_node("db", "upgrade", "--config", config)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.strip() == f"{url}: already at revision 0001 (head); nothing to do"
+    assert (
+        again.stdout.strip() == f"{url}: already at revision {migrate.HEAD} (head); nothing to do"
+    )
     assert dump(path) == written
 
 
@@ -170,7 +251,7 @@ def test_serve_refuses_an_out_of_date_database_that_is_not_embedded(tmp_path: Pa
     assert refused.returncode == 2
     (line,) = [line for line in refused.stderr.splitlines() if line.startswith("mvi-node:")]
     assert line.endswith(f"run `mvi-node db upgrade --config {config}`"), refused.stderr
-    assert "schema_version 1" in line and "revision 0001" in line
+    assert "schema_version 1" in line and f"revision {migrate.HEAD}" in line
     # Offline commands refuse it the same way, and nobody changed it.
     listed = mvi_node("studies", "list", "--config", config)
     assert listed.returncode == 2 and f"db upgrade --config {config}" in listed.stderr
@@ -217,7 +298,10 @@ def test_db_upgrade_refuses_what_it_cannot_read_or_does_not_know(tmp_path: Path)
     refused = mvi_node("db", "upgrade", "--config", node_config(tmp_path, f"sqlite:///{newer}"))
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1
-    assert "schema revision 0099, newer than this node's (0001): upgrade mvi-node" in refused.stderr
+    assert (
+        f"schema revision 0099, newer than this node's ({migrate.HEAD}): upgrade mvi-node"
+        in refused.stderr
+    )
     assert dump(newer) == before
 
 
@@ -238,6 +322,9 @@ def test_processes_opening_a_new_database_at_once_create_it_once(tmp_path: Path)
     with context.Pool(4) as pool:
         pool.map(_open, [url] * 8)  # raises here if any of them failed
     connection = sqlite3.connect(tmp_path / "data" / "mvi-node.sqlite3")
-    assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
-    assert connection.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+    assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
+        (migrate.HEAD,)
+    ]
+    # One row per revision that an older release must refuse (the baseline's and 0002's).
+    assert connection.execute("SELECT count(*) FROM schema_version").fetchone() == (2,)
     connection.close()
