@@ -111,6 +111,11 @@ CANNOT_UNDERSTAND_MISSING_UID: Final = 0xC001
 #: A UID that is not 1–64 characters of digits in dot-separated components (PS3.5 9.1): it would
 #: be copied into the node's results and could name a path.
 CANNOT_UNDERSTAND_INVALID_UID: Final = 0xC002
+#: Native (uncompressed) pixel data whose length is not Rows × Columns × Samples per Pixel ×
+#: Number of Frames × Bits Allocated / 8: the image cannot be what the header says.
+CANNOT_UNDERSTAND_PIXEL_LENGTH: Final = 0xC003
+#: A dataset larger than ``node.max_instance_mb`` (or a deflated one that inflates beyond it).
+OUT_OF_RESOURCES_TOO_LARGE: Final = 0xA702
 
 
 def is_pending(code: int) -> bool:

@@ -79,7 +79,12 @@ class NodeSection(_Section):
     data_dir: Path = Path("~/.local/share/mvi-node")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_associations: int = Field(default=10, ge=1)
-    max_pdu: int = Field(default=0, ge=0)
+    #: Largest PDU the node receives (0: unlimited). 128 KiB: large enough that the PDU
+    #: framing costs nothing, small enough that no peer makes one fragment a memory burden.
+    max_pdu: int = Field(default=131072, ge=0)
+    #: Largest dataset the node stores (MB); a larger one is refused with 0xA702. An instance is
+    #: received into a file, never into memory, so this bounds disk, not RSS.
+    max_instance_mb: int = Field(default=1024, ge=1)
     acse_timeout: PositiveSeconds = 30.0
     dimse_timeout: PositiveSeconds = 60.0
     network_timeout: PositiveSeconds = 60.0

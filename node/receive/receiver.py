@@ -14,10 +14,12 @@ Each handler does one thing:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import ssl
+import tempfile
 import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -37,8 +39,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import MANUFACTURER, MODEL_NAME
@@ -47,19 +48,23 @@ from node.core.dicom import (
     CANNOT_UNDERSTAND,
     CANNOT_UNDERSTAND_INVALID_UID,
     CANNOT_UNDERSTAND_MISSING_UID,
+    CANNOT_UNDERSTAND_PIXEL_LENGTH,
     DATASET_SOP_CLASS_MISMATCH,
     DATASET_SOP_INSTANCE_MISMATCH,
     OUT_OF_RESOURCES_DISK_FLOOR,
     OUT_OF_RESOURCES_PERSISTENCE,
+    OUT_OF_RESOURCES_TOO_LARGE,
     SUCCESS,
 )
 from node.core.logging import get_logger, uid_key
 from node.core.settings import Settings
 from node.receive.spool import (
+    INCOMING,
+    adopt_durably,
     free_megabytes,
     instance_relative_path,
+    read_blocks,
     remove_files,
-    write_durably,
 )
 from node.store.database import InstanceOutcome, InstanceRecord, Store
 
@@ -75,7 +80,12 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-# Only the attributes the receive path needs: parsing stops before the pixel data anyway.
+#: Transfer syntaxes whose pixel data is the raw image, so its length is known from the header.
+NATIVE_SYNTAXES = frozenset(
+    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+)
+
+# Only the attributes the receive path needs (the pixel data's value stays deferred on disk).
 _HEADER_TAGS = [
     "SOPClassUID",
     "SOPInstanceUID",
@@ -90,6 +100,12 @@ _HEADER_TAGS = [
     "PatientName",
     "AccessionNumber",
     "StudyDate",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "PixelData",
 ]
 
 
@@ -191,13 +207,99 @@ def handle_echo(event: evt.Event, state: ReceiverState) -> int:
 def handle_store(event: evt.Event, state: ReceiverState) -> int:
     """C-STORE: acknowledge only what is fsynced on disk and committed in the store."""
     state.count("store_requests")
-    status = _store(event, state)
+    incoming: Path | None = None
+    try:
+        incoming = _incoming_file(event, state)
+        status = _store(event, state, incoming)
+    except OSError:
+        log.exception("store failed: could not write the incoming instance")
+        status = OUT_OF_RESOURCES_PERSISTENCE
+    finally:
+        # Adopted into the spool, or refused: either way nothing stays in the incoming folder
+        # (pynetdicom deletes its file only when the node is the association's acceptor).
+        if incoming is not None:
+            incoming.unlink(missing_ok=True)
     if status != SUCCESS:
         state.count(f"store_failures:{status:#06x}")
     return status
 
 
-def _store(event: evt.Event, state: ReceiverState) -> int:
+#: Where pynetdicom writes a C-STORE's dataset as it arrives (set by :func:`receive_into_files`).
+_incoming_folder: Path | None = None
+#: An incoming file untouched this long belongs to no live association.
+STALE_INCOMING_S = 3600.0
+
+
+def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
+    folder = _incoming_folder
+    if folder is not None and folder.is_dir():
+        kwargs["dir"] = folder
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def receive_into_files(spool_root: Path) -> None:
+    """Have pynetdicom write every received dataset to a file in ``spool_root/.incoming``.
+
+    Decoded in memory, a 400 MB instance raised the receiver's RSS from 124 MB to 1.63 GB, and
+    ten such associations at once would exhaust any host. pynetdicom's chunked receive streams
+    each P-DATA fragment to a file instead; it names no folder, so its temporary-file factory is
+    pointed at one inside the spool: the same file system, so a stored instance is renamed into
+    place rather than copied, and patient data never lands in the system's /tmp. Process-wide
+    (pynetdicom's switch is); a folder that is gone falls back to the system's temp folder.
+    """
+    global _incoming_folder
+    folder = spool_root / INCOMING
+    folder.mkdir(parents=True, exist_ok=True)
+    # Left by a process that died mid-transfer (nothing names them). Only old ones: a C-GET of
+    # `mvi-node requery` may be receiving into the same folder right now.
+    cutoff = time.time() - STALE_INCOMING_S
+    for stale in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+    _incoming_folder = folder
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _named_temporary_file
+
+
+def _incoming_file(event: evt.Event, state: ReceiverState) -> Path:
+    """The file holding the request's dataset (written now if pynetdicom kept it in memory)."""
+    try:
+        return Path(event.dataset_path)
+    except AttributeError:
+        pass
+    folder = state.spool_root / INCOMING
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"memory-{threading.get_ident()}-{id(event)}.dcm"
+    path.write_bytes(event.encoded_dataset(include_meta=True))
+    return path
+
+
+def _dataset_offset(path: Path) -> int:
+    """Where the dataset starts in a DICOM file: after the preamble and the file meta group."""
+    with path.open("rb") as handle:
+        head = handle.read(144)
+    # (0002,0000) UL, explicit VR little endian: tag, "UL", length 4, the group's length.
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("no DICOM file meta with a group length")
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def _inflated_within(path: Path, offset: int, limit: int) -> bool:
+    """Whether a deflated dataset inflates to at most ``limit`` bytes (streamed, never whole)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    for block in read_blocks(path, offset):
+        data = block
+        while data:
+            total += len(inflater.decompress(data, 1 << 20))
+            if total > limit:
+                return False
+            data = inflater.unconsumed_tail
+    return True
+
+
+def _store(event: evt.Event, state: ReceiverState, incoming: Path) -> int:
     try:
         if free_megabytes(state.spool_root) < state.settings.node.free_disk_floor_mb:
             log.error("store refused: free disk below node.free_disk_floor_mb")
@@ -207,15 +309,21 @@ def _store(event: evt.Event, state: ReceiverState) -> int:
         return OUT_OF_RESOURCES_PERSISTENCE
 
     request: Any = event.request
+    limit = state.settings.node.max_instance_mb * 1_000_000
+    syntax = str(event.context.transfer_syntax)
     try:
-        # The dataset exactly as the peer encoded it, and the file meta pynetdicom derives from
-        # the presentation context: written side by side, never joined or re-encoded.
-        payload = event.encoded_dataset(include_meta=False)
-        prefix = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        header = pydicom.dcmread(
-            io.BytesIO(prefix + payload), stop_before_pixels=True, specific_tags=_HEADER_TAGS
-        )
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+        offset = _dataset_offset(incoming)
+        if incoming.stat().st_size - offset > limit or (
+            syntax == DeflatedExplicitVRLittleEndian
+            and not _inflated_within(incoming, offset, limit)
+        ):
+            log.warning("store refused: instance larger than node.max_instance_mb")
+            return OUT_OF_RESOURCES_TOO_LARGE
+        # The dataset exactly as the peer encoded it, behind the file meta pynetdicom derives
+        # from the presentation context: never decoded whole, never re-encoded. The pixel data's
+        # value is left on disk (deferred); only its length is read.
+        header = pydicom.dcmread(incoming, defer_size=4096, specific_tags=_HEADER_TAGS)
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, zlib.error) as exc:
         log.warning("store failed: dataset cannot be parsed", error=type(exc).__name__)
         return CANNOT_UNDERSTAND
 
@@ -238,14 +346,47 @@ def _store(event: evt.Event, state: ReceiverState) -> int:
     if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
         log.warning("store failed: SOP instance differs from the request")
         return DATASET_SOP_INSTANCE_MISMATCH
+    if syntax in NATIVE_SYNTAXES:
+        problem = pixel_length_problem(header)
+        if problem is not None:
+            log.warning(f"store failed: {problem}")
+            return CANNOT_UNDERSTAND_PIXEL_LENGTH
 
-    return _persist(event, state, (prefix, payload), header, uids)
+    return _persist(event, state, incoming, offset, header, uids)
+
+
+def pixel_length_problem(header: Any) -> str | None:
+    """Why native pixel data cannot be the image its header describes, or None.
+
+    ``header`` is read with the pixel data deferred: the element's length is compared with
+    Rows × Columns × Samples per Pixel × Number of Frames × Bits Allocated / 8 (padded to even).
+    """
+    element = header.get_item("PixelData", keep_deferred=True) if "PixelData" in header else None
+    if element is None:
+        return None
+    length = element.length if hasattr(element, "length") else len(element.value or b"")
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        bits = int(header.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return "pixel data without usable Rows, Columns and Bits Allocated"
+    expected_bits = rows * columns * samples * frames * bits
+    expected = (expected_bits + 7) // 8
+    if length not in (expected, expected + (expected % 2)):
+        return (
+            f"pixel data holds {length} bytes, Rows × Columns × Samples × Frames × Bits "
+            f"Allocated / 8 is {expected}"
+        )
+    return None
 
 
 def _persist(
     event: evt.Event,
     state: ReceiverState,
-    chunks: tuple[bytes, bytes],
+    incoming: Path,
+    offset: int,
     header: Any,
     uids: dict[str, str],
 ) -> int:
@@ -253,10 +394,14 @@ def _persist(
     sop_uid = uids["SOPInstanceUID"]
     # The hash covers the dataset alone: the file meta names the sender and the negotiated
     # syntax, which differ between two sends of the same instance.
-    digest = hashlib.sha256(chunks[1]).hexdigest()
-    size = len(chunks[0]) + len(chunks[1])
+    digest = hashlib.sha256()
+    for block in read_blocks(incoming, offset):
+        digest.update(block)
+    size = incoming.stat().st_size
     own = is_own_output(header)
-    relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid, digest)
+    relative = instance_relative_path(
+        study_uid, uids["SeriesInstanceUID"], sop_uid, digest.hexdigest()
+    )
     record = InstanceRecord(
         study_uid=study_uid,
         series_uid=uids["SeriesInstanceUID"],
@@ -265,7 +410,7 @@ def _persist(
         transfer_syntax_uid=str(event.context.transfer_syntax),
         path=relative,
         size=size,
-        sha256=digest,
+        sha256=digest.hexdigest(),
         calling_ae=_peer_ae_title(event),
         modality=str(header.get("Modality", "") or ""),
         series_number=_int_or_none(header.get("SeriesNumber")),
@@ -283,7 +428,7 @@ def _persist(
     with state.instance_lock(relative):
         existed = target.exists()
         try:
-            write_durably(state.spool_root, relative, chunks)
+            adopt_durably(state.spool_root, relative, incoming)
         except Exception:
             log.exception(
                 "store failed: could not write the instance", instance_key=uid_key(sop_uid)
@@ -379,6 +524,7 @@ def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> A
     ``tls`` is the server context from :func:`node.core.tls.server_context` (None: plain DICOM).
     """
     settings = state.settings
+    receive_into_files(state.spool_root)
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_REQUESTED, handle_requested, [state]),

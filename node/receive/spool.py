@@ -8,12 +8,16 @@ raw UIDs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+#: The spool's folder for datasets still arriving (see ``receiver.receive_into_files``).
+INCOMING = ".incoming"
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,25 @@ def _fsync_directory(folder: Path) -> None:
 _known_folders: set[Path] = set()
 
 
-def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> SpooledFile:
+def _prepare_folder(folder: Path) -> bool:
+    """Make ``folder``; True when this process had not written there before."""
+    first = folder not in _known_folders
+    if first:
+        folder.mkdir(parents=True, exist_ok=True)
+    return first
+
+
+def _settle_folder(root: Path, folder: Path, first: bool) -> None:
+    """fsync ``folder`` (a rename into it is durable) and, the first time, its parent and root."""
+    _fsync_directory(folder)
+    if first:
+        # A folder's own entry lives in its parent (and so on up to the root).
+        for parent in {folder.parent, root}:
+            _fsync_directory(parent)
+    _known_folders.add(folder)
+
+
+def write_durably(root: Path, relative: str, chunks: Iterable[bytes]) -> SpooledFile:
     """Write ``chunks`` (concatenated) to ``root/relative``; durable once this returns.
 
     Temp file in the target folder, ``fdatasync``, rename over the target, ``fsync`` of the
@@ -70,9 +92,7 @@ def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> Spooled
     # The first write of this process into a folder makes the folder's own entry durable too,
     # whoever created it: a second thread that found it made by the first used to acknowledge
     # before the first had fsynced the parent.
-    first = folder not in _known_folders
-    if first:
-        folder.mkdir(parents=True, exist_ok=True)
+    first = _prepare_folder(folder)
     temp = folder / f".incoming-{target.stem}-{threading.get_ident()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     size = 0
@@ -91,13 +111,42 @@ def write_durably(root: Path, relative: str, chunks: Sequence[bytes]) -> Spooled
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(folder)
-    if first:
-        # A folder's own entry lives in its parent (and so on up to the root).
-        for parent in {folder.parent, root}:
-            _fsync_directory(parent)
-    _known_folders.add(folder)
+    _settle_folder(root, folder, first)
     return SpooledFile(path=target, relative=relative, size=size)
+
+
+def adopt_durably(root: Path, relative: str, source: Path) -> SpooledFile:
+    """Move the complete file ``source`` to ``root/relative``; durable once this returns.
+
+    The receiver's files arrive whole in the spool's incoming folder (same file system): one
+    ``fdatasync`` and a rename, no second copy. From another file system the bytes are copied
+    (:func:`write_durably`) and ``source`` is left for its owner to delete.
+    """
+    target = root / relative
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    folder = target.parent
+    first = _prepare_folder(folder)
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return write_durably(root, relative, read_blocks(source))
+    _settle_folder(root, folder, first)
+    return SpooledFile(path=target, relative=relative, size=size)
+
+
+def read_blocks(path: Path, offset: int = 0, block: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of ``path`` from ``offset`` on, ``block`` at a time."""
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(block):
+            yield chunk
 
 
 def remove_files(root: Path, relatives: list[str]) -> int:

@@ -432,11 +432,17 @@ def get_study(
     settings: Settings, peer_name: str, peer: PeerSection, study_uid: str, store: Store
 ) -> str | None:
     """C-GET a study into the node's spool and store (no move destination needed)."""
-    from node.receive.receiver import TRANSFER_SYNTAXES, ReceiverState, handle_store
+    from node.receive.receiver import (
+        TRANSFER_SYNTAXES,
+        ReceiverState,
+        handle_store,
+        receive_into_files,
+    )
 
     state = ReceiverState(
         settings=settings, store=store, spool_root=settings.node.data_dir / "spool"
     )
+    receive_into_files(state.spool_root)
     storage = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, SEGMENTATION_STORAGE)
     roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in storage]
     query = Dataset()

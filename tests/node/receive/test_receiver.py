@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -245,7 +245,7 @@ def _ct_dataset(**overrides: object) -> Dataset:
     return ds
 
 
-def _send_file(node: NodeProcess, path: Path) -> int:
+def _send_file(node: NodeProcess, path: Path, syntax: str = ExplicitVRLittleEndian) -> int:
     """pynetdicom as the SCU: sends a file's dataset bytes as they are (no re-encoding)."""
     from pynetdicom import _config
 
@@ -253,7 +253,7 @@ def _send_file(node: NodeProcess, path: Path) -> int:
     # dataset reaches the node as broken as it is on disk.
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=SCU_AET)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
     assert assoc.is_established
     status = assoc.send_c_store(path)
@@ -305,6 +305,72 @@ def test_bad_datasets_get_failure_statuses_and_the_node_carries_on(
         assert node.process.poll() is None
         assert len(spooled(node)) == 1
         assert not list(node.spool.rglob("*.tmp")), "no partial file is left behind"
+
+
+def _image(rows: int, columns: int, frames: int = 1, pixel_bytes: int | None = None) -> Dataset:
+    """A 16-bit CT dataset whose pixel data holds ``pixel_bytes`` (default: what fits)."""
+    ds = _ct_dataset(
+        Rows=rows,
+        Columns=columns,
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        SamplesPerPixel=1,
+        PhotometricInterpretation="MONOCHROME2",
+        PixelRepresentation=1,
+    )
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    size = rows * columns * frames * 2 if pixel_bytes is None else pixel_bytes
+    ds.PixelData = bytes(size)
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_large_instances_are_received_into_files_and_oversized_ones_refused(
+    tmp_path: Path,
+) -> None:
+    big = _write(_image(2048, 2048, frames=16), tmp_path / "big.dcm")  # 134 MB
+    oversized = _write(_image(2048, 2048, frames=32), tmp_path / "oversized.dcm")  # 268 MB
+    # Deflated: 268 MB of zeros in a file of a few hundred kB (a decompression bomb).
+    bomb = _image(2048, 2048, frames=32)
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb_path = _write(bomb, tmp_path / "bomb.dcm")
+    assert bomb_path.stat().st_size < 2_000_000
+    with running_node(tmp_path / "node", {"node": {"max_instance_mb": 200}}) as node:
+        before = peak_rss_mb(node.process.pid)
+        assert _send_file(node, big) == 0x0000
+        # Decoded in memory this instance would have added at least its own size.
+        assert peak_rss_mb(node.process.pid) - before < 134 / 2
+        (stored,) = node.spool.rglob("*.dcm")
+        assert dataset_bytes(stored) == dataset_bytes(big)
+        assert _send_file(node, oversized) == 0xA702
+        assert _send_file(node, bomb_path, DeflatedExplicitVRLittleEndian) == 0xA702
+        assert list(node.spool.rglob("*.dcm")) == [stored]
+        assert not [p for p in (node.spool / ".incoming").iterdir()], "nothing left incoming"
+        assert "instance larger than node.max_instance_mb" in node.log()
+
+
+def test_pixel_data_that_is_not_the_image_its_header_describes_is_refused(
+    tmp_path: Path,
+) -> None:
+    short = _write(_image(64, 64, pixel_bytes=100), tmp_path / "short.dcm")
+    long = _write(_image(64, 64, pixel_bytes=64 * 64 * 2 * 3), tmp_path / "long.dcm")
+    frames = _write(_image(32, 32, frames=4, pixel_bytes=32 * 32 * 2), tmp_path / "frames.dcm")
+    fine = _write(_image(64, 64), tmp_path / "fine.dcm")
+    with running_node(tmp_path / "node") as node:
+        assert [_send_file(node, p) for p in (short, long, frames)] == [0xC003] * 3
+        assert _send_file(node, fine) == 0x0000
+        assert len(spooled(node)) == 1
+        assert "pixel data holds 100 bytes" in node.log()
 
 
 def test_identical_resend_is_a_success_and_a_different_dataset_replaces(
