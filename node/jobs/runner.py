@@ -152,6 +152,12 @@ def _record(store: Store, settings: Settings, job: Job, analysis: Analysis) -> N
     ]
     with store.begin() as tx:
         store.record_result(job.id, job.study_uid, analysis.result, tx)
+        store.record_issued(
+            job.id,
+            job.study_uid,
+            [(o.sop_instance_uid, o.series_instance_uid) for o in objects],
+            tx,
+        )
         if objects and settings.results.destinations and _sends_results(settings, job):
             enqueue(store, job.id, job.study_uid, objects, settings.results.destinations, tx)
 

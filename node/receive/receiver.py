@@ -398,7 +398,14 @@ def _persist(
     for block in read_blocks(incoming, offset):
         digest.update(block)
     size = incoming.stat().st_size
-    own = is_own_output(header)
+    own = state.store.is_issued(sop_uid)
+    if not own and _claims_to_be_ours(header):
+        # The strings are anyone's to write; only a UID this node issued makes an output ours.
+        log.info(
+            "instance carries the node's manufacturer and model but was not issued by it: "
+            "handled as any other instance",
+            study_key=uid_key(study_uid),
+        )
     relative = instance_relative_path(
         study_uid, uids["SeriesInstanceUID"], sop_uid, digest.hexdigest()
     )
@@ -494,8 +501,8 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def is_own_output(header: Any) -> bool:
-    """True for an instance this node wrote (its SEG, SR or SC coming back)."""
+def _claims_to_be_ours(header: Any) -> bool:
+    """True for an instance that names this node as its maker (which proves nothing)."""
     return (
         str(header.get("Manufacturer", "") or "") == MANUFACTURER
         and str(header.get("ManufacturerModelName", "") or "") == MODEL_NAME

@@ -45,6 +45,7 @@ from node.store.schema import (
     SCHEMA_VERSION,
     STUDY_STATES,
     instances,
+    issued,
     jobs,
     outbox,
     results,
@@ -726,6 +727,39 @@ class Store:
                 )
 
     # -- outbox ------------------------------------------------------------------------------
+
+    def record_issued(
+        self,
+        job_id: int,
+        study_uid: str,
+        objects: Sequence[tuple[str, str]],
+        tx: Transaction | None = None,
+    ) -> None:
+        """Remember the ``(SOP Instance UID, Series UID)`` of objects a job wrote; in ``tx``."""
+        now = utcnow()
+        with self._write(tx) as conn:
+            for sop_instance_uid, series_uid in objects:
+                _insert_new(
+                    conn,
+                    issued,
+                    {
+                        "sop_instance_uid": sop_instance_uid,
+                        "series_uid": series_uid,
+                        "study_uid": study_uid,
+                        "job_id": job_id,
+                        "created_at": now,
+                    },
+                )
+
+    def is_issued(self, sop_instance_uid: str) -> bool:
+        """Whether the node wrote the object with this SOP Instance UID (its own output)."""
+        with self._engine.connect() as conn:
+            found = conn.execute(
+                select(issued.c.sop_instance_uid).where(
+                    issued.c.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        return found is not None
 
     def enqueue_deliveries(
         self,

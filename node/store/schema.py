@@ -183,6 +183,18 @@ instances = Table(
     Index("ix_instances_sop_uid", "sop_instance_uid"),
 )
 
+#: Every object the node wrote (SEG, SR, SC): how the receiver knows its own outputs coming back
+#: (strings such as the Manufacturer anyone can copy; these UIDs only this node issued).
+issued = Table(
+    "issued",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("series_uid", String(64), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
 jobs = Table(
     "jobs",
     metadata,

@@ -594,40 +594,46 @@ def test_other_objects_are_accepted_but_not_analysed(tmp_path: Path, cohort: Pat
 def test_own_outputs_coming_back_start_nothing(tmp_path: Path, cohort: Path) -> None:
     row = truth_rows(cohort)[0]
     study_uid = row["study_instance_uid"]
-    own = _ct_dataset(
-        StudyInstanceUID=study_uid,
-        Modality="SEG",
-        Manufacturer=MANUFACTURER,
-        ManufacturerModelName=MODEL_NAME,
-    )
-    own.SOPClassUID = own.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
-    path = _write(own, tmp_path / "own_seg.dcm")
     with running_node(tmp_path / "node") as node:
         assert storescu(node, cohort / row["study_folder"]).returncode == 0
-        wait_until_final(node, study_uid)
+        assert wait_until_final(node, study_uid).state == "done"
+        outputs = sorted((node.settings.node.data_dir / "results").rglob("*.dcm"))
+        modalities = {pydicom.dcmread(p).Modality for p in outputs}
+        assert "SR" in modalities and modalities <= {"SEG", "SR", "OT"}
         store = node.store()
         jobs_before = len(store.list_jobs())
-        assert storescu(node, path).returncode == 0
-        wait_for(
-            lambda: (
-                len(spooled(node)) == len(list((cohort / row["study_folder"]).rglob("*.dcm"))) + 1
-            )
-        )
+        # The node's SEG, SR and SC sent back (a PACS forwarding the whole study): recognised
+        # by the UIDs the node issued, they re-open nothing.
+        assert storescu(node, *outputs).returncode == 0
+        sent = len(list((cohort / row["study_folder"]).rglob("*.dcm")))
+        wait_for(lambda: len(spooled(node)) == sent + len(outputs))
         # Longer than the quiet period: a re-opened study would have queued a job by now.
         threading.Event().wait(3)
         assert len(store.list_jobs()) == jobs_before
         assert store.study(study_uid).state == "done"  # type: ignore[union-attr]
-        # A study known only through the node's own outputs is not one to analyse.
-        stranger = _ct_dataset(
-            Modality="SEG", Manufacturer=MANUFACTURER, ManufacturerModelName=MODEL_NAME
+        assert all(
+            f.own_output
+            for f in store.instance_files(study_uid)
+            if f.sop_class_uid in {str(pydicom.dcmread(p).SOPClassUID) for p in outputs}
         )
-        stranger.SOPClassUID = stranger.file_meta.MediaStorageSOPClassUID = (
-            "1.2.840.10008.5.1.4.1.1.66.4"
-        )
-        assert storescu(node, _write(stranger, tmp_path / "stranger.dcm")).returncode == 0
-        threading.Event().wait(2)
-        assert store.study(stranger.StudyInstanceUID).state == "not_applicable"  # type: ignore[union-attr]
-        assert len(store.list_jobs()) == jobs_before
+
+        # A CT study that writes the node's manufacturer and model into its headers is still a
+        # study to analyse: strings anyone can set do not make it the node's output.
+        spoofed, spoofed_study = tmp_path / "spoofed", generate_uid()
+        new_series: dict[str, str] = {}
+        for source in sorted((cohort / row["study_folder"]).rglob("*.dcm")):
+            ds = pydicom.dcmread(source)
+            ds.StudyInstanceUID = spoofed_study
+            ds.SeriesInstanceUID = new_series.setdefault(ds.SeriesInstanceUID, generate_uid())
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, MODEL_NAME
+            target = spoofed / source.relative_to(cohort)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(target)
+        assert storescu(node, spoofed).returncode == 0
+        assert wait_until_final(node, spoofed_study).state == "done"
+        assert len(store.list_jobs()) == jobs_before + 1
+        assert "was not issued by it" in node.log()
         store.close()
 
 

@@ -186,10 +186,14 @@ def test_db_upgrade_brings_a_release_database_to_head_with_every_row(tmp_path: P
     # Every row of the release is still there, value for value; the only new row is the
     # schema_version that makes the release refuse this database now.
     after = rows_of(url)
-    assert {t: r for t, r in after.items() if t != "schema_version"} == {
+    assert {t: r for t, r in after.items() if t not in ("schema_version", "issued")} == {
         t: r for t, r in before.items() if t != "schema_version"
     }
     assert len(after["schema_version"]) == len(before["schema_version"]) + 1
+    # What the release delivered is known as the node's own output from now on.
+    assert [dict(r)["sop_instance_uid"] for r in after["issued"]] == [
+        dict(r)["sop_instance_uid"] for r in before["outbox"]
+    ]
 
     store = Store(url, schema="check")  # what a worker of `serve` does
     try:

@@ -1,9 +1,16 @@
-"""Instances keyed by (study, series, SOP Instance UID), not by the SOP Instance UID alone.
+"""Instances keyed by (study, series, SOP Instance UID); the objects the node issued.
+
+Instances: keyed by all three UIDs, not by the SOP Instance UID alone.
 
 Keyed on the SOP Instance UID alone, a dataset that reused another study's UID (a sender's bug,
 or a hostile one) updated the other study's row: that study then showed one row fewer than its
 files and the earlier file was orphaned. The spool already names a file by all three UIDs; the
 row now does too. A lookup by SOP Instance UID alone keeps an index.
+
+``issued``: every object the node wrote (SEG, SR, SC), by SOP Instance UID. The receiver knows
+its own outputs coming back by these UIDs; it used to go by the Manufacturer and model name,
+which anyone can write into a CT study to keep it from being analysed. Filled from the outbox
+for what earlier releases delivered.
 
 An older node (which knows only revision 0001) refuses this database by its revision; the
 release before migrations reads ``schema_version``, which gets version 2 here.
@@ -90,6 +97,19 @@ def _rebuild(primary_key: tuple[str, ...]) -> None:
 def upgrade() -> None:
     _rebuild(("study_uid", "series_uid", "sop_instance_uid"))
     op.create_index("ix_instances_sop_uid", "instances", ["sop_instance_uid"])
+    op.create_table(
+        "issued",
+        sa.Column("sop_instance_uid", sa.String(64), primary_key=True),
+        sa.Column("series_uid", sa.String(64), nullable=False),
+        sa.Column("study_uid", sa.String(64), nullable=False),
+        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.execute(
+        "INSERT INTO issued (sop_instance_uid, series_uid, study_uid, job_id, created_at) "
+        "SELECT sop_instance_uid, min(series_uid), min(study_uid), min(job_id), min(created_at) "
+        "FROM outbox GROUP BY sop_instance_uid"
+    )
     version = sa.table(
         "schema_version",
         sa.column("version", sa.Integer),
@@ -99,6 +119,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("issued")
     # Only possible while no SOP Instance UID is in two studies (the old key cannot hold both).
     _rebuild(("sop_instance_uid",))
     op.execute("DELETE FROM schema_version WHERE version = 2")
