@@ -79,6 +79,12 @@ class NodeSection(_Section):
     data_dir: Path = Path("~/.local/share/mvi-node")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_associations: int = Field(default=10, ge=1)
+    #: Connections one host may hold at once (further ones are closed at the door): one caller
+    #: cannot take every thread and association slot from the others.
+    max_associations_per_host: int = Field(default=8, ge=1)
+    #: A new connection must finish its TLS handshake and start its A-ASSOCIATE-RQ within this
+    #: long, or it is closed before it holds an association slot (the ACSE timeout is longer).
+    request_timeout_s: PositiveSeconds = 10.0
     #: Largest PDU the node receives (0: unlimited). 128 KiB: large enough that the PDU
     #: framing costs nothing, small enough that no peer makes one fragment a memory burden.
     max_pdu: int = Field(default=131072, ge=0)

@@ -58,6 +58,7 @@ from node.core.dicom import (
 )
 from node.core.logging import get_logger, uid_key
 from node.core.settings import Settings
+from node.receive.server import NodeServer
 from node.receive.spool import (
     INCOMING,
     adopt_durably,
@@ -538,12 +539,19 @@ def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> A
         (evt.EVT_C_ECHO, handle_echo, [state]),
         (evt.EVT_C_STORE, handle_store, [state]),
     ]
-    server = ae.start_server(
+    # pynetdicom's start_server(block=False), with the node's server class: TLS, the wait for
+    # the first bytes and the per-host limit happen in each connection's thread (server.py).
+    server = ae.make_server(
         (settings.node.host, settings.node.port),
-        block=False,
         evt_handlers=handlers,
-        ssl_context=tls,
+        server_class=NodeServer,
+        tls=tls,
+        request_timeout_s=settings.node.request_timeout_s,
+        max_per_host=settings.node.max_associations_per_host,
+        count=state.count,
     )
+    threading.Thread(target=server.serve_forever, name="node-acceptor", daemon=True).start()
+    ae._servers.append(server)  # where start_server keeps it: server.shutdown() removes it
     log.info(
         "listening",
         tls=tls is not None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,6 +108,41 @@ def test_tls_echo_needs_a_client_certificate(tmp_path: Path, pki: dict[str, Path
         plain = echoscu(node.port)
         assert plain.returncode != 0
         assert node.process.poll() is None
+
+
+def test_an_idle_connection_does_not_block_tls_callers(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    # The TLS handshake used to run in the accept loop without a timeout: one silent TCP
+    # connection from anywhere made every TLS caller wait until it went away.
+    extra = tls_extra(pki, node={"request_timeout_s": 60})
+    with (
+        running_node(tmp_path, extra) as node,
+        socket.create_connection(("127.0.0.1", node.port)) as idle,
+    ):
+        tool = require_tool("echoscu", "dcmtk")
+        command = [
+            tool,
+            "+tls",
+            pki["scu.key"],
+            pki["scu.crt"],
+            "+cf",
+            pki["ca.crt"],
+            "-aet",
+            SCU_AET,
+            "-aec",
+            NODE_AET,
+            "127.0.0.1",
+            str(node.port),
+        ]
+        try:
+            echo = subprocess.run(command, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the TLS caller waited behind an idle connection")
+        assert echo.returncode == 0, echo.stderr
+        idle.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            idle.recv(1)  # still open: the echo did not have to wait for it to go
 
 
 def test_tls_store_of_a_study(
