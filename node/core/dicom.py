@@ -38,7 +38,10 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from node.core.logging import get_logger
 from node.core.settings import PeerSection, Settings
+
+log = get_logger("node.core.dicom")
 
 __all__ = [
     "ANALYSABLE_SOP_CLASSES",
@@ -185,7 +188,7 @@ def tls_args(settings: Settings, peer: PeerSection) -> tuple[ssl.SSLContext, str
         return None
     from node.core.tls import client_context
 
-    return client_context(settings.security), peer.host
+    return client_context(settings.security, check_hostname=peer.tls_check_hostname), peer.host
 
 
 def associate(
@@ -221,6 +224,19 @@ def associate(
             ae.add_requested_context(context)
     if peer.host is None or peer.port is None:
         raise ValueError("associate() needs a peer with a host and a port")
-    return ae.associate(
+    assoc = ae.associate(
         peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args(settings, peer), **kwargs
     )
+    if assoc.is_established and peer.tls_fingerprint is not None:
+        from node.core.tls import association_socket, peer_fingerprint
+
+        presented = peer_fingerprint(association_socket(assoc))
+        if presented != peer.tls_fingerprint:
+            # Nothing but the association request has been sent: drop it before any data.
+            log.warning(
+                "association aborted: the peer's certificate is not the one pinned for it",
+                called_ae=peer.ae_title,
+                presented=presented,
+            )
+            assoc.abort()
+    return assoc

@@ -153,9 +153,21 @@ class PeerSection(_Section):
     host: str | None = None
     port: Port | None = None
     tls: bool = False
+    #: Check that the peer's certificate names ``host`` when the node calls it over TLS.
+    tls_check_hostname: bool = True
+    #: SHA-256 of the one certificate this peer may present (calling in or called); see
+    #: node.core.tls. ``openssl x509 -noout -fingerprint -sha256 -in CERT`` prints it.
+    tls_fingerprint: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
-    _none = field_validator("host", "port", mode="before")(_empty_to_none)
+    _none = field_validator("host", "port", "tls_fingerprint", mode="before")(_empty_to_none)
+
+    @field_validator("tls_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        from node.core.tls import normalise_fingerprint
+
+        return None if value is None else normalise_fingerprint(value)
 
 
 class CompletionSection(_Section):

@@ -2,14 +2,22 @@
 
 TLS 1.2 at least. As a server the node presents ``security.tls_cert`` and, when
 ``security.require_client_cert`` is on, accepts only callers whose certificate ``tls_ca`` signs.
-As a client (``[peers.NAME] tls = true``) it verifies the peer's chain against ``tls_ca`` and
-presents its own certificate. Host names are not checked: DICOM peers are configured by address
-and their certificates rarely name it; the chain and the AE title policy identify them.
+As a client (``[peers.NAME] tls = true``) it verifies the peer's chain against ``tls_ca``,
+checks that the certificate names the peer's ``host`` (a DNS name or an IP address in its subject
+alternative names; ``tls_check_hostname = false`` for a peer whose certificate does not, which
+should then be pinned) and presents its own certificate.
+
+Pinning (``[peers.NAME] tls_fingerprint``, the SHA-256 of the peer's certificate): a chain that
+``tls_ca`` signs proves only that the CA issued it, and one CA often signs every device of a
+hospital. A pinned peer must present exactly that certificate: the node refuses an association
+from that peer's AE title with another certificate (or none), and drops one it called.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from typing import Any
 
 from node.core.errors import ConfigurationError
 from node.core.settings import SecuritySection
@@ -52,11 +60,11 @@ def server_context(security: SecuritySection) -> ssl.SSLContext | None:
     return context
 
 
-def client_context(security: SecuritySection) -> ssl.SSLContext:
-    """The context for calling a peer marked ``tls = true``."""
+def client_context(security: SecuritySection, *, check_hostname: bool = True) -> ssl.SSLContext:
+    """The context for calling a peer marked ``tls = true`` (see the module docstring)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
+    context.check_hostname = check_hostname
     if security.tls_ca is None:
         raise TLSConfigError("a peer with tls = true needs security.tls_ca to verify it")
     _load("the CA certificates", context.load_verify_locations, security.tls_ca)
@@ -69,3 +77,34 @@ def client_context(security: SecuritySection) -> ssl.SSLContext:
             security.tls_key,
         )
     return context
+
+
+def normalise_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as 64 lower-case hex digits (colons and spaces dropped).
+
+    Raises
+    ------
+    ValueError
+        When ``text`` is not 32 bytes in hex.
+    """
+    digits = text.replace(":", "").replace(" ", "").lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(
+            "tls_fingerprint is the SHA-256 of the certificate, 64 hex digits "
+            "(openssl x509 -noout -fingerprint -sha256 -in CERT)"
+        )
+    return digits
+
+
+def peer_fingerprint(sock: Any) -> str | None:
+    """SHA-256 of the certificate the other end of ``sock`` presented (None: no TLS or none)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    der = sock.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest() if der else None
+
+
+def association_socket(assoc: Any) -> Any:
+    """The network socket under a pynetdicom association (None when it has none)."""
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    return getattr(transport, "socket", None)

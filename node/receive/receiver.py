@@ -58,6 +58,7 @@ from node.core.dicom import (
 )
 from node.core.logging import get_logger, uid_key
 from node.core.settings import Settings
+from node.core.tls import association_socket, peer_fingerprint
 from node.receive.server import NodeServer
 from node.receive.spool import (
     INCOMING,
@@ -193,6 +194,21 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
             calling_ae=calling,
             address=address,
             allow_with=f'[peers.NAME] ae_title = "{calling}" host = "{address}"',
+        )
+        _reject(assoc, 0x03)
+        return
+    pins = {
+        p.tls_fingerprint
+        for p in state.settings.peers.values()
+        if p.ae_title.strip() == calling and p.tls_fingerprint is not None
+    }
+    if pins and peer_fingerprint(association_socket(assoc)) not in pins:
+        state.count("associations_rejected:certificate_pin")
+        log.warning(
+            "association rejected: the caller's certificate is not the one pinned for its AE title",
+            calling_ae=calling,
+            address=address,
+            presented=peer_fingerprint(association_socket(assoc)),
         )
         _reject(assoc, 0x03)
         return

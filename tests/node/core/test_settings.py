@@ -205,3 +205,11 @@ def test_printed_configuration_reads_back_identically(tmp_path: Path) -> None:
     settings = load_settings(SITE_TOML)
     again = load_settings(write(tmp_path, to_toml(redacted_dict(settings))))
     assert again == settings
+
+
+def test_a_certificate_pin_must_be_a_sha256_fingerprint(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, '[peers.pacs]\nae_title = "PACS"\ntls_fingerprint = "AB:CD"\n')
+    assert line.startswith("peers.pacs.tls_fingerprint") and "64 hex digits" in line
+    pin = ":".join(["0A"] * 32)
+    path = write(tmp_path, f'[peers.pacs]\nae_title = "PACS"\ntls_fingerprint = "{pin}"\n')
+    assert load_settings(path).peers["pacs"].tls_fingerprint == "0a" * 32

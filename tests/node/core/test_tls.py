@@ -202,6 +202,57 @@ def test_echo_command_calls_a_tls_peer(tmp_path: Path, pki: dict[str, Path]) -> 
         assert insecure.returncode == 1
 
 
+def fingerprint(certificate: Path) -> str:
+    """``openssl x509 -fingerprint -sha256``, as an administrator copies it into the config."""
+    openssl = require_tool("openssl", "openssl")
+    out = run_tool(openssl, "x509", "-noout", "-fingerprint", "-sha256", "-in", certificate)
+    return out.stdout.strip().split("=", 1)[1]  # AB:CD:…
+
+
+def test_a_pinned_caller_must_present_exactly_its_certificate(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    scu_tls = ("+tls", pki["scu.key"], pki["scu.crt"], "+cf", pki["ca.crt"])
+    for pin, accepted in ((pki["scu.crt"], True), (pki["node.crt"], False)):
+        peer = {"ae_title": SCU_AET, "host": "127.0.0.1", "tls_fingerprint": fingerprint(pin)}
+        with running_node(tmp_path / pin.stem, tls_extra(pki, peers={"scu": peer})) as node:
+            # The CA signed both certificates: only the pin tells them apart.
+            echo = echoscu(node.port, *scu_tls)
+            assert (echo.returncode == 0) is accepted, echo.stderr
+            assert ("not the one pinned for its AE title" in node.log()) is not accepted
+
+
+def test_a_called_peer_must_be_named_by_its_certificate_and_match_its_pin(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    from tests.node.cli.test_main import mvi_node
+
+    # storescp presents scu.crt: signed by the CA, naming IP 127.0.0.1 only.
+    right, wrong = fingerprint(pki["scu.crt"]), fingerprint(pki["node.crt"])
+    peers = {
+        "by_address": ("127.0.0.1", "", True),
+        "by_other_name": ("localhost", "", False),
+        "by_other_name_unchecked": ("localhost", "tls_check_hostname = false\n", True),
+        "pinned": ("127.0.0.1", f'tls_fingerprint = "{right}"\n', True),
+        "pinned_to_another": ("127.0.0.1", f'tls_fingerprint = "{wrong}"\n', False),
+    }
+    with tls_storescp(pki, tmp_path) as port:
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'[security]\ntls_cert = "{pki["node.crt"]}"\ntls_key = "{pki["node.key"]}"\n'
+            f'tls_ca = "{pki["ca.crt"]}"\n'
+            + "".join(
+                f'[peers.{name}]\nae_title = "TLS_PACS"\nhost = "{host}"\nport = {port}\n'
+                f"tls = true\n{more}"
+                for name, (host, more, _) in peers.items()
+            )
+        )
+        outcomes = {name: mvi_node("echo", name, "--config", config) for name in peers}
+        assert {name: done.returncode == 0 for name, done in outcomes.items()} == {
+            name: ok for name, (_, _, ok) in peers.items()
+        }, {name: done.stderr[-300:] for name, done in outcomes.items()}
+
+
 def echoscu_ready(port: int) -> bool:
     import socket
 
