@@ -4,20 +4,30 @@
 #       -v $PWD/site.toml:/etc/mvi-node/node.toml:ro mvi-node
 # GPU hosts: --build-arg BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 (python3.11 is
 # installed on it below) and docker run --gpus all.
+#
+# Reproducible builds: every Python package comes from requirements.lock at its version and
+# hash (`make lock` re-resolves it). Base images go by tag unless pinned by digest: pass
+#   --build-arg BASE_DIGEST=sha256:…     (python:3.11-slim-bookworm, both stages)
+#   --build-arg RUNTIME_DIGEST=sha256:…  (the BASE of the runtime stage, when it is another image)
+# `docker buildx imagetools inspect python:3.11-slim-bookworm` prints the current digest.
 ARG BASE=python:3.11-slim-bookworm
+ARG BASE_DIGEST=
+ARG RUNTIME_DIGEST=${BASE_DIGEST}
 
-FROM python:3.11-slim-bookworm AS build
+FROM python:3.11-slim-bookworm${BASE_DIGEST:+@${BASE_DIGEST}} AS build
 WORKDIR /src
+COPY requirements.lock ./
+RUN python -m venv /opt/mvi-node \
+ && /opt/mvi-node/bin/pip install --no-cache-dir --upgrade pip \
+ && /opt/mvi-node/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY node node
 COPY model model
 COPY dicom_sr dicom_sr
 COPY config config
-RUN python -m venv /opt/mvi-node \
- && /opt/mvi-node/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/mvi-node/bin/pip install --no-cache-dir .
+RUN /opt/mvi-node/bin/pip install --no-cache-dir --no-deps .
 
-FROM ${BASE} AS runtime
+FROM ${BASE}${RUNTIME_DIGEST:+@${RUNTIME_DIGEST}} AS runtime
 # A CUDA base has no Python 3.11; the slim Python base already has it at the same path.
 RUN if [ ! -x /usr/local/bin/python3.11 ]; then \
       apt-get update && apt-get install -y --no-install-recommends python3.11 \

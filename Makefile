@@ -5,18 +5,30 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
 
-.PHONY: demo demo-segmenter test lint typecheck pytest bench install clean packages
+.PHONY: demo demo-segmenter test lint typecheck pytest bench install clean packages lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall only when the project's metadata changes.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
+# Reinstall only when the project's metadata or its lock changes. Every package at the version
+# and hash requirements-dev.lock names (what CI tested), then the project itself.
+$(STAMP): pyproject.toml requirements-dev.lock | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve pyproject.toml into the two locks (runtime for the image, runtime + dev for make
+# install), with hashes, for Python 3.11 on x86_64 Linux; capped as this machine's pip is when
+# it has a cap file. Review the diff and run `make test` before committing them.
+LOCK_FLAGS := --generate-hashes --no-header --no-annotate --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constraints.txt)
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.lock
 
 # First run builds and caches the demo MVI model (about 80 s on 2 cores; the segmenter ships in
 # model/weights); later runs ~30 s.

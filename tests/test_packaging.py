@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.conftest import require_tool, run_tool
@@ -96,3 +98,48 @@ def test_the_conformance_statement_matches_the_ae() -> None:
     assert f"All {len(AllStoragePresentationContexts)} Storage SOP classes" in statement
     supported = {str(cx.abstract_syntax) for cx in build_ae(Settings()).supported_contexts}
     assert len(supported) == len(AllStoragePresentationContexts) + 1  # and Verification
+
+
+def locked(path: Path) -> dict[str, tuple[str, int]]:
+    """A lock file's ``{normalised name: (version, number of hashes)}``."""
+    entries: dict[str, tuple[str, int]] = {}
+    name = ""
+    for line in path.read_text().splitlines():
+        pinned = re.match(r"^([A-Za-z0-9_.\-\[\]]+)==(\S+)", line)
+        if pinned:
+            name = re.sub(r"[-_.]+", "-", pinned[1].split("[")[0]).lower()
+            entries[name] = (pinned[2], 0)
+        elif "--hash=sha256:" in line and name:
+            version, hashes = entries[name]
+            entries[name] = (version, hashes + 1)
+    return entries
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", r)[0]).lower() for r in requirements}
+
+
+def test_the_locks_pin_every_dependency_by_version_and_hash() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = locked(ROOT / "requirements.lock")
+    dev = locked(ROOT / "requirements-dev.lock")
+    assert requirement_names(project["dependencies"]) <= set(runtime)
+    assert requirement_names(project["dependencies"] + project["optional-dependencies"]["dev"]) <= (
+        set(dev)
+    )
+    for entries in (runtime, dev):
+        assert all(hashes >= 1 for _, hashes in entries.values())
+    assert {n: v for n, (v, _) in runtime.items()} == {n: dev[n][0] for n in runtime}
+    # make install installs exactly the dev lock: the tests run on what it names.
+    installed = {n: importlib.metadata.version(n) for n in dev}
+    assert installed == {n: v for n, (v, _) in dev.items()}, "run `make install`"
+
+
+def test_the_image_installs_the_lock_on_bases_pinnable_by_digest() -> None:
+    steps = instructions(DOCKERFILE.read_text())
+    runs = " ".join(rest for k, rest in steps if k == "RUN")
+    assert "--require-hashes -r requirements.lock" in runs
+    assert "--no-deps ." in runs
+    bases = [rest for k, rest in steps if k == "FROM"]
+    assert all(re.search(r"\$\{\w*DIGEST:\+@\$\{\w*DIGEST\}\}", base) for base in bases), bases
+    assert any(k == "ARG" and rest.startswith("BASE_DIGEST=") for k, rest in steps)
