@@ -677,9 +677,9 @@ def write_outputs(analysis: Analysis, folder: Path) -> dict[ObjectKind, Path]:
     """Write the objects and ``result.json`` into ``folder`` durably; returns the object paths."""
     from io import BytesIO
 
-    from node.receive.spool import write_durably
+    from node.receive.spool import make_folder_durably, write_durably
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder_durably(folder)
     paths: dict[ObjectKind, Path] = {}
     for kind, dataset in analysis.objects.items():
         buffer = BytesIO()

@@ -8,6 +8,7 @@ raw UIDs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -58,11 +59,30 @@ def _fsync_directory(folder: Path) -> None:
 _known_folders: set[Path] = set()
 
 
+def make_folder_durably(folder: Path) -> None:
+    """Create ``folder`` and any missing parent, each made durable in its own parent.
+
+    A new folder's name lives in its parent's directory entries: without an fsync of the parent a
+    crash can lose the folder and every durable file in it (a new ``results/<study>/job-N`` or a
+    new spool fan-out folder). A folder another thread created is fsynced in its parent too: that
+    thread may not have done so yet.
+    """
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for created in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            created.mkdir()
+        _fsync_directory(created.parent)
+
+
 def _prepare_folder(folder: Path) -> bool:
     """Make ``folder``; True when this process had not written there before."""
     first = folder not in _known_folders
     if first:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder_durably(folder)
     return first
 
 
