@@ -56,6 +56,37 @@ def keyed_hash(value: str, key: str) -> str:
     return digest.hexdigest()[:PSEUDONYM_LENGTH]
 
 
+#: Hashed exports move every study date of a patient by the same number of days, drawn from the
+#: patient's pseudonym and the key within this many days either way: the calendar date is an
+#: identifier (with age and sex it singles patients out), the intervals between one patient's
+#: studies are the data, and they stay.
+DATE_SHIFT_MAX_DAYS = 365
+
+
+def date_shift_days(pseudonym: str, key: str) -> int:
+    """The days a hashed export shifts the dates of the patient with ``pseudonym`` by.
+
+    Derived from the pseudonym (not the plain identifier) so that the audit, which may only ever
+    see pseudonyms, shifts a follow-up date by the same amount. Never 0.
+
+    Raises
+    ------
+    PseudonymKeyMissing
+        When ``key`` is empty.
+    """
+    if not key:
+        raise PseudonymKeyMissing(
+            "security.pseudonym_key is empty: set it (or MVI_SECURITY__PSEUDONYM_KEY); hashed "
+            "exports shift dates with it"
+        )
+    digest = hmac.new(key.encode("utf-8"), b"date-shift\0" + pseudonym.encode(), hashlib.sha256)
+    step = int.from_bytes(digest.digest()[:8], "big") % (2 * DATE_SHIFT_MAX_DAYS)
+    # 0 … 2·MAX−1 onto −MAX … −1, 1 … MAX.
+    return (
+        step - DATE_SHIFT_MAX_DAYS if step < DATE_SHIFT_MAX_DAYS else step - DATE_SHIFT_MAX_DAYS + 1
+    )
+
+
 def looks_hashed(values: list[str]) -> bool:
     """Whether every non-empty value has the shape of a pseudonym (and there is at least one).
 

@@ -3,7 +3,10 @@
 ``mvi-node results export`` writes it; ``mvi-node audit`` reads it back (:mod:`node.report.audit`).
 Identifier columns (study UID, accession number, patient ID) are pseudonymised by default with
 the site's keyed hash (:func:`node.core.pseudonym.keyed_hash`), written plain only on request, or
-left out. Every other column is a number or a code, never an identifier.
+left out. With hashed identifiers the study date is shifted per patient
+(:func:`node.core.pseudonym.date_shift_days`) and the column is named ``study_date_shifted`` so
+that no reader mistakes it for the calendar date; the audit shifts a follow-up date the same way.
+Every other column is a number or a code, never an identifier.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from node.analysis.result import Result
-from node.core.pseudonym import keyed_hash
+from node.core.pseudonym import date_shift_days, keyed_hash
 from node.store.database import Store, Study
 
 #: The export's columns, in order (the audit reads them by name).
@@ -35,6 +38,8 @@ COLUMNS = (
     "status",
 )
 IDENTIFIER_COLUMNS = ("study_instance_uid", "accession_number", "patient_id")
+#: The study date column of a hashed export (shifted per patient).
+SHIFTED_DATE_COLUMN = "study_date_shifted"
 
 Identifiers = Literal["none", "hashed", "plain"]
 
@@ -81,7 +86,27 @@ def pseudonymise(row: dict[str, str], identifiers: Identifiers, key: str) -> dic
         return dict(row)
     if identifiers == "none":
         return {k: v for k, v in row.items() if k not in IDENTIFIER_COLUMNS}
-    return {k: (keyed_hash(v, key) if k in IDENTIFIER_COLUMNS and v else v) for k, v in row.items()}
+    hashed = {
+        k: (keyed_hash(v, key) if k in IDENTIFIER_COLUMNS and v else v) for k, v in row.items()
+    }
+    # Per patient; a study without a patient ID moves on its own.
+    owner = hashed.get("patient_id") or hashed.get("study_instance_uid") or ""
+    date = hashed.pop("study_date", "")
+    hashed[SHIFTED_DATE_COLUMN] = shift_date(date, date_shift_days(owner, key)) if owner else ""
+    return {_export_name(k): hashed[_export_name(k)] for k in row}
+
+
+def _export_name(column: str) -> str:
+    return SHIFTED_DATE_COLUMN if column == "study_date" else column
+
+
+def shift_date(yyyymmdd: str, days: int) -> str:
+    """A DICOM date moved by ``days`` (empty when it is not a date: never the plain value)."""
+    try:
+        date = dt.datetime.strptime(yyyymmdd.strip(), "%Y%m%d").date()
+    except ValueError:
+        return ""
+    return (date + dt.timedelta(days=days)).strftime("%Y%m%d")
 
 
 def export_results(
@@ -103,6 +128,8 @@ def export_results(
     if identifiers == "hashed":
         keyed_hash("check", key)  # fails now rather than after a partial file
     columns = [c for c in COLUMNS if identifiers != "none" or c not in IDENTIFIER_COLUMNS]
+    if identifiers == "hashed":
+        columns = [_export_name(c) for c in columns]
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     count = 0

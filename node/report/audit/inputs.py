@@ -22,11 +22,10 @@ from model.survival import HIGH as _HIGH
 from model.survival import TIME as _TIME
 from node.core.errors import InputError
 from node.core.pseudonym import keyed_hash, looks_hashed
-from node.report.export import IDENTIFIER_COLUMNS
+from node.report.export import IDENTIFIER_COLUMNS, SHIFTED_DATE_COLUMN
 
 #: Non-identifier columns the audit reads (the others are exported but not needed here).
 _USED_RESULT_COLUMNS = (
-    "study_date",
     "mvi_probability",
     "risk_category",
     "loat_max_area_cm2",
@@ -246,11 +245,15 @@ class _Results:
     hashed: dict[str, bool]  # per identifier column present
     models: list[str]
     demo: bool
+    #: The dates are a hashed export's, shifted per patient (``study_date_shifted``).
+    dates_shifted: bool = False
 
 
 def _load_results(path: Path) -> _Results:
     table = _read_csv(path)
-    table.require(_USED_RESULT_COLUMNS)
+    shifted = SHIFTED_DATE_COLUMN in table.header
+    table.require([*_USED_RESULT_COLUMNS, SHIFTED_DATE_COLUMN if shifted else "study_date"])
+    date_column = SHIFTED_DATE_COLUMN if shifted else "study_date"
     id_columns = [c for c in IDENTIFIER_COLUMNS if c in table.header]
     if not any(v.strip() for c in id_columns for v in table.values(c)):
         raise AuditInputError(
@@ -263,7 +266,7 @@ def _load_results(path: Path) -> _Results:
     models: set[str] = set()
     for line, cells in table.rows:
         # Dates are checked on every row: a bad one means a broken file, not a lost row.
-        date = _study_date(cells["study_date"], table, line)
+        date = _study_date(cells[date_column], table, line)
         name, version = cells["model_name"].strip(), cells["model_version"].strip()
         if name or version:
             models.add(f"{name} {version}".strip())
@@ -299,6 +302,7 @@ def _load_results(path: Path) -> _Results:
         hashed=hashed,
         models=sorted(models),
         demo=any("demo" in m.lower() for m in models),
+        dates_shifted=shifted,
     )
 
 

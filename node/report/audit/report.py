@@ -8,12 +8,14 @@ import json
 import math
 import platform
 from collections import Counter
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from node.core.pseudonym import date_shift_days
 from node.report.audit.html import _fmt_p, _html
 from node.report.audit.inputs import (
     AuditInputError,
@@ -26,6 +28,7 @@ from node.report.audit.inputs import (
     _no_match_hint,
     _one_per_key,
     _Result,
+    _Results,
     _Table,
 )
 from node.report.audit.plots import _calibration_png, _km_png, _roc_png
@@ -166,6 +169,33 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _origin_on_the_results_calendar(
+    results: _Results, options: AuditOptions
+) -> Callable[[_FollowUp, _Result], dt.date | None]:
+    """How a follow-up row's time origin compares with its study's date in the results file.
+
+    A hashed export shifts each patient's study dates (``study_date_shifted``): the origin is
+    shifted by the same days, drawn from the matched study's patient pseudonym and the key.
+    """
+    if not results.dates_shifted or options.time_origin_col is None:
+        return lambda row, match: row.origin
+    if not options.pseudonym_key:
+        raise AuditInputError(
+            f"{results.table.name}: its study dates are shifted per patient (a hashed export), "
+            f"so --time-origin-col needs security.pseudonym_key (or MVI_SECURITY__PSEUDONYM_KEY) "
+            "to shift the follow-up dates the same way"
+        )
+    key = options.pseudonym_key
+
+    def shifted(row: _FollowUp, match: _Result) -> dt.date | None:
+        owner = match.ids.get("patient_id") or match.ids.get("study_instance_uid") or ""
+        if row.origin is None or not owner:
+            return None if not owner else row.origin
+        return row.origin + dt.timedelta(days=date_shift_days(owner, key))
+
+    return shifted
+
+
 def run_audit(
     results_csv: Path,
     followup_csv: Path,
@@ -210,6 +240,7 @@ def run_audit(
     followup_keys = [f.key for f in followup]
     to_results = _lookup(results, options.join, followup_keys, options)
 
+    origin_of = _origin_on_the_results_calendar(results, options)
     pairs: list[tuple[_FollowUp, _Result]] = []
     unmatched_followup: list[str] = []
     seen: set[str] = set()
@@ -221,9 +252,10 @@ def run_audit(
             unmatched_followup.append(row.key)
             continue
         seen.add(looked_up)
-        if row.origin is not None and match.date is None:
+        origin = origin_of(row, match)
+        if origin is not None and match.date is None:
             undated += 1  # cannot tell whether the CT preceded the origin
-        elif row.origin is not None and match.date is not None and match.date > row.origin:
+        elif origin is not None and match.date is not None and match.date > origin:
             after_origin += 1  # a CT after surgery predicts nothing about that surgery
         else:
             pairs.append((row, match))

@@ -677,3 +677,52 @@ def test_an_explicit_time_origin_leaves_out_studies_after_it(tmp_path: Path) -> 
         run_audit(results, bad, tmp_path / "out2", options=options)
     with pytest.raises(AuditInputError, match="time origin column"):
         AuditOptions(time_origin_col="time")
+
+
+def test_a_hashed_export_shifts_study_dates_and_the_audit_shifts_origins_alike(
+    tmp_path: Path,
+) -> None:
+    from node.core.pseudonym import DATE_SHIFT_MAX_DAYS, date_shift_days
+    from node.report.export import SHIFTED_DATE_COLUMN, pseudonymise
+
+    scored = make_results(120, seed=31)
+    # Every patient has two studies 59 days apart.
+    for row, other in zip(scored[::2], scored[1::2], strict=True):
+        other["patient_id"] = row["patient_id"]
+        first = dt.datetime.strptime(row["study_date"], "%Y%m%d").date()
+        other["study_date"] = (first + dt.timedelta(days=59)).strftime("%Y%m%d")
+    hashed = [pseudonymise(row, "hashed", KEY) for row in scored]
+    assert all("study_date" not in row for row in hashed)
+    for plain, shifted in zip(scored, hashed, strict=True):
+        assert shifted[SHIFTED_DATE_COLUMN] != plain["study_date"]  # no calendar date leaves
+        days = date_shift_days(shifted["patient_id"], KEY)
+        assert 0 < abs(days) <= DATE_SHIFT_MAX_DAYS
+        real = dt.datetime.strptime(plain["study_date"], "%Y%m%d").date()
+        assert shifted[SHIFTED_DATE_COLUMN] == (real + dt.timedelta(days=days)).strftime("%Y%m%d")
+    # One patient's studies keep their interval: the data an audit needs.
+    a, b = (dt.datetime.strptime(r[SHIFTED_DATE_COLUMN], "%Y%m%d") for r in hashed[:2])
+    assert (b - a).days == 59
+
+    # Follow-up from the clinic, by plain patient ID, with plain surgery dates.
+    followup = make_followup(scored[::2], seed=32, key="patient_id")
+    for index, row in enumerate(followup):
+        study = dt.datetime.strptime(scored[2 * index]["study_date"], "%Y%m%d").date()
+        row["surgery_date"] = (study + dt.timedelta(days=-1 if index % 4 == 0 else 7)).isoformat()
+    columns = [SHIFTED_DATE_COLUMN if c == "study_date" else c for c in RESULTS_COLUMNS]
+    results = _write(tmp_path / "results.csv", hashed, columns)
+    followup_csv = _write(
+        tmp_path / "followup.csv", followup, ("patient_id", *FOLLOWUP_COLUMNS, "surgery_date")
+    )
+    options = AuditOptions(join="patient_id", time_origin_col="surgery_date", pseudonym_key=KEY)
+    report = run_audit(results, followup_csv, tmp_path / "out", options=options)
+    # The same 15 of 60 patients operated on before their CT, as on the real calendar.
+    assert report["join"]["study_after_time_origin"] == 15
+    without_key = AuditOptions(join="patient_id", time_origin_col="surgery_date")
+    hashed_followup = [dict(r, patient_id=keyed_hash(r["patient_id"], KEY)) for r in followup]
+    followup_hashed_csv = _write(
+        tmp_path / "followup_hashed.csv",
+        hashed_followup,
+        ("patient_id", *FOLLOWUP_COLUMNS, "surgery_date"),
+    )
+    with pytest.raises(AuditInputError, match="study dates are shifted per patient"):
+        run_audit(results, followup_hashed_csv, tmp_path / "out2", options=without_key)
