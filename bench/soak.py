@@ -3,9 +3,10 @@
 One ``mvi-node serve`` (two workers, the tests' tiny models, results sent to an Orthanc PACS) and
 eight DCMTK ``storescu`` senders, each sending its own phantom studies over and over until
 ``--minutes`` have passed (a resend is an identical duplicate: stored once, not re-analysed).
-A third of the way in the PACS is stopped; two thirds in it is started again; half way a worker
-process is killed with SIGKILL. When the senders stop, the bench waits until every study is final
-and the outbox is empty, then prints:
+The PACS is down from the start until two thirds of the time (every result set waits and
+retries), and the first worker seen running a job is killed with SIGKILL (the job must run
+again, and its results reach the PACS once). When the senders stop, the bench waits until every
+study is final and the outbox is empty, then prints:
 
 - instances sent (associations that storescu reported as fully acknowledged) and distinct;
 - acknowledged instances missing from the store or the spool (must be 0), and stored duplicates
@@ -48,20 +49,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (the pool's workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def main() -> None:
@@ -110,20 +97,28 @@ def main() -> None:
                             with lock:
                                 sent["ok" if done.returncode == 0 else "failed"] += files
 
+                # The PACS is down from the start: every result set has to wait and retry.
+                pacs.stop()
+                events = ["PACS stopped at 0 s"]
                 threads = [threading.Thread(target=sender, args=(i,)) for i in range(SENDERS)]
                 for thread in threads:
                     thread.start()
-                events = []
-                time.sleep(duration / 3)
-                pacs.stop()
-                events.append(f"PACS stopped at {time.monotonic() - started:.0f} s")
-                time.sleep(max(0.0, duration / 2 - (time.monotonic() - started)))
-                workers = children(node.process.pid)
-                if workers:
-                    os.kill(workers[0], signal.SIGKILL)
-                    events.append(
-                        f"worker {workers[0]} killed at {time.monotonic() - started:.0f} s"
-                    )
+                killer = node.store()
+                # A worker killed in the middle of a job: the job must run again, once.
+                while time.monotonic() - started < duration / 2:
+                    running = [
+                        j for j in killer.list_jobs() if j.state == "running" and j.worker_pid
+                    ]
+                    if running:
+                        pid = int(running[0].worker_pid)  # type: ignore[arg-type]
+                        os.kill(pid, signal.SIGKILL)
+                        at = time.monotonic() - started
+                        events.append(
+                            f"worker {pid} killed during job {running[0].id} at {at:.0f} s"
+                        )
+                        break
+                    time.sleep(0.2)
+                killer.close()
                 time.sleep(max(0.0, 2 * duration / 3 - (time.monotonic() - started)))
                 pacs = restart_orthanc(pacs)
                 events.append(f"PACS back at {time.monotonic() - started:.0f} s")
