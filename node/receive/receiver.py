@@ -415,7 +415,11 @@ def _persist(
     for block in read_blocks(incoming, offset):
         digest.update(block)
     size = incoming.stat().st_size
-    own = state.store.is_issued(sop_uid)
+    try:
+        own = state.store.is_issued(sop_uid)
+    except Exception:
+        log.exception("store failed: could not read the store", instance_key=uid_key(sop_uid))
+        return OUT_OF_RESOURCES_PERSISTENCE
     if not own and _claims_to_be_ours(header):
         # The strings are anyone's to write; only a UID this node issued makes an output ours.
         log.info(
