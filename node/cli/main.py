@@ -34,7 +34,7 @@ from node.core.settings import (
 
 if TYPE_CHECKING:
     from node.store.database import Store
-    from node.store.types import StoredResult
+    from node.store.types import Series, StoredResult
 
 app = typer.Typer(
     name="mvi-node",
@@ -137,9 +137,18 @@ def _settings(config: Path | None) -> Settings:
 def _store(settings: Settings, config: Path | None) -> Store:
     """The store of an offline command, or exit 2 with one line when its schema is not usable."""
     from node.store.database import SchemaError, Store
+    from node.store.engine import sqlite_path
 
+    path = sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():
+        # Creating it would show an empty node: the service's database is another one.
+        raise fail(
+            f"no database at {path}: no node has run with this configuration (data folder "
+            f"{settings.node.data_dir}); name the node's configuration with --config FILE or "
+            "MVI_CONFIG"
+        )
     try:
-        return Store(settings.database_url)
+        return Store(settings.database_url, schema="check")
     except SchemaError as exc:
         raise fail(exc.line(config_path_from_env(config))) from None
 
@@ -274,11 +283,17 @@ def _checks_cells(stored: StoredResult | None) -> tuple[str, str]:
 def studies_reprocess(
     study: Annotated[str, typer.Argument(help="Study key (as `studies list` shows) or UID.")],
     arterial: Annotated[
-        str | None, typer.Option(help="Force this SeriesInstanceUID as the arterial phase.")
+        str | None,
+        typer.Option(
+            help="Force this series as the arterial phase: its series number, series key or UID."
+        ),
     ] = None,
     portal_venous: Annotated[
         str | None,
-        typer.Option("--portal-venous", help="Force this SeriesInstanceUID as portal-venous."),
+        typer.Option(
+            "--portal-venous",
+            help="Force this series as portal-venous: its series number, series key or UID.",
+        ),
     ] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -290,9 +305,46 @@ def studies_reprocess(
     study_uid = store.find_study(study)
     if study_uid is None:
         raise fail(f"no study {study!r} in the store (see `mvi-node studies list`)")
-    forced = (arterial, portal_venous) if arterial and portal_venous else None
+    forced = None
+    if arterial is not None and portal_venous is not None:
+        # Checked before anything is queued: a wrong series turned a done study into
+        # needs_review.
+        candidates = [s for s in store.study_series(study_uid) if s.analysable]
+        chosen = (
+            _series_named(arterial, "--arterial", candidates, study_uid),
+            _series_named(portal_venous, "--portal-venous", candidates, study_uid),
+        )
+        if chosen[0] == chosen[1]:
+            raise fail("--arterial and --portal-venous name the same series")
+        forced = chosen
     job_id = store.reprocess(study_uid, forced)
     out.print(f"job {job_id} queued for study {study_key(study_uid)}; `mvi-node serve` runs it")
+
+
+def _series_named(name: str, option: str, candidates: list[Series], study_uid: str) -> str:
+    """The SeriesInstanceUID ``name`` means among a study's analysable series, or exit 2.
+
+    ``name`` is a series number, a series key (as `studies list` shows) or a SeriesInstanceUID.
+    """
+    wanted = name.strip()
+    matches = [
+        s
+        for s in candidates
+        if wanted in (s.series_uid, uid_key(s.series_uid))
+        or (wanted.isdigit() and s.series_number == int(wanted))
+    ]
+    if len(matches) == 1:
+        return matches[0].series_uid
+    listed = ", ".join(
+        f"{s.series_number if s.series_number is not None else '-'} "
+        f"({uid_key(s.series_uid)}, {s.series_description or 'no description'})"
+        for s in candidates
+    )
+    problem = "names more than one series" if matches else "is not a CT series of the study"
+    raise fail(
+        f"{option} {wanted!r} {problem} {study_key(study_uid)}; its CT series are: "
+        f"{listed or 'none'} (give a series number, key or UID)"
+    )
 
 
 @jobs_app.command("list")

@@ -63,6 +63,7 @@ from node.store.types import (
     OutboxItem,
     Recorded,
     RetrospectiveRow,
+    Series,
     StoredResult,
     StoreSnapshot,
     Study,
@@ -88,6 +89,7 @@ __all__ = [
     "Recorded",
     "RetrospectiveRow",
     "SchemaError",
+    "Series",
     "Store",
     "StoreSnapshot",
     "StoredResult",
@@ -377,6 +379,16 @@ class Store:
                 )
                 for row in conn.execute(query)
             ]
+
+    def study_series(self, study_uid: str) -> list[Series]:
+        """A study's series, by series number (unnumbered last), then UID."""
+        query = select(series).where(series.c.study_uid == study_uid)
+        with self._engine.connect() as conn:
+            rows = [from_row(Series, row._mapping) for row in conn.execute(query)]
+        return sorted(
+            rows,
+            key=lambda r: (r.series_number is None, r.series_number or 0, r.series_uid),
+        )
 
     def delete_instances(self, study_uid: str) -> list[str]:
         """Forget a study's instance rows (retention); returns their spool paths."""

@@ -19,10 +19,11 @@ mode, one of :data:`SchemaMode`):
     an operator runs ``mvi-node db upgrade --config F``, and ``serve`` refuses to start until
     then. Never runs DDL; never creates the SQLite file.
 ``create`` (the default)
-    Offline commands (``studies``, ``jobs``, ``outbox``, ``results``, ``requery``) and tests:
-    a database with no tables at all gets the schema at head (a fresh install answers
-    ``studies list`` with an empty table, as before); any other database is only checked,
-    never migrated: an offline command does not change the data of a running node.
+    Tests and library callers: a database with no tables at all gets the schema at head; any
+    other database is only checked, never migrated. The operator commands (``studies``,
+    ``jobs``, ``outbox``, ``results``, ``requery``) open with ``check`` and refuse a SQLite file
+    that does not exist (node.cli.main): created, it showed an empty node while the service's
+    database was another one.
 
 No process runs ``create_all`` any more. Every schema change (create, stamp, upgrade) runs in
 one transaction that holds the database's write lock from its first statement

@@ -105,6 +105,21 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Series:
+    """A series row: what `studies reprocess` and `studies show` name a series by."""
+
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    sop_class_uid: str | None
+    series_number: int | None
+    series_description: str | None
+    analysable: bool
+    own_output: bool
+    instance_count: int
+
+
+@dataclass(frozen=True)
 class InstanceFile:
     """One instance of a study as a job reads it: its file and what its series is."""
 

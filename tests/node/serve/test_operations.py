@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 
+from node.core.logging import uid_key
 from node.core.settings import to_toml
 from node.jobs.runner import results_folder
 from node.store.database import InstanceRecord, Store
@@ -64,6 +65,88 @@ def test_reprocess_needs_a_known_study_and_both_series(tmp_path: Path) -> None:
     queued = mvi_node("studies", "reprocess", study.study_key, "--config", config)
     assert queued.returncode == 0 and "queued" in queued.stdout
     assert store.list_jobs()[0].state == "queued"
+
+
+def test_reprocess_names_series_by_number_key_or_uid_and_refuses_others(tmp_path: Path) -> None:
+    config, store = config_for(tmp_path)
+    for number, description in ((3, "ART"), (5, "PV")):
+        store.record_instance(
+            InstanceRecord(
+                "1.2.3",
+                f"1.2.3.{number}",
+                f"1.2.3.{number}.1",
+                "1.2.840.10008.5.1.4.1.1.2",
+                "1.2.840.10008.1.2.1",
+                f"{number}.dcm",
+                1,
+                "0" * 64,
+                "SCU",
+                analysable=True,
+                series_number=number,
+                series_description=description,
+            )
+        )
+    store.complete_study("1.2.3")
+    jobs_before = store.list_jobs()
+    # A UID of no series of this study, a number it lacks, a key of another: one line each, exit
+    # 2, nothing queued.
+    for wrong in ("1.2.3", "7", uid_key("9.9.9")):
+        refused = mvi_node(
+            "studies",
+            "reprocess",
+            "1.2.3",
+            "--arterial",
+            wrong,
+            "--portal-venous",
+            "5",
+            "--config",
+            config,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            refused.stderr.count("\n") == 1 and "is not a CT series of the study" in refused.stderr
+        )
+        assert "3 (" in refused.stderr and "ART" in refused.stderr, "the study's series are listed"
+    same = mvi_node(
+        "studies",
+        "reprocess",
+        "1.2.3",
+        "--arterial",
+        "5",
+        "--portal-venous",
+        "1.2.3.5",
+        "--config",
+        config,
+    )
+    assert same.returncode == 2 and "the same series" in same.stderr
+    assert store.list_jobs() == jobs_before
+    # By series number and by series key.
+    queued = mvi_node(
+        "studies",
+        "reprocess",
+        "1.2.3",
+        "--arterial",
+        "3",
+        "--portal-venous",
+        uid_key("1.2.3.5"),
+        "--config",
+        config,
+    )
+    assert queued.returncode == 0, queued.stderr
+    pairing = store.list_jobs()[0].pairing or {}
+    assert (pairing["arterial"], pairing["portal_venous"]) == ("1.2.3.3", "1.2.3.5")
+
+
+def test_operator_commands_never_create_a_database(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(to_toml({"node": {"data_dir": str(tmp_path / "elsewhere")}}))
+    for command in (("studies", "list"), ("jobs", "list"), ("outbox", "list")):
+        refused = mvi_node(*command, "--config", config)
+        assert refused.returncode == 2, command
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"no database at {tmp_path / 'elsewhere'}" in line and "--config" in line
+        assert "MVI_CONFIG" in line
+    assert not (tmp_path / "elsewhere").exists(), "the service's database is not this one"
 
 
 def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
