@@ -7,6 +7,8 @@ line that says what is wrong and what to do.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
 import os
 import shutil
 import sys
@@ -42,18 +44,28 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain: as rich markup, "[peers.NAME]" vanished from them.
+    rich_markup_mode=None,
 )
-config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect and check the configuration.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(config_app, name="config")
-studies_app = typer.Typer(help="Studies the node has received.", no_args_is_help=True)
+studies_app = typer.Typer(
+    help="Studies the node has received.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(studies_app, name="studies")
-outbox_app = typer.Typer(help="Result objects waiting for delivery.", no_args_is_help=True)
+outbox_app = typer.Typer(
+    help="Result objects waiting for delivery.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(outbox_app, name="outbox")
-jobs_app = typer.Typer(help="Analysis jobs.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Analysis jobs.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(jobs_app, name="jobs")
-results_app = typer.Typer(help="The results table (for audits).", no_args_is_help=True)
+results_app = typer.Typer(
+    help="The results table (for audits).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(results_app, name="results")
-db_app = typer.Typer(help="The node's database.", no_args_is_help=True)
+db_app = typer.Typer(help="The node's database.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 
 ConfigOption = Annotated[
@@ -266,6 +278,94 @@ def studies_list(
             cells += [row.patient_id or "", row.accession_number or "", row.study_uid]
         table.add_row(*cells)
     out.print(table)
+
+
+@studies_app.command("show")
+def studies_show(
+    study: Annotated[str, typer.Argument(help="Study key (as `studies list` shows) or UID.")],
+    config: ConfigOption = None,
+) -> None:
+    """One study in full: series, the phases chosen and why, checks, results, jobs, outbox."""
+    settings = _settings(config)
+    store = _store(settings, config)
+    study_uid = store.find_study(study)
+    if study_uid is None:
+        raise fail(f"no study {study!r} in the store (see `mvi-node studies list`)")
+    row = store.study(study_uid)
+    assert row is not None
+    show = functools.partial(out.print, markup=False, highlight=False, soft_wrap=True)
+    show(
+        f"study {row.study_key}: {row.state}{f' ({row.reason})' if row.reason else ''}; "
+        f"{row.instance_count} instances; first {_when(row.first_received_at)}, last "
+        f"{_when(row.last_received_at)}"
+    )
+    series_table = Table(title="series")
+    for column in ("number", "key", "description", "modality", "instances", "use", "UID"):
+        series_table.add_column(column)
+    pairing = row.pairing or {}
+    roles = {pairing.get("arterial"): "arterial", pairing.get("portal_venous"): "portal venous"}
+    for item in store.study_series(study_uid):
+        use = roles.get(item.series_uid) or (
+            "node output" if item.own_output else "" if item.analysable else "not analysed"
+        )
+        series_table.add_row(
+            str(item.series_number if item.series_number is not None else "-"),
+            uid_key(item.series_uid),
+            item.series_description or "",
+            item.modality or "",
+            str(item.instance_count),
+            use,
+            item.series_uid,
+        )
+    out.print(series_table)
+    if pairing:
+        evidence = {k: v for k, v in pairing.items() if k not in ("arterial", "portal_venous")}
+        show(f"phases: {json.dumps(evidence, default=str, sort_keys=True)}")
+    latest = store.latest_result(study_uid)
+    if latest is not None:
+        result = latest.result
+        show(
+            f"result of job {latest.job_id}: {result.status}"
+            f"{f' ({result.reason})' if result.reason else ''}; MVI probability "
+            f"{result.mvi_probability if result.mvi_probability is not None else '-'}, risk "
+            f"{result.risk_category or '-'}"
+        )
+        if not result.gates:
+            show("  checks: none ran (gates.enabled = false)")
+        for gate in result.gates:
+            mark = {True: "passed", False: "FAILED", None: "not run"}[gate.passed]
+            show(f"  check {gate.name}: {mark}; {gate.text}")
+    jobs_table = Table(title="jobs")
+    for column in ("job", "state", "attempts", "created", "finished", "reason"):
+        jobs_table.add_column(column)
+    for job in store.list_jobs(50, study_uid=study_uid):
+        jobs_table.add_row(
+            str(job.id),
+            job.state,
+            str(job.attempts),
+            _when(job.created_at),
+            _when(job.finished_at),
+            job.reason or "",
+        )
+    out.print(jobs_table)
+    outbox_table = Table(title="outbox")
+    for column in ("id", "job", "destination", "state", "attempts", "last answer"):
+        outbox_table.add_column(column)
+    for delivery in store.list_outbox(include_sent=True, limit=10_000):
+        if delivery.study_uid == study_uid:
+            outbox_table.add_row(
+                str(delivery.id),
+                str(delivery.job_id),
+                delivery.destination,
+                delivery.state,
+                str(delivery.attempts),
+                delivery.last_status or "",
+            )
+    out.print(outbox_table)
+
+
+def _when(moment: dt.datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
 
 
 def _checks_cells(stored: StoredResult | None) -> tuple[str, str]:

@@ -174,3 +174,9 @@ def test_convert_weights_refuses_a_pickled_object(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_help_texts_keep_their_brackets() -> None:
+    shown = mvi_node("echo", "--help")
+    assert shown.returncode == 0
+    assert "[peers.NAME]" in shown.stdout

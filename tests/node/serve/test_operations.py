@@ -198,4 +198,19 @@ def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
         ]
         assert predecessors == [first_sr.SOPInstanceUID]
         assert second_sr.SeriesInstanceUID != first_sr.SeriesInstanceUID
+        # Everything an operator needs about the study, on one screen.
+        shown = mvi_node("studies", "show", uid_key(uid)[:12], "--config", node.config_path)
+        assert shown.returncode == 0, shown.stderr
+        text = shown.stdout
+        assert f"study {uid_key(uid)}" in text
+        for series_uid, role in (
+            (row["portal_venous_series_uid"], "arterial"),
+            (row["arterial_series_uid"], "portal venous"),
+        ):
+            (line,) = [line for line in text.splitlines() if uid_key(series_uid) in line]
+            assert role in line and series_uid in line
+        assert 'phases: {"pairing": "operator"' in text
+        # The test node runs without quality gates: the page says so rather than nothing.
+        assert f"result of job {latest.job_id}" in text and "checks: none ran" in text
+        assert len([line for line in text.splitlines() if "no liver tumor" in line]) >= 2
         store.close()
