@@ -137,11 +137,12 @@ def exception_summary(
     return text
 
 
-class _SummaryFormatter(logging.Formatter):
-    """The libraries' log lines (standard logging) with exceptions summarised the same way."""
-
-    def formatException(self, ei: Any) -> str:
-        return "exception: " + exception_summary(*ei)
+def _component_from_logger(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """A library record names its logger as the node's lines name their component."""
+    record = event.get("_record")
+    if record is not None:
+        event["component"] = record.name
+    return event
 
 
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
@@ -179,10 +180,22 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    # Libraries (pynetdicom, apscheduler) log through the standard library: same stream, never
-    # below INFO, so their per-dataset debug dumps cannot reach the log.
+    # Libraries (pynetdicom, apscheduler, SQLAlchemy, highdicom) log through the standard
+    # library: rendered by the same chain as the node's own lines (one JSON stream, scrubbed,
+    # exceptions summarised), never below INFO, so their per-dataset debug dumps cannot reach it.
     handler = logging.StreamHandler(out)
-    handler.setFormatter(_SummaryFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                _component_from_logger,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                scrub_phi,
+                structlog.processors.ExceptionRenderer(lambda info: exception_summary(*info)),
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))

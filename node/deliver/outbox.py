@@ -248,7 +248,9 @@ class Dispatcher:
             state, delivered_at = SENT, now
             log.info(
                 "result delivered",
+                kind=_kind(item.path),
                 destination=item.destination,
+                status=attempt.status,
                 study_key=study_key(item.study_uid),
                 instance_key=uid_key(item.sop_instance_uid),
             )
@@ -256,6 +258,7 @@ class Dispatcher:
             state = FAILED
             log.error(
                 "result delivery failed",
+                kind=_kind(item.path),
                 destination=item.destination,
                 study_key=study_key(item.study_uid),
                 status=attempt.status,
@@ -268,6 +271,7 @@ class Dispatcher:
             next_attempt_at = now + dt.timedelta(seconds=delay)
             log.warning(
                 "result delivery will be retried",
+                kind=_kind(item.path),
                 destination=item.destination,
                 study_key=study_key(item.study_uid),
                 status=attempt.status,
@@ -281,6 +285,11 @@ class Dispatcher:
             next_attempt_at=next_attempt_at,
             delivered_at=delivered_at,
         )
+
+
+def _kind(path: str) -> str:
+    """SEG, SR, SC…: a result object's file is named after its kind (pipeline.OUTPUT_NAMES)."""
+    return Path(path).stem.upper()
 
 
 def list_outbox(store: Store, *, include_sent: bool = False, limit: int = 200) -> list[OutboxItem]:

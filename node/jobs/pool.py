@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -23,6 +24,10 @@ from node.jobs.runner import worker_main
 from node.store.database import Store
 
 __all__ = ["WorkerPool"]
+
+#: How long a worker that ended on SIGTERM may precede the node's own stop and still count as
+#: part of a shutdown.
+SHUTDOWN_GRACE_S = 5.0
 
 log = get_logger("node.jobs.pool")
 
@@ -72,6 +77,10 @@ class WorkerPool:
             for index, process in enumerate(self._workers):
                 if process.is_alive() or self._stop.is_set():
                     continue
+                if process.exitcode in (0, -signal.SIGTERM) and self._stop.wait(SHUTDOWN_GRACE_S):
+                    # systemd signals every process of the unit at once: a worker that ended on
+                    # SIGTERM just before the node itself stopped is a shutdown, not a death.
+                    return
                 pid = process.pid or -1
                 recovered = self.store.recover_worker_jobs(pid, self.settings.pipeline.max_attempts)
                 log.error(

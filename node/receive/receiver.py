@@ -31,6 +31,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     RE_VALID_UID,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -132,10 +133,32 @@ class ReceiverState:
         identity = relative.rsplit("-", 1)[0]
         return self.instance_locks[zlib.crc32(identity.encode()) % len(self.instance_locks)]
 
+    #: What each open association has done so far (by ``id`` of pynetdicom's association).
+    associations: dict[int, AssociationSummary] = field(default_factory=dict)
+
     def count(self, key: str, amount: int = 1) -> None:
         """Thread-safe counter increment (handlers run in one thread per association)."""
         with self.lock:
             self.counters[key] += amount
+
+    def summary(self, assoc: Any) -> AssociationSummary | None:
+        """The open association's summary (None for one the node called: a C-GET)."""
+        with self.lock:
+            return self.associations.get(id(assoc))
+
+
+@dataclass
+class AssociationSummary:
+    """One association as its closing log line reports it (no patient data)."""
+
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    failed: int = 0
+    bytes: int = 0
+    sop_classes: Counter[str] = field(default_factory=Counter)
+    outcome: str = "closed"
 
 
 def allowed_caller(settings: Settings, calling_ae: str, address: str) -> str | None:
@@ -171,6 +194,11 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
     calling = str(request.calling_ae_title).strip()
     called = str(request.called_ae_title).strip()
     address = str(assoc.requestor.address)
+    summary = AssociationSummary(calling_ae=calling, address=address)
+    with state.lock:
+        state.associations[id(assoc)] = summary
+    # Every return below is a rejection until the last line says otherwise.
+    summary.outcome = "rejected"
     if called != state.settings.node.ae_title:
         state.count("associations_rejected:called_ae")
         log.warning(
@@ -213,6 +241,40 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
         _reject(assoc, 0x03)
         return
     state.count("associations_accepted")
+    summary.outcome = "accepted"
+
+
+def handle_released(event: evt.Event, state: ReceiverState) -> None:
+    """The caller released the association (the normal end)."""
+    summary = state.summary(event.assoc)
+    if summary is not None:
+        summary.outcome = "released"
+
+
+def handle_aborted(event: evt.Event, state: ReceiverState) -> None:
+    """The association was aborted (by either side)."""
+    summary = state.summary(event.assoc)
+    if summary is not None:
+        summary.outcome = "aborted"
+
+
+def handle_closed(event: evt.Event, state: ReceiverState) -> None:
+    """One line per association: who, what, how much, how long, how it ended."""
+    with state.lock:
+        summary = state.associations.pop(id(event.assoc), None)
+    if summary is None:
+        return
+    log.info(
+        "association ended",
+        calling_ae=summary.calling_ae,
+        address=summary.address,
+        outcome=summary.outcome,
+        instances=summary.instances,
+        failed=summary.failed,
+        sop_classes=dict(summary.sop_classes),
+        bytes=summary.bytes,
+        seconds=round(time.monotonic() - summary.started, 3),
+    )
 
 
 def handle_echo(event: evt.Event, state: ReceiverState) -> int:
@@ -225,8 +287,10 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
     """C-STORE: acknowledge only what is fsynced on disk and committed in the store."""
     state.count("store_requests")
     incoming: Path | None = None
+    received = 0
     try:
         incoming = _incoming_file(event, state)
+        received = incoming.stat().st_size
         status = _store(event, state, incoming)
     except OSError:
         log.exception("store failed: could not write the incoming instance")
@@ -238,6 +302,15 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
             incoming.unlink(missing_ok=True)
     if status != SUCCESS:
         state.count(f"store_failures:{status:#06x}")
+    summary = state.summary(event.assoc)
+    if summary is not None:
+        if status == SUCCESS:
+            summary.instances += 1
+            name = UID(str(event.request.AffectedSOPClassUID))
+            summary.sop_classes[name.name if name.is_valid else "other"] += 1
+            summary.bytes += received
+        else:
+            summary.failed += 1
     return status
 
 
@@ -558,6 +631,9 @@ def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> A
         (evt.EVT_REQUESTED, handle_requested, [state]),
         (evt.EVT_C_ECHO, handle_echo, [state]),
         (evt.EVT_C_STORE, handle_store, [state]),
+        (evt.EVT_RELEASED, handle_released, [state]),
+        (evt.EVT_ABORTED, handle_aborted, [state]),
+        (evt.EVT_CONN_CLOSE, handle_closed, [state]),
     ]
     # pynetdicom's start_server(block=False), with the node's server class: TLS, the wait for
     # the first bytes and the per-host limit happen in each connection's thread (server.py).

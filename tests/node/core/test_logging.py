@@ -145,3 +145,19 @@ def test_an_exception_summary_masks_quoted_values_and_keeps_the_frames() -> None
     assert "DOE" not in summary
     assert summary.startswith("ValueError: bad PatientName '…' in '…'")
     assert "test_logging.py:" in summary and "in test_an_exception_summary" in summary
+
+
+def test_library_records_share_the_json_stream() -> None:
+    # apscheduler's and pynetdicom's lines used to be plain text inside the JSON stream.
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    logging.getLogger("apscheduler.scheduler").info("Added job %r", "quiet timer")
+    logging.getLogger("sqlalchemy.engine").warning("pool overflow")
+    get_logger("node.test").info("own line")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["component"], r["level"], r["event"]) for r in records] == [
+        ("apscheduler.scheduler", "info", "Added job 'quiet timer'"),
+        ("sqlalchemy.engine", "warning", "pool overflow"),
+        ("node.test", "info", "own line"),
+    ]
+    assert all("timestamp" in r for r in records)

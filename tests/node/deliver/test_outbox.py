@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -235,8 +236,16 @@ def test_results_come_back_into_the_same_study_on_the_pacs(
             )
             study = store.study(row["study_instance_uid"])
             store.close()
+            # One line per delivered object, naming what it was.
+            delivered = [
+                json.loads(line) for line in node.log().splitlines() if '"result delivered"' in line
+            ]
         assert study is not None
         instances = pacs.instances_of_study(row["study_instance_uid"])
+        assert len(delivered) == len(instances)
+        assert {d["kind"] for d in delivered} <= {"SEG", "SR", "SC"} and all(
+            d["destination"] == "pacs" and d["status"] for d in delivered
+        )
         kinds = set()
         for item in instances:
             dicom = pacs.rest("GET", f"/instances/{item['ID']}/file")

@@ -69,6 +69,21 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
         assert "worker died; replacing it" in node.log()
 
 
+def test_a_shutdown_that_signals_every_process_logs_no_error(tmp_path: Path) -> None:
+    # systemd stops a unit by signalling all its processes: a worker gone first is no death.
+    with running_node(tmp_path, {"pipeline": {"workers": 2}}) as node:
+        wait_for(lambda: len(workers_of(node.process.pid)) >= 2)
+        workers = workers_of(node.process.pid)
+        for worker in workers:
+            os.kill(worker, signal.SIGTERM)
+        time.sleep(1.5)  # longer than the monitor's round
+        node.process.send_signal(signal.SIGTERM)
+        node.process.wait(30)
+        log = node.log()
+        assert "worker died" not in log
+        assert '"level": "error"' not in log
+
+
 def test_the_receiving_process_does_not_import_torch(tmp_path: Path) -> None:
     with running_node(tmp_path) as node:
         maps = Path(f"/proc/{node.process.pid}/maps").read_text()

@@ -9,6 +9,7 @@ import concurrent.futures
 import csv
 import hashlib
 import io
+import json
 import re
 import sqlite3
 import subprocess
@@ -485,6 +486,41 @@ def test_a_replacement_whose_commit_fails_keeps_the_acknowledged_file(tmp_path: 
             assert node.spool / row.path == stored
         finally:
             store.close()
+
+
+def test_each_association_ends_with_one_line_saying_what_it_did(tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for index in range(3):
+        ds = _ct_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=index)
+        _write(ds, folder / f"{index}.dcm")
+    with running_node(tmp_path / "node") as node:
+        assert storescu(node, folder).returncode == 0
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(CTImageStorage)
+        assert not stranger.associate("127.0.0.1", node.port, ae_title=NODE_AET).is_established
+
+        def ended() -> list[dict[str, object]]:
+            lines = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
+            return [line for line in lines if line.get("event") == "association ended"]
+
+        wait_for(lambda: len(ended()) >= 2)
+        sent, rejected = ended()[:2]
+    assert (sent["calling_ae"], sent["outcome"], sent["instances"], sent["failed"]) == (
+        SCU_AET,
+        "released",
+        3,
+        0,
+    )
+    assert sent["sop_classes"] == {"CT Image Storage": 3}
+    assert sent["address"] == "127.0.0.1" and int(sent["bytes"]) > 3 * 128  # type: ignore[call-overload]
+    assert float(sent["seconds"]) >= 0  # type: ignore[arg-type]
+    assert (rejected["calling_ae"], rejected["outcome"], rejected["instances"]) == (
+        "STRANGER",
+        "rejected",
+        0,
+    )
 
 
 def test_eight_concurrent_senders(tmp_path: Path, cohort_factory: Callable[..., Path]) -> None:
