@@ -137,7 +137,8 @@ def node_settings(
         },
         "peers": {"scu": {"ae_title": SCU_AET, "host": "127.0.0.1"}},
         "completion": {"quiet_seconds": 1.0},
-        "pipeline": {"workers": 1, "device": "cpu", **tiny_models()},
+        # The pre-flight's model load has its own tests; here it would add seconds to each start.
+        "pipeline": {"workers": 1, "device": "cpu", "load_models_at_start": False, **tiny_models()},
         "gates": {"enabled": False},
     }
     for section, values in (extra or {}).items():

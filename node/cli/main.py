@@ -125,6 +125,13 @@ def config_check(
         Path | None,
         typer.Argument(help="TOML file to check (default: $MVI_CONFIG, else the defaults)."),
     ] = None,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also try what serve needs: data folder, TLS files, device, models, peers.",
+        ),
+    ] = False,
 ) -> None:
     """Print the effective configuration (secrets redacted), or one line per bad key and exit 2."""
     path = config_path_from_env(file)
@@ -132,6 +139,15 @@ def config_check(
     source = str(path) if path is not None else "built-in defaults"
     out.print(f"# effective configuration from {source} and MVI_* environment", markup=False)
     out.print(to_toml(redacted_dict(settings)), markup=False, highlight=False, soft_wrap=True)
+    if deep:
+        from node.serve.preflight import fatal, run_checks
+
+        checks = run_checks(settings)
+        out.print("# pre-flight", markup=False)
+        for check in checks:
+            out.print(check.line(), markup=False, highlight=False, soft_wrap=True)
+        if fatal(checks):
+            raise typer.Exit(2)
 
 
 def _settings(config: Path | None) -> Settings:
@@ -178,6 +194,38 @@ def db_upgrade(config: ConfigOption = None) -> None:
     out.print(done.describe(), markup=False, highlight=False, soft_wrap=True)
 
 
+def _preflight(settings: Settings) -> None:
+    """Refuse to serve (exit 2, one line each) when the first job would fail anyway.
+
+    The peers' C-ECHO runs beside the start and is only logged: a PACS may be down for
+    maintenance while the node starts.
+    """
+    import threading
+
+    from node.serve.preflight import fatal, host_checks, model_checks, peer_checks
+
+    checks = host_checks(settings)
+    if not fatal(checks) and settings.pipeline.load_models_at_start:
+        checks += model_checks(settings)
+    failed = fatal(checks)
+    for check in failed:
+        err.print(f"mvi-node: {check.line()}", markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(2)
+
+    log = get_logger("node.serve.preflight")
+
+    def echo_peers() -> None:
+        for check in peer_checks(settings):
+            (log.info if check.ok else log.warning)(
+                "pre-flight: peer answers C-ECHO" if check.ok else "pre-flight: peer is silent",
+                check=check.name,
+                detail=check.detail,
+            )
+
+    threading.Thread(target=echo_peers, name="preflight-echo", daemon=True).start()
+
+
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive studies, pair their phases, run jobs (until SIGTERM)."""
@@ -185,6 +233,7 @@ def serve(config: ConfigOption = None) -> None:
     from node.store.database import SchemaError
 
     settings = _settings(config)
+    _preflight(settings)
     try:
         run(settings)
     except SchemaError as exc:

@@ -173,6 +173,8 @@ def scu_ae(settings: Settings) -> Any:
     ae.acse_timeout = settings.node.acse_timeout
     ae.dimse_timeout = settings.node.dimse_timeout
     ae.network_timeout = settings.node.network_timeout
+    # Without it a TCP connect to a host that drops packets waits for the kernel (minutes).
+    ae.connection_timeout = settings.node.network_timeout
     return ae
 
 

@@ -217,6 +217,9 @@ class PipelineSection(_Section):
     segmenter_dir: Path | None = None
     model_dir: Path | None = None
     workers: int = Field(default=1, ge=1, le=64)
+    #: ``serve`` loads the models in a child process before it starts (device, weights) and
+    #: refuses to start when they do not load; off, the first job finds out.
+    load_models_at_start: bool = True
     max_attempts: int = Field(default=3, ge=1, le=20)
     batch_size: int | Literal["auto"] = "auto"
     working_spacing_mm: float | None = Field(default=None, gt=0.25, le=10.0)
