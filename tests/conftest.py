@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +85,20 @@ def cohort_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
 def small_cohort(cohort_factory: Callable[..., Path]) -> Path:
     """Two small studies with truth masks and a manual truth SEG."""
     return cohort_factory(studies=2, seed=11, masks=True, seg=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Outside CI, say how many tests a missing Debian package skipped, and the line to run."""
+    packages: set[str] = set()
+    skipped = 0
+    for report in terminalreporter.stats.get("skipped", []):
+        text = str(getattr(report, "longrepr", ""))
+        if "apt-get install " in text:
+            skipped += 1
+            packages.add(text.split("apt-get install ", 1)[1].split("'")[0].split(")")[0].strip())
+    if skipped:
+        terminalreporter.write_line(
+            f"{skipped} tests skipped for want of Debian packages; as root: "
+            f"apt-get install {' '.join(sorted(packages))} (or run .ci/packages)",
+            yellow=True,
+        )
