@@ -324,6 +324,8 @@ def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
     folder = _incoming_folder
     if folder is not None and folder.is_dir():
         kwargs["dir"] = folder
+    # Not ".dcm" as pynetdicom names them: a file still arriving is not an instance.
+    kwargs["suffix"] = ".part"
     return tempfile.NamedTemporaryFile(*args, **kwargs)
 
 

@@ -85,6 +85,8 @@ def spooled(node: NodeProcess) -> dict[str, Path]:
     """SOPInstanceUID → spooled file."""
     files = {}
     for path in node.spool.rglob("*.dcm"):
+        if ".incoming" in path.parts:
+            continue  # still arriving (or cut off by a kill): not stored
         files[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
     return files
 

@@ -83,20 +83,21 @@ def test_idle_connections_are_closed_before_they_hold_an_association_slot(tmp_pa
 
 
 def test_one_host_cannot_hold_every_connection(tmp_path: Path) -> None:
+    # The greedy host is 127.0.0.3: the harness's own readiness probes come from 127.0.0.1.
     extra = {
         "node": {"max_associations_per_host": 2, "request_timeout_s": 30},
         "peers": {
-            "scu": {"ae_title": SCU_AET, "host": "127.0.0.1"},
+            "greedy": {"ae_title": SCU_AET, "host": "127.0.0.3"},
             "other": {"ae_title": OTHER_AET, "host": "127.0.0.2"},
         },
     }
     with running_node(tmp_path, extra) as node:
-        with idle_connections(node.port, 2):
-            with idle_connections(node.port, 1) as (third,):
+        with idle_connections(node.port, 2, source="127.0.0.3"):
+            with idle_connections(node.port, 1, source="127.0.0.3") as (third,):
                 assert closed_by_the_node(third), "a third connection from the host is refused"
-            assert not echo_from("127.0.0.1", node.port)
+            assert not echo_from("127.0.0.3", node.port)
             # Another host is not held up by this one.
             assert echo_from("127.0.0.2", node.port, OTHER_AET)
         # Once the host's connections are gone, it is served again.
-        assert wait_for(lambda: echo_from("127.0.0.1", node.port), timeout=15)
+        assert wait_for(lambda: echo_from("127.0.0.3", node.port), timeout=15)
         assert "node.max_associations_per_host" in node.log()

@@ -399,15 +399,18 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_results_export_hashes_identifiers_by_default(tmp_path: Path) -> None:
-    from node.core.pseudonym import keyed_hash
-    from node.report.export import COLUMNS
+    from node.core.pseudonym import date_shift_days, keyed_hash
+    from node.report.export import COLUMNS, SHIFTED_DATE_COLUMN
 
     config, studies = _store_with_results(tmp_path)
     out = tmp_path / "results.csv"
     done = mvi_node("results", "export", "--out", out, "--config", config)
     assert done.returncode == 0, done.stderr
     with out.open(newline="") as handle:
-        assert tuple(next(csv.reader(handle))) == COLUMNS
+        # The calendar date does not leave a hashed export: it is shifted per patient.
+        assert tuple(next(csv.reader(handle))) == tuple(
+            SHIFTED_DATE_COLUMN if c == "study_date" else c for c in COLUMNS
+        )
     rows = _read_csv(out)
     assert [r["study_instance_uid"] for r in rows] == [
         keyed_hash(s["uid"], SITE_KEY) for s in studies
@@ -419,7 +422,10 @@ def test_results_export_hashes_identifiers_by_default(tmp_path: Path) -> None:
     assert rows[0]["mvi_probability"] == "0.25" and rows[0]["risk_category"] == "low"
     assert rows[0]["tumor_max_diameter_mm"] == "41.5" and rows[0]["loat_max_area_cm2"] == "3.5"
     assert rows[1]["status"] == "no_tumor" and rows[1]["mvi_probability"] == ""
-    assert rows[2]["model_version"] == "1.0.0" and rows[2]["study_date"] == "20240102"
+    days = date_shift_days(rows[2]["patient_id"], SITE_KEY)
+    shifted = (dt.date(2024, 1, 2) + dt.timedelta(days=days)).strftime("%Y%m%d")
+    assert rows[2]["model_version"] == "1.0.0" and rows[2][SHIFTED_DATE_COLUMN] == shifted
+    assert "20240102" not in text
 
 
 def test_results_export_plain_none_and_dates(tmp_path: Path) -> None:
