@@ -143,3 +143,23 @@ def test_the_image_installs_the_lock_on_bases_pinnable_by_digest() -> None:
     bases = [rest for k, rest in steps if k == "FROM"]
     assert all(re.search(r"\$\{\w*DIGEST:\+@\$\{\w*DIGEST\}\}", base) for base in bases), bases
     assert any(k == "ARG" and rest.startswith("BASE_DIGEST=") for k, rest in steps)
+
+
+def test_the_conformance_statement_lists_every_private_code_and_the_implementation_uids() -> None:
+    import highdicom
+    import pynetdicom
+    from pydicom.sr.coding import Code
+
+    from dicom_sr import codes
+
+    statement = (ROOT / "docs" / "conformance.md").read_text()
+    annex = statement.split("## Annex A. Private coding scheme 99MVINODE", 1)[1]
+    rows = dict(re.findall(r"^\| (\w+) \| ([^|]+?) \|", annex, re.MULTILINE))
+    private = {
+        c.value: c.meaning
+        for c in vars(codes).values()
+        if isinstance(c, Code) and c.scheme_designator == codes.PRIVATE_SCHEME_DESIGNATOR
+    }
+    assert rows == private
+    assert pynetdicom.PYNETDICOM_IMPLEMENTATION_UID in statement
+    assert f"highdicom{highdicom.__version__}" in statement
