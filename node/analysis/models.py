@@ -136,9 +136,14 @@ class Models:
         if self._segmenter is None:
             from model.segmentation import UNetSegmenter
 
-            self._segmenter = UNetSegmenter.from_checkpoint(
-                segmenter_dir(self.settings), device=self.device
-            )
+            try:
+                self._segmenter = UNetSegmenter.from_checkpoint(
+                    segmenter_dir(self.settings), device=self.device
+                )
+            except Exception as exc:
+                record_model_load(self.settings, "segmenter", f"{type(exc).__name__}: {exc}")
+                raise
+            record_model_load(self.settings, "segmenter", None)
         return self._segmenter
 
     def segmenter_card(self) -> dict[str, Any] | None:
@@ -164,9 +169,67 @@ class Models:
         if self._fusion is None:
             from model.inference import FusionModel
 
-            self._fusion = FusionModel.load(fusion_dir(self.settings), device=self.device)
+            try:
+                self._fusion = FusionModel.load(fusion_dir(self.settings), device=self.device)
+            except Exception as exc:
+                record_model_load(self.settings, "MVI model", f"{type(exc).__name__}: {exc}")
+                raise
+            record_model_load(self.settings, "MVI model", None)
         return self._fusion
 
     def on_cpu(self) -> Models:
         """The same models on the CPU (the retry after a CUDA out-of-memory)."""
         return Models(self.settings, device="cpu")
+
+
+#: Where workers record their last model loads, in ``node.data_dir`` (``/healthz`` reads it).
+MODEL_STATUS_FILE = "model-loads.json"
+
+
+def record_model_load(settings: Settings, model_name: str, problem: str | None) -> None:
+    """Record a worker's load of one model (``problem`` None: it loaded) for ``/healthz``.
+
+    Best effort: the job's own outcome says what happened to it; this file only tells the
+    monitoring, so a write error is ignored.
+    """
+    import datetime as dt
+    import os
+
+    path = settings.node.data_dir / MODEL_STATUS_FILE
+    if not path.parent.is_dir():
+        return  # an offline command (analyze): no node, no monitoring to tell
+    try:
+        loads = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        loads = {}
+    if not isinstance(loads, dict):
+        loads = {}
+    loads[model_name] = {
+        "ok": problem is None,
+        "detail": problem or "loaded",
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "worker_pid": os.getpid(),
+    }
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        partial.write_text(json.dumps(loads, indent=1))
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+
+
+def model_load_problem(settings: Settings) -> str | None:
+    """What the workers' last model loads say is wrong, or None (nothing loaded yet: None)."""
+    path = settings.node.data_dir / MODEL_STATUS_FILE
+    try:
+        loads = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"cannot read {path}: {exc}"
+    failed = [
+        f"{name}: {entry.get('detail')}"
+        for name, entry in sorted(loads.items())
+        if isinstance(entry, dict) and not entry.get("ok", False)
+    ]
+    return "; ".join(failed) or None

@@ -5,10 +5,11 @@ receiver's counters live in this process (it is the receiving process), and ever
 studies, jobs and the outbox is read from the store when Prometheus scrapes.
 
 ``/healthz`` answers 200 only when the AE listens, the store accepts a write transaction, free
-disk is above ``node.free_disk_floor_mb`` and the scheduler runs; otherwise 503 and the failing
-checks, one per line. Whether the AE listens is read from its own socket, never by connecting to
-the DICOM port: every poll used to hold one of the node's association slots until the ACSE
-timeout, and 16 monitors polling locked PACS out. The answer is reused for
+disk is above ``node.free_disk_floor_mb``, the scheduler runs and the workers' last load of each
+model succeeded; otherwise 503. Each check is reported as ``{"ok": bool, "detail": str}``.
+Whether the AE listens is read from its own socket, never by connecting to the DICOM port:
+every poll used to hold one of the node's association slots until the ACSE timeout, and 16
+monitors polling locked PACS out. The answer is reused for
 :data:`HEALTH_CACHE_S`. The server binds ``metrics.host`` (loopback by default): neither page asks
 who is calling.
 """
@@ -225,11 +226,18 @@ def health_checks(
     def scheduler() -> str | None:
         return None if scheduler_running() else "the scheduler is not running"
 
+    def models() -> str | None:
+        from node.analysis.models import model_load_problem
+
+        return model_load_problem(settings)
+
     return [
         HealthCheck("ae", lambda: listening(server_socket)),
         HealthCheck("store", lambda: store_writable(settings.database_url)),
         HealthCheck("disk", disk),
         HealthCheck("scheduler", scheduler),
+        # The workers' last load of each model (a model folder removed under a running node).
+        HealthCheck("models", models),
     ]
 
 
@@ -276,7 +284,11 @@ def start_metrics_server(
             elif self.path.split("?")[0] == "/healthz":
                 results = health()
                 failing = {k: v for k, v in results.items() if v is not None}
-                body = {"status": "fail" if failing else "ok", "checks": results}
+                checks = {
+                    name: {"ok": problem is None, "detail": problem or "ok"}
+                    for name, problem in results.items()
+                }
+                body = {"status": "fail" if failing else "ok", "checks": checks}
                 self._send(
                     503 if failing else 200,
                     json.dumps(body, indent=1).encode(),

@@ -94,7 +94,24 @@ def test_metrics_count_instances_rejections_and_health(
         assert metric(text, "mvi_gpu_memory_peak_bytes") == 0
 
         status, body = get(base + "/healthz")
-        assert status == 200 and json.loads(body)["status"] == "ok"
+        report = json.loads(body)
+        assert status == 200 and report["status"] == "ok"
+        assert report["checks"]["models"] == {"ok": True, "detail": "ok"}
+        # The worker recorded its model loads; a failed one (a model folder removed under a
+        # running node, say) makes the node unhealthy, naming the model.
+        loads_file = node.settings.node.data_dir / "model-loads.json"
+        loads = json.loads(loads_file.read_text())
+        assert loads["segmenter"]["ok"] is True and loads["MVI model"]["ok"] is True
+        loads["MVI model"] = {"ok": False, "detail": "ModelUnavailable: no MVI model at /gone"}
+        loads_file.write_text(json.dumps(loads))
+        wait_for(lambda: get(base + "/healthz")[0] == 503, timeout=HEALTH_CACHE_S + 5)
+        report = json.loads(get(base + "/healthz")[1])
+        assert report["checks"]["models"] == {
+            "ok": False,
+            "detail": "MVI model: ModelUnavailable: no MVI model at /gone",
+        }
+        loads_file.unlink()
+        wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=HEALTH_CACHE_S + 5)
         # The database file gone from under the node (a lost mount, an operator's mistake): the
         # node's open connections keep working, but a fresh one cannot open it, so health fails.
         # (chmod would not do: the tests run as root, who writes read-only files anyway.)
@@ -105,8 +122,9 @@ def test_metrics_count_instances_rejections_and_health(
         status, body = get(base + "/healthz")
         report = json.loads(body)
         assert status == 503
-        assert report["checks"]["store"].startswith("store unavailable")
-        assert report["checks"]["ae"] is None
+        assert report["checks"]["store"]["ok"] is False
+        assert report["checks"]["store"]["detail"].startswith("store unavailable")
+        assert report["checks"]["ae"] == {"ok": True, "detail": "ok"}
 
 
 def test_the_ae_check_reads_the_listener_and_never_connects() -> None:
