@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.checkpoint_layout import CARD_NAME, WEIGHTS_NAME, is_checkpoint_dir
 from model.phantom import PHANTOM_VERSION
 
 __all__ = [
@@ -42,9 +43,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
 ]
-
-WEIGHTS_NAME = "weights.safetensors"
-CARD_NAME = "model_card.json"
 
 #: Keys every model card carries, whatever the model kind.
 REQUIRED_CARD_KEYS: tuple[str, ...] = (
@@ -68,14 +66,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def is_checkpoint_dir(directory: Path) -> bool:
-    """Whether ``directory`` holds nothing but checkpoint files (and at least one of them)."""
-    if not directory.is_dir():
-        return False
-    names = {p.name for p in directory.iterdir()}
-    return bool(names) and names <= {WEIGHTS_NAME, CARD_NAME}
 
 
 def _fsync_dir(directory: Path) -> None:

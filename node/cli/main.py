@@ -164,10 +164,9 @@ def _settings(config: Path | None) -> Settings:
 
 def _store(settings: Settings, config: Path | None) -> Store:
     """The store of an offline command, or exit 2 with one line when its schema is not usable."""
-    from node.store.database import SchemaError, Store
-    from node.store.engine import sqlite_path
+    from node.store.database import SchemaError, Store, database_file
 
-    path = sqlite_path(settings.database_url)
+    path = database_file(settings.database_url)
     if path is not None and not path.is_file():
         # Creating it would show an empty node: the service's database is another one.
         raise fail(
@@ -1420,7 +1419,14 @@ def requery(
     import re
 
     from dicom_sr.enum import Status
-    from node.requery.retrieve import RequeryOptions, StudyCandidate, run_requery
+    from node.requery.retrieve import (
+        RequeryOptions,
+        StudyCandidate,
+        check_node_running,
+        current_model,
+        resolve_peer,
+        run_requery,
+    )
 
     settings = _settings(config)
     first, last = _date_option(since, "--since"), _date_option(until, "--until")
@@ -1442,6 +1448,15 @@ def requery(
         dry_run=dry_run,
         timeout_s=timeout,
     )
+    # What can be wrong without the database is said first, in its own words (the node must be
+    # running, and then its database exists).
+    try:
+        resolve_peer(settings, options.peer)
+        if not dry_run:
+            check_node_running(settings)
+            current_model(settings)
+    except NodeError as exc:
+        raise error_exit(exc) from None
     store = _store(settings, config)
     # A candidate's outcome is its result's status, or how the re-query itself ended.
     finals = (*Status, "timed_out")

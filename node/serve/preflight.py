@@ -59,10 +59,14 @@ def _data_folder(settings: Settings) -> Check:
     free_mb = stats.f_bavail * stats.f_frsize / 1e6
     floor = settings.node.free_disk_floor_mb
     if free_mb < floor:
+        # Not fatal: the node can still deliver results and answer; the receiver refuses stores
+        # with 0xA700 until space is freed, and /healthz says why.
         return Check(
             name,
             False,
-            f"{folder}: {free_mb:,.0f} MB free, below node.free_disk_floor_mb = {floor}",
+            f"{folder}: {free_mb:,.0f} MB free, below node.free_disk_floor_mb = {floor}; stores "
+            "will be refused (0xA700)",
+            fatal=False,
         )
     return Check(name, True, f"{folder} writable, {free_mb:,.0f} MB free")
 
@@ -93,7 +97,7 @@ def _tls(settings: Settings) -> list[Check]:
 
 
 def _model_folders(settings: Settings) -> list[Check]:
-    from model.checkpoint import is_checkpoint_dir
+    from model.checkpoint_layout import is_checkpoint_dir
 
     checks = []
     for key, path in (

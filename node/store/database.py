@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Table, create_engine, func, insert, select, text, update
@@ -96,6 +97,7 @@ __all__ = [
     "Study",
     "StudyResult",
     "Transaction",
+    "database_file",
     "store_writable",
     "utcnow",
 ]
@@ -991,6 +993,11 @@ class Store:
                 oldest_undelivered_at=oldest,
                 retrospective_by_state=by_state(retrospective.c.state),
             )
+
+
+def database_file(url: str) -> Path | None:
+    """The SQLite file of a database URL (None for a server database or in-memory SQLite)."""
+    return sqlite_path(url)
 
 
 def store_writable(url: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from node.deliver.outbox import ResultObject, backoff, enqueue, list_outbox
 from node.store.database import Store, utcnow
 from tests.conftest import require_tool
 from tests.node.cli.test_main import mvi_node
-from tests.nodeproc import dcmtk_env, running_node, start_node_process, wait_for
+from tests.nodeproc import dcmtk_env, running_node, start_node_process, tiny_models, wait_for
 from tests.orthanc import free_port, restart_orthanc, running_orthanc
 
 
@@ -218,13 +219,15 @@ def test_results_come_back_into_the_same_study_on_the_pacs(
             },
             "results": {"destinations": ["pacs"]},
         }
+        missing = tmp_path / "missing-model"
         if broken_model:
-            # A model folder that is not there: the job fails, and says so to the reading room.
-            extra["pipeline"] = {
-                "segmenter_dir": str(tmp_path / "missing-model"),
-                "max_attempts": 1,
-            }
+            # A model folder that goes away under the running node (the pre-flight refuses to
+            # start without it): the job fails, and says so to the reading room.
+            shutil.copytree(tiny_models()["segmenter_dir"], missing)
+            extra["pipeline"] = {"segmenter_dir": str(missing), "max_attempts": 1}
         with running_node(tmp_path / "node", extra) as node:
+            if broken_model:
+                shutil.rmtree(missing)
             _send_study(node.port, cohort / row["study_folder"])
             store = node.store()
             wait_for(
