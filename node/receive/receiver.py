@@ -230,13 +230,14 @@ def handle_requested(event: evt.Event, state: ReceiverState) -> None:
         for p in state.settings.peers.values()
         if p.ae_title.strip() == calling and p.tls_fingerprint is not None
     }
-    if pins and peer_fingerprint(association_socket(assoc)) not in pins:
+    presented = peer_fingerprint(association_socket(assoc)) if pins else None
+    if pins and presented not in pins:
         state.count("associations_rejected:certificate_pin")
         log.warning(
             "association rejected: the caller's certificate is not the one pinned for its AE title",
             calling_ae=calling,
             address=address,
-            presented=peer_fingerprint(association_socket(assoc)),
+            presented=presented,
         )
         _reject(assoc, 0x03)
         return
@@ -291,7 +292,7 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
     try:
         incoming = _incoming_file(event, state)
         received = incoming.stat().st_size
-        status = _store(event, state, incoming)
+        status = _store(event, state, incoming, received)
     except OSError:
         log.exception("store failed: could not write the incoming instance")
         status = OUT_OF_RESOURCES_PERSISTENCE
@@ -391,7 +392,7 @@ def _inflated_within(path: Path, offset: int, limit: int) -> bool:
     return True
 
 
-def _store(event: evt.Event, state: ReceiverState, incoming: Path) -> int:
+def _store(event: evt.Event, state: ReceiverState, incoming: Path, size: int) -> int:
     try:
         if free_megabytes(state.spool_root) < state.settings.node.free_disk_floor_mb:
             log.error("store refused: free disk below node.free_disk_floor_mb")
@@ -405,7 +406,7 @@ def _store(event: evt.Event, state: ReceiverState, incoming: Path) -> int:
     syntax = str(event.context.transfer_syntax)
     try:
         offset = _dataset_offset(incoming)
-        if incoming.stat().st_size - offset > limit or (
+        if size - offset > limit or (
             syntax == DeflatedExplicitVRLittleEndian
             and not _inflated_within(incoming, offset, limit)
         ):
@@ -444,7 +445,7 @@ def _store(event: evt.Event, state: ReceiverState, incoming: Path) -> int:
             log.warning(f"store failed: {problem}")
             return CANNOT_UNDERSTAND_PIXEL_LENGTH
 
-    return _persist(event, state, incoming, offset, header, uids)
+    return _persist(event, state, incoming, size, offset, header, uids)
 
 
 def pixel_length_problem(header: Any) -> str | None:
@@ -478,6 +479,7 @@ def _persist(
     event: evt.Event,
     state: ReceiverState,
     incoming: Path,
+    size: int,
     offset: int,
     header: Any,
     uids: dict[str, str],
@@ -489,7 +491,7 @@ def _persist(
     digest = hashlib.sha256()
     for block in read_blocks(incoming, offset):
         digest.update(block)
-    size = incoming.stat().st_size
+    sha256 = digest.hexdigest()
     try:
         own = state.store.is_issued(sop_uid)
     except Exception:
@@ -502,9 +504,7 @@ def _persist(
             "handled as any other instance",
             study_key=uid_key(study_uid),
         )
-    relative = instance_relative_path(
-        study_uid, uids["SeriesInstanceUID"], sop_uid, digest.hexdigest()
-    )
+    relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid, sha256)
     record = InstanceRecord(
         study_uid=study_uid,
         series_uid=uids["SeriesInstanceUID"],
@@ -513,7 +513,7 @@ def _persist(
         transfer_syntax_uid=str(event.context.transfer_syntax),
         path=relative,
         size=size,
-        sha256=digest.hexdigest(),
+        sha256=sha256,
         calling_ae=_peer_ae_title(event),
         modality=str(header.get("Modality", "") or ""),
         series_number=_int_or_none(header.get("SeriesNumber")),
