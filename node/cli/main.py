@@ -24,7 +24,7 @@ from rich.table import Table
 from model.domain import DomainKind
 from node import __version__
 from node.core.errors import NodeError, exit_code
-from node.core.logging import configure_logging, get_logger, study_key, uid_key
+from node.core.logging import LogFile, configure_logging, get_logger, study_key, uid_key
 from node.core.settings import (
     ConfigError,
     Settings,
@@ -233,6 +233,15 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     _preflight(settings)
+    node = settings.node
+    if node.log_file is not None:
+        try:
+            rotation = LogFile(node.log_file, node.log_file_max_mb * 2**20, node.log_file_backups)
+            configure_logging(node.log_level, log_file=rotation)
+        except OSError as exc:
+            raise fail(
+                f"node.log_file: cannot write {node.log_file}: {exc.strerror or exc}"
+            ) from None
     try:
         run(settings)
     except SchemaError as exc:

@@ -14,12 +14,17 @@ masked, and the frames (file, line, function) without their source text; engines
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import logging.handlers
+import multiprocessing
 import re
 import sys
 import traceback
 from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -145,7 +150,88 @@ def _component_from_logger(_logger: Any, _method: str, event: MutableMapping[str
     return event
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+@dataclass(frozen=True)
+class LogFile:
+    """``node.log_file``: a JSON-lines file beside journald, rotated by size.
+
+    Parameters
+    ----------
+    path
+        The file; its folder must exist.
+    max_bytes
+        Size at which it is renamed to ``<path>.1`` (older ones shift to ``.2`` …).
+    backups
+        Rotated files kept; the oldest is deleted.
+    """
+
+    path: Path
+    max_bytes: int
+    backups: int
+
+
+class _Forward(logging.handlers.QueueHandler):
+    """Sends each record, rendered to its JSON line, to the process that writes the log file.
+
+    Only the line and the level cross the process boundary: structlog's extras (a logger
+    object among them) stay behind.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return logging.makeLogRecord(
+            {"msg": self.format(record), "levelno": record.levelno, "name": record.name}
+        )
+
+
+#: The parent's log-file writer: a queue every process of the node sends its lines to, and the
+#: one thread that writes (and rotates) the file. Rotating from several processes at once
+#: would lose lines or write into renamed files.
+_file_writer: tuple[Any, logging.handlers.QueueListener] | None = None
+
+
+def log_queue() -> Any:
+    """The queue a worker process passes to :func:`configure_logging` (None: no log file)."""
+    return _file_writer[0] if _file_writer is not None else None
+
+
+def stop_log_file() -> None:
+    """Write what is queued and close the log file (at exit, or before reconfiguring)."""
+    global _file_writer
+    if _file_writer is not None:
+        queue, listener = _file_writer
+        _file_writer = None
+        listener.stop()
+        for handler in listener.handlers:
+            handler.close()
+        queue.close()
+        queue.join_thread()
+
+
+def _formatter(renderer: Any) -> logging.Formatter:
+    """The last step for every record: node lines arrive as event dicts, library records are
+    brought to the same shape first (level, component, time, scrubbed, exception summarised)."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.processors.add_log_level,
+            _component_from_logger,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            scrub_phi,
+            structlog.processors.ExceptionRenderer(lambda info: exception_summary(*info)),
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+
+
+#: The standard-library logger the node's own structlog lines go through.
+_NODE_LOGGER = "mvi_node"
+
+
+def configure_logging(
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    log_file: LogFile | None = None,
+    forward_to: Any = None,
+) -> None:
     """Set up structlog (and the standard library's logging) for the whole process.
 
     Parameters
@@ -155,50 +241,68 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     stream
         Where lines go (default ``sys.stderr``). JSON lines when it is not a TTY (journald,
         files, pipes), coloured console lines when it is.
+    log_file
+        Also write JSON lines to this file, rotated by size (the receiving process: it writes
+        its workers' lines too).
+    forward_to
+        A worker's :func:`log_queue` from its parent: its lines also go to the parent's file.
+
+    Raises
+    ------
+    OSError
+        The log file cannot be opened for appending.
     """
+    global _file_writer
     out = stream if stream is not None else sys.stderr
     numeric = logging.getLevelNamesMapping()[level.upper()]
     is_tty = bool(getattr(out, "isatty", lambda: False)())
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=True)
-        if is_tty
-        else structlog.processors.JSONRenderer(sort_keys=False)
-    )
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        scrub_phi,
-        structlog.processors.StackInfoRenderer(),
-        # structlog's own renderer finds the exception; the summary formats it.
-        structlog.processors.ExceptionRenderer(lambda info: exception_summary(*info)),
-        renderer,
-    ]
+    json_renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=True) if is_tty else json_renderer
+    # Every line, the node's and the libraries' (pynetdicom, apscheduler, SQLAlchemy,
+    # highdicom), ends in the standard library's handlers: one stream, one file, one format.
     structlog.configure(
-        processors=processors,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            scrub_phi,
+            structlog.processors.StackInfoRenderer(),
+            # structlog's own renderer finds the exception; the summary formats it.
+            structlog.processors.ExceptionRenderer(lambda info: exception_summary(*info)),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_args: logging.getLogger(_NODE_LOGGER),
         cache_logger_on_first_use=False,
     )
-    # Libraries (pynetdicom, apscheduler, SQLAlchemy, highdicom) log through the standard
-    # library: rendered by the same chain as the node's own lines (one JSON stream, scrubbed,
-    # exceptions summarised), never below INFO, so their per-dataset debug dumps cannot reach it.
     handler = logging.StreamHandler(out)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[
-                structlog.processors.add_log_level,
-                _component_from_logger,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                scrub_phi,
-                structlog.processors.ExceptionRenderer(lambda info: exception_summary(*info)),
-            ],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    handler.setFormatter(_formatter(renderer))
+    handlers: list[logging.Handler] = [handler]
+    stop_log_file()
+    if log_file is not None:
+        writer = logging.handlers.RotatingFileHandler(
+            log_file.path,
+            maxBytes=log_file.max_bytes,
+            backupCount=log_file.backups,
+            encoding="utf-8",
         )
-    )
+        writer.setFormatter(logging.Formatter("%(message)s"))
+        queue = multiprocessing.get_context("spawn").Queue()
+        listener = logging.handlers.QueueListener(queue, writer)
+        listener.start()
+        _file_writer = (queue, listener)
+        atexit.unregister(stop_log_file)
+        atexit.register(stop_log_file)
+        forward_to = queue
+    if forward_to is not None:
+        forward = _Forward(forward_to)
+        forward.setFormatter(_formatter(json_renderer))
+        handlers.append(forward)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
+    # Libraries never below INFO, so their per-dataset debug dumps cannot reach the log.
     root.setLevel(max(numeric, logging.INFO))
+    logging.getLogger(_NODE_LOGGER).setLevel(numeric)
     # pynetdicom's debug handlers print whole datasets (patient identifiers included).
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
     # highdicom logs the UIDs of the datasets it copies from, past the scrubber.

@@ -78,6 +78,11 @@ class NodeSection(_Section):
     port: Port = 11112
     data_dir: Path = Path("~/.local/share/mvi-node")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Also write the log (JSON lines, workers' included) to this file, beside journald; its
+    #: folder must exist. Rotated at ``log_file_max_mb``, keeping ``log_file_backups`` old ones.
+    log_file: Path | None = None
+    log_file_max_mb: int = Field(default=50, ge=1)
+    log_file_backups: int = Field(default=5, ge=1)
     max_associations: int = Field(default=10, ge=1)
     #: Connections one host may hold at once (further ones are closed at the door): one caller
     #: cannot take every thread and association slot from the others.
@@ -97,11 +102,12 @@ class NodeSection(_Section):
     free_disk_floor_mb: int = Field(default=1024, ge=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _none = field_validator("log_file", mode="before")(_empty_to_none)
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "log_file")
     @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     @field_validator("max_pdu")
     @classmethod

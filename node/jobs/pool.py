@@ -18,7 +18,7 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 
-from node.core.logging import get_logger
+from node.core.logging import get_logger, log_queue
 from node.core.settings import Settings
 from node.jobs.runner import worker_main
 from node.store.database import Store
@@ -58,7 +58,7 @@ class WorkerPool:
     def _spawn(self) -> BaseProcess:
         process = self._context.Process(
             target=worker_main,
-            args=(self.settings.model_dump(mode="python"), os.getpid()),
+            args=(self.settings.model_dump(mode="python"), os.getpid(), log_queue()),
             name="mvi-node-worker",
             daemon=True,
         )

@@ -357,12 +357,16 @@ def superseded_objects(store: Store, settings: Settings, study_uid: str) -> list
     return headers
 
 
-def worker_main(settings_data: dict[str, Any], parent_pid: int) -> None:
-    """Entry point of a worker process: claim jobs until the parent goes away."""
+def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any = None) -> None:
+    """Entry point of a worker process: claim jobs until the parent goes away.
+
+    ``log_queue`` is the parent's log-file queue (``node.log_file``): the parent alone writes
+    and rotates the file.
+    """
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     settings = Settings.model_validate(settings_data)
-    configure_logging(settings.node.log_level)
+    configure_logging(settings.node.log_level, forward_to=log_queue)
     # Only checks the schema: `serve` brought it to head before it started this worker.
     store = Store(settings.database_url, schema="check")
     spool_root = settings.node.data_dir / "spool"

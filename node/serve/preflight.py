@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from node.core.settings import Settings
@@ -43,7 +44,20 @@ class Check:
 
 def host_checks(settings: Settings) -> list[Check]:
     """The data folder, TLS files and configured model folders (no torch, no network)."""
-    return [_data_folder(settings), *_tls(settings), *_model_folders(settings)]
+    checks = [_data_folder(settings), *_tls(settings), *_model_folders(settings)]
+    if settings.node.log_file is not None:
+        checks.append(_log_file(settings.node.log_file))
+    return checks
+
+
+def _log_file(path: Path) -> Check:
+    name = "log file"
+    if not path.parent.is_dir():
+        return Check(name, False, f"node.log_file: folder {path.parent} does not exist")
+    target = path if path.exists() else path.parent
+    if path.is_dir() or not os.access(target, os.W_OK):
+        return Check(name, False, f"node.log_file: {path} is not writable by this user")
+    return Check(name, True, f"{path} writable")
 
 
 def _data_folder(settings: Settings) -> Check:

@@ -187,9 +187,12 @@ def test_orthanc_moves_a_study_and_gets_seg_sr_and_sc_back(
     tmp_path: Path, study: tuple[Path, str]
 ) -> None:
     folder, study_uid = study
+    log_file = tmp_path / "mvi-node.log"
     with (
         counting_orthanc(tmp_path / "orthanc") as (pacs, received),
-        running_node(tmp_path / "node", node_settings_for(pacs)) as node,
+        running_node(
+            tmp_path / "node", node_settings_for(pacs) | {"node": {"log_file": str(log_file)}}
+        ) as node,
     ):
         uploaded = send_study(pacs, node, folder, study_uid)
         store = node.store()
@@ -197,6 +200,15 @@ def test_orthanc_moves_a_study_and_gets_seg_sr_and_sc_back(
             wait_for(lambda: delivered(store, study_uid), timeout=RESULT_TIMEOUT_S, every=0.5)
             time.sleep(SETTLE_S)
             check_results_in_pacs(pacs, received, store, folder, study_uid, uploaded)
+            # node.log_file holds the receiver's and the worker's lines, as JSON, without PHI.
+            lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+            events = {(r.get("component"), r["event"]) for r in lines}
+            assert ("node.receive.receiver", "association ended") in events
+            assert ("node.jobs.runner", "job started") in events
+            assert any(event == "result delivered" for _, event in events)
+            source = pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True)
+            for secret in (str(source.PatientID), str(source.PatientName), study_uid):
+                assert secret not in log_file.read_text()
 
             study_row = store.study(study_uid)
             assert study_row is not None and study_row.state == "done"

@@ -5,13 +5,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import sqlite3
 from pathlib import Path
 
 from node.core.logging import (
+    LogFile,
     configure_logging,
     exception_summary,
     get_logger,
+    log_queue,
+    stop_log_file,
     study_key,
     uid_key,
 )
@@ -161,3 +165,61 @@ def test_library_records_share_the_json_stream() -> None:
         ("node.test", "info", "own line"),
     ]
     assert all("timestamp" in r for r in records)
+
+
+def _lines(folder: Path, name: str) -> list[dict[str, object]]:
+    """Every JSON line of a log file and its rotated copies, oldest file first."""
+
+    def age(file: Path) -> int:
+        return int(file.suffix[1:]) if file.suffix[1:].isdigit() else 0
+
+    files = sorted(folder.glob(name + "*"), key=age, reverse=True)
+    return [json.loads(line) for file in files for line in file.read_text().splitlines()]
+
+
+def test_a_log_file_rotates_by_size_and_keeps_the_newest_lines(tmp_path: Path) -> None:
+    path = tmp_path / "node.log"
+    configure_logging(
+        "info", stream=io.StringIO(), log_file=LogFile(path, max_bytes=2000, backups=2)
+    )
+    log = get_logger("node.test")
+    for number in range(100):
+        log.info("line", number=number, study_instance_uid=UID)
+    stop_log_file()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["node.log", "node.log.1", "node.log.2"]
+    assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+    numbers = [r["number"] for r in _lines(tmp_path, "node.log")]
+    # The oldest lines went with the deleted backups; what is kept is whole and in order.
+    assert numbers == list(range(100 - len(numbers), 100)) and 20 < len(numbers) < 100
+    assert UID not in "".join(p.read_text() for p in tmp_path.iterdir())
+
+
+def _child_logs(queue: object, count: int) -> None:
+    configure_logging("info", stream=io.StringIO(), forward_to=queue)
+    for number in range(count):
+        get_logger("node.jobs.runner").info("from the worker", number=number)
+    logging.getLogger("a.library").warning("library line in the worker")
+
+
+def test_workers_write_to_the_file_through_the_process_that_owns_it(tmp_path: Path) -> None:
+    """One writer: a worker's lines reach the parent's file whole, none lost, none torn."""
+    path = tmp_path / "node.log"
+    configure_logging(
+        "info", stream=io.StringIO(), log_file=LogFile(path, max_bytes=10**6, backups=1)
+    )
+    child = multiprocessing.get_context("spawn").Process(
+        target=_child_logs, args=(log_queue(), 300)
+    )
+    child.start()
+    for number in range(300):
+        get_logger("node.receive").info("from the receiver", number=number)
+    child.join(60)
+    assert child.exitcode == 0
+    stop_log_file()
+    records = _lines(tmp_path, "node.log")
+    worker = [r["number"] for r in records if r["event"] == "from the worker"]
+    receiver = [r["number"] for r in records if r["event"] == "from the receiver"]
+    assert worker == list(range(300)) and receiver == list(range(300))
+    library = [r for r in records if r["component"] == "a.library"]
+    assert [r["level"] for r in library] == ["warning"]

@@ -12,14 +12,18 @@ from tests.orthanc import free_port
 
 
 def broken_config(tmp_path: Path) -> Path:
-    """Four mistakes that pass `config check`, and a PACS that is switched off."""
+    """Five mistakes that pass `config check`, and a PACS that is switched off."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     config = tmp_path / "node.toml"
     config.write_text(
         to_toml(
             {
-                "node": {"data_dir": str(blocker / "data"), "port": free_port()},
+                "node": {
+                    "data_dir": str(blocker / "data"),
+                    "port": free_port(),
+                    "log_file": str(tmp_path / "no-such-folder" / "node.log"),
+                },
                 "security": {
                     "tls_cert": str(tmp_path / "missing.crt"),
                     "tls_key": str(tmp_path / "missing.key"),
@@ -42,6 +46,7 @@ def test_config_check_deep_names_every_problem(tmp_path: Path) -> None:
     assert found["data folder"] == "FAILED"
     assert found["TLS (server)"] == "FAILED"
     assert found["pipeline.model_dir"] == "FAILED"
+    assert found["log file"] == "FAILED"
     assert found["peers.pacs"] == "warning", "a silent PACS is reported, not fatal"
     assert any("missing.crt" in line for line in lines)
 
@@ -51,7 +56,7 @@ def test_serve_refuses_to_start_with_one_line_per_fatal_problem(tmp_path: Path) 
     refused = mvi_node("serve", "--config", config)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("mvi-node: FAILED") for line in lines), lines
+    assert len(lines) == 4 and all(line.startswith("mvi-node: FAILED") for line in lines), lines
     assert not (tmp_path / "a-file" / "data").exists()
 
 
