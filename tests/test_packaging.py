@@ -153,7 +153,8 @@ def test_the_conformance_statement_lists_every_private_code_and_the_implementati
     from dicom_sr import codes
 
     statement = (ROOT / "docs" / "conformance.md").read_text()
-    annex = statement.split("## Annex A. Private coding scheme 99MVINODE", 1)[1].split("## ", 1)[0]
+    heading = "#### 8.3.2 Private coding scheme 99MVINODE\n"
+    annex = statement.split(heading, 1)[1].split("## ", 1)[0]
     rows = dict(re.findall(r"^\| (\w+) \| ([^|]+?) \|", annex, re.MULTILINE))
     private = {
         c.value: c.meaning
