@@ -232,6 +232,8 @@ def serve(config: ConfigOption = None) -> None:
     from node.store.database import SchemaError
 
     settings = _settings(config)
+    if settings.cluster.role == "worker":
+        raise fail("cluster.role = 'worker': this host runs `mvi-node worker` processes, not serve")
     _preflight(settings)
     node = settings.node
     if node.log_file is not None:
@@ -254,6 +256,57 @@ def serve(config: ConfigOption = None) -> None:
             f"cannot start on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}",
             code=1,
         ) from None
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cuda:N or cpu for this process (default: pipeline.device)."),
+    ] = None,
+) -> None:
+    """Run one worker of a cluster: claim jobs from the shared PostgreSQL database (until SIGTERM).
+
+    A host runs one per GPU (systemd/mvi-node-worker@.service, instance = device), or a few on
+    CPU. The receiving host's `serve` (cluster.role = receiver or all) queues the jobs.
+    """
+    import signal
+    import threading
+
+    from node.jobs.runner import work
+    from node.store.database import SchemaError, Store
+
+    settings = _settings(config)
+    if not (settings.database.url or "").startswith("postgresql"):
+        raise fail(
+            "mvi-node worker shares jobs through PostgreSQL: set database.url; on one host "
+            "with SQLite, serve runs the workers itself (pipeline.workers)"
+        )
+    if device is not None:
+        pipeline = settings.pipeline.model_copy(update={"device": device})
+        settings = settings.model_copy(update={"pipeline": pipeline})
+    _preflight(settings)
+    try:
+        store = Store(settings.database_url, schema="check")
+    except SchemaError as exc:
+        raise fail(exc.line(config_path_from_env(config))) from None
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        # The batch in hand finishes and is recorded; no new job is claimed.
+        get_logger("node.jobs.runner").info("worker stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    get_logger("node.jobs.runner").info(
+        "worker started", device=settings.pipeline.device, role=settings.cluster.role
+    )
+    try:
+        work(store, settings, settings.pipeline.device, lambda: not stop.is_set())
+    finally:
+        store.close()
 
 
 @app.command()

@@ -374,6 +374,21 @@ class DatabaseSection(_Section):
     _none = field_validator("url", mode="before")(_empty_to_none)
 
 
+class ClusterSection(_Section):
+    """``[cluster]``: this host's part when several hosts share one PostgreSQL database."""
+
+    #: ``all``: one host does everything (SQLite or PostgreSQL). ``receiver``: `serve` runs the
+    #: AE, timers, sweeps and dispatcher but no workers. ``worker``: this host runs
+    #: `mvi-node worker` processes only. Both need a PostgreSQL ``database.url``.
+    role: Literal["all", "receiver", "worker"] = "all"
+    #: A running job whose worker has not beaten for this long goes back to the queue (a new
+    #: lease fences the silent attempt). Heartbeats come from a thread of their own, so a long
+    #: batch does not count against it; a frozen process, a network cut or a host down does.
+    stall_timeout_s: PositiveSeconds = 300.0
+    #: How often a worker refreshes its jobs' heartbeats (at most a third of stall_timeout_s).
+    heartbeat_s: PositiveSeconds = 10.0
+
+
 class Settings(BaseSettings):
     """The node's whole configuration; build it with :func:`load_settings`."""
 
@@ -399,6 +414,7 @@ class Settings(BaseSettings):
     retention: RetentionSection = RetentionSection()
     metrics: MetricsSection = MetricsSection()
     database: DatabaseSection = DatabaseSection()
+    cluster: ClusterSection = ClusterSection()
 
     @classmethod
     def settings_customise_sources(
@@ -576,6 +592,26 @@ def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
     if len(given) == 1:
         missing = ({"tls_cert", "tls_key"} - given).pop()
         yield Problem(f"security.{missing}", "-", "TLS needs both tls_cert and tls_key")
+    cluster = data.get("cluster")
+    cluster = cluster if isinstance(cluster, Mapping) else {}
+    database = data.get("database")
+    url = database.get("url") if isinstance(database, Mapping) else None
+    role = cluster.get("role")
+    if role in ("receiver", "worker") and not (
+        isinstance(url, str) and url.startswith("postgresql")
+    ):
+        yield Problem(
+            "cluster.role",
+            repr(role),
+            'hosts share work through PostgreSQL: set database.url = "postgresql+psycopg://…"',
+        )
+    beat, stall = cluster.get("heartbeat_s"), cluster.get("stall_timeout_s")
+    if isinstance(beat, int | float) and isinstance(stall, int | float) and beat * 3 > stall:
+        yield Problem(
+            "cluster.heartbeat_s",
+            repr(beat),
+            f"at most a third of cluster.stall_timeout_s ({stall}), or a busy worker looks dead",
+        )
 
 
 def redacted_dict(settings: Settings) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from node.core.logging import get_logger, log_queue
 from node.core.settings import Settings
 from node.jobs.runner import worker_main
-from node.store.database import Store
+from node.store.database import Store, worker_identity
 
 __all__ = ["WorkerPool"]
 
@@ -82,7 +82,9 @@ class WorkerPool:
                     # SIGTERM just before the node itself stopped is a shutdown, not a death.
                     return
                 pid = process.pid or -1
-                recovered = self.store.recover_worker_jobs(pid, self.settings.pipeline.max_attempts)
+                recovered = self.store.recover_worker_jobs(
+                    worker_identity(pid), self.settings.pipeline.max_attempts
+                )
                 log.error(
                     "worker died; replacing it",
                     pid=pid,

@@ -19,10 +19,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from dicom_sr.enum import Status
 from node.core.logging import configure_logging, get_logger, study_key
 from node.core.settings import Settings
-from node.store.database import Job, Store
+from node.store.database import Job, LeaseLost, Store, worker_identity
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -141,7 +144,10 @@ def _record(store: Store, settings: Settings, job: Job, analysis: Analysis) -> N
     from node.analysis.pipeline import write_outputs
     from node.deliver.outbox import ResultObject, enqueue
 
-    written = write_outputs(analysis, results_folder(settings, job.study_uid, job.id))
+    # Each attempt writes into a folder of its own: one that lost its lease (another worker
+    # took the job over) never overwrites the files the winner recorded.
+    folder = results_folder(settings, job.study_uid, job.id, job.lease)
+    written = write_outputs(analysis, folder)
     objects = [
         ResultObject(
             path,
@@ -151,7 +157,8 @@ def _record(store: Store, settings: Settings, job: Job, analysis: Analysis) -> N
         for kind, path in written.items()
     ]
     with store.begin() as tx:
-        store.record_result(job.id, job.study_uid, analysis.result, tx)
+        store.hold_lease(job.id, job.lease, tx)  # first: nothing below commits without it
+        store.record_result(job.id, job.study_uid, analysis.result, tx, attempt=job.lease)
         store.record_issued(
             job.id,
             job.study_uid,
@@ -298,9 +305,15 @@ def notify_failure(
     _record(store, settings, job, analysis)
 
 
-def results_folder(settings: Settings, study_uid: str, job_id: int) -> Path:
-    """Where a job's result objects and result.json live."""
-    return settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
+def results_folder(
+    settings: Settings, study_uid: str, job_id: int, attempt: int | None = None
+) -> Path:
+    """Where a job's result objects and result.json live: ``job-<id>/attempt-<lease>/``.
+
+    ``attempt`` None or 0: ``job-<id>/`` itself (results recorded before leases existed).
+    """
+    folder = settings.node.data_dir / "results" / study_key(study_uid) / f"job-{job_id}"
+    return folder / f"attempt-{attempt}" if attempt else folder
 
 
 def _device_record(models: Models) -> Device:
@@ -345,7 +358,7 @@ def superseded_objects(store: Store, settings: Settings, study_uid: str) -> list
     row = store.latest_result(study_uid)
     if row is None:
         return []
-    folder = results_folder(settings, study_uid, row.job_id)
+    folder = results_folder(settings, study_uid, row.job_id, row.attempt)
     headers: list[Dataset] = []
     for kind in ("seg", "sr", "sc"):
         path = folder / OUTPUT_NAMES[kind]
@@ -369,14 +382,20 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
     configure_logging(settings.node.log_level, forward_to=log_queue)
     # Only checks the schema: `serve` brought it to head before it started this worker.
     store = Store(settings.database_url, schema="check")
+    work(store, settings, settings.pipeline.device, lambda: os.getppid() == parent_pid)
+
+
+def work(store: Store, settings: Settings, device: str, running: Callable[[], bool]) -> None:
+    """Claim and run jobs while ``running()`` (a pool's worker, or `mvi-node worker`)."""
     spool_root = settings.node.data_dir / "spool"
     pid = os.getpid()
+    worker = worker_identity(pid)
     from node.analysis.models import Models
 
-    models = Models(settings, device=settings.pipeline.device)
+    models = Models(settings, device=device)
     size = batch_size(settings, models)
-    while os.getppid() == parent_pid:
-        job = store.claim_job(worker_pid=pid)
+    while running():
+        job = store.claim_job(worker_pid=pid, worker=worker)
         if job is None:
             time.sleep(_IDLE_SLEEP_S)
             continue
@@ -384,7 +403,8 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
         jobs = [job]
         while (
             len(jobs) < size
-            and (more := store.claim_job(worker_pid=pid, priority=job.priority)) is not None
+            and (more := store.claim_job(worker_pid=pid, worker=worker, priority=job.priority))
+            is not None
         ):
             jobs.append(more)
         started = time.perf_counter()
@@ -396,15 +416,69 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
                 attempt=each.attempts,
                 batch=len(jobs),
             )
-        outcomes = run_jobs(store, spool_root, settings, jobs, models)
+        with heartbeats(store, jobs, settings.cluster.heartbeat_s):
+            outcomes = run_jobs(store, spool_root, settings, jobs, models)
         for each, outcome in zip(jobs, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                models = _job_failed(store, spool_root, settings, each, outcome, models)
-                size = batch_size(settings, models)  # after CUDA ran out: the CPU's size
-            else:
-                _job_done(store, each, outcome, started)
+            try:
+                if isinstance(outcome, LeaseLost):
+                    _lease_lost(settings, each, outcome, discard=True)
+                elif isinstance(outcome, Exception):
+                    models = _job_failed(store, spool_root, settings, each, outcome, models)
+                    size = batch_size(settings, models)  # after CUDA ran out: the CPU's size
+                else:
+                    _job_done(store, each, outcome, started)
+            except LeaseLost as exc:
+                # Recorded, then taken over before it was marked finished: the new attempt
+                # finds the result and sends it as it is (run_jobs), so the files stay.
+                _lease_lost(settings, each, exc, discard=False)
         del outcomes
         _release_memory()
+
+
+def _lease_lost(settings: Settings, job: Job, exc: LeaseLost, *, discard: bool) -> None:
+    """Another attempt holds the job: this one's work is dropped and said so."""
+    log.warning(
+        "attempt lost its lease; its work is discarded",
+        job_id=job.id,
+        study_key=study_key(job.study_uid),
+        attempt=job.lease,
+        error=str(exc),
+    )
+    if discard:
+        # Nothing recorded points at these files (the transaction that would have was refused).
+        shutil.rmtree(results_folder(settings, job.study_uid, job.id, job.lease), True)
+
+
+@contextmanager
+def heartbeats(store: Store, jobs: Sequence[Job], every_s: float) -> Iterator[None]:
+    """Refresh the jobs' heartbeats from a thread of their own while the block runs.
+
+    A thread, not the job's own steps: a long stage (a CPU batch) beats as often as a short
+    one. A database that does not answer is only logged: the stalled-job sweep on the other
+    side decides, and the lease check refuses this attempt's results if it took the job.
+    """
+    stop = threading.Event()
+    leases = [(job.id, job.lease) for job in jobs]
+
+    def beat() -> None:
+        nonlocal leases
+        while not stop.wait(every_s):
+            try:
+                lost = store.heartbeat(leases)
+            except Exception as exc:
+                log.warning("heartbeat not recorded", error=type(exc).__name__)
+                continue
+            for job_id in lost:
+                log.warning("job lease taken over by another attempt", job_id=job_id)
+            leases = [lease for lease in leases if lease[0] not in lost]
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _release_memory() -> None:
@@ -454,7 +528,7 @@ def _job_failed(
             notify_failure(store, spool_root, settings, job, reason)
         except Exception:
             log.exception("could not tell the reading room", job_id=job.id)
-    store.finish_job(job.id, "failed" if final else "queued", reason=reason)
+    store.finish_job(job.id, "failed" if final else "queued", reason=reason, lease=job.lease)
     return models
 
 
@@ -467,6 +541,7 @@ def _job_done(store: Store, job: Job, outcome: JobOutcome, started: float) -> No
         pairing=outcome.phases.model_dump(mode="json") if outcome.phases is not None else None,
         arterial_uid=outcome.arterial_uid,
         portal_venous_uid=outcome.portal_venous_uid,
+        lease=job.lease,
     )
     log.info(
         "job finished",

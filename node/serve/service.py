@@ -62,6 +62,15 @@ def apply_retention(store: Store, spool_root: Path, spool_days: int) -> int:
     return removed
 
 
+def requeue_stalled(store: Store, stall_timeout_s: float, max_attempts: int) -> list[int]:
+    """The stalled-job sweep: jobs whose worker stopped beating go back to the queue (or fail
+    past ``max_attempts``). Every receiver runs it; the lease makes a second run harmless."""
+    released = store.requeue_stalled(stall_timeout_s, max_attempts)
+    if released:
+        log.warning("stalled jobs released", jobs=released, stall_timeout_s=stall_timeout_s)
+    return released
+
+
 def start_node(settings: Settings) -> Node:
     """Start every part of the node; returns when the AE listens."""
     # Bad TLS files must stop the start before anything else runs.
@@ -75,7 +84,11 @@ def start_node(settings: Settings) -> Node:
     # The embedded database is the node's own: serve brings it to head before the workers
     # start (they only check). Any other changes only with `mvi-node db upgrade`.
     store = Store(settings.database_url, schema="check" if settings.database.url else "upgrade")
-    requeued = store.requeue_interrupted()
+    # Jobs a crash of this host left running. A shared database: only this host's (the other
+    # hosts' workers may be alive; the stalled-job sweep looks after the dead ones).
+    requeued = store.requeue_interrupted(
+        host=socket.gethostname() if settings.database.url else None
+    )
     scheduler = BackgroundScheduler(timezone=dt.UTC)
     assembler = Assembler(
         store,
@@ -112,7 +125,20 @@ def start_node(settings: Settings) -> Node:
             days=settings.requery.safety_net_days,
             next_run=str(safety.next_run_time),
         )
-    workers = WorkerPool(settings, store, settings.pipeline.workers)
+    cluster = settings.cluster
+    scheduler.add_job(
+        requeue_stalled,
+        trigger="interval",
+        seconds=cluster.stall_timeout_s / 2,
+        args=[store, cluster.stall_timeout_s, settings.pipeline.max_attempts],
+        id="stalled-jobs",
+        max_instances=1,
+        coalesce=True,
+    )
+    # A receiver leaves the jobs to `mvi-node worker` processes on other hosts.
+    workers = WorkerPool(
+        settings, store, 0 if cluster.role == "receiver" else settings.pipeline.workers
+    )
     workers.start()
     receiver = ReceiverState(
         settings=settings, store=store, spool_root=spool_root, on_instance=assembler.on_instance
@@ -133,7 +159,8 @@ def start_node(settings: Settings) -> Node:
         data_dir=str(data_dir),
         jobs_requeued=requeued,
         timers_restored=restored,
-        workers=settings.pipeline.workers,
+        role=cluster.role,
+        workers=workers.count,
     )
     return Node(
         settings, store, scheduler, assembler, workers, receiver, server, dispatcher, metrics_server
@@ -169,7 +196,8 @@ def serve(settings: Settings) -> None:
     interval = watchdog_interval()
     try:
         while not stop.wait(interval or 1.0):
-            if interval and node.scheduler.running and node.workers.alive() > 0:
+            workers_ok = node.workers.count == 0 or node.workers.alive() > 0
+            if interval and node.scheduler.running and workers_ok:
                 sd_notify("WATCHDOG=1")
     finally:
         sd_notify("STOPPING=1")

@@ -22,6 +22,8 @@ Job states: ``queued``, ``running``, ``done``, ``failed``, ``needs_review``, ``n
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +88,7 @@ __all__ = [
     "InstanceOutcome",
     "InstanceRecord",
     "Job",
+    "LeaseLost",
     "OutboxItem",
     "Recorded",
     "RetrospectiveRow",
@@ -100,6 +103,7 @@ __all__ = [
     "database_file",
     "store_writable",
     "utcnow",
+    "worker_identity",
 ]
 
 
@@ -122,6 +126,51 @@ def _insert_new(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
         *table.primary_key.columns
     )
     return conn.execute(returning).first() is not None
+
+
+class LeaseLost(RuntimeError):
+    """A job attempt's lease was taken over (the stalled-job sweep gave the job to another
+    worker, or an operator cancelled it): its result, outbox rows and job state are refused."""
+
+    def __init__(self, job_id: int, lease: int, now: int | None, state: str | None) -> None:
+        super().__init__(
+            f"job {job_id} attempt {lease} lost its lease (the job is at attempt {now}, {state})"
+        )
+        self.job_id = job_id
+        self.lease = lease
+
+
+def worker_identity(pid: int | None = None) -> str:
+    """``host:pid`` of a worker process: what its job rows name it by (a PID alone repeats on
+    every host of a cluster)."""
+    return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def _clock(conn: Connection) -> dt.datetime:
+    """The database's time: every host of a cluster compares heartbeats on one clock."""
+    if conn.dialect.name == "postgresql":
+        now = conn.execute(text("SELECT now()")).scalar_one()
+        return now.astimezone(dt.UTC)
+    return utcnow()  # SQLite: one host, its clock
+
+
+def _hold(conn: Connection, job_id: int, lease: int) -> None:
+    """Raise :class:`LeaseLost` unless the job is running under ``lease``.
+
+    A write, not a read: it takes the row's lock on PostgreSQL and the database's write lock on
+    SQLite (whose driver starts the transaction only at the first write) until the transaction
+    ends, so no claim or sweep slips in between this check and the caller's writes.
+    """
+    held = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.lease == lease, jobs.c.state == "running")
+        .values(lease=jobs.c.lease)
+    ).rowcount
+    if held != 1:
+        row = conn.execute(select(jobs.c.lease, jobs.c.state).where(jobs.c.id == job_id)).first()
+        raise LeaseLost(
+            job_id, lease, row.lease if row else None, row.state if row else "no such job"
+        )
 
 
 class Transaction:
@@ -516,30 +565,46 @@ class Store:
             return _queue_job(conn, study_uid, priority, pairing, now)
 
     def claim_job(
-        self, worker_pid: int | None = None, *, priority: int | None = None
+        self,
+        worker_pid: int | None = None,
+        *,
+        priority: int | None = None,
+        worker: str | None = None,
     ) -> Job | None:
         """Take the most urgent queued job (lowest priority value, then oldest) for a worker.
 
         With ``priority``, only a job of that priority (batch-mates of a claimed job: a live
-        study never waits in a batch of retrospective ones, nor the other way round).
+        study never waits in a batch of retrospective ones, nor the other way round). The job
+        comes with a new ``lease``: what the attempt writes is refused once another claim has
+        taken it (:meth:`hold_lease`). ``worker`` names the claimant (:func:`worker_identity`
+        of ``worker_pid`` by default).
         """
+        name = worker or worker_identity(worker_pid)
         for _ in range(5):
             with self._engine.begin() as conn:
                 query = select(jobs.c.id).where(jobs.c.state == "queued")
                 if priority is not None:
                     query = query.where(jobs.c.priority == priority)
-                row = conn.execute(query.order_by(jobs.c.priority, jobs.c.id).limit(1)).first()
+                query = query.order_by(jobs.c.priority, jobs.c.id).limit(1)
+                if conn.dialect.name == "postgresql":
+                    # Workers on several hosts: each passes over rows another is claiming.
+                    query = query.with_for_update(skip_locked=True)
+                row = conn.execute(query).first()
                 if row is None:
                     return None
+                now = _clock(conn)
                 # Compare-and-set: another worker may have taken it between select and update.
                 taken = conn.execute(
                     update(jobs)
                     .where(jobs.c.id == row.id, jobs.c.state == "queued")
                     .values(
                         state="running",
-                        started_at=utcnow(),
+                        started_at=now,
+                        heartbeat_at=now,
                         attempts=jobs.c.attempts + 1,
+                        lease=jobs.c.lease + 1,
                         worker_pid=worker_pid,
+                        worker=name,
                     )
                 ).rowcount
                 if taken != 1:
@@ -564,12 +629,23 @@ class Store:
         pairing: dict[str, Any] | None = None,
         arterial_uid: str | None = None,
         portal_venous_uid: str | None = None,
+        lease: int | None = None,
     ) -> None:
-        """Record a job's outcome; the study follows unless a newer job superseded this one."""
+        """Record a job's outcome; the study follows unless a newer job superseded this one.
+
+        With ``lease`` (a worker's attempt), only while the job still runs under it.
+
+        Raises
+        ------
+        LeaseLost
+            ``lease`` is no longer the job's: nothing is changed.
+        """
         if state not in ("queued", *JOB_FINAL_STATES):
             raise ValueError(f"unknown job state {state!r}")
         now = utcnow()
         with self._engine.begin() as conn:
+            if lease is not None:
+                _hold(conn, job_id, lease)
             job = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
             conn.execute(
                 update(jobs)
@@ -597,31 +673,91 @@ class Store:
                     .values(state=state, reason=reason, pairing=pairing)
                 )
 
-    def requeue_interrupted(self) -> int:
-        """On start: jobs left running by a crash go back to the queue. Returns how many."""
+    def requeue_interrupted(self, host: str | None = None) -> int:
+        """On start: jobs left running by a crash go back to the queue. Returns how many.
+
+        With ``host``, only the jobs of that host's workers (a cluster: the other hosts' workers
+        are alive, and the stalled-job sweep looks after the dead ones).
+        """
         with self._engine.begin() as conn:
-            count = conn.execute(
-                update(jobs)
-                .where(jobs.c.state == "running")
-                .values(state="queued", started_at=None)
-            ).rowcount
-            conn.execute(update(studies).where(studies.c.state == "running").values(state="queued"))
+            query = update(jobs).where(jobs.c.state == "running")
+            if host is not None:
+                query = query.where(jobs.c.worker.startswith(f"{host}:", autoescape=True))
+            count = conn.execute(query.values(state="queued", started_at=None)).rowcount
+            running = select(jobs.c.study_uid).where(jobs.c.state == "running")
+            conn.execute(
+                update(studies)
+                .where(studies.c.state == "running", studies.c.study_uid.not_in(running))
+                .values(state="queued")
+            )
         return int(count)
 
-    def recover_worker_jobs(self, worker_pid: int, max_attempts: int) -> list[int]:
-        """A worker died: its running jobs go back to the queue, or fail past max_attempts."""
+    def recover_worker_jobs(self, worker: str, max_attempts: int) -> list[int]:
+        """A worker (``host:pid``) died: its running jobs go back to the queue, or fail past
+        max_attempts."""
         with self._engine.begin() as conn:
             rows = conn.execute(
-                select(jobs.c.id, jobs.c.attempts).where(
-                    jobs.c.state == "running", jobs.c.worker_pid == worker_pid
+                select(jobs.c.id, jobs.c.attempts, jobs.c.lease).where(
+                    jobs.c.state == "running", jobs.c.worker == worker
                 )
             ).all()
-        for job_id, attempts in rows:
-            if attempts >= max_attempts:
-                self.finish_job(job_id, "failed", reason="the worker process died during the job")
-            else:
-                self.finish_job(job_id, "queued", reason="the worker process died; retrying")
-        return [row[0] for row in rows]
+        return self._release(rows, max_attempts, "the worker process died")
+
+    def _release(self, rows: Sequence[Any], max_attempts: int, why: str) -> list[int]:
+        """Jobs (id, attempts, lease) whose worker is gone: queued again, or failed past
+        ``max_attempts``; each only if its lease is still the one seen (a fenced write)."""
+        released = []
+        for job_id, attempts, lease in rows:
+            try:
+                if attempts >= max_attempts:
+                    self.finish_job(job_id, "failed", reason=f"{why} during the job", lease=lease)
+                else:
+                    self.finish_job(job_id, "queued", reason=f"{why}; retrying", lease=lease)
+            except LeaseLost:
+                continue  # its worker finished it, or someone else released it, meanwhile
+            released.append(job_id)
+        return released
+
+    def heartbeat(self, leases: Sequence[tuple[int, int]]) -> list[int]:
+        """A worker is alive: refresh its jobs' ``heartbeat_at`` (the database's clock).
+
+        ``leases`` are (job id, lease) pairs; returns the ids whose lease is no longer held.
+        """
+        lost = []
+        with self._engine.begin() as conn:
+            now = _clock(conn)
+            for job_id, lease in leases:
+                count = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id, jobs.c.lease == lease, jobs.c.state == "running")
+                    .values(heartbeat_at=now)
+                ).rowcount
+                if count != 1:
+                    lost.append(job_id)
+        return lost
+
+    def requeue_stalled(self, stall_timeout_s: float, max_attempts: int) -> list[int]:
+        """Running jobs without a heartbeat for ``stall_timeout_s``: queued again (a new lease
+        fences the silent attempt), or failed past ``max_attempts``. Returns their ids."""
+        with self._engine.connect() as conn:
+            cutoff = _clock(conn) - dt.timedelta(seconds=stall_timeout_s)
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.attempts, jobs.c.lease).where(
+                    jobs.c.state == "running",
+                    func.coalesce(jobs.c.heartbeat_at, jobs.c.started_at) < cutoff,
+                )
+            ).all()
+        return self._release(rows, max_attempts, "the worker stopped answering")
+
+    def hold_lease(self, job_id: int, lease: int, tx: Transaction) -> None:
+        """Refuse the transaction unless the job still runs under ``lease``; call it first.
+
+        Raises
+        ------
+        LeaseLost
+            Another attempt holds the job (or it is no longer running).
+        """
+        _hold(tx._conn, job_id, lease)
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job; False when it is not queued."""
@@ -656,15 +792,25 @@ class Store:
     # -- results -----------------------------------------------------------------------------
 
     def record_result(
-        self, job_id: int, study_uid: str, result: Result, tx: Transaction | None = None
+        self,
+        job_id: int,
+        study_uid: str,
+        result: Result,
+        tx: Transaction | None = None,
+        *,
+        attempt: int | None = None,
     ) -> int:
-        """Keep a job's result (the content of its result.json); in ``tx`` when given."""
+        """Keep a job's result (the content of its result.json); in ``tx`` when given.
+
+        ``attempt``: the lease its files were written under (``job-<id>/attempt-<lease>/``).
+        """
         row = insert(results).values(
             job_id=job_id,
             study_uid=study_uid,
             status=str(result.status),
             result=result,
             created_at=utcnow(),
+            attempt=attempt,
         )
         with self._write(tx) as conn:
             key = conn.execute(row).inserted_primary_key

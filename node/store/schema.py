@@ -212,6 +212,11 @@ jobs = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
+    # Incremented at each claim: an attempt writes only while the row still carries its lease.
+    Column("lease", Integer, nullable=False, default=0, server_default="0"),
+    # host:pid of the worker holding the lease, and its last heartbeat (the database's clock).
+    Column("worker", String(128)),
+    Column("heartbeat_at", UTCDateTime),
 )
 
 results = Table(
@@ -223,6 +228,8 @@ results = Table(
     Column("status", String(16), nullable=False),
     Column("result", ResultDocument, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # The lease its files were written under (job-<id>/attempt-<lease>/); None: job-<id>/.
+    Column("attempt", Integer),
 )
 
 outbox = Table(
@@ -241,6 +248,9 @@ outbox = Table(
     Column("last_status", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("delivered_at", UTCDateTime),
+    # The dispatcher sending it now, until when (a dead one's claim lapses).
+    Column("owner", String(128)),
+    Column("lease_until", UTCDateTime),
 )
 
 # Studies a retrospective re-query asked the PACS for: their jobs run after live ones, and the

@@ -102,6 +102,9 @@ class Job:
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    lease: int = 0
+    worker: str | None = None
+    heartbeat_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class StoredResult:
     status: str
     result: Result
     created_at: dt.datetime
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,8 @@ class OutboxItem:
     last_status: str | None
     created_at: dt.datetime
     delivered_at: dt.datetime | None
+    owner: str | None = None
+    lease_until: dt.datetime | None = None
 
 
 @dataclass(frozen=True)

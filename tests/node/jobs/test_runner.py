@@ -14,7 +14,7 @@ from node.core.logging import study_key
 from node.core.settings import Settings
 from node.jobs.runner import JobOutcome, batch_size, cuda_out_of_memory, run_jobs
 from node.receive.receiver import ANALYSABLE_SOP_CLASSES
-from node.store.database import InstanceRecord, Store
+from node.store.database import InstanceRecord, LeaseLost, Store
 from tests.nodeproc import node_settings
 
 
@@ -198,7 +198,54 @@ def test_a_job_failed_for_good_sends_a_report_on_its_arterial_series(
     assert "device" not in to_json(result) and result.schema_version == SCHEMA_VERSION
     with (cohort / "truth.csv").open(newline="") as handle:
         arterial = next(csv.DictReader(handle))["arterial_series_uid"]
-    sr = pydicom.dcmread(results_folder(settings, uid, job.id) / "sr.dcm")
+    sr = pydicom.dcmread(results_folder(settings, uid, job.id, job.lease) / "sr.dcm")
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert [str(item.SeriesInstanceUID) for item in evidence] == [arterial]
     store.close()
+
+
+def test_an_attempt_that_lost_its_lease_records_nothing_and_leaves_the_winners_files(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    """Attempt 1 stalls (a network cut, SIGSTOP) and the sweep hands the job to attempt 2;
+    attempt 1 wakes up and finishes its analysis first: refused, its files removed; attempt 2
+    records and delivers; attempt 1, told the job is done, changes nothing."""
+    from node.deliver.outbox import list_outbox
+    from node.jobs import runner
+    from node.jobs.runner import results_folder
+
+    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
+    extra = {
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "results": {"destinations": ["pacs"]},
+    }
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    uid = _ingest(store, cohort, cohort / "study_0001")
+    store.complete_study(uid)
+    stalled = store.claim_job(worker="host-a:7")
+    assert stalled is not None
+    assert store.requeue_stalled(0.0, max_attempts=3) == [stalled.id]
+    winner = store.claim_job(worker="host-b:7")
+    assert winner is not None and winner.lease == stalled.lease + 1
+    models = Models(settings, device="cpu")
+
+    (lost,) = run_jobs(store, cohort, settings, [stalled], models)
+    assert isinstance(lost, LeaseLost)
+    assert store.list_results() == [] and list_outbox(store, include_sent=True) == []
+    losers_folder = results_folder(settings, uid, stalled.id, stalled.lease)
+    assert losers_folder.is_dir()  # written before the refused transaction
+    runner._lease_lost(settings, stalled, lost, discard=True)  # what the worker loop does
+    assert not losers_folder.exists()
+
+    (won,) = run_jobs(store, cohort, settings, [winner], models)
+    assert isinstance(won, JobOutcome) and won.state == "done"
+    sent = sorted((row.sop_instance_uid, row.path) for row in list_outbox(store, include_sent=True))
+    winners_folder = results_folder(settings, uid, winner.id, winner.lease)
+    assert len(sent) == 3 and all(path.startswith(str(winners_folder)) for _, path in sent)
+    assert [r.attempt for r in store.list_results()] == [winner.lease]
+    with pytest.raises(LeaseLost):
+        store.finish_job(stalled.id, "failed", reason="late", lease=stalled.lease)
+    store.finish_job(winner.id, "done", lease=winner.lease)
+    assert store.list_jobs()[0].state == "done"
+    assert all(Path(path).is_file() for _, path in sent)

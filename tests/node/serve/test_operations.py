@@ -188,8 +188,14 @@ def test_reprocess_with_a_forced_pair_supersedes_the_first_report(
         phases = latest.result.phases
         assert phases is not None and phases.pairing == "operator"
         assert phases.arterial == row["portal_venous_series_uid"]
-        first_sr = pydicom.dcmread(results_folder(node.settings, uid, first_job) / "sr.dcm")
-        second_sr = pydicom.dcmread(results_folder(node.settings, uid, latest.job_id) / "sr.dcm")
+        first = store.job_result(first_job)
+        assert first is not None and first.attempt == 1 and latest.attempt == 1
+        first_sr = pydicom.dcmread(
+            results_folder(node.settings, uid, first_job, first.attempt) / "sr.dcm"
+        )
+        second_sr = pydicom.dcmread(
+            results_folder(node.settings, uid, latest.job_id, latest.attempt) / "sr.dcm"
+        )
         predecessors = [
             item.ReferencedSOPInstanceUID
             for study in second_sr.PredecessorDocumentsSequence

@@ -17,10 +17,12 @@ from node.store.database import (
     SCHEMA_VERSION,
     Delivery,
     InstanceRecord,
+    LeaseLost,
     SchemaError,
     Store,
     Study,
     utcnow,
+    worker_identity,
 )
 
 
@@ -253,12 +255,98 @@ def test_a_dead_workers_job_is_retried_then_failed(store: Store) -> None:
     store.record_instance(record())
     store.complete_study("1.2.3")
     store.claim_job(worker_pid=11)
-    assert store.recover_worker_jobs(11, max_attempts=2) != []
+    assert store.recover_worker_jobs(worker_identity(11), max_attempts=2) != []
     assert store.claim_job(worker_pid=12) is not None
-    store.recover_worker_jobs(12, max_attempts=2)
+    store.recover_worker_jobs(worker_identity(12), max_attempts=2)
     study = study_of(store)
     assert study.state == "failed"
     assert "worker process died" in (study.reason or "")
+
+
+def test_a_dead_pid_on_one_host_leaves_the_same_pid_on_another_alone(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    job = store.claim_job(worker_pid=11, worker="gpu-b:11")
+    assert job is not None and job.worker == "gpu-b:11"
+    assert store.recover_worker_jobs("gpu-a:11", max_attempts=3) == []
+    assert store.requeue_interrupted(host="gpu-a") == 0, "another host's job is not ours"
+    assert store.list_jobs()[0].state == "running"
+    assert store.requeue_interrupted(host="gpu-b") == 1
+
+
+def test_each_claim_takes_a_new_lease(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    first = store.claim_job()
+    assert first is not None and first.lease == 1 and first.heartbeat_at is not None
+    store.finish_job(first.id, "queued", lease=first.lease)
+    second = store.claim_job()
+    assert second is not None and second.id == first.id and second.lease == 2
+
+
+def lease_fencing(store: Store) -> None:
+    """A takeover without timing: attempt 1 is released as stalled, attempt 2 claims the job;
+    attempt 1, waking up, can record nothing; attempt 2 can."""
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    first = store.claim_job(worker="host-a:1")
+    assert first is not None
+    assert store.requeue_stalled(0.0, max_attempts=3) == [first.id]  # silent "for 0 s"
+    second = store.claim_job(worker="host-b:1")
+    assert second is not None and second.id == first.id and second.lease == first.lease + 1
+    result = Result(study_instance_uid="1.2.3", status=Status.SCORED)
+    refused = f"job {first.id} attempt {first.lease} lost its lease"
+    with pytest.raises(LeaseLost, match=refused), store.begin() as tx:
+        store.hold_lease(first.id, first.lease, tx)
+        store.record_result(first.id, "1.2.3", result, tx, attempt=first.lease)
+    assert store.job_result(first.id) is None, "the refused attempt's row was rolled back"
+    with pytest.raises(LeaseLost):
+        store.finish_job(first.id, "done", lease=first.lease)
+    assert store.heartbeat([(first.id, first.lease)]) == [first.id]
+    assert store.heartbeat([(second.id, second.lease)]) == []
+    with store.begin() as tx:
+        store.hold_lease(second.id, second.lease, tx)
+        store.record_result(second.id, "1.2.3", result, tx, attempt=second.lease)
+    store.finish_job(second.id, "done", lease=second.lease)
+    recorded = store.job_result(second.id)
+    assert recorded is not None and recorded.attempt == second.lease
+    (job,) = store.list_jobs()
+    assert (job.state, job.lease, job.worker) == ("done", 2, "host-b:1")
+    assert study_of(store).state == "done"
+
+
+def test_a_lost_lease_refuses_the_attempts_writes(store: Store) -> None:
+    lease_fencing(store)
+
+
+def test_a_lost_lease_refuses_the_attempts_writes_on_postgresql(postgres_database: str) -> None:
+    store = Store(postgres_database)
+    try:
+        lease_fencing(store)
+    finally:
+        store.close()
+
+
+def test_the_stalled_sweep_spares_beating_workers_and_counts_attempts(store: Store) -> None:
+    store.record_instance(record())
+    store.complete_study("1.2.3")
+    job = store.claim_job()
+    assert job is not None
+    old = utcnow() - dt.timedelta(seconds=600)
+    backdate(store, "jobs", "heartbeat_at", old)
+    backdate(store, "jobs", "started_at", old)
+    assert store.heartbeat([(job.id, job.lease)]) == []  # the worker's thread beats
+    assert store.requeue_stalled(300.0, max_attempts=2) == []
+    backdate(store, "jobs", "heartbeat_at", old)
+    assert store.requeue_stalled(300.0, max_attempts=2) == [job.id]
+    again = store.claim_job()
+    assert again is not None and again.attempts == 2
+    backdate(store, "jobs", "heartbeat_at", old)
+    # A study that stalls every worker it meets is not retried forever.
+    assert store.requeue_stalled(300.0, max_attempts=2) == [job.id]
+    assert store.claim_job() is None
+    study = study_of(store)
+    assert study.state == "failed" and "stopped answering" in (study.reason or "")
 
 
 def test_cancel_only_queued_jobs(store: Store) -> None:
