@@ -419,3 +419,47 @@ def restart_orthanc(server: Orthanc, timeout: float = 30) -> Orthanc:
     if not _wait_ready(again, timeout):
         raise OrthancError(f"Orthanc did not restart; log tail:\n{again.log_tail()}")
     return again
+
+
+#: Orthanc's Lua hook that appends one line per received instance to a log file.
+RECEIVED_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  local log = io.open("@LOG@", "a")
+  log:write(string.format("%s %s %s\\n", tostring(origin.RequestOrigin),
+                          tostring(origin.RemoteAet), tostring(dicom.SOPInstanceUID)))
+  log:close()
+  return true
+end
+"""
+
+
+@contextmanager
+def counting_orthanc(workdir: Path) -> Iterator[tuple[Orthanc, Path]]:
+    """Orthanc as in :func:`running_orthanc`, plus a log of every instance it receives.
+
+    Yields the server and the log: one line ``<RequestOrigin> <RemoteAet> <SOPInstanceUID>`` per
+    received instance. Lua scripts load only at start, so Orthanc is restarted with them.
+    """
+    orthanc_or_skip()
+    received = workdir / "received.txt"
+    script = workdir / "received.lua"
+    with running_orthanc(workdir) as first:
+        first.stop()
+        script.write_text(RECEIVED_LUA.replace("@LOG@", str(received)))
+        config_path = workdir / "orthanc.json"
+        config = json.loads(config_path.read_text())
+        config["LuaScripts"] = [str(script)]
+        config_path.write_text(json.dumps(config, indent=2))
+        server = restart_orthanc(first)
+        try:
+            yield server, received
+        finally:
+            server.stop()  # the context manager stops only the first process
+
+
+def stores_from(received: Path, calling_ae: str) -> list[str]:
+    """SOP Instance UIDs Orthanc received from ``calling_ae`` by C-STORE, one per request."""
+    if not received.exists():
+        return []
+    lines = [line.split() for line in received.read_text().splitlines()]
+    return [uid for origin, aet, uid in lines if origin == "DicomProtocol" and aet == calling_ae]

@@ -38,6 +38,7 @@ from node.store.database import (
     Store,
     Transaction,
     utcnow,
+    worker_identity,
 )
 
 log = get_logger("node.deliver.outbox")
@@ -181,6 +182,8 @@ class Dispatcher:
         self.settings = settings
         self.store = store
         self.poll_s = poll_s
+        #: What this dispatcher's claims on outbox rows are made in (every receiver runs one).
+        self.owner = worker_identity()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -208,7 +211,7 @@ class Dispatcher:
 
     def deliver_due(self) -> int:
         """Try every due item once, one association per destination; returns items tried."""
-        rows = self.store.due_deliveries(utcnow())
+        rows = self.store.claim_deliveries(self.owner, self.claim_s)
         by_destination: dict[str, list[OutboxItem]] = {}
         for row in rows:
             by_destination.setdefault(row.destination, []).append(row)
@@ -235,6 +238,13 @@ class Dispatcher:
         except Exception as exc:
             log.exception("delivery to one destination failed", destination=destination)
             return [Attempt(False, False, f"{type(exc).__name__}: {exc}")] * len(items)
+
+    @property
+    def claim_s(self) -> float:
+        """How long a round's claim lasts: its sends cannot take longer (each association is
+        bounded by the network and DIMSE timeouts), so it only lapses when this process died."""
+        node = self.settings.node
+        return max(600.0, 4 * (node.acse_timeout + node.network_timeout + node.dimse_timeout))
 
     def _record(self, item: OutboxItem, attempt: Attempt) -> None:
         now = utcnow()
@@ -277,14 +287,21 @@ class Dispatcher:
                 status=attempt.status,
                 retry_in_s=round(delay, 1),
             )
-        self.store.record_delivery_attempt(
+        recorded = self.store.record_delivery_attempt(
             item.id,
             attempts=attempts,
             status=attempt.status,
             state=state,
             next_attempt_at=next_attempt_at,
             delivered_at=delivered_at,
+            owner=self.owner,
         )
+        if not recorded:
+            log.warning(
+                "outbox item claimed by another dispatcher; outcome not recorded",
+                item_id=item.id,
+                destination=item.destination,
+            )
 
 
 def _kind(path: str) -> str:

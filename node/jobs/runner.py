@@ -47,6 +47,8 @@ log = get_logger("node.jobs.runner")
 
 _PR_SET_PDEATHSIG = 1
 _IDLE_SLEEP_S = 0.25
+#: Between claims while the database does not answer.
+_UNREACHABLE_SLEEP_S = 2.0
 
 #: The job state each result status ends its job in (any other status fails it).
 _JOB_STATE = {
@@ -395,18 +397,17 @@ def work(store: Store, settings: Settings, device: str, running: Callable[[], bo
     models = Models(settings, device=device)
     size = batch_size(settings, models)
     while running():
-        job = store.claim_job(worker_pid=pid, worker=worker)
-        if job is None:
+        try:
+            jobs = _claim_batch(store, pid, worker, size)
+        except Exception as exc:
+            # The database is out of reach (a network cut, a restart): wait and ask again. A
+            # claim that did commit is released by the stalled-job sweep.
+            log.warning("cannot claim jobs; retrying", error=type(exc).__name__)
+            time.sleep(_UNREACHABLE_SLEEP_S)
+            continue
+        if not jobs:
             time.sleep(_IDLE_SLEEP_S)
             continue
-        # Studies already waiting join this one: their inference runs as one batch.
-        jobs = [job]
-        while (
-            len(jobs) < size
-            and (more := store.claim_job(worker_pid=pid, worker=worker, priority=job.priority))
-            is not None
-        ):
-            jobs.append(more)
         started = time.perf_counter()
         for each in jobs:
             log.info(
@@ -431,8 +432,28 @@ def work(store: Store, settings: Settings, device: str, running: Callable[[], bo
                 # Recorded, then taken over before it was marked finished: the new attempt
                 # finds the result and sends it as it is (run_jobs), so the files stay.
                 _lease_lost(settings, each, exc, discard=False)
+            except Exception as exc:
+                # The outcome could not be written (the database went away): the job stays
+                # running without heartbeats, and the sweep gives it to a new attempt, which
+                # finds a recorded result and sends it as it is.
+                log.error("job outcome not recorded", job_id=each.id, error=type(exc).__name__)
         del outcomes
         _release_memory()
+
+
+def _claim_batch(store: Store, pid: int, worker: str, size: int) -> list[Job]:
+    """A job, and the jobs of its priority already waiting (up to ``size``): one model batch."""
+    job = store.claim_job(worker_pid=pid, worker=worker)
+    if job is None:
+        return []
+    jobs = [job]
+    while (
+        len(jobs) < size
+        and (more := store.claim_job(worker_pid=pid, worker=worker, priority=job.priority))
+        is not None
+    ):
+        jobs.append(more)
+    return jobs
 
 
 def _lease_lost(settings: Settings, job: Job, exc: LeaseLost, *, discard: bool) -> None:

@@ -89,6 +89,8 @@ def start_node(settings: Settings) -> Node:
     requeued = store.requeue_interrupted(
         host=socket.gethostname() if settings.database.url else None
     )
+    # This host's dispatcher before the restart is gone: its claims on outbox rows lapse now.
+    store.release_deliveries(socket.gethostname())
     scheduler = BackgroundScheduler(timezone=dt.UTC)
     assembler = Assembler(
         store,

@@ -951,15 +951,50 @@ class Store:
                     ids.append(int(key[0]))
         return ids
 
-    def due_deliveries(self, now: dt.datetime) -> list[OutboxItem]:
-        """Pending outbox items due at ``now``, by destination then id."""
-        with self._engine.connect() as conn:
+    def claim_deliveries(self, owner: str, lease_s: float, limit: int = 500) -> list[OutboxItem]:
+        """Claim the pending items due now for one dispatcher, by destination then id.
+
+        A claimed item is another dispatcher's until its ``lease_until`` passes (its owner
+        died): two receivers never send one item at once.
+        """
+        with self._engine.begin() as conn:
+            now = _clock(conn)
+            query = (
+                select(outbox.c.id)
+                .where(
+                    outbox.c.state == OUTBOX_PENDING,
+                    outbox.c.next_attempt_at <= now,
+                    (outbox.c.owner.is_(None)) | (outbox.c.lease_until < now),
+                )
+                .order_by(outbox.c.destination, outbox.c.id)
+                .limit(limit)
+            )
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            ids = list(conn.execute(query).scalars())
+            if not ids:
+                return []
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(ids))
+                .values(owner=owner, lease_until=now + dt.timedelta(seconds=lease_s))
+            )
             rows = conn.execute(
                 select(outbox)
-                .where(outbox.c.state == OUTBOX_PENDING, outbox.c.next_attempt_at <= now)
+                .where(outbox.c.id.in_(ids))
                 .order_by(outbox.c.destination, outbox.c.id)
             )
             return [from_row(OutboxItem, row._mapping) for row in rows]
+
+    def release_deliveries(self, host: str) -> int:
+        """On start: claims of this host's dispatchers (a process that is gone) lapse now."""
+        with self._engine.begin() as conn:
+            count = conn.execute(
+                update(outbox)
+                .where(outbox.c.owner.startswith(f"{host}:", autoescape=True))
+                .values(owner=None, lease_until=None)
+            ).rowcount
+        return int(count)
 
     def record_delivery_attempt(
         self,
@@ -970,19 +1005,29 @@ class Store:
         next_attempt_at: dt.datetime | None,
         state: str | None = None,
         delivered_at: dt.datetime | None = None,
-    ) -> None:
-        """The outcome of one try of an outbox item (``state`` None: it stays as it is)."""
+        owner: str | None = None,
+    ) -> bool:
+        """The outcome of one try of an outbox item (``state`` None: it stays as it is).
+
+        With ``owner`` (a dispatcher's claim), only while that dispatcher still owns the item;
+        the claim ends with it. Returns whether the outcome was recorded.
+        """
         values: dict[str, Any] = {
             "attempts": attempts,
             "last_status": status,
             "next_attempt_at": next_attempt_at,
+            "owner": None,
+            "lease_until": None,
         }
         if state is not None:
             values["state"] = state
         if delivered_at is not None:
             values["delivered_at"] = delivered_at
+        query = update(outbox).where(outbox.c.id == item_id)
+        if owner is not None:
+            query = query.where(outbox.c.owner == owner)
         with self._engine.begin() as conn:
-            conn.execute(update(outbox).where(outbox.c.id == item_id).values(**values))
+            return bool(conn.execute(query.values(**values)).rowcount == 1)
 
     def list_outbox(self, *, include_sent: bool = False, limit: int = 200) -> list[OutboxItem]:
         """Outbox items, newest first (pending and failed unless ``include_sent``)."""

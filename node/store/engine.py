@@ -37,7 +37,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def make_engine(url: str) -> Engine:
     """The engine a :class:`~node.store.database.Store` runs its queries on."""
     # hide_parameters: an error's message would otherwise carry the row's values (patient names).
-    engine = create_engine(url, future=True, hide_parameters=True)
+    options: dict[str, Any] = {}
+    if make_url(url).get_backend_name() == "postgresql":
+        # A server restart or a network cut leaves dead connections in the pool: test each
+        # before use rather than fail the first query after the database is back.
+        options["pool_pre_ping"] = True
+    engine = create_engine(url, future=True, hide_parameters=True, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

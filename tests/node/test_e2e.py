@@ -22,8 +22,8 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from node.deliver.outbox import list_outbox
 from node.store.database import Job, Store, StoredResult
 from tests.node.jobs.test_pool import alive, children, workers_of
 from tests.nodeproc import NODE_AET, NodeProcess, running_node, start_node_process, wait_for
-from tests.orthanc import Orthanc, orthanc_or_skip, restart_orthanc, running_orthanc
+from tests.orthanc import Orthanc, counting_orthanc, stores_from
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # results.sr_sop_class = "comprehensive"
@@ -47,15 +47,6 @@ RESULT_TIMEOUT_S = 180.0
 SETTLE_S = 3.0
 
 # Orthanc calls this for every instance it receives, before the "already stored?" check.
-RECEIVED_LUA = """
-function ReceivedInstanceFilter(dicom, origin, info)
-  local log = io.open("@LOG@", "a")
-  log:write(string.format("%s %s %s\\n", tostring(origin.RequestOrigin),
-                          tostring(origin.RemoteAet), tostring(dicom.SOPInstanceUID)))
-  log:close()
-  return true
-end
-"""
 
 
 @pytest.fixture(scope="module")
@@ -67,36 +58,9 @@ def study(cohort_factory: Callable[..., Path]) -> tuple[Path, str]:
     return folder, str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
 
 
-@contextmanager
-def counting_orthanc(workdir: Path) -> Iterator[tuple[Orthanc, Path]]:
-    """Orthanc as in :func:`running_orthanc`, plus a log of every instance it receives.
-
-    Yields the server and the log: one line ``<RequestOrigin> <RemoteAet> <SOPInstanceUID>`` per
-    received instance. Lua scripts load only at start, so Orthanc is restarted with them.
-    """
-    orthanc_or_skip()
-    received = workdir / "received.txt"
-    script = workdir / "received.lua"
-    with running_orthanc(workdir) as first:
-        first.stop()
-        script.write_text(RECEIVED_LUA.replace("@LOG@", str(received)))
-        config_path = workdir / "orthanc.json"
-        config = json.loads(config_path.read_text())
-        config["LuaScripts"] = [str(script)]
-        config_path.write_text(json.dumps(config, indent=2))
-        server = restart_orthanc(first)
-        try:
-            yield server, received
-        finally:
-            server.stop()  # the context manager stops only the first process
-
-
 def stores_from_node(received: Path) -> list[str]:
     """SOP Instance UIDs Orthanc received from the node by C-STORE, one per request."""
-    if not received.exists():
-        return []
-    lines = [line.split() for line in received.read_text().splitlines()]
-    return [uid for origin, aet, uid in lines if origin == "DicomProtocol" and aet == NODE_AET]
+    return stores_from(received, NODE_AET)
 
 
 def node_settings_for(pacs: Orthanc) -> dict[str, Any]:

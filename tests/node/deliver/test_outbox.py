@@ -328,3 +328,102 @@ def test_config_check_refuses_a_tls_peer_without_a_ca(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "peers.pacs.tls" in result.stdout + result.stderr
     assert "security.tls_ca" in result.stdout + result.stderr
+
+
+def test_two_dispatchers_on_one_database_send_each_instance_once(
+    tmp_path: Path, cohort_factory: Callable[..., Path], postgres_database: str
+) -> None:
+    """Two receivers' dispatchers share one PostgreSQL outbox: each row is claimed by one of
+    them (SKIP LOCKED), marked sent only by its owner, and Orthanc gets each UID once."""
+    import threading
+
+    from node.core.settings import Settings
+    from node.deliver.outbox import Dispatcher
+    from node.store.database import InstanceRecord
+    from tests.orthanc import counting_orthanc, stores_from
+
+    cohort = cohort_factory(seed=91, size=64, slices=16)
+    files = sorted(cohort.rglob("*.dcm"))[:24]  # standing in for result objects
+    store = Store(postgres_database)
+    store.record_instance(
+        InstanceRecord(
+            study_uid="1.2.3",
+            series_uid="1.2.3.1",
+            sop_instance_uid="1.2.3.1.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path="x.dcm",
+            size=1,
+            sha256="0" * 64,
+            calling_ae="SCU",
+            modality="CT",
+            analysable=True,
+        )
+    )
+    job_id = store.complete_study("1.2.3")
+    assert job_id is not None
+    with counting_orthanc(tmp_path / "orthanc") as (pacs, received):
+        peer = {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+        settings = Settings.model_validate(
+            {"peers": {"pacs": peer}, "database": {"url": postgres_database}}
+        )
+        enqueue(store, job_id, "1.2.3", [as_result(p) for p in files], ["pacs"])
+        dispatchers = [Dispatcher(settings, Store(postgres_database)) for _ in range(2)]
+        dispatchers[0].owner, dispatchers[1].owner = "receiver-a:1", "receiver-b:1"
+        start = threading.Barrier(2)
+
+        def rounds(dispatcher: Dispatcher) -> None:
+            start.wait()
+            for _ in range(5):
+                dispatcher.deliver_due()
+
+        threads = [threading.Thread(target=rounds, args=(d,)) for d in dispatchers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        rows = list_outbox(store, include_sent=True)
+        assert [r.state for r in rows] == ["sent"] * len(files)
+        assert all(r.attempts == 1 and r.owner is None for r in rows)
+        sent = stores_from(received, settings.node.ae_title)
+        assert sorted(sent) == sorted(r.sop_instance_uid for r in rows), "each UID exactly once"
+        for dispatcher in dispatchers:
+            dispatcher.store.close()
+    store.close()
+
+
+def test_an_outcome_is_recorded_only_by_the_dispatcher_that_owns_the_row(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    job_id = make_job(store, "1.2.3")
+    enqueue(store, job_id, "1.2.3", [ResultObject(tmp_path / "sr.dcm", "9.9", "9.8")], ["pacs"])
+    (mine,) = store.claim_deliveries("receiver-a:1", lease_s=600)
+    assert store.claim_deliveries("receiver-b:1", lease_s=600) == [], "claimed by a"
+    assert not store.record_delivery_attempt(
+        mine.id,
+        attempts=1,
+        status="0x0000",
+        next_attempt_at=None,
+        state="sent",
+        owner="receiver-b:1",
+    )
+    assert store.release_deliveries("receiver-a") == 1  # a's host restarted: its claims lapse
+    (again,) = store.claim_deliveries("receiver-b:1", lease_s=600)
+    assert again.owner == "receiver-b:1" and again.id == mine.id
+    assert not store.record_delivery_attempt(
+        mine.id,
+        attempts=1,
+        status="0x0000",
+        next_attempt_at=None,
+        state="sent",
+        owner="receiver-a:1",
+    ), "a's late outcome is not recorded over b's claim"
+    assert store.record_delivery_attempt(
+        again.id,
+        attempts=1,
+        status="0x0000",
+        next_attempt_at=None,
+        state="sent",
+        owner="receiver-b:1",
+    )
+    (row,) = list_outbox(store, include_sent=True)
+    assert (row.state, row.owner) == ("sent", None)

@@ -342,3 +342,21 @@ def test_processes_opening_a_new_database_at_once_create_it_once(tmp_path: Path)
     # One row per revision that an older release must refuse (the baseline's and 0002's).
     assert connection.execute("SELECT count(*) FROM schema_version").fetchone() == (2,)
     connection.close()
+
+
+def _open_as(args: tuple[str, str]) -> str:
+    url, mode = args
+    Store(url, schema=mode).close()  # type: ignore[arg-type]
+    return mode
+
+
+def test_four_processes_on_a_new_postgresql_database(postgres_database: str) -> None:
+    """Before `db upgrade` every worker refuses (naming it); four upgraders at once serialize
+    on the advisory lock; after it, four workers and receivers open it at once."""
+    context = multiprocessing.get_context("spawn")
+    with pytest.raises(SchemaError, match="db upgrade"):
+        Store(postgres_database, schema="check")
+    with context.Pool(4) as pool:
+        assert pool.map(_open_as, [(postgres_database, "upgrade")] * 4) == ["upgrade"] * 4
+        assert pool.map(_open_as, [(postgres_database, "check")] * 4) == ["check"] * 4
+    assert migrate.current_revision(postgres_database) == migrate.HEAD
