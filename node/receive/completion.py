@@ -97,8 +97,8 @@ class Assembler:
                         study_uid, "not_applicable", "no CT or SEG instances in the study"
                     )
                 return
-            quiet_since = None if overdue else utcnow() - self.quiet
-            job_id = self.store.complete_study(study_uid, only_if_quiet_since=quiet_since)
+            quiet_for = None if overdue else self.quiet.total_seconds()
+            job_id = self.store.complete_study(study_uid, quiet_for_s=quiet_for)
         except Exception:
             # The timer must not die with a database hiccup: try again one quiet period later.
             log.exception("completion failed; retrying", study_key=key)
@@ -119,6 +119,31 @@ class Assembler:
             )
         else:
             log.info("study complete; job queued", study_key=key, job_id=job_id)
+
+    def sweep(self) -> int:
+        """Complete studies that are quiet by the database's clock but have no timer here.
+
+        Several receivers share a database: another one may have received a study's last
+        instance and died before its timer fired. Each receiver runs this every half quiet
+        period; the compare-and-set in the store lets one of them queue the job. Returns how
+        many studies this sweep completed.
+        """
+        completed = 0
+        for study_uid in self.store.quiet_studies(self.quiet.total_seconds()):
+            with self._lock:
+                if study_uid in self._seen:
+                    continue  # this receiver's own timer decides
+            if not self.store.has_analysable_instances(study_uid):
+                continue  # the timer of the receiver that has it says not_applicable
+            job_id = self.store.complete_study(study_uid, quiet_for_s=self.quiet.total_seconds())
+            if job_id is not None:
+                completed += 1
+                log.info(
+                    "quiet study completed by the sweep",
+                    study_key=study_key(study_uid),
+                    job_id=job_id,
+                )
+        return completed
 
     def restore(self) -> int:
         """On start: studies still receiving get their timers back. Returns how many."""

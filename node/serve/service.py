@@ -128,6 +128,16 @@ def start_node(settings: Settings) -> Node:
             next_run=str(safety.next_run_time),
         )
     cluster = settings.cluster
+    if settings.database.url:
+        # A shared database: studies another receiver left without a timer get completed here.
+        scheduler.add_job(
+            assembler.sweep,
+            trigger="interval",
+            seconds=max(settings.completion.quiet_seconds / 2, 0.5),
+            id="completion-sweep",
+            max_instances=1,
+            coalesce=True,
+        )
     scheduler.add_job(
         requeue_stalled,
         trigger="interval",

@@ -306,7 +306,11 @@ class Store:
         with self._engine.begin() as conn:
             self._ensure_study(conn, record, now)
             self._ensure_series(conn, record)
-            study_values: dict[str, Any] = {"last_received_at": now}
+            # The database's clock on a shared database: receivers on several hosts compare
+            # one study's quiet period on one clock.
+            study_values: dict[str, Any] = {
+                "last_received_at": func.now() if conn.dialect.name == "postgresql" else now
+            }
             previous = None
             if _insert_new(conn, instances, {**key, **values}):
                 conn.execute(
@@ -500,17 +504,19 @@ class Store:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def complete_study(
-        self, study_uid: str, *, only_if_quiet_since: dt.datetime | None = None
-    ) -> int | None:
+    def complete_study(self, study_uid: str, *, quiet_for_s: float | None = None) -> int | None:
         """Mark a receiving study complete and queue its job; returns the job id.
 
         Earlier jobs of the study that have not started are superseded; a running one finishes
-        but its result is superseded by the new job's. With ``only_if_quiet_since``, nothing
-        happens when an instance arrived after that time (the timer fired late).
+        but its result is superseded by the new job's. With ``quiet_for_s``, nothing happens
+        when an instance arrived less than that long ago by the database's clock (the timer
+        fired late, or another receiver got an instance meanwhile).
         """
         now = utcnow()
         with self._engine.begin() as conn:
+            only_if_quiet_since = None
+            if quiet_for_s is not None:
+                only_if_quiet_since = _clock(conn) - dt.timedelta(seconds=quiet_for_s)
             row = conn.execute(
                 select(studies.c.state, studies.c.last_received_at, studies.c.priority).where(
                     studies.c.study_uid == study_uid
@@ -535,6 +541,19 @@ class Store:
                 update(studies).where(studies.c.study_uid == study_uid).values(completed_at=now)
             )
         return job_id
+
+    def quiet_studies(self, quiet_for_s: float) -> list[str]:
+        """Studies still receiving whose last instance is ``quiet_for_s`` old (database clock):
+        what the completion sweep of a receiver completes when no timer of its own did."""
+        with self._engine.connect() as conn:
+            cutoff = _clock(conn) - dt.timedelta(seconds=quiet_for_s)
+            return list(
+                conn.execute(
+                    select(studies.c.study_uid).where(
+                        studies.c.state == "receiving", studies.c.last_received_at <= cutoff
+                    )
+                ).scalars()
+            )
 
     def find_study(self, key_or_uid: str) -> str | None:
         """The StudyInstanceUID for a UID or a study key (as logs and `studies list` show)."""

@@ -91,3 +91,31 @@ def test_a_study_that_never_falls_quiet_is_complete_when_its_window_ends(tmp_pat
     finally:
         scheduler.shutdown(wait=False)
         store.close()
+
+
+def test_a_receiver_completes_a_study_another_receiver_left_behind(postgres_database: str) -> None:
+    """Receiver A stored a study and died before its timer fired; receiver B's sweep completes
+    it once it is quiet by the database's clock, and a second sweep queues nothing more."""
+    import datetime as dt
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from node.receive.completion import Assembler
+    from node.store.database import Store
+    from tests.node.store.test_database import record
+
+    gone, survivor = Store(postgres_database), Store(postgres_database)
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    try:
+        gone.record_instance(record())  # receiver A's instance; A's timer dies with A
+        assembler = Assembler(survivor, scheduler, quiet_seconds=0.5, max_receive_s=60.0)
+        assert assembler.sweep() == 0, "not quiet yet"
+        time.sleep(0.6)
+        assert assembler.sweep() == 1
+        assert assembler.sweep() == 0
+        study = survivor.study("1.2.3")
+        assert study is not None and study.state == "queued"
+        assert len(survivor.list_jobs()) == 1
+    finally:
+        gone.close()
+        survivor.close()
