@@ -9,24 +9,35 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import require_tool, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-UNIT = ROOT / "systemd" / "mvi-node.service"
 DOCKERFILE = ROOT / "Dockerfile"
 
 
-def unit_copy(folder: Path, exec_path: str) -> Path:
-    copy = folder / "mvi-node.service"
-    copy.write_text(UNIT.read_text().replace("/opt/mvi-node/bin/mvi-node", exec_path))
+#: The units, and the name each is verified under (a template needs an instance).
+UNITS = {
+    "mvi-node.service": "mvi-node.service",
+    "mvi-node-receiver.service": "mvi-node-receiver.service",
+    "mvi-node-worker@.service": "mvi-node-worker@cpu.service",
+}
+
+
+def unit_copy(folder: Path, exec_path: str, unit: str = "mvi-node.service") -> Path:
+    copy = folder / UNITS[unit]
+    text = (ROOT / "systemd" / unit).read_text()
+    copy.write_text(text.replace("/opt/mvi-node/bin/mvi-node", exec_path))
     return copy
 
 
-def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_the_units_pass_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
     installed = shutil.which("mvi-node", path=str(Path(sys.executable).parent))
     assert installed is not None
-    result = run_tool(analyze, "verify", unit_copy(tmp_path, installed), check=False)
+    result = run_tool(analyze, "verify", unit_copy(tmp_path, installed, unit), check=False)
     assert result.returncode == 0, result.stderr
 
 
@@ -37,19 +48,54 @@ def test_verify_fails_when_the_binary_is_missing(tmp_path: Path) -> None:
     assert "not executable" in result.stderr
 
 
-def test_the_unit_is_a_hardened_notify_service() -> None:
-    text = UNIT.read_text()
-    for line in (
-        "Type=notify",
-        "ExecStart=/opt/mvi-node/bin/mvi-node serve --config /etc/mvi-node/node.toml",
-        "StateDirectory=mvi-node",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "ProtectHome=yes",
-        "PrivateTmp=yes",
-        "Restart=on-failure",
-        "WatchdogSec=",
-    ):
+HARDENING = (
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ProtectHome=yes",
+    "PrivateTmp=yes",
+    "Restart=on-failure",
+    "CapabilityBoundingSet=",
+)
+
+
+@pytest.mark.parametrize(
+    ("unit", "lines"),
+    [
+        (
+            "mvi-node.service",
+            (
+                "Type=notify",
+                "ExecStart=/opt/mvi-node/bin/mvi-node serve --config /etc/mvi-node/node.toml",
+                "StateDirectory=mvi-node",
+                "WatchdogSec=",
+            ),
+        ),
+        (
+            "mvi-node-receiver.service",
+            (
+                "Type=notify",
+                "ExecStart=/opt/mvi-node/bin/mvi-node serve --config /etc/mvi-node/node.toml",
+                "Environment=MVI_CLUSTER__ROLE=receiver",
+                "Environment=MVI_NODE__DATA_DIR=/srv/mvi-node",
+                "RequiresMountsFor=/srv/mvi-node",
+                "WatchdogSec=",
+            ),
+        ),
+        (
+            "mvi-node-worker@.service",
+            (
+                "ExecStart=/opt/mvi-node/bin/mvi-node worker --config /etc/mvi-node/node.toml "
+                "--device %i",
+                "Environment=MVI_CLUSTER__ROLE=worker",
+                "Environment=MVI_NODE__DATA_DIR=/srv/mvi-node",
+                "RequiresMountsFor=/srv/mvi-node",
+            ),
+        ),
+    ],
+)
+def test_the_units_are_hardened_services(unit: str, lines: tuple[str, ...]) -> None:
+    text = (ROOT / "systemd" / unit).read_text()
+    for line in (*HARDENING, *lines):
         assert re.search(rf"^{re.escape(line)}", text, re.MULTILINE), line
     assert re.search(r"^User=(?!root)\S+", text, re.MULTILINE)
     assert not re.search(r"^AmbientCapabilities=", text, re.MULTILINE), "no capability by default"
