@@ -387,15 +387,29 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
     work(store, settings, settings.pipeline.device, lambda: os.getppid() == parent_pid)
 
 
-def work(store: Store, settings: Settings, device: str, running: Callable[[], bool]) -> None:
-    """Claim and run jobs while ``running()`` (a pool's worker, or `mvi-node worker`)."""
+#: What runs a claimed batch: the pipeline (:func:`run_jobs`), or a benchmark's stand-in.
+BatchRunner = Callable[[Sequence[Job]], list["JobOutcome | Exception"]]
+
+
+def work(
+    store: Store,
+    settings: Settings,
+    device: str,
+    running: Callable[[], bool],
+    run_batch: BatchRunner | None = None,
+) -> None:
+    """Claim and run jobs while ``running()`` (a pool's worker, or `mvi-node worker`).
+
+    ``run_batch`` replaces the pipeline (bench/cluster.py measures the claim, lease and
+    heartbeat machinery with a stand-in stage); its batches hold one job.
+    """
     spool_root = settings.node.data_dir / "spool"
     pid = os.getpid()
     worker = worker_identity(pid)
     from node.analysis.models import Models
 
-    models = Models(settings, device=device)
-    size = batch_size(settings, models)
+    models = Models(settings, device=device) if run_batch is None else None
+    size = batch_size(settings, models) if models is not None else 1
     while running():
         try:
             jobs = _claim_batch(store, pid, worker, size)
@@ -418,14 +432,18 @@ def work(store: Store, settings: Settings, device: str, running: Callable[[], bo
                 batch=len(jobs),
             )
         with heartbeats(store, jobs, settings.cluster.heartbeat_s):
-            outcomes = run_jobs(store, spool_root, settings, jobs, models)
+            if run_batch is not None:
+                outcomes = run_batch(jobs)
+            else:
+                outcomes = run_jobs(store, spool_root, settings, jobs, models)
         for each, outcome in zip(jobs, outcomes, strict=True):
             try:
                 if isinstance(outcome, LeaseLost):
                     _lease_lost(settings, each, outcome, discard=True)
                 elif isinstance(outcome, Exception):
                     models = _job_failed(store, spool_root, settings, each, outcome, models)
-                    size = batch_size(settings, models)  # after CUDA ran out: the CPU's size
+                    if models is not None:  # after CUDA ran out: the CPU's size
+                        size = batch_size(settings, models)
                 else:
                     _job_done(store, each, outcome, started)
             except LeaseLost as exc:
@@ -526,12 +544,17 @@ def cuda_out_of_memory(exc: BaseException) -> bool:
 
 
 def _job_failed(
-    store: Store, spool_root: Path, settings: Settings, job: Job, exc: Exception, models: Models
-) -> Models:
+    store: Store,
+    spool_root: Path,
+    settings: Settings,
+    job: Job,
+    exc: Exception,
+    models: Models | None,
+) -> Models | None:
     """Queue the job again or fail it for good; returns the models the next job should use."""
     reason = f"{type(exc).__name__}: {exc}"
     final = job.attempts >= settings.pipeline.max_attempts
-    if cuda_out_of_memory(exc):
+    if models is not None and cuda_out_of_memory(exc):
         # CUDA ran out of memory: the next attempt runs on the CPU.
         models = models.on_cpu()
     log.error(

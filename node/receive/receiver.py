@@ -22,12 +22,13 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     RE_VALID_UID,
@@ -505,25 +506,15 @@ def _persist(
             study_key=uid_key(study_uid),
         )
     relative = instance_relative_path(study_uid, uids["SeriesInstanceUID"], sop_uid, sha256)
-    record = InstanceRecord(
-        study_uid=study_uid,
-        series_uid=uids["SeriesInstanceUID"],
-        sop_instance_uid=sop_uid,
-        sop_class_uid=uids["SOPClassUID"],
-        transfer_syntax_uid=str(event.context.transfer_syntax),
+    record = instance_record(
+        header,
+        uids,
+        transfer_syntax=str(event.context.transfer_syntax),
         path=relative,
         size=size,
         sha256=sha256,
         calling_ae=_peer_ae_title(event),
-        modality=str(header.get("Modality", "") or ""),
-        series_number=_int_or_none(header.get("SeriesNumber")),
-        series_description=str(header.get("SeriesDescription", "") or ""),
-        analysable=uids["SOPClassUID"] in ANALYSABLE_SOP_CLASSES and not own,
-        own_output=own,
-        patient_id=str(header.get("PatientID", "") or ""),
-        patient_name=str(header.get("PatientName", "") or ""),
-        accession_number=str(header.get("AccessionNumber", "") or ""),
-        study_date=str(header.get("StudyDate", "") or ""),
+        own=own,
     )
     target = state.spool_root / relative
     # One instance at a time per key: two associations sending two versions of one instance must
@@ -595,6 +586,66 @@ def _int_or_none(value: Any) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def instance_record(
+    header: Dataset,
+    uids: Mapping[str, str],
+    *,
+    transfer_syntax: str,
+    path: str,
+    size: int,
+    sha256: str,
+    calling_ae: str,
+    own: bool = False,
+) -> InstanceRecord:
+    """The row of a stored instance, from its header and its StudyInstanceUID,
+    SeriesInstanceUID, SOPInstanceUID and SOPClassUID (``uids``)."""
+    return InstanceRecord(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=transfer_syntax,
+        path=path,
+        size=size,
+        sha256=sha256,
+        calling_ae=calling_ae,
+        modality=str(header.get("Modality", "") or ""),
+        series_number=_int_or_none(header.get("SeriesNumber")),
+        series_description=str(header.get("SeriesDescription", "") or ""),
+        analysable=uids["SOPClassUID"] in ANALYSABLE_SOP_CLASSES and not own,
+        own_output=own,
+        patient_id=str(header.get("PatientID", "") or ""),
+        patient_name=str(header.get("PatientName", "") or ""),
+        accession_number=str(header.get("AccessionNumber", "") or ""),
+        study_date=str(header.get("StudyDate", "") or ""),
+    )
+
+
+def record_spooled_file(store: Store, spool_root: Path, path: Path, calling_ae: str) -> str:
+    """Record a DICOM file already under ``spool_root`` as if received; returns its study UID.
+
+    For tools and benchmarks that lay out a spool themselves (no C-STORE, no copy).
+    """
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    uids = {
+        name: str(header[name].value)
+        for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    }
+    size = path.stat().st_size
+    store.record_instance(
+        instance_record(
+            header,
+            uids,
+            transfer_syntax=str(header.file_meta.TransferSyntaxUID),
+            path=str(path.relative_to(spool_root)),
+            size=size,
+            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            calling_ae=calling_ae,
+        )
+    )
+    return uids["StudyInstanceUID"]
 
 
 def _claims_to_be_ours(header: Any) -> bool:

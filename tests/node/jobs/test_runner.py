@@ -13,8 +13,8 @@ from node.analysis.result import SCHEMA_VERSION, to_json
 from node.core.logging import study_key
 from node.core.settings import Settings
 from node.jobs.runner import JobOutcome, batch_size, cuda_out_of_memory, run_jobs
-from node.receive.receiver import ANALYSABLE_SOP_CLASSES
-from node.store.database import InstanceRecord, LeaseLost, Store
+from node.receive.receiver import record_spooled_file
+from node.store.database import LeaseLost, Store
 from tests.nodeproc import node_settings
 
 
@@ -22,30 +22,7 @@ def _ingest(store: Store, root: Path, folder: Path) -> str:
     """Record a phantom study's files as if received (the spool root is the cohort folder)."""
     study_uid = ""
     for path in sorted(folder.rglob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        study_uid = str(ds.StudyInstanceUID)
-        store.record_instance(
-            InstanceRecord(
-                study_uid=study_uid,
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=str(path.relative_to(root)),
-                size=path.stat().st_size,
-                sha256=str(ds.SOPInstanceUID),
-                calling_ae="TEST",
-                modality=str(ds.Modality),
-                series_number=None,
-                series_description=str(ds.get("SeriesDescription", "")),
-                analysable=str(ds.SOPClassUID) in ANALYSABLE_SOP_CLASSES,
-                own_output=False,
-                patient_id="",
-                patient_name="",
-                accession_number="",
-                study_date=str(ds.StudyDate),
-            )
-        )
+        study_uid = record_spooled_file(store, root, path, "TEST")
     return study_uid
 
 
