@@ -255,3 +255,25 @@ def test_one_result_per_study_while_workers_die_freeze_and_lose_the_database(
             f"faults: kill -9 {chaos.kills}, SIGSTOP {chaos.stops}, database cut {chaos.cuts}; "
             f"claims {leases} (leases beyond the first: {leases - len(jobs)})"
         )
+
+
+def test_each_role_runs_only_its_own_command(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(to_toml({"node": {"data_dir": str(tmp_path / "data")}}))
+    refused = mvi_node("worker", "--config", config)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("mvi-node: mvi-node worker shares jobs through")
+    url = "postgresql+psycopg://mvi@127.0.0.1:9/mvi"
+    config.write_text(
+        to_toml(
+            {
+                "node": {"data_dir": str(tmp_path / "data")},
+                "database": {"url": url},
+                "cluster": {"role": "worker"},
+            }
+        )
+    )
+    refused = mvi_node("serve", "--config", config)
+    assert refused.returncode == 2
+    assert "this host runs `mvi-node worker` processes, not serve" in refused.stderr
+    assert not (tmp_path / "data").exists()

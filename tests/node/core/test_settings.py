@@ -213,3 +213,17 @@ def test_a_certificate_pin_must_be_a_sha256_fingerprint(tmp_path: Path) -> None:
     pin = ":".join(["0A"] * 32)
     path = write(tmp_path, f'[peers.pacs]\nae_title = "PACS"\ntls_fingerprint = "{pin}"\n')
     assert load_settings(path).peers["pacs"].tls_fingerprint == "0a" * 32
+
+
+def test_cluster_roles_need_postgresql_and_heartbeats_well_inside_the_stall_timeout(
+    tmp_path: Path,
+) -> None:
+    (line,) = problems(tmp_path, '[cluster]\nrole = "worker"\n')
+    assert line.startswith("cluster.role = 'worker': ") and "postgresql" in line
+    (line,) = problems(tmp_path, "[cluster]\nheartbeat_s = 30.0\nstall_timeout_s = 60.0\n")
+    assert line.startswith("cluster.heartbeat_s = 30.0: at most a third of")
+    url = "postgresql+psycopg://mvi@db.example/mvi"
+    settings = load_settings(
+        write(tmp_path, f'[database]\nurl = "{url}"\n[cluster]\nrole = "receiver"\n')
+    )
+    assert settings.cluster.role == "receiver"
