@@ -305,6 +305,9 @@ def configure_logging(
     logging.getLogger(_NODE_LOGGER).setLevel(numeric)
     # pynetdicom's debug handlers print whole datasets (patient identifiers included).
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    # apscheduler logs every add, run and removal of a job at INFO: each study's quiet timer
+    # would put three lines in the log. Its warnings (a missed run) and errors stay.
+    logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))
     # highdicom logs the UIDs of the datasets it copies from, past the scrubber.
     logging.getLogger("highdicom").setLevel(max(numeric, logging.WARNING))
     # MONAI imports matplotlib when it is installed (the audit needs it); its font-cache notice
