@@ -1,12 +1,12 @@
 """Cluster throughput: 1 → 2 → 4 worker processes on one shared PostgreSQL database.
 
-Two workloads, each timed from the moment every worker is ready to the moment the last job is
-finished:
+Two workloads, each timed from queuing the jobs (every worker process listening) to the moment
+the last job is finished:
 
 - **stub**: ``--jobs`` jobs whose stage sleeps ``--stub-seconds`` (a CPU-light stand-in for a GPU
-  batch or a network wait) run through the real worker loop (:func:`node.jobs.runner.work`:
-  claims with ``SKIP LOCKED``, leases, heartbeats, fenced finish). Goals: wall(2) ≤ 0.6 × wall(1)
-  and wall(4) ≤ 0.4 × wall(1).
+  batch or a network wait) run through `mvi-node worker`'s loop
+  (:func:`node.jobs.queue.serve_jobs`: procrastinate wake-ups, claims with ``SKIP LOCKED``,
+  leases, heartbeats, fenced finish). Goals: wall(2) ≤ 0.6 × wall(1), wall(4) ≤ 0.4 × wall(1).
 - **real**: ``--real`` phantom studies through the whole pipeline with the demo models (built by
   `mvi-node demo`), 1 and 2 worker processes on the CPU (each with half the cores' threads for 2)
   and, on a host with CUDA, 1 and 2 processes on the GPU; "not measured" otherwise.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.core.logging import configure_logging
 from node.core.settings import Settings
-from node.jobs.runner import JobOutcome, work
+from node.jobs.runner import JobOutcome
 from node.store.database import JOB_FINAL_STATES, Job, Store
 
 
@@ -48,7 +48,7 @@ def _settings(url: str, data_dir: Path, device: str) -> dict[str, Any]:
             "device": device,
             "segmenter_dir": str(demo_segmenter_dir()),
             "model_dir": str(demo_fusion_dir()),
-            "load_models_at_start": False,
+            "load_models_at_start": True,  # loaded before the clock starts
         },
         "gates": {"enabled": False},
     }
@@ -62,20 +62,17 @@ def _stub(seconds: float) -> Callable[[Sequence[Job]], list[JobOutcome | Excepti
     return run
 
 
-def _worker(data: dict[str, Any], stub_s: float | None, ready: Any, go: Any, stop: Any) -> None:
+def _worker(data: dict[str, Any], stub_s: float | None) -> None:
+    """One `mvi-node worker` process: procrastinate's worker over the node's job rows."""
+    import threading
+
+    from node.jobs.queue import serve_jobs
+
     configure_logging("warning")
     settings = Settings.model_validate(data)
     store = Store(settings.database_url, schema="check")
     run_batch = _stub(stub_s) if stub_s is not None else None
-    if run_batch is None:  # load the models before the clock starts, as a running worker has
-        from node.analysis.models import Models
-
-        models = Models(settings, device=settings.pipeline.device)
-        models.segmenter()
-        models.fusion()
-    ready.release()
-    go.wait()
-    work(store, settings, settings.pipeline.device, lambda: not stop.is_set(), run_batch)
+    serve_jobs(store, settings, settings.pipeline.device, threading.Event(), run_batch)
     store.close()
 
 
@@ -83,37 +80,51 @@ def _finished(store: Store) -> int:
     return sum(1 for job in store.list_jobs(limit=100_000) if job.state in JOB_FINAL_STATES)
 
 
+def _listening(url: str) -> int:
+    """Workers procrastinate has registered (each registers once it listens)."""
+    import psycopg
+
+    from node.store.queue import conninfo
+
+    with psycopg.connect(conninfo(url)) as conn:
+        row = conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()
+    return int(row[0]) if row else 0
+
+
 def timed_run(
-    url: str, data_dir: Path, workers: int, jobs: int, stub_s: float | None, device: str
+    url: str,
+    data_dir: Path,
+    workers: int,
+    queue: Callable[[Store], int],
+    stub_s: float | None,
+    device: str,
 ) -> float:
-    """Seconds from ready to the last finished job, with ``workers`` processes."""
+    """Seconds from queuing the jobs (every worker listening) to the last finished job."""
     context = multiprocessing.get_context("spawn")
-    ready, go, stop = context.Semaphore(0), context.Event(), context.Event()
     data = _settings(url, data_dir, device)
     threads = max(1, (os.cpu_count() or 1) // workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
-    processes = [
-        context.Process(target=_worker, args=(data, stub_s, ready, go, stop))
-        for _ in range(workers)
-    ]
+    processes = [context.Process(target=_worker, args=(data, stub_s)) for _ in range(workers)]
     for process in processes:
         process.start()
-    for _ in processes:
-        ready.acquire()
+    deadline = time.monotonic() + 300
+    while _listening(url) < workers and time.monotonic() < deadline:
+        time.sleep(0.2)
     store = Store(url, schema="check")
     started = time.perf_counter()
-    go.set()
+    jobs = queue(store)  # each queued job wakes a worker (NOTIFY at commit)
     while _finished(store) < jobs:
         time.sleep(0.05)
     wall = time.perf_counter() - started
-    stop.set()
+    for process in processes:
+        process.terminate()  # SIGTERM: procrastinate stops after the job in hand
     for process in processes:
         process.join(60)
     store.close()
     return wall
 
 
-def _queue_stub_jobs(store: Store, count: int) -> None:
+def _queue_stub_jobs(store: Store, count: int) -> int:
     from node.store.database import InstanceRecord
 
     for index in range(count):
@@ -134,19 +145,30 @@ def _queue_stub_jobs(store: Store, count: int) -> None:
             )
         )
         store.complete_study(uid)
+    return count
 
 
-def _queue_real_jobs(store: Store, spool: Path, count: int) -> None:
+def _record_real_studies(store: Store, spool: Path, count: int) -> list[str]:
     from node.offline.phantom_study import CohortOptions, write_cohort
     from node.receive.receiver import record_spooled_file
 
     if not spool.exists():
         write_cohort(spool, CohortOptions(studies=count, seed=171, size=128, slices=32))
+    uids = []
     for folder in sorted(spool.glob("study_*")):
-        uid = ""
         for path in sorted(folder.rglob("*.dcm")):
             uid = record_spooled_file(store, spool, path, "BENCH")
-        store.complete_study(uid)
+        uids.append(uid)
+    return uids
+
+
+def _complete(uids: list[str]) -> Callable[[Store], int]:
+    def queue(store: Store) -> int:
+        for uid in uids:
+            store.complete_study(uid)
+        return len(uids)
+
+    return queue
 
 
 def main() -> None:
@@ -163,10 +185,15 @@ def main() -> None:
         root = Path(scratch)
         for workers in (1, 2, 4):
             url = server.create_database(f"stub_{workers}")
-            store = Store(url, schema="upgrade")
-            _queue_stub_jobs(store, args.jobs)
-            store.close()
-            wall = timed_run(url, root / "stub", workers, args.jobs, args.stub_seconds, "cpu")
+            Store(url, schema="upgrade").close()
+            wall = timed_run(
+                url,
+                root / "stub",
+                workers,
+                lambda store: _queue_stub_jobs(store, args.jobs),
+                args.stub_seconds,
+                "cpu",
+            )
             rows.append(("stub", "cpu", workers, wall))
             print(f"stub, {workers} worker(s): {wall:.2f} s", flush=True)
         if args.real:
@@ -177,9 +204,9 @@ def main() -> None:
                 for workers in (1, 2):
                     url = server.create_database(f"real_{device}_{workers}")
                     store = Store(url, schema="upgrade")
-                    _queue_real_jobs(store, root / "real" / "spool", args.real)
+                    uids = _record_real_studies(store, root / "real" / "spool", args.real)
                     store.close()
-                    wall = timed_run(url, root / "real", workers, args.real, None, device)
+                    wall = timed_run(url, root / "real", workers, _complete(uids), None, device)
                     rows.append(("real", device, workers, wall))
                     print(f"real on {device}, {workers} worker(s): {wall:.2f} s", flush=True)
             if "cuda" not in devices:

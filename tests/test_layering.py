@@ -25,7 +25,8 @@ RECEIVING_SIDE = sorted(
     [f"node.receive.{p.stem}" for p in (ROOT / "node" / "receive").glob("*.py")]
     + ["node.serve.service", "node.serve.metrics", "node.cli.main"]
 )
-HEAVY = ("torch", "SimpleITK")
+#: procrastinate: only `mvi-node worker` and a PostgreSQL store's deferrals import it.
+HEAVY = ("torch", "SimpleITK", "procrastinate")
 PURE_PACKAGES = ("model", "dicom_sr")
 
 

@@ -274,7 +274,7 @@ def worker(
     import signal
     import threading
 
-    from node.jobs.runner import work
+    from node.jobs.queue import serve_jobs
     from node.store.database import SchemaError, Store
 
     settings = _settings(config)
@@ -304,7 +304,7 @@ def worker(
         "worker started", device=settings.pipeline.device, role=settings.cluster.role
     )
     try:
-        work(store, settings, settings.pipeline.device, lambda: not stop.is_set())
+        serve_jobs(store, settings, settings.pipeline.device, stop)
     finally:
         store.close()
 

@@ -308,6 +308,9 @@ def configure_logging(
     # apscheduler logs every add, run and removal of a job at INFO: each study's quiet timer
     # would put three lines in the log. Its warnings (a missed run) and errors stay.
     logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))
+    # procrastinate logs each job's start and end (the node's own lines say more) and its
+    # worker's life at INFO; its warnings and errors stay.
+    logging.getLogger("procrastinate").setLevel(max(numeric, logging.WARNING))
     # highdicom logs the UIDs of the datasets it copies from, past the scrubber.
     logging.getLogger("highdicom").setLevel(max(numeric, logging.WARNING))
     # MONAI imports matplotlib when it is installed (the audit needs it); its font-cache notice

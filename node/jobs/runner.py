@@ -391,37 +391,54 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
 BatchRunner = Callable[[Sequence[Job]], list["JobOutcome | Exception"]]
 
 
-def work(
-    store: Store,
-    settings: Settings,
-    device: str,
-    running: Callable[[], bool],
-    run_batch: BatchRunner | None = None,
-) -> None:
-    """Claim and run jobs while ``running()`` (a pool's worker, or `mvi-node worker`).
+class Worker:
+    """One worker process's state between batches: the store, the models, the batch size.
+
+    Two drivers: :func:`work` polls for jobs (the pool's workers on one host), and the
+    procrastinate task of `mvi-node worker` (:mod:`node.jobs.queue`) hands it the job a wake-up
+    names. Either way a batch is claimed under new leases and concluded by :meth:`run`.
 
     ``run_batch`` replaces the pipeline (bench/cluster.py measures the claim, lease and
     heartbeat machinery with a stand-in stage); its batches hold one job.
     """
-    spool_root = settings.node.data_dir / "spool"
-    pid = os.getpid()
-    worker = worker_identity(pid)
-    from node.analysis.models import Models
 
-    models = Models(settings, device=device) if run_batch is None else None
-    size = batch_size(settings, models) if models is not None else 1
-    while running():
-        try:
-            jobs = _claim_batch(store, pid, worker, size)
-        except Exception as exc:
-            # The database is out of reach (a network cut, a restart): wait and ask again. A
-            # claim that did commit is released by the stalled-job sweep.
-            log.warning("cannot claim jobs; retrying", error=type(exc).__name__)
-            time.sleep(_UNREACHABLE_SLEEP_S)
-            continue
-        if not jobs:
-            time.sleep(_IDLE_SLEEP_S)
-            continue
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        device: str,
+        run_batch: BatchRunner | None = None,
+    ) -> None:
+        from node.analysis.models import Models
+
+        self.store = store
+        self.settings = settings
+        self.spool_root = settings.node.data_dir / "spool"
+        self.pid = os.getpid()
+        self.name = worker_identity(self.pid)
+        self.run_batch = run_batch
+        self.models = Models(settings, device=device) if run_batch is None else None
+        self.size = batch_size(settings, self.models) if self.models is not None else 1
+
+    def claim(self, job_id: int | None = None) -> list[Job]:
+        """A job (``job_id``, or the most urgent one) and the jobs of its priority already
+        waiting, up to the batch size: one model batch. Empty when the job is not queued."""
+        store, pid = self.store, self.pid
+        job = store.claim_job(worker_pid=pid, worker=self.name, job_id=job_id)
+        if job is None:
+            return []
+        jobs = [job]
+        while (
+            len(jobs) < self.size
+            and (more := store.claim_job(worker_pid=pid, worker=self.name, priority=job.priority))
+            is not None
+        ):
+            jobs.append(more)
+        return jobs
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        """Run a claimed batch with heartbeats, then conclude each job under its lease."""
+        store, settings = self.store, self.settings
         started = time.perf_counter()
         for each in jobs:
             log.info(
@@ -432,18 +449,20 @@ def work(
                 batch=len(jobs),
             )
         with heartbeats(store, jobs, settings.cluster.heartbeat_s):
-            if run_batch is not None:
-                outcomes = run_batch(jobs)
+            if self.run_batch is not None:
+                outcomes = self.run_batch(jobs)
             else:
-                outcomes = run_jobs(store, spool_root, settings, jobs, models)
+                outcomes = run_jobs(store, self.spool_root, settings, jobs, self.models)
         for each, outcome in zip(jobs, outcomes, strict=True):
             try:
                 if isinstance(outcome, LeaseLost):
                     _lease_lost(settings, each, outcome, discard=True)
                 elif isinstance(outcome, Exception):
-                    models = _job_failed(store, spool_root, settings, each, outcome, models)
-                    if models is not None:  # after CUDA ran out: the CPU's size
-                        size = batch_size(settings, models)
+                    self.models = _job_failed(
+                        store, self.spool_root, settings, each, outcome, self.models
+                    )
+                    if self.models is not None:  # after CUDA ran out: the CPU's size
+                        self.size = batch_size(settings, self.models)
                 else:
                     _job_done(store, each, outcome, started)
             except LeaseLost as exc:
@@ -459,19 +478,29 @@ def work(
         _release_memory()
 
 
-def _claim_batch(store: Store, pid: int, worker: str, size: int) -> list[Job]:
-    """A job, and the jobs of its priority already waiting (up to ``size``): one model batch."""
-    job = store.claim_job(worker_pid=pid, worker=worker)
-    if job is None:
-        return []
-    jobs = [job]
-    while (
-        len(jobs) < size
-        and (more := store.claim_job(worker_pid=pid, worker=worker, priority=job.priority))
-        is not None
-    ):
-        jobs.append(more)
-    return jobs
+def work(
+    store: Store,
+    settings: Settings,
+    device: str,
+    running: Callable[[], bool],
+    run_batch: BatchRunner | None = None,
+) -> None:
+    """Claim and run jobs while ``running()``, polling when there are none (the pool's
+    workers; bench/cluster.py)."""
+    worker = Worker(store, settings, device, run_batch)
+    while running():
+        try:
+            jobs = worker.claim()
+        except Exception as exc:
+            # The database is out of reach (a network cut, a restart): wait and ask again. A
+            # claim that did commit is released by the stalled-job sweep.
+            log.warning("cannot claim jobs; retrying", error=type(exc).__name__)
+            time.sleep(_UNREACHABLE_SLEEP_S)
+            continue
+        if not jobs:
+            time.sleep(_IDLE_SLEEP_S)
+            continue
+        worker.run(jobs)
 
 
 def _lease_lost(settings: Settings, job: Job, exc: LeaseLost, *, discard: bool) -> None:

@@ -38,6 +38,7 @@ from sqlalchemy.pool import NullPool
 from node.analysis.result import Result
 from node.store.engine import make_engine, sqlite_path
 from node.store.migrate import SchemaError, SchemaMode, ensure
+from node.store.queue import announce, unannounced
 from node.store.schema import (
     JOB_FINAL_STATES,
     OUTBOX_FAILED,
@@ -218,6 +219,7 @@ def _queue_job(
     conn.execute(
         update(studies).where(studies.c.study_uid == study_uid).values(state="queued", reason=None)
     )
+    announce(conn, int(key[0]), priority)
     return int(key[0])
 
 
@@ -589,6 +591,7 @@ class Store:
         *,
         priority: int | None = None,
         worker: str | None = None,
+        job_id: int | None = None,
     ) -> Job | None:
         """Take the most urgent queued job (lowest priority value, then oldest) for a worker.
 
@@ -596,7 +599,7 @@ class Store:
         study never waits in a batch of retrospective ones, nor the other way round). The job
         comes with a new ``lease``: what the attempt writes is refused once another claim has
         taken it (:meth:`hold_lease`). ``worker`` names the claimant (:func:`worker_identity`
-        of ``worker_pid`` by default).
+        of ``worker_pid`` by default). With ``job_id``, that job only, if it is queued.
         """
         name = worker or worker_identity(worker_pid)
         for _ in range(5):
@@ -604,6 +607,8 @@ class Store:
                 query = select(jobs.c.id).where(jobs.c.state == "queued")
                 if priority is not None:
                     query = query.where(jobs.c.priority == priority)
+                if job_id is not None:
+                    query = query.where(jobs.c.id == job_id)
                 query = query.order_by(jobs.c.priority, jobs.c.id).limit(1)
                 if conn.dialect.name == "postgresql":
                     # Workers on several hosts: each passes over rows another is claiming.
@@ -678,6 +683,8 @@ class Store:
                     finished_at=None if state == "queued" else now,
                 )
             )
+            if state == "queued":
+                announce(conn, job_id, job.priority)
             newest = conn.execute(
                 select(func.max(jobs.c.id)).where(jobs.c.study_uid == job.study_uid)
             ).scalar()
@@ -702,7 +709,12 @@ class Store:
             query = update(jobs).where(jobs.c.state == "running")
             if host is not None:
                 query = query.where(jobs.c.worker.startswith(f"{host}:", autoescape=True))
-            count = conn.execute(query.values(state="queued", started_at=None)).rowcount
+            requeued = conn.execute(
+                query.values(state="queued", started_at=None).returning(jobs.c.id, jobs.c.priority)
+            ).all()
+            for job_id, priority in requeued:
+                announce(conn, job_id, priority)
+            count = len(requeued)
             running = select(jobs.c.study_uid).where(jobs.c.state == "running")
             conn.execute(
                 update(studies)
@@ -766,7 +778,11 @@ class Store:
                     func.coalesce(jobs.c.heartbeat_at, jobs.c.started_at) < cutoff,
                 )
             ).all()
-        return self._release(rows, max_attempts, "the worker stopped answering")
+        released = self._release(rows, max_attempts, "the worker stopped answering")
+        with self._engine.begin() as conn:
+            for job_id, priority in unannounced(conn):
+                announce(conn, job_id, priority)
+        return released
 
     def hold_lease(self, job_id: int, lease: int, tx: Transaction) -> None:
         """Refuse the transaction unless the job still runs under ``lease``; call it first.

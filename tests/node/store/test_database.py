@@ -277,8 +277,11 @@ def test_each_claim_takes_a_new_lease(store: Store) -> None:
     first = store.claim_job()
     assert first is not None and first.lease == 1 and first.heartbeat_at is not None
     store.finish_job(first.id, "queued", lease=first.lease)
-    second = store.claim_job()
+    assert store.claim_job(job_id=first.id + 1) is None, "no such job"
+    second = store.claim_job(job_id=first.id)
     assert second is not None and second.id == first.id and second.lease == 2
+    # A wake-up naming a job that is no longer queued claims nothing.
+    assert store.claim_job(job_id=first.id) is None
 
 
 def lease_fencing(store: Store) -> None:
@@ -451,3 +454,56 @@ def test_quiet_periods_go_by_the_database_clock_on_postgresql(postgres_database:
     finally:
         for store in receivers:
             store.close()
+
+
+def pointers(url: str) -> list[tuple[int, str]]:
+    """procrastinate's jobs naming a node job: (job id, status)."""
+    import psycopg
+
+    from node.store.queue import RUN_JOB, conninfo
+
+    with psycopg.connect(conninfo(url)) as conn:
+        rows = conn.execute(
+            "SELECT (args->>'job_id')::int, status::text FROM procrastinate_jobs "
+            "WHERE task_name = %s ORDER BY id",
+            (RUN_JOB,),
+        ).fetchall()
+    return [(int(job), str(status)) for job, status in rows]
+
+
+def test_a_job_and_its_wake_up_commit_or_roll_back_together(postgres_database: str) -> None:
+    import psycopg
+
+    from node.store.queue import conninfo
+
+    store = Store(postgres_database)
+    try:
+        store.record_instance(record())
+        with psycopg.connect(conninfo(postgres_database), autocommit=True) as conn:
+            # A failure after the job row and its pointer were written, in the same transaction.
+            conn.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'disk trouble'; END $$ LANGUAGE plpgsql"
+            )
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE UPDATE OF completed_at ON studies "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        with pytest.raises(Exception, match="disk trouble"):
+            store.complete_study("1.2.3")
+        assert store.list_jobs() == [] and pointers(postgres_database) == []
+        with psycopg.connect(conninfo(postgres_database), autocommit=True) as conn:
+            conn.execute("DROP TRIGGER refuse ON studies")
+        job_id = store.complete_study("1.2.3")
+        assert pointers(postgres_database) == [(job_id, "todo")]
+        # Re-queued by the sweep: a new pointer; a queued job whose pointer went is found.
+        job = store.claim_job(worker="host-a:1")
+        assert job is not None
+        store.requeue_stalled(0.0, max_attempts=3)
+        assert pointers(postgres_database) == [(job_id, "todo"), (job_id, "todo")]
+        with psycopg.connect(conninfo(postgres_database), autocommit=True) as conn:
+            conn.execute("DELETE FROM procrastinate_jobs")
+        store.requeue_stalled(300.0, max_attempts=3)
+        assert pointers(postgres_database) == [(job_id, "todo")]
+    finally:
+        store.close()

@@ -1,0 +1,81 @@
+"""`mvi-node worker`: procrastinate's worker runs the node's jobs on a host of a cluster.
+
+The receiving side defers a pointer to each job row that becomes queued, in the same
+transaction (:mod:`node.store.queue`); procrastinate wakes a waiting worker with LISTEN/NOTIFY at
+commit and polls its table every few seconds besides. The task claims the job row the pointer
+names (with the jobs of the same priority already waiting, as one model batch) under new leases
+and runs it as the pool's workers do (:class:`node.jobs.runner.Worker`). A pointer whose job is no
+longer queued (a batch-mate of an earlier claim, superseded, cancelled) ends at once.
+
+procrastinate's own bookkeeping is not the record: a pointer left ``doing`` by a killed worker
+changes nothing, because the stalled-job sweep re-queues the job row (which defers a new
+pointer) and the lease refuses the dead attempt's writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from node.core.logging import get_logger
+from node.core.settings import Settings
+from node.jobs.runner import BatchRunner, Worker
+from node.store.database import Store
+from node.store.queue import JOB_QUEUE, RUN_JOB, conninfo
+
+log = get_logger("node.jobs.queue")
+
+#: procrastinate polls for pointers this often besides NOTIFY (a missed notification, a
+#: pointer deferred while the worker was reconnecting).
+POLL_S = 5.0
+#: Between attempts to reach the database again after the queue's connection was lost.
+RECONNECT_S = 2.0
+
+
+def serve_jobs(
+    store: Store,
+    settings: Settings,
+    device: str,
+    stop: threading.Event,
+    run_batch: BatchRunner | None = None,
+) -> None:
+    """Run jobs as their pointers arrive until SIGTERM (the batch in hand finishes first).
+
+    ``run_batch``: a stand-in for the pipeline (bench/cluster.py).
+    """
+    import procrastinate
+
+    worker = Worker(store, settings, device, run_batch)
+    if worker.models is not None and settings.pipeline.load_models_at_start:
+        # The first study should not wait for the models.
+        worker.models.segmenter()
+        worker.models.fusion()
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=conninfo(settings.database_url))
+    )
+
+    @app.task(name=RUN_JOB, queue=JOB_QUEUE)
+    def run_job(job_id: int) -> None:
+        jobs = worker.claim(job_id)
+        if jobs:
+            worker.run(jobs)
+
+    options: dict[str, Any] = {
+        "queues": [JOB_QUEUE],
+        "concurrency": 1,  # one batch at a time: the batch is the parallelism on a GPU
+        "listen_notify": True,
+        "fetch_job_polling_interval": POLL_S,
+        "delete_jobs": "always",  # a pointer is worth nothing once its job was claimed
+        "install_signal_handlers": True,
+        "update_heartbeat_interval": settings.cluster.heartbeat_s,
+        "stalled_worker_timeout": settings.cluster.stall_timeout_s,
+    }
+    while not stop.is_set():
+        try:
+            app.run_worker(**options)
+            return  # SIGTERM or SIGINT: procrastinate finished the job in hand
+        except Exception as exc:
+            # The database went away under the queue's connections: wait and start again.
+            log.warning("job queue connection lost; reconnecting", error=type(exc).__name__)
+            time.sleep(RECONNECT_S)
