@@ -27,6 +27,7 @@ from node.jobs.pool import WorkerPool
 from node.receive.completion import Assembler
 from node.receive.receiver import ReceiverState, start_receiver
 from node.receive.spool import remove_files
+from node.serve.periodic import ClusterTimers, Periodic, seconds_cron
 from node.store.database import Store, utcnow
 
 log = get_logger("node.serve.service")
@@ -45,6 +46,7 @@ class Node:
     server: Any
     dispatcher: Dispatcher
     metrics_server: Any = None
+    timers: ClusterTimers | None = None
 
     @property
     def spool_root(self) -> Path:
@@ -69,6 +71,72 @@ def requeue_stalled(store: Store, stall_timeout_s: float, max_attempts: int) -> 
     if released:
         log.warning("stalled jobs released", jobs=released, stall_timeout_s=stall_timeout_s)
     return released
+
+
+#: When the daily retention runs on a cluster (UTC; on one host: a day after each start).
+RETENTION_CRON = "17 3 * * *"
+
+
+def periodic_work(settings: Settings, store: Store, spool_root: Path) -> list[Periodic]:
+    """The receivers' periodic work: retention, the re-query safety net, the stalled sweep."""
+    cluster = settings.cluster
+    work = [
+        Periodic(
+            "mvi.retention",
+            RETENTION_CRON,
+            lambda: apply_retention(store, spool_root, settings.retention.spool_days),
+        ),
+        Periodic(
+            "mvi.stalled_jobs",
+            seconds_cron(cluster.stall_timeout_s / 2),
+            lambda: requeue_stalled(store, cluster.stall_timeout_s, settings.pipeline.max_attempts),
+        ),
+    ]
+    if settings.requery.schedule:
+        from node.requery.retrieve import run_safety_net
+
+        work.append(
+            Periodic("mvi.safety_net", settings.requery.schedule, lambda: run_safety_net(settings))
+        )
+    return work
+
+
+def schedule_periodic(
+    settings: Settings, store: Store, spool_root: Path, scheduler: BackgroundScheduler
+) -> ClusterTimers | None:
+    """Run :func:`periodic_work` once per period: across every receiver of a shared PostgreSQL
+    database (procrastinate periodic tasks), or on this receiver's apscheduler (SQLite)."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    work = periodic_work(settings, store, spool_root)
+    if settings.database.url:
+        timers = ClusterTimers(settings.database_url, work)
+        timers.start()
+        log.info("periodic work scheduled across the cluster", tasks=[w.name for w in work])
+        return timers
+    cluster = settings.cluster
+    for each in work:
+        if each.name == "mvi.retention":
+            trigger: Any = "interval"
+            options: dict[str, Any] = {
+                "days": 1,
+                "next_run_time": utcnow() + dt.timedelta(minutes=5),
+            }
+        elif each.name == "mvi.stalled_jobs":
+            trigger, options = "interval", {"seconds": cluster.stall_timeout_s / 2}
+        else:
+            trigger, options = CronTrigger.from_crontab(each.cron, timezone=dt.UTC), {}
+        job = scheduler.add_job(
+            each.run, trigger=trigger, id=each.name, max_instances=1, coalesce=True, **options
+        )
+        if each.name == "mvi.safety_net":
+            log.info(
+                "re-query safety net scheduled",
+                schedule=settings.requery.schedule,
+                days=settings.requery.safety_net_days,
+                next_run=str(job.next_run_time),
+            )
+    return None
 
 
 def start_node(settings: Settings) -> Node:
@@ -100,33 +168,6 @@ def start_node(settings: Settings) -> Node:
     )
     scheduler.start()
     restored = assembler.restore()
-    scheduler.add_job(
-        apply_retention,
-        trigger="interval",
-        days=1,
-        args=[store, spool_root, settings.retention.spool_days],
-        id="retention",
-        next_run_time=utcnow() + dt.timedelta(minutes=5),
-    )
-    if settings.requery.schedule:
-        from apscheduler.triggers.cron import CronTrigger
-
-        from node.requery.retrieve import run_safety_net
-
-        safety = scheduler.add_job(
-            run_safety_net,
-            trigger=CronTrigger.from_crontab(settings.requery.schedule, timezone=dt.UTC),
-            args=[settings],
-            id="requery-safety-net",
-            max_instances=1,
-            coalesce=True,
-        )
-        log.info(
-            "re-query safety net scheduled",
-            schedule=settings.requery.schedule,
-            days=settings.requery.safety_net_days,
-            next_run=str(safety.next_run_time),
-        )
     cluster = settings.cluster
     if settings.database.url:
         # A shared database: studies another receiver left without a timer get completed here.
@@ -138,15 +179,7 @@ def start_node(settings: Settings) -> Node:
             max_instances=1,
             coalesce=True,
         )
-    scheduler.add_job(
-        requeue_stalled,
-        trigger="interval",
-        seconds=cluster.stall_timeout_s / 2,
-        args=[store, cluster.stall_timeout_s, settings.pipeline.max_attempts],
-        id="stalled-jobs",
-        max_instances=1,
-        coalesce=True,
-    )
+    timers = schedule_periodic(settings, store, spool_root, scheduler)
     # A receiver leaves the jobs to `mvi-node worker` processes on other hosts.
     workers = WorkerPool(
         settings, store, 0 if cluster.role == "receiver" else settings.pipeline.workers
@@ -175,7 +208,16 @@ def start_node(settings: Settings) -> Node:
         workers=workers.count,
     )
     return Node(
-        settings, store, scheduler, assembler, workers, receiver, server, dispatcher, metrics_server
+        settings,
+        store,
+        scheduler,
+        assembler,
+        workers,
+        receiver,
+        server,
+        dispatcher,
+        metrics_server,
+        timers,
     )
 
 
@@ -186,6 +228,8 @@ def stop_node(node: Node) -> None:
         node.metrics_server.shutdown()
     node.workers.stop()
     node.dispatcher.stop()
+    if node.timers is not None:
+        node.timers.stop()
     node.scheduler.shutdown(wait=False)
     node.store.close()
     log.info("node stopped", counters=dict(node.receiver.counters))
