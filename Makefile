@@ -20,14 +20,14 @@ $(STAMP): pyproject.toml requirements-dev.lock | $(BIN)/python
 
 install: $(STAMP)
 
-# Re-resolve pyproject.toml into the two locks (runtime for the image, runtime + dev for make
-# install), with hashes, for Python 3.11 on x86_64 Linux; capped as this machine's pip is when
-# it has a cap file. Review the diff and run `make test` before committing them.
+# Re-resolve pyproject.toml into the two locks (runtime with the cluster extra for the image,
+# runtime + cluster + dev for make install), with hashes, for Python 3.11 on x86_64 Linux; capped
+# as this machine's pip is when it has a cap file. Review the diff and run `make test` before committing them.
 LOCK_FLAGS := --generate-hashes --no-header --no-annotate --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constraints.txt)
 lock: | $(BIN)/python
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra cluster $(LOCK_FLAGS) -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.lock
 
 # First run builds and caches the demo MVI model (about 80 s on 2 cores; the segmenter ships in
