@@ -24,6 +24,8 @@ log = get_logger("node.serve.periodic")
 
 #: procrastinate queue of the receivers' periodic work (workers never listen to it).
 PERIODIC_QUEUE = "mvi-periodic"
+#: Pause before the periodic worker starts again after it stopped on an error.
+RESTART_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,28 @@ class ClusterTimers:
     """A procrastinate worker over :data:`PERIODIC_QUEUE` in a thread, with ``tasks`` as
     periodic tasks. Start it once per receiver; :meth:`stop` finishes the task in hand."""
 
-    def __init__(self, url: str, tasks: Sequence[Periodic]) -> None:
+    def __init__(
+        self,
+        url: str,
+        tasks: Sequence[Periodic],
+        *,
+        heartbeat_s: float = 10.0,
+        stall_timeout_s: float = 300.0,
+    ) -> None:
         import procrastinate
+
+        # Every procrastinate worker of the cluster prunes the workers whose heartbeat is older
+        # than its stall timeout: these must be the cluster's, or a `mvi-node worker` starting
+        # would prune this one while it runs (and it would stop on the dangling worker id).
+        self._options: dict[str, Any] = {
+            "queues": [PERIODIC_QUEUE],
+            "concurrency": 1,
+            "install_signal_handlers": False,  # the receiver's main thread owns them
+            "delete_jobs": "always",
+            "fetch_job_polling_interval": 1.0,
+            "update_heartbeat_interval": heartbeat_s,
+            "stalled_worker_timeout": stall_timeout_s,
+        }
 
         self.app = procrastinate.App(
             connector=procrastinate.PsycopgConnector(conninfo=conninfo(url)),
@@ -91,14 +113,18 @@ class ClusterTimers:
         self._loop = loop
 
         async def main() -> None:
-            async with self.app.open_async():
-                await self.app.run_worker_async(
-                    queues=[PERIODIC_QUEUE],
-                    concurrency=1,
-                    install_signal_handlers=False,  # the receiver's main thread owns them
-                    delete_jobs="always",
-                    fetch_job_polling_interval=1.0,
-                )
+            while True:
+                try:
+                    async with self.app.open_async():
+                        await self.app.run_worker_async(**self._options)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The database went away, or this worker's row was pruned meanwhile:
+                    # start again (a new row) after a pause; the ticks wait in the database.
+                    log.warning("cluster timers restarting", error=type(exc).__name__)
+                    await asyncio.sleep(RESTART_S)
 
         self._main = loop.create_task(main())
         self._started.set()
@@ -106,8 +132,6 @@ class ClusterTimers:
             loop.run_until_complete(self._main)
         except asyncio.CancelledError:
             pass
-        except Exception:
-            log.exception("cluster timers stopped")
         finally:
             loop.close()
 

@@ -110,7 +110,12 @@ def schedule_periodic(
 
     work = periodic_work(settings, store, spool_root)
     if settings.database.url:
-        timers = ClusterTimers(settings.database_url, work)
+        timers = ClusterTimers(
+            settings.database_url,
+            work,
+            heartbeat_s=settings.cluster.heartbeat_s,
+            stall_timeout_s=settings.cluster.stall_timeout_s,
+        )
         timers.start()
         log.info("periodic work scheduled across the cluster", tasks=[w.name for w in work])
         return timers

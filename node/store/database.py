@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 from node.analysis.result import Result
 from node.store.engine import make_engine, sqlite_path
 from node.store.migrate import SchemaError, SchemaMode, ensure
-from node.store.queue import announce, unannounced
+from node.store.queue import announce, retire, unannounced
 from node.store.schema import (
     JOB_FINAL_STATES,
     OUTBOX_FAILED,
@@ -636,6 +636,7 @@ class Store:
                 job = from_row(
                     Job, conn.execute(select(jobs).where(jobs.c.id == row.id)).one()._mapping
                 )
+                retire(conn, job.id)
                 conn.execute(
                     update(studies)
                     .where(studies.c.study_uid == job.study_uid, studies.c.state == "queued")

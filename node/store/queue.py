@@ -49,6 +49,23 @@ def announce(conn: Connection, job_id: int, priority: int) -> None:
     task.defer(job_id=job_id)
 
 
+def retire(conn: Connection, job_id: int) -> None:
+    """A job was claimed: its waiting pointers are spent (PostgreSQL only).
+
+    The pool's workers on a single host claim by polling, and a worker claims batch-mates
+    directly; without this their pointers would wait for ever, or wake a worker for nothing.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    conn.execute(
+        text(
+            "DELETE FROM procrastinate_jobs WHERE task_name = :task AND status = 'todo'"
+            " AND (args->>'job_id')::int = :job"
+        ),
+        {"task": RUN_JOB, "job": job_id},
+    )
+
+
 def unannounced(conn: Connection) -> list[tuple[int, int]]:
     """Queued job rows without a waiting pointer: (id, priority) of each.
 
