@@ -213,3 +213,50 @@ def test_the_conformance_statement_lists_every_private_code_and_the_implementati
     assert rows == private
     assert pynetdicom.PYNETDICOM_IMPLEMENTATION_UID in statement
     assert f"highdicom{highdicom.__version__}" in statement
+
+
+def _shown(value: object) -> str:
+    """A setting's default as the conformance statement writes it."""
+    from pydantic import SecretStr
+
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        value = f"~/{value.relative_to(Path.home())}"
+    if value in (None, "", []):
+        return "EMPTY"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _documented(text: str) -> str:
+    text = text.replace("`", "").replace('"', "").strip()
+    if text.split(" (")[0] in ("empty", "none"):
+        return "EMPTY"
+    return re.sub(r" (s|min|MB)$", "", text)
+
+
+def test_the_conformance_statements_parameters_are_the_defaults() -> None:
+    from node.core.settings import Settings
+
+    text = (ROOT / "docs" / "conformance.md").read_text()
+    section = text.split("#### 4.4.2 Parameters\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    defaults = Settings()
+    checked = 0
+    for keys, shown in rows:
+        names = re.findall(r"`([a-z_]+\.[a-z_]+)`", keys)
+        values = shown.split(", ") if len(names) > 1 else [shown]
+        if len(values) == 1:  # one default written for several keys ("empty")
+            values *= len(names)
+        for name, value in zip(names, values, strict=True):
+            section_name, key = name.split(".")
+            actual = getattr(getattr(defaults, section_name), key)
+            assert _documented(value) == _shown(actual), f"{name}: {value} vs {actual!r}"
+            checked += 1
+    assert checked >= 30

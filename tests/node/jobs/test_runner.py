@@ -26,6 +26,23 @@ def _ingest(store: Store, root: Path, folder: Path) -> str:
     return study_uid
 
 
+def _one_study_for_a_pacs(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> tuple[Path, Settings, Store, str]:
+    """A complete study with a supplied SEG, recorded as received by a node whose results go to
+    a PACS: (cohort folder, settings, store, StudyInstanceUID)."""
+    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
+    extra = {
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "results": {"destinations": ["pacs"]},
+    }
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    uid = _ingest(store, cohort, cohort / "study_0001")
+    store.complete_study(uid)
+    return cohort, settings, store, uid
+
+
 def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
     tmp_path: Path, cohort_factory: Callable[..., Path]
 ) -> None:
@@ -101,15 +118,7 @@ def test_a_job_rerun_after_a_crash_does_not_make_a_second_set(
 ) -> None:
     from node.deliver.outbox import list_outbox
 
-    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
-    extra = {
-        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
-        "results": {"destinations": ["pacs"]},
-    }
-    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
-    store = Store(settings.database_url)
-    uid = _ingest(store, cohort, cohort / "study_0001")
-    store.complete_study(uid)
+    cohort, settings, store, _ = _one_study_for_a_pacs(tmp_path, cohort_factory)
     job = store.claim_job()
     assert job is not None
     models = Models(settings, device="cpu")
@@ -191,15 +200,7 @@ def test_an_attempt_that_lost_its_lease_records_nothing_and_leaves_the_winners_f
     from node.jobs import runner
     from node.jobs.runner import results_folder
 
-    cohort = cohort_factory(studies=1, seed=83, size=64, slices=16, seg=True)
-    extra = {
-        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
-        "results": {"destinations": ["pacs"]},
-    }
-    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
-    store = Store(settings.database_url)
-    uid = _ingest(store, cohort, cohort / "study_0001")
-    store.complete_study(uid)
+    cohort, settings, store, uid = _one_study_for_a_pacs(tmp_path, cohort_factory)
     stalled = store.claim_job(worker="host-a:7")
     assert stalled is not None
     assert store.requeue_stalled(0.0, max_attempts=3) == [stalled.id]
