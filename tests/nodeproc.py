@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -103,6 +104,8 @@ def tiny_models() -> dict[str, str]:
     from node.offline.train_seg import phantom_samples
 
     root = Path(tempfile.mkdtemp(prefix="mvi-test-models-"))
+    # Nodes started by tests read them until the session ends; 170 MB a session otherwise.
+    atexit.register(shutil.rmtree, root, True)
     samples, _ = phantom_samples(3, seed=1, size=64, slices=16, spacing_mm=4.0)
     train_segmenter(samples, root / "segmenter", spacing_mm=4.0, iterations=20, patch=(32, 32, 16))
     spec = RoiSpec(size=32)
