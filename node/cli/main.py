@@ -278,7 +278,7 @@ def worker(
     from node.store.database import SchemaError, Store
 
     settings = _settings(config)
-    if not (settings.database.url or "").startswith("postgresql"):
+    if not settings.shared_database:
         raise fail(
             "mvi-node worker shares jobs through PostgreSQL: set database.url; on one host "
             "with SQLite, serve runs the workers itself (pipeline.workers)"

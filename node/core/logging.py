@@ -21,6 +21,7 @@ import logging.handlers
 import multiprocessing
 import re
 import sys
+import threading
 import traceback
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -193,17 +194,27 @@ def log_queue() -> Any:
     return _file_writer[0] if _file_writer is not None else None
 
 
+#: How long the exit waits for the queued lines to be written.
+_STOP_TIMEOUT_S = 5.0
+
+
 def stop_log_file() -> None:
-    """Write what is queued and close the log file (at exit, or before reconfiguring)."""
+    """Write what is queued and close the log file (at exit, or before reconfiguring).
+
+    Bounded: a worker killed while it held the queue's lock or was halfway through a line leaves
+    the queue broken, and the exit must not wait on it for ever.
+    """
     global _file_writer
     if _file_writer is not None:
         queue, listener = _file_writer
         _file_writer = None
-        listener.stop()
+        stopper = threading.Thread(target=listener.stop, name="log-file-stop", daemon=True)
+        stopper.start()
+        stopper.join(_STOP_TIMEOUT_S)
         for handler in listener.handlers:
             handler.close()
+        queue.cancel_join_thread()
         queue.close()
-        queue.join_thread()
 
 
 def _formatter(renderer: Any) -> logging.Formatter:

@@ -437,6 +437,12 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def shared_database(self) -> bool:
+        """Whether the store is PostgreSQL, which several hosts may share (the cluster's
+        sweeps, claims and periodic tasks run only then; a configured SQLite URL is one host)."""
+        return self.database_url.startswith("postgresql")
+
+    @property
     def database_url(self) -> str:
         """The SQLAlchemy URL of the store (SQLite under ``data_dir`` unless configured)."""
         if self.database.url:

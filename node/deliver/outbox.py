@@ -45,6 +45,9 @@ log = get_logger("node.deliver.outbox")
 
 #: Outbox states.
 PENDING, SENT, FAILED = OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_FAILED
+#: Items one delivery round claims: a round must end well inside its claim (a SEG, SR and SC
+#: for a few studies; the next round starts as soon as this one is recorded).
+ROUND_ITEMS = 8
 
 
 @dataclass(frozen=True)
@@ -202,16 +205,20 @@ class Dispatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            tried = 0
             try:
-                self.deliver_due()
+                tried = self.deliver_due()
             except Exception:
                 log.exception("delivery round failed")
+            if tried >= ROUND_ITEMS:
+                continue  # a full round: more are probably due
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
     def deliver_due(self) -> int:
-        """Try every due item once, one association per destination; returns items tried."""
-        rows = self.store.claim_deliveries(self.owner, self.claim_s)
+        """Try up to :data:`ROUND_ITEMS` due items once, one association per destination;
+        returns the items tried."""
+        rows = self.store.claim_deliveries(self.owner, self.claim_s, limit=ROUND_ITEMS)
         by_destination: dict[str, list[OutboxItem]] = {}
         for row in rows:
             by_destination.setdefault(row.destination, []).append(row)
@@ -241,10 +248,12 @@ class Dispatcher:
 
     @property
     def claim_s(self) -> float:
-        """How long a round's claim lasts: its sends cannot take longer (each association is
-        bounded by the network and DIMSE timeouts), so it only lapses when this process died."""
+        """How long a round's claim lasts: longer than its sends can take (at most
+        :data:`ROUND_ITEMS` C-STOREs, each bounded by the association, network and DIMSE
+        timeouts), so it lapses only when this dispatcher died."""
         node = self.settings.node
-        return max(600.0, 4 * (node.acse_timeout + node.network_timeout + node.dimse_timeout))
+        per_item = node.acse_timeout + node.network_timeout + node.dimse_timeout
+        return max(600.0, ROUND_ITEMS * per_item)
 
     def _record(self, item: OutboxItem, attempt: Attempt) -> None:
         now = utcnow()

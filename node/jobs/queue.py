@@ -14,8 +14,10 @@ pointer) and the lease refuses the dead attempt's writes.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 from node.core.logging import get_logger
@@ -67,15 +69,49 @@ def serve_jobs(
         "listen_notify": True,
         "fetch_job_polling_interval": POLL_S,
         "delete_jobs": "always",  # a pointer is worth nothing once its job was claimed
-        "install_signal_handlers": True,
+        "install_signal_handlers": False,  # ours: a signal is the only way this loop ends
         "update_heartbeat_interval": settings.cluster.heartbeat_s,
         "stalled_worker_timeout": settings.cluster.stall_timeout_s,
     }
-    while not stop.is_set():
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(keep_working(app, options, stop.is_set, "job queue"))
+
+    def _stop() -> None:
+        # procrastinate turns the cancellation into a graceful stop: the job in hand finishes.
+        log.info("worker stopping")
+        stop.set()
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _stop)
+    try:
+        loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        loop.close()
+
+
+async def keep_working(
+    app: Any, options: dict[str, Any], stopping: Callable[[], bool], what: str
+) -> None:
+    """Run procrastinate's worker until ``stopping()``; start it again whenever it ends.
+
+    procrastinate's worker also ends by itself, returning normally, when one of its side tasks
+    fails (the listener after a database outage, its heartbeat, the periodic deferrer): a
+    worker that stayed down would leave the cluster without its sweeps or this host's GPU.
+    """
+    while True:
         try:
-            app.run_worker(**options)
-            return  # SIGTERM or SIGINT: procrastinate finished the job in hand
+            async with app.open_async():
+                await app.run_worker_async(**options)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
-            # The database went away under the queue's connections: wait and start again.
-            log.warning("job queue connection lost; reconnecting", error=type(exc).__name__)
-            time.sleep(RECONNECT_S)
+            log.warning(f"{what} stopped on an error; starting again", error=type(exc).__name__)
+        else:
+            if not stopping():
+                log.warning(f"{what} stopped by itself; starting again")
+        if stopping():
+            return
+        await asyncio.sleep(RECONNECT_S)

@@ -480,7 +480,9 @@ def run_demo(
         result: Result | None = latest.result if latest is not None else None
         result_json = None
         if latest is not None:
-            folder = results_folder(settings, written.study_instance_uid, latest.job_id)
+            folder = results_folder(
+                settings, written.study_instance_uid, latest.job_id, latest.attempt
+            )
             result_json = folder / "result.json"
         out.print(
             _result_table(result, str(study.state), written.phantom.truth, result_json, pacs, keep)

@@ -24,8 +24,6 @@ log = get_logger("node.serve.periodic")
 
 #: procrastinate queue of the receivers' periodic work (workers never listen to it).
 PERIODIC_QUEUE = "mvi-periodic"
-#: Pause before the periodic worker starts again after it stopped on an error.
-RESTART_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,7 @@ class ClusterTimers:
         # Every procrastinate worker of the cluster prunes the workers whose heartbeat is older
         # than its stall timeout: these must be the cluster's, or a `mvi-node worker` starting
         # would prune this one while it runs (and it would stop on the dangling worker id).
+        self._stopping = threading.Event()
         self._options: dict[str, Any] = {
             "queues": [PERIODIC_QUEUE],
             "concurrency": 1,
@@ -112,21 +111,13 @@ class ClusterTimers:
         loop = asyncio.new_event_loop()
         self._loop = loop
 
-        async def main() -> None:
-            while True:
-                try:
-                    async with self.app.open_async():
-                        await self.app.run_worker_async(**self._options)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # The database went away, or this worker's row was pruned meanwhile:
-                    # start again (a new row) after a pause; the ticks wait in the database.
-                    log.warning("cluster timers restarting", error=type(exc).__name__)
-                    await asyncio.sleep(RESTART_S)
+        from node.jobs.queue import keep_working
 
-        self._main = loop.create_task(main())
+        # The database went away, or this worker's row was pruned meanwhile: keep_working
+        # starts it again (a new row); the ticks wait in the database.
+        self._main = loop.create_task(
+            keep_working(self.app, self._options, self._stopping.is_set, "cluster timers")
+        )
         self._started.set()
         try:
             loop.run_until_complete(self._main)
@@ -140,8 +131,13 @@ class ClusterTimers:
         self._thread.start()
         self._started.wait(10)
 
+    def alive(self) -> bool:
+        """Whether the periodic worker's thread runs (the receiver's watchdog asks)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the task in hand (procrastinate's graceful stop on cancellation)."""
+        self._stopping.set()
         loop, main = self._loop, self._main
         if loop is not None and main is not None and not loop.is_closed():
             loop.call_soon_threadsafe(main.cancel)

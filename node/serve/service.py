@@ -109,7 +109,7 @@ def schedule_periodic(
     from apscheduler.triggers.cron import CronTrigger
 
     work = periodic_work(settings, store, spool_root)
-    if settings.database.url:
+    if settings.shared_database:
         timers = ClusterTimers(
             settings.database_url,
             work,
@@ -160,7 +160,7 @@ def start_node(settings: Settings) -> Node:
     # Jobs a crash of this host left running. A shared database: only this host's (the other
     # hosts' workers may be alive; the stalled-job sweep looks after the dead ones).
     requeued = store.requeue_interrupted(
-        host=socket.gethostname() if settings.database.url else None
+        host=socket.gethostname() if settings.shared_database else None
     )
     # This host's dispatcher before the restart is gone: its claims on outbox rows lapse now.
     store.release_deliveries(socket.gethostname())
@@ -174,7 +174,7 @@ def start_node(settings: Settings) -> Node:
     scheduler.start()
     restored = assembler.restore()
     cluster = settings.cluster
-    if settings.database.url:
+    if settings.shared_database:
         # A shared database: studies another receiver left without a timer get completed here.
         scheduler.add_job(
             assembler.sweep,
@@ -258,7 +258,8 @@ def serve(settings: Settings) -> None:
     try:
         while not stop.wait(interval or 1.0):
             workers_ok = node.workers.count == 0 or node.workers.alive() > 0
-            if interval and node.scheduler.running and workers_ok:
+            timers_ok = node.timers is None or node.timers.alive()
+            if interval and node.scheduler.running and workers_ok and timers_ok:
                 sd_notify("WATCHDOG=1")
     finally:
         sd_notify("STOPPING=1")

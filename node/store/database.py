@@ -197,11 +197,14 @@ def _queue_job(
     previous = conn.execute(
         select(func.max(jobs.c.id)).where(jobs.c.study_uid == study_uid)
     ).scalar()
-    conn.execute(
+    superseded = conn.execute(
         update(jobs)
         .where(jobs.c.study_uid == study_uid, jobs.c.state == "queued")
         .values(state="superseded", finished_at=now, reason="a newer job replaced it")
-    )
+        .returning(jobs.c.id)
+    ).scalars()
+    for job_id in list(superseded):
+        retire(conn, job_id)  # its wake-up would claim nothing
     inserted = conn.execute(
         insert(jobs).values(
             study_uid=study_uid,
@@ -803,6 +806,8 @@ class Store:
                 .where(jobs.c.id == job_id, jobs.c.state == "queued")
                 .values(state="cancelled", finished_at=utcnow(), reason="cancelled by operator")
             ).rowcount
+            if count:
+                retire(conn, job_id)
         return bool(count)
 
     def list_jobs(

@@ -31,8 +31,21 @@ def conninfo(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def require_procrastinate() -> None:
+    """Refuse, in one line, a PostgreSQL store without the cluster extra installed."""
+    try:
+        import procrastinate  # noqa: F401
+    except ImportError:
+        from node.core.errors import ConfigurationError
+
+        raise ConfigurationError(
+            "a PostgreSQL database.url needs the cluster extra: pip install 'mvi-node[cluster]'"
+        ) from None
+
+
 @cache
 def _app() -> procrastinate.App:
+    require_procrastinate()
     import procrastinate
 
     # Deferring on a caller's connection needs no pool: the connector is never opened here.

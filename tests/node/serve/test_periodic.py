@@ -52,3 +52,31 @@ def test_two_receivers_run_each_tick_once(postgres_database: str) -> None:
     assert len(ticks) >= 3, "a tick per second, whichever receiver ran it"
     assert len(ticks) == len(set(ticks)), f"a tick ran twice: {sorted(ticks)}"
     assert len(calls) == len(ticks)
+
+
+def test_the_timers_come_back_after_the_database_link_was_cut(postgres_database: str) -> None:
+    """procrastinate's worker ends by itself when its listener loses the database; the
+    receiver's timers start it again, so the sweeps do not stop for good after an outage."""
+    from sqlalchemy.engine import make_url
+
+    from tests.netproxy import cuttable_proxy
+
+    Store(postgres_database).close()
+    database = make_url(postgres_database)
+    with cuttable_proxy((database.host or "127.0.0.1", database.port or 5432)) as proxy:
+        url = database.set(port=proxy.port).render_as_string(hide_password=False)
+        timers = ClusterTimers(
+            url, [Periodic("test.tick", "* * * * * */1", lambda: None)], heartbeat_s=1.0
+        )
+        timers.start()
+        time.sleep(3.0)
+        proxy.cut()
+        time.sleep(5.0)
+        proxy.restore()
+        back = time.time()
+        time.sleep(8.0)
+        after = [tick for name, tick in timers.ran if name == "test.tick" and tick > back + 1]
+        alive = timers.alive()
+        timers.stop()
+    assert alive, "the timers' thread ended"
+    assert after, "no tick ran after the link came back"

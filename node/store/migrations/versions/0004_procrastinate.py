@@ -25,6 +25,9 @@ depends_on = None
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
+    from node.store.queue import require_procrastinate
+
+    require_procrastinate()
     from procrastinate.schema import SchemaManager
 
     op.execute(SchemaManager.get_schema())
