@@ -64,15 +64,13 @@ def _stub(seconds: float) -> Callable[[Sequence[Job]], list[JobOutcome | Excepti
 
 def _worker(data: dict[str, Any], stub_s: float | None) -> None:
     """One `mvi-node worker` process: procrastinate's worker over the node's job rows."""
-    import threading
-
     from node.jobs.queue import serve_jobs
 
     configure_logging("warning")
     settings = Settings.model_validate(data)
     store = Store(settings.database_url, schema="check")
     run_batch = _stub(stub_s) if stub_s is not None else None
-    serve_jobs(store, settings, settings.pipeline.device, threading.Event(), run_batch)
+    serve_jobs(store, settings, settings.pipeline.device, run_batch)
     store.close()
 
 

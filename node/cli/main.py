@@ -271,8 +271,6 @@ def worker(
     A host runs one per GPU (systemd/mvi-node-worker@.service, instance = device), or a few on
     CPU. The receiving host's `serve` (cluster.role = receiver or all) queues the jobs.
     """
-    import signal
-    import threading
 
     from node.jobs.queue import serve_jobs
     from node.store.database import SchemaError, Store
@@ -291,20 +289,11 @@ def worker(
         store = Store(settings.database_url, schema="check")
     except SchemaError as exc:
         raise fail(exc.line(config_path_from_env(config))) from None
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        # The batch in hand finishes and is recorded; no new job is claimed.
-        get_logger("node.jobs.runner").info("worker stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     get_logger("node.jobs.runner").info(
         "worker started", device=settings.pipeline.device, role=settings.cluster.role
     )
     try:
-        serve_jobs(store, settings, settings.pipeline.device, stop)
+        serve_jobs(store, settings, settings.pipeline.device)
     finally:
         store.close()
 

@@ -39,10 +39,10 @@ def serve_jobs(
     store: Store,
     settings: Settings,
     device: str,
-    stop: threading.Event,
     run_batch: BatchRunner | None = None,
 ) -> None:
-    """Run jobs as their pointers arrive until SIGTERM (the batch in hand finishes first).
+    """Run jobs as their pointers arrive until SIGTERM or SIGINT (the batch in hand finishes
+    first; this function owns both signals while it runs).
 
     ``run_batch``: a stand-in for the pipeline (bench/cluster.py).
     """
@@ -73,6 +73,7 @@ def serve_jobs(
         "update_heartbeat_interval": settings.cluster.heartbeat_s,
         "stalled_worker_timeout": settings.cluster.stall_timeout_s,
     }
+    stop = threading.Event()
     loop = asyncio.new_event_loop()
     task = loop.create_task(keep_working(app, options, stop.is_set, "job queue"))
 
