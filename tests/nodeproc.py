@@ -143,6 +143,8 @@ def node_settings(
         # The pre-flight's model load has its own tests; here it would add seconds to each start.
         "pipeline": {"workers": 1, "device": "cpu", "load_models_at_start": False, **tiny_models()},
         "gates": {"enabled": False},
+        # The console has its own tests (tests/node/web); two test nodes would want one port.
+        "web": {"enabled": False},
     }
     for section, values in (extra or {}).items():
         if isinstance(values, Mapping) and isinstance(data.get(section), dict):

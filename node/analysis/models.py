@@ -136,14 +136,15 @@ class Models:
         if self._segmenter is None:
             from model.segmentation import UNetSegmenter
 
+            folder = None
             try:
-                self._segmenter = UNetSegmenter.from_checkpoint(
-                    segmenter_dir(self.settings), device=self.device
-                )
+                folder = segmenter_dir(self.settings)
+                self._segmenter = UNetSegmenter.from_checkpoint(folder, device=self.device)
             except Exception as exc:
-                record_model_load(self.settings, "segmenter", f"{type(exc).__name__}: {exc}")
+                problem = f"{type(exc).__name__}: {exc}"
+                record_model_load(self.settings, "segmenter", problem, folder)
                 raise
-            record_model_load(self.settings, "segmenter", None)
+            record_model_load(self.settings, "segmenter", None, folder)
         return self._segmenter
 
     def segmenter_card(self) -> dict[str, Any] | None:
@@ -169,12 +170,15 @@ class Models:
         if self._fusion is None:
             from model.inference import FusionModel
 
+            folder = None
             try:
-                self._fusion = FusionModel.load(fusion_dir(self.settings), device=self.device)
+                folder = fusion_dir(self.settings)
+                self._fusion = FusionModel.load(folder, device=self.device)
             except Exception as exc:
-                record_model_load(self.settings, "MVI model", f"{type(exc).__name__}: {exc}")
+                problem = f"{type(exc).__name__}: {exc}"
+                record_model_load(self.settings, "MVI model", problem, folder)
                 raise
-            record_model_load(self.settings, "MVI model", None)
+            record_model_load(self.settings, "MVI model", None, folder)
         return self._fusion
 
     def on_cpu(self) -> Models:
@@ -186,8 +190,11 @@ class Models:
 MODEL_STATUS_FILE = "model-loads.json"
 
 
-def record_model_load(settings: Settings, model_name: str, problem: str | None) -> None:
-    """Record a worker's load of one model (``problem`` None: it loaded) for ``/healthz``.
+def record_model_load(
+    settings: Settings, model_name: str, problem: str | None, folder: Path | None = None
+) -> None:
+    """Record a worker's load of one model (``problem`` None: it loaded) for ``/healthz``, and
+    its checkpoint folder for the console's model cards (read there without torch).
 
     Best effort: the job's own outcome says what happened to it; this file only tells the
     monitoring, so a write error is ignored.
@@ -209,6 +216,7 @@ def record_model_load(settings: Settings, model_name: str, problem: str | None) 
         "detail": problem or "loaded",
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "worker_pid": os.getpid(),
+        "folder": str(folder) if folder is not None else None,
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:

@@ -10,6 +10,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -67,6 +68,10 @@ results_app = typer.Typer(
 app.add_typer(results_app, name="results")
 db_app = typer.Typer(help="The node's database.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(
+    help="Accounts of the web console.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(users_app, name="users")
 
 ConfigOption = Annotated[
     Path | None,
@@ -544,6 +549,103 @@ def _series_named(name: str, option: str, candidates: list[Series], study_uid: s
         f"{option} {wanted!r} {problem} {study_key(study_uid)}; its CT series are: "
         f"{listed or 'none'} (give a series number, key or UID)"
     )
+
+
+#: A console account's name: what a reverse proxy's header or a login form may carry.
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+MIN_PASSWORD = 10
+
+
+def _new_password(name: str) -> str:
+    """A new password: prompted twice on a terminal, else the first line of standard input."""
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            raise fail("the two passwords differ; nothing changed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        raise fail(f"the password needs at least {MIN_PASSWORD} characters; nothing changed")
+    return password
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, . _ @ -).")],
+    role: Annotated[
+        str, typer.Option(help="viewer (reads), operator (also acts), admin (also the audit log).")
+    ] = "viewer",
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Give an existing account this role and password.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Add a console account; the password is prompted for (or read from standard input)."""
+    from node.store.accounts import ROLES
+    from node.store.database import SchemaError, Store, database_file
+    from node.web.auth import hash_password
+
+    settings = _settings(config)
+    if not USER_NAME.fullmatch(name):
+        raise fail(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
+    if role not in ROLES:
+        raise fail(f"--role {role!r}: one of {', '.join(ROLES)}")
+    # Before the first `serve` too: the embedded database is created as serve would create it.
+    try:
+        store = Store(settings.database_url, schema="check" if settings.database.url else "upgrade")
+    except SchemaError as exc:
+        raise fail(exc.line(config_path_from_env(config))) from None
+    accounts = store.accounts()
+    if accounts.user(name) is not None and not replace:
+        raise fail(f"account {name!r} exists; --replace gives it a new role and password")
+    created = accounts.save_user(name, role, hash_password(_new_password(name)))
+    where = database_file(settings.database_url) or settings.database_url.split("@")[-1]
+    accounts.log(
+        "account_added" if created else "account_replaced",
+        "ok",
+        user_name=None,
+        role=None,
+        client="cli",
+        target=name,
+        detail={"role": role},
+    )
+    out.print(
+        f"account {name} ({role}) {'added' if created else 'replaced'} in {where}",
+        markup=False,
+        highlight=False,
+    )
+
+
+@users_app.command("list")
+def users_list(config: ConfigOption = None) -> None:
+    """The console's accounts and their roles."""
+    settings = _settings(config)
+    table = Table(title="console accounts")
+    for column in ("name", "role", "created", "password changed"):
+        table.add_column(column)
+    for account in _store(settings, config).accounts().list_users():
+        table.add_row(
+            account.name,
+            account.role,
+            _when(account.created_at),
+            _when(account.password_changed_at),
+        )
+    out.print(table)
+
+
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="User name.")], config: ConfigOption = None
+) -> None:
+    """Delete a console account and end its logins."""
+    settings = _settings(config)
+    accounts = _store(settings, config).accounts()
+    if not accounts.remove_user(name):
+        raise fail(f"no account {name!r}", code=1)
+    accounts.log("account_removed", "ok", user_name=None, role=None, client="cli", target=name)
+    out.print(f"account {name} removed", markup=False, highlight=False)
 
 
 @jobs_app.command("list")

@@ -389,6 +389,78 @@ class ClusterSection(_Section):
     heartbeat_s: PositiveSeconds = 10.0
 
 
+#: The console's roles, least to most: viewer reads, operator also acts, admin also reads the
+#: audit log of actions.
+WebRole = Literal["viewer", "operator", "admin"]
+
+
+class WebSection(_Section):
+    """``[web]``: the operator console (docs/console.md), a process of its own under `serve`."""
+
+    enabled: bool = True
+    # Loopback unless a site opens it (or puts a TLS reverse proxy in front).
+    host: str = "127.0.0.1"
+    port: Port = 8470
+    #: HTTPS served by the console itself (both or neither); else plain HTTP on ``host``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: A link from each study page to a viewer, e.g.
+    #: ``https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}``.
+    viewer_url: str | None = None
+    #: Single sign-on: a reverse proxy names the logged-in user in this header (e.g.
+    #: ``X-Remote-User``); believed only from ``trusted_proxies``. The user must be a local
+    #: account, whose role applies.
+    trusted_user_header: str | None = None
+    #: Addresses or networks (``10.0.0.5``, ``10.0.0.0/24``) allowed to set that header.
+    trusted_proxies: list[str] = []
+    #: Roles that see patient name and ID; the others see study keys only.
+    show_identifiers_to: list[WebRole] = ["operator", "admin"]
+    #: A login lasts this long without use.
+    session_idle_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
+    #: Failed logins allowed per user name and per client address within ``login_window_s``.
+    login_attempts: int = Field(default=5, ge=1, le=100)
+    login_window_s: PositiveSeconds = 300.0
+    #: The login cookie's Secure flag; browsers keep such cookies from https and loopback only.
+    secure_cookies: bool = True
+    #: Where `mvi-node audit` reports (``*/report.html``) are listed from; default
+    #: ``data_dir/reports``.
+    reports_dir: Path | None = None
+
+    _none = field_validator(
+        "tls_cert", "tls_key", "viewer_url", "trusted_user_header", "reports_dir", mode="before"
+    )(_empty_to_none)
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "{study_uid}" not in value:
+            raise ValueError("needs {study_uid} where the study's UID goes")
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("an http:// or https:// URL")
+        return value
+
+    @field_validator("trusted_user_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9-]+", value):
+            raise ValueError("an HTTP header name: letters, digits and '-'")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or network") from None
+        return value
+
+
 class Settings(BaseSettings):
     """The node's whole configuration; build it with :func:`load_settings`."""
 
@@ -415,6 +487,7 @@ class Settings(BaseSettings):
     metrics: MetricsSection = MetricsSection()
     database: DatabaseSection = DatabaseSection()
     cluster: ClusterSection = ClusterSection()
+    web: WebSection = WebSection()
 
     @classmethod
     def settings_customise_sources(
@@ -610,6 +683,18 @@ def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
             "cluster.role",
             repr(role),
             'hosts share work through PostgreSQL: set database.url = "postgresql+psycopg://…"',
+        )
+    web = data.get("web")
+    web = web if isinstance(web, Mapping) else {}
+    given = {key for key in ("tls_cert", "tls_key") if web.get(key)}
+    if len(given) == 1:
+        missing = ({"tls_cert", "tls_key"} - given).pop()
+        yield Problem(f"web.{missing}", "-", "HTTPS needs both tls_cert and tls_key")
+    if web.get("trusted_user_header") and not web.get("trusted_proxies"):
+        yield Problem(
+            "web.trusted_user_header",
+            repr(web.get("trusted_user_header")),
+            "needs web.trusted_proxies: the addresses of the proxy that sets it",
         )
     beat, stall = cluster.get("heartbeat_s"), cluster.get("stall_timeout_s")
     if isinstance(beat, int | float) and isinstance(stall, int | float) and beat * 3 > stall:

@@ -70,7 +70,7 @@ class JobOutcome:
     portal_venous_uid: str | None = None
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -378,7 +378,7 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
     ``log_queue`` is the parent's log-file queue (``node.log_file``): the parent alone writes
     and rotates the file.
     """
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     settings = Settings.model_validate(settings_data)
     configure_logging(settings.node.log_level, forward_to=log_queue)

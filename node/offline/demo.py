@@ -291,6 +291,8 @@ def _node_settings(data_dir: Path, pacs_port: int, seg_dir: Path, model_dir: Pat
                 "model_dir": str(model_dir),
             },
             "results": {"destinations": ["pacs"]},
+            # The demo ends when its study is back; no console to log in to.
+            "web": {"enabled": False},
         }
     )
 

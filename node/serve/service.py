@@ -29,6 +29,7 @@ from node.receive.receiver import ReceiverState, start_receiver
 from node.receive.spool import remove_files
 from node.serve.periodic import ClusterTimers, Periodic, seconds_cron
 from node.store.database import Store, utcnow
+from node.web.process import Console, console_url
 
 log = get_logger("node.serve.service")
 
@@ -47,6 +48,7 @@ class Node:
     dispatcher: Dispatcher
     metrics_server: Any = None
     timers: ClusterTimers | None = None
+    console: Console | None = None
 
     @property
     def spool_root(self) -> Path:
@@ -204,6 +206,10 @@ def start_node(settings: Settings) -> Node:
         metrics_server = start_metrics_server(
             settings.metrics.host, settings.metrics.port, build_registry(receiver, store), checks
         )
+    console = None
+    if settings.web.enabled:
+        console = Console(settings)
+        console.start()
     log.info(
         "node started",
         data_dir=str(data_dir),
@@ -211,6 +217,7 @@ def start_node(settings: Settings) -> Node:
         timers_restored=restored,
         role=cluster.role,
         workers=workers.count,
+        console=console_url(settings) if console is not None else None,
     )
     return Node(
         settings,
@@ -223,6 +230,7 @@ def start_node(settings: Settings) -> Node:
         dispatcher,
         metrics_server,
         timers,
+        console,
     )
 
 
@@ -231,6 +239,8 @@ def stop_node(node: Node) -> None:
     node.server.shutdown()
     if node.metrics_server is not None:
         node.metrics_server.shutdown()
+    if node.console is not None:
+        node.console.stop()
     node.workers.stop()
     node.dispatcher.stop()
     if node.timers is not None:

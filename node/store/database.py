@@ -36,6 +36,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
 from node.analysis.result import Result
+from node.store.accounts import Accounts
 from node.store.engine import make_engine, sqlite_path
 from node.store.migrate import SchemaError, SchemaMode, ensure
 from node.store.queue import announce, retire, unannounced
@@ -267,6 +268,10 @@ class Store:
         """Release the connection pool."""
         self._engine.dispose()
 
+    def accounts(self) -> Accounts:
+        """The console's accounts, logins and audit log (node.web), on this store's engine."""
+        return Accounts(self._engine)
+
     # -- instances ---------------------------------------------------------------------------
 
     def instance_sha256(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str | None:
@@ -477,6 +482,29 @@ class Store:
                 select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
             )
             return [from_row(Study, row._mapping) for row in rows]
+
+    def search_studies(
+        self,
+        *,
+        states: Sequence[str] = (),
+        reason: str | None = None,
+        received_since: dt.datetime | None = None,
+        received_until: dt.datetime | None = None,
+        limit: int = 100,
+    ) -> list[Study]:
+        """Studies by state, words of their reason (case-insensitive) and when they last
+        received an instance (``received_until`` exclusive); the newest first."""
+        query = select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
+        if states:
+            query = query.where(studies.c.state.in_(list(states)))
+        if reason:
+            query = query.where(func.lower(studies.c.reason).contains(reason.lower()))
+        if received_since is not None:
+            query = query.where(studies.c.last_received_at >= received_since)
+        if received_until is not None:
+            query = query.where(studies.c.last_received_at < received_until)
+        with self._engine.connect() as conn:
+            return [from_row(Study, row._mapping) for row in conn.execute(query)]
 
     def studies_in_state(self, *states: str) -> list[str]:
         """UIDs of the studies in any of ``states``."""
@@ -1070,11 +1098,16 @@ class Store:
         with self._engine.begin() as conn:
             return bool(conn.execute(query.values(**values)).rowcount == 1)
 
-    def list_outbox(self, *, include_sent: bool = False, limit: int = 200) -> list[OutboxItem]:
-        """Outbox items, newest first (pending and failed unless ``include_sent``)."""
+    def list_outbox(
+        self, *, include_sent: bool = False, limit: int = 200, study_uid: str | None = None
+    ) -> list[OutboxItem]:
+        """Outbox items, newest first (pending and failed unless ``include_sent``; of one study
+        with ``study_uid``)."""
         query = select(outbox).order_by(outbox.c.id.desc()).limit(limit)
         if not include_sent:
             query = query.where(outbox.c.state != OUTBOX_SENT)
+        if study_uid is not None:
+            query = query.where(outbox.c.study_uid == study_uid)
         with self._engine.connect() as conn:
             return [from_row(OutboxItem, row._mapping) for row in conn.execute(query)]
 
@@ -1147,6 +1180,14 @@ class Store:
                     .where(studies.c.study_uid == study_uid)
                     .values(priority=PRIORITY_LIVE)
                 )
+
+    def retrospective_rows(self, limit: int = 500) -> list[RetrospectiveRow]:
+        """The studies re-queries asked for, the most recently updated first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(retrospective).order_by(retrospective.c.updated_at.desc()).limit(limit)
+            )
+            return [from_row(RetrospectiveRow, row._mapping) for row in rows]
 
     def retrospective_row(self, study_uid: str) -> RetrospectiveRow | None:
         """The re-query's record of a study, or None."""

@@ -64,7 +64,7 @@ SchemaMode = Literal["check", "create", "upgrade"]
 
 #: The newest revision of node/store/migrations/versions (a test keeps the two equal). A
 #: constant so that opening a store (every CLI command, every worker) does not import Alembic.
-HEAD = "0004"
+HEAD = "0005"
 #: The revision a database of the release before migrations (schema_version 1) is stamped with.
 BASELINE = "0001"
 

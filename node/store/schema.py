@@ -265,3 +265,44 @@ retrospective = Table(
     Column("requested_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
 )
+
+# -- the operator console (node.web) ---------------------------------------------------------
+
+#: Local accounts of the console; the password only as its argon2 hash.
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("password_changed_at", UTCDateTime, nullable=False),
+)
+
+#: Console logins. The cookie carries the token; the database only its SHA-256, so a copy of the
+#: database opens no session.
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    Column("user_name", String(64), ForeignKey("users.name"), nullable=False, index=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("client", String(64)),
+)
+
+#: Who did what when in the console: logins, failed logins, reprocess, cancel, retry, refusals.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False, index=True),
+    Column("user_name", String(64)),
+    Column("role", String(16)),
+    Column("client", String(64)),
+    Column("action", String(32), nullable=False),
+    # A study key, job id or outbox ids: never an identifier of the patient.
+    Column("target", String(128)),
+    Column("outcome", String(16), nullable=False),
+    Column("detail", JSON),
+)

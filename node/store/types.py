@@ -214,6 +214,31 @@ class StoreSnapshot:
     retrospective_by_state: dict[str, int]
 
 
+@dataclass(frozen=True)
+class Account:
+    """A console account (node.web): its name and role; the hash stays in the store."""
+
+    name: str
+    role: str
+    created_at: dt.datetime
+    password_changed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of the console's audit log: who did what when, and how it ended."""
+
+    id: int
+    at: dt.datetime
+    user_name: str | None
+    role: str | None
+    client: str | None
+    action: str
+    target: str | None
+    outcome: str
+    detail: dict[str, Any] | None
+
+
 Row = TypeVar("Row")
 
 
