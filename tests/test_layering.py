@@ -20,9 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Modules of the receiving side: what `mvi-node serve` loads before a worker starts, and the CLI.
+#: Modules of the receiving side: what `mvi-node serve` loads before a worker starts, the CLI,
+#: and the console's process (it runs beside the receiver, on hosts without a GPU too).
 RECEIVING_SIDE = sorted(
     [f"node.receive.{p.stem}" for p in (ROOT / "node" / "receive").glob("*.py")]
+    + [f"node.web.{p.stem}" for p in (ROOT / "node" / "web").glob("*.py")]
     + ["node.serve.service", "node.serve.metrics", "node.cli.main"]
 )
 #: procrastinate: only `mvi-node worker` and a PostgreSQL store's deferrals import it.

@@ -417,7 +417,8 @@ class WebSection(_Section):
     show_identifiers_to: list[WebRole] = ["operator", "admin"]
     #: A login lasts this long without use.
     session_idle_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
-    #: Failed logins allowed per user name and per client address within ``login_window_s``.
+    #: Failed logins allowed per user name (four times as many per client address) within
+    #: ``login_window_s``.
     login_attempts: int = Field(default=5, ge=1, le=100)
     login_window_s: PositiveSeconds = 300.0
     #: The login cookie's Secure flag; browsers keep such cookies from https and loopback only.

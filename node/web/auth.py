@@ -12,7 +12,8 @@
   the Origin header when the browser sends one. Nothing server-side to keep in step across
   several consoles.
 - Failed logins are counted per user name and per client address in this process (the console
-  is one process); past ``web.login_attempts`` within ``web.login_window_s`` the answer is 429.
+  is one process): past ``web.login_attempts`` for a name, or four times that for an address
+  (a reading room behind one NAT), within ``web.login_window_s``, the answer is 429.
 """
 
 from __future__ import annotations
@@ -132,8 +133,13 @@ def from_trusted_proxy(client: str | None, proxies: Iterable[str]) -> bool:
     return any(address in ipaddress.ip_network(net, strict=False) for net in proxies)
 
 
+#: How many more failures an address may have than a user name.
+ADDRESS_FACTOR = 4
+
+
 class LoginLimiter:
-    """Failed logins per key (a user name, a client address) within a sliding window."""
+    """Failed logins per user name (``user:NAME``) and per address (``client:ADDRESS``, with
+    :data:`ADDRESS_FACTOR` times the attempts) within a sliding window."""
 
     def __init__(self, attempts: int, window_s: float) -> None:
         self.attempts = attempts
@@ -148,7 +154,8 @@ class LoginLimiter:
         with self._lock:
             for key in keys:
                 times = self._recent(key, now)
-                if len(times) >= self.attempts:
+                limit = self.attempts * (ADDRESS_FACTOR if key.startswith("client:") else 1)
+                if len(times) >= limit:
                     wait = max(wait, times[0] + self.window_s - now)
         return max(1, int(wait + 0.999)) if wait > 0 else None
 

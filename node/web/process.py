@@ -34,6 +34,7 @@ def console_main(settings_data: dict[str, Any], parent_pid: int, queue: Any = No
     from node.web.app import create_app
 
     die_with_parent(parent_pid)
+    set_process_name(PROCESS_NAME)
     # Out of the terminal's process group: a Ctrl-C reaches `serve`, which stops this process
     # itself (uvicorn would otherwise catch it first and the monitor would see a death).
     os.setpgid(0, 0)
@@ -58,6 +59,22 @@ def console_main(settings_data: dict[str, Any], parent_pid: int, queue: Any = No
     log.info("console listening", url=console_url(settings))
     uvicorn.Server(config).run()
     store.close()
+
+
+#: The console process's name in ps/top (/proc/PID/comm: 15 characters at most).
+PROCESS_NAME = "mvi-node-web"
+
+
+def set_process_name(name: str) -> None:
+    """Name this process for ps and top (Linux; elsewhere nothing happens)."""
+    import contextlib
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 def console_url(settings: Settings) -> str:

@@ -438,18 +438,36 @@ def _sr_value(item: Any) -> str:
     return ""
 
 
+#: Containers shown as a count: the image library lists every source slice (TID 1600).
+SUMMARISED = {"Image Library"}
+
+
 def _sr_items(sequence: Any, depth: int = 0) -> list[dict[str, Any]]:
     if depth > 20:  # a loop of references cannot happen in a tree; a hostile file could nest
         return []
-    return [
-        {
-            "relationship": str(item.get("RelationshipType", "")),
-            "name": _meaning(item.get("ConceptNameCodeSequence")),
-            "value": _sr_value(item),
-            "children": _sr_items(item.get("ContentSequence") or [], depth + 1),
-        }
-        for item in sequence
-    ]
+    items = []
+    for item in sequence:
+        name = _meaning(item.get("ConceptNameCodeSequence"))
+        children = _sr_items(item.get("ContentSequence") or [], depth + 1)
+        value = _sr_value(item)
+        if name in SUMMARISED:
+            value, children = f"{_count_images(children)} images (not listed)", []
+        items.append(
+            {
+                "relationship": str(item.get("RelationshipType", "")),
+                "name": name,
+                "value": value,
+                "children": children,
+            }
+        )
+    return items
+
+
+def _count_images(items: list[dict[str, Any]]) -> int:
+    return sum(
+        (1 if item["value"].startswith("image") else 0) + _count_images(item["children"])
+        for item in items
+    )
 
 
 # -- re-query, reports, audit log ------------------------------------------------------------

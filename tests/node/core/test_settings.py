@@ -227,3 +227,26 @@ def test_cluster_roles_need_postgresql_and_heartbeats_well_inside_the_stall_time
         write(tmp_path, f'[database]\nurl = "{url}"\n[cluster]\nrole = "receiver"\n')
     )
     assert settings.cluster.role == "receiver"
+
+
+def test_the_console_settings_are_checked(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, '[web]\nviewer_url = "https://ohif.example.org/viewer"\n')
+    assert line.startswith("web.viewer_url = ") and "{study_uid}" in line
+    (line,) = problems(tmp_path, '[web]\nviewer_url = "javascript:alert({study_uid})"\n')
+    assert "http:// or https://" in line
+    (line,) = problems(tmp_path, '[web]\ntrusted_user_header = "X-Remote-User"\n')
+    assert line.startswith("web.trusted_user_header = 'X-Remote-User': needs web.trusted_proxies")
+    (line,) = problems(tmp_path, '[web]\ntrusted_proxies = ["10.0.0.0/33"]\n')
+    assert line.startswith("web.trusted_proxies = ") and "not an address or network" in line
+    (line,) = problems(tmp_path, '[web]\nshow_identifiers_to = ["radiologist"]\n')
+    assert line.startswith("web.show_identifiers_to.0 = 'radiologist': Input should be")
+    (line,) = problems(tmp_path, '[web]\ntls_cert = "/etc/ssl/console.pem"\n')
+    assert line.startswith("web.tls_key = -: HTTPS needs both")
+    settings = load_settings(
+        write(
+            tmp_path,
+            '[web]\ntrusted_user_header = "X-Remote-User"\ntrusted_proxies = ["10.0.0.5"]\n'
+            'viewer_url = "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}"\n',
+        )
+    )
+    assert settings.web.trusted_proxies == ["10.0.0.5"]
