@@ -522,6 +522,9 @@ def studies_reprocess(
             raise fail("--arterial and --portal-venous name the same series")
         forced = chosen
     job_id = store.reprocess(study_uid, forced)
+    _audit(
+        store, "reprocess", study_key(study_uid), {"job_id": job_id, "series_chosen": bool(forced)}
+    )
     out.print(f"job {job_id} queued for study {study_key(study_uid)}; `mvi-node serve` runs it")
 
 
@@ -548,6 +551,19 @@ def _series_named(name: str, option: str, candidates: list[Series], study_uid: s
     raise fail(
         f"{option} {wanted!r} {problem} {study_key(study_uid)}; its CT series are: "
         f"{listed or 'none'} (give a series number, key or UID)"
+    )
+
+
+def _audit(store: Store, action: str, target: str | None, detail: dict[str, Any]) -> None:
+    """Operator commands go into the console's audit log too, under the host account's name."""
+    import getpass
+
+    try:
+        user = f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        user = f"cli:uid {os.getuid()}"
+    store.accounts().log(
+        action, "ok", user_name=user[:64], role=None, client="cli", target=target, detail=detail
     )
 
 
@@ -602,15 +618,7 @@ def users_add(
         raise fail(f"account {name!r} exists; --replace gives it a new role and password")
     created = accounts.save_user(name, role, hash_password(_new_password(name)))
     where = database_file(settings.database_url) or settings.database_url.split("@")[-1]
-    accounts.log(
-        "account_added" if created else "account_replaced",
-        "ok",
-        user_name=None,
-        role=None,
-        client="cli",
-        target=name,
-        detail={"role": role},
-    )
+    _audit(store, "account_added" if created else "account_replaced", name, {"role": role})
     out.print(
         f"account {name} ({role}) {'added' if created else 'replaced'} in {where}",
         markup=False,
@@ -641,10 +649,10 @@ def users_remove(
 ) -> None:
     """Delete a console account and end its logins."""
     settings = _settings(config)
-    accounts = _store(settings, config).accounts()
-    if not accounts.remove_user(name):
+    store = _store(settings, config)
+    if not store.accounts().remove_user(name):
         raise fail(f"no account {name!r}", code=1)
-    accounts.log("account_removed", "ok", user_name=None, role=None, client="cli", target=name)
+    _audit(store, "account_removed", name, {})
     out.print(f"account {name} removed", markup=False, highlight=False)
 
 
@@ -677,8 +685,10 @@ def jobs_cancel(
 ) -> None:
     """Cancel a queued job (a running job finishes)."""
     settings = _settings(config)
-    if not _store(settings, config).cancel_job(job_id):
+    store = _store(settings, config)
+    if not store.cancel_job(job_id):
         raise fail(f"job {job_id} is not queued (only queued jobs can be cancelled)", code=1)
+    _audit(store, "cancel_job", f"job {job_id}", {"job_id": job_id})
     out.print(f"job {job_id} cancelled")
 
 
@@ -722,7 +732,9 @@ def outbox_retry(
     from node.deliver.outbox import retry_failed
 
     settings = _settings(config)
-    count = retry_failed(_store(settings, config), ids or ())
+    store = _store(settings, config)
+    count = retry_failed(store, ids or ())
+    _audit(store, "retry_outbox", None, {"outbox_ids": ids or "all failed", "count": count})
     out.print(f"{count} item(s) queued again")
 
 

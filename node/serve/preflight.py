@@ -47,7 +47,47 @@ def host_checks(settings: Settings) -> list[Check]:
     checks = [_data_folder(settings), *_tls(settings), *_model_folders(settings)]
     if settings.node.log_file is not None:
         checks.append(_log_file(settings.node.log_file))
+    if settings.web.enabled and settings.cluster.role != "worker":
+        checks.extend(_console(settings))
     return checks
+
+
+def _console(settings: Settings) -> list[Check]:
+    """The console's HTTPS files (fatal: it could never start) and its port (a warning: the
+    node receives without its console, which retries)."""
+    import socket
+    import ssl
+
+    web = settings.web
+    checks = []
+    if web.tls_cert is not None and web.tls_key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                web.tls_cert, web.tls_key
+            )
+        except (OSError, ssl.SSLError) as exc:
+            checks.append(
+                Check("console HTTPS", False, f"web.tls_cert/tls_key: {exc.strerror or exc}")
+            )
+        else:
+            checks.append(Check("console HTTPS", True, f"{web.tls_cert} and its key load"))
+    try:
+        family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((web.host, web.port))
+    except OSError as exc:
+        return [
+            *checks,
+            Check(
+                "console port",
+                False,
+                f"web.port {web.host}:{web.port}: {exc.strerror or exc}; the node receives "
+                "without its console until the port is free",
+                fatal=False,
+            ),
+        ]
+    return [*checks, Check("console port", True, f"{web.host}:{web.port} free")]
 
 
 def _log_file(path: Path) -> Check:

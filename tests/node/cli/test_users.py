@@ -97,3 +97,16 @@ def test_remove_deletes_an_account(tmp_path: Path) -> None:
 def test_list_without_a_node_says_so(tmp_path: Path) -> None:
     listed = users(config_in(tmp_path), "list")
     assert listed.returncode == 2 and "no database at" in listed.stderr
+
+
+def test_account_changes_are_in_the_audit_log_under_the_host_account(tmp_path: Path) -> None:
+    config = config_in(tmp_path)
+    assert users(config, "add", "vera", password="a long passphrase").returncode == 0
+    assert users(config, "remove", "vera").returncode == 0
+    store = Store(load_settings(config).database_url, schema="check")
+    entries = store.accounts().audit_entries(10)
+    assert [(e.action, e.target, e.client) for e in entries] == [
+        ("account_removed", "vera", "cli"),
+        ("account_added", "vera", "cli"),
+    ]
+    assert all(e.user_name and e.user_name.startswith("cli:") for e in entries)

@@ -62,9 +62,13 @@ def test_reprocess_needs_a_known_study_and_both_series(tmp_path: Path) -> None:
     assert half.returncode == 2 and "both --arterial and --portal-venous" in half.stderr
     study = store.study("1.2.3")
     assert study is not None
+    assert store.accounts().audit_entries() == [], "refused: nothing recorded"
     queued = mvi_node("studies", "reprocess", study.study_key, "--config", config)
     assert queued.returncode == 0 and "queued" in queued.stdout
     assert store.list_jobs()[0].state == "queued"
+    # The console's audit log has the command too, under the host account's name.
+    (entry,) = store.accounts().audit_entries()
+    assert (entry.action, entry.target, entry.client) == ("reprocess", study.study_key, "cli")
 
 
 def test_reprocess_names_series_by_number_key_or_uid_and_refuses_others(tmp_path: Path) -> None:

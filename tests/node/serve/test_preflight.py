@@ -11,8 +11,9 @@ from tests.nodeproc import tiny_models
 from tests.orthanc import free_port
 
 
-def broken_config(tmp_path: Path) -> Path:
-    """Five mistakes that pass `config check`, and a PACS that is switched off."""
+def broken_config(tmp_path: Path, console_port: int | None = None) -> Path:
+    """Six mistakes that pass `config check`, a PACS that is switched off and (when given) a
+    console port another program holds."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     config = tmp_path / "node.toml"
@@ -30,6 +31,11 @@ def broken_config(tmp_path: Path) -> Path:
                 },
                 "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}},
                 "pipeline": {"model_dir": str(tmp_path / "nonexistent"), "device": "cpu"},
+                "web": {
+                    "port": console_port or free_port(),
+                    "tls_cert": str(tmp_path / "console.crt"),
+                    "tls_key": str(tmp_path / "console.key"),
+                },
             }
         )
     )
@@ -37,9 +43,12 @@ def broken_config(tmp_path: Path) -> Path:
 
 
 def test_config_check_deep_names_every_problem(tmp_path: Path) -> None:
-    config = broken_config(tmp_path)
-    assert mvi_node("config", "check", str(config)).returncode == 0, "the keys themselves are fine"
-    deep = mvi_node("config", "check", str(config), "--deep")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = broken_config(tmp_path, console_port=taken.getsockname()[1])
+        assert mvi_node("config", "check", str(config)).returncode == 0, "the keys are fine"
+        deep = mvi_node("config", "check", str(config), "--deep")
     assert deep.returncode == 2, deep.stderr
     lines = deep.stdout.split("# pre-flight", 1)[1].strip().splitlines()
     found = {line.split(":", 1)[0].split(None, 1)[1]: line.split(None, 1)[0] for line in lines}
@@ -48,6 +57,8 @@ def test_config_check_deep_names_every_problem(tmp_path: Path) -> None:
     assert found["pipeline.model_dir"] == "FAILED"
     assert found["log file"] == "FAILED"
     assert found["peers.pacs"] == "warning", "a silent PACS is reported, not fatal"
+    assert found["console HTTPS"] == "FAILED"
+    assert found["console port"] == "warning", "the node receives without its console"
     assert any("missing.crt" in line for line in lines)
 
 
@@ -56,7 +67,7 @@ def test_serve_refuses_to_start_with_one_line_per_fatal_problem(tmp_path: Path) 
     refused = mvi_node("serve", "--config", config)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("mvi-node: FAILED") for line in lines), lines
+    assert len(lines) == 5 and all(line.startswith("mvi-node: FAILED") for line in lines), lines
     assert not (tmp_path / "a-file" / "data").exists()
 
 
@@ -89,6 +100,7 @@ def test_config_check_deep_of_a_good_configuration(tmp_path: Path) -> None:
             {
                 "node": {"data_dir": str(tmp_path / "data"), "free_disk_floor_mb": 1},
                 "pipeline": {**tiny_models(), "device": "cpu"},
+                "web": {"port": free_port()},
             }
         )
     )
@@ -100,6 +112,7 @@ def test_config_check_deep_of_a_good_configuration(tmp_path: Path) -> None:
         "data folder",
         "pipeline.segmenter_dir",
         "pipeline.model_dir",
+        "console port",
         "device",
         "segmenter",
         "MVI model",
