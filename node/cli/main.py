@@ -10,7 +10,6 @@ import datetime as dt
 import functools
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -567,8 +566,6 @@ def _audit(store: Store, action: str, target: str | None, detail: dict[str, Any]
     )
 
 
-#: A console account's name: what a reverse proxy's header or a login form may carry.
-USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_PASSWORD = 10
 
 
@@ -601,10 +598,10 @@ def users_add(
     """Add a console account; the password is prompted for (or read from standard input)."""
     from node.store.accounts import ROLES
     from node.store.database import SchemaError, Store, database_file
-    from node.web.auth import hash_password
+    from node.web.auth import hash_password, valid_user_name
 
     settings = _settings(config)
-    if not USER_NAME.fullmatch(name):
+    if not valid_user_name(name):
         raise fail(f"user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'")
     if role not in ROLES:
         raise fail(f"--role {role!r}: one of {', '.join(ROLES)}")

@@ -415,8 +415,10 @@ class WebSection(_Section):
     trusted_proxies: list[str] = []
     #: Roles that see patient name and ID; the others see study keys only.
     show_identifiers_to: list[WebRole] = ["operator", "admin"]
-    #: A login lasts this long without use.
+    #: A login ends after this long without a request of the user (a page's own polling does
+    #: not count), and in any case this long after it began.
     session_idle_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
+    session_max_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     #: Failed logins allowed per user name (four times as many per client address) within
     #: ``login_window_s``.
     login_attempts: int = Field(default=5, ge=1, le=100)

@@ -112,14 +112,28 @@ class Accounts:
                 )
             )
 
-    def session_user(self, token_sha256: str, idle: dt.timedelta) -> Account | None:
-        """The account of a live login (its idle clock restarts), or None.
+    def session_user(
+        self,
+        token_sha256: str,
+        *,
+        idle: dt.timedelta,
+        lifetime: dt.timedelta,
+        touch: bool = True,
+    ) -> Account | None:
+        """The account of a live login, or None.
 
-        A login unused for ``idle`` is deleted here, as are every other expired login.
+        A login unused for ``idle``, or older than ``lifetime``, is over (deleted here, with
+        every other such login). ``touch``: this request restarts the idle clock (a page's own
+        polling does not).
         """
         now = utcnow()
         with self._engine.begin() as conn:
-            conn.execute(delete(web_sessions).where(web_sessions.c.last_seen_at < now - idle))
+            conn.execute(
+                delete(web_sessions).where(
+                    (web_sessions.c.last_seen_at < now - idle)
+                    | (web_sessions.c.created_at < now - lifetime)
+                )
+            )
             row = conn.execute(
                 select(users.c.name, users.c.role, users.c.created_at, users.c.password_changed_at)
                 .join(web_sessions, web_sessions.c.user_name == users.c.name)
@@ -127,11 +141,12 @@ class Accounts:
             ).first()
             if row is None:
                 return None
-            conn.execute(
-                update(web_sessions)
-                .where(web_sessions.c.token_sha256 == token_sha256)
-                .values(last_seen_at=now)
-            )
+            if touch:
+                conn.execute(
+                    update(web_sessions)
+                    .where(web_sessions.c.token_sha256 == token_sha256)
+                    .values(last_seen_at=now)
+                )
         return from_row(Account, row._mapping)
 
     def close_session(self, token_sha256: str) -> None:

@@ -498,7 +498,9 @@ class Store:
         if states:
             query = query.where(studies.c.state.in_(list(states)))
         if reason:
-            query = query.where(func.lower(studies.c.reason).contains(reason.lower()))
+            query = query.where(
+                func.lower(studies.c.reason).contains(reason.lower(), autoescape=True)
+            )
         if received_since is not None:
             query = query.where(studies.c.last_received_at >= received_since)
         if received_until is not None:

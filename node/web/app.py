@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -42,6 +44,8 @@ from node.web.auth import CSRF_COOKIE, SESSION_COOKIE, LoginLimiter, Role, User
 log = get_logger("node.web.app")
 
 HERE = Path(__file__).resolve().parent
+#: A job or outbox id in a form (ASCII digits: str.isdigit() also takes "²").
+NUMBER = re.compile(r"[0-9]{1,18}")
 #: Pages carry identifiers and results: nothing outside this origin, no framing, no caching.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -56,7 +60,8 @@ SECURITY_HEADERS = {
 #: An audit report (report.html) has its own inline styles and images.
 REPORT_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Response]
+AsyncHandler = Callable[[Request], Awaitable[Response]]
 
 
 class Refused(Exception):
@@ -91,7 +96,7 @@ def identify(request: Request) -> User | None:
     if header and auth.from_trusted_proxy(direct, settings.web.trusted_proxies):
         name = request.headers.get(header, "").strip()
         if name:
-            account = store.accounts().user(name)
+            account = store.accounts().user(name) if auth.valid_user_name(name) else None
             if account is None:
                 raise Refused(403, "unknown_account", f"no local account {name!r} for this node")
             binding = request.cookies.get(CSRF_COOKIE) or ""
@@ -99,30 +104,56 @@ def identify(request: Request) -> User | None:
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         return None
-    idle = dt.timedelta(minutes=settings.web.session_idle_minutes)
-    account = store.accounts().session_user(auth.token_sha256(token), idle)
+    web = settings.web
+    account = store.accounts().session_user(
+        auth.token_sha256(token),
+        idle=dt.timedelta(minutes=web.session_idle_minutes),
+        lifetime=dt.timedelta(hours=web.session_max_hours),
+        # A page's own polling (htmx) is not the user at the screen: it must not keep an
+        # unattended login alive.
+        touch=not request.headers.get("hx-request"),
+    )
     if account is None:
         return None
     return User(account.name, Role.named(account.role), "session", token)
 
 
-def page(role: Role = Role.VIEWER) -> Callable[[Handler], Handler]:
-    """A page for ``role`` and above; without a login, 303 to the login page."""
+#: Form bodies the console takes: a few short fields (Starlette's defaults allow about 1 GB).
+FORM_LIMITS = {"max_fields": 50, "max_files": 0, "max_part_size": 16 * 1024}
 
-    def wrap(handler: Handler) -> Handler:
+
+async def read_form(request: Request) -> FormData | None:
+    """The POST body's form within :data:`FORM_LIMITS` (None for other methods)."""
+    if request.method != "POST":
+        return None
+    try:
+        return await request.form(**FORM_LIMITS)
+    except HTTPException as error:
+        raise Refused(error.status_code, "bad_form", str(error.detail)) from None
+
+
+def page(role: Role = Role.VIEWER) -> Callable[[Handler], AsyncHandler]:
+    """A page for ``role`` and above; without a login, 303 to the login page.
+
+    The handler runs in the thread pool: the store, argon2, pydicom and the health probe block,
+    and the console is one process serving everyone.
+    """
+
+    def wrap(handler: Handler) -> AsyncHandler:
+        def guarded(request: Request) -> Response:
+            user = identify(request)
+            if user is None:
+                return _to_login(request)
+            _require(user, role, request)
+            request.state.user = user
+            if request.method == "POST":
+                _check_csrf(request, user.csrf_binding)
+            return handler(request)
+
         async def route(request: Request) -> Response:
             try:
-                user = identify(request)
-                if user is None:
-                    target = request.url.path + (
-                        f"?{request.url.query}" if request.url.query else ""
-                    )
-                    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-                _require(user, role, request)
-                request.state.user = user
-                if request.method == "POST":
-                    await _check_csrf(request, user.csrf_binding)
-                return await handler(request)
+                request.state.form = await read_form(request)
+                return await run_in_threadpool(guarded, request)
             except Refused as refusal:
                 return refused_page(request, refusal)
 
@@ -131,18 +162,39 @@ def page(role: Role = Role.VIEWER) -> Callable[[Handler], Handler]:
     return wrap
 
 
-def api(role: Role = Role.VIEWER) -> Callable[[Handler], Handler]:
+def _to_login(request: Request) -> Response:
+    """Where a request without a login goes: the login page, then back."""
+    if request.method == "POST":
+        # The action's URL cannot be fetched back with GET: return to its study.
+        key = request.path_params.get("key")
+        target = f"/studies/{key}" if key and views.STUDY_KEY.fullmatch(key) else "/"
+    else:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.headers.get("hx-request"):
+        # A live part's poll: htmx would swap the login page into the panel; send the whole
+        # window there instead.
+        current = urlsplit(request.headers.get("hx-current-url", "")).path or "/"
+        return Response(
+            status_code=401, headers={"HX-Redirect": f"/login?next={quote(_next(current))}"}
+        )
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+def api(role: Role = Role.VIEWER) -> Callable[[Handler], AsyncHandler]:
     """JSON for ``role`` and above; without a login, 401."""
 
-    def wrap(handler: Handler) -> Handler:
+    def wrap(handler: Handler) -> AsyncHandler:
+        def guarded(request: Request) -> Response:
+            user = identify(request)
+            if user is None:
+                raise Refused(401, "not_logged_in", "log in at /login first")
+            _require(user, role, request)
+            request.state.user = user
+            return handler(request)
+
         async def route(request: Request) -> Response:
             try:
-                user = identify(request)
-                if user is None:
-                    raise Refused(401, "not_logged_in", "log in at /login first")
-                _require(user, role, request)
-                request.state.user = user
-                return await handler(request)
+                return await run_in_threadpool(guarded, request)
             except Refused as refusal:
                 headers = {"WWW-Authenticate": 'Cookie realm="mvi-node", form="/login"'}
                 return JSONResponse(
@@ -164,14 +216,27 @@ def _require(user: User, role: Role, request: Request) -> None:
         )
 
 
-async def _check_csrf(request: Request, binding: str) -> None:
+def _check_origin(request: Request) -> None:
+    """A browser's POST names the page's origin: it must be this site (as the user sees it,
+    which behind a trusted proxy is the proxy's forwarded host)."""
     origin = request.headers.get("origin")
-    if origin and origin != "null":
-        host = request.headers.get("host", "")
-        if urlsplit(origin).netloc != host:
-            raise Refused(403, "bad_origin", "the form was sent from another site")
-    form = await request.form()
-    given = request.headers.get(auth.CSRF_HEADER) or str(form.get(auth.CSRF_FIELD) or "")
+    if not origin or origin == "null":
+        return
+    settings: Settings = request.app.state.settings
+    direct = request.client.host if request.client else None
+    hosts = {request.headers.get("host", "")}
+    if auth.from_trusted_proxy(direct, settings.web.trusted_proxies):
+        hosts.add(request.headers.get("x-forwarded-host", "").split(",")[0].strip())
+    if urlsplit(origin).netloc not in hosts:
+        raise Refused(403, "bad_origin", "the form was sent from another site")
+
+
+def _check_csrf(request: Request, binding: str) -> None:
+    _check_origin(request)
+    form: FormData | None = request.state.form
+    given = request.headers.get(auth.CSRF_HEADER) or str(
+        (form.get(auth.CSRF_FIELD) if form is not None else "") or ""
+    )
     if not auth.csrf_valid(binding, given):
         raise Refused(
             403, "bad_csrf_token", "the form's security token is missing or wrong; reload the page"
@@ -189,6 +254,8 @@ def audit(
     """One line of the audit log (and of the node's log, without the detail)."""
     store: Store = request.app.state.store
     client = client_address(request)
+    # The column's width: a hostile URL or user name must not turn a refusal into an error.
+    target = target[:128] if target else None
     store.accounts().log(
         action,
         outcome,
@@ -273,7 +340,7 @@ def _next(value: str | None) -> str:
     return "/"
 
 
-async def login_form(request: Request) -> Response:
+def login_form(request: Request) -> Response:
     store: Store = request.app.state.store
     return render(
         request,
@@ -285,51 +352,57 @@ async def login_form(request: Request) -> Response:
     )
 
 
-async def login(request: Request) -> Response:
+async def login_form_route(request: Request) -> Response:
+    return await run_in_threadpool(login_form, request)
+
+
+async def login_route(request: Request) -> Response:
+    try:
+        request.state.form = await read_form(request)
+        return await run_in_threadpool(login, request)
+    except Refused as refusal:
+        return refused_page(request, refusal)
+
+
+def login(request: Request) -> Response:
+    """Check the form's token, the rate limit, then the password; open a login."""
     store: Store = request.app.state.store
     limiter: LoginLimiter = request.app.state.limiter
-    form = await request.form()
-    name = str(form.get("username") or "").strip()[:64]
+    form: FormData = request.state.form
+    name = str(form.get("username") or "").strip()
     password = str(form.get("password") or "")
     target = _next(str(form.get("next") or "/"))
     client = client_address(request) or "-"
-    try:
-        origin = request.headers.get("origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
-            raise Refused(403, "bad_origin", "the form was sent from another site")
-        if not auth.csrf_valid(
-            request.cookies.get(CSRF_COOKIE), str(form.get(auth.CSRF_FIELD) or "")
-        ):
-            raise Refused(
-                403,
-                "bad_csrf_token",
-                "the login form's security token is missing or wrong; reload the page",
-            )
-        keys = [f"user:{name.lower()}", f"client:{client}"]
-        wait = limiter.retry_after(keys)
-        if wait is not None:
-            audit(request, None, "login", name or None, "rate_limited", {"retry_after_s": wait})
-            refusal = Refused(
-                429, "too_many_attempts", f"too many failed logins; retry in {wait} s"
-            )
-            response = refused_page(request, refusal)
-            response.headers["Retry-After"] = str(wait)
-            return response
-        ok, rehash = auth.check_password(store.accounts().password_hash(name), password)
-        if not ok:
-            limiter.failed(keys)
-            # The name tried, never the password.
-            audit(request, None, "login", name or None, "failed")
-            log.warning("console login failed", user=name, client=client)
-            return render(
-                request,
-                "login.html",
-                {"next": target, "error": "wrong user name or password", "username": name},
-                status_code=401,
-            )
-    except Refused as refusal:
-        return refused_page(request, refusal)
-    limiter.forget(f"user:{name.lower()}")
+    _check_origin(request)
+    if not auth.csrf_valid(request.cookies.get(CSRF_COOKIE), str(form.get(auth.CSRF_FIELD) or "")):
+        raise Refused(
+            403,
+            "bad_csrf_token",
+            "the login form's security token is missing or wrong; reload the page",
+        )
+    keys = auth.login_keys(name, client)
+    wait = limiter.retry_after(keys)
+    if wait is not None:
+        audit(request, None, "login", name[:64] or None, "rate_limited", {"retry_after_s": wait})
+        refusal = Refused(429, "too_many_attempts", f"too many failed logins; retry in {wait} s")
+        response = refused_page(request, refusal)
+        response.headers["Retry-After"] = str(wait)
+        return response
+    # A name no account can have is checked against no hash (the same time as a wrong one).
+    stored = store.accounts().password_hash(name) if auth.valid_user_name(name) else None
+    ok, rehash = auth.check_password(stored, password)
+    if not ok:
+        limiter.failed(keys)
+        # The name tried, never the password.
+        audit(request, None, "login", name[:64] or None, "failed")
+        log.warning("console login failed", user=name[:64], client=client)
+        return render(
+            request,
+            "login.html",
+            {"next": target, "error": "wrong user name or password", "username": name[:64]},
+            status_code=401,
+        )
+    limiter.forget(keys[0])
     if rehash is not None:
         store.accounts().set_password_hash(name, rehash)
     token = auth.new_token()
@@ -343,7 +416,7 @@ async def login(request: Request) -> Response:
 
 
 @page()
-async def logout(request: Request) -> Response:
+def logout(request: Request) -> Response:
     user: User = request.state.user
     store: Store = request.app.state.store
     if user.via == "session":
@@ -358,7 +431,7 @@ async def logout(request: Request) -> Response:
 
 
 @page()
-async def overview_page(request: Request) -> Response:
+def overview_page(request: Request) -> Response:
     data = views.overview(request.app.state.settings, request.app.state.store)
     template = "overview_live.html" if request.headers.get("hx-request") else "overview.html"
     return render(request, template, {"o": data})
@@ -380,7 +453,7 @@ def _study_filters(request: Request) -> dict[str, Any]:
 
 
 @page()
-async def studies_page(request: Request) -> Response:
+def studies_page(request: Request) -> Response:
     filters = _study_filters(request)
     rows = views.studies(request.app.state.store, show_identifiers=_show_ids(request), **filters)
     return render(
@@ -396,12 +469,12 @@ async def studies_page(request: Request) -> Response:
 
 
 @page()
-async def study_page(request: Request) -> Response:
+def study_page(request: Request) -> Response:
     data = _study(request)
     return render(
         request,
         "study.html",
-        {"s": data, "show_ids": _show_ids(request), "message": request.query_params.get("done")},
+        {"s": data, "show_ids": _show_ids(request), "message": done_message(request.query_params)},
     )
 
 
@@ -418,7 +491,7 @@ def _study(request: Request) -> dict[str, Any]:
 
 
 @page()
-async def sc_image(request: Request) -> Response:
+def sc_image(request: Request) -> Response:
     try:
         png = views.sc_png(
             request.app.state.settings, request.app.state.store, request.path_params["key"]
@@ -429,14 +502,14 @@ async def sc_image(request: Request) -> Response:
 
 
 @page()
-async def requery_page(request: Request) -> Response:
+def requery_page(request: Request) -> Response:
     data = views.requery(request.app.state.store)
     template = "requery_live.html" if request.headers.get("hx-request") else "requery.html"
     return render(request, template, {"r": data})
 
 
 @page()
-async def reports_page(request: Request) -> Response:
+def reports_page(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     return render(
         request,
@@ -446,7 +519,7 @@ async def reports_page(request: Request) -> Response:
 
 
 @page()
-async def report_file(request: Request) -> Response:
+def report_file(request: Request) -> Response:
     try:
         path = views.report_file(
             request.app.state.settings, request.path_params["name"], request.path_params["file"]
@@ -459,12 +532,12 @@ async def report_file(request: Request) -> Response:
 
 
 @page()
-async def models_page(request: Request) -> Response:
+def models_page(request: Request) -> Response:
     return render(request, "models.html", {"models": views.models(request.app.state.settings)})
 
 
 @page(Role.ADMIN)
-async def audit_log_page(request: Request) -> Response:
+def audit_log_page(request: Request) -> Response:
     return render(request, "audit_log.html", {"entries": views.audit_log(request.app.state.store)})
 
 
@@ -480,19 +553,36 @@ def _action_target(request: Request) -> tuple[str, str]:
         raise Refused(404, "not_found", str(missing)) from None
 
 
-async def _act(
-    request: Request,
-    action: str,
-    do: Callable[[Store, str, str, FormData], tuple[str, dict[str, Any]]],
-) -> Response:
+#: What a study page says after an action: fixed texts, so a link cannot make the page say
+#: anything else (``?done=CODE&n=NUMBER``).
+DONE = {
+    "reprocess": "job {n} queued",
+    "reprocess_forced": "job {n} queued with the chosen series",
+    "cancel": "job {n} cancelled",
+    "retry": "{n} delivery(ies) queued again",
+}
+
+#: An action: (what DONE says, its number, the audit-log detail), or :class:`Refused`.
+Action = Callable[[Store, str, str, FormData], tuple[str, int, dict[str, Any]]]
+
+
+def done_message(params: Any) -> str | None:
+    """The message of a study page's ``done``/``n`` query, if it is one of :data:`DONE`."""
+    code, number = params.get("done"), params.get("n") or ""
+    if code not in DONE or not NUMBER.fullmatch(number):
+        return None
+    return DONE[code].format(n=int(number))
+
+
+def _act(request: Request, action: str, do: Action) -> Response:
     """Run an operator action on the study of the URL; record it whatever its outcome."""
     user: User = request.state.user
     store: Store = request.app.state.store
     key = request.path_params["key"]
-    form = await request.form()
+    form: FormData = request.state.form
     try:
         key, study_uid = _action_target(request)
-        message, detail = do(store, key, study_uid, form)
+        code, number, detail = do(store, key, study_uid, form)
     except Refused as refusal:
         audit(
             request, user, action, key, "refused", {"status": refusal.status, "why": refusal.detail}
@@ -504,8 +594,8 @@ async def _act(
         return refused_page(request, refusal)
     audit(request, user, action, key, "ok", detail)
     if _wants_json(request):
-        return JSONResponse({"ok": True, "detail": message, **detail})
-    return RedirectResponse(f"/studies/{key}?done={quote(message)}", status_code=303)
+        return JSONResponse({"ok": True, "detail": DONE[code].format(n=number), **detail})
+    return RedirectResponse(f"/studies/{key}?done={code}&n={number}", status_code=303)
 
 
 def _wants_json(request: Request) -> bool:
@@ -514,7 +604,7 @@ def _wants_json(request: Request) -> bool:
 
 def _reprocess(
     store: Store, key: str, study_uid: str, form: FormData
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[str, int, dict[str, Any]]:
     arterial = str(form.get("arterial") or "").strip()
     portal_venous = str(form.get("portal_venous") or "").strip()
     if bool(arterial) != bool(portal_venous):
@@ -536,14 +626,15 @@ def _reprocess(
         forced = (arterial, portal_venous)
     job_id = store.reprocess(study_uid, forced)
     chosen = {"arterial": uid_key(forced[0]), "portal_venous": uid_key(forced[1])} if forced else {}
-    how = " with the chosen series" if forced else ""
-    return f"job {job_id} queued{how}", {"job_id": job_id, **chosen}
+    return "reprocess_forced" if forced else "reprocess", job_id, {"job_id": job_id, **chosen}
 
 
-def _cancel(store: Store, key: str, study_uid: str, form: FormData) -> tuple[str, dict[str, Any]]:
+def _cancel(
+    store: Store, key: str, study_uid: str, form: FormData
+) -> tuple[str, int, dict[str, Any]]:
     raw = str(form.get("job_id") or "")
-    if not raw.isdigit():
-        raise Refused(400, "bad_job", f"job {raw!r} is not a job number")
+    if not NUMBER.fullmatch(raw):
+        raise Refused(400, "bad_job", f"job {raw[:20]!r} is not a job number")
     job_id = int(raw)
     if job_id not in {job.id for job in store.list_jobs(1000, study_uid=study_uid)}:
         raise Refused(400, "bad_job", f"job {job_id} is not a job of study {key}")
@@ -551,17 +642,19 @@ def _cancel(store: Store, key: str, study_uid: str, form: FormData) -> tuple[str
         raise Refused(
             409, "not_queued", f"job {job_id} is not queued (only queued jobs can be cancelled)"
         )
-    return f"job {job_id} cancelled", {"job_id": job_id}
+    return "cancel", job_id, {"job_id": job_id}
 
 
-def _retry(store: Store, key: str, study_uid: str, form: FormData) -> tuple[str, dict[str, Any]]:
+def _retry(
+    store: Store, key: str, study_uid: str, form: FormData
+) -> tuple[str, int, dict[str, Any]]:
     failed = {
         item.id
         for item in store.list_outbox(include_sent=True, limit=10_000, study_uid=study_uid)
         if item.state == "failed"
     }
     raw = [str(v) for v in form.getlist("outbox_id")]
-    if any(not v.isdigit() for v in raw):
+    if any(not NUMBER.fullmatch(v) for v in raw):
         raise Refused(400, "bad_outbox_item", "outbox items are numbers")
     wanted = {int(v) for v in raw} or failed
     if not wanted:
@@ -575,22 +668,22 @@ def _retry(store: Store, key: str, study_uid: str, form: FormData) -> tuple[str,
             f"of study {key}",
         )
     count = store.retry_failed_deliveries(sorted(wanted))
-    return f"{count} delivery(ies) queued again", {"outbox_ids": sorted(wanted)}
+    return "retry", count, {"outbox_ids": sorted(wanted)}
 
 
 @page(Role.OPERATOR)
-async def reprocess_action(request: Request) -> Response:
-    return await _act(request, "reprocess", _reprocess)
+def reprocess_action(request: Request) -> Response:
+    return _act(request, "reprocess", _reprocess)
 
 
 @page(Role.OPERATOR)
-async def cancel_action(request: Request) -> Response:
-    return await _act(request, "cancel_job", _cancel)
+def cancel_action(request: Request) -> Response:
+    return _act(request, "cancel_job", _cancel)
 
 
 @page(Role.OPERATOR)
-async def retry_action(request: Request) -> Response:
-    return await _act(request, "retry_outbox", _retry)
+def retry_action(request: Request) -> Response:
+    return _act(request, "retry_outbox", _retry)
 
 
 # -- /api ------------------------------------------------------------------------------------
@@ -601,18 +694,18 @@ def _json(data: Any, status_code: int = 200) -> JSONResponse:
 
 
 @api()
-async def api_me(request: Request) -> Response:
+def api_me(request: Request) -> Response:
     user: User = request.state.user
     return _json({"name": user.name, "role": user.role.label, "via": user.via})
 
 
 @api()
-async def api_overview(request: Request) -> Response:
+def api_overview(request: Request) -> Response:
     return _json(views.overview(request.app.state.settings, request.app.state.store))
 
 
 @api()
-async def api_studies(request: Request) -> Response:
+def api_studies(request: Request) -> Response:
     filters = _study_filters(request)
     return _json(
         views.studies(request.app.state.store, show_identifiers=_show_ids(request), **filters)
@@ -620,49 +713,65 @@ async def api_studies(request: Request) -> Response:
 
 
 @api()
-async def api_study(request: Request) -> Response:
+def api_study(request: Request) -> Response:
     return _json(_study(request))
 
 
 @api()
-async def api_requery(request: Request) -> Response:
+def api_requery(request: Request) -> Response:
     return _json(views.requery(request.app.state.store))
 
 
 @api()
-async def api_reports(request: Request) -> Response:
+def api_reports(request: Request) -> Response:
     return _json(views.reports(request.app.state.settings))
 
 
 @api()
-async def api_models(request: Request) -> Response:
+def api_models(request: Request) -> Response:
     return _json(views.models(request.app.state.settings))
 
 
 @api(Role.ADMIN)
-async def api_audit_log(request: Request) -> Response:
+def api_audit_log(request: Request) -> Response:
     return _json(views.audit_log(request.app.state.store))
 
 
 # -- the application -------------------------------------------------------------------------
 
 
-async def not_found(request: Request, exc: Exception) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (an unknown path, a wrong method) as a page or as JSON."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    refusal = Refused(
-        status, "not_found" if status == 404 else "error", str(getattr(exc, "detail", ""))
-    )
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
+    refusal = Refused(status, code, str(getattr(exc, "detail", "")))
     if request.url.path.startswith("/api"):
-        return JSONResponse({"error": refusal.code, "detail": refusal.detail}, status_code=status)
-    return refused_page(request, refusal)
+        response: Response = JSONResponse(
+            {"error": refusal.code, "detail": refusal.detail}, status_code=status
+        )
+    else:
+        response = await run_in_threadpool(refused_page, request, refusal)
+    response.headers.update(headers)
+    return response
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug: one log line with the exception's type, a plain answer with the same headers."""
+    log.error("console error", path=request.url.path, error=type(exc).__name__)
+    return JSONResponse(
+        {"error": "internal_error", "detail": "the console failed; see the node's log"},
+        status_code=500,
+        headers=SECURITY_HEADERS,
+    )
 
 
 def create_app(settings: Settings, store: Store) -> Starlette:
     """The console for one node's settings and store."""
     routes = [
         Route("/", overview_page),
-        Route("/login", login_form, methods=["GET"]),
-        Route("/login", login, methods=["POST"]),
+        Route("/login", login_form_route, methods=["GET"]),
+        Route("/login", login_route, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/studies", studies_page),
         Route("/studies/{key}", study_page),
@@ -687,7 +796,7 @@ def create_app(settings: Settings, store: Store) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: not_found},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
         middleware=[Middleware(BaseHTTPMiddleware, dispatch=security_headers)],
     )
     app.state.settings = settings
@@ -701,7 +810,7 @@ def create_app(settings: Settings, store: Store) -> Starlette:
     return app
 
 
-async def security_headers(request: Request, call_next: Handler) -> Response:
+async def security_headers(request: Request, call_next: AsyncHandler) -> Response:
     """Every answer gets :data:`SECURITY_HEADERS` (a report keeps its own policy)."""
     response = await call_next(request)
     for name, value in SECURITY_HEADERS.items():

@@ -11,9 +11,11 @@
   under single sign-on, of a random ``mvi_csrf`` cookie), checked on every POST together with
   the Origin header when the browser sends one. Nothing server-side to keep in step across
   several consoles.
-- Failed logins are counted per user name and per client address in this process (the console
-  is one process): past ``web.login_attempts`` for a name, or four times that for an address
-  (a reading room behind one NAT), within ``web.login_window_s``, the answer is 429.
+- Failed logins are counted in this process (the console is one process) per user name *and*
+  address, per user name and per address: past ``web.login_attempts`` for a name from one
+  address, or four times that for a name from anywhere or for an address (a reading room behind
+  one NAT), within ``web.login_window_s``, the answer is 429. Someone guessing from one address
+  locks out that address's tries at the name, not the account's owner at their own desk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import threading
 import time
@@ -130,16 +133,34 @@ def from_trusted_proxy(client: str | None, proxies: Iterable[str]) -> bool:
         address = ipaddress.ip_address(client)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack listener reports 10.0.0.5 as ::ffff:10.0.0.5.
+        address = address.ipv4_mapped
     return any(address in ipaddress.ip_network(net, strict=False) for net in proxies)
 
 
-#: How many more failures an address may have than a user name.
-ADDRESS_FACTOR = 4
+#: How many more failures a user name (from all addresses) or an address (for all names) may
+#: have than one name from one address.
+WIDE_FACTOR = 4
+
+#: A console account's name: what a login form or a proxy's header may carry.
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def valid_user_name(name: str) -> bool:
+    """Whether ``name`` can be an account's (checked before any query)."""
+    return USER_NAME.fullmatch(name) is not None
+
+
+def login_keys(name: str, client: str) -> list[str]:
+    """The limiter's keys of a login: the name from this address first, then the wide ones."""
+    name = name.lower()[:64]
+    return [f"pair:{name}@{client}", f"user:{name}", f"client:{client}"]
 
 
 class LoginLimiter:
-    """Failed logins per user name (``user:NAME``) and per address (``client:ADDRESS``, with
-    :data:`ADDRESS_FACTOR` times the attempts) within a sliding window."""
+    """Failed logins per key of :func:`login_keys` within a sliding window (``pair:`` keys get
+    ``attempts``, the others :data:`WIDE_FACTOR` times as many)."""
 
     def __init__(self, attempts: int, window_s: float) -> None:
         self.attempts = attempts
@@ -154,7 +175,7 @@ class LoginLimiter:
         with self._lock:
             for key in keys:
                 times = self._recent(key, now)
-                limit = self.attempts * (ADDRESS_FACTOR if key.startswith("client:") else 1)
+                limit = self.attempts * (1 if key.startswith("pair:") else WIDE_FACTOR)
                 if len(times) >= limit:
                     wait = max(wait, times[0] + self.window_s - now)
         return max(1, int(wait + 0.999)) if wait > 0 else None
@@ -167,7 +188,7 @@ class LoginLimiter:
                 self._recent(key, now).append(now)
 
     def forget(self, key: str) -> None:
-        """A successful login clears its user name's failures (not its address's)."""
+        """A successful login clears its own key's failures (not the wide keys')."""
         with self._lock:
             self._failures.pop(key, None)
 

@@ -93,6 +93,8 @@ class Console:
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._stop = threading.Event()
+        # stop() and a replacement never interleave: no console is started after stop().
+        self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
 
     def _spawn(self) -> BaseProcess:
@@ -124,7 +126,10 @@ class Console:
             )
             if self._stop.wait(RESTART_DELAY_S):
                 return
-            self._process = self._spawn()
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self._process = self._spawn()
 
     def alive(self) -> bool:
         """Whether the console process runs."""
@@ -132,8 +137,9 @@ class Console:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the console (uvicorn finishes the requests in flight on SIGTERM)."""
-        self._stop.set()
-        process = self._process
+        with self._lock:
+            self._stop.set()
+            process = self._process
         if process is None:
             return
         if process.is_alive():

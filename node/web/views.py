@@ -10,6 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
+import threading
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,10 @@ from node.store.database import STUDY_STATES, Store, StoredResult, store_writabl
 THROUGHPUT_WINDOW = dt.timedelta(hours=24)
 
 
+#: A study key as :func:`node.core.logging.study_key` makes it (checked before any query).
+STUDY_KEY = re.compile(r"[0-9a-f]{12}")
+
+
 class NotFound(LookupError):
     """An unknown study key, report or object: the page answers 404."""
 
@@ -36,12 +44,29 @@ def iso(moment: dt.datetime | None) -> str | None:
 # -- overview --------------------------------------------------------------------------------
 
 
+#: Seconds a health answer is reused: pages poll it, and the store check takes the write lock.
+HEALTH_CACHE_S = 5.0
+_health_cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+_health_lock = threading.Lock()
+
+
 def health(settings: Settings) -> list[dict[str, Any]]:
-    """The node's checks with their figures.
+    """The node's checks with their figures (reused for :data:`HEALTH_CACHE_S`).
 
     The receiving process's own checks (the AE listens, the scheduler runs) come from its
     ``/healthz`` when ``metrics.port`` is set; the store, disk and model checks run here.
     """
+    with _health_lock:
+        key = settings.database_url
+        cached = _health_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < HEALTH_CACHE_S:
+            return [dict(c) for c in cached[1]]
+        checks = _run_health(settings)
+        _health_cache[key] = (time.monotonic(), checks)
+        return [dict(c) for c in checks]
+
+
+def _run_health(settings: Settings) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
     problem = store_writable(settings.database_url)
     checks.append({"name": "store", "ok": problem is None, "detail": problem or "writable"})
@@ -72,23 +97,32 @@ def health(settings: Settings) -> list[dict[str, Any]]:
             }
         )
         return checks
+    checks.extend(_receiver_checks(settings))
+    return checks
+
+
+def _receiver_checks(settings: Settings) -> list[dict[str, Any]]:
+    """The AE and scheduler checks of the receiving process's ``/healthz``."""
     host = settings.metrics.host
     host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
     url = f"http://{f'[{host}]' if ':' in host else host}:{settings.metrics.port}/healthz"
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as answer:
-            reported = json.load(answer)
-    except urllib.error.HTTPError as error:  # 503: unhealthy, with the same body
-        reported = json.load(error)
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as answer:
+                body = answer.read(65536)
+        except urllib.error.HTTPError as error:  # 503: unhealthy, the same body
+            body = error.read(65536)
+        reported = json.loads(body)
+        listed = reported.get("checks") if isinstance(reported, dict) else None
+        if not isinstance(listed, dict):
+            raise ValueError("no checks in the answer")
     except (OSError, ValueError) as error:
-        checks.append({"name": "receiver", "ok": False, "detail": f"{url}: {error}"})
-        return checks
-    for name, entry in (reported.get("checks") or {}).items():
-        if name in ("ae", "scheduler"):
-            checks.append(
-                {"name": name, "ok": bool(entry.get("ok")), "detail": str(entry.get("detail"))}
-            )
-    return checks
+        return [{"name": "receiver", "ok": False, "detail": f"{url}: {error}"}]
+    return [
+        {"name": name, "ok": bool(entry.get("ok")), "detail": str(entry.get("detail"))}
+        for name, entry in listed.items()
+        if name in ("ae", "scheduler") and isinstance(entry, dict)
+    ]
 
 
 def model_loads(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -203,7 +237,7 @@ def studies(
         states=[state] if state else (),
         reason=reason or None,
         received_since=day(since) if since else None,
-        received_until=day(until) + dt.timedelta(days=1) if until else None,
+        received_until=day(until) + dt.timedelta(days=1) if until and until < dt.date.max else None,
         limit=limit,
     )
     listed = []
@@ -233,7 +267,7 @@ def studies(
 
 def find_study(store: Store, key: str) -> str:
     """The StudyInstanceUID of a study key, or :class:`NotFound`."""
-    study_uid = store.find_study(key)
+    study_uid = store.find_study(key) if STUDY_KEY.fullmatch(key) else None
     if study_uid is None or study_key(study_uid) != key:
         # Keys only in URLs: a UID would put an identifier in access logs and histories.
         raise NotFound(f"no study {key!r}")
@@ -370,8 +404,10 @@ def sc_png(settings: Settings, store: Store, key: str) -> bytes:
     try:
         dataset = pydicom.dcmread(path)
         pixels = np.asarray(dataset.pixel_array)
-    except (OSError, ValueError, AttributeError) as error:
+    except Exception as error:  # pydicom's own errors are not OSError/ValueError
         raise NotFound(f"the SC cannot be read: {type(error).__name__}") from None
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise NotFound(f"the SC is not one grey or RGB image (shape {pixels.shape})")
     if pixels.dtype != np.uint8:
         low, high = float(pixels.min()), float(pixels.max())
         pixels = ((pixels - low) / max(high - low, 1.0) * 255).astype(np.uint8)
@@ -387,14 +423,21 @@ def sr_tree(path: Path) -> list[dict[str, Any]]:
 
     try:
         dataset = pydicom.dcmread(path)
-    except (OSError, ValueError) as error:
-        return [{"name": "unreadable SR", "value": type(error).__name__, "children": []}]
-    root = {
-        "relationship": "",
-        "name": _meaning(dataset.get("ConceptNameCodeSequence")),
-        "value": "",
-        "children": _sr_items(dataset.get("ContentSequence") or []),
-    }
+        root = {
+            "relationship": "",
+            "name": _meaning(dataset.get("ConceptNameCodeSequence")),
+            "value": "",
+            "children": _sr_items(dataset.get("ContentSequence") or []),
+        }
+    except Exception as error:  # a missing, truncated or foreign file: say so, show the rest
+        return [
+            {
+                "relationship": "",
+                "name": "SR not readable",
+                "value": type(error).__name__,
+                "children": [],
+            }
+        ]
     return [root]
 
 
@@ -425,7 +468,7 @@ def _sr_value(item: Any) -> str:
         return "(person name)"
     if kind == "IMAGE":
         refs = item.get("ReferencedSOPSequence") or []
-        return f"image {uid_key(str(refs[0].ReferencedSOPInstanceUID))}" if refs else "image"
+        return f"image {_referenced(refs)}"
     if kind == "SCOORD":
         points = item.get("GraphicData") or []
         return f"{item.get('GraphicType', '')} of {len(points) // 2} points"
@@ -434,12 +477,17 @@ def _sr_value(item: Any) -> str:
         return f"{item.get('GraphicType', '')} of {len(points) // 3} points"
     if kind == "COMPOSITE":
         refs = item.get("ReferencedSOPSequence") or []
-        return f"object {uid_key(str(refs[0].ReferencedSOPInstanceUID))}" if refs else "object"
+        return f"object {_referenced(refs)}"
     return ""
 
 
 #: Containers shown as a count: the image library lists every source slice (TID 1600).
 SUMMARISED = {"Image Library"}
+
+
+def _referenced(refs: Any) -> str:
+    uid = str(getattr(refs[0], "ReferencedSOPInstanceUID", "") or "") if refs else ""
+    return uid_key(uid) if uid else "(not named)"
 
 
 def _sr_items(sequence: Any, depth: int = 0) -> list[dict[str, Any]]:

@@ -83,7 +83,8 @@ def test_replace_gives_a_new_role_and_password_and_ends_the_logins(tmp_path: Pat
     assert check_password(store.accounts().password_hash("otto"), "second one!")[0]
     import datetime as dt
 
-    assert store.accounts().session_user("f" * 64, dt.timedelta(hours=1)) is None
+    hour = dt.timedelta(hours=1)
+    assert store.accounts().session_user("f" * 64, idle=hour, lifetime=hour) is None
 
 
 def test_remove_deletes_an_account(tmp_path: Path) -> None:

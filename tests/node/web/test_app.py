@@ -6,6 +6,8 @@ audit log with its user.
 
 from __future__ import annotations
 
+import datetime as dt
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -17,6 +19,7 @@ from tests.node.web.conftest import (
     OTHER_SERIES,
     OTHER_STUDY_UID,
     PORTAL,
+    STUDY_UID,
     Console,
     csrf_of,
     make_console,
@@ -261,7 +264,7 @@ def test_an_operator_reprocesses_with_the_series_chosen(console: Console) -> Non
     assert answer.status_code == 303
     newest = console.store.list_jobs(1)[0]
     assert newest.pairing == {"forced": True, "arterial": PORTAL, "portal_venous": ARTERIAL}
-    assert "queued with the chosen series" in client.get(answer.headers["location"]).text
+    assert "job 3 queued with the chosen series" in client.get(answer.headers["location"]).text
     entry = console.store.accounts().audit_entries(1)[0]
     assert (entry.user_name, entry.action, entry.outcome) == ("otto", "reprocess", "ok")
     assert entry.target == console.key
@@ -402,3 +405,148 @@ def test_the_header_is_ignored_from_an_address_that_is_not_a_trusted_proxy(
     ):
         answer = console.client().get("/api/me", headers={"X-Remote-User": "ada"})
         assert answer.status_code == 401
+
+
+# -- hostile and broken input ----------------------------------------------------------------
+
+
+def test_hostile_values_get_a_clear_answer_not_a_500(console: Console) -> None:
+    client = console.login("otto")
+    token = csrf_of(client.get("/"))
+    for job in ("²", "9" * 5000):
+        assert post(client, console, "cancel", job_id=job).status_code == 400
+        assert post(client, console, "retry", outbox_id=job).status_code == 400
+    assert client.get("/api/studies?until=9999-12-31").status_code == 200
+    assert client.get(f"/api/studies/{'a' * 300}").status_code == 404
+    assert client.get("/studies/%00").status_code == 404
+    long_key = client.post(f"/studies/{'a' * 300}/reprocess", data={"csrf_token": token})
+    assert long_key.status_code == 404
+    viewer = console.login("vera")
+    refused = viewer.post(f"/studies/{'a' * 300}/reprocess", data={"csrf_token": token})
+    assert refused.status_code == 403
+    stranger = console.client()
+    login_token = csrf_of(stranger.get("/login"))
+    for name in ("a\x00b", "x" * 5000):
+        answer = stranger.post(
+            "/login", data={"username": name, "password": "pw", "csrf_token": login_token}
+        )
+        assert answer.status_code == 401
+    huge = stranger.post("/login", data={"csrf_token": login_token, "username": "x" * 100_000})
+    assert huge.status_code == 400
+
+
+def test_a_broken_sr_or_sc_file_is_shown_as_such(console: Console) -> None:
+    from node.jobs.runner import results_folder
+
+    stored = console.store.latest_result(STUDY_UID)
+    assert stored is not None
+    job = stored.job_id
+    # The recorded result names objects whose files are broken.
+    result = stored.result.model_copy(update={"outputs": {"sr": "sr.dcm", "sc": "sc.dcm"}})
+    console.store.record_result(job, STUDY_UID, result, attempt=stored.attempt)
+    folder = results_folder(console.settings, STUDY_UID, job, stored.attempt)
+    folder.mkdir(parents=True)
+    (folder / "sr.dcm").write_bytes(b"not DICOM at all")
+    (folder / "sc.dcm").write_bytes(b"")
+    client = console.login("vera")
+    page = client.get(f"/studies/{console.key}")
+    assert page.status_code == 200 and "SR not readable" in page.text
+    assert client.get(f"/studies/{console.key}/sc.png").status_code == 404
+
+
+def test_an_unreachable_or_strange_healthz_is_a_failed_check(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class NotJson(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+            self.wfile.write(b"<html>nope</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotJson)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for console in make_console(tmp_path, enabled=True):
+            settings = console.settings.model_copy(
+                update={
+                    "metrics": console.settings.metrics.model_copy(
+                        update={"port": server.server_port}
+                    )
+                }
+            )
+            from node.web import views
+
+            checks = views._run_health(settings)
+            (receiver,) = [c for c in checks if c["name"] == "receiver"]
+            assert receiver["ok"] is False
+    finally:
+        server.shutdown()
+
+
+def test_a_polling_panel_does_not_keep_a_login_alive_and_is_sent_to_the_login_page(
+    console: Console,
+) -> None:
+    client = console.login("vera")
+    poll = {"HX-Request": "true", "HX-Current-URL": f"{console.url}/requery"}
+
+    def last_seen() -> str:
+        with sqlite3.connect(console.store.url.removeprefix("sqlite:///")) as db:
+            return str(db.execute("SELECT last_seen_at FROM web_sessions").fetchone()[0])
+
+    seen = last_seen()
+    assert client.get("/requery", headers=poll).status_code == 200
+    assert last_seen() == seen, "a poll restarted the idle clock"
+    assert client.get("/requery").status_code == 200
+    assert last_seen() > seen, "the user's own request did"
+    # Every login is over (an expiry sweep with no idle time left).
+    over = dt.timedelta(0)
+    assert console.store.accounts().session_user("-", idle=over, lifetime=over) is None
+    expired = client.get("/requery", headers=poll)
+    assert expired.status_code == 401
+    assert expired.headers["hx-redirect"] == "/login?next=/requery"
+
+
+def test_an_action_posted_after_the_login_ended_returns_to_its_study(console: Console) -> None:
+    answer = console.client().post(f"/studies/{console.key}/cancel", data={})
+    assert answer.headers["location"] == f"/login?next=/studies/{console.key}"
+
+
+def test_the_reprocess_form_lets_the_node_choose_unless_the_operator_picks(
+    console: Console,
+) -> None:
+    page = console.login("otto").get(f"/studies/{console.key}").text
+    form = page.split('id="reprocess"', 1)[1].split("</form>", 1)[0]
+    assert " selected" not in form
+    assert "used as arterial now" in form and "used as portal venous now" in form
+
+
+def test_a_done_message_is_one_of_the_node_s_own(console: Console) -> None:
+    client = console.login("vera")
+    forged = client.get(f"/studies/{console.key}?done=Call+1-800-SCAM&n=1").text
+    assert "1-800-SCAM" not in forged
+    assert "job 7 cancelled" in client.get(f"/studies/{console.key}?done=cancel&n=7").text
+
+
+def test_behind_a_trusted_proxy_the_forwarded_host_is_this_site(tmp_path: Path) -> None:
+    for console in make_console(
+        tmp_path, trusted_user_header="X-Remote-User", trusted_proxies=["127.0.0.1"]
+    ):
+        client = console.client()
+        headers = {"X-Remote-User": "otto", "X-Forwarded-Host": "mvi.hospital.example"}
+        page = client.get(f"/studies/{console.key}", headers=headers)
+        answer = client.post(
+            f"/studies/{console.key}/reprocess",
+            data={"csrf_token": csrf_of(page)},
+            headers={**headers, "Origin": "https://mvi.hospital.example"},
+        )
+        assert answer.status_code == 303
+        foreign = client.post(
+            f"/studies/{console.key}/reprocess",
+            data={"csrf_token": csrf_of(page)},
+            headers={**headers, "Origin": "https://evil.example"},
+        )
+        assert foreign.status_code == 403

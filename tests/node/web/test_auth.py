@@ -15,6 +15,7 @@ from node.web.auth import (
     csrf_valid,
     from_trusted_proxy,
     hash_password,
+    login_keys,
     new_token,
     token_sha256,
 )
@@ -64,19 +65,28 @@ def test_roles_are_ordered() -> None:
 
 def test_the_limiter_counts_per_key_within_its_window() -> None:
     limiter = LoginLimiter(attempts=2, window_s=0.5)
-    keys = ["user:otto", "client:10.0.0.1"]
+    keys = login_keys("Otto", "10.0.0.1")
+    assert keys[0] == "pair:otto@10.0.0.1"
     assert limiter.retry_after(keys) is None
     limiter.failed(keys)
     limiter.failed(keys)
-    assert limiter.retry_after(["user:otto"]) == 1
-    # An address may fail four times as often (many users behind one address).
-    assert limiter.retry_after(["client:10.0.0.1"]) is None
-    assert limiter.retry_after(["user:vera"]) is None
+    assert limiter.retry_after(keys) == 1
+    # Only that address's tries at that name wait: the name from another address, and other
+    # names from this address, have four times the attempts.
+    assert limiter.retry_after(login_keys("otto", "10.0.0.2")) is None
+    assert limiter.retry_after(login_keys("vera", "10.0.0.1")) is None
     time.sleep(0.6)
     assert limiter.retry_after(keys) is None
     limiter.failed(keys)
-    limiter.forget("user:otto")
-    assert limiter.retry_after(["user:otto"]) is None
+    limiter.forget(keys[0])
+    assert limiter.retry_after(keys) is None
+
+
+def test_guessing_from_many_addresses_still_stops_at_the_name() -> None:
+    limiter = LoginLimiter(attempts=2, window_s=60)
+    for address in range(8):
+        limiter.failed(login_keys("ada", f"10.0.0.{address}"))
+    assert limiter.retry_after(login_keys("ada", "10.9.9.9")) is not None
 
 
 @pytest.mark.parametrize(
@@ -86,6 +96,7 @@ def test_the_limiter_counts_per_key_within_its_window() -> None:
         ("10.0.0.5", ["10.0.0.0/24"], True),
         ("10.0.1.5", ["10.0.0.0/24"], False),
         ("::1", ["::1"], True),
+        ("::ffff:10.0.0.5", ["10.0.0.5"], True),
         ("testclient", ["10.0.0.0/8"], False),
         (None, ["10.0.0.0/8"], False),
         ("10.0.0.5", [], False),

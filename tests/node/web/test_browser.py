@@ -158,8 +158,14 @@ def test_an_operator_logs_in_opens_a_scored_study_and_reprocesses_it(
     screenshot(page, "console-study.png", tmp_path)
 
     # Reprocess with the two phases swapped, chosen from the study's own series.
-    arterial = page.locator("select[name=arterial]").input_value()
-    portal_venous = page.locator("select[name=portal_venous]").input_value()
+    # Untouched, the form lets the node choose; the series used now are marked in it.
+    assert page.locator("select[name=arterial]").input_value() == ""
+    arterial = page.locator(
+        "select[name=arterial] option", has_text="used as arterial now"
+    ).get_attribute("value")
+    portal_venous = page.locator(
+        "select[name=portal_venous] option", has_text="used as portal venous now"
+    ).get_attribute("value")
     assert arterial and portal_venous and arterial != portal_venous
     page.select_option("select[name=arterial]", portal_venous)
     page.select_option("select[name=portal_venous]", arterial)
