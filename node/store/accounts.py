@@ -18,6 +18,9 @@ from node.store.types import Account, AuditEntry, from_row
 #: The console's roles, least to most.
 ROLES = ("viewer", "operator", "admin")
 
+#: An account row without its hash (what :class:`Account` holds).
+ACCOUNT = (users.c.name, users.c.role, users.c.created_at, users.c.password_changed_at)
+
 
 class Accounts:
     """Accounts, sessions and the audit log on the store's engine."""
@@ -58,11 +61,7 @@ class Accounts:
     def user(self, name: str) -> Account | None:
         """An account, or None."""
         with self._engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    users.c.name, users.c.role, users.c.created_at, users.c.password_changed_at
-                ).where(users.c.name == name)
-            ).first()
+            row = conn.execute(select(*ACCOUNT).where(users.c.name == name)).first()
         return from_row(Account, row._mapping) if row is not None else None
 
     def password_hash(self, name: str) -> str | None:
@@ -83,11 +82,7 @@ class Accounts:
     def list_users(self) -> list[Account]:
         """Every account, by name."""
         with self._engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    users.c.name, users.c.role, users.c.created_at, users.c.password_changed_at
-                ).order_by(users.c.name)
-            )
+            rows = conn.execute(select(*ACCOUNT).order_by(users.c.name))
             return [from_row(Account, row._mapping) for row in rows]
 
     def remove_user(self, name: str) -> bool:
@@ -135,7 +130,7 @@ class Accounts:
                 )
             )
             row = conn.execute(
-                select(users.c.name, users.c.role, users.c.created_at, users.c.password_changed_at)
+                select(*ACCOUNT)
                 .join(web_sessions, web_sessions.c.user_name == users.c.name)
                 .where(web_sessions.c.token_sha256 == token_sha256)
             ).first()
