@@ -20,6 +20,7 @@ Typical use from a test::
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -92,6 +93,8 @@ class Orthanc:
     storage: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: User and password when the configuration turned authentication on.
+    credentials: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -124,6 +127,9 @@ class Orthanc:
         else:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
         path = path if path.startswith("/") else f"/{path}"
+        if self.credentials is not None:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         request = urllib.request.Request(
             self.url + path, data=data, method=method.upper(), headers=headers
         )
@@ -301,14 +307,18 @@ def _config(
 
 
 def _start(
-    executable: str, workdir: Path, aet: str, modalities: Mapping[str, tuple[str, str, int]]
+    executable: str,
+    workdir: Path,
+    aet: str,
+    modalities: Mapping[str, tuple[str, str, int]],
+    extra: Mapping[str, Any] | None = None,
 ) -> Orthanc:
     """Write the configuration, start the process; does not wait for it."""
     http_port = free_port()
     dicom_port = free_port()
     while dicom_port == http_port:
         dicom_port = free_port()
-    config = _config(workdir, aet, dicom_port, http_port, modalities)
+    config = {**_config(workdir, aet, dicom_port, http_port, modalities), **(extra or {})}
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = workdir / "orthanc.log"
@@ -321,6 +331,7 @@ def _start(
             stderr=subprocess.STDOUT,
             env={**os.environ, "TCP_NODELAY": "1"},
         )
+    users = config.get("RegisteredUsers") or {}
     return Orthanc(
         aet=aet,
         dicom_port=dicom_port,
@@ -328,6 +339,7 @@ def _start(
         storage=Path(config["StorageDirectory"]),
         process=process,
         log_path=log_path,
+        credentials=next(iter(users.items())) if config.get("AuthenticationEnabled") else None,
     )
 
 
@@ -354,6 +366,7 @@ def running_orthanc(
     aet: str = "ORTHANC",
     modalities: Mapping[str, tuple[str, str, int]] | None = None,
     timeout: float = 30,
+    extra: Mapping[str, Any] | None = None,
 ) -> Iterator[Orthanc]:
     """Run Orthanc on free loopback ports with storage under ``workdir``; stop it on exit.
 
@@ -368,7 +381,7 @@ def running_orthanc(
     server: Orthanc | None = None
     try:
         for _attempt in range(START_ATTEMPTS):
-            server = _start(executable, workdir, aet, modalities or {})
+            server = _start(executable, workdir, aet, modalities or {}, extra)
             if _wait_ready(server, timeout):
                 break
             server.stop()
@@ -415,6 +428,7 @@ def restart_orthanc(server: Orthanc, timeout: float = 30) -> Orthanc:
         storage=server.storage,
         process=process,
         log_path=server.log_path,
+        credentials=server.credentials,
     )
     if not _wait_ready(again, timeout):
         raise OrthancError(f"Orthanc did not restart; log tail:\n{again.log_tail()}")
@@ -433,8 +447,31 @@ end
 """
 
 
+#: Where Debian's orthanc-dicomweb puts the plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicomweb_config(users: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Configuration keys for Orthanc's DICOMweb plugin at ``/dicom-web/`` (``users``: turn on
+    HTTP basic authentication for everything, the REST API included)."""
+    if not DICOMWEB_PLUGIN.exists():
+        message = f"{DICOMWEB_PLUGIN} not found: apt-get install orthanc-dicomweb"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    config: dict[str, Any] = {
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+    }
+    if users:
+        config.update({"AuthenticationEnabled": True, "RegisteredUsers": dict(users)})
+    return config
+
+
 @contextmanager
-def counting_orthanc(workdir: Path) -> Iterator[tuple[Orthanc, Path]]:
+def counting_orthanc(
+    workdir: Path, extra: Mapping[str, Any] | None = None
+) -> Iterator[tuple[Orthanc, Path]]:
     """Orthanc as in :func:`running_orthanc`, plus a log of every instance it receives.
 
     Yields the server and the log: one line ``<RequestOrigin> <RemoteAet> <SOPInstanceUID>`` per
@@ -443,7 +480,7 @@ def counting_orthanc(workdir: Path) -> Iterator[tuple[Orthanc, Path]]:
     orthanc_or_skip()
     received = workdir / "received.txt"
     script = workdir / "received.lua"
-    with running_orthanc(workdir) as first:
+    with running_orthanc(workdir, extra=extra) as first:
         first.stop()
         script.write_text(RECEIVED_LUA.replace("@LOG@", str(received)))
         config_path = workdir / "orthanc.json"

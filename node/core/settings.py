@@ -153,9 +153,11 @@ class SecuritySection(_Section):
 
 
 class PeerSection(_Section):
-    """``[peers.NAME]``: a DICOM application entity the node talks to or accepts."""
+    """``[peers.NAME]``: a DICOM application entity the node talks to or accepts, over DIMSE
+    (``ae_title``, ``host``, ``port``) and/or DICOMweb (``dicomweb_url``)."""
 
-    ae_title: str
+    #: Needed for DIMSE; a DICOMweb-only peer (``dicomweb_url``, no ``port``) has none.
+    ae_title: str = ""
     host: str | None = None
     port: Port | None = None
     tls: bool = False
@@ -165,8 +167,53 @@ class PeerSection(_Section):
     #: node.core.tls. ``openssl x509 -noout -fingerprint -sha256 -in CERT`` prints it.
     tls_fingerprint: str | None = None
 
-    _ae = field_validator("ae_title")(_check_ae_title)
-    _none = field_validator("host", "port", "tls_fingerprint", mode="before")(_empty_to_none)
+    #: DICOMweb base URL (``https://pacs.example.org/dicom-web``): STOW-RS for results,
+    #: QIDO-RS and WADO-RS for re-queries. TLS certificates are verified (``dicomweb_ca`` for a
+    #: private CA, else the system's).
+    dicomweb_url: str | None = None
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    dicomweb_ca: Path | None = None
+    #: What carries results to a peer that has both a DIMSE port and a dicomweb_url.
+    deliver_by: Literal["dimse", "dicomweb"] = "dimse"
+
+    _ae = field_validator("ae_title")(lambda value: _check_ae_title(value) if value else value)
+    _none = field_validator(
+        "host",
+        "port",
+        "tls_fingerprint",
+        "dicomweb_url",
+        "username",
+        "dicomweb_ca",
+        mode="before",
+    )(_empty_to_none)
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _web_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL")
+        if parts.username or parts.password:
+            # The URL is shown in statuses and pages; secrets go where they are masked.
+            raise ValueError("credentials go in username/password or token, not in the URL")
+        return value.rstrip("/")
+
+    @property
+    def dicomweb_only(self) -> bool:
+        """Reached only over DICOMweb: a URL and no DIMSE port."""
+        return self.dicomweb_url is not None and self.port is None
+
+    @property
+    def delivers_by_dicomweb(self) -> bool:
+        """Whether results go to this peer by STOW-RS (else C-STORE)."""
+        return self.dicomweb_url is not None and (
+            self.port is None or self.deliver_by == "dicomweb"
+        )
 
     @field_validator("tls_fingerprint")
     @classmethod
@@ -621,13 +668,15 @@ def _show(value: Any, path: str) -> str:
         return "-"
     if _is_secret(path):
         return REDACTED
+    if path.endswith("dicomweb_url") and isinstance(value, str):
+        return repr(_redact_url(value))
     if isinstance(value, Mapping):
         return "{...}"
     return repr(value)
 
 
 def _is_secret(path: str) -> bool:
-    return path.endswith("pseudonym_key") or path.endswith("database.url")
+    return path.endswith(("pseudonym_key", "database.url", ".password", ".token", "stow_token"))
 
 
 def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
@@ -648,12 +697,15 @@ def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
                 repr(name),
                 f"no [peers.{name}] section is configured",
             )
-        elif not peer.get("host") or not peer.get("port"):
+        elif not peer.get("dicomweb_url") and (not peer.get("host") or not peer.get("port")):
             yield Problem(
                 f"results.destinations[{index}]",
                 repr(name),
-                f"[peers.{name}] needs host and port to receive results",
+                f"[peers.{name}] needs host and port, or dicomweb_url, to receive results",
             )
+    for name, peer in peers.items():
+        if isinstance(peer, Mapping):
+            yield from _peer_problems(name, peer)
     requery = data.get("requery")
     peer_name = requery.get("peer") if isinstance(requery, Mapping) else None
     if peer_name and peer_name not in peers:
@@ -708,6 +760,33 @@ def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
         )
 
 
+def _peer_problems(name: str, peer: Mapping[str, Any]) -> Iterable[Problem]:
+    """A peer's DIMSE and DICOMweb keys must fit together."""
+    url = peer.get("dicomweb_url")
+    if not peer.get("ae_title") and not (url and not peer.get("port")):
+        yield Problem(
+            f"peers.{name}.ae_title",
+            "-",
+            "needed to reach the peer over DIMSE (a DICOMweb-only peer has dicomweb_url and no "
+            "port)",
+        )
+    auth = peer.get("auth", "none")
+    if auth == "basic" and not (peer.get("username") and _secret_given(peer.get("password"))):
+        yield Problem(f"peers.{name}.auth", "'basic'", "needs username and password")
+    if auth == "bearer" and not _secret_given(peer.get("token")):
+        yield Problem(f"peers.{name}.auth", "'bearer'", "needs token")
+    if auth != "none" and not url:
+        yield Problem(f"peers.{name}.auth", repr(auth), "is for DICOMweb: set dicomweb_url")
+    if peer.get("deliver_by") == "dicomweb" and not url:
+        yield Problem(f"peers.{name}.deliver_by", "'dicomweb'", "needs dicomweb_url")
+
+
+def _secret_given(value: Any) -> bool:
+    if isinstance(value, SecretStr):
+        return bool(value.get_secret_value())
+    return bool(value)
+
+
 def redacted_dict(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data, secrets replaced by ``********``."""
     data = settings.model_dump(mode="json")
@@ -715,6 +794,9 @@ def redacted_dict(settings: Settings) -> dict[str, Any]:
     data["security"]["pseudonym_key"] = REDACTED if key else ""
     if settings.database.url:
         data["database"]["url"] = _redact_url(settings.database.url)
+    for name, peer in settings.peers.items():
+        for key in ("password", "token"):
+            data["peers"][name][key] = REDACTED if getattr(peer, key).get_secret_value() else ""
     return data
 
 

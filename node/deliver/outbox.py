@@ -1,4 +1,5 @@
-"""Result delivery: a durable outbox and a C-STORE SCU that retries with backoff.
+"""Result delivery: a durable outbox, and a C-STORE SCU (or STOW-RS, node.deliver.stow, for a
+peer reached over DICOMweb) that retries with backoff.
 
 Every result object is on disk and in the ``outbox`` table (one row per object and destination)
 before anything is sent, so a crash never loses a result and a resend after a restart sends the
@@ -235,12 +236,20 @@ class Dispatcher:
         return len(rows)
 
     def _send(self, destination: str, peer: PeerSection, items: list[OutboxItem]) -> list[Attempt]:
-        """:func:`send_files`, any error an attempt that is counted and retried.
+        """:func:`send_files` (or STOW-RS), any error an attempt that is counted and retried.
 
         One destination's failure (a TLS context it cannot build, a bug) must neither stall the
         round for the others nor escape the attempt count, backoff and give-up.
         """
         try:
+            if peer.delivers_by_dicomweb:
+                from node.deliver.stow import StowItem, stow_files
+
+                return stow_files(
+                    destination,
+                    peer,
+                    [StowItem(Path(i.path), i.study_uid, i.sop_instance_uid) for i in items],
+                )
             return send_files(self.settings, destination, peer, [Path(i.path) for i in items])
         except Exception as exc:
             log.exception("delivery to one destination failed", destination=destination)

@@ -250,3 +250,39 @@ def test_the_console_settings_are_checked(tmp_path: Path) -> None:
         )
     )
     assert settings.web.trusted_proxies == ["10.0.0.5"]
+
+
+def test_dicomweb_peers_are_checked(tmp_path: Path) -> None:
+    web = '[peers.cloud]\ndicomweb_url = "https://archive.example.org/dicom-web/"\n'
+    settings = load_settings(write(tmp_path, web + '[results]\ndestinations = ["cloud"]\n'))
+    cloud = settings.peers["cloud"]
+    assert cloud.dicomweb_url == "https://archive.example.org/dicom-web"
+    assert cloud.dicomweb_only and cloud.delivers_by_dicomweb and cloud.ae_title == ""
+    (line,) = problems(tmp_path, '[peers.pacs]\nhost = "10.0.0.5"\nport = 104\n')
+    assert line.startswith("peers.pacs.ae_title = -: needed to reach the peer over DIMSE")
+    (line,) = problems(tmp_path, web + 'auth = "basic"\nusername = "mvi"\n')
+    assert line.startswith("peers.cloud.auth = 'basic': needs username and password")
+    (line,) = problems(tmp_path, web + 'auth = "bearer"\n')
+    assert line.startswith("peers.cloud.auth = 'bearer': needs token")
+    (line,) = problems(
+        tmp_path, '[peers.cloud]\ndicomweb_url = "https://mvi:secret@archive.example.org/"\n'
+    )
+    assert "credentials go in username/password" in line and "secret" not in line
+    (line,) = problems(tmp_path, '[peers.pacs]\nae_title = "PACS"\ndeliver_by = "dicomweb"\n')
+    assert line.startswith("peers.pacs.deliver_by = 'dicomweb': needs dicomweb_url")
+    both = (
+        '[peers.pacs]\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
+        'dicomweb_url = "https://pacs.example.org/dicom-web"\n'
+    )
+    assert not load_settings(write(tmp_path, both)).peers["pacs"].delivers_by_dicomweb
+    chosen = load_settings(write(tmp_path, both + 'deliver_by = "dicomweb"\n'))
+    assert chosen.peers["pacs"].delivers_by_dicomweb
+
+
+def test_a_peer_password_is_never_printed(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        '[peers.cloud]\ndicomweb_url = "https://archive.example.org/dicom-web"\n'
+        'auth = "basic"\nusername = "mvi"\npassword = "hunter2-secret"\n',
+    )
+    assert "hunter2-secret" not in to_toml(redacted_dict(load_settings(config)))
