@@ -172,6 +172,12 @@ def resolve_peer(settings: Settings, name: str | None) -> tuple[str, PeerSection
         known = ", ".join(sorted(settings.peers)) or "none configured"
         raise RequeryError(f"no [peers.{chosen}] in the configuration (peers: {known})")
     if peer.host is None or peer.port is None:
+        if peer.dicomweb_only:
+            # QIDO-RS/WADO-RS re-query is the second part of issue 19.
+            raise RequeryError(
+                f"[peers.{chosen}] is reached over DICOMweb only; re-query and C-ECHO need its "
+                "DIMSE host and port (re-query over QIDO-RS/WADO-RS is not there yet)"
+            )
         raise RequeryError(f"[peers.{chosen}] needs host and port to be called")
     return chosen, peer
 
