@@ -178,6 +178,8 @@ class PeerSection(_Section):
     dicomweb_ca: Path | None = None
     #: What carries results to a peer that has both a DIMSE port and a dicomweb_url.
     deliver_by: Literal["dimse", "dicomweb"] = "dimse"
+    #: The bearer token this peer sends with STOW-RS to the node's ``[dicomweb]`` receiver.
+    stow_token: SecretStr = SecretStr("")
 
     _ae = field_validator("ae_title")(lambda value: _check_ae_title(value) if value else value)
     _none = field_validator(
@@ -436,6 +438,21 @@ class ClusterSection(_Section):
     heartbeat_s: PositiveSeconds = 10.0
 
 
+class DicomwebSection(_Section):
+    """``[dicomweb]``: the node's STOW-RS receiver (``POST /dicom-web/studies``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8480
+    #: HTTPS (both or neither); peers then reach it as ``https://HOST:PORT/dicom-web``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: The largest request body taken, in MB (each instance also within node.max_instance_mb).
+    max_request_mb: int = Field(default=2048, ge=1)
+
+    _none = field_validator("tls_cert", "tls_key", mode="before")(_empty_to_none)
+
+
 #: The console's roles, least to most: viewer reads, operator also acts, admin also reads the
 #: audit log of actions.
 WebRole = Literal["viewer", "operator", "admin"]
@@ -538,6 +555,7 @@ class Settings(BaseSettings):
     database: DatabaseSection = DatabaseSection()
     cluster: ClusterSection = ClusterSection()
     web: WebSection = WebSection()
+    dicomweb: DicomwebSection = DicomwebSection()
 
     @classmethod
     def settings_customise_sources(
@@ -739,12 +757,15 @@ def _reference_problems(data: Mapping[str, Any]) -> Iterable[Problem]:
             repr(role),
             'hosts share work through PostgreSQL: set database.url = "postgresql+psycopg://…"',
         )
+    for section in ("web", "dicomweb"):
+        http = data.get(section)
+        http = http if isinstance(http, Mapping) else {}
+        given = {key for key in ("tls_cert", "tls_key") if http.get(key)}
+        if len(given) == 1:
+            missing = ({"tls_cert", "tls_key"} - given).pop()
+            yield Problem(f"{section}.{missing}", "-", "HTTPS needs both tls_cert and tls_key")
     web = data.get("web")
     web = web if isinstance(web, Mapping) else {}
-    given = {key for key in ("tls_cert", "tls_key") if web.get(key)}
-    if len(given) == 1:
-        missing = ({"tls_cert", "tls_key"} - given).pop()
-        yield Problem(f"web.{missing}", "-", "HTTPS needs both tls_cert and tls_key")
     if web.get("trusted_user_header") and not web.get("trusted_proxies"):
         yield Problem(
             "web.trusted_user_header",
@@ -795,7 +816,7 @@ def redacted_dict(settings: Settings) -> dict[str, Any]:
     if settings.database.url:
         data["database"]["url"] = _redact_url(settings.database.url)
     for name, peer in settings.peers.items():
-        for key in ("password", "token"):
+        for key in ("password", "token", "stow_token"):
             data["peers"][name][key] = REDACTED if getattr(peer, key).get_secret_value() else ""
     return data
 

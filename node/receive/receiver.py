@@ -394,6 +394,34 @@ def _inflated_within(path: Path, offset: int, limit: int) -> bool:
 
 
 def _store(event: evt.Event, state: ReceiverState, incoming: Path, size: int) -> int:
+    request: Any = event.request
+    return store_incoming(
+        state,
+        incoming,
+        size,
+        transfer_syntax=str(event.context.transfer_syntax),
+        sop_class=str(request.AffectedSOPClassUID),
+        sop_instance=str(request.AffectedSOPInstanceUID),
+        calling_ae=_peer_ae_title(event),
+    )
+
+
+def store_incoming(
+    state: ReceiverState,
+    incoming: Path,
+    size: int,
+    *,
+    transfer_syntax: str,
+    sop_class: str,
+    sop_instance: str,
+    calling_ae: str,
+) -> int:
+    """Check one received Part 10 file and adopt it into the spool and the store; returns the
+    DIMSE status. C-STORE (the request's UIDs) and STOW-RS (the file meta's) both end here, so
+    an instance is accepted, refused and made durable the same way whichever way it came.
+
+    ``incoming`` is left where it is; the caller removes it (adopted files are moved away).
+    """
     try:
         if free_megabytes(state.spool_root) < state.settings.node.free_disk_floor_mb:
             log.error("store refused: free disk below node.free_disk_floor_mb")
@@ -402,9 +430,8 @@ def _store(event: evt.Event, state: ReceiverState, incoming: Path, size: int) ->
         log.exception("store refused: cannot read free disk space of the spool")
         return OUT_OF_RESOURCES_PERSISTENCE
 
-    request: Any = event.request
     limit = state.settings.node.max_instance_mb * 1_000_000
-    syntax = str(event.context.transfer_syntax)
+    syntax = transfer_syntax
     try:
         offset = _dataset_offset(incoming)
         if size - offset > limit or (
@@ -434,10 +461,10 @@ def _store(event: evt.Event, state: ReceiverState, incoming: Path, size: int) ->
         # Only the keys: a bad UID may carry anything the sender put there.
         log.warning("store failed: dataset has invalid UIDs", invalid=invalid)
         return CANNOT_UNDERSTAND_INVALID_UID
-    if uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
+    if uids["SOPClassUID"] != sop_class:
         log.warning("store failed: SOP class differs from the request")
         return DATASET_SOP_CLASS_MISMATCH
-    if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
+    if uids["SOPInstanceUID"] != sop_instance:
         log.warning("store failed: SOP instance differs from the request")
         return DATASET_SOP_INSTANCE_MISMATCH
     if syntax in NATIVE_SYNTAXES:
@@ -446,7 +473,7 @@ def _store(event: evt.Event, state: ReceiverState, incoming: Path, size: int) ->
             log.warning(f"store failed: {problem}")
             return CANNOT_UNDERSTAND_PIXEL_LENGTH
 
-    return _persist(event, state, incoming, size, offset, header, uids)
+    return _persist(state, incoming, size, offset, header, uids, syntax, calling_ae)
 
 
 def pixel_length_problem(header: Any) -> str | None:
@@ -477,13 +504,14 @@ def pixel_length_problem(header: Any) -> str | None:
 
 
 def _persist(
-    event: evt.Event,
     state: ReceiverState,
     incoming: Path,
     size: int,
     offset: int,
     header: Any,
     uids: dict[str, str],
+    transfer_syntax: str,
+    calling_ae: str,
 ) -> int:
     study_uid = uids["StudyInstanceUID"]
     sop_uid = uids["SOPInstanceUID"]
@@ -509,11 +537,11 @@ def _persist(
     record = instance_record(
         header,
         uids,
-        transfer_syntax=str(event.context.transfer_syntax),
+        transfer_syntax=transfer_syntax,
         path=relative,
         size=size,
         sha256=sha256,
-        calling_ae=_peer_ae_title(event),
+        calling_ae=calling_ae,
         own=own,
     )
     target = state.spool_root / relative

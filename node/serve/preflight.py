@@ -49,45 +49,78 @@ def host_checks(settings: Settings) -> list[Check]:
         checks.append(_log_file(settings.node.log_file))
     if settings.web.enabled and settings.cluster.role != "worker":
         checks.extend(_console(settings))
+    if settings.dicomweb.enabled and settings.cluster.role != "worker":
+        checks.extend(_stow_receiver(settings))
     return checks
 
 
 def _console(settings: Settings) -> list[Check]:
     """The console's HTTPS files (fatal: it could never start) and its port (a warning: the
     node receives without its console, which retries)."""
-    import socket
-    import ssl
-
     web = settings.web
-    checks = []
-    if web.tls_cert is not None and web.tls_key is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                web.tls_cert, web.tls_key
-            )
-        except (OSError, ssl.SSLError) as exc:
-            checks.append(
-                Check("console HTTPS", False, f"web.tls_cert/tls_key: {exc.strerror or exc}")
-            )
-        else:
-            checks.append(Check("console HTTPS", True, f"{web.tls_cert} and its key load"))
-    try:
-        family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
-        with socket.socket(family) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((web.host, web.port))
-    except OSError as exc:
+    checks = _https_files("console HTTPS", "web", web.tls_cert, web.tls_key)
+    problem = _port_free(web.host, web.port)
+    if problem is not None:
         return [
             *checks,
             Check(
                 "console port",
                 False,
-                f"web.port {web.host}:{web.port}: {exc.strerror or exc}; the node receives "
-                "without its console until the port is free",
+                f"web.port {web.host}:{web.port}: {problem}; the node receives without its "
+                "console until the port is free",
                 fatal=False,
             ),
         ]
     return [*checks, Check("console port", True, f"{web.host}:{web.port} free")]
+
+
+def _stow_receiver(settings: Settings) -> list[Check]:
+    """The STOW-RS receiver's HTTPS files and port: both fatal (it runs in serve's process)."""
+    section = settings.dicomweb
+    checks = _https_files("STOW-RS HTTPS", "dicomweb", section.tls_cert, section.tls_key)
+    problem = _port_free(section.host, section.port)
+    where = f"dicomweb.port {section.host}:{section.port}"
+    checks.append(
+        Check(
+            "STOW-RS port", problem is None, f"{where}: {problem}" if problem else f"{where} free"
+        )
+    )
+    if not any(p.stow_token.get_secret_value() for p in settings.peers.values()):
+        checks.append(
+            Check(
+                "STOW-RS callers",
+                False,
+                "no [peers.NAME] has a stow_token: every request will be refused",
+                fatal=False,
+            )
+        )
+    return checks
+
+
+def _https_files(name: str, key: str, cert: Path | None, private: Path | None) -> list[Check]:
+    import ssl
+
+    if cert is None or private is None:
+        return []
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, private)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        return [Check(name, False, f"{key}.tls_cert/tls_key: {why}")]
+    return [Check(name, True, f"{cert} and its key load")]
+
+
+def _port_free(host: str, port: int) -> str | None:
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
 
 
 def _log_file(path: Path) -> Check:

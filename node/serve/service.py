@@ -49,6 +49,7 @@ class Node:
     metrics_server: Any = None
     timers: ClusterTimers | None = None
     console: Console | None = None
+    stow: Any = None
 
     @property
     def spool_root(self) -> Path:
@@ -198,6 +199,12 @@ def start_node(settings: Settings) -> Node:
     dispatcher = Dispatcher(settings, store)
     dispatcher.start()
     server = start_receiver(receiver, tls)
+    stow = None
+    if settings.dicomweb.enabled:
+        from node.receive.stow import StowServer
+
+        stow = StowServer(receiver)
+        stow.start()
     metrics_server = None
     if settings.metrics.port is not None:
         from node.serve.metrics import build_registry, health_checks, start_metrics_server
@@ -231,12 +238,15 @@ def start_node(settings: Settings) -> Node:
         metrics_server,
         timers,
         console,
+        stow,
     )
 
 
 def stop_node(node: Node) -> None:
     """Stop listening, stop the workers and timers, close the store."""
     node.server.shutdown()
+    if node.stow is not None:
+        node.stow.stop()
     if node.metrics_server is not None:
         node.metrics_server.shutdown()
     if node.console is not None:

@@ -1,0 +1,328 @@
+"""The STOW-RS receiver: ``POST /dicom-web/studies[/{StudyInstanceUID}]`` beside the DIMSE AE.
+
+A request is answered only after each instance in it is checked, fsynced and committed by the
+very code a C-STORE goes through (:func:`node.receive.receiver.store_incoming`), so a 200 means
+what a C-STORE success means. In order:
+
+1. the caller: ``Authorization: Bearer`` with one peer's ``stow_token`` (compared in constant
+   time), else 401;
+2. the body: ``multipart/related; type="application/dicom"`` with a boundary, else 415; larger
+   than ``dicomweb.max_request_mb`` (by Content-Length, or while it streams), 413;
+3. the whole body is read into files under the spool's incoming folder first; a body that ends
+   before its closing boundary is 400 and nothing of it is stored;
+4. each part (a DICOM Part 10 file) is stored; the answer lists each in ReferencedSOPSequence or
+   FailedSOPSequence with the DIMSE status as FailureReason (``0xA7xx`` out of resources,
+   ``0xA9xx`` not what it claims, ``0xCxxx`` cannot be understood, ``0xC122`` a transfer syntax
+   the node does not take), with HTTP 200 (all stored), 202 (some) or 409 (none).
+"""
+
+from __future__ import annotations
+
+import hmac
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from node.core.logging import get_logger, study_key
+from node.core.settings import Settings
+from node.receive.receiver import TRANSFER_SYNTAXES, ReceiverState, store_incoming
+from node.receive.spool import INCOMING
+
+log = get_logger("node.receive.stow")
+
+ROOT = "/dicom-web"
+#: FailureReason for a transfer syntax the node does not take (PS3.18 Table I.2-1).
+SYNTAX_NOT_SUPPORTED = 0xC122
+#: FailureReason for an instance of another study than the URL names.
+WRONG_STUDY = 0xA900
+#: FailureReason for a part that is no DICOM file.
+CANNOT_UNDERSTAND = 0xC000
+DICOM_JSON = "application/dicom+json"
+
+
+class Rejected(Exception):
+    """The whole request is refused: an HTTP status and a sentence."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def caller(settings: Settings, authorization: str | None) -> str | None:
+    """The peer whose ``stow_token`` the request carries, or None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    given = token.strip().encode()
+    found = None
+    for name, peer in sorted(settings.peers.items()):
+        expected = peer.stow_token.get_secret_value().encode()
+        # Every token is compared, matched or not: the time does not tell which peer exists.
+        if expected and hmac.compare_digest(expected, given):
+            found = name
+    return found
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    """The boundary of a ``multipart/related; type="application/dicom"`` body, or 415."""
+    from python_multipart.multipart import parse_options_header
+
+    media, options = parse_options_header(content_type or "")
+    kind = options.get(b"type", b"").lower()
+    boundary = options.get(b"boundary", b"")
+    if media.lower() != b"multipart/related" or kind != b"application/dicom" or not boundary:
+        raise Rejected(
+            415,
+            'this receiver takes multipart/related; type="application/dicom" with a boundary',
+        )
+    return boundary
+
+
+class PartWriter:
+    """Callbacks of python-multipart's parser: each part's body into a file of its own."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files: list[Path] = []
+        self.types: list[str] = []
+        self.ended = False
+        self._handle: Any = None
+        self._header_name = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._begin,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+            "on_header_field": self._field,
+            "on_header_value": self._value,
+            "on_header_end": self._header_end,
+            "on_end": self._all_done,
+        }
+
+    def _begin(self) -> None:
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed at the part's end)
+            dir=self.folder, prefix="stow-", suffix=".part", delete=False
+        )
+        self._handle = handle
+        self.files.append(Path(handle.name))
+        self._headers = {}
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self._handle.write(data[start:end])
+
+    def _end(self) -> None:
+        self._handle.close()
+        self._handle = None
+        self.types.append(self._headers.get(b"content-type", b"").decode("latin-1"))
+
+    def _field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_name.strip().lower()] = self._header_value.strip()
+        self._header_name = self._header_value = b""
+
+    def _all_done(self) -> None:
+        self.ended = True
+
+    def discard(self) -> None:
+        """Remove every part file (a refused request keeps nothing)."""
+        if self._handle is not None:
+            self._handle.close()
+        for path in self.files:
+            path.unlink(missing_ok=True)
+
+
+def store_parts(
+    state: ReceiverState, writer: PartWriter, study_uid: str | None, calling_ae: str
+) -> tuple[list[Any], list[Any]]:
+    """Store each part as a C-STORE would be; (stored items, failed items) for the answer."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    stored: list[Any] = []
+    failed: list[Any] = []
+    for path, part_type in zip(writer.files, writer.types, strict=True):
+        item = Dataset()
+        status = CANNOT_UNDERSTAND
+        try:
+            media = part_type.split(";")[0].strip().lower()
+            meta = pydicom.filereader.read_file_meta_info(path)
+            item.ReferencedSOPClassUID = str(meta.MediaStorageSOPClassUID)
+            item.ReferencedSOPInstanceUID = str(meta.MediaStorageSOPInstanceUID)
+            syntax = str(meta.TransferSyntaxUID)
+            if media not in ("", "application/dicom"):
+                status = CANNOT_UNDERSTAND
+            elif syntax not in TRANSFER_SYNTAXES:
+                status = SYNTAX_NOT_SUPPORTED
+            elif study_uid is not None and _study_of(path) != study_uid:
+                status = WRONG_STUDY
+            else:
+                status = store_incoming(
+                    state,
+                    path,
+                    path.stat().st_size,
+                    transfer_syntax=syntax,
+                    sop_class=item.ReferencedSOPClassUID,
+                    sop_instance=item.ReferencedSOPInstanceUID,
+                    calling_ae=calling_ae,
+                )
+        except Exception as exc:  # no file meta, a foreign file: that part cannot be understood
+            log.warning("STOW-RS part not stored", error=type(exc).__name__)
+        finally:
+            path.unlink(missing_ok=True)
+        if status == 0:
+            stored.append(item)
+        else:
+            item.FailureReason = status
+            failed.append(item)
+    return stored, failed
+
+
+def _study_of(path: Path) -> str:
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    return str(header.get("StudyInstanceUID", ""))
+
+
+def answer(stored: list[Any], failed: list[Any]) -> tuple[int, dict[str, Any]]:
+    """The STOW-RS response (DICOM JSON) and its HTTP status."""
+    from pydicom.dataset import Dataset
+
+    response = Dataset()
+    if stored:
+        response.ReferencedSOPSequence = stored
+    if failed:
+        response.FailedSOPSequence = failed
+    status = 200 if not failed else 409 if not stored else 202
+    return status, response.to_json_dict()
+
+
+def stow_app(state: ReceiverState) -> Any:
+    """The receiver's Starlette application."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    settings = state.settings
+    limit = settings.dicomweb.max_request_mb * 1_000_000
+
+    async def store(request: Request) -> JSONResponse:
+        started = time.monotonic()
+        peer = caller(settings, request.headers.get("authorization"))
+        if peer is None:
+            log.warning("STOW-RS refused: no known token", client=_client(request))
+            return JSONResponse(
+                {"error": "a peer's stow_token is needed (Authorization: Bearer …)"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="mvi-node"'},
+            )
+        study_uid = request.path_params.get("study")
+        folder = state.spool_root / INCOMING
+        folder.mkdir(parents=True, exist_ok=True)
+        writer = PartWriter(folder)
+        try:
+            await _read_body(request, writer, limit)
+        except Rejected as refused:
+            writer.discard()
+            log.warning("STOW-RS refused", peer=peer, status=refused.status, why=refused.detail)
+            return JSONResponse({"error": refused.detail}, status_code=refused.status)
+        calling = (settings.peers[peer].ae_title or peer)[:16]
+        stored, failed = await run_in_threadpool(store_parts, state, writer, study_uid, calling)
+        status, body = answer(stored, failed)
+        log.info(
+            "STOW-RS request",
+            peer=peer,
+            status=status,
+            instances=len(stored),
+            failed=len(failed),
+            study_key=study_key(study_uid) if study_uid else None,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+    routes = [
+        Route(f"{ROOT}/studies", store, methods=["POST"]),
+        Route(f"{ROOT}/studies/{{study}}", store, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+async def _read_body(request: Any, writer: PartWriter, limit: int) -> None:
+    """Stream the body into part files; :class:`Rejected` for a wrong type, size or end."""
+    from python_multipart.multipart import MultipartParser
+
+    boundary = boundary_of(request.headers.get("content-type"))
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejected(
+            413, f"the body is larger than dicomweb.max_request_mb ({limit // 10**6} MB)"
+        )
+    parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise Rejected(
+                    413, f"the body is larger than dicomweb.max_request_mb ({limit // 10**6} MB)"
+                )
+            parser.write(chunk)
+        parser.finalize()
+    except Rejected:
+        raise
+    except Exception as exc:  # the parser's own errors on a malformed body
+        raise Rejected(400, f"the multipart body cannot be read: {type(exc).__name__}") from None
+    if not writer.ended or not writer.files:
+        raise Rejected(400, "the multipart body ends before its closing boundary")
+
+
+def _client(request: Any) -> str | None:
+    return request.client.host if request.client else None
+
+
+class StowServer:
+    """uvicorn serving :func:`stow_app` from a thread of the receiving process."""
+
+    def __init__(self, state: ReceiverState) -> None:
+        import uvicorn
+
+        section = state.settings.dicomweb
+        config = uvicorn.Config(
+            stow_app(state),
+            host=section.host,
+            port=section.port,
+            ssl_certfile=str(section.tls_cert) if section.tls_cert else None,
+            ssl_keyfile=str(section.tls_key) if section.tls_key else None,
+            access_log=False,
+            log_config=None,
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="stow-rs", daemon=True)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Listen; returns once it does (or raises when it could not)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError("the STOW-RS receiver could not listen (dicomweb.host/port)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Finish the requests in flight, then stop."""
+        self._server.should_exit = True
+        self._thread.join(10)
