@@ -1613,7 +1613,7 @@ def requery(
     # What can be wrong without the database is said first, in its own words (the node must be
     # running, and then its database exists).
     try:
-        resolve_peer(settings, options.peer)
+        resolve_peer(settings, options.peer, dicomweb=True)
         if not dry_run:
             check_node_running(settings)
             current_model(settings)

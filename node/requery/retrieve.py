@@ -159,10 +159,13 @@ Listener = Callable[[StudyCandidate], None]
 # -- the PACS side ------------------------------------------------------------------------------
 
 
-def resolve_peer(settings: Settings, name: str | None) -> tuple[str, PeerSection]:
+def resolve_peer(
+    settings: Settings, name: str | None, *, dicomweb: bool = False
+) -> tuple[str, PeerSection]:
     """The peer to call: ``name`` or ``requery.peer``; :class:`RequeryError` when unusable.
 
-    Also what `mvi-node echo` checks, so both name a bad peer the same way.
+    Also what `mvi-node echo` checks, so both name a bad peer the same way. ``dicomweb``: a
+    peer reached over DICOMweb will do (the re-query; C-ECHO needs DIMSE).
     """
     chosen = name or settings.requery.peer
     if not chosen:
@@ -171,12 +174,13 @@ def resolve_peer(settings: Settings, name: str | None) -> tuple[str, PeerSection
     if peer is None:
         known = ", ".join(sorted(settings.peers)) or "none configured"
         raise RequeryError(f"no [peers.{chosen}] in the configuration (peers: {known})")
+    if dicomweb and peer.delivers_by_dicomweb:
+        return chosen, peer
     if peer.host is None or peer.port is None:
         if peer.dicomweb_only:
-            # QIDO-RS/WADO-RS re-query is the second part of issue 19.
             raise RequeryError(
-                f"[peers.{chosen}] is reached over DICOMweb only; re-query and C-ECHO need its "
-                "DIMSE host and port (re-query over QIDO-RS/WADO-RS is not there yet)"
+                f"[peers.{chosen}] is reached over DICOMweb only; C-ECHO needs a DIMSE host "
+                "and port"
             )
         raise RequeryError(f"[peers.{chosen}] needs host and port to be called")
     return chosen, peer
@@ -306,64 +310,85 @@ def classify_series(candidate: StudyCandidate, settings: Settings) -> None:
 def find_studies(
     settings: Settings, peer_name: str, peer: PeerSection, options: RequeryOptions
 ) -> list[StudyCandidate]:
-    """C-FIND the studies of the date range, then their series; every candidate is decided.
+    """Find the studies of the date range, then their series; every candidate is decided.
+
+    Over DIMSE (C-FIND) or, for a peer whose results go by DICOMweb, QIDO-RS.
 
     Raises
     ------
     RequeryError
         The PACS cannot be reached or refuses the query.
     """
-    pattern = re.compile(options.description, re.IGNORECASE) if options.description else None
+    if peer.delivers_by_dicomweb:
+        from node.requery.dicomweb import Qido
+
+        qido = Qido(peer_name, peer)
+        return decide_candidates(qido.studies(options), qido.series, options, settings)
     with _association(
         settings, peer_name, peer, [StudyRootQueryRetrieveInformationModelFind]
     ) as assoc:
-        answers = _find(assoc, study_query(options), "studies")
-        found: list[StudyCandidate] = []
-        seen: set[str] = set()
-        for answer in answers:
-            uid = _text(answer, "StudyInstanceUID")
-            if not uid or uid in seen:
-                continue
-            seen.add(uid)
-            candidate = StudyCandidate(
-                study_uid=uid,
-                study_date=_text(answer, "StudyDate"),
-                description=_text(answer, "StudyDescription"),
-                modalities=tuple(m for m in _text(answer, "ModalitiesInStudy").split("\\") if m),
+        return decide_candidates(
+            _find(assoc, study_query(options), "studies"),
+            lambda uid: _find(assoc, series_query(uid), "series"),
+            options,
+            settings,
+        )
+
+
+def decide_candidates(
+    answers: Sequence[Dataset],
+    series_of: Callable[[str], list[Dataset]],
+    options: RequeryOptions,
+    settings: Settings,
+) -> list[StudyCandidate]:
+    """Candidates from a study query's answers, each decided (series asked for as needed)."""
+    pattern = re.compile(options.description, re.IGNORECASE) if options.description else None
+    found: list[StudyCandidate] = []
+    seen: set[str] = set()
+    for answer in answers:
+        uid = _text(answer, "StudyInstanceUID")
+        if not uid or uid in seen:
+            continue
+        seen.add(uid)
+        candidate = StudyCandidate(
+            study_uid=uid,
+            study_date=_text(answer, "StudyDate"),
+            description=_text(answer, "StudyDescription"),
+            modalities=tuple(m for m in _text(answer, "ModalitiesInStudy").split("\\") if m),
+        )
+        found.append(candidate)
+        # Not every PACS matches on ModalitiesInStudy or on dates: check the answers too.
+        if not _date_in_range(candidate.study_date, options):
+            candidate.outcome, candidate.reason = "skipped", "study date outside the range"
+            continue
+        if (
+            options.modality
+            and candidate.modalities
+            and (options.modality.upper() not in {m.upper() for m in candidate.modalities})
+        ):
+            candidate.outcome, candidate.reason = "skipped", f"no {options.modality} series"
+            continue
+        if pattern is not None and not pattern.search(candidate.description):
+            candidate.outcome = "skipped"
+            candidate.reason = "study description does not match --description"
+            continue
+        try:
+            answers_of_study = series_of(uid)
+        except RequeryError as exc:
+            # One study the PACS cannot list is that study's problem, not the run's.
+            candidate.outcome, candidate.reason = Status.FAILED, str(exc)
+            continue
+        for series in answers_of_study:
+            candidate.series.append(
+                {
+                    "series_uid": _text(series, "SeriesInstanceUID"),
+                    "modality": _text(series, "Modality"),
+                    "description": _text(series, "SeriesDescription"),
+                    "protocol": _text(series, "ProtocolName"),
+                    "instances": _text(series, "NumberOfSeriesRelatedInstances"),
+                }
             )
-            found.append(candidate)
-            # Not every PACS matches on ModalitiesInStudy or on dates: check the answers too.
-            if not _date_in_range(candidate.study_date, options):
-                candidate.outcome, candidate.reason = "skipped", "study date outside the range"
-                continue
-            if (
-                options.modality
-                and candidate.modalities
-                and (options.modality.upper() not in {m.upper() for m in candidate.modalities})
-            ):
-                candidate.outcome, candidate.reason = "skipped", f"no {options.modality} series"
-                continue
-            if pattern is not None and not pattern.search(candidate.description):
-                candidate.outcome = "skipped"
-                candidate.reason = "study description does not match --description"
-                continue
-            try:
-                answers_of_study = _find(assoc, series_query(uid), "series")
-            except RequeryError as exc:
-                # One study the PACS cannot list is that study's problem, not the run's.
-                candidate.outcome, candidate.reason = Status.FAILED, str(exc)
-                continue
-            for series in answers_of_study:
-                candidate.series.append(
-                    {
-                        "series_uid": _text(series, "SeriesInstanceUID"),
-                        "modality": _text(series, "Modality"),
-                        "description": _text(series, "SeriesDescription"),
-                        "protocol": _text(series, "ProtocolName"),
-                        "instances": _text(series, "NumberOfSeriesRelatedInstances"),
-                    }
-                )
-            classify_series(candidate, settings)
+        classify_series(candidate, settings)
     found.sort(key=lambda c: (c.study_date, c.study_uid))
     return found
 
@@ -608,7 +633,7 @@ def run_requery(
         Before anything is moved: no usable peer, the PACS refuses the query, the node is not
         running (C-MOVE needs it to receive; both need its workers to score).
     """
-    peer_name, peer = resolve_peer(settings, options.peer)
+    peer_name, peer = resolve_peer(settings, options.peer, dicomweb=True)
     if not options.dry_run:
         check_node_running(settings)
     model = current_model(settings) if not options.dry_run else _model_or_none(settings)
@@ -693,7 +718,11 @@ def _retrieve(
     problem: str | None
     try:
         store.mark_retrospective(candidate.study_uid, candidate.study_date or None)
-        if settings.requery.use_c_get:
+        if peer.delivers_by_dicomweb:
+            from node.requery.dicomweb import wado_study
+
+            problem = wado_study(settings, peer_name, peer, candidate.study_uid, store)
+        elif settings.requery.use_c_get:
             problem = get_study(settings, peer_name, peer, candidate.study_uid, store)
         else:
             problem = move_study(settings, peer_name, peer, candidate.study_uid)
