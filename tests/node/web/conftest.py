@@ -8,6 +8,7 @@ figures), a failed and a sent delivery, and a queued second job.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -28,6 +29,9 @@ from node.store.database import Delivery, InstanceRecord, Store, utcnow
 from node.web.app import create_app
 from node.web.auth import hash_password
 from tests.orthanc import free_port
+
+# httpx logs every request at INFO; the tests' clients are not the node.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY_UID = "1.2.826.0.1.3680043.8.498.2"
