@@ -1,4 +1,5 @@
-"""Ingest throughput: the node against DCMTK storescp and a bare pynetdicom handler.
+"""Ingest throughput: the node against DCMTK storescp and a bare pynetdicom handler, and the
+node's STOW-RS receiver beside its C-STORE.
 
 The same phantom study is sent by the same DCMTK ``storescu -pdu 131072`` to three receivers on
 loopback, alternating, for several rounds:
@@ -6,7 +7,11 @@ loopback, alternating, for several rounds:
 - the node (``mvi-node serve``: durable spool with fsync, SQLite row per instance);
 - DCMTK ``storescp -pdu 131072`` (the reference: what a C++ SCP does);
 - a bare pynetdicom handler that only writes the encoded bytes (no fsync, no database): what
-  pynetdicom itself costs.
+  pynetdicom itself costs;
+
+and, by curl, to the node's STOW-RS receiver (``[dicomweb]``): the same files as
+``multipart/related; type="application/dicom"`` bodies of :data:`STOW_BATCH` instances each,
+written before the clock starts (curl, like storescu, is C: the figure is the receiver's).
 
 Every DCMTK process runs with ``TCP_NODELAY=1`` (without it DCMTK waits on Nagle's algorithm).
 Each round starts each receiver on an empty folder, so no duplicate shortcut is taken. Prints
@@ -32,6 +37,11 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 Receiver = Callable[[Path], AbstractContextManager[tuple[int, str, "subprocess.Popen[bytes]"]]]
+
+#: Instances per STOW-RS request.
+STOW_BATCH = 40
+STOW_TOKEN = "bench-stow-token-0123456789abcdef"
+BOUNDARY = "mvi-bench-boundary"
 
 BARE_SCP = """
 import sys
@@ -112,9 +122,24 @@ def bare(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
 
 
 @contextmanager
-def node(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
+def node(folder: Path, stow: bool = False) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
+    """The node; with ``stow`` it yields its STOW-RS port instead of its DICOM port."""
     port = free_port()
+    http_port = free_port()
     config = folder / "node.toml"
+    stow_section = (
+        f"""
+[dicomweb]
+enabled = true
+port = {http_port}
+
+[peers.modality]
+dicomweb_url = "https://modality.example"
+stow_token = "{STOW_TOKEN}"
+"""
+        if stow
+        else ""
+    )
     config.write_text(
         f"""[node]
 ae_title = "MVI_NODE"
@@ -131,7 +156,10 @@ host = "127.0.0.1"
 [completion]
 # Long enough that no job competes with the next round for the CPU.
 quiet_seconds = 3600.0
-"""
+
+[web]
+enabled = false
+{stow_section}"""
     )
     script = Path(sys.executable).parent / "mvi-node"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MVI_")}
@@ -143,10 +171,61 @@ quiet_seconds = 3600.0
     )
     try:
         wait_listening(port, process)
-        yield port, "MVI_NODE", process
+        if stow:
+            wait_listening(http_port, process)
+        yield (http_port if stow else port), "MVI_NODE", process
     finally:
         process.terminate()
         process.wait(30)
+
+
+@contextmanager
+def node_stow(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
+    with node(folder, stow=True) as started:
+        yield started
+
+
+def stow_bodies(files: list[Path], folder: Path) -> list[Path]:
+    """The study as multipart/related bodies of :data:`STOW_BATCH` instances each."""
+    bodies = []
+    for start in range(0, len(files), STOW_BATCH):
+        body = folder / f"body-{start:05d}.bin"
+        with body.open("wb") as out:
+            for path in files[start : start + STOW_BATCH]:
+                out.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+                out.write(path.read_bytes())
+                out.write(b"\r\n")
+            out.write(f"--{BOUNDARY}--\r\n".encode())
+        bodies.append(body)
+    return bodies
+
+
+def send_stow(port: int, bodies: list[Path]) -> float:
+    started = time.perf_counter()
+    for body in bodies:
+        done = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+                "-H",
+                f"Authorization: Bearer {STOW_TOKEN}",
+                "--data-binary",
+                f"@{body}",
+                f"http://127.0.0.1:{port}/dicom-web/studies",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        if done.stdout != "200":
+            sys.exit(f"STOW-RS answered HTTP {done.stdout}")
+    return time.perf_counter() - started
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -188,9 +267,9 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    for tool in ("storescu", "storescp"):
+    for tool, package in (("storescu", "dcmtk"), ("storescp", "dcmtk"), ("curl", "curl")):
         if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found: apt-get install dcmtk")
+            sys.exit(f"{tool} not found: apt-get install {package}")
     with tempfile.TemporaryDirectory(prefix="mvi-ingest-") as tmp:
         root = Path(tmp)
         cohort = root / "cohort"
@@ -216,10 +295,14 @@ def main() -> None:
             f"study: {len(files)} instances, {megabytes:.0f} MB ({args.size}x{args.size}, "
             f"{args.slices} slices per phase)"
         )
+        bodies_folder = root / "stow-bodies"
+        bodies_folder.mkdir()
+        bodies = stow_bodies(sorted(files), bodies_folder)
         receivers: dict[str, Receiver] = {
             "node": node,
             "storescp": storescp,
             "bare pynetdicom": bare,
+            "node STOW-RS": node_stow,
         }
         times: dict[str, list[float]] = {name: [] for name in receivers}
         node_rss: list[float] = []
@@ -228,7 +311,10 @@ def main() -> None:
                 folder = root / f"{name.replace(' ', '_')}-{round_}"
                 folder.mkdir()
                 with receiver(folder) as (port, aet, process):
-                    times[name].append(send(port, aet, study))
+                    if name == "node STOW-RS":
+                        times[name].append(send_stow(port, bodies))
+                    else:
+                        times[name].append(send(port, aet, study))
                     if name == "node":
                         node_rss.append(peak_rss_mb(process.pid))
                 shutil.rmtree(folder, ignore_errors=True)
@@ -243,6 +329,8 @@ def main() -> None:
         versus_bare = statistics.median(times["bare pynetdicom"]) / node_median
         print(f"node / storescp speed:        {versus_storescp:.2f}x")
         print(f"node / bare pynetdicom speed: {versus_bare:.2f}x")
+        versus_dimse = node_median / statistics.median(times["node STOW-RS"])
+        print(f"node STOW-RS / node C-STORE speed: {versus_dimse:.2f}x ({STOW_BATCH} per request)")
         print(f"node peak RSS: {max(node_rss):.0f} MB")
 
 
