@@ -9,7 +9,8 @@ and the DICOM failure reasons it names, never by the request's headers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from node.core.settings import PeerSection
 
@@ -21,7 +22,9 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0
 
 
-def web_client(peer: PeerSection) -> DICOMwebClient:
+def web_client(
+    peer: PeerSection, on_response: Callable[[Any], None] | None = None
+) -> DICOMwebClient:
     """A client of ``peer.dicomweb_url`` with its authentication and certificate checks."""
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -37,6 +40,12 @@ def web_client(peer: PeerSection) -> DICOMwebClient:
         session.auth = (peer.username or "", peer.password.get_secret_value())
     elif peer.auth == "bearer":
         session.headers["Authorization"] = f"Bearer {peer.token.get_secret_value()}"
+    # STOW-RS answers in the DICOM JSON model (PS3.18 also allows XML; JSON is what we read).
+    session.headers["Accept"] = "application/dicom+json"
+    if on_response is not None:
+        # The answer as it came: dicomweb-client hides a 202's status, and reads a body only
+        # when its media type is exactly application/dicom+json.
+        session.hooks["response"].append(lambda response, *args, **kwargs: on_response(response))
     client = DICOMwebClient(
         peer.dicomweb_url, session=session, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
     )

@@ -205,6 +205,16 @@ class PeerSection(_Section):
             raise ValueError("credentials go in username/password or token, not in the URL")
         return value.rstrip("/")
 
+    @field_validator("username", "password", "token", "stow_token")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and any(ord(c) < 32 or ord(c) == 127 for c in text):
+            # A line break (a secrets file's last newline) would break the HTTP header, and
+            # requests quotes the header in its error: the secret would reach the outbox row.
+            raise ValueError("no control characters (a trailing newline?)")
+        return value
+
     @property
     def dicomweb_only(self) -> bool:
         """Reached only over DICOMweb: a URL and no DIMSE port."""
@@ -798,6 +808,14 @@ def _peer_problems(name: str, peer: Mapping[str, Any]) -> Iterable[Problem]:
         yield Problem(f"peers.{name}.auth", "'bearer'", "needs token")
     if auth != "none" and not url:
         yield Problem(f"peers.{name}.auth", repr(auth), "is for DICOMweb: set dicomweb_url")
+    if auth != "none" and isinstance(url, str) and url.startswith("http://"):
+        host = urlsplit(url).hostname or ""
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            yield Problem(
+                f"peers.{name}.dicomweb_url",
+                repr(url),
+                f"auth = {auth!r} over http:// sends the credentials in clear: use https://",
+            )
     if peer.get("deliver_by") == "dicomweb" and not url:
         yield Problem(f"peers.{name}.deliver_by", "'dicomweb'", "needs dicomweb_url")
 

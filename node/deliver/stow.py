@@ -59,45 +59,57 @@ def stow_files(peer_name: str, peer: PeerSection, items: Sequence[StowItem]) -> 
             outcomes[index] = Attempt(False, True, "result file unreadable")
             continue
         by_study.setdefault(item.study_uid, []).append((index, dataset))
-    client = web_client(peer)
+    answers: list[Any] = []
+    client = web_client(peer, on_response=answers.append)
     for study_uid, members in by_study.items():
-        answers = _stow_study(client, peer_name, study_uid, [d for _, d in members])
-        for (index, _), outcome in zip(members, answers, strict=True):
-            outcomes[index] = outcome
+        answers.clear()
+        outcome = _stow_study(client, answers, peer_name, study_uid, [d for _, d in members])
+        for (index, _), attempt in zip(members, outcome, strict=True):
+            outcomes[index] = attempt
     return [outcomes[index] for index in range(len(items))]
 
 
-def _stow_study(client: Any, peer_name: str, study_uid: str, datasets: list[Any]) -> list[Attempt]:
-    """One STOW-RS request for one study's datasets."""
+def _stow_study(
+    client: Any, answers: list[Any], peer_name: str, study_uid: str, datasets: list[Any]
+) -> list[Attempt]:
+    """One STOW-RS request for one study's datasets, judged by the answer as it came."""
     import requests
 
     where = f"STOW-RS to {peer_name}"
     uids = [str(d.SOPInstanceUID) for d in datasets]
     try:
-        answer = client.store_instances(datasets, study_instance_uid=study_uid)
-        http = 200
-    except requests.HTTPError as error:
-        response = error.response
-        http = response.status_code if response is not None else 0
-        answer = _answer_body(response)
-        if answer is None:
-            reason = (response.reason if response is not None else "") or ""
-            text = f"{where}: HTTP {http} {reason}".strip()
-            permanent = http not in RETRIED_HTTP and http != 0
-            return [Attempt(False, permanent, text)] * len(datasets)
+        client.store_instances(datasets, study_instance_uid=study_uid)
+    except requests.HTTPError:
+        pass  # judged below, from the answer itself
+    except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL) as error:
+        # A configuration error (a credential with a line break…): its text may hold the
+        # credential, and retrying will not change it.
+        return [Attempt(False, True, f"{where}: {type(error).__name__}")] * len(datasets)
     except requests.RequestException as error:
         text = f"{where}: {type(error).__name__}: {_first_line(error)}"
         return [Attempt(False, False, text)] * len(datasets)
-    return _per_instance(answer, uids, http, where)
+    except OSError as error:  # a dicomweb_ca that is not there: the operator must fix it
+        return [Attempt(False, True, f"{where}: {type(error).__name__}")] * len(datasets)
+    response = answers[-1] if answers else None
+    if response is None:
+        return [Attempt(False, False, f"{where}: no answer")] * len(datasets)
+    http = int(response.status_code)
+    body = _answer_body(response)
+    reason = (response.reason or "").strip()
+    return _per_instance(
+        body,
+        uids,
+        http,
+        f"{where}: HTTP {http}" + (f" {reason}" if reason and body is None else ""),
+    )
 
 
 def _answer_body(response: Any) -> Any:
-    """The STOW-RS response dataset of an error answer (409, 202…), or None."""
+    """The STOW-RS response dataset (DICOM JSON, any parameters), or None."""
     import pydicom
 
-    if response is None or not response.content:
-        return None
-    if "json" not in response.headers.get("Content-Type", ""):
+    media = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if not response.content or media not in ("application/dicom+json", "application/json"):
         return None
     try:
         return pydicom.Dataset.from_json(response.json())
@@ -105,38 +117,42 @@ def _answer_body(response: Any) -> Any:
         return None
 
 
-def _per_instance(answer: Any, uids: list[str], http: int, where: str) -> list[Attempt]:
-    """Each instance's outcome from the response's ReferencedSOPSequence/FailedSOPSequence."""
+def _per_instance(answer: Any, uids: list[str], http: int, said: str) -> list[Attempt]:
+    """Each instance's outcome: the answer's ReferencedSOPSequence/FailedSOPSequence first,
+    the HTTP status for an instance the answer does not name."""
     stored: dict[str, str] = {}
-    for item in answer.get("ReferencedSOPSequence") or []:
-        warning = item.get("WarningReason")
-        stored[str(item.get("ReferencedSOPInstanceUID", ""))] = f"{where}: HTTP {http}, stored" + (
-            f" with warning 0x{int(warning):04X}" if warning is not None else ""
-        )
     failed: dict[str, int | None] = {}
-    for item in answer.get("FailedSOPSequence") or []:
-        reason = item.get("FailureReason")
-        failed[str(item.get("ReferencedSOPInstanceUID", ""))] = (
-            int(reason) if reason is not None else None
-        )
+    if answer is not None:
+        for item in answer.get("ReferencedSOPSequence") or []:
+            warning = item.get("WarningReason")
+            stored[str(item.get("ReferencedSOPInstanceUID", ""))] = f"{said}, stored" + (
+                f" with warning 0x{int(warning):04X}" if warning is not None else ""
+            )
+        for item in answer.get("FailedSOPSequence") or []:
+            code = item.get("FailureReason")
+            failed[str(item.get("ReferencedSOPInstanceUID", ""))] = (
+                int(code) if code is not None else None
+            )
     outcomes = []
     for uid in uids:
         if uid in failed:
-            reason = failed[uid]
-            text = f"{where}: HTTP {http}, FailureReason " + (
-                f"0x{reason:04X}" if reason is not None else "not given"
+            code = failed[uid]
+            text = f"{said}, FailureReason " + (
+                f"0x{code:04X}" if code is not None else "not given"
             )
-            retried = reason is None or out_of_resources(reason) or reason == PROCESSING_FAILURE
+            retried = code is None or out_of_resources(code) or code == PROCESSING_FAILURE
             outcomes.append(Attempt(False, not retried, text))
         elif uid in stored:
             outcomes.append(Attempt(True, False, stored[uid]))
         elif http == 200:
-            # An archive that answers 200 without a response body stored everything.
-            outcomes.append(Attempt(True, False, f"{where}: HTTP 200"))
+            # All stored; an archive may answer 200 without naming them.
+            outcomes.append(Attempt(True, False, said))
+        elif 200 <= http < 300:
+            # Some failed, this one not named either way: sent again (a STOW is idempotent).
+            outcomes.append(Attempt(False, False, f"{said}, the instance is not in the answer"))
         else:
-            outcomes.append(
-                Attempt(False, False, f"{where}: HTTP {http}, the instance is not in the answer")
-            )
+            permanent = http not in RETRIED_HTTP
+            outcomes.append(Attempt(False, permanent, said))
     return outcomes
 
 

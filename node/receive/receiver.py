@@ -74,6 +74,9 @@ from node.store.database import InstanceOutcome, InstanceRecord, Store
 
 log = get_logger("node.receive.receiver")
 
+#: FailureReason / status for a transfer syntax the node does not take (PS3.18 Table I.2-1).
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -376,7 +379,12 @@ def _dataset_offset(path: Path) -> int:
     # (0002,0000) UL, explicit VR little endian: tag, "UL", length 4, the group's length.
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
         raise ValueError("no DICOM file meta with a group length")
-    return 144 + int.from_bytes(head[140:144], "little")
+    offset = 144 + int.from_bytes(head[140:144], "little")
+    # A sender writes the meta itself over STOW-RS: a group length past the end of the file
+    # would make every size check below pass.
+    if offset > path.stat().st_size:
+        raise ValueError("the file meta's group length runs past the end of the file")
+    return offset
 
 
 def _inflated_within(path: Path, offset: int, limit: int) -> bool:
@@ -415,13 +423,20 @@ def store_incoming(
     sop_class: str,
     sop_instance: str,
     calling_ae: str,
+    expected_study: str | None = None,
 ) -> int:
     """Check one received Part 10 file and adopt it into the spool and the store; returns the
     DIMSE status. C-STORE (the request's UIDs) and STOW-RS (the file meta's) both end here, so
     an instance is accepted, refused and made durable the same way whichever way it came.
 
     ``incoming`` is left where it is; the caller removes it (adopted files are moved away).
+    ``expected_study``: refuse (``0xA900``) an instance of another study (STOW-RS to a study's
+    URL); checked on the header, after the size limits.
     """
+    if transfer_syntax not in TRANSFER_SYNTAXES:
+        # C-STORE negotiates it; STOW-RS and WADO-RS bring whatever the sender chose.
+        log.warning("store refused: transfer syntax not taken", transfer_syntax=transfer_syntax)
+        return TRANSFER_SYNTAX_NOT_SUPPORTED
     try:
         if free_megabytes(state.spool_root) < state.settings.node.free_disk_floor_mb:
             log.error("store refused: free disk below node.free_disk_floor_mb")
@@ -461,6 +476,9 @@ def store_incoming(
         # Only the keys: a bad UID may carry anything the sender put there.
         log.warning("store failed: dataset has invalid UIDs", invalid=invalid)
         return CANNOT_UNDERSTAND_INVALID_UID
+    if expected_study is not None and uids["StudyInstanceUID"] != expected_study:
+        log.warning("store failed: instance of another study than asked for")
+        return DATASET_SOP_CLASS_MISMATCH
     if uids["SOPClassUID"] != sop_class:
         log.warning("store failed: SOP class differs from the request")
         return DATASET_SOP_CLASS_MISMATCH

@@ -12,8 +12,10 @@ what a C-STORE success means. In order:
    before its closing boundary is 400 and nothing of it is stored;
 4. each part (a DICOM Part 10 file) is stored; the answer lists each in ReferencedSOPSequence or
    FailedSOPSequence with the DIMSE status as FailureReason (``0xA7xx`` out of resources,
-   ``0xA9xx`` not what it claims, ``0xCxxx`` cannot be understood, ``0xC122`` a transfer syntax
-   the node does not take), with HTTP 200 (all stored), 202 (some) or 409 (none).
+   ``0xA9xx`` not what it claims or of another study than the URL names, ``0xCxxx`` cannot be
+   understood, ``0xC122`` a transfer syntax the node does not take), with HTTP 200 (all
+   stored), 202 (some), 409 (none) or 503 with Retry-After (none, for want of resources: disk
+   below the floor before or while reading, too).
 """
 
 from __future__ import annotations
@@ -25,18 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.core.dicom import out_of_resources
 from node.core.logging import get_logger, study_key
 from node.core.settings import Settings
-from node.receive.receiver import TRANSFER_SYNTAXES, ReceiverState, store_incoming
-from node.receive.spool import INCOMING
+from node.receive.receiver import ReceiverState, store_incoming
+from node.receive.spool import INCOMING, free_megabytes
 
 log = get_logger("node.receive.stow")
 
 ROOT = "/dicom-web"
-#: FailureReason for a transfer syntax the node does not take (PS3.18 Table I.2-1).
-SYNTAX_NOT_SUPPORTED = 0xC122
-#: FailureReason for an instance of another study than the URL names.
-WRONG_STUDY = 0xA900
+#: The most parts one request may carry.
+MAX_PARTS = 10_000
 #: FailureReason for a part that is no DICOM file.
 CANNOT_UNDERSTAND = 0xC000
 DICOM_JSON = "application/dicom+json"
@@ -106,6 +107,8 @@ class PartWriter:
         }
 
     def _begin(self) -> None:
+        if len(self.files) >= MAX_PARTS:
+            raise Rejected(413, f"more than {MAX_PARTS} parts in one request")
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed at the part's end)
             dir=self.folder, prefix="stow-", suffix=".part", delete=False
         )
@@ -162,10 +165,6 @@ def store_parts(
             syntax = str(meta.TransferSyntaxUID)
             if media not in ("", "application/dicom"):
                 status = CANNOT_UNDERSTAND
-            elif syntax not in TRANSFER_SYNTAXES:
-                status = SYNTAX_NOT_SUPPORTED
-            elif study_uid is not None and _study_of(path) != study_uid:
-                status = WRONG_STUDY
             else:
                 status = store_incoming(
                     state,
@@ -175,6 +174,7 @@ def store_parts(
                     sop_class=item.ReferencedSOPClassUID,
                     sop_instance=item.ReferencedSOPInstanceUID,
                     calling_ae=calling_ae,
+                    expected_study=study_uid,
                 )
         except Exception as exc:  # no file meta, a foreign file: that part cannot be understood
             log.warning("STOW-RS part not stored", error=type(exc).__name__)
@@ -188,13 +188,6 @@ def store_parts(
     return stored, failed
 
 
-def _study_of(path: Path) -> str:
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-    return str(header.get("StudyInstanceUID", ""))
-
-
 def answer(stored: list[Any], failed: list[Any]) -> tuple[int, dict[str, Any]]:
     """The STOW-RS response (DICOM JSON) and its HTTP status."""
     from pydicom.dataset import Dataset
@@ -204,6 +197,9 @@ def answer(stored: list[Any], failed: list[Any]) -> tuple[int, dict[str, Any]]:
         response.ReferencedSOPSequence = stored
     if failed:
         response.FailedSOPSequence = failed
+    if failed and not stored and all(out_of_resources(int(i.FailureReason)) for i in failed):
+        # Out of resources only (disk below the floor…): a sender retries a 503, not a 409.
+        return 503, response.to_json_dict()
     status = 200 if not failed else 409 if not stored else 202
     return status, response.to_json_dict()
 
@@ -238,10 +234,14 @@ def stow_app(state: ReceiverState) -> Any:
         except Rejected as refused:
             writer.discard()
             log.warning("STOW-RS refused", peer=peer, status=refused.status, why=refused.detail)
-            return JSONResponse({"error": refused.detail}, status_code=refused.status)
+            retry = {"Retry-After": "60"} if refused.status == 503 else None
+            return JSONResponse(
+                {"error": refused.detail}, status_code=refused.status, headers=retry
+            )
         calling = (settings.peers[peer].ae_title or peer)[:16]
         stored, failed = await run_in_threadpool(store_parts, state, writer, study_uid, calling)
         status, body = answer(stored, failed)
+        retry = {"Retry-After": "60"} if status == 503 else None
         log.info(
             "STOW-RS request",
             peer=peer,
@@ -251,13 +251,15 @@ def stow_app(state: ReceiverState) -> Any:
             study_key=study_key(study_uid) if study_uid else None,
             seconds=round(time.monotonic() - started, 3),
         )
-        return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+        return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=retry)
 
     routes = [
         Route(f"{ROOT}/studies", store, methods=["POST"]),
         Route(f"{ROOT}/studies/{{study}}", store, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.floor_mb = settings.node.free_disk_floor_mb
+    return app
 
 
 async def _read_body(request: Any, writer: PartWriter, limit: int) -> None:
@@ -270,6 +272,10 @@ async def _read_body(request: Any, writer: PartWriter, limit: int) -> None:
         raise Rejected(
             413, f"the body is larger than dicomweb.max_request_mb ({limit // 10**6} MB)"
         )
+    floor = request.app.state.floor_mb
+    needed = int(declared) / 1e6 if declared is not None and declared.isdigit() else 0.0
+    if free_megabytes(writer.folder) - needed < floor:
+        raise Rejected(503, "free disk below node.free_disk_floor_mb; try again later")
     parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
     total = 0
     try:
@@ -283,6 +289,8 @@ async def _read_body(request: Any, writer: PartWriter, limit: int) -> None:
         parser.finalize()
     except Rejected:
         raise
+    except OSError:  # the disk, not the request: the sender should try again
+        raise Rejected(503, "the body could not be written; try again later") from None
     except Exception as exc:  # the parser's own errors on a malformed body
         raise Rejected(400, f"the multipart body cannot be read: {type(exc).__name__}") from None
     if not writer.ended or not writer.files:

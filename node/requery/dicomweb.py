@@ -23,6 +23,10 @@ from node.store.database import Store
 
 log = get_logger("node.requery.dicomweb")
 
+#: Answers asked for per QIDO-RS request, and the most one search may return.
+PAGE = 200
+MAX_ANSWERS = 20_000
+
 STUDY_FIELDS = ["StudyDate", "StudyDescription", "ModalitiesInStudy"]
 SERIES_FIELDS = [
     "Modality",
@@ -47,8 +51,8 @@ class Qido:
         filters: dict[str, Any] = {"StudyDate": f"{options.since:%Y%m%d}-{options.until:%Y%m%d}"}
         return self._search(
             "studies",
-            lambda: self.client.search_for_studies(
-                search_filters=filters, fields=STUDY_FIELDS, get_remaining=True
+            lambda offset: self.client.search_for_studies(
+                search_filters=filters, fields=STUDY_FIELDS, limit=PAGE, offset=offset
             ),
         )
 
@@ -56,24 +60,48 @@ class Qido:
         """The series of one study."""
         return self._search(
             "series",
-            lambda: self.client.search_for_series(
-                study_instance_uid=study_uid, fields=SERIES_FIELDS, get_remaining=True
+            lambda offset: self.client.search_for_series(
+                study_instance_uid=study_uid, fields=SERIES_FIELDS, limit=PAGE, offset=offset
             ),
         )
 
-    def _search(self, what: str, call: Any) -> list[Dataset]:
+    def _search(self, what: str, page_at: Any) -> list[Dataset]:
+        """Every page of a search (``limit``/``offset``), within :data:`MAX_ANSWERS`.
+
+        Paged here rather than by dicomweb-client, which asks until a page comes back empty:
+        a server that ignores ``offset`` would be asked forever.
+        """
         import requests
 
-        try:
-            answers = call()
-        except requests.HTTPError as error:
-            status = error.response.status_code if error.response is not None else "?"
-            raise RequeryError(f"QIDO-RS ({what}) to {self.peer_name}: HTTP {status}") from None
-        except requests.RequestException as error:
-            raise RequeryError(
-                f"QIDO-RS ({what}) to {self.peer_name}: {type(error).__name__}"
-            ) from None
-        return [Dataset.from_json(answer) for answer in answers or []]
+        found: list[Dataset] = []
+        seen: set[str] = set()
+        where = f"QIDO-RS ({what}) to {self.peer_name}"
+        while True:
+            try:
+                page = page_at(len(found)) or []
+                datasets = [Dataset.from_json(answer) for answer in page]
+            except requests.HTTPError as error:
+                status = error.response.status_code if error.response is not None else "?"
+                raise RequeryError(f"{where}: HTTP {status}") from None
+            except requests.RequestException as error:
+                raise RequeryError(f"{where}: {type(error).__name__}") from None
+            except (ValueError, TypeError, KeyError) as error:  # not the DICOM JSON model
+                raise RequeryError(f"{where}: an answer that cannot be read ({error})") from None
+            keys = [answer_key(d) for d in datasets]
+            if any(key in seen for key in keys):
+                break  # the server repeats itself: it ignores offset
+            seen.update(keys)
+            found.extend(datasets)
+            if len(datasets) < PAGE:
+                break
+            if len(found) >= MAX_ANSWERS:
+                raise RequeryError(f"{where}: more than {MAX_ANSWERS} answers; narrow the window")
+        return found
+
+
+def answer_key(answer: Dataset) -> str:
+    """What tells two QIDO answers apart (a series' UID, else its study's)."""
+    return str(answer.get("SeriesInstanceUID") or answer.get("StudyInstanceUID") or id(answer))
 
 
 def wado_study(

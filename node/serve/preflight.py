@@ -44,7 +44,12 @@ class Check:
 
 def host_checks(settings: Settings) -> list[Check]:
     """The data folder, TLS files and configured model folders (no torch, no network)."""
-    checks = [_data_folder(settings), *_tls(settings), *_model_folders(settings)]
+    checks = [
+        _data_folder(settings),
+        *_tls(settings),
+        *_dicomweb_cas(settings),
+        *_model_folders(settings),
+    ]
     if settings.node.log_file is not None:
         checks.append(_log_file(settings.node.log_file))
     if settings.web.enabled and settings.cluster.role != "worker":
@@ -180,6 +185,24 @@ def _tls(settings: Settings) -> list[Check]:
             checks.append(Check(f"TLS to peers.{name}", False, str(exc)))
         else:
             checks.append(Check(f"TLS to peers.{name}", True, "CA and client certificate load"))
+    return checks
+
+
+def _dicomweb_cas(settings: Settings) -> list[Check]:
+    """Each DICOMweb peer's private CA bundle loads (else every delivery to it fails)."""
+    import ssl
+
+    checks = []
+    for name, peer in sorted(settings.peers.items()):
+        if peer.dicomweb_url is None or peer.dicomweb_ca is None:
+            continue
+        try:
+            ssl.create_default_context(cafile=str(peer.dicomweb_ca))
+        except (OSError, ssl.SSLError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            checks.append(Check(f"peers.{name}.dicomweb_ca", False, f"{peer.dicomweb_ca}: {why}"))
+        else:
+            checks.append(Check(f"peers.{name}.dicomweb_ca", True, f"{peer.dicomweb_ca} loads"))
     return checks
 
 

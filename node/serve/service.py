@@ -198,13 +198,14 @@ def start_node(settings: Settings) -> Node:
     )
     dispatcher = Dispatcher(settings, store)
     dispatcher.start()
-    server = start_receiver(receiver, tls)
     stow = None
     if settings.dicomweb.enabled:
         from node.receive.stow import StowServer
 
+        # Before the AE: once the DICOM port answers, every door of the node is open.
         stow = StowServer(receiver)
         stow.start()
+    server = start_receiver(receiver, tls)
     metrics_server = None
     if settings.metrics.port is not None:
         from node.serve.metrics import build_registry, health_checks, start_metrics_server

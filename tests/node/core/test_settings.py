@@ -286,3 +286,14 @@ def test_a_peer_password_is_never_printed(tmp_path: Path) -> None:
         'auth = "basic"\nusername = "mvi"\npassword = "hunter2-secret"\n',
     )
     assert "hunter2-secret" not in to_toml(redacted_dict(load_settings(config)))
+
+
+def test_dicomweb_credentials_stay_on_one_line_and_off_plain_http(tmp_path: Path) -> None:
+    web = '[peers.cloud]\ndicomweb_url = "https://archive.example.org/dicom-web"\n'
+    (line,) = problems(tmp_path, web + 'auth = "bearer"\ntoken = "abc\\n"\n')
+    assert line.startswith("peers.cloud.token = ********: ") and "control characters" in line
+    plain = '[peers.cloud]\ndicomweb_url = "http://archive.example.org/dicom-web"\n'
+    (line,) = problems(tmp_path, plain + 'auth = "bearer"\ntoken = "abc"\n')
+    assert "sends the credentials in clear: use https://" in line
+    loopback = '[peers.cloud]\ndicomweb_url = "http://127.0.0.1:8042/dicom-web"\n'
+    assert load_settings(write(tmp_path, loopback + 'auth = "bearer"\ntoken = "abc"\n'))

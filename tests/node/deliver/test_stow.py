@@ -129,3 +129,26 @@ def test_wrong_credentials_fail_at_once_with_the_archive_s_answer(
     assert attempts == 1, "no retry of a refusal that retrying cannot change"
     assert status.startswith("STOW-RS to pacs: HTTP 401")
     assert received_uids(log) == []
+
+
+def test_each_instance_is_judged_by_the_answer_then_by_the_http_status() -> None:
+    from pydicom.dataset import Dataset
+
+    from node.deliver.stow import _per_instance
+
+    answer = Dataset()
+    stored, busy, refused = Dataset(), Dataset(), Dataset()
+    stored.ReferencedSOPInstanceUID = "1.1"
+    busy.ReferencedSOPInstanceUID, busy.FailureReason = "1.2", 0xA700
+    refused.ReferencedSOPInstanceUID, refused.FailureReason = "1.3", 0xC000
+    answer.ReferencedSOPSequence = [stored]
+    answer.FailedSOPSequence = [busy, refused]
+    ok, retried, final, unnamed = _per_instance(answer, ["1.1", "1.2", "1.3", "1.4"], 202, "202")
+    assert ok.ok and not retried.ok and not retried.permanent
+    assert final.permanent and "0xC000" in final.status
+    assert not unnamed.ok and not unnamed.permanent, "a 202 that names it not: sent again"
+    # Without an answer body: 200 is stored, 413 final, 503 retried; a 202 is never "stored".
+    assert _per_instance(None, ["1.1"], 200, "200")[0].ok
+    assert _per_instance(None, ["1.1"], 413, "413")[0].permanent
+    assert not _per_instance(None, ["1.1"], 503, "503")[0].permanent
+    assert not _per_instance(None, ["1.1"], 202, "202")[0].ok

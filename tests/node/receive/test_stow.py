@@ -183,3 +183,27 @@ def test_serve_refuses_a_stow_port_it_cannot_take(tmp_path: Path) -> None:
         refused = mvi_node("serve", "--config", config)
     assert refused.returncode == 2
     assert "FAILED  STOW-RS port: dicomweb.port 127.0.0.1:" in refused.stderr
+
+
+def test_a_lying_file_meta_or_a_foreign_transfer_syntax_is_refused_per_part(
+    node: NodeProcess, study: tuple[list[Path], str], tmp_path: Path
+) -> None:
+    import struct
+
+    files, _ = study
+    good = files[0].read_bytes()
+    # The group length claims more meta than the file holds (the size checks would pass).
+    lying = good[:140] + struct.pack("<I", 10_000_000) + good[144:]
+    status, answer = curl(node, multipart([lying]), tmp_path)
+    assert status == 409 and answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    # JPEG baseline (lossy): not a transfer syntax the node takes.
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(files[0])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    ds.PixelData = encapsulate([b"\xff\xd8 a JPEG would be here \xff\xd9"])
+    jpeg = tmp_path / "jpeg.dcm"
+    ds.save_as(jpeg, enforce_file_format=True)
+    status, answer = curl(node, multipart([jpeg.read_bytes()]), tmp_path)
+    assert status == 409 and answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xC122]
+    assert stored_count(node) == 0 and spool_files(node) == []
