@@ -5,7 +5,7 @@ very code a C-STORE goes through (:func:`node.receive.receiver.store_incoming`),
 what a C-STORE success means. In order:
 
 1. the caller: ``Authorization: Bearer`` with one peer's ``stow_token`` (compared in constant
-   time), else 401;
+   time), else 401; from that peer's ``host`` when it names one (as for C-STORE), else 403;
 2. the body: ``multipart/related; type="application/dicom"`` with a boundary, else 415; larger
    than ``dicomweb.max_request_mb`` (by Content-Length, or while it streams), 413;
 3. the whole body is read into files under the spool's incoming folder first; a body that ends
@@ -224,6 +224,13 @@ def stow_app(state: ReceiverState) -> Any:
                 {"error": "a peer's stow_token is needed (Authorization: Bearer …)"},
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="mvi-node"'},
+            )
+        host = settings.peers[peer].host
+        if host is not None and host != _client(request):
+            # As for C-STORE: a peer that names a host calls from that address only.
+            log.warning("STOW-RS refused: token used from another address", peer=peer)
+            return JSONResponse(
+                {"error": f"[peers.{peer}] may send from its host only"}, status_code=403
             )
         study_uid = request.path_params.get("study")
         folder = state.spool_root / INCOMING

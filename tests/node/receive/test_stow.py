@@ -207,3 +207,21 @@ def test_a_lying_file_meta_or_a_foreign_transfer_syntax_is_refused_per_part(
     status, answer = curl(node, multipart([jpeg.read_bytes()]), tmp_path)
     assert status == 409 and answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xC122]
     assert stored_count(node) == 0 and spool_files(node) == []
+
+
+def test_a_peer_that_names_a_host_sends_from_it_only(
+    tmp_path: Path, study: tuple[list[Path], str]
+) -> None:
+    files, _ = study
+    peers = {
+        "modality": {
+            "dicomweb_url": "https://modality.example",
+            "stow_token": TOKEN,
+            "host": "10.9.8.7",
+        }
+    }
+    extra = {"peers": peers, "dicomweb": {"enabled": True, "port": free_port()}}
+    with running_node(tmp_path / "node", extra) as started:
+        status, _ = curl(started, multipart([files[0].read_bytes()]), tmp_path)
+        assert status == 403
+        assert stored_count(started) == 0
