@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import IN_CI, require_tool
 
 #: Where the Debian package installs the server (``/usr/sbin`` is often not on a user's PATH).
 DEBIAN_ORTHANC = Path("/usr/sbin/Orthanc")
@@ -456,7 +456,7 @@ def dicomweb_config(users: Mapping[str, str] | None = None) -> dict[str, Any]:
     HTTP basic authentication for everything, the REST API included)."""
     if not DICOMWEB_PLUGIN.exists():
         message = f"{DICOMWEB_PLUGIN} not found: apt-get install orthanc-dicomweb"
-        if os.environ.get("CI", "").lower() == "true":
+        if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
     config: dict[str, Any] = {

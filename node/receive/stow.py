@@ -312,20 +312,12 @@ class StowServer:
     """uvicorn serving :func:`stow_app` from a thread of the receiving process."""
 
     def __init__(self, state: ReceiverState) -> None:
-        import uvicorn
+        from node.core.http import http_server
 
         section = state.settings.dicomweb
-        config = uvicorn.Config(
-            stow_app(state),
-            host=section.host,
-            port=section.port,
-            ssl_certfile=str(section.tls_cert) if section.tls_cert else None,
-            ssl_keyfile=str(section.tls_key) if section.tls_key else None,
-            access_log=False,
-            log_config=None,
-            server_header=False,
+        self._server = http_server(
+            stow_app(state), section.host, section.port, section.tls_cert, section.tls_key
         )
-        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="stow-rs", daemon=True)
 
     def start(self, timeout: float = 20.0) -> None:

@@ -27,8 +27,7 @@ RESTART_DELAY_S = 5.0
 
 def console_main(settings_data: dict[str, Any], parent_pid: int, queue: Any = None) -> None:
     """Entry point of the console process: serve until the parent goes away or SIGTERM."""
-    import uvicorn
-
+    from node.core.http import http_server
     from node.jobs.runner import die_with_parent
     from node.store.database import Store
     from node.web.app import create_app
@@ -43,21 +42,10 @@ def console_main(settings_data: dict[str, Any], parent_pid: int, queue: Any = No
     configure_logging(settings.node.log_level, forward_to=queue)
     store = Store(settings.database_url, schema="check")
     web = settings.web
-    config = uvicorn.Config(
-        create_app(settings, store),
-        host=web.host,
-        port=web.port,
-        ssl_certfile=str(web.tls_cert) if web.tls_cert else None,
-        ssl_keyfile=str(web.tls_key) if web.tls_key else None,
-        # Our own lines (the audit log, "console action") say what happened; uvicorn's
-        # per-request lines would repeat every poll of the live parts.
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,
-    )
+    # Our own lines (the audit log, "console action") say what happened, not uvicorn's.
+    server = http_server(create_app(settings, store), web.host, web.port, web.tls_cert, web.tls_key)
     log.info("console listening", url=console_url(settings))
-    uvicorn.Server(config).run()
+    server.run()
     store.close()
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from dicom_sr.enum import Status
 from node.analysis.result import Gate, GateName, Phases, Result
+from node.core.http import http_server
 from node.core.logging import study_key
 from node.core.settings import Settings
 from node.store.database import Delivery, InstanceRecord, Store, utcnow
@@ -167,10 +167,8 @@ def fill(store: Store) -> tuple[int, int, int]:
 def serve_in_thread(settings: Settings, store: Store) -> Iterator[str]:
     """uvicorn with the console's app on a free port, for the duration of a fixture."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, store), host="127.0.0.1", port=port, log_config=None, access_log=False
-    )
-    server = uvicorn.Server(config)
+    # The server the console process runs (node.core.http), in a thread of the test.
+    server = http_server(create_app(settings, store), "127.0.0.1", port, None, None)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
