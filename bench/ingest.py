@@ -1,24 +1,31 @@
-"""Ingest throughput: the node against DCMTK storescp and a bare pynetdicom handler, and the
-node's STOW-RS receiver beside its C-STORE.
+"""Ingest throughput: the node against Orthanc, DCMTK storescp and a bare pynetdicom handler, for
+one association and for eight at once, and the node's STOW-RS receiver beside its C-STORE.
 
-The same phantom study is sent by the same DCMTK ``storescu -pdu 131072`` to three receivers on
-loopback, alternating, for several rounds:
+The same phantom studies are sent by DCMTK ``storescu -pdu 131072`` to each receiver on loopback,
+alternating, for several rounds:
 
-- the node (``mvi-node serve``: durable spool with fsync, SQLite row per instance);
-- DCMTK ``storescp -pdu 131072`` (the reference: what a C++ SCP does);
+- the node (``mvi-node serve``: every instance fdatasynced and its row committed before the
+  response);
+- Orthanc (the Debian package: its SQLite index, ``SyncStorageArea`` on, no compression) — the
+  archive a site compares the node with;
+- DCMTK ``storescp -pdu 131072`` (what a C++ SCP does, no fsync);
 - a bare pynetdicom handler that only writes the encoded bytes (no fsync, no database): what
-  pynetdicom itself costs;
+  pynetdicom itself costs, the ceiling of a pynetdicom front door;
 
-and, by curl, to the node's STOW-RS receiver (``[dicomweb]``): the same files as
-``multipart/related; type="application/dicom"`` bodies of :data:`STOW_BATCH` instances each,
-written before the clock starts (curl, like storescu, is C: the figure is the receiver's).
+each first with one association (study 1), then with :data:`CONCURRENT` associations at once
+(storescu processes started together, each sending its own study), and, by curl, to the node's
+STOW-RS receiver (``[dicomweb]``): the same files as ``multipart/related;
+type="application/dicom"`` bodies of :data:`STOW_BATCH` instances each, written before the clock
+starts (curl, like storescu, is C: the figure is the receiver's).
 
 Every DCMTK process runs with ``TCP_NODELAY=1`` (without it DCMTK waits on Nagle's algorithm).
 Each round starts each receiver on an empty folder, so no duplicate shortcut is taken. Prints
-instances/s and MB/s per receiver, the median ratios node/storescp and node/bare, and the node's
-peak RSS.
+instances/s and MB/s per receiver and case, the median ratios node/bare, node/Orthanc and
+node/storescp for one association and for eight, the node's eight-association total against its
+own one-association rate, and the node's peak RSS.
 
-Usage: python bench/ingest.py [--size 512] [--slices 200] [--rounds 5]
+Usage: python bench/ingest.py [--size 512] [--slices 200] [--rounds 5] [--concurrent 8]
+       [--receivers node,orthanc,storescp,bare,stow]
 """
 
 from __future__ import annotations
@@ -38,26 +45,29 @@ from pathlib import Path
 
 Receiver = Callable[[Path], AbstractContextManager[tuple[int, str, "subprocess.Popen[bytes]"]]]
 
+#: Associations at once in the concurrent case (each sends its own study).
+CONCURRENT = 8
+
 #: Instances per STOW-RS request.
 STOW_BATCH = 40
 STOW_TOKEN = "bench-stow-token-0123456789abcdef"
 BOUNDARY = "mvi-bench-boundary"
 
 BARE_SCP = """
+import itertools
 import sys
 from pathlib import Path
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1,
     JPEGLSLossless, JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian)
 out = Path(sys.argv[2])
-count = 0
+numbers = itertools.count(1)  # next() is atomic: associations run in threads
 def handle(event):
-    global count
-    count += 1
-    (out / f"{count:06d}.dcm").write_bytes(event.encoded_dataset())
+    (out / f"{next(numbers):06d}.dcm").write_bytes(event.encoded_dataset())
     return 0
 ae = AE(ae_title="BARE")
 ae.maximum_pdu_size = 0
+ae.maximum_associations = 16
 syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless]
 for cx in AllStoragePresentationContexts:
@@ -92,7 +102,18 @@ def dcmtk_env() -> dict[str, str]:
 def storescp(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
     port = free_port()
     process = subprocess.Popen(
-        ["storescp", "-pdu", "131072", "-aet", "STORESCP", "-od", str(folder), str(port)],
+        # --fork: one process per association, so eight associations are served at once.
+        [
+            "storescp",
+            "--fork",
+            "-pdu",
+            "131072",
+            "-aet",
+            "STORESCP",
+            "-od",
+            str(folder),
+            str(port),
+        ],
         env=dcmtk_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -122,6 +143,16 @@ def bare(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
 
 
 @contextmanager
+def orthanc(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
+    """Orthanc as a site runs it: SQLite index, every file synced, stored uncompressed."""
+    from tests.orthanc import running_orthanc
+
+    extra = {"SyncStorageArea": True, "StorageCompression": False, "DicomThreadsCount": 8}
+    with running_orthanc(folder / "orthanc", aet="ORTHANC", extra=extra) as server:
+        yield server.dicom_port, server.aet, server.process
+
+
+@contextmanager
 def node(folder: Path, stow: bool = False) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]:
     """The node; with ``stow`` it yields its STOW-RS port instead of its DICOM port."""
     port = free_port()
@@ -148,6 +179,8 @@ port = {port}
 data_dir = "{folder / "data"}"
 log_level = "warning"
 free_disk_floor_mb = 1
+max_associations = 16
+max_associations_per_host = 16
 
 [peers.bench]
 ae_title = "STORESCU"
@@ -235,30 +268,57 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def send(port: int, aet: str, study: Path) -> float:
+def storescu(port: int, aet: str, study: Path) -> list[str]:
+    """The DCMTK command that sends every file under ``study`` over one association."""
+    return [
+        "storescu",
+        "-R",
+        "-pdu",
+        "131072",
+        "-aet",
+        "STORESCU",
+        "-aec",
+        aet,
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(port),
+        str(study),
+    ]
+
+
+def send(port: int, aet: str, studies: list[Path]) -> float:
+    """Seconds until every study has been sent, each over its own association, all at once."""
     started = time.perf_counter()
-    subprocess.run(
-        [
-            "storescu",
-            "-R",
-            "-pdu",
-            "131072",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            aet,
-            "+sd",
-            "+r",
-            "127.0.0.1",
-            str(port),
-            str(study),
-        ],
-        env=dcmtk_env(),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - started
+    senders = [
+        subprocess.Popen(
+            storescu(port, aet, study),
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for study in studies
+    ]
+    codes = [sender.wait() for sender in senders]
+    elapsed = time.perf_counter() - started
+    if any(codes):
+        sys.exit(f"storescu exited with {codes} sending to {aet}")
+    return elapsed
+
+
+def ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> str:
+    """How many times faster ``numerator`` is than ``denominator`` (medians), or a dash."""
+    if not times.get(numerator) or not times.get(denominator):
+        return "–"
+    return f"{statistics.median(times[denominator]) / statistics.median(times[numerator]):.2f}×"
+
+
+RECEIVERS: dict[str, Receiver] = {
+    "node": node,
+    "orthanc": orthanc,
+    "storescp": storescp,
+    "bare": bare,
+}
 
 
 def main() -> None:
@@ -266,7 +326,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrent", type=int, default=CONCURRENT, help="0: no such case.")
+    parser.add_argument("--receivers", default="node,orthanc,storescp,bare,stow")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.receivers.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - {*RECEIVERS, "stow"})
+    if unknown:
+        sys.exit(f"unknown receivers {unknown}: choose from {sorted({*RECEIVERS, 'stow'})}")
     for tool, package in (("storescu", "dcmtk"), ("storescp", "dcmtk"), ("curl", "curl")):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install {package}")
@@ -282,56 +348,88 @@ def main() -> None:
                 str(args.size),
                 "--slices",
                 str(args.slices),
+                "--studies",
+                str(max(1, args.concurrent)),
                 "--seed",
                 "3",
             ],
             check=True,
             capture_output=True,
         )
-        study = cohort / "study_0001"
-        files = list(study.rglob("*.dcm"))
-        megabytes = sum(p.stat().st_size for p in files) / 1e6
-        print(
-            f"study: {len(files)} instances, {megabytes:.0f} MB ({args.size}x{args.size}, "
-            f"{args.slices} slices per phase)"
-        )
-        bodies_folder = root / "stow-bodies"
-        bodies_folder.mkdir()
-        bodies = stow_bodies(sorted(files), bodies_folder)
-        receivers: dict[str, Receiver] = {
-            "node": node,
-            "storescp": storescp,
-            "bare pynetdicom": bare,
-            "node STOW-RS": node_stow,
+        studies = sorted(p for p in cohort.iterdir() if p.is_dir())
+        counted = {s: list(s.rglob("*.dcm")) for s in studies}
+        one = studies[:1]
+        many = studies[: args.concurrent]
+        instances = {"one": len(counted[one[0]]), "many": sum(len(counted[s]) for s in many)}
+        megabytes = {
+            "one": sum(p.stat().st_size for p in counted[one[0]]) / 1e6,
+            "many": sum(p.stat().st_size for s in many for p in counted[s]) / 1e6,
         }
-        times: dict[str, list[float]] = {name: [] for name in receivers}
+        print(
+            f"study: {instances['one']} instances, {megabytes['one']:.0f} MB ({args.size}x"
+            f"{args.size}, {args.slices} slices per phase); concurrent case: {len(many)} "
+            f"studies, {instances['many']} instances, {megabytes['many']:.0f} MB",
+            flush=True,
+        )
+        bodies: list[Path] = []
+        if "stow" in chosen:
+            bodies_folder = root / "stow-bodies"
+            bodies_folder.mkdir()
+            bodies = stow_bodies(sorted(counted[one[0]]), bodies_folder)
+        cases = [("one", one)] + ([("many", many)] if args.concurrent > 0 else [])
+        times: dict[str, list[float]] = {}
         node_rss: list[float] = []
         for round_ in range(args.rounds):
-            for name, receiver in receivers.items():
-                folder = root / f"{name.replace(' ', '_')}-{round_}"
-                folder.mkdir()
-                with receiver(folder) as (port, aet, process):
-                    if name == "node STOW-RS":
-                        times[name].append(send_stow(port, bodies))
-                    else:
-                        times[name].append(send(port, aet, study))
-                    if name == "node":
-                        node_rss.append(peak_rss_mb(process.pid))
-                shutil.rmtree(folder, ignore_errors=True)
-        for name, values in times.items():
+            for name in chosen:
+                for case, sent in cases if name != "stow" else [("one", one)]:
+                    folder = root / f"{name}-{case}-{round_}"
+                    folder.mkdir()
+                    receiver = node_stow if name == "stow" else RECEIVERS[name]
+                    with receiver(folder) as (port, aet, process):
+                        if name == "stow":
+                            elapsed = send_stow(port, bodies)
+                        else:
+                            elapsed = send(port, aet, sent)
+                        if name == "node":
+                            node_rss.append(peak_rss_mb(process.pid))
+                    times.setdefault(f"{name} {case}", []).append(elapsed)
+                    shutil.rmtree(folder, ignore_errors=True)
+            print(f"round {round_ + 1} of {args.rounds} done", flush=True)
+        labels = {"one": "1 association", "many": f"{args.concurrent} associations"}
+        print()
+        print("| receiver | case | median | instances/s | MB/s |")
+        print("|---|---|---|---|---|")
+        for key, values in times.items():
+            name, case = key.rsplit(" ", 1)
             median = statistics.median(values)
+            shown = "node STOW-RS (curl)" if name == "stow" else name
             print(
-                f"{name:16s} median {median:6.2f} s  {len(files) / median:7.1f} instances/s  "
-                f"{megabytes / median:7.1f} MB/s"
+                f"| {shown} | {labels[case]} | {median:.2f} s | "
+                f"{instances[case] / median:,.0f} | {megabytes[case] / median:,.0f} |"
             )
-        node_median = statistics.median(times["node"])
-        versus_storescp = statistics.median(times["storescp"]) / node_median
-        versus_bare = statistics.median(times["bare pynetdicom"]) / node_median
-        print(f"node / storescp speed:        {versus_storescp:.2f}x")
-        print(f"node / bare pynetdicom speed: {versus_bare:.2f}x")
-        versus_dimse = node_median / statistics.median(times["node STOW-RS"])
-        print(f"node STOW-RS / node C-STORE speed: {versus_dimse:.2f}x ({STOW_BATCH} per request)")
-        print(f"node peak RSS: {max(node_rss):.0f} MB")
+        print()
+        for case in ("one", "many"):
+            if f"node {case}" not in times:
+                continue
+            print(
+                f"{labels[case]}: node/bare {ratio(times, f'node {case}', f'bare {case}')}, "
+                f"node/Orthanc {ratio(times, f'node {case}', f'orthanc {case}')}, "
+                f"node/storescp {ratio(times, f'node {case}', f'storescp {case}')}"
+            )
+        if "node one" in times and "node many" in times:
+            rate_one = instances["one"] / statistics.median(times["node one"])
+            rate_many = instances["many"] / statistics.median(times["node many"])
+            print(
+                f"node, {args.concurrent} associations against one: {rate_many / rate_one:.2f}× "
+                f"({rate_many:,.0f} against {rate_one:,.0f} instances/s)"
+            )
+        if "stow one" in times and "node one" in times:
+            print(
+                f"node STOW-RS / node C-STORE speed: {ratio(times, 'stow one', 'node one')} "
+                f"({STOW_BATCH} per request)"
+            )
+        if node_rss:
+            print(f"node peak RSS: {max(node_rss):.0f} MB")
 
 
 if __name__ == "__main__":

@@ -372,7 +372,7 @@ def _incoming_file(event: evt.Event, state: ReceiverState) -> Path:
     return path
 
 
-def _dataset_offset(path: Path) -> int:
+def dataset_offset(path: Path) -> int:
     """Where the dataset starts in a DICOM file: after the preamble and the file meta group."""
     with path.open("rb") as handle:
         head = handle.read(144)
@@ -448,7 +448,7 @@ def store_incoming(
     limit = state.settings.node.max_instance_mb * 1_000_000
     syntax = transfer_syntax
     try:
-        offset = _dataset_offset(incoming)
+        offset = dataset_offset(incoming)
         if size - offset > limit or (
             syntax == DeflatedExplicitVRLittleEndian
             and not _inflated_within(incoming, offset, limit)

@@ -26,6 +26,7 @@ from node.deliver.outbox import Dispatcher
 from node.jobs.pool import WorkerPool
 from node.receive.completion import Assembler
 from node.receive.receiver import ReceiverState, start_receiver
+from node.receive.recover import recover_after_boot
 from node.receive.spool import remove_files
 from node.serve.periodic import ClusterTimers, Periodic, seconds_cron
 from node.store.database import Store, utcnow
@@ -167,6 +168,9 @@ def start_node(settings: Settings) -> Node:
     )
     # This host's dispatcher before the restart is gone: its claims on outbox rows lapse now.
     store.release_deliveries(socket.gethostname())
+    # Before anything reads the spool: instance rows a power loss took come back from their
+    # files (the first start after each boot; SQLite only).
+    recover_after_boot(store, spool_root, data_dir)
     scheduler = BackgroundScheduler(timezone=dt.UTC)
     assembler = Assembler(
         store,

@@ -29,7 +29,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, func, insert, select, text, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -109,25 +119,81 @@ __all__ = [
 ]
 
 
+# Statements of the receive path, built once: constructing a statement per instance cost more
+# than executing it (SQLAlchemy caches the compiled form, not the Python construction).
+# Bind names carry a "b_" prefix: an UPDATE reserves its columns' own names.
+_STUDY_EXISTS = select(studies.c.study_uid).where(studies.c.study_uid == bindparam("b_study"))
+_SERIES_EXISTS = select(series.c.series_uid).where(series.c.series_uid == bindparam("b_series"))
+_RETRIEVE_REQUESTED = select(retrospective.c.study_uid).where(
+    retrospective.c.study_uid == bindparam("b_study"), retrospective.c.state == "requested"
+)
+_INSTANCE_MATCH = (
+    instances.c.study_uid == bindparam("b_study"),
+    instances.c.series_uid == bindparam("b_series"),
+    instances.c.sop_instance_uid == bindparam("b_sop"),
+)
+_STORED_INSTANCE = select(instances.c.sha256, instances.c.path).where(*_INSTANCE_MATCH)
+_SERIES_COUNT_UP = (
+    update(series)
+    .where(series.c.series_uid == bindparam("b_series"))
+    .values(instance_count=series.c.instance_count + 1)
+)
+_SOP_UID_ELSEWHERE = select(func.count(func.distinct(instances.c.study_uid))).where(
+    instances.c.sop_instance_uid == bindparam("b_sop"),
+    instances.c.study_uid != bindparam("b_study"),
+)
+_ISSUED = select(issued.c.sop_instance_uid).where(issued.c.sop_instance_uid == bindparam("b_sop"))
+_INSTANCE_KEY = frozenset({"study_uid", "series_uid", "sop_instance_uid"})
+_INSERT_NEW: dict[tuple[str, str], Any] = {}
+_INSTANCE_UPDATES: dict[tuple[str, bool, bool], Any] = {}
+
+
 def _insert_new(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
     """``INSERT … ON CONFLICT (primary key) DO NOTHING``; True when the row was new.
 
     Check-then-insert raced: two associations that both found no row both inserted, and the
-    second's C-STORE failed on the unique constraint after its file was written.
+    second's C-STORE failed on the unique constraint after its file was written. One statement
+    per dialect and table, the values bound at execution.
     """
-    key = [column.name for column in table.primary_key.columns]
     dialect = conn.dialect.name
-    if dialect == "postgresql":
-        statement: Any = postgresql_insert(table).values(**values)
-    elif dialect == "sqlite":
-        statement = sqlite_insert(table).values(**values)
-    else:  # pragma: no cover - the store runs on SQLite and PostgreSQL only
-        raise NotImplementedError(f"no upsert for {dialect}")
-    # RETURNING, not rowcount: psycopg's rowcount for this statement is not the rows inserted.
-    returning = statement.on_conflict_do_nothing(index_elements=key).returning(
-        *table.primary_key.columns
-    )
-    return conn.execute(returning).first() is not None
+    statement = _INSERT_NEW.get((dialect, table.name))
+    if statement is None:
+        if dialect == "postgresql":
+            base: Any = postgresql_insert(table)
+        elif dialect == "sqlite":
+            base = sqlite_insert(table)
+        else:  # pragma: no cover - the store runs on SQLite and PostgreSQL only
+            raise NotImplementedError(f"no upsert for {dialect}")
+        key = [column.name for column in table.primary_key.columns]
+        # RETURNING, not rowcount: psycopg's rowcount for this statement is not the rows
+        # inserted.
+        statement = base.on_conflict_do_nothing(index_elements=key).returning(
+            *table.primary_key.columns
+        )
+        _INSERT_NEW[(dialect, table.name)] = statement
+    return conn.execute(statement, values).first() is not None
+
+
+def _study_update(dialect: str, new_instance: bool, reopen: bool) -> Any:
+    """The UPDATE of a study that received an instance (built once per variant)."""
+    variant = (dialect, new_instance, reopen)
+    statement = _INSTANCE_UPDATES.get(variant)
+    if statement is None:
+        # The database's clock on a shared database: receivers on several hosts compare one
+        # study's quiet period on one clock.
+        values: dict[str, Any] = {
+            "last_received_at": func.now() if dialect == "postgresql" else bindparam("b_now")
+        }
+        if new_instance:
+            values["instance_count"] = studies.c.instance_count + 1
+        if reopen:
+            values["state"] = "receiving"
+            values["reason"] = None
+        statement = (
+            update(studies).where(studies.c.study_uid == bindparam("b_study")).values(**values)
+        )
+        _INSTANCE_UPDATES[variant] = statement
+    return statement
 
 
 class LeaseLost(RuntimeError):
@@ -248,6 +314,11 @@ class Store:
         self.url = url
         ensure(url, schema)
         self._engine: Engine = make_engine(url)
+        # Instance rows: committed without waiting for the disk on SQLite, because the file
+        # each one names is already fsynced and `recover_instances` can rebuild the row from it.
+        self._receive_engine: Engine = (
+            make_engine(url, synchronous="NORMAL") if sqlite_path(url) is not None else self._engine
+        )
 
     @contextmanager
     def begin(self) -> Iterator[Transaction]:
@@ -264,15 +335,29 @@ class Store:
         with self._engine.begin() as conn:
             yield conn
 
+    @property
+    def lazy_instance_commits(self) -> bool:
+        """Whether instance rows are committed without waiting for the disk (SQLite)."""
+        return self._receive_engine is not self._engine
+
     def close(self) -> None:
-        """Release the connection pool."""
+        """Release the connection pools."""
         self._engine.dispose()
+        self._receive_engine.dispose()
 
     def accounts(self) -> Accounts:
         """The console's accounts, logins and audit log (node.web), on this store's engine."""
         return Accounts(self._engine)
 
     # -- instances ---------------------------------------------------------------------------
+
+    def instance_paths(self, prefix: str) -> set[str]:
+        """The spool paths the instance rows name under the spool folder ``prefix``."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(instances.c.path).where(instances.c.path.startswith(prefix, autoescape=True))
+            )
+            return {row[0] for row in rows}
 
     def instance_sha256(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str | None:
         """The stored hash of an instance's bytes, or None when it is new."""
@@ -285,7 +370,9 @@ class Store:
                 )
             ).scalar()
 
-    def record_instance(self, record: InstanceRecord, *, reopen: bool = True) -> Recorded:
+    def record_instance(
+        self, record: InstanceRecord, *, reopen: bool = True, durable: bool = False
+    ) -> Recorded:
         """Commit an instance row (and its series and study); safe under concurrent callers.
 
         An instance is keyed by its study, series and SOP Instance UID. The outcome is
@@ -297,14 +384,21 @@ class Store:
 
         A new instance of an own-output series never changes the study's state; any other
         instance puts the study back to ``receiving`` when ``reopen`` (the quiet timer restarts).
+
+        On SQLite the commit does not wait for the disk unless ``durable`` (the receive path:
+        the file is fsynced first, and :mod:`node.receive.recover` rebuilds rows a power loss
+        took); any other commit of the store makes it durable.
         """
         now = utcnow()
         key = {
+            "b_study": record.study_uid,
+            "b_series": record.series_uid,
+            "b_sop": record.sop_instance_uid,
+        }
+        row = {
             "study_uid": record.study_uid,
             "series_uid": record.series_uid,
             "sop_instance_uid": record.sop_instance_uid,
-        }
-        values = {
             "sop_class_uid": record.sop_class_uid,
             "transfer_syntax_uid": record.transfer_syntax_uid,
             "path": record.path,
@@ -313,66 +407,44 @@ class Store:
             "calling_ae": record.calling_ae,
             "received_at": now,
         }
-        with self._engine.begin() as conn:
+        engine = self._engine if durable else self._receive_engine
+        with engine.begin() as conn:
             self._ensure_study(conn, record, now)
             self._ensure_series(conn, record)
-            # The database's clock on a shared database: receivers on several hosts compare
-            # one study's quiet period on one clock.
-            study_values: dict[str, Any] = {
-                "last_received_at": func.now() if conn.dialect.name == "postgresql" else now
-            }
             previous = None
-            if _insert_new(conn, instances, {**key, **values}):
-                conn.execute(
-                    update(series)
-                    .where(series.c.series_uid == record.series_uid)
-                    .values(instance_count=series.c.instance_count + 1)
-                )
-                study_values["instance_count"] = studies.c.instance_count + 1
+            new_instance = _insert_new(conn, instances, row)
+            if new_instance:
+                conn.execute(_SERIES_COUNT_UP, key)
                 outcome = InstanceOutcome.NEW
             else:
-                match = [instances.c[name] == value for name, value in key.items()]
-                stored = conn.execute(
-                    select(instances.c.sha256, instances.c.path).where(*match)
-                ).one()
+                stored = conn.execute(_STORED_INSTANCE, key).one()
                 previous = stored.path
                 if stored.sha256 == record.sha256:
                     # The same dataset again (a PACS retrying a move): the study is not
                     # re-opened, and the row keeps naming the file it named.
                     return Recorded(InstanceOutcome.IDENTICAL, previous_path=previous)
-                conn.execute(update(instances).where(*match).values(**values))
-                outcome = InstanceOutcome.REPLACED
-            if reopen and not record.own_output:
-                study_values["state"] = "receiving"
-                study_values["reason"] = None
-            conn.execute(
-                update(studies)
-                .where(studies.c.study_uid == record.study_uid)
-                .values(**study_values)
-            )
-            elsewhere = conn.execute(
-                select(func.count(func.distinct(instances.c.study_uid))).where(
-                    instances.c.sop_instance_uid == record.sop_instance_uid,
-                    instances.c.study_uid != record.study_uid,
+                conn.execute(
+                    update(instances)
+                    .where(*_INSTANCE_MATCH)
+                    .values({k: v for k, v in row.items() if k not in _INSTANCE_KEY}),
+                    key,
                 )
-            ).scalar_one()
+                outcome = InstanceOutcome.REPLACED
+            reopen = reopen and not record.own_output
+            conn.execute(
+                _study_update(conn.dialect.name, new_instance, reopen), {**key, "b_now": now}
+            )
+            elsewhere = conn.execute(_SOP_UID_ELSEWHERE, key).scalar_one()
         return Recorded(outcome, previous_path=previous, also_in_studies=int(elsewhere))
 
     def _ensure_study(self, conn: Connection, record: InstanceRecord, now: dt.datetime) -> None:
-        exists = conn.execute(
-            select(studies.c.study_uid).where(studies.c.study_uid == record.study_uid)
-        ).first()
+        exists = conn.execute(_STUDY_EXISTS, {"b_study": record.study_uid}).first()
         if exists is not None:
             return
         from node.core.logging import study_key
 
         # Only a retrieve in progress: a study asked for long ago and received live now is live.
-        requested = conn.execute(
-            select(retrospective.c.study_uid).where(
-                retrospective.c.study_uid == record.study_uid,
-                retrospective.c.state == "requested",
-            )
-        ).first()
+        requested = conn.execute(_RETRIEVE_REQUESTED, {"b_study": record.study_uid}).first()
         # Another association may create it between the look and the insert: then its row wins.
         _insert_new(
             conn,
@@ -394,9 +466,7 @@ class Store:
         )
 
     def _ensure_series(self, conn: Connection, record: InstanceRecord) -> None:
-        exists = conn.execute(
-            select(series.c.series_uid).where(series.c.series_uid == record.series_uid)
-        ).first()
+        exists = conn.execute(_SERIES_EXISTS, {"b_series": record.series_uid}).first()
         if exists is not None:
             return
         _insert_new(
@@ -984,12 +1054,8 @@ class Store:
 
     def is_issued(self, sop_instance_uid: str) -> bool:
         """Whether the node wrote the object with this SOP Instance UID (its own output)."""
-        with self._engine.connect() as conn:
-            found = conn.execute(
-                select(issued.c.sop_instance_uid).where(
-                    issued.c.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
+        with self._receive_engine.connect() as conn:
+            found = conn.execute(_ISSUED, {"b_sop": sop_instance_uid}).first()
         return found is not None
 
     def enqueue_deliveries(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
@@ -23,19 +24,25 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the receiver write while workers read; synchronous=FULL makes a commit durable
-    # before the C-STORE response goes out; busy_timeout lets processes queue for the lock.
+    # when it returns; busy_timeout lets processes queue for the lock.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """The engine a :class:`~node.store.database.Store` runs its queries on."""
+def make_engine(url: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> Engine:
+    """The engine a :class:`~node.store.database.Store` runs its queries on.
+
+    ``synchronous`` (SQLite only): ``NORMAL`` leaves a commit's WAL fsync to the next checkpoint
+    or FULL commit — durable when the process dies, not when the machine loses power. Only the
+    receive path's instance rows use it: their files are fsynced before the commit, and
+    :func:`node.receive.recover.recover_instances` records the ones a power loss took.
+    """
     # hide_parameters: an error's message would otherwise carry the row's values (patient names).
     options: dict[str, Any] = {}
     if make_url(url).get_backend_name() == "postgresql":
@@ -44,7 +51,7 @@ def make_engine(url: str) -> Engine:
         options["pool_pre_ping"] = True
     engine = create_engine(url, future=True, hide_parameters=True, **options)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=synchronous))
     return engine
 
 
