@@ -7,7 +7,14 @@ response to the arrival of the last result object at the PACS, with the quiet pe
 (``completion.quiet_seconds``) reported separately, the job's stage timings, and the worker's peak
 RSS. Uses the demo models (built by `mvi-node demo`) unless --segmenter/--model are given.
 
-Usage: python bench/e2e.py [--runs 5] [--sizes 256x64,512x200] [--device auto]
+Two ratios from the same run, since absolute CPU times differ between machines: the whole
+(last instance to last object at the PACS, quiet period excluded) against the compute stages
+(register + segment + infer), and the encode stage's share of the whole. Then, with
+``--batch N``, the throughput with N studies waiting at once (sent back to back, the worker
+taking up to ``pipeline.batch_size`` per claim): studies/hour. A CUDA run is ``--device cuda``;
+without a CUDA device the GPU figures are printed as not measured.
+
+Usage: python bench/e2e.py [--runs 5] [--sizes 256x64,512x200] [--device auto] [--batch 8]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from node.analysis.models import demo_fusion_dir, demo_segmenter_dir
 from node.core.logging import configure_logging
@@ -27,6 +35,8 @@ from node.offline.phantom_study import CohortOptions, write_cohort
 from node.serve.service import start_node, stop_node
 
 QUIET_S = 1.0
+#: The stages that compute (the rest is reading, checking, encoding and sending).
+COMPUTE_STAGES = ("register", "segment", "infer")
 
 
 def _settings(data: Path, pacs_port: int, segmenter: Path, model: Path, device: str) -> Settings:
@@ -70,6 +80,7 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
     node = start_node(settings)
     latencies: list[float] = []
     stages: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
     try:
         for index, study in enumerate(sorted(cohort.glob("study_*"))):
             before = sum(len(v) for v in pacs.kinds().values())
@@ -99,6 +110,12 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             latencies.append(elapsed - QUIET_S)
             for stage, seconds in latest.result.timings_s.items():
                 stages.setdefault(stage, []).append(float(seconds))
+            timings = latest.result.timings_s
+            compute = sum(float(timings.get(k, 0.0)) for k in COMPUTE_STAGES)
+            ratios.setdefault("whole/compute", []).append((elapsed - QUIET_S) / compute)
+            ratios.setdefault("encode/whole", []).append(
+                float(timings.get("encode", 0.0)) / (elapsed - QUIET_S)
+            )
         workers = [p.pid for p in node.workers._workers if p.pid is not None]
         worker_rss = max(_peak_rss_mb(pid) for pid in workers)
         node_rss = _peak_rss_mb(os.getpid())
@@ -112,9 +129,60 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
     )
     print(f"  stages (median s): {breakdown}")
     print(
+        f"  whole / compute ({' + '.join(COMPUTE_STAGES)}): "
+        f"{statistics.median(ratios['whole/compute']):.2f}; encode / whole: "
+        f"{100 * statistics.median(ratios['encode/whole']):.1f} %"
+    )
+    print(
         f"  peak RSS: worker {worker_rss:.0f} MB; bench process (receiver and phantom "
         f"generation) {node_rss:.0f} MB"
     )
+
+
+def run_batch(size: int, slices: int, count: int, args: argparse.Namespace, root: Path) -> None:
+    """``count`` studies sent back to back, then the time until every result is at the PACS."""
+    cohort = root / f"batch-{size}"
+    write_cohort(cohort, CohortOptions(studies=count + 1, seed=12, size=size, slices=slices))
+    pacs = MiniPacs(root / f"batch-pacs-{size}").start()
+    settings = _settings(
+        root / f"batch-node-{size}", pacs.port, args.segmenter, args.model, args.device
+    )
+    node = start_node(settings)
+    try:
+        studies = sorted(cohort.glob("study_*"))
+        # Warm-up: the worker loads its models on its first job.
+        send_study(studies[0], settings.node.port)
+        _wait_done(node, 1, pacs)
+        started = time.perf_counter()
+        for study in studies[1:]:
+            send_study(study, settings.node.port)
+        _wait_done(node, count + 1, pacs)
+        elapsed = time.perf_counter() - started
+    finally:
+        stop_node(node)
+        pacs.stop()
+    print(
+        f"{size}x{size}x{slices}, {count} studies waiting: {elapsed:.1f} s, "
+        f"{3600 * count / elapsed:.0f} studies/hour (device {args.device})"
+    )
+
+
+def _wait_done(node: Any, studies: int, pacs: MiniPacs, timeout: float = 3600) -> None:
+    """Until ``studies`` studies are final and their outputs are at the PACS."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        rows = node.store.list_studies(studies + 5)
+        final = [r for r in rows if r.state in ("done", "failed", "needs_review", "not_applicable")]
+        if len(final) < studies:
+            continue
+        wanted = 0
+        for row in final:
+            latest = node.store.latest_result(row.study_uid)
+            wanted += len(latest.result.outputs) if latest is not None else 0
+        if sum(len(v) for v in pacs.kinds().values()) >= wanted:
+            return
+    raise RuntimeError(f"{studies} studies not done after {timeout:.0f} s")
 
 
 def main() -> None:
@@ -124,6 +192,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--segmenter", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--batch", type=int, default=0, help="Studies waiting at once (0: none).")
     args = parser.parse_args()
     args.segmenter = args.segmenter or demo_segmenter_dir()
     args.model = args.model or demo_fusion_dir()
@@ -132,6 +201,12 @@ def main() -> None:
         for item in args.sizes.split(","):
             size, slices = (int(v) for v in item.split("x"))
             run_size(size, slices, args.runs, args, Path(tmp))
+            if args.batch:
+                run_batch(size, slices, args.batch, args, Path(tmp))
+    import torch
+
+    if args.device == "auto" and not torch.cuda.is_available():
+        print("CUDA: not measured (no CUDA device here; run with --device cuda on a GPU host)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ from pathlib import Path
 
 Receiver = Callable[[Path], AbstractContextManager[tuple[int, str, "subprocess.Popen[bytes]"]]]
 
+#: ``node.receive_processes`` of the node under test (``--node-processes``).
+RECEIVE_PROCESSES: list[str] = ['"auto"']
+
 #: Associations at once in the concurrent case (each sends its own study).
 CONCURRENT = 8
 
@@ -181,6 +184,7 @@ log_level = "warning"
 free_disk_floor_mb = 1
 max_associations = 16
 max_associations_per_host = 16
+receive_processes = {RECEIVE_PROCESSES[0]}
 
 [peers.bench]
 ae_title = "STORESCU"
@@ -261,6 +265,34 @@ def send_stow(port: int, bodies: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its descendants (Linux /proc)."""
+    total, pending, ticks = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+        pending.extend(int(child) for child in children)
+    return total
+
+
+def wait_idle(pid: int, timeout: float = 60.0) -> None:
+    """Until a receiver and its processes (the node's workers importing torch, its further
+    receiving processes starting) use under 5 % of a core: the clock measures receiving only."""
+    deadline = time.monotonic() + timeout
+    before = _tree_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = _tree_cpu_s(pid)
+        if after - before < 0.025:
+            return
+        before = after
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -328,7 +360,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=CONCURRENT, help="0: no such case.")
     parser.add_argument("--receivers", default="node,orthanc,storescp,bare,stow")
+    parser.add_argument("--node-processes", default="auto", help="node.receive_processes")
     args = parser.parse_args()
+    if args.node_processes != "auto":
+        RECEIVE_PROCESSES[0] = str(int(args.node_processes))
     chosen = [name.strip() for name in args.receivers.split(",") if name.strip()]
     unknown = sorted(set(chosen) - {*RECEIVERS, "stow"})
     if unknown:
@@ -385,7 +420,11 @@ def main() -> None:
                     folder = root / f"{name}-{case}-{round_}"
                     folder.mkdir()
                     receiver = node_stow if name == "stow" else RECEIVERS[name]
+                    # What the last receiver left unwritten (storescp and the bare handler do not
+                    # fsync) would otherwise be written back during this one's fsyncs.
+                    os.sync()
                     with receiver(folder) as (port, aet, process):
+                        wait_idle(process.pid)
                         if name == "stow":
                             elapsed = send_stow(port, bodies)
                         else:

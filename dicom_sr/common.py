@@ -445,8 +445,10 @@ def _source_check(source_images: Sequence[Dataset]) -> None:
     if len(studies) != 1 or "" in studies:
         raise ValueError("source_images must share one StudyInstanceUID")
     for ds in source_images:
-        if "PixelData" not in ds:
-            raise ValueError(f"source image {ds.get('SOPInstanceUID')} has no PixelData")
+        # Rows and Columns (Type 1 in the Image Pixel module), not PixelData: the images are read
+        # without their pixels (stop_before_pixels), which no output needs.
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ValueError(f"source image {ds.get('SOPInstanceUID')} is not an image")
 
 
 def slice_references(source_images: Sequence[Dataset]) -> list[SliceReference]:
@@ -460,7 +462,7 @@ def slice_references(source_images: Sequence[Dataset]) -> list[SliceReference]:
     ----------
     source_images
         Classic single-frame CT images of one series (any order), or exactly one Enhanced CT
-        multi-frame image.
+        multi-frame image; their headers are enough.
 
     Returns
     -------
@@ -470,8 +472,8 @@ def slice_references(source_images: Sequence[Dataset]) -> list[SliceReference]:
     Raises
     ------
     ValueError
-        For an empty list, several series, mixed single/multi-frame images or images without
-        position and orientation.
+        For an empty list, several series, datasets that are not images, mixed
+        single/multi-frame images or images without position and orientation.
     """
     _source_check(source_images)
     if len(source_images) == 1 and int(source_images[0].get("NumberOfFrames", 1)) > 1:

@@ -301,6 +301,106 @@ def _library_entry(image: Dataset) -> Dataset:
     return entry
 
 
+#: What TID 1602/1604 describe of an image besides its UIDs and its position (highdicom's
+#: ImageLibraryEntryDescriptors reads these).
+_DESCRIBED = (
+    "SOPClassUID",
+    "Modality",
+    "FrameOfReferenceUID",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "ImageOrientationPatient",
+    "SpacingBetweenSlices",
+)
+_POSITION_NAMES = (
+    dcm_codes.DCM.ImagePositionPatientX,
+    dcm_codes.DCM.ImagePositionPatientY,
+    dcm_codes.DCM.ImagePositionPatientZ,
+)
+
+
+def _described(image: Dataset) -> tuple[str | None, ...]:
+    return tuple(str(image[keyword].value) if keyword in image else None for keyword in _DESCRIBED)
+
+
+def _image_library(images: Sequence[Dataset]) -> Any:
+    """TID 1600 of ``images``: what ``highdicom.sr.ImageLibrary(images)`` builds, faster.
+
+    highdicom builds some 17 content items per image, 1.3-1.7 s for 200 slices. The slices of a
+    series differ only in their UIDs and Image Position: highdicom builds the library of the
+    first one, and every other entry is its IMAGE item with that entry's descriptor items, the
+    position's three replaced by the slice's own. The unchanged descriptor items are shared
+    between entries (the same Dataset objects; written out, each entry carries its copy). Images
+    that differ in anything else the entries describe get highdicom's library as it is.
+    """
+    first, *others = images
+    described = _described(first)
+    if not others or any(_described(image) != described for image in others):
+        return hd.sr.ImageLibrary(images)
+    library = hd.sr.ImageLibrary([first])
+    # One container with one group (one modality and frame of reference) whose last item is
+    # the entry; anything else (another highdicom) gets highdicom's library.
+    groups: list[Any] = list(library[0].ContentSequence) if len(library) == 1 else []
+    if len(groups) != 1 or groups[0].ContentSequence[-1].value_type != hd.sr.ValueTypeValues.IMAGE:
+        return hd.sr.ImageLibrary(images)
+    (group,) = groups
+    *head, template = group.ContentSequence
+    descriptors = list(template.ContentSequence)
+    axes = {
+        index: _POSITION_NAMES.index(item.name)
+        for index, item in enumerate(descriptors)
+        if item.name in _POSITION_NAMES
+    }
+    if len(axes) != 3:
+        return hd.sr.ImageLibrary(images)
+    entries = [template]
+    for image in others:
+        # Any: highdicom types ContentSequence as a Sequence, and its __setattr__ wraps a list.
+        entry: Any = hd.sr.ImageContentItem(
+            name=template.name,
+            referenced_sop_class_uid=image.SOPClassUID,
+            referenced_sop_instance_uid=image.SOPInstanceUID,
+            relationship_type=template.relationship_type,
+        )
+        position = image.ImagePositionPatient
+        own = list(descriptors)
+        for index, axis in axes.items():
+            item = descriptors[index]
+            own[index] = hd.sr.NumContentItem(
+                name=item.name,
+                value=position[axis],
+                unit=item.unit,
+                relationship_type=item.relationship_type,
+            )
+        entry.ContentSequence = own
+        entries.append(entry)
+    group.ContentSequence = [*head, *entries]
+    return library
+
+
+def _insert_image_library(sr: Any, library: Sequence[Any]) -> None:
+    """Put the Image Library into a built report where TID 1500 has it: after the procedure
+    reported, before the first CONTAINS item (Imaging Measurements or Qualitative Evaluations).
+
+    highdicom's SR constructor deep-copies the content tree, parses the copy back and searches
+    the tree three times (references, evidence, SCOORD3D): with 200 library entries in it, 2.6 s
+    of a 4.6 s report. The library names only source images, which are the evidence anyway
+    (``build_sr`` passes every source image), so the document is the same when the library
+    joins the tree after the constructor: in the dataset and in highdicom's view of it
+    (``sr.content``).
+    """
+    for root in (sr.ContentSequence, sr.content[0].ContentSequence):
+        at = next(
+            index
+            for index, item in enumerate(root)
+            if item.get("RelationshipType") == hd.sr.RelationshipTypeValues.CONTAINS.value
+        )
+        for offset, item in enumerate(library):
+            root.insert(at + offset, item)
+
+
 def _classifier_id(algorithm: AlgorithmInfo) -> Any:
     """TID 4019 of the MVI model: it made the probabilities and the risk."""
     return hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
@@ -474,7 +574,10 @@ def _observation_context(algorithm: AlgorithmInfo) -> Any:
 def _status_report(
     result: AnalysisResult, source_images: Sequence[Dataset], algorithm: AlgorithmInfo
 ) -> Any:
-    """TID 1500 root without Imaging Measurements (what MeasurementReport does not allow)."""
+    """TID 1500 root without Imaging Measurements (what MeasurementReport does not allow).
+
+    With source images, the Image Library is left out: :func:`_insert_image_library` adds it.
+    """
     root = hd.sr.ContainerContentItem(name=codes.IMAGING_MEASUREMENT_REPORT, template_id="1500")
     content = hd.sr.ContentSequence()
     content.extend(hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE))
@@ -486,9 +589,7 @@ def _status_report(
             relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     )
-    if source_images:
-        content.extend(hd.sr.ImageLibrary([_library_entry(image) for image in source_images]))
-    else:
+    if not source_images:
         # A study-level report lists no images. highdicom refuses an empty Image Library, but
         # TID 1500 requires the container and OHIF reads it without checking it exists, so it is
         # written by hand without groups.
@@ -622,7 +723,8 @@ def build_sr(
             procedure_reported=codes.CT_UNSPECIFIED_BODY_REGION,
             imaging_measurements=_measurement_groups(result, seg, references, algorithm, uids),
             title=codes.IMAGING_MEASUREMENT_REPORT,
-            referenced_images=[_library_entry(image) for image in sources],
+            # The Image Library joins after the constructor (_insert_image_library).
+            referenced_images=None,
         )
         content[0].ContentSequence.append(_qualitative_container(result, algorithm))
     else:
@@ -658,6 +760,8 @@ def build_sr(
         sr = hd.sr.Comprehensive3DSR(**kwargs)
     else:
         sr = hd.sr.ComprehensiveSR(**kwargs)
+    if sources:
+        _insert_image_library(sr, _image_library([_library_entry(image) for image in sources]))
     copy_patient_study(sr, patient_study)
     set_equipment(sr, algorithm)
     add_coding_schemes(sr, private_codes=True)

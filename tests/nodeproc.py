@@ -137,6 +137,9 @@ def node_settings(
             "data_dir": str(data_dir),
             "log_level": "info",
             "free_disk_floor_mb": 1,
+            # One receiving process: the tests read counters and logs as one process writes
+            # them; several processes have their own tests (tests/node/receive/test_processes.py).
+            "receive_processes": 1,
         },
         "peers": {"scu": {"ae_title": SCU_AET, "host": "127.0.0.1"}},
         "completion": {"quiet_seconds": 1.0},

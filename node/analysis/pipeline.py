@@ -569,7 +569,9 @@ def encode_objects(
     objects: dict[ObjectKind, Dataset] = {}
     study = pydicom.dcmread(study_file, stop_before_pixels=True) if study_file else None
     try:
-        sources = [pydicom.dcmread(path) for path in source_paths]
+        # Headers only: no output needs the source pixels (the SC draws from ``arterial``), and
+        # a 512 x 512 x 200 series holds 100 MB of them.
+        sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in source_paths]
         if sources and not analysis.scored:
             from dicom_sr.common import slice_references
 

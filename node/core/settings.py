@@ -84,6 +84,11 @@ class NodeSection(_Section):
     log_file_max_mb: int = Field(default=50, ge=1)
     log_file_backups: int = Field(default=5, ge=1)
     max_associations: int = Field(default=10, ge=1)
+    #: Processes that receive on the DICOM port ("auto": one per core, at most 4). One Python
+    #: process serves every association under one interpreter lock; more processes take
+    #: concurrent associations on more cores. ``max_associations`` and
+    #: ``max_associations_per_host`` apply in each.
+    receive_processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     #: Connections one host may hold at once (further ones are closed at the door): one caller
     #: cannot take every thread and association slot from the others.
     max_associations_per_host: int = Field(default=8, ge=1)

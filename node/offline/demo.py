@@ -282,6 +282,8 @@ def _node_settings(data_dir: Path, pacs_port: int, seg_dir: Path, model_dir: Pat
                 "data_dir": str(data_dir),
                 "log_level": "warning",
                 "free_disk_floor_mb": 64,
+                # One study, one association: a second receiving process would only cost.
+                "receive_processes": 1,
             },
             "peers": {"pacs": {"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs_port}},
             "completion": {"quiet_seconds": 2.0},

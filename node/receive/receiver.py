@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 import ssl
 import tempfile
 import threading
@@ -58,6 +59,7 @@ from node.core.dicom import (
     OUT_OF_RESOURCES_TOO_LARGE,
     SUCCESS,
 )
+from node.core.locks import FileLock
 from node.core.logging import get_logger, uid_key
 from node.core.settings import Settings
 from node.core.tls import association_socket, peer_fingerprint
@@ -128,11 +130,16 @@ class ReceiverState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Striped locks that serialise the write-commit-cleanup of one instance (by its path's
     #: folder and UID hash, the part of the name before the dataset hash).
-    instance_locks: tuple[threading.Lock, ...] = field(
-        default_factory=lambda: tuple(threading.Lock() for _ in range(64))
-    )
+    #: Held across threads and processes: several receiving processes (and a `requery`
+    #: retrieving beside `serve`) write one spool. Files in the spool's lock folder.
+    instance_locks: tuple[FileLock, ...] = ()
 
-    def instance_lock(self, relative: str) -> threading.Lock:
+    def __post_init__(self) -> None:
+        folder = self.spool_root / INCOMING / LOCK_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        self.instance_locks = tuple(FileLock(folder / f"{i:02d}") for i in range(64))
+
+    def instance_lock(self, relative: str) -> FileLock:
         """The lock of the instance stored at spool path ``relative``."""
         identity = relative.rsplit("-", 1)[0]
         return self.instance_locks[zlib.crc32(identity.encode()) % len(self.instance_locks)]
@@ -323,6 +330,8 @@ def handle_store(event: evt.Event, state: ReceiverState) -> int:
 _incoming_folder: Path | None = None
 #: An incoming file untouched this long belongs to no live association.
 STALE_INCOMING_S = 3600.0
+#: The instance locks' files, shared by every process writing the spool (in its incoming folder).
+LOCK_FOLDER = ".locks"
 
 
 def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
@@ -351,6 +360,8 @@ def receive_into_files(spool_root: Path) -> None:
     # `mvi-node requery` may be receiving into the same folder right now.
     cutoff = time.time() - STALE_INCOMING_S
     for stale in folder.iterdir():
+        if stale.name == LOCK_FOLDER:
+            continue
         with contextlib.suppress(OSError):
             if stale.stat().st_mtime < cutoff:
                 stale.unlink()
@@ -589,6 +600,10 @@ def _persist(
             # row names the new file, an identical resend's still names the file it had (one
             # written under an older naming).
             stale = relative if recorded.outcome is InstanceOutcome.IDENTICAL else None
+            if stale is None:
+                # The old file goes: the row naming the new one must survive a power loss first
+                # (a lazy commit lost would name a file no longer there).
+                state.store.make_instance_rows_durable()
             remove_files(state.spool_root, [stale or str(recorded.previous_path)])
     if recorded.also_in_studies:
         log.warning(
@@ -718,10 +733,17 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> Any:
+def start_receiver(
+    state: ReceiverState,
+    tls: ssl.SSLContext | None = None,
+    *,
+    listening: socket.socket | None = None,
+) -> Any:
     """Start listening (non-blocking); returns pynetdicom's server (call ``shutdown()``).
 
     ``tls`` is the server context from :func:`node.core.tls.server_context` (None: plain DICOM).
+    ``listening``: accept from this socket, bound and listening in another process, instead of
+    binding ``node.host``:``node.port`` (:mod:`node.receive.processes`).
     """
     settings = state.settings
     receive_into_files(state.spool_root)
@@ -744,6 +766,7 @@ def start_receiver(state: ReceiverState, tls: ssl.SSLContext | None = None) -> A
         request_timeout_s=settings.node.request_timeout_s,
         max_per_host=settings.node.max_associations_per_host,
         count=state.count,
+        listening=listening,
     )
     threading.Thread(target=server.serve_forever, name="node-acceptor", daemon=True).start()
     ae._servers.append(server)  # where start_server keeps it: server.shutdown() removes it

@@ -48,6 +48,9 @@ class NodeServer(ThreadedAssociationServer):
         Connections one address may hold at once.
     count
         Called with a counter name for each refusal (the receiver's counters).
+    listening
+        A socket already bound and listening (a further receiving process's, passed from the
+        first: :mod:`node.receive.processes`); None binds ``address`` as usual.
     """
 
     def __init__(
@@ -57,8 +60,11 @@ class NodeServer(ThreadedAssociationServer):
         request_timeout_s: float = 10.0,
         max_per_host: int = 8,
         count: Callable[[str], None] = lambda name: None,
+        listening: socket.socket | None = None,
         **kwargs: Any,
     ) -> None:
+        # Read by server_bind / server_activate, which the base class calls from __init__.
+        self._listening = listening
         super().__init__(*args, **kwargs)
         self.tls = tls
         self.request_timeout_s = request_timeout_s
@@ -66,6 +72,28 @@ class NodeServer(ThreadedAssociationServer):
         self._count = count
         self._per_host: Counter[str] = Counter()
         self._hosts_lock = threading.Lock()
+
+    def server_bind(self) -> None:
+        """Bind, or take the listening socket given; either way accept without blocking.
+
+        Several processes may accept from one listening socket: the one that loses the race for
+        a connection must get EAGAIN at once (socketserver ignores it), not wait in accept()
+        for the next one — a wait there also held up shutdown().
+        """
+        if self._listening is not None:
+            if self.socket is not None:
+                self.socket.close()
+            self.socket = self._listening
+            self.server_address = self._listening.getsockname()
+        else:
+            super().server_bind()
+        if self.socket is not None:
+            self.socket.settimeout(0.0)
+
+    def server_activate(self) -> None:
+        """Listen (a given socket already does)."""
+        if self._listening is None:
+            super().server_activate()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Accept the connection unless its host already holds ``max_per_host``."""

@@ -25,8 +25,9 @@ from node.core.tls import server_context
 from node.deliver.outbox import Dispatcher
 from node.jobs.pool import WorkerPool
 from node.receive.completion import Assembler
+from node.receive.processes import ReceivingProcesses, receive_process_count
 from node.receive.receiver import ReceiverState, start_receiver
-from node.receive.recover import recover_after_boot
+from node.receive.recover import recover_in_background
 from node.receive.spool import remove_files
 from node.serve.periodic import ClusterTimers, Periodic, seconds_cron
 from node.store.database import Store, utcnow
@@ -51,6 +52,7 @@ class Node:
     timers: ClusterTimers | None = None
     console: Console | None = None
     stow: Any = None
+    receiving: ReceivingProcesses | None = None
 
     @property
     def spool_root(self) -> Path:
@@ -63,7 +65,11 @@ def apply_retention(store: Store, spool_root: Path, spool_days: int) -> int:
     cutoff = utcnow() - dt.timedelta(days=spool_days)
     removed = 0
     for study_uid in store.studies_delivered_before(cutoff):
-        removed += remove_files(spool_root, store.delete_instances(study_uid))
+        # Files first, then rows: a crash between leaves rows without files (the next run
+        # forgets them), never files without rows, which the recovery after a power loss would
+        # take for instances whose rows were lost (receive/recover.py).
+        removed += remove_files(spool_root, store.study_instance_paths(study_uid))
+        store.delete_instances(study_uid)
         log.info("retention: spooled instances deleted", study_key=study_key(study_uid))
     return removed
 
@@ -168,9 +174,6 @@ def start_node(settings: Settings) -> Node:
     )
     # This host's dispatcher before the restart is gone: its claims on outbox rows lapse now.
     store.release_deliveries(socket.gethostname())
-    # Before anything reads the spool: instance rows a power loss took come back from their
-    # files (the first start after each boot; SQLite only).
-    recover_after_boot(store, spool_root, data_dir)
     scheduler = BackgroundScheduler(timezone=dt.UTC)
     assembler = Assembler(
         store,
@@ -210,6 +213,15 @@ def start_node(settings: Settings) -> Node:
         stow = StowServer(receiver)
         stow.start()
     server = start_receiver(receiver, tls)
+    # Instance rows a power loss took come back from their files (the first start after each
+    # boot; SQLite only), beside the receiver, each under its instance's lock.
+    recover_in_background(receiver, data_dir)
+    receiving = None
+    further = receive_process_count(settings) - 1
+    if further > 0:
+        # The listening socket itself goes to them: one port, bound once (processes.py).
+        receiving = ReceivingProcesses(settings, server.socket, receiver, further)
+        receiving.start()
     metrics_server = None
     if settings.metrics.port is not None:
         from node.serve.metrics import build_registry, health_checks, start_metrics_server
@@ -244,12 +256,15 @@ def start_node(settings: Settings) -> Node:
         timers,
         console,
         stow,
+        receiving,
     )
 
 
 def stop_node(node: Node) -> None:
     """Stop listening, stop the workers and timers, close the store."""
     node.server.shutdown()
+    if node.receiving is not None:
+        node.receiving.stop()
     if node.stow is not None:
         node.stow.stop()
     if node.metrics_server is not None:

@@ -35,13 +35,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, synchronous: str = "FUL
     cursor.close()
 
 
-def make_engine(url: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> Engine:
+def make_engine(
+    url: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL", immediate: bool = False
+) -> Engine:
     """The engine a :class:`~node.store.database.Store` runs its queries on.
 
     ``synchronous`` (SQLite only): ``NORMAL`` leaves a commit's WAL fsync to the next checkpoint
     or FULL commit — durable when the process dies, not when the machine loses power. Only the
     receive path's instance rows use it: their files are fsynced before the commit, and
     :func:`node.receive.recover.recover_instances` records the ones a power loss took.
+
+    ``immediate`` (SQLite only): every transaction takes the write lock at its start (``BEGIN
+    IMMEDIATE``), for transactions that read, then write — a deferred one that read before
+    another connection's commit cannot upgrade and fails at once, busy handler or not.
     """
     # hide_parameters: an error's message would otherwise carry the row's values (patient names).
     options: dict[str, Any] = {}
@@ -52,6 +58,17 @@ def make_engine(url: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") ->
     engine = create_engine(url, future=True, hide_parameters=True, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=synchronous))
+        if immediate:
+
+            def autocommit(dbapi_connection: Any, _record: Any) -> None:
+                # The driver's own BEGIN would come first; ours is the only one.
+                dbapi_connection.isolation_level = None
+
+            def begin(conn: Connection) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            event.listen(engine, "connect", autocommit)
+            event.listen(engine, "begin", begin)
     return engine
 
 

@@ -147,3 +147,24 @@ def _origin_z(case: Case) -> float:
         return float(reference.dataset.ImagePositionPatient[2])
     frame = reference.dataset.PerFrameFunctionalGroupsSequence[reference.frame_number - 1]
     return float(frame.PlanePositionSequence[0].ImagePositionPatient[2])
+
+
+def test_overlapping_masks_keep_both_segments(classic: Case) -> None:
+    """Masks that do not overlap go to highdicom as a label map (for speed); overlapping ones
+    (a supplied SEG may overlap) as a stack, so that each segment keeps every pixel."""
+    assert pydicom.dcmread(classic.paths["seg"]).SegmentsOverlap == "NO"
+    loat = classic.loat | classic.tumor
+    seg = build_seg(
+        classic.sources,
+        classic.tumor.astype(np.uint8),  # the segmenter's dtype
+        loat,
+        algorithm=ALGORITHM,
+        uids=allocate_uids(),
+    )
+    assert seg.SegmentsOverlap == "YES"
+    pixels = seg.get_pixels_by_source_instance(
+        [ref.sop_instance_uid for ref in slice_references(classic.sources)],
+        segment_numbers=[TUMOR_SEGMENT, LOAT_SEGMENT],
+    )
+    assert np.array_equal(np.asarray(pixels[..., 0], dtype=bool), classic.tumor)
+    assert np.array_equal(np.asarray(pixels[..., 1], dtype=bool), loat)

@@ -6,10 +6,13 @@ import json
 from datetime import UTC
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from dicom_sr.common import (
     AnalysisResult,
@@ -436,3 +439,38 @@ def test_series_description_and_content_time(classic: Case) -> None:
     day, clock = content_date_time(when, classic.sources[0])
     assert ds.ContentDate == f"{day:%Y%m%d}"
     assert ds.ContentTime.startswith(f"{clock:%H%M%S}")
+
+
+def _encoded(items: list[Dataset]) -> bytes:
+    """Content items as they are written into a file (explicit VR little endian)."""
+    ds = Dataset()
+    ds.ContentSequence = list(items)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("status", "vary"), [("scored", None), ("scored", "SliceThickness"), ("no_tumor", None)]
+)
+def test_image_library_is_highdicoms(classic: Case, status: str, vary: str | None) -> None:
+    """build_sr builds the library's entries from the first slice's and adds the library after
+    highdicom's constructor (for speed): what is written must be highdicom's ImageLibrary, in
+    its place, also for slices that differ in what the entries describe."""
+    files = sorted((classic.folder / "study_0001" / "SE0003").glob("*.dcm"))
+    # Headers only, as the pipeline reads them.
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    if vary is not None:
+        setattr(sources[len(sources) // 2], vary, "9.5")
+    if status == "scored":
+        result = classic.result
+    else:
+        result = AnalysisResult(status=status, reason="The segmenter found no liver tumor.")
+    sr = build_sr(result, sources, classic.seg, algorithm=ALGORITHM, uids=classic.uids)
+    expected = hd.sr.ImageLibrary([ref.dataset for ref in slice_references(sources)])
+    for root in (sr.ContentSequence, sr.content[0].ContentSequence):
+        names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in root]
+        at = names.index("Image Library")
+        assert names[at - 1] == "Procedure reported"
+        assert _encoded([root[at]]) == _encoded(list(expected))

@@ -22,6 +22,7 @@ from node.receive.receiver import ReceiverState, store_incoming
 from node.receive.recover import RECOVERED_AE, recover_after_boot, recover_instances
 from node.receive.spool import INCOMING
 from node.store.database import Store
+from tests.nodeproc import wait_for
 
 
 @pytest.fixture(name="state")
@@ -109,7 +110,7 @@ def test_rows_a_power_loss_took_come_back_from_their_files(state: ReceiverState)
     before = {f.path: f for f in state.store.instance_files(str(kept.StudyInstanceUID))}
     _lose(state, str(lost.SOPInstanceUID))
 
-    assert recover_instances(state.store, state.spool_root) == 1
+    assert recover_instances(state) == 1
 
     after = {f.path: f for f in state.store.instance_files(str(kept.StudyInstanceUID))}
     assert set(after) == set(before)
@@ -120,7 +121,7 @@ def test_rows_a_power_loss_took_come_back_from_their_files(state: ReceiverState)
     assert study.state == "receiving"
     assert study.instance_count == 2
     # Nothing is recorded twice.
-    assert recover_instances(state.store, state.spool_root) == 0
+    assert recover_instances(state) == 0
 
 
 def test_a_study_whose_rows_were_all_lost_comes_back_with_its_sender_unknown(
@@ -131,7 +132,7 @@ def test_a_study_whose_rows_were_all_lost_comes_back_with_its_sender_unknown(
     _lose(state, str(ds.SOPInstanceUID), study_too=True)
     assert state.store.study(str(ds.StudyInstanceUID)) is None
 
-    assert recover_instances(state.store, state.spool_root) == 1
+    assert recover_instances(state) == 1
 
     study = state.store.study(str(ds.StudyInstanceUID))
     assert study is not None
@@ -142,20 +143,34 @@ def test_a_study_whose_rows_were_all_lost_comes_back_with_its_sender_unknown(
     assert calling_ae == RECOVERED_AE
 
 
-def test_what_the_node_meant_to_forget_stays_forgotten(state: ReceiverState) -> None:
-    # A study past receiving lost no rows (its state change was a synchronous commit): a file
-    # without a row there is one retention was removing.
-    done = _ct()
-    done_file = _receive(state, done)
+def test_a_late_instance_of_a_scored_study_comes_back_and_reopens_it(
+    state: ReceiverState,
+) -> None:
+    # The study was scored; a late instance's row (and the reopening) was a lazy commit that a
+    # power loss took. Its file says it was acknowledged: the study is received again.
+    scored, late = _ct(), _ct()
+    late.StudyInstanceUID = scored.StudyInstanceUID
+    _receive(state, scored)
+    _receive(state, late)
+    _lose(state, str(late.SOPInstanceUID))
     database = sqlite3.connect(state.store.url.removeprefix("sqlite:///"))
     with database:
         database.execute(
-            "UPDATE studies SET state = 'delivered' WHERE study_uid = ?",
-            (str(done.StudyInstanceUID),),
+            "UPDATE studies SET state = 'done' WHERE study_uid = ?", (str(scored.StudyInstanceUID),)
         )
-        database.execute("DELETE FROM instances")
     database.close()
-    assert done_file.exists()
+    reopened: list[str] = []
+    state.on_instance = lambda study_uid, own: reopened.append(study_uid)
+
+    assert recover_instances(state) == 1
+
+    study = state.store.study(str(scored.StudyInstanceUID))
+    assert study is not None
+    assert (study.state, study.instance_count) == ("receiving", 2)
+    assert reopened == [str(scored.StudyInstanceUID)], "its quiet timer is armed"
+
+
+def test_what_the_node_meant_to_forget_stays_forgotten(state: ReceiverState) -> None:
     # The previous version of a replaced instance, still on disk: its instance has a row.
     first = _ct(description="first")
     first_file = _receive(state, first)
@@ -174,11 +189,38 @@ def test_what_the_node_meant_to_forget_stays_forgotten(state: ReceiverState) -> 
     # And a file that is no DICOM at all.
     (renamed.parent / ("1" * 32 + "-" + "1" * 16 + ".dcm")).write_bytes(b"not dicom")
 
-    assert recover_instances(state.store, state.spool_root) == 0
+    assert recover_instances(state) == 0
 
-    assert state.store.instance_files(str(done.StudyInstanceUID)) == []
     (row,) = state.store.instance_files(str(first.StudyInstanceUID))
     assert state.spool_root / row.path != first_file
+    assert state.store.instance_files(str(foreign.StudyInstanceUID)) == []
+
+
+def test_retention_removes_files_before_rows(state: ReceiverState) -> None:
+    from node.serve.service import apply_retention
+
+    ds = _ct()
+    spooled = _receive(state, ds)
+    database = sqlite3.connect(state.store.url.removeprefix("sqlite:///"))
+    with database:
+        database.execute(
+            "UPDATE studies SET state = 'done', completed_at = '2000-01-01 00:00:00' "
+            "WHERE study_uid = ?",
+            (str(ds.StudyInstanceUID),),
+        )
+    database.close()
+    removed_first: list[bool] = []
+    original = state.store.delete_instances
+
+    def delete_instances(study_uid: str) -> list[str]:
+        removed_first.append(not spooled.exists())
+        return original(study_uid)
+
+    state.store.delete_instances = delete_instances  # type: ignore[method-assign]
+    assert apply_retention(state.store, state.spool_root, 1) == 1
+    assert removed_first == [True]
+    assert state.store.instance_files(str(ds.StudyInstanceUID)) == []
+    assert recover_instances(state) == 0
 
 
 def test_recovery_runs_once_per_boot(
@@ -191,16 +233,16 @@ def test_recovery_runs_once_per_boot(
     _receive(state, ds)
     _lose(state, str(ds.SOPInstanceUID))
 
-    assert recover_after_boot(state.store, state.spool_root, tmp_path) == 1
+    assert recover_after_boot(state, tmp_path) == 1
     _lose(state, str(ds.SOPInstanceUID))
     # The same boot: a process restart (kill -9 included) loses no lazy commit, nothing to scan.
-    assert recover_after_boot(state.store, state.spool_root, tmp_path) == 0
+    assert recover_after_boot(state, tmp_path) == 0
     boot.write_text("boot-2\n")
-    assert recover_after_boot(state.store, state.spool_root, tmp_path) == 1
+    assert recover_after_boot(state, tmp_path) == 1
     # Where the system names no boot, every start scans.
     monkeypatch.setattr(recover, "BOOT_ID", tmp_path / "absent")
     _lose(state, str(ds.SOPInstanceUID))
-    assert recover_after_boot(state.store, state.spool_root, tmp_path) == 1
+    assert recover_after_boot(state, tmp_path) == 1
 
 
 def test_a_node_starting_after_a_power_loss_records_the_lost_rows(
@@ -228,8 +270,8 @@ def test_a_node_starting_after_a_power_loss_records_the_lost_rows(
     shutil.rmtree(tmp_path / "data" / "spool" / INCOMING)
     node = start_node(settings)
     try:
-        study = node.store.study(str(ds.StudyInstanceUID))
-        assert study is not None
+        # The node is receiving while its recovery runs.
+        study = wait_for(lambda: node.store.study(str(ds.StudyInstanceUID)), timeout=30)
         assert study.instance_count == 1
     finally:
         stop_node(node)
