@@ -57,7 +57,9 @@ def mean_hu(volume: npt.NDArray[Any], mask: npt.NDArray[Any]) -> float | None:
     inside = np.asarray(mask) > 0
     if not inside.any():
         return None
-    return float(np.asarray(volume, dtype=np.float64)[inside].mean())
+    # Inside the mask's box: the whole grid of a 512 x 512 x 200 study cost 0.5 s a call.
+    box = _box(inside, (0, 0, 0))
+    return float(np.asarray(np.asarray(volume)[box], dtype=np.float64)[inside[box]].mean())
 
 
 def liver_cut_fraction(liver: npt.NDArray[Any]) -> float:
@@ -134,6 +136,10 @@ def median_distance_mm(
     t = np.asarray(target) > 0
     if not s.any() or not t.any():
         return None
+    # Within the box of both masks: every target voxel is in it, so the nearest one to a source
+    # voxel is too, and the distance map of a 512 x 512 x 200 grid is not paid for.
+    box = _box(s | t, (0, 0, 0))
+    s, t = s[box], t[box]
     image = sitk.GetImageFromArray(t.astype(np.uint8))
     image.SetSpacing(tuple(float(v) for v in spacing_mm))
     distance = sitk.SignedMaurerDistanceMap(
@@ -148,6 +154,21 @@ def _gradient(volume: npt.NDArray[Any], spacing_kji: Sequence[float]) -> npt.NDA
     magnitude = np.sqrt(sum(p * p for p in parts)).astype(np.float32)
     magnitude[magnitude < _GRADIENT_FLOOR] = 0.0
     return magnitude
+
+
+#: The grid spacing (mm) the residual shift is measured on.
+RESIDUAL_GRID_MM = 2.0
+
+
+def _block_mean(volume: npt.NDArray[Any], steps: Sequence[int]) -> npt.NDArray[np.float32]:
+    """``volume`` averaged over blocks of ``steps`` voxels per axis (the rest cut off)."""
+    array = np.asarray(volume, dtype=np.float32)
+    if all(step == 1 for step in steps):
+        return array
+    k, j, i = (size // step * step for size, step in zip(array.shape, steps, strict=True))
+    sk, sj, si = steps
+    trimmed = array[:k, :j, :i]
+    return trimmed.reshape(k // sk, sk, j // sj, sj, i // si, si).mean(axis=(1, 3, 5))
 
 
 def _ncc(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
@@ -181,8 +202,13 @@ def residual_shift_mm(
     reach = [max(1, math.ceil(search_mm / s)) for s in spacing_kji]
     margin = [math.ceil(_RESIDUAL_MARGIN_MM / s) for s in spacing_kji]
     box = _box(mask, [m + r for m, r in zip(margin, reach, strict=True)])
-    fixed_edges = _gradient(np.asarray(fixed)[box], spacing_kji)
-    moving_edges = _gradient(np.asarray(moving_on_fixed)[box], spacing_kji)
+    # Measured on a grid of about RESIDUAL_GRID_MM (blocks of voxels averaged): at 0.7 mm a
+    # 512 x 512 x 200 study took 22 s of searching, for a limit of millimetres.
+    steps = [max(1, round(RESIDUAL_GRID_MM / s)) for s in spacing_kji]
+    spacing_kji = (sz * steps[0], sy * steps[1], sx * steps[2])
+    reach = [max(1, math.ceil(search_mm / s)) for s in spacing_kji]
+    fixed_edges = _gradient(_block_mean(np.asarray(fixed)[box], steps), spacing_kji)
+    moving_edges = _gradient(_block_mean(np.asarray(moving_on_fixed)[box], steps), spacing_kji)
     shape = fixed_edges.shape
     # The compared window leaves the search reach out on every side, so every shift sees voxels.
     r = [min(reach[a], max((shape[a] - 1) // 3, 0)) for a in range(3)]

@@ -273,10 +273,11 @@ def _main_liver(liver: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     components, sizes = sized_components(liver)
     if not sizes:
         return liver
-    keep = [
-        index + 1 for index, size in enumerate(sizes) if size >= LIVER_COMPONENT_SHARE * sizes[0]
-    ]
-    return np.isin(components, keep)
+    # A lookup by component number (np.isin sorted the whole grid).
+    keep = np.zeros(len(sizes) + 1, dtype=bool)
+    for index, size in enumerate(sizes):
+        keep[index + 1] = size >= LIVER_COMPONENT_SHARE * sizes[0]
+    return np.asarray(keep[components])
 
 
 def _wide_components(
