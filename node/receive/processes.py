@@ -194,14 +194,6 @@ class ReceivingProcesses:
                 self._processes[index] = self._spawn(index)
                 self._started[index] = time.monotonic()
 
-    def alive(self) -> int:
-        """How many of the further receiving processes run."""
-        return sum(process.is_alive() for process in self._processes)
-
-    def pids(self) -> list[int]:
-        """Their process ids (tests, ps)."""
-        return [process.pid for process in self._processes if process.pid is not None]
-
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every further receiving process (associations in flight end as on a restart),
         apply what they reported last, then end the threads."""

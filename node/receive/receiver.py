@@ -474,10 +474,7 @@ def store_incoming(
         log.warning("store failed: dataset cannot be parsed", error=type(exc).__name__)
         return CANNOT_UNDERSTAND
 
-    uids = {
-        key: str(header.get(key, "") or "").strip()
-        for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-    }
+    uids = header_uids(header)
     missing = [key for key, value in uids.items() if not value]
     if missing:
         log.warning("store failed: dataset lacks UIDs", missing=missing)
@@ -503,6 +500,25 @@ def store_incoming(
             return CANNOT_UNDERSTAND_PIXEL_LENGTH
 
     return _persist(state, incoming, size, offset, header, uids, syntax, calling_ae)
+
+
+def header_uids(header: Any) -> dict[str, str]:
+    """SOPClassUID, SOPInstanceUID, StudyInstanceUID and SeriesInstanceUID of a header ("" when
+    absent), as the receive path checks and records them."""
+    return {
+        key: str(header.get(key, "") or "").strip()
+        for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    }
+
+
+def dataset_sha256(path: Path, offset: int) -> str:
+    """SHA-256 of a Part 10 file's dataset (from ``offset``, :func:`dataset_offset`): the file
+    meta names the sender and the negotiated syntax, which differ between two sends of one
+    instance."""
+    digest = hashlib.sha256()
+    for block in read_blocks(path, offset):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def pixel_length_problem(header: Any) -> str | None:
@@ -544,12 +560,7 @@ def _persist(
 ) -> int:
     study_uid = uids["StudyInstanceUID"]
     sop_uid = uids["SOPInstanceUID"]
-    # The hash covers the dataset alone: the file meta names the sender and the negotiated
-    # syntax, which differ between two sends of the same instance.
-    digest = hashlib.sha256()
-    for block in read_blocks(incoming, offset):
-        digest.update(block)
-    sha256 = digest.hexdigest()
+    sha256 = dataset_sha256(incoming, offset)
     try:
         own = state.store.is_issued(sop_uid)
     except Exception:

@@ -20,7 +20,6 @@ so a study that had been scored without it is scored again with it.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -28,8 +27,14 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from node.core.logging import get_logger, study_key
-from node.receive.receiver import ReceiverState, dataset_offset, instance_record
-from node.receive.spool import instance_relative_path, read_blocks, write_durably
+from node.receive.receiver import (
+    ReceiverState,
+    dataset_offset,
+    dataset_sha256,
+    header_uids,
+    instance_record,
+)
+from node.receive.spool import instance_relative_path, write_durably
 
 log = get_logger("node.receive.recover")
 
@@ -114,18 +119,12 @@ def _recover(state: ReceiverState, path: Path, relative: str) -> bool:
     try:
         offset = dataset_offset(path)
         header = pydicom.dcmread(path, stop_before_pixels=True)
-        uids = {
-            key: str(header.get(key, "") or "").strip()
-            for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
+        uids = header_uids(header)
         syntax = str(header.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, ValueError, EOFError, KeyError, AttributeError, OSError) as exc:
         log.warning("spool file not recovered: unreadable", error=type(exc).__name__)
         return False
-    digest = hashlib.sha256()
-    for block in read_blocks(path, offset):
-        digest.update(block)
-    sha256 = digest.hexdigest()
+    sha256 = dataset_sha256(path, offset)
     study_uid, series_uid = uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
     sop_uid = uids["SOPInstanceUID"]
     if relative != instance_relative_path(study_uid, series_uid, sop_uid, sha256):

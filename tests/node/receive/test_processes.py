@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +16,13 @@ import pytest
 
 from node.core.settings import Settings
 from node.receive.processes import PROCESS_NAME, receive_process_count
-from tests.node.receive.test_receiver import spooled, storescu, truth_rows, wait_until_final
+from tests.node.receive.test_receiver import (
+    spooled,
+    storescu,
+    storescu_at_once,
+    truth_rows,
+    wait_until_final,
+)
 from tests.nodeproc import NodeProcess, running_node, wait_for
 from tests.orthanc import free_port
 
@@ -77,17 +81,7 @@ def test_concurrent_associations_over_three_processes_lose_nothing_and_complete(
             assert storescu(node, cohort / first["study_folder"]).returncode == 0
         finally:
             os.kill(node.process.pid, signal.SIGCONT)
-        results: list[subprocess.CompletedProcess[str]] = []
-        threads = [
-            threading.Thread(
-                target=lambda r=r: results.append(storescu(node, cohort / r["study_folder"]))
-            )
-            for r in rows
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = storescu_at_once(node, [cohort / r["study_folder"] for r in rows])
         assert [r.returncode for r in results] == [0] * len(rows)
         sent = len(list(cohort.glob("study_*/**/*.dcm")))
         assert len(spooled(node)) == sent

@@ -64,6 +64,21 @@ def storescu(
     )
 
 
+def storescu_at_once(
+    node: NodeProcess, folders: list[Path]
+) -> list[subprocess.CompletedProcess[str]]:
+    """One storescu association per folder, all at once; their results when all are done."""
+    results: list[subprocess.CompletedProcess[str]] = []
+    threads = [
+        threading.Thread(target=lambda f=f: results.append(storescu(node, f))) for f in folders
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a file, after its file meta (what a transfer keeps unchanged)."""
     raw = path.read_bytes()
@@ -531,17 +546,7 @@ def test_eight_concurrent_senders(tmp_path: Path, cohort_factory: Callable[..., 
     cohort = cohort_factory(studies=8, seed=31, size=48, slices=16)
     rows = truth_rows(cohort)
     with running_node(tmp_path, {"node": {"max_associations": 16}}) as node:
-        results: list[subprocess.CompletedProcess[str]] = []
-        threads = [
-            threading.Thread(
-                target=lambda r=r: results.append(storescu(node, cohort / r["study_folder"]))
-            )
-            for r in rows
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = storescu_at_once(node, [cohort / r["study_folder"] for r in rows])
         assert [r.returncode for r in results] == [0] * 8
         sent = len(list(cohort.glob("study_*/**/*.dcm")))
         assert len(spooled(node)) == sent
