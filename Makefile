@@ -52,8 +52,9 @@ typecheck: $(STAMP)
 packages:
 	@.ci/packages
 
+# The slowest tests are listed at the end: what to trim when `make test` passes 30 minutes.
 pytest: $(STAMP) packages
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test: lint typecheck pytest
 

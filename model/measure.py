@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -23,8 +24,10 @@ import SimpleITK as sitk
 
 __all__ = [
     "AxialDiameter",
+    "Components",
     "Measurements",
     "feret_diameter_mm",
+    "labelled_components",
     "largest_component",
     "max_axial_diameter",
     "max_axial_diameter_mm",
@@ -215,36 +218,89 @@ def max_axial_diameter_mm(mask3d: npt.ArrayLike, spacing_xy: Sequence[float]) ->
 
 def _components(mask: _Bool) -> tuple[sitk.Image, int]:
     """26-connected components relabelled by decreasing size (label 1 is the largest)."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image = sitk.GetImageFromArray(mask.view(np.uint8))
     # fullyConnected (26-connectivity) is positional: the wrapper takes no keyword here.
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(image, True), sortByObjectSize=True)
     count = int(sitk.GetArrayViewFromImage(labels).max()) if mask.any() else 0
     return labels, count
 
 
+class Components(NamedTuple):
+    """The 26-connected components of a mask, labelled inside the mask's bounding box only.
+
+    On a 512 x 512 x 200 study a label array of the whole grid is 200 MB to fill and index;
+    the box of a liver or a lesion is a fraction of it, and the grid outside holds no component.
+
+    Attributes
+    ----------
+    shape
+        The mask's shape.
+    box
+        :func:`mask_box` of the mask; ``None`` when it is empty.
+    numbered
+        ``int32`` labels inside ``box``: 1, 2, … by decreasing size, 0 outside the mask.
+    sizes
+        Voxel count of each component, largest first (empty for an empty mask).
+    """
+
+    shape: tuple[int, ...]
+    box: tuple[slice, ...] | None
+    numbered: npt.NDArray[np.int32]
+    sizes: tuple[int, ...]
+
+    def select(self, keep: npt.ArrayLike) -> _Bool:
+        """The whole-grid mask of the components numbered ``n`` with ``keep[n]`` true.
+
+        ``keep`` has one entry per number, ``len(sizes) + 1`` with 0 (outside) first; entry 0
+        is ignored.
+        """
+        chosen = np.asarray(keep, dtype=bool).copy()
+        if chosen.shape != (len(self.sizes) + 1,):
+            raise ValueError(f"keep needs {len(self.sizes) + 1} entries, got {chosen.shape}")
+        chosen[0] = False
+        full = np.zeros(self.shape, dtype=bool)
+        if self.box is not None:
+            full[self.box] = chosen[self.numbered]
+        return full
+
+    def largest(self) -> _Bool:
+        """The whole-grid mask of the largest component (all false for an empty mask)."""
+        return self.select(np.arange(len(self.sizes) + 1) == 1)
+
+    def whole(self) -> npt.NDArray[np.int32]:
+        """The labels on the whole grid (0 outside every component)."""
+        numbered = np.zeros(self.shape, dtype=np.int32)
+        if self.box is not None:
+            numbered[self.box] = self.numbered
+        return numbered
+
+
+def labelled_components(mask: npt.ArrayLike) -> Components:
+    """The 26-connected components of a 3-D mask, numbered by decreasing size in its box."""
+    array = _as_mask(mask, 3, "mask")
+    box = mask_box(array)
+    if box is None:
+        return Components(array.shape, None, np.zeros((0, 0, 0), dtype=np.int32), ())
+    labels, _ = _components(np.ascontiguousarray(array[box]))
+    inside = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
+    counts = np.bincount(inside.ravel())[1:]
+    return Components(array.shape, box, inside, tuple(int(c) for c in counts if c > 0))
+
+
 def component_sizes(mask: npt.ArrayLike) -> tuple[int, ...]:
     """Voxel counts of the 26-connected components of a 3-D mask, largest first."""
-    return sized_components(mask)[1]
+    return labelled_components(mask).sizes
 
 
 def sized_components(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.int32], tuple[int, ...]]:
     """The 26-connected components of a 3-D mask, numbered 1, 2, … by decreasing size.
 
-    Returns the ``int32`` label array (0 outside) and the voxel count of each component, largest
-    first (empty for an empty mask).
+    Returns the ``int32`` label array of the whole grid (0 outside) and the voxel count of each
+    component, largest first (empty for an empty mask). :func:`labelled_components` keeps the
+    labels to the mask's box.
     """
-    array = _as_mask(mask, 3, "mask")
-    numbered = np.zeros(array.shape, dtype=np.int32)
-    box = mask_box(array)
-    if box is None:
-        return numbered, ()
-    # Labelled inside the mask's bounding box only: on a 512 x 512 x 200 study the whole grid
-    # cost 2 s per call in copies and counting, the liver's box a fraction of that.
-    labels, _ = _components(array[box])
-    inside = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
-    numbered[box] = inside
-    counts = np.bincount(inside.ravel())[1:]
-    return numbered, tuple(int(c) for c in counts if c > 0)
+    parts = labelled_components(mask)
+    return parts.whole(), parts.sizes
 
 
 def mask_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...] | None:
@@ -273,12 +329,8 @@ def largest_component(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.uint8], int]:
         ``component``: uint8 0/1 mask of the largest component (all zeros for an empty mask; the
         first in SimpleITK's order on ties); ``count``: number of components.
     """
-    array = _as_mask(mask, 3, "mask")
-    if not array.any():
-        return np.zeros(array.shape, dtype=np.uint8), 0
-    labels, count = _components(array)
-    component = (sitk.GetArrayFromImage(labels) == 1).astype(np.uint8)
-    return component, count
+    parts = labelled_components(mask)
+    return parts.largest().view(np.uint8), len(parts.sizes)
 
 
 def measure(tumor: npt.ArrayLike, loat: npt.ArrayLike, spacing_mm: Sequence[float]) -> Measurements:
@@ -306,7 +358,7 @@ def measure(tumor: npt.ArrayLike, loat: npt.ArrayLike, spacing_mm: Sequence[floa
         )
     sx, sy, sz = _spacing_3d(spacing_mm)
     diameter = _max_axial(tumor_mask, sx, sy)
-    components = _components(tumor_mask)[1] if tumor_mask.any() else 0
+    components = len(labelled_components(tumor_mask).sizes)
     per_slice = np.count_nonzero(loat_mask.reshape(loat_mask.shape[0], -1), axis=1)
     loat_found = bool(per_slice.any())
     return Measurements(

@@ -126,27 +126,47 @@ def liver_contact(tumor: npt.NDArray[Any], liver: npt.NDArray[Any]) -> float | N
 
 
 def median_distance_mm(
-    source: npt.NDArray[Any], target: npt.NDArray[Any], spacing_mm: Sequence[float]
+    source: npt.NDArray[Any],
+    target: npt.NDArray[Any],
+    spacing_mm: Sequence[float],
+    exact_within_mm: float | None = None,
 ) -> float | None:
     """Median distance (mm) from the voxels of ``source`` to the nearest voxel of ``target``.
 
-    ``None`` when either mask is empty.
+    ``None`` when either mask is empty. With ``exact_within_mm`` the distance map is first made
+    only around ``source`` (its box grown by that distance): a target voxel outside that box is
+    farther from every source voxel, so a median found within the distance is the median; a
+    larger one is measured again on the box of both masks.
     """
     s = np.asarray(source) > 0
     t = np.asarray(target) > 0
     if not s.any() or not t.any():
         return None
+    if exact_within_mm is not None:
+        steps = np.asarray([float(v) for v in spacing_mm], dtype=np.float64)[::-1]
+        margin = [int(m) for m in np.ceil(float(exact_within_mm) / steps)]
+        near = _box(s, margin)
+        if t[near].any():
+            values = _distances_mm(s[near], t[near], spacing_mm)
+            # The middle value(s) must be within reach: the larger ones may be overestimates.
+            if np.count_nonzero(values <= exact_within_mm) > values.size // 2:
+                return round(float(np.median(values)), 2)
     # Within the box of both masks: every target voxel is in it, so the nearest one to a source
     # voxel is too, and the distance map of a 512 x 512 x 200 grid is not paid for.
     box = _box(s | t, (0, 0, 0))
-    s, t = s[box], t[box]
-    image = sitk.GetImageFromArray(t.astype(np.uint8))
+    return round(float(np.median(_distances_mm(s[box], t[box], spacing_mm))), 2)
+
+
+def _distances_mm(
+    source: npt.NDArray[np.bool_], target: npt.NDArray[np.bool_], spacing_mm: Sequence[float]
+) -> npt.NDArray[np.float32]:
+    """The distance (mm, 0 inside) from each ``source`` voxel to the nearest ``target`` voxel."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(target).view(np.uint8))
     image.SetSpacing(tuple(float(v) for v in spacing_mm))
     distance = sitk.SignedMaurerDistanceMap(
         image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
     )
-    values = sitk.GetArrayViewFromImage(distance)[s]
-    return round(float(np.median(np.clip(values, 0.0, None))), 2)
+    return np.clip(sitk.GetArrayViewFromImage(distance)[source], 0.0, None)
 
 
 def _gradient(volume: npt.NDArray[Any], spacing_kji: Sequence[float]) -> npt.NDArray[np.float32]:

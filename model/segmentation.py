@@ -39,7 +39,7 @@ from monai.networks.nets import BasicUNet, UNet
 from scipy import ndimage
 
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.measure import sized_components
+from model.measure import labelled_components
 from model.registration import resample_onto, working_grid
 
 __all__ = [
@@ -247,18 +247,19 @@ def postprocess(
         dropped["tumor_narrow"] = int(np.count_nonzero(all_tumor & ~wide))
         all_tumor = wide
     # One labelling gives the kept lesion, the count and the sizes the gates judge.
-    numbered, sizes = sized_components(all_tumor)
-    tumor = numbered == 1
+    lesions = labelled_components(all_tumor)
+    sizes = lesions.sizes
 
+    # Boolean masks are handed on as uint8 views (one byte, 0 or 1): no copy of the grid.
     def organ(name: str) -> UInt8Volume | None:
         if name not in label_map:
             return None
-        return (labels == label_map[name]).astype(np.uint8)
+        return (labels == label_map[name]).view(np.uint8)
 
     return Masks(
-        liver=liver.astype(np.uint8),
-        tumor=tumor.astype(np.uint8),
-        loat=loat.astype(np.uint8),
+        liver=liver.view(np.uint8),
+        tumor=lesions.largest().view(np.uint8),
+        loat=loat.view(np.uint8),
         tumor_components=len(sizes),
         source=source,
         stomach=organ("stomach"),
@@ -270,14 +271,11 @@ def postprocess(
 
 def _main_liver(liver: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """The largest liver component and those of at least :data:`LIVER_COMPONENT_SHARE` of it."""
-    components, sizes = sized_components(liver)
-    if not sizes:
+    parts = labelled_components(liver)
+    if not parts.sizes:
         return liver
-    # A lookup by component number (np.isin sorted the whole grid).
-    keep = np.zeros(len(sizes) + 1, dtype=bool)
-    for index, size in enumerate(sizes):
-        keep[index + 1] = size >= LIVER_COMPONENT_SHARE * sizes[0]
-    return np.asarray(keep[components])
+    largest = parts.sizes[0]
+    return parts.select([False, *(size >= LIVER_COMPONENT_SHARE * largest for size in parts.sizes)])
 
 
 def _wide_components(
@@ -285,18 +283,20 @@ def _wide_components(
 ) -> npt.NDArray[np.bool_]:
     """The components of ``mask`` that hold, on some slice, a point ``width_mm / 2`` in-plane
     from their edge (the 2-D Euclidean distance to the nearest pixel outside)."""
-    numbered, sizes = sized_components(mask)
-    if not sizes:
+    parts = labelled_components(mask)
+    if not parts.sizes:
         return mask
-    keep = np.zeros(len(sizes) + 1, dtype=bool)
+    keep = np.zeros(len(parts.sizes) + 1, dtype=bool)
     sampling = (float(spacing_mm[1]), float(spacing_mm[0]))  # rows (y), columns (x)
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        plane = numbered[k]
+    for plane in parts.numbered:
+        if not plane.any():
+            continue
+        # Padded by one: the box's edge is not the mask's, the grid beyond it is outside.
+        padded = np.pad(plane, 1)
         # Two 26-connected components never touch in a slice: one transform serves them all.
-        depth = ndimage.distance_transform_edt(plane > 0, sampling=sampling)
-        keep[np.unique(plane[depth >= width_mm / 2.0])] = True
-    keep[0] = False
-    return np.asarray(keep[numbered])
+        depth = ndimage.distance_transform_edt(padded > 0, sampling=sampling)
+        keep[np.unique(padded[depth >= width_mm / 2.0])] = True
+    return parts.select(keep)
 
 
 def _near_liver(
@@ -319,17 +319,19 @@ def _near_liver(
     liver_box = liver[box]
     if not liver_box.any():
         return np.zeros_like(loat)
-    image = sitk.GetImageFromArray(liver_box.astype(np.uint8))
+    image = sitk.GetImageFromArray(liver_box.view(np.uint8))
     image.SetSpacing([float(v) for v in spacing_mm])
     distance = sitk.GetArrayFromImage(
         sitk.SignedMaurerDistanceMap(
             image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
         )
     )
-    components, _ = sized_components(loat[box])
-    reached = np.unique(components[(components > 0) & (distance <= reach_mm)])
+    parts = labelled_components(loat[box])
+    numbered = parts.whole()
+    keep = np.zeros(len(parts.sizes) + 1, dtype=bool)
+    keep[numbered[distance <= reach_mm]] = True
     near = np.zeros_like(loat)
-    near[box] = np.isin(components, reached)
+    near[box] = parts.select(keep)
     return near
 
 
@@ -743,7 +745,7 @@ class UNetSegmenter:
         label_image.CopyInformation(work.reference)
         on_arterial = resample_onto(label_image, arterial, label=True)
         masks = postprocess(
-            sitk.GetArrayFromImage(on_arterial),
+            sitk.GetArrayViewFromImage(on_arterial),  # read only, and no mask is a view of it
             sitk.GetArrayViewFromImage(arterial),
             "unet",
             self.labels,

@@ -271,10 +271,13 @@ def check_segmentation(
     if masks.stomach is not None and masks.loat.any():
         # An empty stomach is a segmenter that never learned one (site training from SEGs
         # without it), not a patient without a stomach: that distance is then not judged.
+        # A LOAT in place lies well within half the limit of both: its distances are measured
+        # around it alone; a farther one pays for the box of both masks.
+        reach = limits.max_loat_distance_mm / 2
         for organ, mask in (("liver", masks.liver), ("stomach", masks.stomach)):
             verdict.at_most(
                 f"loat_to_{organ}_mm",
-                median_distance_mm(masks.loat, mask, spacing_mm),
+                median_distance_mm(masks.loat, mask, spacing_mm, exact_within_mm=reach),
                 limits.max_loat_distance_mm,
                 f"LOAT not between liver and stomach: median distance to the {organ} (mm)",
             )

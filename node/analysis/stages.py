@@ -180,9 +180,10 @@ def rois(arterial: sitk.Image, registered: Registered, masks: Masks, spec: RoiSp
     """
     from model.roi import extract_rois
 
+    # Views, not copies: the ROIs read a few slices of each volume.
     return extract_rois(
-        sitk.GetArrayFromImage(arterial),
-        sitk.GetArrayFromImage(registered.portal_venous_on_arterial),
+        sitk.GetArrayViewFromImage(arterial),
+        sitk.GetArrayViewFromImage(registered.portal_venous_on_arterial),
         masks.tumor,
         masks.loat,
         spacing_of(arterial),

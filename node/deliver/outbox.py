@@ -180,15 +180,20 @@ class Dispatcher:
         The database.
     poll_s
         How often the outbox is looked at.
+    wake
+        An event (a :mod:`multiprocessing` one when set by the workers) that starts a round
+        at once: set when results were recorded.
     """
 
-    def __init__(self, settings: Settings, store: Store, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, poll_s: float = 0.5, wake: Any = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.poll_s = poll_s
         #: What this dispatcher's claims on outbox rows are made in (every receiver runs one).
         self.owner = worker_identity()
-        self._wake = threading.Event()
+        self._wake = wake if wake is not None else threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

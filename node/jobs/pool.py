@@ -53,12 +53,23 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[BaseProcess] = []
         self._stop = threading.Event()
+        # Wake-ups across this host's processes: a queued job wakes an idle worker, a recorded
+        # result the outbox thread. Both still poll besides (another host's jobs, a wake-up
+        # that came while they were busy): these only save the polling interval.
+        self.jobs_queued = self._context.Event()
+        self.results_recorded = self._context.Event()
         self._monitor: threading.Thread | None = None
 
     def _spawn(self) -> BaseProcess:
         process = self._context.Process(
             target=worker_main,
-            args=(self.settings.model_dump(mode="python"), os.getpid(), log_queue()),
+            args=(
+                self.settings.model_dump(mode="python"),
+                os.getpid(),
+                log_queue(),
+                self.jobs_queued,
+                self.results_recorded,
+            ),
             name="mvi-node-worker",
             daemon=True,
         )

@@ -372,11 +372,19 @@ def superseded_objects(store: Store, settings: Settings, study_uid: str) -> list
     return headers
 
 
-def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any = None) -> None:
+def worker_main(
+    settings_data: dict[str, Any],
+    parent_pid: int,
+    log_queue: Any = None,
+    jobs_queued: Any = None,
+    results_recorded: Any = None,
+) -> None:
     """Entry point of a worker process: claim jobs until the parent goes away.
 
     ``log_queue`` is the parent's log-file queue (``node.log_file``): the parent alone writes
-    and rotates the file.
+    and rotates the file. ``jobs_queued`` and ``results_recorded`` are the pool's wake-ups
+    (:class:`node.jobs.pool.WorkerPool`): the first is waited on when no job is queued, the
+    second set after each batch.
     """
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
@@ -384,7 +392,14 @@ def worker_main(settings_data: dict[str, Any], parent_pid: int, log_queue: Any =
     configure_logging(settings.node.log_level, forward_to=log_queue)
     # Only checks the schema: `serve` brought it to head before it started this worker.
     store = Store(settings.database_url, schema="check")
-    work(store, settings, settings.pipeline.device, lambda: os.getppid() == parent_pid)
+    work(
+        store,
+        settings,
+        settings.pipeline.device,
+        lambda: os.getppid() == parent_pid,
+        wake=jobs_queued,
+        recorded=results_recorded,
+    )
 
 
 #: What runs a claimed batch: the pipeline (:func:`run_jobs`), or a benchmark's stand-in.
@@ -408,6 +423,8 @@ class Worker:
         settings: Settings,
         device: str,
         run_batch: BatchRunner | None = None,
+        *,
+        recorded: Any = None,
     ) -> None:
         from node.analysis.models import Models
 
@@ -417,6 +434,8 @@ class Worker:
         self.pid = os.getpid()
         self.name = worker_identity(self.pid)
         self.run_batch = run_batch
+        #: Set after each batch: its results and outbox rows are in the store.
+        self.recorded = recorded
         self.models = Models(settings, device=device) if run_batch is None else None
         self.size = batch_size(settings, self.models) if self.models is not None else 1
 
@@ -474,6 +493,8 @@ class Worker:
                 # running without heartbeats, and the sweep gives it to a new attempt, which
                 # finds a recorded result and sends it as it is.
                 log.error("job outcome not recorded", job_id=each.id, error=type(exc).__name__)
+        if self.recorded is not None:
+            self.recorded.set()
         del outcomes
         _release_memory()
 
@@ -484,10 +505,17 @@ def work(
     device: str,
     running: Callable[[], bool],
     run_batch: BatchRunner | None = None,
+    *,
+    wake: Any = None,
+    recorded: Any = None,
 ) -> None:
     """Claim and run jobs while ``running()``, polling when there are none (the pool's
-    workers; bench/cluster.py)."""
-    worker = Worker(store, settings, device, run_batch)
+    workers; bench/cluster.py).
+
+    ``wake`` (an event) cuts the wait between polls short when it is set; ``recorded`` is set
+    after each batch (see :func:`worker_main`).
+    """
+    worker = Worker(store, settings, device, run_batch, recorded=recorded)
     while running():
         try:
             jobs = worker.claim()
@@ -498,7 +526,11 @@ def work(
             time.sleep(_UNREACHABLE_SLEEP_S)
             continue
         if not jobs:
-            time.sleep(_IDLE_SLEEP_S)
+            if wake is None:
+                time.sleep(_IDLE_SLEEP_S)
+            elif wake.wait(_IDLE_SLEEP_S):
+                # Cleared before the claim that follows: a job queued after it sets it again.
+                wake.clear()
             continue
         worker.run(jobs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -44,8 +45,11 @@ class Assembler:
         scheduler: BackgroundScheduler,
         quiet_seconds: float,
         max_receive_s: float = 1800.0,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        #: Called after a job is queued (the worker pool's wake-up).
+        self.on_queued = on_queued
         self.scheduler = scheduler
         self.quiet = dt.timedelta(seconds=quiet_seconds)
         self.window = dt.timedelta(seconds=max_receive_s)
@@ -119,6 +123,11 @@ class Assembler:
             )
         else:
             log.info("study complete; job queued", study_key=key, job_id=job_id)
+        self._queued()
+
+    def _queued(self) -> None:
+        if self.on_queued is not None:
+            self.on_queued()
 
     def sweep(self) -> int:
         """Complete studies that are quiet by the database's clock but have no timer here.
@@ -138,6 +147,7 @@ class Assembler:
             job_id = self.store.complete_study(study_uid, quiet_for_s=self.quiet.total_seconds())
             if job_id is not None:
                 completed += 1
+                self._queued()
                 log.info(
                     "quiet study completed by the sweep",
                     study_key=study_key(study_uid),

@@ -175,11 +175,16 @@ def start_node(settings: Settings) -> Node:
     # This host's dispatcher before the restart is gone: its claims on outbox rows lapse now.
     store.release_deliveries(socket.gethostname())
     scheduler = BackgroundScheduler(timezone=dt.UTC)
+    # A receiver leaves the jobs to `mvi-node worker` processes on other hosts.
+    workers = WorkerPool(
+        settings, store, 0 if settings.cluster.role == "receiver" else settings.pipeline.workers
+    )
     assembler = Assembler(
         store,
         scheduler,
         settings.completion.quiet_seconds,
         settings.completion.max_receive_minutes * 60.0,
+        on_queued=workers.jobs_queued.set,
     )
     scheduler.start()
     restored = assembler.restore()
@@ -195,15 +200,11 @@ def start_node(settings: Settings) -> Node:
             coalesce=True,
         )
     timers = schedule_periodic(settings, store, spool_root, scheduler)
-    # A receiver leaves the jobs to `mvi-node worker` processes on other hosts.
-    workers = WorkerPool(
-        settings, store, 0 if cluster.role == "receiver" else settings.pipeline.workers
-    )
     workers.start()
     receiver = ReceiverState(
         settings=settings, store=store, spool_root=spool_root, on_instance=assembler.on_instance
     )
-    dispatcher = Dispatcher(settings, store)
+    dispatcher = Dispatcher(settings, store, wake=workers.results_recorded)
     dispatcher.start()
     stow = None
     if settings.dicomweb.enabled:

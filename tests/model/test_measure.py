@@ -13,10 +13,12 @@ from model.measure import (
     AxialDiameter,
     Measurements,
     feret_diameter_mm,
+    labelled_components,
     largest_component,
     max_axial_diameter,
     max_axial_diameter_mm,
     measure,
+    sized_components,
 )
 from model.phantom import PhantomSpec, make_study, measure_truth
 
@@ -133,6 +135,27 @@ def test_components_and_largest_component() -> None:
     corner[1, 1, 1] = corner[2, 2, 2] = 1
     assert largest_component(corner)[1] == 1
     assert measure(corner, corner, SPACING).tumor_components == 1
+
+
+def test_components_are_labelled_in_the_masks_box_and_placed_back_on_the_grid() -> None:
+    rng = np.random.default_rng(5)
+    mask = np.zeros((20, 30, 30), dtype=bool)
+    mask[4:15, 6:25, 3:22] = rng.random((11, 19, 19)) < 0.08  # many components, odd box
+    parts = labelled_components(mask)
+    assert parts.box is not None and parts.numbered.shape == (11, 19, 19)
+    numbered, sizes = sized_components(mask)
+    assert sizes == parts.sizes and len(sizes) > 5
+    assert list(sizes) == sorted(sizes, reverse=True) and sum(sizes) == int(mask.sum())
+    assert np.array_equal(parts.whole(), numbered) and np.array_equal(numbered > 0, mask)
+    assert np.array_equal(parts.largest(), numbered == 1)
+    keep = np.zeros(len(sizes) + 1, dtype=bool)
+    keep[[0, 2, 4]] = True  # 0 (outside) never selects anything
+    assert np.array_equal(parts.select(keep), (numbered == 2) | (numbered == 4))
+    with pytest.raises(ValueError, match="entries"):
+        parts.select(keep[:-1])
+    empty = labelled_components(np.zeros((3, 4, 5), dtype=bool))
+    assert empty.box is None and empty.sizes == ()
+    assert not empty.largest().any() and empty.largest().shape == (3, 4, 5)
 
 
 def test_volumes_and_areas_are_counts_times_voxel_size() -> None:

@@ -67,6 +67,18 @@ def test_median_distance_is_measured_in_millimetres() -> None:
     assert median_distance_mm(source, np.zeros_like(target), (1.0, 1.0, 1.0)) is None
 
 
+def test_a_median_within_reach_is_measured_around_the_source_alone() -> None:
+    rng = np.random.default_rng(3)
+    target = _ball((40, 50, 50), (20, 25, 10), 6)
+    cases = (((20, 25, 22), 8.0), ((20, 25, 44), 8.0), ((20, 25, 30), 10.0), ((20, 25, 30), 30.0))
+    for centre, reach in cases:
+        source = _ball((40, 50, 50), centre, 3) & (rng.random((40, 50, 50)) < 0.7)
+        whole = median_distance_mm(source, target, (0.8, 0.9, 1.5))
+        # Within reach; no target near; a target near but the median beyond; all in reach.
+        assert median_distance_mm(source, target, (0.8, 0.9, 1.5), reach) == whole
+    assert whole is not None and whole > 0
+
+
 def _textured(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     image = sitk.GetImageFromArray(rng.standard_normal(shape).astype(np.float32))

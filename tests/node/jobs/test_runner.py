@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydicom
@@ -14,7 +14,7 @@ from node.core.logging import study_key
 from node.core.settings import Settings
 from node.jobs.runner import JobOutcome, batch_size, cuda_out_of_memory, run_jobs
 from node.receive.receiver import record_spooled_file
-from node.store.database import LeaseLost, Store
+from node.store.database import Job, LeaseLost, Store
 from tests.nodeproc import node_settings
 
 
@@ -227,3 +227,62 @@ def test_an_attempt_that_lost_its_lease_records_nothing_and_leaves_the_winners_f
     store.finish_job(winner.id, "done", lease=winner.lease)
     assert store.list_jobs()[0].state == "done"
     assert all(Path(path).is_file() for _, path in sent)
+
+
+def test_an_idle_worker_is_woken_by_a_queued_job_and_then_wakes_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's events (node/jobs/pool.py): a worker waiting for work claims a job as soon as
+    the completion timer says one is queued, and says when its results are recorded."""
+    import multiprocessing
+    import threading
+
+    from node.jobs import runner
+    from tests.node.store.test_database import record
+    from tests.nodeproc import wait_for
+
+    # Polling alone would now take a minute: only the event can start the job in time.
+    monkeypatch.setattr(runner, "_IDLE_SLEEP_S", 60.0)
+    settings = Settings.model_validate(node_settings(tmp_path / "data"))
+    store = Store(settings.database_url)
+    context = multiprocessing.get_context("spawn")
+    queued, recorded = context.Event(), context.Event()
+    ran: list[int] = []
+    claims: list[int] = []
+    claim = runner.Worker.claim
+
+    def counted(self: runner.Worker, job_id: int | None = None) -> list[Job]:
+        found = claim(self, job_id)
+        claims.append(len(found))
+        return found
+
+    monkeypatch.setattr(runner.Worker, "claim", counted)
+
+    def stand_in(jobs: Sequence[Job]) -> list[JobOutcome | Exception]:
+        ran.extend(job.id for job in jobs)
+        return [JobOutcome("done") for _ in jobs]
+
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=runner.work,
+        args=(store, settings, "cpu", lambda: not stop.is_set(), stand_in),
+        kwargs={"wake": queued, "recorded": recorded},
+        daemon=True,
+    )
+    worker.start()
+    try:
+        wait_for(lambda: claims == [0], timeout=30)  # it found nothing and waits
+        store.record_instance(record(sop="1.2.3.1.1", path="aa/1.dcm"))
+        job_id = store.complete_study("1.2.3")
+        assert job_id is not None and not ran
+        queued.set()
+        wait_for(lambda: ran == [job_id], timeout=30)
+        assert claims[:2] == [0, 1], "the job was claimed on the wake-up, not by a second poll"
+        assert recorded.wait(30), "the outbox is told that results are recorded"
+        assert store.list_jobs()[0].state == "done"
+    finally:
+        stop.set()
+        queued.set()  # out of its wait, to see that it should stop
+        worker.join(30)
+        store.close()
+    assert not worker.is_alive()

@@ -119,3 +119,34 @@ def test_a_receiver_completes_a_study_another_receiver_left_behind(postgres_data
     finally:
         gone.close()
         survivor.close()
+
+
+def test_a_queued_job_is_announced_once(tmp_path: Path) -> None:
+    """The completion timer tells the worker pool when it queued a job (``on_queued``, the
+    pool's wake-up): once per job, not for a study that was not complete."""
+    import datetime as dt
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from node.receive.completion import Assembler
+    from node.store.database import Store
+    from tests.node.store.test_database import record
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    scheduler.start()
+    announced: list[int] = []
+    assembler = Assembler(
+        store, scheduler, quiet_seconds=0.3, on_queued=lambda: announced.append(1)
+    )
+    try:
+        store.record_instance(record(sop="1.2.3.1.1", path="aa/1.dcm"))
+        assembler.on_instance("1.2.3", own_output=False)
+        assembler.on_instance("1.2.3", own_output=True)  # our own output: no timer
+        wait_for(lambda: announced, timeout=30)
+        assert len(store.list_jobs()) == 1
+        time.sleep(1.0)  # a second announcement would have come by now
+        assert announced == [1]
+    finally:
+        scheduler.shutdown(wait=False)
+        store.close()
