@@ -288,11 +288,17 @@ def _wide_components(
         return mask
     keep = np.zeros(len(parts.sizes) + 1, dtype=bool)
     sampling = (float(spacing_mm[1]), float(spacing_mm[0]))  # rows (y), columns (x)
+    # Padded by one where the box lies inside the grid (the grid beyond the box is outside the
+    # mask), not where it reaches the grid's edge: the image's border is not the mask's edge.
+    assert parts.box is not None
+    pad = [
+        (int(side.start > 0), int(side.stop < size))
+        for side, size in zip(parts.box[1:], parts.shape[1:], strict=True)
+    ]
     for plane in parts.numbered:
         if not plane.any():
             continue
-        # Padded by one: the box's edge is not the mask's, the grid beyond it is outside.
-        padded = np.pad(plane, 1)
+        padded = np.pad(plane, pad)
         # Two 26-connected components never touch in a slice: one transform serves them all.
         depth = ndimage.distance_transform_edt(padded > 0, sampling=sampling)
         keep[np.unique(padded[depth >= width_mm / 2.0])] = True

@@ -1,10 +1,16 @@
-"""A lock held across the threads of one process and across processes, waiting in the kernel.
+"""Locks and wake-ups across the threads of one process and across processes, waiting in the
+kernel.
 
 A thread lock, then ``flock`` on a file. ``flock`` and not ``fcntl``/``lockf`` record locks: those
 belong to the process, and the kernel's deadlock check, which sees processes and not threads,
 refused ("Resource deadlock avoided") a thread of one receiving process waiting for a lock
 another process held while another thread of that process held a second lock the other was
 waiting for — no deadlock, two pairs of threads.
+
+A :class:`Wakeup` is a counting semaphore, not a :class:`multiprocessing.Event`: an Event keeps a
+count of its sleepers under a shared lock, and a process killed while it waited (the OOM killer
+takes an idle worker that holds models) stays counted for ever, so the next ``set()`` blocks for
+good. A semaphore is a counter in the kernel; a dead waiter leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import fcntl
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 
 class FileLock:
@@ -50,4 +57,30 @@ class FileLock:
                 self._fd = None
 
 
-__all__ = ["FileLock"]
+class Wakeup:
+    """Tells a waiter that there is something to do; waking it twice before it looked is once.
+
+    Parameters
+    ----------
+    semaphore
+        A fresh semaphore with value 0: :func:`threading.Semaphore` within one process, a
+        :mod:`multiprocessing` context's ``Semaphore`` across processes (then pass the
+        :class:`Wakeup` to the processes it wakes when they are started).
+    """
+
+    def __init__(self, semaphore: Any) -> None:
+        self._semaphore = semaphore
+
+    def set(self) -> None:
+        """Wake a waiter, now or when it next waits; never blocks."""
+        self._semaphore.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; whether woken (the wake-ups that piled up are spent)."""
+        woken = bool(self._semaphore.acquire(timeout=timeout))
+        while woken and self._semaphore.acquire(False):
+            pass
+        return woken
+
+
+__all__ = ["FileLock", "Wakeup"]

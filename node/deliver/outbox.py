@@ -28,6 +28,7 @@ from typing import Any
 from pydicom.uid import UID
 
 from node.core.dicom import associate, out_of_resources, stored
+from node.core.locks import Wakeup
 from node.core.logging import get_logger, study_key, uid_key
 from node.core.settings import PeerSection, Settings
 from node.store.database import (
@@ -181,19 +182,19 @@ class Dispatcher:
     poll_s
         How often the outbox is looked at.
     wake
-        An event (a :mod:`multiprocessing` one when set by the workers) that starts a round
-        at once: set when results were recorded.
+        Starts a round at once when set (the worker pool's ``results_recorded``); a
+        thread's own when not given.
     """
 
     def __init__(
-        self, settings: Settings, store: Store, poll_s: float = 0.5, wake: Any = None
+        self, settings: Settings, store: Store, poll_s: float = 0.5, wake: Wakeup | None = None
     ) -> None:
         self.settings = settings
         self.store = store
         self.poll_s = poll_s
         #: What this dispatcher's claims on outbox rows are made in (every receiver runs one).
         self.owner = worker_identity()
-        self._wake = wake if wake is not None else threading.Event()
+        self._wake = wake if wake is not None else Wakeup(threading.Semaphore(0))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -219,7 +220,6 @@ class Dispatcher:
             if tried >= ROUND_ITEMS:
                 continue  # a full round: more are probably due
             self._wake.wait(self.poll_s)
-            self._wake.clear()
 
     def deliver_due(self) -> int:
         """Try up to :data:`ROUND_ITEMS` due items once, one association per destination;

@@ -18,6 +18,7 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 
+from node.core.locks import Wakeup
 from node.core.logging import get_logger, log_queue
 from node.core.settings import Settings
 from node.jobs.runner import worker_main
@@ -54,10 +55,10 @@ class WorkerPool:
         self._workers: list[BaseProcess] = []
         self._stop = threading.Event()
         # Wake-ups across this host's processes: a queued job wakes an idle worker, a recorded
-        # result the outbox thread. Both still poll besides (another host's jobs, a wake-up
-        # that came while they were busy): these only save the polling interval.
-        self.jobs_queued = self._context.Event()
-        self.results_recorded = self._context.Event()
+        # result the outbox thread. Both still poll besides (another host's jobs, a retry
+        # coming due): these only save the polling interval.
+        self.jobs_queued = Wakeup(self._context.Semaphore(0))
+        self.results_recorded = Wakeup(self._context.Semaphore(0))
         self._monitor: threading.Thread | None = None
 
     def _spawn(self) -> BaseProcess:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_sr.enum import Status
+from node.core.locks import Wakeup
 from node.core.logging import configure_logging, get_logger, study_key
 from node.core.settings import Settings
 from node.store.database import Job, LeaseLost, Store, worker_identity
@@ -376,8 +377,8 @@ def worker_main(
     settings_data: dict[str, Any],
     parent_pid: int,
     log_queue: Any = None,
-    jobs_queued: Any = None,
-    results_recorded: Any = None,
+    jobs_queued: Wakeup | None = None,
+    results_recorded: Wakeup | None = None,
 ) -> None:
     """Entry point of a worker process: claim jobs until the parent goes away.
 
@@ -424,7 +425,7 @@ class Worker:
         device: str,
         run_batch: BatchRunner | None = None,
         *,
-        recorded: Any = None,
+        recorded: Wakeup | None = None,
     ) -> None:
         from node.analysis.models import Models
 
@@ -506,14 +507,14 @@ def work(
     running: Callable[[], bool],
     run_batch: BatchRunner | None = None,
     *,
-    wake: Any = None,
-    recorded: Any = None,
+    wake: Wakeup | None = None,
+    recorded: Wakeup | None = None,
 ) -> None:
     """Claim and run jobs while ``running()``, polling when there are none (the pool's
     workers; bench/cluster.py).
 
-    ``wake`` (an event) cuts the wait between polls short when it is set; ``recorded`` is set
-    after each batch (see :func:`worker_main`).
+    ``wake`` cuts the wait between polls short when it is set; ``recorded`` is set after each
+    batch (see :func:`worker_main`).
     """
     worker = Worker(store, settings, device, run_batch, recorded=recorded)
     while running():
@@ -528,9 +529,8 @@ def work(
         if not jobs:
             if wake is None:
                 time.sleep(_IDLE_SLEEP_S)
-            elif wake.wait(_IDLE_SLEEP_S):
-                # Cleared before the claim that follows: a job queued after it sets it again.
-                wake.clear()
+            else:
+                wake.wait(_IDLE_SLEEP_S)
             continue
         worker.run(jobs)
 

@@ -67,16 +67,45 @@ def test_median_distance_is_measured_in_millimetres() -> None:
     assert median_distance_mm(source, np.zeros_like(target), (1.0, 1.0, 1.0)) is None
 
 
-def test_a_median_within_reach_is_measured_around_the_source_alone() -> None:
+def test_a_median_within_reach_is_measured_around_the_source_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from model import quality
+
+    maps: list[tuple[int, ...]] = []
+    distances = quality._distances_mm
+
+    def counted(source: np.ndarray, target: np.ndarray, spacing: object) -> np.ndarray:
+        maps.append(source.shape)
+        return distances(source, target, spacing)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quality, "_distances_mm", counted)
     rng = np.random.default_rng(3)
     target = _ball((40, 50, 50), (20, 25, 10), 6)
-    cases = (((20, 25, 22), 8.0), ((20, 25, 44), 8.0), ((20, 25, 30), 10.0), ((20, 25, 30), 30.0))
-    for centre, reach in cases:
+    # (source centre, reach, distance maps): within reach, around the source alone; no target
+    # near, the box of both at once; a target near but the median beyond, both; all in reach.
+    cases = (
+        ((20, 25, 22), 8.0, 1),
+        ((20, 25, 44), 8.0, 1),
+        ((20, 25, 30), 10.0, 2),
+        ((20, 25, 30), 30.0, 1),
+    )
+    for centre, reach, count in cases:
         source = _ball((40, 50, 50), centre, 3) & (rng.random((40, 50, 50)) < 0.7)
         whole = median_distance_mm(source, target, (0.8, 0.9, 1.5))
-        # Within reach; no target near; a target near but the median beyond; all in reach.
+        maps.clear()
         assert median_distance_mm(source, target, (0.8, 0.9, 1.5), reach) == whole
+        assert len(maps) == count, (centre, reach, maps)
     assert whole is not None and whole > 0
+    # An even count with one middle value in reach and one beyond: the median is not known
+    # from the source's box alone.
+    line = np.zeros((1, 1, 40), np.uint8)
+    line[0, 0, 0] = 1
+    two = np.zeros_like(line)
+    two[0, 0, [5, 15]] = 1  # 5 and 15 mm from the target
+    maps.clear()
+    assert median_distance_mm(two, line, (1.0, 1.0, 1.0), 10.0) == 10.0  # (5 + 15) / 2
+    assert len(maps) == 2
 
 
 def _textured(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

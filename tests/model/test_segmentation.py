@@ -134,6 +134,22 @@ def test_tumour_specks_narrower_than_a_lesion_stay_liver() -> None:
     assert postprocess(labels, hu, "supplied", LABELS).tumor_components == 3
 
 
+def test_the_image_border_does_not_thin_a_lesion() -> None:
+    """The field of view cuts a lesion, it does not make its edge: width is measured to the
+    nearest pixel outside the mask within the image, whatever box the labelling used."""
+    from model.segmentation import _wide_components
+
+    mask = np.zeros((3, 20, 20), dtype=bool)
+    mask[1, 5:15, 0:2] = True  # 4 mm wide at 2 mm pixels, against the image's left border
+    mask[1, 5:15, 9:11] = True  # 4 mm wide inside the image
+    kept = _wide_components(mask, (2.0, 2.0, 2.0), 8.0)
+    assert kept[1, 5:15, 0:2].all() and not kept[1, 5:15, 9:11].any()
+    alone = np.zeros_like(mask)
+    alone[1, 5:15, 9:11] = True  # its box is its own: the grid around it is still outside
+    assert not _wide_components(alone, (2.0, 2.0, 2.0), 8.0).any()
+    assert _wide_components(alone, (2.0, 2.0, 2.0), 4.0).sum() == 20
+
+
 def test_a_liver_cut_in_two_keeps_both_parts() -> None:
     labels, hu = _abdomen()
     labels[2:18, 5:35, 20] = 0  # a fissure through the whole liver: 15 and 14 columns

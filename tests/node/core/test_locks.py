@@ -71,3 +71,45 @@ def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
     lock.close()
     with lock:  # opened again after close
         pass
+
+
+def test_a_wakeup_outlives_a_waiter_that_was_killed() -> None:
+    """A worker killed while it waited (the OOM killer, kill -9) must not leave the wake-up
+    stuck for the processes that remain, as a multiprocessing.Event's sleeper count did."""
+    import multiprocessing
+    import os
+    import signal
+
+    from node.core.locks import Wakeup
+
+    context = multiprocessing.get_context("spawn")
+    wakeup = Wakeup(context.Semaphore(0))
+    waiter = context.Process(target=_wait_long, args=(wakeup,), daemon=True)
+    waiter.start()
+    try:
+        wait_for(lambda: waiter.pid is not None and _sleeping(waiter.pid), timeout=60)
+        assert waiter.pid is not None
+        os.kill(waiter.pid, signal.SIGKILL)
+        waiter.join(30)
+        assert waiter.exitcode == -signal.SIGKILL
+        wakeup.set()
+        wakeup.set()
+        assert wakeup.wait(5), "set before the wait: woken at once"
+        assert not wakeup.wait(0.1), "two wake-ups before looking are one"
+    finally:
+        if waiter.is_alive():
+            waiter.kill()
+
+
+def _wait_long(wakeup: object) -> None:
+    wakeup.wait(600)  # type: ignore[attr-defined]
+
+
+def _sleeping(pid: int) -> bool:
+    # Blocked in the semaphore's wait: state S with the wait channel in a futex.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "S" and "futex" in wchan

@@ -237,6 +237,7 @@ def test_an_idle_worker_is_woken_by_a_queued_job_and_then_wakes_the_outbox(
     import multiprocessing
     import threading
 
+    from node.core.locks import Wakeup
     from node.jobs import runner
     from tests.node.store.test_database import record
     from tests.nodeproc import wait_for
@@ -246,7 +247,7 @@ def test_an_idle_worker_is_woken_by_a_queued_job_and_then_wakes_the_outbox(
     settings = Settings.model_validate(node_settings(tmp_path / "data"))
     store = Store(settings.database_url)
     context = multiprocessing.get_context("spawn")
-    queued, recorded = context.Event(), context.Event()
+    queued, recorded = Wakeup(context.Semaphore(0)), Wakeup(context.Semaphore(0))
     ran: list[int] = []
     claims: list[int] = []
     claim = runner.Worker.claim

@@ -122,8 +122,8 @@ def test_a_receiver_completes_a_study_another_receiver_left_behind(postgres_data
 
 
 def test_a_queued_job_is_announced_once(tmp_path: Path) -> None:
-    """The completion timer tells the worker pool when it queued a job (``on_queued``, the
-    pool's wake-up): once per job, not for a study that was not complete."""
+    """The completion timer and the sweep tell the worker pool when they queued a job
+    (``on_queued``, the pool's wake-up): once per job."""
     import datetime as dt
 
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -147,6 +147,12 @@ def test_a_queued_job_is_announced_once(tmp_path: Path) -> None:
         assert len(store.list_jobs()) == 1
         time.sleep(1.0)  # a second announcement would have come by now
         assert announced == [1]
+        # A study another receiver left without a timer: the sweep queues and announces it;
+        # once queued it is not complete again, and nothing more is announced.
+        store.record_instance(record(study="1.2.4", series="1.2.4.1", sop="1.2.4.1.1"))
+        time.sleep(0.5)  # quiet by the database's clock
+        assert assembler.sweep() == 1 and announced == [1, 1]
+        assert assembler.sweep() == 0 and announced == [1, 1]
     finally:
         scheduler.shutdown(wait=False)
         store.close()
