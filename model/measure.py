@@ -216,13 +216,11 @@ def max_axial_diameter_mm(mask3d: npt.ArrayLike, spacing_xy: Sequence[float]) ->
     return _max_axial(array, sx, sy).mm
 
 
-def _components(mask: _Bool) -> tuple[sitk.Image, int]:
+def _components(mask: _Bool) -> sitk.Image:
     """26-connected components relabelled by decreasing size (label 1 is the largest)."""
     image = sitk.GetImageFromArray(mask.view(np.uint8))
     # fullyConnected (26-connectivity) is positional: the wrapper takes no keyword here.
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(image, True), sortByObjectSize=True)
-    count = int(sitk.GetArrayViewFromImage(labels).max()) if mask.any() else 0
-    return labels, count
+    return sitk.RelabelComponent(sitk.ConnectedComponent(image, True), sortByObjectSize=True)
 
 
 class Components(NamedTuple):
@@ -281,7 +279,7 @@ def labelled_components(mask: npt.ArrayLike) -> Components:
     box = mask_box(array)
     if box is None:
         return Components(array.shape, None, np.zeros((0, 0, 0), dtype=np.int32), ())
-    labels, _ = _components(np.ascontiguousarray(array[box]))
+    labels = _components(np.ascontiguousarray(array[box]))
     inside = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
     counts = np.bincount(inside.ravel())[1:]
     return Components(array.shape, box, inside, tuple(int(c) for c in counts if c > 0))

@@ -24,6 +24,24 @@ NODE_AET = "MVI_NODE"
 SCU_AET = "STORESCU"
 
 
+def children(pid: int, name: str | None = None) -> set[int]:
+    """Direct child processes of ``pid`` (from /proc), only those called ``name`` when given."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("PPid", "").strip() != str(pid):
+            continue
+        if name is None or fields.get("Name", "").strip() == name:
+            found.add(int(entry.name))
+    return found
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

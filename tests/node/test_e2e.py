@@ -32,8 +32,15 @@ import pytest
 
 from node.deliver.outbox import list_outbox
 from node.store.database import Job, Store, StoredResult
-from tests.node.jobs.test_pool import alive, children, workers_of
-from tests.nodeproc import NODE_AET, NodeProcess, running_node, start_node_process, wait_for
+from tests.node.jobs.test_pool import alive, workers_of
+from tests.nodeproc import (
+    NODE_AET,
+    NodeProcess,
+    children,
+    running_node,
+    start_node_process,
+    wait_for,
+)
 from tests.orthanc import Orthanc, counting_orthanc, stores_from
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

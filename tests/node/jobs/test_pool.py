@@ -9,24 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.nodeproc import running_node, wait_for
-
-
-def children(pid: int) -> set[int]:
-    """Direct child processes of ``pid`` (from /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The parent pid is the 2nd field after the parenthesised command name.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.add(int(entry.name))
-    return found
+from tests.nodeproc import children, running_node, wait_for
 
 
 def workers_of(pid: int) -> set[int]:

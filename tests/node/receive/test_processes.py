@@ -23,26 +23,13 @@ from tests.node.receive.test_receiver import (
     truth_rows,
     wait_until_final,
 )
-from tests.nodeproc import NodeProcess, running_node, wait_for
+from tests.nodeproc import NodeProcess, children, running_node, wait_for
 from tests.orthanc import free_port
 
 
 def receiving_children(node: NodeProcess) -> list[int]:
     """The further receiving processes of a node (their name in /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        if fields.get("Name", "").strip() == PROCESS_NAME and (
-            fields.get("PPid", "").strip() == str(node.process.pid)
-        ):
-            found.append(int(entry.name))
-    return sorted(found)
+    return sorted(children(node.process.pid, PROCESS_NAME))
 
 
 def metric(base: str, name: str) -> float:

@@ -13,8 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from node.web.process import PROCESS_NAME
-from tests.node.jobs.test_pool import children
-from tests.nodeproc import running_node, wait_for
+from tests.nodeproc import children, running_node, wait_for
 from tests.orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
