@@ -38,7 +38,7 @@ from tests.nodeproc import (
 )
 from tests.orthanc import Orthanc, counting_orthanc, stores_from
 
-STUDIES = 20
+STUDIES = 12
 WORKERS = 3
 #: Short, so that the faults below cost seconds: the sweep runs every half of it.
 STALL_S = 6.0
@@ -201,13 +201,13 @@ def test_one_result_per_study_while_workers_die_freeze_and_lose_the_database(
         victim.start()
         chaos.kills += 1
         # SIGSTOP of a worker holding a job, for twice the stall timeout.
-        frozen = when(store, 6, lambda: busy_worker(store, workers, rng.sample([1, 2], 2)))
+        frozen = when(store, 5, lambda: busy_worker(store, workers, rng.sample([1, 2], 2)))
         frozen.process.send_signal(signal.SIGSTOP)
         time.sleep(2 * STALL_S)
         frozen.process.send_signal(signal.SIGCONT)
         chaos.stops += 1
         # Worker 0 loses the database for twice the stall timeout, holding a job if it can.
-        when(store, 10, lambda: busy_worker(store, workers, [0]) or finished(store) >= 14)
+        when(store, 7, lambda: busy_worker(store, workers, [0]) or finished(store) >= 10)
         proxy.cut()
         time.sleep(2 * STALL_S)
         proxy.restore()
