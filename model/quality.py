@@ -92,14 +92,17 @@ def liver_cut_fraction(liver: npt.NDArray[Any]) -> float:
 
 
 def _box(mask: npt.NDArray[np.bool_], margin: Sequence[int]) -> tuple[slice, slice, slice]:
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        low = max(int(present[0]) - margin[axis], 0)
-        high = min(int(present[-1]) + margin[axis] + 1, mask.shape[axis])
-        box.append(slice(low, high))
-    return box[0], box[1], box[2]
+    """The mask's box grown by ``margin`` voxels per axis, inside the grid (mask not empty)."""
+    from model.measure import mask_box
+
+    tight = mask_box(mask)
+    if tight is None or len(tight) != 3:
+        raise ValueError("a box needs a non-empty 3-D mask")
+    z, y, x = (
+        slice(max(s.start - m, 0), min(s.stop + m, n))
+        for s, m, n in zip(tight, margin, mask.shape, strict=True)
+    )
+    return z, y, x
 
 
 def liver_contact(tumor: npt.NDArray[Any], liver: npt.NDArray[Any]) -> float | None:

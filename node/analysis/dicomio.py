@@ -79,6 +79,10 @@ class SeriesFiles:
         Taken from the first file (by path); empty strings when absent.
     paths
         Every file of the series, sorted by path.
+    sop_classes
+        The SOP Class UIDs of all its files (an empty string for a file without one); empty
+        when not known. The pipeline reads no header to look for supplied SEGs in a study whose
+        series are known to hold none.
     patient_id
         PatientID of the first file, for grouping a patient's studies in training; kept out of
         the repr so that it never reaches a log line.
@@ -91,6 +95,7 @@ class SeriesFiles:
     series_description: str
     paths: tuple[Path, ...]
     patient_id: str = field(default="", repr=False)
+    sop_classes: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,8 +475,11 @@ def load_series(sources: Sequence[Path | Dataset]) -> sitk.Image:
     first = ordered[0]
     volume = np.empty((len(ordered), first.rows, first.cols), dtype=np.float32)
     for k, slice_ in enumerate(ordered):
-        stored = _decode(slice_)
-        volume[k] = stored.astype(np.float64) * slice_.slope + slice_.intercept
+        # In float32, in place: 16-bit stored values are exact in float32 (wider ones round
+        # as the float32 volume rounds them anyway), and float64 temporaries cost a third of a
+        # millisecond per 512 x 512 slice.
+        np.multiply(_decode(slice_), np.float32(slice_.slope), out=volume[k], dtype=np.float32)
+        volume[k] += np.float32(slice_.intercept)
 
     row_spacing, col_spacing = first.pixel_spacing
     direction = np.column_stack([row_dir, col_dir, normal]).ravel()
@@ -536,6 +544,7 @@ def scan_folder(folder: Path) -> dict[str, dict[str, SeriesFiles]]:
             series_description=str(first.get("SeriesDescription", "") or ""),
             paths=tuple(path for path, _ in members),
             patient_id=str(first.get("PatientID", "") or "").strip(),
+            sop_classes=frozenset(str(ds.get("SOPClassUID", "") or "") for _, ds in members),
         )
     log.debug(
         "scanned folder",

@@ -76,6 +76,7 @@ from node.core.errors import InputError
 from node.core.logging import get_logger, uid_key
 
 __all__ = [
+    "SEG_CLASSES",
     "RejectedSeg",
     "SuppliedSeg",
     "SuppliedSegError",
@@ -86,7 +87,8 @@ __all__ = [
 
 log = get_logger(__name__)
 
-_SEG_CLASSES = frozenset({SEGMENTATION_STORAGE, LABELMAP_SEGMENTATION_STORAGE})
+#: The SOP classes a supplied segmentation can have.
+SEG_CLASSES = frozenset({SEGMENTATION_STORAGE, LABELMAP_SEGMENTATION_STORAGE})
 
 #: The kinds a segment can map to; tumor and LOAT are required, liver is optional.
 REQUIRED_KINDS = ("tumor", "loat")
@@ -300,7 +302,7 @@ def find_supplied_segs(
             continue
         if not sop_class:
             rejected.append(_rejected(Path(path), ds, "unreadable DICOM file (no SOP Class UID)"))
-        elif sop_class in _SEG_CLASSES:
+        elif sop_class in SEG_CLASSES:
             headers.append((Path(path), ds))
         else:
             sop_uid = str(ds.get("SOPInstanceUID", "") or "")

@@ -91,10 +91,12 @@ def _job_series(
 
     paths: dict[str, list[Path]] = {}
     classes: dict[str, str] = {}
+    every_class: dict[str, set[str]] = {}
     own: set[str] = set()
     for instance in store.instance_files(job.study_uid):
         paths.setdefault(instance.series_uid, []).append(spool_root / instance.path)
         classes[instance.series_uid] = instance.sop_class_uid
+        every_class.setdefault(instance.series_uid, set()).add(instance.sop_class_uid or "")
         if instance.own_output:
             own.add(instance.series_uid)
     series = {
@@ -105,6 +107,7 @@ def _job_series(
             sop_class_uid=classes[uid],
             series_description="",
             paths=tuple(sorted(files)),
+            sop_classes=frozenset(every_class[uid]),
         )
         for uid, files in paths.items()
     }

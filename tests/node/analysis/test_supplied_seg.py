@@ -915,3 +915,48 @@ def test_the_segment_stage_passes_the_single_fat_setting_on(study: Study, tmp_pa
             assert choice.rejected == []
         else:
             assert [r.reason for r in choice.rejected] == [SINGLE_FAT_OFF]
+
+
+def test_the_segment_stage_reads_headers_for_segs_only_where_a_series_may_hold_one(
+    study: Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.registration import Registration
+    from node.analysis import stages
+    from node.analysis import supplied_seg as module
+
+    ((_, scanned),) = scan_folder(study.folder).items()
+    seg_series_uid, _ = _uids(study.seg_path)
+    assert module.SEG_CLASSES & scanned[seg_series_uid].sop_classes
+    images_only = {uid: files for uid, files in scanned.items() if uid != seg_series_uid}
+    # Made by a caller that does not know the files' SOP classes.
+    unknown = {
+        uid: dataclasses.replace(files, sop_classes=frozenset()) for uid, files in scanned.items()
+    }
+    arterial = study.arterial()
+    identity = Registration(sitk.Euler3DTransform(), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 0.0, 1.0)
+    reads: list[object] = []
+    real_dcmread = module.pydicom.dcmread
+
+    def counting_dcmread(*args: object, **kwargs: object) -> object:
+        reads.append(args[0])
+        return real_dcmread(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module.pydicom, "dcmread", counting_dcmread)
+    for series, source, read_all in (
+        (images_only, "unet", False),  # every series known to hold images only: nothing read
+        (scanned, "supplied", True),  # a SEG series: every header, the SEG checked against them
+        (unknown, "supplied", True),  # classes not known: as if a SEG might be there
+    ):
+        reads.clear()
+        choice = stages.segment(
+            series,
+            arterial,
+            stages.Registered(identity, arterial),
+            arterial_uid=study.arterial_uid,
+            portal_venous_uid=study.pv_uid,
+            pipeline=PipelineSection(),
+            segmenter=RecordingSegmenter,
+        )
+        assert choice.masks.source == source
+        every_file = {path for files in series.values() for path in files.paths}
+        assert set(reads) == (every_file if read_all else set())
