@@ -303,7 +303,7 @@ def sized_components(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.int32], tuple[
 
 def mask_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...] | None:
     """The smallest box (one slice per axis) holding every nonzero voxel; None when empty."""
-    if mask.ndim == 0:
+    if mask.ndim == 0 or mask.size == 0:
         return None
     # One pass over the whole grid for the first axis; the others are searched within its
     # range only (a tumour's box in a 512 x 512 x 200 grid: 5 ms instead of 15).

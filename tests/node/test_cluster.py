@@ -38,7 +38,7 @@ from tests.nodeproc import (
 )
 from tests.orthanc import Orthanc, counting_orthanc, stores_from
 
-STUDIES = 12
+STUDIES = 14
 WORKERS = 3
 #: Short, so that the faults below cost seconds: the sweep runs every half of it.
 STALL_S = 6.0
@@ -114,6 +114,8 @@ class Chaos:
     kills: int = 0
     stops: int = 0
     cuts: int = 0
+    #: Whether worker 0 held a job when its link was cut (it may have none by then).
+    cut_while_busy: bool = False
     log: list[str] = field(default_factory=list)
 
 
@@ -201,13 +203,16 @@ def test_one_result_per_study_while_workers_die_freeze_and_lose_the_database(
         victim.start()
         chaos.kills += 1
         # SIGSTOP of a worker holding a job, for twice the stall timeout.
-        frozen = when(store, 5, lambda: busy_worker(store, workers, rng.sample([1, 2], 2)))
+        frozen = when(store, 4, lambda: busy_worker(store, workers, rng.sample([1, 2], 2)))
         frozen.process.send_signal(signal.SIGSTOP)
         time.sleep(2 * STALL_S)
         frozen.process.send_signal(signal.SIGCONT)
         chaos.stops += 1
         # Worker 0 loses the database for twice the stall timeout, holding a job if it can.
-        when(store, 7, lambda: busy_worker(store, workers, [0]) or finished(store) >= 10)
+        holder = when(
+            store, 6, lambda: busy_worker(store, workers, [0]) or finished(store) >= STUDIES - 1
+        )
+        chaos.cut_while_busy = isinstance(holder, Worker)
         proxy.cut()
         time.sleep(2 * STALL_S)
         proxy.restore()
@@ -252,7 +257,8 @@ def test_one_result_per_study_while_workers_die_freeze_and_lose_the_database(
         print(
             f"\nchaos: {STUDIES} studies, {len(jobs)} jobs, {len(results)} results, "
             f"{len(delivered)} instances delivered, duplicates {len(duplicates)}; "
-            f"faults: kill -9 {chaos.kills}, SIGSTOP {chaos.stops}, database cut {chaos.cuts}; "
+            f"faults: kill -9 {chaos.kills}, SIGSTOP {chaos.stops}, database cut {chaos.cuts} "
+            f"(holding a job: {chaos.cut_while_busy}); "
             f"claims {leases} (leases beyond the first: {leases - len(jobs)})"
         )
 

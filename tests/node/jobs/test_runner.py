@@ -287,3 +287,27 @@ def test_an_idle_worker_is_woken_by_a_queued_job_and_then_wakes_the_outbox(
         worker.join(30)
         store.close()
     assert not worker.is_alive()
+
+
+def test_a_job_s_series_carry_every_sop_class_of_their_files(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    # The segment stage reads no header for a supplied SEG where the classes name none.
+    from node.analysis.supplied_seg import SEG_CLASSES
+    from node.jobs.runner import _job_series
+
+    cohort, _, store, uid = _one_study_for_a_pacs(tmp_path, cohort_factory)
+    job = store.claim_job()
+    assert job is not None and job.study_uid == uid
+    series, own = _job_series(store, cohort, job)
+    for files in series.values():
+        classes = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in files.paths
+        }
+        assert files.sop_classes == classes
+    assert [uid for uid, files in series.items() if files.sop_classes & SEG_CLASSES] == [
+        uid for uid, files in series.items() if files.modality == "SEG"
+    ]
+    assert len([f for f in series.values() if f.sop_classes & SEG_CLASSES]) == 1
+    assert own == []
+    store.close()
