@@ -320,7 +320,11 @@ def test_tiny_training_writes_a_complete_card(
     assert set(state) >= {"centre", "scale"} and all(v > 0 for v in card["network"]["scale"])
     training = card["training"]
     assert len(training["folds_detail"]) == FOLDS
-    assert all(1 <= f["best_epoch"] <= 15 for f in training["folds_detail"])
+    # One epoch for every fold, the best of the pooled out-of-fold AUC.
+    assert len({f["best_epoch"] for f in training["folds_detail"]}) == 1
+    assert 1 <= training["best_epoch"] == training["folds_detail"][0]["best_epoch"] <= 15
+    pooled = training["oof_auc_history"]
+    assert training["best_epoch"] == 1 + pooled.index(max(pooled))
     assert training["cv"] == "kfold" and training["group_by"] == "patient"
     # No final network: the folds are all there is.
     assert {c[0] for c in calls} == {f"fold {k}/{FOLDS}" for k in range(1, FOLDS + 1)}
@@ -343,14 +347,17 @@ def test_every_epoch_records_a_finite_training_loss(
     trained: tuple[Path, dict[str, Any], list[Any]],
 ) -> None:
     # One finite, positive loss per epoch run (whether training learns is the second cohort's
-    # test); a fold stops once its validation AUC has not improved for `patience` epochs.
+    # test); the folds stop together once the pooled out-of-fold AUC has not improved for
+    # `patience` epochs.
     _, card, _ = trained
+    epochs = len(card["training"]["oof_auc_history"])
+    best = card["training"]["best_epoch"]
+    assert best <= epochs <= min(15, best + 6)
     for fold in card["training"]["folds_detail"]:
         history = fold["loss_history"]
-        assert len(history) == len(fold["val_auc_history"])
-        assert fold["best_epoch"] <= len(history) <= min(15, fold["best_epoch"] + 6)
+        assert len(history) == len(fold["val_auc_history"]) == epochs
         assert all(np.isfinite(v) and v > 0 for v in history)
-        assert fold["val_auc"] == max(fold["val_auc_history"])
+        assert fold["val_auc"] == fold["val_auc_history"][best - 1]
 
 
 def _short_run(samples: list[StudyRois], out: Path, **options: Any) -> dict[str, Any]:
