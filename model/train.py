@@ -707,11 +707,17 @@ class _FoldRun:
     ) -> None:
         self.data, self.train_index, self.val_index = data, train_index, val_index
         self.settings, self.stage = settings, stage
-        torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         device = data.tumor.device
-        self.net = _new_network(settings).to(device)
+        # torch's global generator draws the initial weights and, in training, the dropout
+        # masks: each fold keeps its own state of it, so that stepping the folds in turn trains
+        # each exactly as it would train alone.
+        self.devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(seed)
+            self.net = _new_network(settings).to(device)
+            self.torch_state = self._global_state()
         self.optimiser = torch.optim.AdamW(
             self.net.parameters(), lr=settings.lr, weight_decay=_WEIGHT_DECAY
         )
@@ -735,8 +741,27 @@ class _FoldRun:
         self.losses: list[float] = []
         self.val_aucs: list[float] = []
 
+    def _global_state(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.devices)]
+
     def epoch(self, epochs: int) -> _FloatArray:
         """Train one more epoch; the averaged network's logits on the validation studies."""
+        with torch.random.fork_rng(devices=self.devices):
+            cpu, *cuda = self.torch_state
+            torch.set_rng_state(cpu)
+            for device, state in zip(self.devices, cuda, strict=True):
+                torch.cuda.set_rng_state(state, device)
+            self._train_epoch()
+            self.torch_state = self._global_state()
+        val_logits = _predict_logits(self.ema, self.data, self.val_index)
+        self.val_aucs.append(auc(self.data.labels[self.val_index], val_logits))
+        if self.settings.progress is not None:
+            self.settings.progress(
+                self.stage, len(self.losses), epochs, self.losses[-1], self.val_aucs[-1]
+            )
+        return val_logits
+
+    def _train_epoch(self) -> None:
         net, settings, data = self.net, self.settings, self.data
         epoch = len(self.losses) + 1
         net.train()
@@ -774,12 +799,9 @@ class _FoldRun:
                 )
             total += value * int(index.numel())
             count += int(index.numel())
+        # No gradients kept between epochs: K folds' networks are held at once.
+        self.optimiser.zero_grad(set_to_none=True)
         self.losses.append(total / max(count, 1))
-        val_logits = _predict_logits(self.ema, data, self.val_index)
-        self.val_aucs.append(auc(data.labels[self.val_index], val_logits))
-        if settings.progress is not None:
-            settings.progress(self.stage, epoch, epochs, self.losses[-1], self.val_aucs[-1])
-        return val_logits
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """The averaged weights as they are now, on the CPU."""
@@ -974,7 +996,7 @@ def train_fusion(
         What a fold never splits (:data:`GROUPINGS`): ``"patient"`` (the default; a study without
         a patient is its own), ``"centre"`` or ``"study"``.
     epochs, patience
-        Most epochs per fold, and epochs without a better validation AUC before a fold stops.
+        Most epochs, and epochs without a better pooled out-of-fold AUC before every fold stops.
     batch_size, lr, dropout
         Batch size, AdamW learning rate, dropout before the head.
     seed
@@ -1076,24 +1098,36 @@ def train_fusion(
     # One epoch for every fold, the one whose pooled out-of-fold AUC is best (earliest on ties),
     # stopping once that has not improved for `patience` epochs. Each fold choosing its own epoch
     # on its own 30-odd validation studies made the out-of-fold figures run ahead of new
-    # studies (demo cohort: card sensitivity 0.75, a second cohort 0.52; one pooled choice:
-    # 0.75 and 0.63).
+    # studies (the test's demo cohort: card sensitivity 0.75, a second cohort 0.52; one pooled
+    # choice: 0.75 and 0.63). An epoch where a fold gives every validation study the same logit
+    # (nothing to rank or calibrate) cannot be chosen.
     oof = np.zeros(labels.size, dtype=np.float64)
     best_epoch, best_auc = 0, -1.0
     best_states: list[dict[str, torch.Tensor]] = []
     best_logits: list[_FloatArray] = []
     pooled_history: list[float] = []
+    collapsed: list[str] = []
     for epoch in range(1, epochs + 1):
         logits = [run.epoch(epochs) for run in runs]
-        for val_index, values in zip(fold_index, logits, strict=True):
-            oof[val_index] = _standardised(values)[0]
+        collapsed = []
+        for run, val_index, values in zip(runs, fold_index, logits, strict=True):
+            standardised, centre, scale = _standardised(values)
+            oof[val_index] = standardised
+            if not scale > 1e-4:
+                collapsed.append(f"{run.stage} (every logit {centre:.4g})")
         pooled_history.append(auc(labels, oof))
-        if best_epoch == 0 or pooled_history[-1] > best_auc:
+        if not collapsed and pooled_history[-1] > best_auc:
             best_epoch, best_auc = epoch, pooled_history[-1]
+            best_states = []  # the previous best's snapshots go before the new ones are taken
             best_states = [run.snapshot() for run in runs]
             best_logits = logits
-        if epoch - best_epoch >= patience:
+        if best_epoch and epoch - best_epoch >= patience:
             break
+    if not best_states:
+        raise ValueError(
+            "no epoch in which every fold's network ranks its validation studies: "
+            f"{', '.join(collapsed)} gives each the same logit: nothing to rank or calibrate"
+        )
 
     fold_reports: list[dict[str, Any]] = []
     members: list[FusionNet] = []
@@ -1110,11 +1144,6 @@ def train_fusion(
         # Standardised by the member's own validation logits (no labels): fold networks differ
         # in offset and scale, which pooling raw logits would mix.
         standardised, centre, scale = _standardised(best_logits[f])
-        if not scale > 1e-4:
-            raise ValueError(
-                f"fold {f + 1}/{count}: its network gives every validation study the same "
-                f"logit ({centre:.4g}): nothing to rank or calibrate"
-            )
         centres.append(centre)
         scales.append(scale)
         oof[val_index] = standardised
@@ -1130,6 +1159,7 @@ def train_fusion(
         if cv == "loco":
             report["centre"] = samples[int(val_index[0])].centre
         fold_reports.append(report)
+    del runs, run, best_states  # K networks, optimisers and snapshots: the members are built
     total_seconds = time.perf_counter() - started
 
     # Every figure is computed with the values as the card stores them (rounded), which are the
