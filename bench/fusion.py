@@ -19,9 +19,8 @@ and with ``--loco`` also the first layout's fusion model leave-one-centre-out. I
   predictors selected on the training cohort);
 * paired DeLong tests of fusion against tumour-only, the clinical model and the combined model;
 * sensitivity, specificity and Brier at the shipped threshold beside the card's promise;
-* per-centre AUCs; for LOCO, each centre's out-of-centre AUC (the folds' one epoch chosen on the
-  pooled out-of-centre AUC, that centre's included: mildly optimistic) and the LOCO ensemble's
-  held-out AUC;
+* per-centre AUCs; for LOCO, each centre's out-of-centre AUC (its epoch chosen on that centre:
+  mildly optimistic) and the LOCO ensemble's held-out AUC;
 * training seconds, inference latency (batch 1, median) and throughput at batch 32.
 
 Goal of the issue: fusion above tumour-only and above the clinical model, DeLong p < 0.05, on at

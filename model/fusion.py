@@ -262,12 +262,11 @@ class FusionNet(nn.Module):
 class FusionEnsemble(nn.Module):
     """The shipped MVI model: the cross-validation's fold networks, scored by their mean logit.
 
-    Each member is the network of one fold, all saved at one epoch (the best pooled out-of-fold
-    AUC, :func:`model.train.train_fusion`), and its logit is standardised,
-    ``(logit - centre) / scale``, by the mean and standard deviation of its logits over its own
-    validation studies (no labels involved): fold networks have different offsets and scales
-    (more so when each fold stopped at its own epoch, as they once did), and pooling them raw
-    made the out-of-fold AUC 0.58 where each fold's was 0.73-0.83. Every figure of the model card
+    Each member is the network of one fold, saved at the epoch its own validation chose, and its
+    logit is standardised, ``(logit - centre) / scale``, by the mean and standard deviation of
+    its logits over its own validation studies (no labels involved): fold networks stopped at
+    different epochs have different offsets and scales, and pooling them raw made the
+    out-of-fold AUC 0.58 where each fold's was 0.73-0.83. Every figure of the model card
     (calibration, threshold, sensitivity, specificity, the combined model) is computed from these
     standardised logits on the studies each member did not see; a new study is unseen by every
     member, so their mean is on the scale the calibration was fitted on. (A separately trained

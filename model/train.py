@@ -3,12 +3,9 @@
 :func:`train_fusion` runs grouped, stratified K-fold cross-validation (folds never split a
 patient, or a centre with ``group_by="centre"``; ``cv="loco"`` holds out one centre per fold).
 Each fold trains a fresh :class:`model.fusion.FusionNet` (binary cross-entropy weighted by the
-fold's class ratio, AdamW, light augmentation) and scores its validation studies after every
-epoch. The folds train in step, and one epoch is kept for all of them: the one whose pooled
-out-of-fold AUC (each fold's logits standardised by their own mean and spread) is best, training
-stopping once that has not improved for ``patience`` epochs. (Each fold choosing its own best
-epoch on its own 30-odd validation studies made the card's sensitivity run 0.23 ahead of a
-second cohort's on the demo phantoms; one choice over all 160 studies, 0.12.)
+fold's class ratio, AdamW, light augmentation), scores its validation studies after every epoch
+and keeps the weights of the epoch with its best validation AUC, stopping once that has not
+improved for ``patience`` epochs.
 
 **What is shipped is what was calibrated.** The saved model is the ensemble of the K fold
 networks (:class:`model.fusion.FusionEnsemble`), each at its chosen epoch with its logit
@@ -28,8 +25,8 @@ A new study is unseen by every member, as each OOF study was by its member, so t
 carries over (``tests/model/test_train.py`` trains on one phantom cohort and checks the card's
 sensitivity, specificity and Brier score on another). An earlier design trained a separate final
 network on all studies and shipped it with the OOF calibration: its logits had another scale and
-it called every new study high risk. The OOF metrics remain mildly optimistic (the epoch was
-chosen on the same studies); an external test set gives the unbiased figure.
+it called every new study high risk. The OOF metrics remain mildly optimistic (each fold's epoch
+was chosen on its own validation studies); an external test set gives the unbiased figure.
 
 The card lists the training studies and patients as salted hashes with their fold, so
 ``mvi-node evaluate`` can refuse a test set that overlaps and a test can recompute every card
@@ -77,7 +74,6 @@ from model.registration import register, resample_onto
 from model.roi import RoiSpec, extract_rois
 from model.segmentation import autocast, resolve_device
 from model.stats import (
-    auc,
     brier,
     delong_ci,
     logistic_model,
@@ -683,135 +679,121 @@ def _new_network(settings: _RunSettings) -> FusionNet:
     return net
 
 
+@dataclass
+class _RunResult:
+    state: dict[str, torch.Tensor]  # the averaged weights at best_epoch, on the CPU
+    best_epoch: int
+    best_auc: float
+    losses: list[float]
+    val_aucs: list[float]
+    val_logits: _FloatArray  # at best_epoch, in the order of val_index
+
+
 def _snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
-class _FoldRun:
-    """One fold's network, trained one epoch per :meth:`epoch` call.
+def _train_run(
+    data: _Data,
+    train_index: npt.NDArray[np.intp],
+    val_index: npt.NDArray[np.intp],
+    settings: _RunSettings,
+    *,
+    epochs: int,
+    seed: int,
+    stage: str,
+) -> _RunResult:
+    """Train one fold's network for up to ``epochs``; keep the epoch with the best validation AUC.
 
-    :func:`train_fusion` steps every fold together, so that one epoch can be chosen for all of
-    them on the pooled out-of-fold AUC. Each run has its own seeded generators for batches and
-    augmentation; the scored network is an exponential moving average of the weights.
+    The run stops once the validation AUC has not improved for ``patience`` epochs. The kept
+    weights and their validation logits are what the ensemble ships and the card is computed
+    from.
     """
+    from model.stats import auc
 
-    def __init__(
-        self,
-        data: _Data,
-        train_index: npt.NDArray[np.intp],
-        val_index: npt.NDArray[np.intp],
-        settings: _RunSettings,
-        *,
-        seed: int,
-        stage: str,
-    ) -> None:
-        self.data, self.train_index, self.val_index = data, train_index, val_index
-        self.settings, self.stage = settings, stage
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rng = np.random.default_rng(seed)
-        device = data.tumor.device
-        # torch's global generator draws the initial weights and, in training, the dropout
-        # masks: each fold keeps its own state of it, so that stepping the folds in turn trains
-        # each exactly as it would train alone.
-        self.devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=self.devices):
-            torch.manual_seed(seed)
-            self.net = _new_network(settings).to(device)
-            self.torch_state = self._global_state()
-        self.optimiser = torch.optim.AdamW(
-            self.net.parameters(), lr=settings.lr, weight_decay=_WEIGHT_DECAY
-        )
-        labels = data.labels[train_index]
-        n1 = int(labels.sum())
-        self.pos_weight = torch.tensor([(labels.size - n1) / max(n1, 1)], device=device)
-        self.targets = torch.as_tensor(data.labels, dtype=torch.float32, device=device)
-        # The size target: log diameter standardised on this fold's training studies only.
-        sizes = data.log_diameter[train_index]
-        self.sizes = torch.as_tensor(
-            (data.log_diameter - sizes.mean()) / max(float(sizes.std()), 1e-6),
-            dtype=torch.float32,
-            device=device,
-        )
-        self.ema = copy.deepcopy(self.net).eval()
-        pairs = list(
-            zip(self.ema.state_dict().values(), self.net.state_dict().values(), strict=True)
-        )
-        self.ema_floats = [(e, v) for e, v in pairs if e.is_floating_point()]
-        self.ema_counts = [(e, v) for e, v in pairs if not e.is_floating_point()]
-        self.losses: list[float] = []
-        self.val_aucs: list[float] = []
-
-    def _global_state(self) -> list[torch.Tensor]:
-        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.devices)]
-
-    def epoch(self, epochs: int) -> _FloatArray:
-        """Train one more epoch; the averaged network's logits on the validation studies."""
-        with torch.random.fork_rng(devices=self.devices):
-            cpu, *cuda = self.torch_state
-            torch.set_rng_state(cpu)
-            for device, state in zip(self.devices, cuda, strict=True):
-                torch.cuda.set_rng_state(state, device)
-            self._train_epoch()
-            self.torch_state = self._global_state()
-        val_logits = _predict_logits(self.ema, self.data, self.val_index)
-        self.val_aucs.append(auc(self.data.labels[self.val_index], val_logits))
-        if self.settings.progress is not None:
-            self.settings.progress(
-                self.stage, len(self.losses), epochs, self.losses[-1], self.val_aucs[-1]
-            )
-        return val_logits
-
-    def _train_epoch(self) -> None:
-        net, settings, data = self.net, self.settings, self.data
-        epoch = len(self.losses) + 1
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = data.tumor.device
+    net = _new_network(settings).to(device)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=_WEIGHT_DECAY)
+    labels = data.labels[train_index]
+    n1 = int(labels.sum())
+    n0 = int(labels.size - n1)
+    pos_weight = torch.tensor([n0 / max(n1, 1)], device=device)
+    targets_all = torch.as_tensor(data.labels, dtype=torch.float32, device=device)
+    # The size target: log diameter standardised on this fold's training studies only.
+    sizes = data.log_diameter[train_index]
+    size_all = torch.as_tensor(
+        (data.log_diameter - sizes.mean()) / max(float(sizes.std()), 1e-6),
+        dtype=torch.float32,
+        device=device,
+    )
+    ema = copy.deepcopy(net).eval()
+    ema_pairs = [
+        (e, v)
+        for e, v in zip(ema.state_dict().values(), net.state_dict().values(), strict=True)
+        if e.is_floating_point()
+    ]
+    ema_counts = [
+        (e, v)
+        for e, v in zip(ema.state_dict().values(), net.state_dict().values(), strict=True)
+        if not e.is_floating_point()
+    ]
+    result = _RunResult(
+        state={},
+        best_epoch=0,
+        best_auc=-1.0,
+        losses=[],
+        val_aucs=[],
+        val_logits=np.zeros(0, dtype=np.float32),
+    )
+    for epoch in range(1, epochs + 1):
         net.train()
         total, count = 0.0, 0
-        for local in _batches(self.train_index.size, settings.batch_size, self.rng):
-            index = torch.as_tensor(self.train_index[local], device=data.tumor.device)
-            tumor = _augment(data.tumor[index], self.generator, settings.augment)
+        for local in _batches(train_index.size, settings.batch_size, rng):
+            index = torch.as_tensor(train_index[local], device=device)
+            tumor = _augment(data.tumor[index], generator, settings.augment)
             loat = (
-                _augment(data.loat[index], self.generator, settings.augment)
-                if net.uses_loat
-                else None
+                _augment(data.loat[index], generator, settings.augment) if net.uses_loat else None
             )
-            self.optimiser.zero_grad(set_to_none=True)
-            with autocast(data.tumor.device):
+            optimiser.zero_grad(set_to_none=True)
+            with autocast(device):
                 if settings.size_weight > 0:
                     logits, size = net.forward_with_size(tumor, loat)
                 else:
                     logits, size = net(tumor, loat), None
             loss = F.binary_cross_entropy_with_logits(
-                logits.float(), self.targets[index], pos_weight=self.pos_weight
+                logits.float(), targets_all[index], pos_weight=pos_weight
             )
             if size is not None:
-                loss = loss + settings.size_weight * F.mse_loss(size.float(), self.sizes[index])
+                loss = loss + settings.size_weight * F.mse_loss(size.float(), size_all[index])
             loss.backward()
-            self.optimiser.step()
+            optimiser.step()
             with torch.no_grad():
-                for averaged, current in self.ema_floats:
+                for averaged, current in ema_pairs:
                     averaged.lerp_(current, 1.0 - _EMA_DECAY)
-                for averaged, current in self.ema_counts:
+                for averaged, current in ema_counts:
                     averaged.copy_(current)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise RuntimeError(
-                    f"{self.stage}: training diverged at epoch {epoch} (loss {value})"
-                )
+                raise RuntimeError(f"{stage}: training diverged at epoch {epoch} (loss {value})")
             total += value * int(index.numel())
             count += int(index.numel())
-        # No gradients kept between epochs: K folds' networks are held at once.
-        self.optimiser.zero_grad(set_to_none=True)
-        self.losses.append(total / max(count, 1))
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The averaged weights as they are now, on the CPU."""
-        return _snapshot(self.ema)
-
-
-def _standardised(logits: _FloatArray) -> tuple[_FloatArray, float, float]:
-    """A member's logits standardised by their own mean and spread (no labels)."""
-    centre, scale = float(np.mean(logits)), float(np.std(logits))
-    return (logits - centre) / max(scale, 1e-4), centre, scale
+        result.losses.append(total / max(count, 1))
+        val_logits = _predict_logits(ema, data, val_index)
+        val_auc = auc(data.labels[val_index], val_logits)
+        result.val_aucs.append(val_auc)
+        # Strictly better only: on ties the earlier (less fitted) epoch stays.
+        if val_auc > result.best_auc:
+            result.best_auc, result.best_epoch = val_auc, epoch
+            result.val_logits = val_logits
+            result.state = _snapshot(ema)
+        if settings.progress is not None:
+            settings.progress(stage, epoch, epochs, result.losses[-1], val_auc)
+        if epoch - result.best_epoch >= settings.patience:
+            break
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -996,7 +978,7 @@ def train_fusion(
         What a fold never splits (:data:`GROUPINGS`): ``"patient"`` (the default; a study without
         a patient is its own), ``"centre"`` or ``"study"``.
     epochs, patience
-        Most epochs, and epochs without a better pooled out-of-fold AUC before every fold stops.
+        Most epochs per fold, and epochs without a better validation AUC before a fold stops.
     batch_size, lr, dropout
         Batch size, AdamW learning rate, dropout before the head.
     seed
@@ -1083,83 +1065,52 @@ def train_fusion(
         size_weight=float(size_target),
     )
 
-    all_index = np.arange(labels.size, dtype=np.intp)
-    runs = [
-        _FoldRun(
-            data,
-            np.setdiff1d(all_index, val_index),
-            val_index,
-            settings,
-            seed=seed * 1000 + f + 1,
-            stage=f"fold {f + 1}/{count}",
-        )
-        for f, val_index in enumerate(fold_index)
-    ]
-    # One epoch for every fold, the one whose pooled out-of-fold AUC is best (earliest on ties),
-    # stopping once that has not improved for `patience` epochs. Each fold choosing its own epoch
-    # on its own 30-odd validation studies made the out-of-fold figures run ahead of new
-    # studies (the test's demo cohort: card sensitivity 0.75, a second cohort 0.52; one pooled
-    # choice: 0.75 and 0.63). An epoch where a fold gives every validation study the same logit
-    # (nothing to rank or calibrate) cannot be chosen.
-    oof = np.zeros(labels.size, dtype=np.float64)
-    best_epoch, best_auc = 0, -1.0
-    best_states: list[dict[str, torch.Tensor]] = []
-    best_logits: list[_FloatArray] = []
-    pooled_history: list[float] = []
-    collapsed: list[str] = []
-    for epoch in range(1, epochs + 1):
-        logits = [run.epoch(epochs) for run in runs]
-        collapsed = []
-        for run, val_index, values in zip(runs, fold_index, logits, strict=True):
-            standardised, centre, scale = _standardised(values)
-            oof[val_index] = standardised
-            if not scale > 1e-4:
-                collapsed.append(f"{run.stage} (every logit {centre:.4g})")
-        pooled_history.append(auc(labels, oof))
-        if not collapsed and pooled_history[-1] > best_auc:
-            best_epoch, best_auc = epoch, pooled_history[-1]
-            best_states = []  # the previous best's snapshots go before the new ones are taken
-            best_states = [run.snapshot() for run in runs]
-            best_logits = logits
-        if best_epoch and epoch - best_epoch >= patience:
-            break
-    if not best_states:
-        raise ValueError(
-            "no epoch in which every fold's network ranks its validation studies: "
-            f"{', '.join(collapsed)} gives each the same logit: nothing to rank or calibrate"
-        )
-
     fold_reports: list[dict[str, Any]] = []
     members: list[FusionNet] = []
     centres: list[float] = []
     scales: list[float] = []
     fold_of = np.zeros(labels.size, dtype=np.int64)
-    for f, (val_index, run) in enumerate(zip(fold_index, runs, strict=True)):
+    oof = np.zeros(labels.size, dtype=np.float64)
+    all_index = np.arange(labels.size, dtype=np.intp)
+    for f, val_index in enumerate(fold_index):
+        run = _train_run(
+            data,
+            np.setdiff1d(all_index, val_index),
+            val_index,
+            settings,
+            epochs=epochs,
+            seed=seed * 1000 + f + 1,
+            stage=f"fold {f + 1}/{count}",
+        )
         # The size head served training only: the shipped member is the classifier.
         member = _member(settings)
         member.load_state_dict(
-            {k: v for k, v in best_states[f].items() if not k.startswith("size_head.")}
+            {k: v for k, v in run.state.items() if not k.startswith("size_head.")}
         )
         members.append(member)
-        # Standardised by the member's own validation logits (no labels): fold networks differ
-        # in offset and scale, which pooling raw logits would mix.
-        standardised, centre, scale = _standardised(best_logits[f])
+        # Standardised by the member's own validation logits (no labels): fold networks stopped
+        # at different epochs differ in offset and scale, which pooling raw logits would mix.
+        centre, scale = float(np.mean(run.val_logits)), float(np.std(run.val_logits))
+        if not scale > 1e-4:
+            raise ValueError(
+                f"fold {f + 1}/{count}: its network gives every validation study the same "
+                f"logit ({centre:.4g}): nothing to rank or calibrate"
+            )
         centres.append(centre)
         scales.append(scale)
-        oof[val_index] = standardised
+        oof[val_index] = (run.val_logits - centre) / scale
         fold_of[val_index] = f
         report: dict[str, Any] = {
             "studies": int(val_index.size),
             "mvi": int(labels[val_index].sum()),
-            "best_epoch": best_epoch,
-            "val_auc": _round(run.val_aucs[best_epoch - 1], 4),
+            "best_epoch": run.best_epoch,
+            "val_auc": _round(run.best_auc, 4),
             "loss_history": [_round(v, 5) for v in run.losses],
             "val_auc_history": [_round(v, 4) for v in run.val_aucs],
         }
         if cv == "loco":
             report["centre"] = samples[int(val_index[0])].centre
         fold_reports.append(report)
-    del runs, run, best_states  # K networks, optimisers and snapshots: the members are built
     total_seconds = time.perf_counter() - started
 
     # Every figure is computed with the values as the card stores them (rounded), which are the
@@ -1229,8 +1180,8 @@ def train_fusion(
             "brier": _round(brier(labels, calibrated), 4),
             "studies": int(labels.size),
             "note": (
-                "each study scored by the shipped fold network that did not train on it; the "
-                "folds' one epoch was chosen on these studies: mildly optimistic"
+                "each study scored by the shipped fold network that did not train on it; each "
+                "fold's epoch was chosen on its own validation studies: mildly optimistic"
             ),
         },
         "oof_intervals": intervals,
@@ -1269,12 +1220,7 @@ def train_fusion(
             "patients": len({s.patient for s in samples}),
             "max_epochs": int(epochs),
             "patience": int(patience),
-            "epoch_choice": (
-                "one for every fold: best pooled out-of-fold AUC of the standardised logits "
-                "(earliest on ties)"
-            ),
-            "best_epoch": best_epoch,
-            "oof_auc_history": [_round(v, 4) for v in pooled_history],
+            "epoch_choice": "per fold, best validation AUC (earliest on ties)",
             "init": "random" if pretrained is None else "imagenet",
             "pretrained_sha256": None if pretrained is None else file_sha256(Path(pretrained)),
             "shipped": "ensemble of the fold networks (mean logit)",

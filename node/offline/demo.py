@@ -118,17 +118,16 @@ def _build_fusion(directory: Path, err: Console) -> None:
             register_pv=False,
             progress=lambda done, _total: progress.update(rendering, completed=done),
         )
-        # One run per fold, the folds in step (an epoch of each in turn): the fold networks are
-        # the shipped ensemble (no final run).
+        # One run per fold: the fold networks are the shipped ensemble (no final run).
         training = progress.add_task("MVI model: training", total=folds * epochs, note="")
-        fold_epochs = [0]
+        stages: list[str] = []
 
         def on_epoch(stage: str, epoch: int, total: int, loss: float, auc: float | None) -> None:
-            fold_epochs[0] += 1
-            note = f"{stage} epoch {epoch} loss {loss:.3f}" + (
-                f" AUC {auc:.2f}" if auc is not None else ""
-            )
-            progress.update(training, completed=fold_epochs[0], note=note)
+            if not stages or stages[-1] != stage:
+                stages.append(stage)
+            done = (len(stages) - 1) * epochs + min(epoch, epochs)
+            note = f"{stage} loss {loss:.3f}" + (f" AUC {auc:.2f}" if auc is not None else "")
+            progress.update(training, completed=done, note=note)
 
         train_fusion(
             samples,
