@@ -313,9 +313,14 @@ def prepare_study(
     finish = context.finish
     working = stages.working_spacing_mm(settings.pipeline)
 
+    headers: dict[str, tuple[Dataset, ...]] = {}
     with timer.stage("pair"):
         pairing = stages.pair(
-            series, settings.phases, working_spacing_mm=working, own_series_uids=own_series_uids
+            series,
+            settings.phases,
+            working_spacing_mm=working,
+            own_series_uids=own_series_uids,
+            headers=headers,
         )
     arterial_uid, portal_uid = pairing.arterial, pairing.portal_venous
     method: str | None = pairing.method
@@ -336,8 +341,10 @@ def prepare_study(
 
     limits = settings.gates
     with timer.stage("load"):
-        arterial = stages.load(series, arterial_uid)
-        portal = stages.load(series, portal_uid)
+        # Popped: a loaded series' datasets hold its pixel bytes until they are let go.
+        arterial = stages.load(series, arterial_uid, headers.pop(arterial_uid, ()))
+        portal = stages.load(series, portal_uid, headers.pop(portal_uid, ()))
+    headers.clear()
     geometry = quality.check_geometry(limits, {"arterial": arterial, "portal_venous": portal})
     if limits.enabled and geometry.passed is False:
         draft.gates.append(geometry)

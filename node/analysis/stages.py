@@ -11,7 +11,7 @@ Pairing and registration share one working spacing, :func:`working_spacing_mm`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,8 @@ from node.analysis.dicomio import SeriesFiles, load_series
 from node.core.settings import PhasesSection, PipelineSection
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from model.measure import Measurements
     from model.registration import Registration
     from model.roi import RoiSpec
@@ -62,24 +64,34 @@ def pair(
     *,
     working_spacing_mm: float,
     own_series_uids: Collection[str] = (),
+    headers: MutableMapping[str, tuple[Dataset, ...]] | None = None,
 ) -> Pairing:
     """Choose the arterial and portal-venous series among the study's CT series.
 
     The node's own outputs (``own_series_uids``) and non-CT series are not candidates.
+    ``headers``, when given, receives each series' datasets as pairing read them, Pixel Data
+    still in the files (:attr:`~node.analysis.pairing.SeriesInfo.headers`), for :func:`load`.
     """
     from node.analysis.pairing import pair_phases, series_info
 
-    infos = [
-        series_info(files.paths)
+    infos = {
+        uid: series_info(files.paths)
         for uid, files in series.items()
         if uid not in own_series_uids and files.modality == "CT"
-    ]
-    return pair_phases(infos, phases.model_dump(), working_spacing_mm=working_spacing_mm)
+    }
+    if headers is not None:
+        headers.update((uid, info.headers) for uid, info in infos.items() if info.headers)
+    return pair_phases(
+        list(infos.values()), phases.model_dump(), working_spacing_mm=working_spacing_mm
+    )
 
 
-def load(series: Mapping[str, SeriesFiles], series_uid: str) -> sitk.Image:
-    """One series of the study as a volume (:func:`node.analysis.dicomio.load_series`)."""
-    return load_series(series[series_uid].paths)
+def load(
+    series: Mapping[str, SeriesFiles], series_uid: str, headers: Sequence[Dataset] = ()
+) -> sitk.Image:
+    """One series of the study as a volume (:func:`node.analysis.dicomio.load_series`): from
+    the datasets :func:`pair` read (each file's headers parsed once) when given, else its files."""
+    return load_series(headers or series[series_uid].paths)
 
 
 @dataclass(frozen=True)

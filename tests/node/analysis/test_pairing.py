@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from node.analysis.dicomio import scan_folder
+from node.analysis.dicomio import load_series, scan_folder
 from node.analysis.pairing import (
     PHASES,
     Pairing,
@@ -165,6 +166,31 @@ def test_series_info_reads_classic_headers(cohort: Path) -> None:
     assert non_contrast.acquisition_seconds < arterial.acquisition_seconds
     localizer = infos[row["localizer_series_uid"]]
     assert "LOCALIZER" in localizer.image_type and localizer.slices == 1
+
+
+def test_series_info_keeps_whole_series_headers_with_pixels_left_in_the_files(
+    cohort: Path, tmp_path: Path
+) -> None:
+    study, row = _copy_study(cohort, tmp_path)
+    portal_file = _series_files(study, row["portal_venous_series_uid"])[3]
+    portal_file.write_bytes(portal_file.read_bytes()[:-3000])
+    infos = {i.series_instance_uid: i for i in _infos(study)}
+    arterial = infos[row["arterial_series_uid"]]
+
+    assert len(arterial.headers) == arterial.slices
+    assert all(
+        ds.get_item("PixelData", keep_deferred=True).value is None for ds in arterial.headers
+    )
+    from_headers = load_series(list(arterial.headers))
+    from_files = load_series(list(arterial.paths))
+    assert np.array_equal(
+        sitk.GetArrayViewFromImage(from_headers), sitk.GetArrayViewFromImage(from_files)
+    )
+    assert from_headers.GetOrigin() == from_files.GetOrigin()
+    assert from_headers.GetSpacing() == from_files.GetSpacing()
+    # One file cut short: no headers, so that no volume is ever loaded with a slice missing.
+    portal = infos[row["portal_venous_series_uid"]]
+    assert "truncated" in str(portal.error) and portal.headers == ()
 
 
 def test_series_info_reads_enhanced_ct(cohort_factory: Callable[..., Path]) -> None:
