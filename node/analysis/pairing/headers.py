@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -140,10 +141,13 @@ def _read_header(path: Path) -> Dataset:
         size = path.stat().st_size
         remaining = 0
         if "PixelData" in ds:
-            element = ds.get_item("PixelData", keep_deferred=True)
+            element: object = ds.get_item("PixelData", keep_deferred=True)
             # Deferred: the bytes the file holds from the value on; read: the value itself.
             value = getattr(element, "value", None)
-            remaining = size - element.value_tell if value is None else len(value)
+            if isinstance(element, RawDataElement) and value is None:
+                remaining = size - element.value_tell
+            else:
+                remaining = len(value or b"")
             if value is not None and not _native(ds):
                 del ds.PixelData  # compressed pixels of every series would stay in memory
     except (InvalidDicomError, OSError, EOFError, ValueError, struct.error, KeyError) as exc:
