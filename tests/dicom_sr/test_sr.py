@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -451,13 +452,48 @@ def _encoded(items: list[Dataset]) -> bytes:
     return buffer.getvalue()
 
 
+_POSITION = {
+    "Image Position (Patient) X",
+    "Image Position (Patient) Y",
+    "Image Position (Patient) Z",
+}
+
+
+def _grouped(library: Any) -> list[Any]:
+    """highdicom's one-group library with the descriptors its entries share moved into the
+    group (TID 1600 row 3); refuses a library whose entries describe other than positions
+    differently."""
+    ((group,),) = [list(container.ContentSequence) for container in library]
+    head = [item for item in group.ContentSequence if item.ValueType != "IMAGE"]
+    entries = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
+
+    def split(entry: Any) -> tuple[bytes, list[Any]]:
+        items = list(entry.ContentSequence)
+        other = [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning not in _POSITION]
+        return _encoded(other), [i for i in items if i not in other]
+
+    shared = [
+        i
+        for i in entries[0].ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeMeaning not in _POSITION
+    ]
+    assert {split(entry)[0] for entry in entries} == {_encoded(shared)}
+    for entry in entries:
+        entry.ContentSequence = split(entry)[1]
+    group.ContentSequence = [*head, *shared, *entries]
+    return list(library)
+
+
 @pytest.mark.parametrize(
     ("status", "vary"), [("scored", None), ("scored", "SliceThickness"), ("no_tumor", None)]
 )
-def test_image_library_is_highdicoms(classic: Case, status: str, vary: str | None) -> None:
+def test_image_library_is_highdicoms_with_shared_descriptors_in_the_group(
+    classic: Case, status: str, vary: str | None
+) -> None:
     """build_sr builds the library's entries from the first slice's and adds the library after
-    highdicom's constructor (for speed): what is written must be highdicom's ImageLibrary, in
-    its place, also for slices that differ in what the entries describe."""
+    highdicom's constructor (for speed): what is written is highdicom's ImageLibrary, in its
+    place, with what every entry describes alike (all but its position) said once in the
+    group; slices that differ in anything else keep highdicom's library as it is."""
     files = sorted((classic.folder / "study_0001" / "SE0003").glob("*.dcm"))
     # Headers only, as the pipeline reads them.
     sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
@@ -468,9 +504,15 @@ def test_image_library_is_highdicoms(classic: Case, status: str, vary: str | Non
     else:
         result = AnalysisResult(status=status, reason="The segmenter found no liver tumor.")
     sr = build_sr(result, sources, classic.seg, algorithm=ALGORITHM, uids=classic.uids)
-    expected = hd.sr.ImageLibrary([ref.dataset for ref in slice_references(sources)])
+    highdicoms = hd.sr.ImageLibrary([ref.dataset for ref in slice_references(sources)])
+    expected = list(highdicoms) if vary is not None else _grouped(highdicoms)
     for root in (sr.ContentSequence, sr.content[0].ContentSequence):
         names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in root]
         at = names.index("Image Library")
         assert names[at - 1] == "Procedure reported"
-        assert _encoded([root[at]]) == _encoded(list(expected))
+        assert _encoded([root[at]]) == _encoded(expected)
+    (group,) = sr.content[0].ContentSequence[at].ContentSequence
+    entries = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
+    assert len(entries) == len(sources)
+    if vary is None:
+        assert all(len(entry.ContentSequence) == 3 for entry in entries)
