@@ -116,6 +116,10 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             ratios.setdefault("encode/whole", []).append(
                 float(timings.get("encode", 0.0)) / (elapsed - QUIET_S)
             )
+            # What no stage times: the job's start, writing and recording the objects, delivery.
+            stages.setdefault("rest", []).append(
+                elapsed - QUIET_S - sum(float(v) for v in timings.values())
+            )
         workers = [p.pid for p in node.workers._workers if p.pid is not None]
         worker_rss = max(_peak_rss_mb(pid) for pid in workers)
         node_rss = _peak_rss_mb(os.getpid())
