@@ -11,6 +11,7 @@ Pairing and registration share one working spacing, :func:`working_spacing_mm`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,8 +70,9 @@ def pair(
     """Choose the arterial and portal-venous series among the study's CT series.
 
     The node's own outputs (``own_series_uids``) and non-CT series are not candidates.
-    ``headers``, when given, receives each series' datasets as pairing read them, Pixel Data
-    still in the files (:attr:`~node.analysis.pairing.SeriesInfo.headers`), for :func:`load`.
+    ``headers``, when given, receives the chosen pair's datasets as pairing read them, Pixel
+    Data still in the files (:attr:`~node.analysis.pairing.SeriesInfo.headers`), for
+    :func:`load`.
     """
     from node.analysis.pairing import pair_phases, series_info
 
@@ -79,19 +81,37 @@ def pair(
         for uid, files in series.items()
         if uid not in own_series_uids and files.modality == "CT"
     }
-    if headers is not None:
-        headers.update((uid, info.headers) for uid, info in infos.items() if info.headers)
-    return pair_phases(
+    pairing = pair_phases(
         list(infos.values()), phases.model_dump(), working_spacing_mm=working_spacing_mm
     )
+    if headers is not None:
+        for uid in (pairing.arterial, pairing.portal_venous):
+            if uid in infos and infos[uid].headers:
+                headers[uid] = infos[uid].headers
+    return pairing
+
+
+def _unchanged(headers: Sequence[Dataset]) -> bool:
+    """Every file is still the one its dataset was read from (pydicom's read time stamp)."""
+    try:
+        return all(
+            ds.filename is not None and os.stat(ds.filename).st_mtime == ds.timestamp
+            for ds in headers
+        )
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 def load(
     series: Mapping[str, SeriesFiles], series_uid: str, headers: Sequence[Dataset] = ()
 ) -> sitk.Image:
     """One series of the study as a volume (:func:`node.analysis.dicomio.load_series`): from
-    the datasets :func:`pair` read (each file's headers parsed once) when given, else its files."""
-    return load_series(headers or series[series_uid].paths)
+    the datasets :func:`pair` read (each file's headers parsed once) when given and their files
+    are unchanged since, else from its files (a file replaced or gone meanwhile then gets the
+    loader's own error, naming the file, not its folder)."""
+    if headers and _unchanged(headers):
+        return load_series(headers)
+    return load_series(series[series_uid].paths)
 
 
 @dataclass(frozen=True)

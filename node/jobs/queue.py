@@ -48,7 +48,7 @@ def serve_jobs(
     """
     import procrastinate
 
-    worker = Worker(store, settings, device, run_batch)
+    worker = Worker(store, settings, device, run_batch, freeze=True)  # the process is its own
     if worker.models is not None and settings.pipeline.load_models_at_start:
         # The first study should not wait for the models.
         worker.models.segmenter()

@@ -403,6 +403,7 @@ def worker_main(
         lambda: os.getppid() == parent_pid,
         wake=jobs_queued,
         recorded=results_recorded,
+        freeze=True,
     )
 
 
@@ -418,7 +419,10 @@ class Worker:
     names. Either way a batch is claimed under new leases and concluded by :meth:`run`.
 
     ``run_batch`` replaces the pipeline (bench/cluster.py measures the claim, lease and
-    heartbeat machinery with a stand-in stage); its batches hold one job.
+    heartbeat machinery with a stand-in stage); its batches hold one job. ``freeze``: the
+    process is this worker's alone (the pool's worker processes, `mvi-node worker`), so what
+    outlives each batch is frozen out of the garbage collector (:func:`_release_memory`); a
+    worker run inside another program (a test) leaves that program's collector as it is.
     """
 
     def __init__(
@@ -429,6 +433,7 @@ class Worker:
         run_batch: BatchRunner | None = None,
         *,
         recorded: Wakeup | None = None,
+        freeze: bool = False,
     ) -> None:
         from node.analysis.models import Models
 
@@ -442,7 +447,8 @@ class Worker:
         self.recorded = recorded
         self.models = Models(settings, device=device) if run_batch is None else None
         self.size = batch_size(settings, self.models) if self.models is not None else 1
-        _release_memory()
+        self.freeze = freeze
+        _release_memory(freeze)
 
     def claim(self, job_id: int | None = None) -> list[Job]:
         """A job (``job_id``, or the most urgent one) and the jobs of its priority already
@@ -501,7 +507,7 @@ class Worker:
         if self.recorded is not None:
             self.recorded.set()
         del outcomes
-        _release_memory()
+        _release_memory(self.freeze)
 
 
 def work(
@@ -513,14 +519,15 @@ def work(
     *,
     wake: Wakeup | None = None,
     recorded: Wakeup | None = None,
+    freeze: bool = False,
 ) -> None:
     """Claim and run jobs while ``running()``, polling when there are none (the pool's
     workers; bench/cluster.py).
 
     ``wake`` cuts the wait between polls short when it is set; ``recorded`` is set after each
-    batch (see :func:`worker_main`).
+    batch (see :func:`worker_main`); ``freeze`` as :class:`Worker`'s.
     """
-    worker = Worker(store, settings, device, run_batch, recorded=recorded)
+    worker = Worker(store, settings, device, run_batch, recorded=recorded, freeze=freeze)
     while running():
         try:
             jobs = worker.claim()
@@ -585,9 +592,10 @@ def heartbeats(store: Store, jobs: Sequence[Job], every_s: float) -> Iterator[No
         thread.join()
 
 
-def _release_memory() -> None:
-    """Give a finished job's memory back to the system before the next one, and take what
-    stays (the models, the modules) out of the garbage collector's sight.
+def _release_memory(freeze: bool) -> None:
+    """Give a finished job's memory back to the system before the next one, and (``freeze``,
+    in a process that is the worker's alone) take what stays (the models, the modules) out of
+    the garbage collector's sight.
 
     A job allocates and frees volumes of hundreds of MB from several threads; glibc keeps freed
     arenas mapped, so without a trim each job's peak stacks on what the last one left. The
@@ -598,12 +606,14 @@ def _release_memory() -> None:
     """
     import gc
 
-    gc.unfreeze()
+    if freeze:
+        gc.unfreeze()
     gc.collect()
-    gc.freeze()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if freeze:
+        gc.freeze()
 
 
 def cuda_out_of_memory(exc: BaseException) -> bool:

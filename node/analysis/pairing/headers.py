@@ -3,9 +3,10 @@
 It never raises, so that one odd series cannot stop a study: a series that cannot be read
 carries the reason in :attr:`SeriesInfo.error` and is excluded by the rules.
 
-Native Pixel Data is deferred, not skipped: the datasets read here (:attr:`SeriesInfo.headers`)
-are what the loader decodes the chosen series from, so each file's headers are parsed once per
-job (at 512 x 512 x 200 the second parse cost about a third of the loading).
+Pixel Data is deferred, not skipped: for a series of native (uncompressed, not deflated) files
+the datasets read here (:attr:`SeriesInfo.headers`) are what the loader decodes the chosen
+series from, so each file's headers are parsed once per job (at 512 x 512 x 200 the second parse
+cost about a third of the loading).
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ class SeriesInfo:
     headers
         The datasets of every file, sorted as the paths, their Pixel Data left in the file until
         it is decoded (:func:`node.analysis.dicomio.load_series` takes them instead of the
-        paths); empty when a file could not be read or its Pixel Data is not deferrable
-        (encapsulated), so that only a whole series is ever loaded from them.
+        paths); empty unless every file read cleanly and is native (not encapsulated: its
+        decoders are the loader's business; not deflated: pydicom keeps a deflated file's
+        inflated copy, pixels included, with its dataset), so that only a whole series is ever
+        loaded from them.
     """
 
     series_instance_uid: str
@@ -133,8 +136,8 @@ def _float(value: Any) -> float | None:
 
 
 def _read_header(path: Path) -> Dataset:
-    """Headers of one file, native Pixel Data deferred; raises DicomIOError for unreadable or
-    truncated files. Encapsulated Pixel Data (read whole by pydicom) is dropped."""
+    """Headers of one file, Pixel Data deferred (or dropped, when pydicom read a compressed one
+    whole); raises DicomIOError for unreadable or truncated files."""
     try:
         with path.open("rb") as handle:
             ds = pydicom.dcmread(handle, defer_size=_DEFER_BYTES, force=False)
@@ -350,7 +353,7 @@ def series_info(paths: Sequence[Path]) -> SeriesInfo:
         return _empty_info(files, errors[0] if errors else "no files")
     try:
         info = _info_from_headers(files, headers, errors)
-        whole = not errors and all("PixelData" in ds for ds in headers)
+        whole = not errors and all("PixelData" in ds and _native(ds) for ds in headers)
         return replace(info, headers=tuple(headers)) if whole else info
     except Exception as exc:  # headers odd enough to break parsing must not stop the study
         info = _empty_info(files, f"unreadable headers ({type(exc).__name__})")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 
-from node.analysis.dicomio import scan_folder
+from node.analysis.dicomio import DicomIOError, scan_folder
 from node.analysis.models import Models
 from node.analysis.pipeline import Prepared, prepare_study
 from node.core.settings import Settings
@@ -79,3 +82,42 @@ def test_the_working_spacing_is_the_configured_one_or_two_mm(spacing: float | No
 
     settings = Settings.model_validate({"pipeline": {"working_spacing_mm": spacing}})
     assert working_spacing_mm(settings.pipeline) == (spacing or 2.0)
+
+
+def test_the_chosen_pair_is_loaded_from_the_headers_pairing_read(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    from dataclasses import replace
+
+    from node.analysis import stages
+    from node.core.settings import PhasesSection
+
+    cohort = cohort_factory(studies=1, seed=84, size=64, slices=16)
+    study = tmp_path / "study"
+    shutil.copytree(cohort / "study_0001", study)
+    ((_, series),) = scan_folder(study).items()
+    headers: dict[str, tuple[Dataset, ...]] = {}
+    pairing = stages.pair(series, PhasesSection(), working_spacing_mm=2.0, headers=headers)
+
+    # The chosen two only: the study's other series (non-contrast, delayed) are let go.
+    assert pairing.status == "paired" and len(series) > 2
+    assert set(headers) == {pairing.arterial, pairing.portal_venous}
+    uid = str(pairing.arterial)
+    from_files = stages.load(series, uid)
+    # Without its files in the mapping, the series still loads: from the headers alone.
+    no_paths = {**series, uid: replace(series[uid], paths=())}
+    from_headers = stages.load(no_paths, uid, headers[uid])
+    assert np.array_equal(
+        sitk.GetArrayViewFromImage(from_headers), sitk.GetArrayViewFromImage(from_files)
+    )
+    # A file rewritten since pairing read it: the files are loaded again, not old headers
+    # with new pixels (here the paths are gone too, so the loader refuses).
+    changed = Path(headers[uid][0].filename)
+    stamp = changed.stat().st_mtime
+    os.utime(changed, (stamp + 5, stamp + 5))
+    with pytest.raises(DicomIOError, match="empty series"):
+        stages.load(no_paths, uid, headers[uid])
+    assert np.array_equal(
+        sitk.GetArrayViewFromImage(stages.load(series, uid, headers[uid])),
+        sitk.GetArrayViewFromImage(from_files),
+    )
