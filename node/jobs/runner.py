@@ -448,7 +448,8 @@ class Worker:
         self.models = Models(settings, device=device) if run_batch is None else None
         self.size = batch_size(settings, self.models) if self.models is not None else 1
         self.freeze = freeze
-        _release_memory(freeze)
+        if freeze:  # elsewhere the first batch's release is the first needed
+            _release_memory(freeze)
 
     def claim(self, job_id: int | None = None) -> list[Job]:
         """A job (``job_id``, or the most urgent one) and the jobs of its priority already
