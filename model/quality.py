@@ -52,14 +52,18 @@ def geometry(image: sitk.Image) -> Geometry:
     return Geometry(slices=int(image.GetSize()[2]), tilt_deg=round(tilt, 1))
 
 
-def mean_hu(volume: npt.NDArray[Any], mask: npt.NDArray[Any]) -> float | None:
-    """Mean of ``volume`` inside ``mask``; ``None`` for an empty mask."""
+def mean_hu(
+    volumes: Sequence[npt.NDArray[Any]], mask: npt.NDArray[Any]
+) -> tuple[float | None, ...]:
+    """Mean of each of ``volumes`` (one grid) inside ``mask``; ``None`` for an empty mask."""
     inside = np.asarray(mask) > 0
     if not inside.any():
-        return None
-    # Inside the mask's box: the whole grid of a 512 x 512 x 200 study cost 0.5 s a call.
+        return (None,) * len(volumes)
+    # Inside the mask's box, found once for every volume: the whole grid of a 512 x 512 x 200
+    # study cost 0.5 s a call. Summed in float64 without a float64 copy of the box.
     box = _box(inside, (0, 0, 0))
-    return float(np.asarray(np.asarray(volume)[box], dtype=np.float64)[inside[box]].mean())
+    within = inside[box]
+    return tuple(float(np.asarray(v)[box][within].mean(dtype=np.float64)) for v in volumes)
 
 
 def liver_cut_fraction(liver: npt.NDArray[Any]) -> float:
@@ -70,24 +74,23 @@ def liver_cut_fraction(liver: npt.NDArray[Any]) -> float:
     its largest axial cross-section. A liver that ends inside the scanned range has none on the
     border; the phantoms' livers give 0 to 0.15, one cut at 40 % of its height 1.
     """
-    from model.measure import largest_component
+    from model.measure import labelled_components
 
     # The largest component only: stray liver voxels a segmenter leaves at the edge of the
-    # scan are not the liver being cut.
-    component, _ = largest_component(np.asarray(liver) > 0)
-    mask = component > 0
-    areas = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
-    largest = int(areas.max()) if areas.size else 0
-    if largest == 0:
+    # scan are not the liver being cut. Measured inside the component's box: a side of the
+    # box that is not the volume's border has no liver on the border.
+    parts = labelled_components(np.asarray(liver) > 0)
+    if parts.box is None or not parts.sizes:
         return 0.0
-    on_border = max(
-        int(areas[0]),
-        int(areas[-1]),
-        int(np.count_nonzero(mask[:, 0, :])),
-        int(np.count_nonzero(mask[:, -1, :])),
-        int(np.count_nonzero(mask[:, :, 0])),
-        int(np.count_nonzero(mask[:, :, -1])),
-    )
+    mask = parts.numbered == 1
+    areas = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    largest = int(areas.max())
+    on_border = 0
+    for axis, (span, size) in enumerate(zip(parts.box, parts.shape, strict=True)):
+        for touches, index in ((span.start == 0, 0), (span.stop == size, -1)):
+            if touches:
+                face = np.take(mask, index, axis=axis)
+                on_border = max(on_border, int(np.count_nonzero(face)))
     return round(on_border / largest, 3)
 
 
@@ -185,20 +188,54 @@ RESIDUAL_GRID_MM = 2.0
 
 def _block_mean(volume: npt.NDArray[Any], steps: Sequence[int]) -> npt.NDArray[np.float32]:
     """``volume`` averaged over blocks of ``steps`` voxels per axis (the rest cut off)."""
-    array = np.asarray(volume, dtype=np.float32)
+    array = np.asarray(volume)
     if all(step == 1 for step in steps):
-        return array
-    k, j, i = (size // step * step for size, step in zip(array.shape, steps, strict=True))
-    sk, sj, si = steps
-    trimmed = array[:k, :j, :i]
-    return trimmed.reshape(k // sk, sk, j // sj, sj, i // si, si).mean(axis=(1, 3, 5))
+        return np.asarray(array, dtype=np.float32)
+    ends = [size // step * step for size, step in zip(array.shape, steps, strict=True)]
+    total: npt.NDArray[np.float32] = np.asarray(
+        array[: ends[0], : ends[1], : ends[2]], dtype=np.float32
+    )
+    # Summed one axis at a time over strided views, the axis of most steps first: numpy's
+    # reduction over the interleaved axes of a reshaped block cost 0.09 s a phase on a liver's
+    # box at 0.74 mm, this a third of it.
+    for axis in sorted(range(3), key=lambda a: -steps[a]):
+        step = steps[axis]
+        if step == 1:
+            continue
+        picks = [(slice(None),) * axis + (slice(o, None, step),) for o in range(step)]
+        part = total[picks[0]].copy()
+        for pick in picks[1:]:
+            part += total[pick]
+        total = part
+    total /= np.float32(math.prod(steps))
+    return total
 
 
-def _ncc(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
+class _Reference(NamedTuple):
+    """The fixed window of a normalised cross-correlation, centred once for every trial."""
+
+    centred: npt.NDArray[np.float64]
+    norm: float
+
+    @classmethod
+    def of(cls, a: npt.NDArray[Any]) -> _Reference:
+        centred = np.asarray(a, dtype=np.float64)
+        centred = centred - centred.mean()
+        return cls(centred, float(np.vdot(centred, centred)))
+
+    def ncc(self, b: npt.NDArray[np.float64]) -> float:
+        """Normalised cross-correlation with a window ``b`` of the reference's shape.
+
+        Σ(a − ā)(b − b̄) = Σ(a − ā)·b, since the centred reference sums to zero: ``b`` is
+        never centred (a copy per trial), only its sum and sum of squares are taken.
+        """
+        flat = np.ascontiguousarray(b).ravel()
+        total = float(flat.sum())
+        spread = float(np.dot(flat, flat)) - total * total / flat.size
+        denominator = math.sqrt(self.norm * spread) if self.norm > 0 and spread > 0 else 0.0
+        if denominator <= 0:
+            return 0.0
+        return float(np.dot(self.centred.ravel(), flat)) / denominator
 
 
 def residual_shift_mm(
@@ -232,14 +269,15 @@ def residual_shift_mm(
     reach = [max(1, math.ceil(search_mm / s)) for s in spacing_kji]
     fixed_edges = _gradient(_block_mean(np.asarray(fixed)[box], steps), spacing_kji)
     moving_edges = _gradient(_block_mean(np.asarray(moving_on_fixed)[box], steps), spacing_kji)
+    moving = moving_edges.astype(np.float64)
     shape = fixed_edges.shape
     # The compared window leaves the search reach out on every side, so every shift sees voxels.
     r = [min(reach[a], max((shape[a] - 1) // 3, 0)) for a in range(3)]
-    reference = fixed_edges[tuple(slice(r[a], shape[a] - r[a]) for a in range(3))]
+    reference = _Reference.of(fixed_edges[tuple(slice(r[a], shape[a] - r[a]) for a in range(3))])
 
     def score(offset: Sequence[int]) -> float:
         window = tuple(slice(r[a] + offset[a], shape[a] - r[a] + offset[a]) for a in range(3))
-        return _ncc(reference, moving_edges[window])
+        return reference.ncc(moving[window])
 
     # Coordinate descent, twice round the axes: a shift along one axis would mislead a search
     # along another made on its own.

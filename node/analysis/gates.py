@@ -330,7 +330,8 @@ def check_intensity(
         verdict.skipped.append("the segmenter's card has no training range")
         return verdict.gate()
     margin = limits.hu_margin
-    parenchyma = masks.liver & (masks.tumor == 0)
+    # Liver without tumor: for 0/1 masks one comparison instead of a test and an "and".
+    parenchyma = masks.liver > masks.tumor
     regions: list[tuple[str, npt.NDArray[Any] | None, Mapping[str, Sequence[float]] | None]] = [
         ("liver", parenchyma, trained.liver_hu),
         ("aorta", masks.aorta, trained.aorta_hu),
@@ -339,11 +340,16 @@ def check_intensity(
         if mask is None or ranges is None:
             verdict.skipped.append(f"no {organ} mask")
             continue
-        for phase, volume in (("arterial", arterial_hu), ("portal_venous", portal_on_arterial_hu)):
-            bounds = ranges.get(phase)
-            if bounds is None:
-                continue
-            value = mean_hu(volume, mask)
+        phases = [
+            (phase, volume, ranges[phase])
+            for phase, volume in (
+                ("arterial", arterial_hu),
+                ("portal_venous", portal_on_arterial_hu),
+            )
+            if ranges.get(phase) is not None
+        ]
+        means = mean_hu([volume for _, volume, _ in phases], mask)
+        for (phase, _, bounds), value in zip(phases, means, strict=True):
             key = f"{organ}_{phase}_hu"
             if value is None:
                 verdict.figures[key] = None

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from model.quality import (
+    _block_mean,
     geometry,
     liver_contact,
     liver_cut_fraction,
@@ -36,10 +37,10 @@ def test_geometry_counts_slices_and_measures_tilt_from_axial() -> None:
 def test_mean_hu_is_none_for_an_empty_mask() -> None:
     volume = np.arange(27, dtype=float).reshape(3, 3, 3)
     mask = np.zeros((3, 3, 3), np.uint8)
-    assert mean_hu(volume, mask) is None
+    assert mean_hu([volume], mask) == (None,)
     mask[1, 1, 1] = 1
     mask[2, 2, 2] = 1
-    assert mean_hu(volume, mask) == pytest.approx((13 + 26) / 2)
+    assert mean_hu([volume, -volume], mask) == pytest.approx(((13 + 26) / 2, -(13 + 26) / 2))
 
 
 def test_a_liver_inside_the_scan_is_not_cut_and_one_ending_at_the_top_slice_is() -> None:
@@ -47,6 +48,25 @@ def test_a_liver_inside_the_scan_is_not_cut_and_one_ending_at_the_top_slice_is()
     assert liver_cut_fraction(whole) == 0.0
     cut = whole[10:]  # the scan starts inside the liver: slice 0 crosses it near its middle
     assert liver_cut_fraction(cut) > 0.7
+
+
+@pytest.mark.parametrize(
+    "face",
+    [
+        (slice(None, 20), slice(None), slice(None)),  # the scan ends inside the liver
+        (slice(None), slice(18, None), slice(None)),  # the first row
+        (slice(None), slice(None, 24), slice(None)),  # the last row
+        (slice(None), slice(None), slice(15, None)),  # the first column
+        (slice(None), slice(None), slice(None, 26)),  # the last column
+    ],
+)
+def test_a_liver_cut_at_any_face_of_the_volume_counts_and_a_stray_speck_there_does_not(
+    face: tuple[slice, slice, slice],
+) -> None:
+    whole = _ball((30, 40, 40), (15, 20, 20), 10)
+    whole[0, 0, 0] = whole[-1, -1, -1] = 1  # specks a segmenter left in the corners
+    assert liver_cut_fraction(whole) == 0.0
+    assert liver_cut_fraction(whole[face]) > 0.2
 
 
 def test_a_tumor_inside_the_liver_touches_liver_and_one_outside_does_not() -> None:
@@ -128,6 +148,20 @@ def test_residual_shift_is_zero_for_aligned_phases_and_finds_a_left_over_shift()
     assert shift is not None
     assert abs(shift[0]) == pytest.approx(6.0, abs=0.8)
     assert abs(shift[1]) < 0.8 and abs(shift[2]) < 0.8
+
+
+@pytest.mark.parametrize("steps", [(1, 1, 1), (2, 3, 3), (1, 2, 4), (3, 1, 2)])
+def test_the_coarser_grid_averages_whole_blocks_and_drops_the_rest(
+    steps: tuple[int, int, int],
+) -> None:
+    volume = np.random.default_rng(4).normal(size=(13, 17, 22)).astype(np.float32)
+    k, j, i = (n // s * s for n, s in zip(volume.shape, steps, strict=True))
+    blocks = volume[:k, :j, :i].reshape(
+        k // steps[0], steps[0], j // steps[1], steps[1], -1, steps[2]
+    )
+    coarse = _block_mean(volume, steps)
+    assert coarse.dtype == np.float32
+    np.testing.assert_allclose(coarse, blocks.mean(axis=(1, 3, 5)), rtol=1e-5, atol=1e-6)
 
 
 def test_residual_shift_of_a_fine_grid_is_measured_on_a_coarser_one() -> None:
