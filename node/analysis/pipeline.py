@@ -341,9 +341,7 @@ def prepare_study(
 
     limits = settings.gates
     with timer.stage("load"):
-        # Popped: a loaded series' datasets hold its pixel bytes until they are let go.
-        arterial = stages.load(series, arterial_uid, headers.pop(arterial_uid, ()))
-        portal = stages.load(series, portal_uid, headers.pop(portal_uid, ()))
+        arterial, portal = stages.load_phases(series, arterial_uid, portal_uid, headers)
     headers.clear()
     geometry = quality.check_geometry(limits, {"arterial": arterial, "portal_venous": portal})
     if limits.enabled and geometry.passed is False:

@@ -188,8 +188,9 @@ def study_rois(
                 pairing = stages.pair(series, settings.phases, working_spacing_mm=working)
                 if pairing.status != "paired" or not pairing.arterial or not pairing.portal_venous:
                     raise ValueError(f"no arterial/portal-venous pair ({pairing.reason})")
-                arterial = stages.load(series, pairing.arterial)
-                portal = stages.load(series, pairing.portal_venous)
+                arterial, portal = stages.load_phases(
+                    series, pairing.arterial, pairing.portal_venous
+                )
                 registered = stages.register(arterial, portal, working_spacing_mm=working)
                 choice = stages.segment(
                     series,

@@ -121,3 +121,35 @@ def test_the_chosen_pair_is_loaded_from_the_headers_pairing_read(
         sitk.GetArrayViewFromImage(stages.load(series, uid, headers[uid])),
         sitk.GetArrayViewFromImage(from_files),
     )
+
+
+def test_both_phases_load_side_by_side_as_they_load_alone_and_the_arterial_error_comes_first(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    from dataclasses import replace
+
+    from node.analysis import stages
+    from node.core.settings import PhasesSection
+
+    cohort = cohort_factory(studies=1, seed=85, size=64, slices=16)
+    ((_, series),) = scan_folder(cohort / "study_0001").items()
+    headers: dict[str, tuple[Dataset, ...]] = {}
+    pairing = stages.pair(series, PhasesSection(), working_spacing_mm=2.0, headers=headers)
+    arterial_uid, portal_uid = str(pairing.arterial), str(pairing.portal_venous)
+
+    arterial, portal = stages.load_phases(series, arterial_uid, portal_uid, headers)
+    assert headers == {}, "the datasets are let go once loaded"
+    for loaded, uid in ((arterial, arterial_uid), (portal, portal_uid)):
+        alone = stages.load(series, uid)
+        assert loaded.GetOrigin() == alone.GetOrigin()
+        assert np.array_equal(sitk.GetArrayViewFromImage(loaded), sitk.GetArrayViewFromImage(alone))
+
+    # Both series unloadable: the error names the arterial one, as a load in order would.
+    broken = {
+        uid: replace(files, paths=(tmp_path / f"{name}.dcm",))
+        for (uid, files), name in zip(series.items(), "abcdef", strict=False)
+    }
+    for files in broken.values():
+        files.paths[0].write_bytes(b"not DICOM")
+    with pytest.raises(DicomIOError, match=str(broken[arterial_uid].paths[0].name)):
+        stages.load_phases(broken, arterial_uid, portal_uid)
