@@ -227,7 +227,8 @@ class _Reference(NamedTuple):
         """Normalised cross-correlation with a window ``b`` of the reference's shape.
 
         Σ(a − ā)(b − b̄) = Σ(a − ā)·b, since the centred reference sums to zero: ``b`` is
-        never centred (a copy per trial), only its sum and sum of squares are taken.
+        not centred, only its sum and sum of squares are taken (its one contiguous copy feeds
+        the three dot products).
         """
         flat = np.ascontiguousarray(b).ravel()
         total = float(flat.sum())

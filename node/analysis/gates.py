@@ -310,7 +310,7 @@ def check_segmentation(
 
 def _has_parenchyma(masks: Masks) -> bool:
     # A supplied SEG's liver segment is optional; without one there is nothing to touch.
-    return bool(np.any(masks.liver & (masks.tumor == 0)))
+    return bool(np.any(masks.liver > masks.tumor))  # 0/1 masks: liver and not tumor
 
 
 def check_intensity(
@@ -348,6 +348,8 @@ def check_intensity(
             )
             if ranges.get(phase) is not None
         ]
+        if not phases:
+            continue
         means = mean_hu([volume for _, volume, _ in phases], mask)
         for (phase, _, bounds), value in zip(phases, means, strict=True):
             key = f"{organ}_{phase}_hu"
