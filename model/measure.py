@@ -286,7 +286,7 @@ def labelled_components(mask: npt.ArrayLike) -> Components:
         return Components(array.shape, None, np.zeros((0, 0, 0), dtype=np.int32), ())
     labels, sizes = _components(np.ascontiguousarray(array[box]))
     inside = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
-    return Components(array.shape, box, inside, tuple(size for size in sizes if size > 0))
+    return Components(array.shape, box, inside, sizes)
 
 
 def component_sizes(mask: npt.ArrayLike) -> tuple[int, ...]:
