@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,6 +70,7 @@ __all__ = [
     "prepare_input",
     "resolve_device",
     "training_range_of",
+    "tumor_uncertainty_limit_of",
     "uncertainty_limit_of",
 ]
 
@@ -162,6 +164,9 @@ class Masks:
     uncertainty
         The segmenter's mean normalised softmax entropy (0 = certain, 1 = uniform) over the
         voxels it labelled as foreground; ``None`` for a supplied SEG.
+    tumor_uncertainty
+        The same mean over the voxels the network labelled tumour (on the working grid, before
+        the anatomical rules); ``None`` for a supplied SEG or when it labelled none.
     dropped_voxels
         Voxels of the segmenter's raw labels that the anatomical rules of :func:`postprocess`
         removed, per structure (``liver`` includes tumour found outside the kept liver,
@@ -179,6 +184,7 @@ class Masks:
     aorta: UInt8Volume | None = None
     tumor_component_voxels: tuple[int, ...] = ()
     uncertainty: float | None = None
+    tumor_uncertainty: float | None = None
     dropped_voxels: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -562,10 +568,16 @@ class Prediction(NamedTuple):
         Mean normalised softmax entropy over the voxels labelled anything but background, in
         ``[0, 1]`` (0: one class has all the probability; 1: all classes are equally likely).
         1.0 when no voxel is foreground: a segmentation that found nothing is not one to trust.
+    class_uncertainty
+        Per class index, the same mean over the voxels labelled that class alone (a class no
+        voxel has is absent). The tumour's tells a faint lesion, whose extent the network is
+        unsure of, from a clear one: the foreground's mean hides it among the liver's many
+        confident voxels.
     """
 
     labels: UInt8Volume
     uncertainty: float
+    class_uncertainty: Mapping[int, float] = MappingProxyType({})
 
 
 # Voxels per block when turning logits into labels and entropy: each float32 temporary (the
@@ -593,25 +605,38 @@ def prediction_from_logits(logits: torch.Tensor, background: int = 0) -> Predict
     plane = max(1, int(logits.shape[2]) * int(logits.shape[3]))
     step = max(1, _ENTROPY_BLOCK_VOXELS // plane)
     labels = torch.empty(tuple(logits.shape[1:]), dtype=torch.uint8, device=logits.device)
-    # Summed in float64: millions of voxels of float32 entropy would lose digits.
-    entropy_sum = 0.0
-    foreground = 0
+    # Per class, summed in float64: millions of voxels of float32 entropy would lose digits.
+    entropy_sums = torch.zeros(classes, dtype=torch.float64, device=logits.device)
+    counts = torch.zeros(classes, dtype=torch.int64, device=logits.device)
     for k0 in range(0, depth, step):
         block = logits[:, k0 : k0 + step].float()
         log_p = torch.log_softmax(block, dim=0)
         entropy = -(log_p.exp() * log_p).sum(dim=0)
         argmax = torch.argmax(block, dim=0)
         labels[k0 : k0 + step] = argmax.to(torch.uint8)
-        selected = argmax != background
-        entropy_sum += float(entropy[selected].sum(dtype=torch.float64))
-        foreground += int(selected.sum())
+        flat = argmax.reshape(-1)
+        entropy_sums += torch.bincount(
+            flat, weights=entropy.reshape(-1).double(), minlength=classes
+        )
+        counts += torch.bincount(flat, minlength=classes)
+    sums, numbers = entropy_sums.cpu().tolist(), counts.cpu().tolist()
+    scale = math.log(classes)
+
+    def normalised(total: float, voxels: int) -> float:
+        # Rounding can put a near-uniform softmax a hair outside [0, 1].
+        return min(max(total / voxels / scale, 0.0), 1.0)
+
+    foreground = sum(n for c, n in enumerate(numbers) if c != background)
     if foreground == 0:
         uncertainty = 1.0
     else:
-        uncertainty = entropy_sum / foreground / math.log(classes)
-        # Rounding can put a near-uniform softmax a hair outside [0, 1].
-        uncertainty = min(max(uncertainty, 0.0), 1.0)
-    return Prediction(labels=labels.cpu().numpy(), uncertainty=float(uncertainty))
+        uncertainty = normalised(sum(t for c, t in enumerate(sums) if c != background), foreground)
+    per_class = {c: normalised(sums[c], numbers[c]) for c in range(classes) if numbers[c]}
+    return Prediction(
+        labels=labels.cpu().numpy(),
+        uncertainty=float(uncertainty),
+        class_uncertainty=MappingProxyType(per_class),
+    )
 
 
 def predict_labels(
@@ -740,8 +765,9 @@ class UNetSegmenter:
         Returns
         -------
         Masks
-            On the arterial grid, ``source="unet"``, with the :attr:`Masks.uncertainty` of
-            :func:`predict_labels` (measured on the working grid, before resampling).
+            On the arterial grid, ``source="unet"``, with the :attr:`Masks.uncertainty` and
+            :attr:`Masks.tumor_uncertainty` of :func:`predict_labels` (measured on the working
+            grid, before resampling).
         """
         work = prepare_input(
             arterial, portal_venous_on_arterial, self.working_spacing_mm, self.window_hu
@@ -757,7 +783,11 @@ class UNetSegmenter:
             self.labels,
             spacing_mm=arterial.GetSpacing(),
         )
-        return dataclasses.replace(masks, uncertainty=prediction.uncertainty)
+        return dataclasses.replace(
+            masks,
+            uncertainty=prediction.uncertainty,
+            tumor_uncertainty=prediction.class_uncertainty.get(self.labels["tumor"]),
+        )
 
 
 def _known_label_map(labels: Any) -> dict[str, int] | None:
@@ -867,10 +897,23 @@ def uncertainty_limit_of(card: Mapping[str, Any]) -> float | None:
         ``None`` when the card has none (an older segmenter) or it is not a positive finite
         number.
     """
+    return _quality_limit(card, "uncertainty_limit")
+
+
+def tumor_uncertainty_limit_of(card: Mapping[str, Any]) -> float | None:
+    """The card's ``quality.tumor_uncertainty_limit``: above it the tumour's extent is a guess.
+
+    ``None`` as :func:`uncertainty_limit_of` (a segmenter trained before the tumour's own
+    uncertainty was measured has none).
+    """
+    return _quality_limit(card, "tumor_uncertainty_limit")
+
+
+def _quality_limit(card: Mapping[str, Any], key: str) -> float | None:
     quality = card.get("quality")
     if not isinstance(quality, Mapping):
         return None
-    limit = quality.get("uncertainty_limit")
+    limit = quality.get(key)
     if isinstance(limit, bool) or not isinstance(limit, int | float):
         return None
     value = float(limit)

@@ -37,7 +37,9 @@ The model card also records what the segmenter was trained on and how uncertain 
   training studies when there is no validation split), summarised as ``uncertainty_validation``
   ``[p50, p95, max]``, and ``uncertainty_limit = UNCERTAINTY_LIMIT_FACTOR × p95`` (1.5 × the
   95th percentile, rounded up to four decimals): a study segmented with more uncertainty than
-  that is outside what the segmenter validated on (:func:`model.segmentation.uncertainty_limit_of`).
+  that is outside what the segmenter validated on (:func:`model.segmentation.uncertainty_limit_of`);
+  the same for its :attr:`Masks.tumor_uncertainty` (``tumor_uncertainty_validation``,
+  ``tumor_uncertainty_limit``): a tumour found but faint, whose extent is guessed.
 
 Nothing here imports :mod:`node` or reads settings; nothing is written but the checkpoint.
 """
@@ -431,13 +433,23 @@ def evaluate_segmenter(
             prediction = found[label]
             if prediction is not None and label not in sample.unlabelled:
                 scores[label] = round(dice(prediction, _truth(truth, label)), 4)
-        uncertainty = None if masks.uncertainty is None else round(masks.uncertainty, 6)
-        per_study.append({"name": sample.name, **scores, "uncertainty": uncertainty})
+        per_study.append(
+            {
+                "name": sample.name,
+                **scores,
+                "uncertainty": _rounded(masks.uncertainty),
+                "tumor_uncertainty": _rounded(masks.tumor_uncertainty),
+            }
+        )
     mean: dict[str, float | None] = {}
     for label in _SCORED:
         values = [s[label] for s in per_study if label in s]
         mean[label] = round(float(np.mean(values)), 4) if values else None
     return {"dice": mean, "studies": len(per_study), "per_study": per_study}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
 
 
 def _floor(value: float, digits: int) -> float:
@@ -512,12 +524,23 @@ def training_range(samples: Sequence[TrainingSample]) -> dict[str, Any]:
     return entry
 
 
-def uncertainty_quality(uncertainties: Sequence[float], measured_on: str) -> dict[str, Any]:
+def _limit_and_spread(values: npt.NDArray[np.float64]) -> tuple[float, list[float]]:
+    p50, p95 = (float(v) for v in np.percentile(values, [50.0, 95.0]))
+    limit = max(_ceil(UNCERTAINTY_LIMIT_FACTOR * p95, 4), 1e-4)
+    return limit, [round(p50, 6), round(p95, 6), round(float(values.max()), 6)]
+
+
+def uncertainty_quality(
+    uncertainties: Sequence[float],
+    measured_on: str,
+    tumor_uncertainties: Sequence[float] = (),
+) -> dict[str, Any]:
     """The card's ``quality`` from the uncertainty of each validation (or training) study.
 
     ``uncertainty_validation`` is ``[p50, p95, max]`` (linear-interpolation percentiles) and
     ``uncertainty_limit`` is :data:`UNCERTAINTY_LIMIT_FACTOR` × p95, rounded up to four decimals
-    and at least 0.0001, so the limit is always positive.
+    and at least 0.0001, so the limit is always positive. ``tumor_uncertainty_validation`` and
+    ``tumor_uncertainty_limit`` are the same for the tumour's own uncertainty, when given.
 
     Parameters
     ----------
@@ -525,19 +548,28 @@ def uncertainty_quality(uncertainties: Sequence[float], measured_on: str) -> dic
         :attr:`model.segmentation.Masks.uncertainty` per study (at least one).
     measured_on
         ``"validation"`` or ``"training"``: which studies they are, recorded in the card.
+    tumor_uncertainties
+        :attr:`model.segmentation.Masks.tumor_uncertainty` of the studies where the segmenter
+        found tumour (none: the card gets no tumour limit).
     """
     values = np.asarray([float(u) for u in uncertainties], dtype=np.float64)
-    if values.size == 0 or not np.all(np.isfinite(values)):
+    tumor = np.asarray([float(u) for u in tumor_uncertainties], dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)) or not np.all(np.isfinite(tumor)):
         raise ValueError("uncertainty_quality needs at least one finite uncertainty")
-    p50, p95 = (float(v) for v in np.percentile(values, [50.0, 95.0]))
-    limit = max(_ceil(UNCERTAINTY_LIMIT_FACTOR * p95, 4), 1e-4)
-    return {
+    limit, spread = _limit_and_spread(values)
+    quality: dict[str, Any] = {
         "uncertainty_limit": limit,
-        "uncertainty_validation": [round(p50, 6), round(p95, 6), round(float(values.max()), 6)],
+        "uncertainty_validation": spread,
         "uncertainty_limit_rule": f"{UNCERTAINTY_LIMIT_FACTOR:g} x p95",
         "studies": int(values.size),
         "measured_on": measured_on,
     }
+    if tumor.size:
+        quality["tumor_uncertainty_limit"], quality["tumor_uncertainty_validation"] = (
+            _limit_and_spread(tumor)
+        )
+        quality["tumor_studies"] = int(tumor.size)
+    return quality
 
 
 def train_segmenter(
@@ -701,17 +733,21 @@ def train_segmenter(
     card["validation"] = evaluate_segmenter(segmenter, validation)
     card["validation"]["seconds"] = round(time.perf_counter() - validated, 1)
     if validation:
-        uncertainties = [
-            s["uncertainty"]
-            for s in card["validation"]["per_study"]
-            if s["uncertainty"] is not None
-        ]
-        card["quality"] = uncertainty_quality(uncertainties, "validation")
+        per_study = card["validation"]["per_study"]
+        card["quality"] = uncertainty_quality(
+            [s["uncertainty"] for s in per_study if s["uncertainty"] is not None],
+            "validation",
+            [s["tumor_uncertainty"] for s in per_study if s["tumor_uncertainty"] is not None],
+        )
     else:
         # No held-out study: the training studies are the only measure there is (an optimistic
         # one, which the card says).
-        measured = [segmenter.segment(s.arterial, s.portal_venous).uncertainty for s in samples]
-        card["quality"] = uncertainty_quality([u for u in measured if u is not None], "training")
+        measured = [segmenter.segment(s.arterial, s.portal_venous) for s in samples]
+        card["quality"] = uncertainty_quality(
+            [m.uncertainty for m in measured if m.uncertainty is not None],
+            "training",
+            [m.tumor_uncertainty for m in measured if m.tumor_uncertainty is not None],
+        )
     save_checkpoint(out_dir, net.state_dict(), card)
     # Read back: the card as written (with its weights hash), and proof that it loads.
     return load_checkpoint(out_dir)[1]

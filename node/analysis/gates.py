@@ -219,7 +219,11 @@ def check_segmentation(
     places are judged, not the segmenter's uncertainty.
     """
     from model.quality import liver_contact, median_distance_mm
-    from model.segmentation import training_range_of, uncertainty_limit_of
+    from model.segmentation import (
+        training_range_of,
+        tumor_uncertainty_limit_of,
+        uncertainty_limit_of,
+    )
 
     verdict = Verdict(GateName.SEGMENTATION)
     voxel_ml = _voxel_ml(spacing_mm)
@@ -296,6 +300,20 @@ def check_segmentation(
             )
         else:
             verdict.figures["uncertainty"] = masks.uncertainty
+        tumor_limit = limits.tumor_uncertainty_limit
+        if tumor_limit is None and card is not None:
+            tumor_limit = tumor_uncertainty_limit_of(card)
+        if tumor_ml > 0 and masks.tumor_uncertainty is not None:
+            if tumor_limit is not None:
+                verdict.at_most(
+                    "tumor_uncertainty",
+                    round(float(masks.tumor_uncertainty), 4),
+                    float(tumor_limit),
+                    "tumor extent uncertain: the segmenter's mean entropy on it",
+                )
+            else:
+                verdict.figures["tumor_uncertainty"] = masks.tumor_uncertainty
+                verdict.skipped.append("the segmenter's card has no tumor uncertainty limit")
         if masks.dropped_voxels:
             kept = int(np.count_nonzero(masks.liver))
             stray = masks.dropped_voxels.get("liver", 0)

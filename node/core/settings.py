@@ -356,10 +356,13 @@ class GatesSection(_Section):
     volume_range_factor: float = Field(default=1.5, ge=1.0)
     max_loat_distance_mm: float = Field(default=35.0, gt=0.0)
     uncertainty_limit: float | None = Field(default=None, gt=0.0, le=1.0)
+    tumor_uncertainty_limit: float | None = Field(default=None, gt=0.0, le=1.0)
     hu_margin: float = Field(default=30.0, ge=0.0)
     max_roi_outside_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
 
-    _none = field_validator("uncertainty_limit", mode="before")(_empty_to_none)
+    _none = field_validator("uncertainty_limit", "tumor_uncertainty_limit", mode="before")(
+        _empty_to_none
+    )
 
 
 class ResultsSection(_Section):

@@ -284,6 +284,25 @@ def test_uncertainty_is_the_mean_normalised_entropy_over_foreground_voxels() -> 
     assert _entropy(background) > 0.99 > expected
 
 
+def test_each_class_has_the_mean_entropy_of_its_own_voxels() -> None:
+    confident = [0.0, 6.0, 0.0, 0.0, 0.0, 0.0]  # liver, clearly
+    faint = [0.0, 0.5, 0.9, 0.0, 0.0, 0.0]  # tumour, barely
+    clear = [0.0, 0.0, 7.0, 0.0, 0.0, 0.0]  # tumour, clearly
+    logits = torch.zeros((6, 4, 2, 2))
+    logits[:, 0] = torch.tensor(confident)[:, None, None]
+    logits[:, 1] = torch.tensor(confident)[:, None, None]
+    logits[:, 2] = torch.tensor(faint)[:, None, None]
+    logits[:, 3] = torch.tensor(clear)[:, None, None]
+    prediction = prediction_from_logits(logits)
+    per_class = prediction.class_uncertainty
+    assert set(per_class) == {LABELS["liver"], LABELS["tumor"]}  # no voxel of the others
+    assert per_class[LABELS["liver"]] == pytest.approx(_entropy(confident), rel=1e-5)
+    tumour = (_entropy(faint) + _entropy(clear)) / 2
+    assert per_class[LABELS["tumor"]] == pytest.approx(tumour, rel=1e-5)
+    # The whole's mean weighs the tumour by its share of the foreground: here half.
+    assert prediction.uncertainty == pytest.approx((tumour + _entropy(confident)) / 2, rel=1e-5)
+
+
 def test_uncertainty_does_not_depend_on_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
     logits = torch.randn((6, 9, 5, 7), generator=torch.Generator().manual_seed(0)) * 3
     whole = prediction_from_logits(logits)
@@ -291,6 +310,9 @@ def test_uncertainty_does_not_depend_on_the_block_size(monkeypatch: pytest.Monke
     sliced = prediction_from_logits(logits)
     assert np.array_equal(whole.labels, sliced.labels)
     assert sliced.uncertainty == pytest.approx(whole.uncertainty, rel=1e-6)
+    assert set(sliced.class_uncertainty) == set(whole.class_uncertainty)
+    for label, value in whole.class_uncertainty.items():
+        assert sliced.class_uncertainty[label] == pytest.approx(value, rel=1e-6)
     # Half-precision scores (CUDA autocast) are worked in float32: as good as float32 input.
     half = logits.to(torch.bfloat16)
     assert prediction_from_logits(half).uncertainty == pytest.approx(
@@ -304,6 +326,7 @@ def test_a_segmentation_without_foreground_counts_as_fully_uncertain() -> None:
     prediction = prediction_from_logits(logits)
     assert not prediction.labels.any()
     assert prediction.uncertainty == 1.0
+    assert set(prediction.class_uncertainty) == {LABELS["background"]}
 
 
 class _Scores(torch.nn.Module):

@@ -14,7 +14,12 @@ import SimpleITK as sitk
 import torch
 from monai.losses import DiceLoss
 
-from model.segmentation import LABELS, training_range_of, uncertainty_limit_of
+from model.segmentation import (
+    LABELS,
+    training_range_of,
+    tumor_uncertainty_limit_of,
+    uncertainty_limit_of,
+)
 from model.train_seg import (
     AUGMENTATION,
     DICE_LABELS,
@@ -116,6 +121,24 @@ def test_uncertainty_limit_is_one_and_a_half_times_the_95th_percentile() -> None
     assert uncertainty_quality([0.0], "training")["uncertainty_limit"] > 0
     with pytest.raises(ValueError):
         uncertainty_quality([], "validation")
+
+
+def test_the_tumors_own_limit_follows_the_same_rule_when_tumours_were_found() -> None:
+    quality = uncertainty_quality([0.1, 0.2, 0.3, 0.4], "validation", [0.04, 0.08, 0.12])
+    p50, p95, top = quality["tumor_uncertainty_validation"]
+    assert p50 == pytest.approx(0.08) and p95 == pytest.approx(0.116) and top == 0.12
+    assert quality["tumor_uncertainty_limit"] == pytest.approx(0.174)
+    assert quality["tumor_studies"] == 3 and quality["studies"] == 4
+    assert tumor_uncertainty_limit_of({"quality": quality}) == quality["tumor_uncertainty_limit"]
+    assert quality["uncertainty_limit"] == pytest.approx(0.5775)  # the whole's is unchanged
+    # No validation study had a tumour found: no tumour limit, and the gate does not judge it.
+    none = uncertainty_quality([0.1], "validation", [])
+    assert (
+        "tumor_uncertainty_limit" not in none
+        and tumor_uncertainty_limit_of({"quality": none}) is None
+    )
+    with pytest.raises(ValueError):
+        uncertainty_quality([0.1], "validation", [float("nan")])
 
 
 def _logits(seed: int) -> torch.Tensor:

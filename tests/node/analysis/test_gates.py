@@ -35,7 +35,12 @@ def _card(**quality: Any) -> dict[str, Any]:
             "liver_hu": {"arterial": [60.0, 90.0], "portal_venous": [95.0, 130.0]},
             "aorta_hu": {"arterial": [250.0, 350.0], "portal_venous": [130.0, 180.0]},
         },
-        "quality": {"uncertainty_limit": 0.2, "uncertainty_validation": [0.05, 0.1, 0.12]},
+        "quality": {
+            "uncertainty_limit": 0.2,
+            "uncertainty_validation": [0.05, 0.1, 0.12],
+            "tumor_uncertainty_limit": 0.15,
+            "tumor_uncertainty_validation": [0.06, 0.1, 0.11],
+        },
         **quality,
     }
 
@@ -57,6 +62,7 @@ def _masks(**changes: Any) -> Masks:
         "aorta": aorta,
         "tumor_component_voxels": (int(tumor.sum()),),
         "uncertainty": 0.08,
+        "tumor_uncertainty": 0.07,
     }
     fields.update(changes)
     return Masks(**fields)
@@ -244,11 +250,42 @@ def test_an_uncertain_segmenter_fails_at_its_cards_limit_or_the_configured_one()
     assert gates.check_segmentation(relaxed, uncertain, SPACING, _card()).passed is True
 
 
+def test_a_faint_tumor_fails_on_its_own_uncertainty_though_the_whole_is_certain() -> None:
+    # The liver's many confident voxels keep the whole's mean low; the tumour's own is high.
+    faint = _masks(uncertainty=0.1, tumor_uncertainty=0.36)
+    gate = gates.check_segmentation(LIMITS, faint, SPACING, _card())
+    assert gate.passed is False
+    assert "tumor extent uncertain: the segmenter's mean entropy on it 0.36 (limit 0.15)" in (
+        _failed(gate)
+    )
+    assert gate.figures["tumor_uncertainty"] == 0.36
+    assert gate.limits["max_tumor_uncertainty"] == 0.15
+    assert "segmenter uncertainty (mean entropy)" not in _failed(gate)
+    # The configured limit replaces the card's.
+    relaxed = GatesSection(tumor_uncertainty_limit=0.4)
+    assert gates.check_segmentation(relaxed, faint, SPACING, _card()).passed is True
+
+
+def test_a_card_without_a_tumor_limit_records_the_figure_and_judges_the_rest() -> None:
+    older = _card(quality={"uncertainty_limit": 0.2})  # trained before the tumour's own limit
+    gate = gates.check_segmentation(LIMITS, _masks(tumor_uncertainty=0.9), SPACING, older)
+    assert gate.passed is True, gate.reason
+    assert gate.figures["tumor_uncertainty"] == 0.9
+    assert "max_tumor_uncertainty" not in gate.limits
+    # No tumour found: nothing to judge the tumour's uncertainty on (the volume check fails).
+    empty = _masks(tumor=np.zeros(SHAPE, np.uint8), tumor_components=0, tumor_component_voxels=())
+    gate = gates.check_segmentation(LIMITS, empty, SPACING, _card())
+    assert "tumor_uncertainty" not in gate.figures
+
+
 def test_a_supplied_seg_is_not_judged_on_segmenter_uncertainty() -> None:
-    supplied = _masks(source="supplied", uncertainty=None, stomach=None, aorta=None)
+    supplied = _masks(
+        source="supplied", uncertainty=None, tumor_uncertainty=None, stomach=None, aorta=None
+    )
     gate = gates.check_segmentation(LIMITS, supplied, SPACING, _card())
     assert gate.passed is True, gate.reason
     assert "uncertainty" not in gate.figures
+    assert "tumor_uncertainty" not in gate.figures
 
 
 def test_without_a_training_range_the_volume_checks_are_not_run_but_the_rest_is() -> None:

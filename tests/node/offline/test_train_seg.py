@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import CARD_NAME, WEIGHTS_NAME, load_checkpoint
-from model.segmentation import LABELS, LEGACY_LABELS, training_range_of, uncertainty_limit_of
+from model.segmentation import (
+    LABELS,
+    LEGACY_LABELS,
+    training_range_of,
+    tumor_uncertainty_limit_of,
+    uncertainty_limit_of,
+)
 from node.offline.phantom_study import CohortOptions, write_cohort
 
 FAST = ("--size", "64", "--slices", "16", "--iterations", "5")
@@ -78,6 +84,14 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
     assert 0.0 <= p50 <= p95 <= top <= 1.0
     limit = uncertainty_limit_of(card)
     assert limit is not None and limit >= 1.5 * p95 and limit > 0
+    # The tumour's own: from the validation study when this briefly trained network found a
+    # tumour in it, and no limit (the gate then does not judge it) when it found none.
+    found = card["validation"]["per_study"][0]["tumor_uncertainty"]
+    tumor_limit = tumor_uncertainty_limit_of(card)
+    if found is None:
+        assert tumor_limit is None
+    else:
+        assert tumor_limit is not None and tumor_limit >= 1.5 * found
     assert str(out) in result.stdout.replace("\n", "")
     # Nothing went to the demo cache: --out was given.
     assert not (tmp_path / "cache" / "mvi-node").exists()
