@@ -15,7 +15,7 @@ segmented) → ``registration`` → ``segmentation`` → ``intensity`` → ``roi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -203,6 +203,25 @@ def _voxel_ml(spacing_mm: Sequence[float]) -> float:
     return float(np.prod([float(s) for s in spacing_mm])) / 1000.0
 
 
+def _limit(
+    configured: float | None,
+    card: Mapping[str, Any] | None,
+    of_card: Callable[[Mapping[str, Any]], float | None],
+) -> float | None:
+    if configured is not None or card is None:
+        return configured
+    return of_card(card)
+
+
+def _judge_uncertainty(
+    verdict: Verdict, key: str, value: float | None, limit: float | None, what: str
+) -> None:
+    if limit is not None and value is not None:
+        verdict.at_most(key, round(float(value), 4), float(limit), what)
+    else:
+        verdict.figures[key] = value
+
+
 def _range(bounds: Sequence[float], factor: float) -> list[float]:
     return [float(bounds[0]) / factor, float(bounds[1]) * factor]
 
@@ -288,32 +307,23 @@ def check_segmentation(
     else:
         verdict.figures["loat_to_stomach_mm"] = None
     if masks.source != "supplied":
-        limit = limits.uncertainty_limit
-        if limit is None and card is not None:
-            limit = uncertainty_limit_of(card)
-        if limit is not None and masks.uncertainty is not None:
-            verdict.at_most(
-                "uncertainty",
-                round(float(masks.uncertainty), 4),
-                float(limit),
-                "segmenter uncertainty (mean entropy)",
+        # The configured limit, else the card's (set from its validation studies); none (an
+        # older card): the figure is recorded, not judged.
+        _judge_uncertainty(
+            verdict,
+            "uncertainty",
+            masks.uncertainty,
+            _limit(limits.uncertainty_limit, card, uncertainty_limit_of),
+            "segmenter uncertainty (mean entropy)",
+        )
+        if tumor_ml > 0:
+            _judge_uncertainty(
+                verdict,
+                "tumor_uncertainty",
+                masks.tumor_uncertainty,
+                _limit(limits.tumor_uncertainty_limit, card, tumor_uncertainty_limit_of),
+                "tumor extent uncertain: the segmenter's mean entropy on it",
             )
-        else:
-            verdict.figures["uncertainty"] = masks.uncertainty
-        tumor_limit = limits.tumor_uncertainty_limit
-        if tumor_limit is None and card is not None:
-            tumor_limit = tumor_uncertainty_limit_of(card)
-        if tumor_ml > 0 and masks.tumor_uncertainty is not None:
-            if tumor_limit is not None:
-                verdict.at_most(
-                    "tumor_uncertainty",
-                    round(float(masks.tumor_uncertainty), 4),
-                    float(tumor_limit),
-                    "tumor extent uncertain: the segmenter's mean entropy on it",
-                )
-            else:
-                verdict.figures["tumor_uncertainty"] = masks.tumor_uncertainty
-                verdict.skipped.append("the segmenter's card has no tumor uncertainty limit")
         if masks.dropped_voxels:
             kept = int(np.count_nonzero(masks.liver))
             stray = masks.dropped_voxels.get("liver", 0)

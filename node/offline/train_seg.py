@@ -513,6 +513,7 @@ def _print_report(report: TrainSegReport, out: Console) -> None:
         f"uncertainty limit ({quality.get('measured_on', '-')})",
         _fmt_dice(quality.get("uncertainty_limit")),
     )
+    table.add_row("tumor uncertainty limit", _fmt_dice(quality.get("tumor_uncertainty_limit")))
     table.add_row("iterations", str(training.get("iterations", "-")))
     table.add_row("working spacing mm", str(card.get("input", {}).get("spacing_mm", "-")))
     table.add_row("device", str(training.get("device", "-")))

@@ -562,6 +562,11 @@ def test_segmenter_from_checkpoint_segments_a_held_out_phantom(
     # Same input, same output.
     again = segmenter.segment(sample.arterial, sample.portal_venous)
     assert np.array_equal(again.liver, masks.liver)
+    assert again.uncertainty == masks.uncertainty
+    assert again.tumor_uncertainty == masks.tumor_uncertainty
+    # The tumour's own uncertainty: a figure in [0, 1] wherever the network labelled tumour.
+    if masks.tumor.any():
+        assert masks.tumor_uncertainty is not None and 0.0 <= masks.tumor_uncertainty <= 1.0
 
 
 def test_segment_refuses_a_portal_venous_image_not_on_the_arterial_grid(

@@ -100,6 +100,19 @@ def problems(tmp_path: Path, text: str) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
+def test_the_uncertainty_limits_are_the_cards_unless_set_and_then_within_0_and_1(
+    tmp_path: Path,
+) -> None:
+    text = '[gates]\nuncertainty_limit = ""\ntumor_uncertainty_limit = ""\n'
+    gates = load_settings(write(tmp_path, text)).gates
+    assert gates.uncertainty_limit is None and gates.tumor_uncertainty_limit is None
+    gates = load_settings(write(tmp_path, "[gates]\ntumor_uncertainty_limit = 0.25\n")).gates
+    assert gates.tumor_uncertainty_limit == 0.25
+    for bad in ("0", "1.5", "-0.1"):
+        (line,) = problems(tmp_path, f"[gates]\ntumor_uncertainty_limit = {bad}\n")
+        assert line.startswith(f"gates.tumor_uncertainty_limit = {bad}:"), line
+
+
 def test_a_typo_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
     (line,) = problems(tmp_path, "[node]\nprot = 104\n")
     assert line.startswith("node.prot = 104: unknown key")

@@ -83,7 +83,7 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
     p50, p95, top = quality["uncertainty_validation"]
     assert 0.0 <= p50 <= p95 <= top <= 1.0
     limit = uncertainty_limit_of(card)
-    assert limit is not None and limit >= 1.5 * p95 and limit > 0
+    assert limit is not None and limit >= 1.5 * p95 - 1e-9 and limit > 0
     # The tumour's own: from the validation study when this briefly trained network found a
     # tumour in it, and no limit (the gate then does not judge it) when it found none.
     found = card["validation"]["per_study"][0]["tumor_uncertainty"]
@@ -91,7 +91,7 @@ def test_phantoms_write_a_checkpoint_with_a_card(tmp_path: Path) -> None:
     if found is None:
         assert tumor_limit is None
     else:
-        assert tumor_limit is not None and tumor_limit >= 1.5 * found
+        assert tumor_limit is not None and tumor_limit >= 1.5 * found - 1e-9
     assert str(out) in result.stdout.replace("\n", "")
     # Nothing went to the demo cache: --out was given.
     assert not (tmp_path / "cache" / "mvi-node").exists()
