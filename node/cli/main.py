@@ -276,10 +276,13 @@ def worker(
     CPU. The receiving host's `serve` (cluster.role = receiver or all) queues the jobs.
     """
 
+    from node.jobs.memory import hold_freed_memory
     from node.jobs.queue import serve_jobs
     from node.store.database import SchemaError, Store
 
     settings = _settings(config)
+    # Before the pre-flight and the log file start threads (node.jobs.memory).
+    hold_freed_memory(settings.pipeline.worker_keep_memory_mb)
     if not settings.shared_database:
         raise fail(
             "mvi-node worker shares jobs through PostgreSQL: set database.url; on one host "

@@ -16,7 +16,6 @@ torch) is imported inside the functions that run in a worker.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import shutil
@@ -34,6 +33,7 @@ from dicom_sr.enum import Status
 from node.core.locks import Wakeup
 from node.core.logging import configure_logging, get_logger, study_key
 from node.core.settings import Settings
+from node.jobs.memory import hold_freed_memory, release
 from node.store.database import Job, LeaseLost, Store, worker_identity
 
 if TYPE_CHECKING:
@@ -393,6 +393,7 @@ def worker_main(
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     settings = Settings.model_validate(settings_data)
+    hold_freed_memory(settings.pipeline.worker_keep_memory_mb)  # before any thread starts
     configure_logging(settings.node.log_level, forward_to=log_queue)
     # Only checks the schema: `serve` brought it to head before it started this worker.
     store = Store(settings.database_url, schema="check")
@@ -421,8 +422,10 @@ class Worker:
     ``run_batch`` replaces the pipeline (bench/cluster.py measures the claim, lease and
     heartbeat machinery with a stand-in stage); its batches hold one job. ``freeze``: the
     process is this worker's alone (the pool's worker processes, `mvi-node worker`), so what
-    outlives each batch is frozen out of the garbage collector (:func:`_release_memory`); a
-    worker run inside another program (a test) leaves that program's collector as it is.
+    outlives each batch is frozen out of the garbage collector and the memory a batch frees is
+    held for the next one up to ``pipeline.worker_keep_memory_mb`` (:mod:`node.jobs.memory`);
+    a worker run inside another program (a test) leaves that program's collector and
+    allocator as they are.
     """
 
     def __init__(
@@ -448,8 +451,9 @@ class Worker:
         self.models = Models(settings, device=device) if run_batch is None else None
         self.size = batch_size(settings, self.models) if self.models is not None else 1
         self.freeze = freeze
+        self.keep_mb = settings.pipeline.worker_keep_memory_mb
         if freeze:  # elsewhere the first batch's release is the first needed
-            _release_memory(freeze)
+            release(freeze, self.keep_mb)
 
     def claim(self, job_id: int | None = None) -> list[Job]:
         """A job (``job_id``, or the most urgent one) and the jobs of its priority already
@@ -508,7 +512,7 @@ class Worker:
         if self.recorded is not None:
             self.recorded.set()
         del outcomes
-        _release_memory(self.freeze)
+        release(self.freeze, self.keep_mb if self.freeze else 0)
 
 
 def work(
@@ -591,30 +595,6 @@ def heartbeats(store: Store, jobs: Sequence[Job], every_s: float) -> Iterator[No
     finally:
         stop.set()
         thread.join()
-
-
-def _release_memory(freeze: bool) -> None:
-    """Give a finished job's memory back to the system before the next one, and (``freeze``,
-    in a process that is the worker's alone) take what stays (the models, the modules) out of
-    the garbage collector's sight.
-
-    A job allocates and frees volumes of hundreds of MB from several threads; glibc keeps freed
-    arenas mapped, so without a trim each job's peak stacks on what the last one left. The
-    worker holds about 600,000 objects that live as long as it does: each full collection a job's
-    own allocations set off walked them all (about 0.1 s each, several per 512 x 512 x 200
-    study); frozen, they are skipped, and unfrozen here for one collection per job so that no
-    cycle among them is kept for ever.
-    """
-    import gc
-
-    if freeze:
-        gc.unfreeze()
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if freeze:
-        gc.freeze()
 
 
 def cuda_out_of_memory(exc: BaseException) -> bool:
