@@ -281,8 +281,8 @@ def worker(
     from node.store.database import SchemaError, Store
 
     settings = _settings(config)
-    # Before the pre-flight and the log file start threads (node.jobs.memory).
-    hold_freed_memory(settings.pipeline.worker_keep_memory_mb)
+    # Before the pre-flight starts threads (node.jobs.memory).
+    held = hold_freed_memory(settings.pipeline.worker_keep_memory_mb)
     if not settings.shared_database:
         raise fail(
             "mvi-node worker shares jobs through PostgreSQL: set database.url; on one host "
@@ -297,7 +297,11 @@ def worker(
     except SchemaError as exc:
         raise fail(exc.line(config_path_from_env(config))) from None
     get_logger("node.jobs.runner").info(
-        "worker started", device=settings.pipeline.device, role=settings.cluster.role
+        "worker started",
+        device=settings.pipeline.device,
+        role=settings.cluster.role,
+        memory_held=held,
+        keep_memory_mb=settings.pipeline.worker_keep_memory_mb,
     )
     try:
         serve_jobs(store, settings, settings.pipeline.device)

@@ -291,9 +291,9 @@ class PipelineSection(_Section):
     #: refuses to start when they do not load; off, the first job finds out.
     load_models_at_start: bool = True
     max_attempts: int = Field(default=3, ge=1, le=20)
-    #: Resident memory (MB) a worker process keeps between jobs for the next one, which then
-    #: reuses it instead of faulting it in afresh (:mod:`node.jobs.memory`); above it, what a
-    #: job freed is given back. 0: every job's memory is given back.
+    #: A worker process holds the memory a job frees for the next job, which reuses it instead
+    #: of faulting it in afresh (:mod:`node.jobs.memory`), while its resident memory (models
+    #: included, MB) stays at most this; above it a job's freed memory is given back. 0: always.
     worker_keep_memory_mb: int = Field(default=4096, ge=0, le=1_048_576)
     batch_size: int | Literal["auto"] = "auto"
     working_spacing_mm: float | None = Field(default=None, gt=0.25, le=10.0)

@@ -10,11 +10,14 @@ hypervisor too. With freed memory held (:func:`hold_freed_memory`: one arena, no
 on its own, no heap shrunk on free) the next job reuses it: about 400 faults, 0.2 s of kernel
 time, the job 7.5 s, resident memory level from the second job on (2.5 GB).
 
-What a job leaves is given back only when the process holds more than
-``pipeline.worker_keep_memory_mb`` (:func:`release`): one exceptional study (600 slices) does
-not keep its peak for ever. At 0 every job's memory is given back, glibc's defaults untouched.
-Only the worker's own processes do this (``mvi-node serve``'s pool, ``mvi-node worker``); a
-worker run inside another program (a test) leaves that program's allocator as it is.
+After a job, everything freed is given back when the process's resident memory (the models
+included) exceeds ``pipeline.worker_keep_memory_mb`` (:func:`release`): one exceptional study
+(600 slices, a GPU batch of eight) does not keep its peak for ever. At 0 every job's memory is
+given back, glibc's defaults untouched. Only the worker's own processes hold memory
+(``mvi-node serve``'s pool, ``mvi-node worker``); a worker run inside another program (a test,
+a benchmark) leaves that program's allocator as it is and gives every job's memory back.
+Measured on 2 cores only: with one arena every thread (torch's, the two loading threads) takes
+the same allocator lock, which a many-core host may feel.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 #: glibc takes the threshold as a size_t: -1 is the largest, the heap is never shrunk on free.
 _NEVER = -1
+
+#: Whether :func:`hold_freed_memory` took effect in this process.
+_held = False
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -59,13 +65,15 @@ def hold_freed_memory(keep_mb: int) -> bool:
     starts a thread: a thread that already has an arena keeps it, and may hand it on.
     Returns whether the C library took every setting (``False`` where it is not glibc).
     """
+    global _held
     libc = _glibc()
     if libc is None or keep_mb <= 0:
         return False
     one_arena = libc.mallopt(_M_ARENA_MAX, 1)
     mapped = libc.mallopt(_M_MMAP_MAX, 0)
     trimmed = libc.mallopt(_M_TRIM_THRESHOLD, _NEVER)
-    return bool(one_arena and mapped and trimmed)
+    _held = bool(one_arena and mapped and trimmed)
+    return _held
 
 
 def resident_mb() -> float:
@@ -79,7 +87,9 @@ def resident_mb() -> float:
 
 
 def release(freeze: bool, keep_mb: int) -> None:
-    """After a job: collect its garbage, and give its freed memory back above ``keep_mb``.
+    """After a job: collect its garbage, and give its freed memory back when the process's
+    resident memory exceeds ``keep_mb`` — always in a process that does not hold freed memory
+    (:func:`hold_freed_memory` not called) or at 0.
 
     ``freeze`` (a process that is the worker's alone): what outlives the job (the models, the
     modules, about 600,000 objects) is kept out of the garbage collector's sight — each full
@@ -90,7 +100,7 @@ def release(freeze: bool, keep_mb: int) -> None:
     if freeze:
         gc.unfreeze()
     gc.collect()
-    if resident_mb() > keep_mb:
+    if not _held or keep_mb <= 0 or resident_mb() > keep_mb:
         libc = _glibc()
         if libc is not None:
             with contextlib.suppress(OSError, AttributeError):

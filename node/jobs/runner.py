@@ -393,8 +393,9 @@ def worker_main(
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     settings = Settings.model_validate(settings_data)
-    hold_freed_memory(settings.pipeline.worker_keep_memory_mb)  # before any thread starts
+    held = hold_freed_memory(settings.pipeline.worker_keep_memory_mb)  # before any thread
     configure_logging(settings.node.log_level, forward_to=log_queue)
+    log.info("worker memory", held=held, keep_mb=settings.pipeline.worker_keep_memory_mb)
     # Only checks the schema: `serve` brought it to head before it started this worker.
     store = Store(settings.database_url, schema="check")
     work(
@@ -512,7 +513,7 @@ class Worker:
         if self.recorded is not None:
             self.recorded.set()
         del outcomes
-        release(self.freeze, self.keep_mb if self.freeze else 0)
+        release(self.freeze, self.keep_mb)
 
 
 def work(

@@ -7,16 +7,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
 from node.core.settings import Settings
+from node.jobs import runner
+from node.store.database import Store
+from tests.nodeproc import node_settings
 
 #: A job's volume, as a worker allocates and frees it (bytearray: written through, no huge pages).
 _JOB = """
-import json, resource
+import ctypes, json, resource
 from node.jobs.memory import hold_freed_memory, release, resident_mb
+
+# 4 KB pages whatever the host's transparent huge pages setting ("always" would fault 2 MB).
+ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -85,3 +92,20 @@ def test_the_ceiling_is_a_setting_with_a_default_and_a_floor() -> None:
     assert zero.pipeline.worker_keep_memory_mb == 0
     with pytest.raises(ValueError, match="worker_keep_memory_mb"):
         Settings.model_validate({"pipeline": {"worker_keep_memory_mb": -1}})
+
+
+def test_a_worker_of_its_own_process_releases_after_each_batch_under_its_ceiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[bool, int]] = []
+    monkeypatch.setattr(runner, "release", lambda freeze, keep: calls.append((freeze, keep)))
+    extra = {"pipeline": {"worker_keep_memory_mb": 1234}}
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    own = runner.Worker(store, settings, "cpu", run_batch=lambda jobs: [], freeze=True)
+    own.run([])
+    assert calls == [(True, 1234), (True, 1234)]  # after loading, after the batch
+    calls.clear()
+    guest = runner.Worker(store, settings, "cpu", run_batch=lambda jobs: [])
+    guest.run([])
+    assert calls == [(False, 1234)]  # release() gives it all back: this process holds nothing
