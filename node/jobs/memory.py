@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import sys
@@ -41,8 +42,10 @@ _NEVER = -1
 _held = False
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (mallopt and malloc_trim); ``None`` elsewhere."""
+    """The C library when it is glibc (mallopt and malloc_trim); ``None`` elsewhere (looked
+    up once per process, not after every job)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
