@@ -48,6 +48,10 @@ Receiver = Callable[[Path], AbstractContextManager[tuple[int, str, "subprocess.P
 #: ``node.receive_processes`` of the node under test (``--node-processes``).
 RECEIVE_PROCESSES: list[str] = ['"auto"']
 
+#: DCMTK's storescu and storescp and curl, as found by :func:`main`: never the virtualenv's
+#: pynetdicom look-alikes an activated virtualenv puts first on PATH.
+TOOLS: dict[str, str] = {}
+
 #: Associations at once in the concurrent case (each sends its own study).
 CONCURRENT = 8
 
@@ -107,7 +111,7 @@ def storescp(folder: Path) -> Iterator[tuple[int, str, subprocess.Popen[bytes]]]
     process = subprocess.Popen(
         # --fork: one process per association, so eight associations are served at once.
         [
-            "storescp",
+            TOOLS["storescp"],
             "--fork",
             "-pdu",
             "131072",
@@ -242,7 +246,7 @@ def send_stow(port: int, bodies: list[Path]) -> float:
     for body in bodies:
         done = subprocess.run(
             [
-                "curl",
+                TOOLS["curl"],
                 "-s",
                 "-o",
                 "/dev/null",
@@ -303,7 +307,7 @@ def peak_rss_mb(pid: int) -> float:
 def storescu(port: int, aet: str, study: Path) -> list[str]:
     """The DCMTK command that sends every file under ``study`` over one association."""
     return [
-        "storescu",
+        TOOLS["storescu"],
         "-R",
         "-pdu",
         "131072",
@@ -368,9 +372,13 @@ def main() -> None:
     unknown = sorted(set(chosen) - {*RECEIVERS, "stow"})
     if unknown:
         sys.exit(f"unknown receivers {unknown}: choose from {sorted({*RECEIVERS, 'stow'})}")
+    from tests.conftest import find_tool
+
     for tool, package in (("storescu", "dcmtk"), ("storescp", "dcmtk"), ("curl", "curl")):
-        if shutil.which(tool) is None:
+        found = find_tool(tool)
+        if found is None:
             sys.exit(f"{tool} not found: apt-get install {package}")
+        TOOLS[tool] = found
     with tempfile.TemporaryDirectory(prefix="mvi-ingest-") as tmp:
         root = Path(tmp)
         cohort = root / "cohort"

@@ -27,18 +27,25 @@ pytest_plugins = ["tests.postgres"]
 VENV_BIN = Path(sys.executable).parent
 
 
-def require_tool(name: str, package: str, *, venv: bool = False) -> str:
-    """Return the path of command-line tool ``name`` or stop the test.
-
-    Under ``CI=true`` a missing tool is a failure (CI installs every package the tests need);
-    elsewhere the test is skipped with a message naming the Debian package. The virtualenv's
-    bin folder is searched only with ``venv=True`` (tools installed by pip, such as dcmqi's).
-    """
+def find_tool(name: str, *, venv: bool = False) -> str | None:
+    """The path of command-line tool ``name`` on PATH (and in /usr/sbin, /usr/bin), ``None``
+    when there is none. The virtualenv's bin folder is searched only with ``venv=True`` (tools
+    installed by pip, such as dcmqi's), first: an activated virtualenv otherwise puts
+    pynetdicom's ``storescu`` before DCMTK's."""
     dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != VENV_BIN]
     dirs += ["/usr/sbin", "/usr/bin"]
     if venv:
         dirs.insert(0, str(VENV_BIN))
-    path = shutil.which(name, path=os.pathsep.join(dirs))
+    return shutil.which(name, path=os.pathsep.join(dirs))
+
+
+def require_tool(name: str, package: str, *, venv: bool = False) -> str:
+    """Return the path of command-line tool ``name`` (:func:`find_tool`) or stop the test.
+
+    Under ``CI=true`` a missing tool is a failure (CI installs every package the tests need);
+    elsewhere the test is skipped with a message naming the Debian package.
+    """
+    path = find_tool(name, venv=venv)
     if path is None:
         message = f"{name} not found: apt-get install {package}"
         if IN_CI:
