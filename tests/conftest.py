@@ -32,7 +32,14 @@ def find_tool(name: str, *, venv: bool = False) -> str | None:
     when there is none. The virtualenv's bin folder is searched only with ``venv=True`` (tools
     installed by pip, such as dcmqi's), first: an activated virtualenv otherwise puts
     pynetdicom's ``storescu`` before DCMTK's."""
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != VENV_BIN]
+    venvs = {VENV_BIN.resolve()}
+    if os.environ.get("VIRTUAL_ENV"):
+        venvs.add((Path(os.environ["VIRTUAL_ENV"]) / "bin").resolve())
+    dirs = [
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and Path(d).resolve() not in venvs
+    ]
     dirs += ["/usr/sbin", "/usr/bin"]
     if venv:
         dirs.insert(0, str(VENV_BIN))

@@ -16,7 +16,8 @@ def test_an_activated_virtualenv_does_not_put_pynetdicoms_storescu_in_dcmtks_pla
 ) -> None:
     # What `source .venv/bin/activate` does: the virtualenv's bin folder first on PATH. There
     # pynetdicom's storescu refused DCMTK's options and bench/ingest.py stopped.
-    require_tool("storescu", "dcmtk")
+    for name in ("storescu", "storescp", "echoscu"):
+        require_tool(name, "dcmtk")
     monkeypatch.setenv("PATH", os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
     for name in ("storescu", "storescp", "echoscu"):
         found = find_tool(name)
