@@ -131,6 +131,9 @@ class _Context:
     series: Mapping[str, SeriesFiles]
     superseded: Sequence[Dataset]
     own_series_uids: Collection[str]
+    #: Headers pairing read, by series, for the outputs (the arterial series' once it is loaded,
+    #: its Pixel Data let go): 200 files at 512 x 512 x 200 are not parsed a second time.
+    headers: dict[str, tuple[Dataset, ...]] = field(default_factory=dict)
 
     def finish(
         self,
@@ -192,6 +195,7 @@ class _Context:
                     measured if source == arterial_uid else None,
                     self.superseded,
                     study_file=any_study_file(self.series, self.own_series_uids),
+                    source_headers=self.headers.get(source, ()) if source is not None else (),
                 )
         result.timings_s = dict(self.timer.timings)
         log.info(
@@ -341,8 +345,10 @@ def prepare_study(
 
     limits = settings.gates
     with timer.stage("load"):
+        arterial_headers = headers.get(arterial_uid, ())
         arterial, portal = stages.load_phases(series, arterial_uid, portal_uid, headers)
     headers.clear()
+    context.headers[arterial_uid] = stages.without_pixels(arterial_headers)
     geometry = quality.check_geometry(limits, {"arterial": arterial, "portal_venous": portal})
     if limits.enabled and geometry.passed is False:
         draft.gates.append(geometry)
@@ -553,6 +559,7 @@ def encode_objects(
     superseded: Sequence[Dataset] = (),
     *,
     study_file: Path | None = None,
+    source_headers: Sequence[Dataset] = (),
 ) -> dict[ObjectKind, Dataset]:
     """Build the SEG, SR and SC (as configured in ``results.formats``) for a result.
 
@@ -560,6 +567,8 @@ def encode_objects(
     for a notice whatever series the study has (:func:`notice_series`), or none, when the SR
     is study-level and made from ``study_file``'s patient and study. With
     ``results.send_rejection_notes`` and ``superseded`` objects, a rejection note ("ko") too.
+    ``source_headers``: the source files' datasets as already read (pixels not needed), used
+    instead of reading the files again when they cover every path and no file changed since.
     """
     from dicom_sr.common import allocate_uids
     from dicom_sr.sc import build_sc
@@ -576,7 +585,7 @@ def encode_objects(
     try:
         # Headers only: no output needs the source pixels (the SC draws from ``arterial``), and
         # a 512 x 512 x 200 series holds 100 MB of them.
-        sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in source_paths]
+        sources = _source_datasets(source_paths, source_headers)
         if sources and not analysis.scored:
             from dicom_sr.common import slice_references
 
@@ -645,6 +654,16 @@ def encode_objects(
     return objects
 
 
+def _source_datasets(paths: Sequence[Path], kept: Sequence[Dataset]) -> list[Dataset]:
+    """The headers of ``paths``, in their order: ``kept`` when it holds every one of them and
+    their files are unchanged, else read again (headers only)."""
+    by_path = {str(ds.filename): ds for ds in kept if isinstance(ds.filename, str)}
+    found = [by_path.get(str(path)) for path in paths]
+    if found and all(ds is not None for ds in found) and stages.unchanged(kept):
+        return [ds for ds in found if ds is not None]
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+
+
 def _analysis_result(
     result: Result, measured: Measurements | None, masks: Masks | None
 ) -> AnalysisResult:
@@ -682,16 +701,13 @@ def result_text(result: Result) -> str:
 
 def write_outputs(analysis: Analysis, folder: Path) -> dict[ObjectKind, Path]:
     """Write the objects and ``result.json`` into ``folder`` durably; returns the object paths."""
-    from io import BytesIO
-
+    from node.core.dicom import file_bytes
     from node.receive.spool import make_folder_durably, write_durably
 
     make_folder_durably(folder)
     paths: dict[ObjectKind, Path] = {}
     for kind, dataset in analysis.objects.items():
-        buffer = BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        written = write_durably(folder, OUTPUT_NAMES[kind], [buffer.getvalue()])
+        written = write_durably(folder, OUTPUT_NAMES[kind], [file_bytes(dataset)])
         paths[kind] = written.path
     analysis.result.outputs = {kind: path.name for kind, path in paths.items()}
     write_durably(folder, "result.json", [result_text(analysis.result).encode()])

@@ -114,7 +114,7 @@ def load_phases(
         return arterial.result(), portal.result()
 
 
-def _unchanged(headers: Sequence[Dataset]) -> bool:
+def unchanged(headers: Sequence[Dataset]) -> bool:
     """Every file is still the one its dataset was read from (pydicom's read time stamp)."""
     try:
         return all(
@@ -132,9 +132,18 @@ def load(
     the datasets :func:`pair` read (each file's headers parsed once) when given and their files
     are unchanged since, else from its files (a file replaced or gone meanwhile then gets the
     loader's own error, naming the file, not its folder)."""
-    if headers and _unchanged(headers):
+    if headers and unchanged(headers):
         return load_series(headers)
     return load_series(series[series_uid].paths)
+
+
+def without_pixels(headers: Sequence[Dataset]) -> tuple[Dataset, ...]:
+    """``headers`` with their Pixel Data let go (in place), once a series is loaded from them:
+    the outputs need the source headers, never their 100 MB of pixels."""
+    for ds in headers:
+        if "PixelData" in ds:
+            del ds.PixelData
+    return tuple(headers)
 
 
 @dataclass(frozen=True)

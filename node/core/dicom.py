@@ -64,6 +64,7 @@ __all__ = [
     "STORE_WARNINGS",
     "SUCCESS",
     "associate",
+    "file_bytes",
     "functional_group",
     "functional_group_items",
     "is_pending",
@@ -160,6 +161,45 @@ def functional_group_items(ds: Dataset, keyword: str) -> Iterator[Dataset]:
     for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         for group in ds.get(groups) or []:
             yield from group.get(keyword) or []
+
+
+# -- writing built objects ----------------------------------------------------------------------
+
+
+def file_bytes(dataset: Dataset) -> bytes:
+    """A dataset built in memory (the node's SEG, SR, SC…) as the bytes of a DICOM file.
+
+    pydicom corrects the ambiguous VRs (``US or SS``…) of a dataset not read from a file before
+    writing it, and does so again for each item of a sequence at every level it is written
+    from: the items of an SR's image library or of a SEG's per-frame groups, 4–6 levels deep,
+    are walked four times over on average (a quarter of the writing at 512 x 512 x 200). For an
+    explicit-VR transfer syntax the tree is corrected once here and every dataset in it marked
+    as already in the file's encoding, so the writer writes each element as it stands; the
+    bytes are the same. ``dataset`` stays marked: a later write in another encoding corrects
+    it again, and an ambiguous VR added meanwhile fails loudly instead of being guessed.
+    """
+    from io import BytesIO
+
+    from pydicom.filewriter import correct_ambiguous_vr
+
+    meta = getattr(dataset, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if syntax is not None and not syntax.is_implicit_VR:
+        correct_ambiguous_vr(dataset, syntax.is_little_endian)
+        _mark_encoded(dataset, syntax.is_little_endian)
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _mark_encoded(dataset: Dataset, little_endian: bool) -> None:
+    for tag in list(dataset.keys()):
+        element = dataset[tag]  # a raw element is decoded first, with its own character set
+        if element.VR == "SQ":
+            for item in element.value:
+                _mark_encoded(item, little_endian)
+    # The writer compares these with the dataset's own to decide whether to correct it.
+    dataset.set_original_encoding(False, little_endian, dataset._character_set)
 
 
 # -- the node as SCU ----------------------------------------------------------------------------

@@ -123,6 +123,45 @@ def test_the_chosen_pair_is_loaded_from_the_headers_pairing_read(
     )
 
 
+def test_the_outputs_are_built_from_the_arterial_headers_pairing_read_without_their_pixels(
+    tmp_path: Path, cohort_factory: Callable[..., Path]
+) -> None:
+    import pydicom
+
+    from node.analysis import stages
+    from node.analysis.pipeline import _source_datasets
+    from node.core.settings import PhasesSection
+
+    cohort = cohort_factory(studies=1, seed=85, size=64, slices=16)
+    study = tmp_path / "study"
+    shutil.copytree(cohort / "study_0001", study)
+    ((_, series),) = scan_folder(study).items()
+    headers: dict[str, tuple[Dataset, ...]] = {}
+    pairing = stages.pair(series, PhasesSection(), working_spacing_mm=2.0, headers=headers)
+    uid = str(pairing.arterial)
+    stages.load(series, uid, headers[uid])
+    kept = stages.without_pixels(headers[uid])
+    assert kept and not any("PixelData" in ds for ds in kept)
+
+    paths = list(reversed(series[uid].paths))  # the order asked for, not the order read
+    sources = _source_datasets(paths, kept)
+    assert all(any(ds is k for k in kept) for ds in sources)
+    fresh = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+    assert [str(ds.filename) for ds in sources] == [str(path) for path in paths]
+    assert [set(ds.keys()) for ds in sources] == [set(ds.keys()) for ds in fresh]
+    assert [ds.SOPInstanceUID for ds in sources] == [ds.SOPInstanceUID for ds in fresh]
+
+    # A file rewritten since, or a path pairing never read: every header is read again.
+    partial = _source_datasets(paths, kept[1:])
+    assert not any(ds is k for ds in partial for k in kept)
+    changed = Path(paths[0])
+    stamp = changed.stat().st_mtime
+    os.utime(changed, (stamp + 5, stamp + 5))
+    again = _source_datasets(paths, kept)
+    assert not any(ds is k for ds in again for k in kept)
+    assert [ds.SOPInstanceUID for ds in again] == [ds.SOPInstanceUID for ds in fresh]
+
+
 def test_both_phases_load_side_by_side_as_they_load_alone_and_the_arterial_error_comes_first(
     tmp_path: Path, cohort_factory: Callable[..., Path]
 ) -> None:

@@ -1,10 +1,14 @@
-"""node.core.dicom: the statuses mean what PS3.4 says, functional groups resolve per frame."""
+"""node.core.dicom: the statuses mean what PS3.4 says, functional groups resolve per frame,
+built objects are written as pydicom writes them."""
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.core import dicom
 from node.core.errors import ConfigurationError, InputError, NodeError, WorkFailed, exit_code
@@ -51,6 +55,54 @@ def test_functional_group_per_frame_wins_over_shared() -> None:
     assert dicom.functional_group(ds, 0, "PlanePositionSequence") is None
     items = list(dicom.functional_group_items(ds, "PixelMeasuresSequence"))
     assert [i.SliceThickness for i in items] == [1.0, 2.0]
+
+
+def _built(syntax: str) -> Dataset:
+    """A dataset as a builder leaves it: nested items, ambiguous VRs at the root and deep down,
+    a text in a character set other than the default."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = dicom.SEGMENTATION_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID, ds.SOPInstanceUID = dicom.SEGMENTATION_STORAGE, "1.2.3.4"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PixelRepresentation = 1
+    ds.add_new(0x00280106, "US or SS", -5)  # Smallest Image Pixel Value, signed here
+    leaf = Dataset()
+    leaf.add_new(0x00280107, "US or SS", -2)  # takes its sign from the root's representation
+    leaf.CodeMeaning = "Lebergewebe (gr\u00fcn)"
+    middle = Dataset()
+    middle.ConceptNameCodeSequence = DicomSequence([leaf])
+    ds.ContentSequence = DicomSequence([middle, Dataset()])
+    return ds
+
+
+def _plain(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_file_bytes_are_what_pydicom_writes_with_the_ambiguous_vrs_resolved() -> None:
+    for syntax in (ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian):
+        expected = _plain(_built(syntax))
+        written = dicom.file_bytes(_built(syntax))
+        assert written == expected, syntax
+        back = pydicom.dcmread(BytesIO(written))
+        assert back.SmallestImagePixelValue == -5
+        leaf = back.ContentSequence[0].ConceptNameCodeSequence[0]
+        assert leaf.LargestImagePixelValue == -2 and leaf.CodeMeaning.endswith("(gr\u00fcn)")
+        if syntax != ImplicitVRLittleEndian:
+            assert back["SmallestImagePixelValue"].VR == "SS"
+
+
+def test_file_bytes_of_a_dataset_read_in_another_encoding() -> None:
+    # Raw elements read from an implicit-VR file are decoded and written in the new encoding.
+    read = pydicom.dcmread(BytesIO(_plain(_built(ImplicitVRLittleEndian))))
+    read.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    expected = _plain(pydicom.dcmread(BytesIO(_plain(_built(ExplicitVRLittleEndian)))))
+    assert dicom.file_bytes(read) == expected
 
 
 def test_every_node_error_has_one_base_and_a_role() -> None:
