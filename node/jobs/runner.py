@@ -133,11 +133,19 @@ def prepare_job(
 
 
 def deliver(
-    store: Store, settings: Settings, job: Job, analysis: Analysis, models: Models
+    store: Store,
+    settings: Settings,
+    job: Job,
+    analysis: Analysis,
+    models: Models,
+    on_recorded: Callable[[], None] | None = None,
 ) -> JobOutcome:
-    """A finished analysis: its files, the result row and the outbox items; the job's outcome."""
+    """A finished analysis: its files, the result row and the outbox items; the job's outcome.
+    ``on_recorded`` is called once they are committed (the dispatcher's wake-up)."""
     analysis.result.device = _device_record(models)
     _record(store, settings, job, analysis)
+    if on_recorded is not None:
+        on_recorded()
     return _outcome(analysis.result)
 
 
@@ -193,11 +201,14 @@ def run_jobs(
     settings: Settings,
     jobs: Sequence[Job],
     models: Models | None = None,
+    on_recorded: Callable[[], None] | None = None,
 ) -> list[JobOutcome | Exception]:
     """Run several jobs with one MVI-model batch; per job its outcome or the error it raised.
 
     A job that fails before the model fails alone; an error of the batched inference fails
-    every job of the batch (each is retried per ``pipeline.max_attempts``).
+    every job of the batch (each is retried per ``pipeline.max_attempts``). ``on_recorded``
+    is called as each job's result and outbox rows are committed: its objects can leave while
+    the batch's later studies are still being encoded.
     """
     from node.analysis.models import Models
     from node.analysis.pipeline import Analysis, Prepared, score_prepared
@@ -234,7 +245,7 @@ def run_jobs(
             continue
         assert isinstance(step, Analysis)  # every prepared study was scored above
         try:
-            outcomes.append(deliver(store, settings, job, step, models))
+            outcomes.append(deliver(store, settings, job, step, models, on_recorded))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
@@ -488,7 +499,8 @@ class Worker:
             if self.run_batch is not None:
                 outcomes = self.run_batch(jobs)
             else:
-                outcomes = run_jobs(store, self.spool_root, settings, jobs, self.models)
+                wake = self.recorded.set if self.recorded is not None else None
+                outcomes = run_jobs(store, self.spool_root, settings, jobs, self.models, wake)
         for each, outcome in zip(jobs, outcomes, strict=True):
             try:
                 if isinstance(outcome, LeaseLost):

@@ -184,6 +184,8 @@ class MiniPacs:
     ae_title: str = PACS_AET
     port: int = 0
     received: list[tuple[str, Path]] = field(default_factory=list)  # (SOP class UID, file)
+    #: When each of ``received`` was stored (``time.perf_counter()``), for latency figures.
+    received_at: list[float] = field(default_factory=list)
     _server: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -215,6 +217,7 @@ class MiniPacs:
         dataset.save_as(path, enforce_file_format=True)
         with self._lock:
             self.received.append((sop_class, path))
+            self.received_at.append(time.perf_counter())
         return SUCCESS
 
     def kinds(self) -> dict[str, list[Path]]:

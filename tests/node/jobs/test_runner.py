@@ -66,7 +66,14 @@ def test_waiting_jobs_share_one_inference_batch_and_fail_alone(
     assert batch_size(settings, models) == 4
     # The spool root differs per cohort folder here, so the batch is run per folder root: the
     # three liver studies together, the single-phase one alone.
-    outcomes = run_jobs(store, cohort, settings, jobs[:3], models)
+    # Each study's objects may leave as soon as its result is recorded, not after the batch.
+    recorded: list[int] = []
+
+    def on_recorded() -> None:
+        recorded.append(sum(store.latest_result(uid) is not None for uid in uids))
+
+    outcomes = run_jobs(store, cohort, settings, jobs[:3], models, on_recorded)
+    assert recorded == [1, 2, 3]
     (lonely,) = run_jobs(store, single_phase, settings, jobs[3:], models)
 
     assert not any(isinstance(o, Exception) for o in outcomes), outcomes
