@@ -45,6 +45,7 @@ microvascular invasion (deep learning): 83 %".
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -71,7 +72,7 @@ from dicom_sr.common import (
 from dicom_sr.enum import RiskCategory
 from dicom_sr.seg import LOAT_LABEL, LOAT_SEGMENT, TUMOR_LABEL, TUMOR_SEGMENT
 
-__all__ = ["SOP_CLASSES", "build_sr", "tumor_outline"]
+__all__ = ["SOP_CLASSES", "ImageLibrary", "build_sr", "image_library", "tumor_outline"]
 
 #: ``sop_class`` argument → SOP Class UID.
 SOP_CLASSES = {
@@ -386,6 +387,40 @@ def _image_library(images: Sequence[Dataset]) -> Any:
     return library
 
 
+@dataclass(frozen=True)
+class ImageLibrary:
+    """The TID 1600 Image Library of a report, made before the report (:func:`image_library`).
+
+    Attributes
+    ----------
+    items
+        The library's content items, as :func:`build_sr` inserts them.
+    sop_instance_uids
+        The images it lists, in slice order: :func:`build_sr` takes it only for the same images.
+    """
+
+    items: tuple[Any, ...]
+    sop_instance_uids: tuple[str, ...]
+
+
+def _slice_ordered(source_images: Sequence[Dataset]) -> tuple[list[Any], list[Dataset]]:
+    """Slice references and the images in slice order (one entry for an Enhanced CT object)."""
+    references = slice_references(source_images)
+    return references, list({ref.sop_instance_uid: ref.dataset for ref in references}.values())
+
+
+def image_library(source_images: Sequence[Dataset]) -> ImageLibrary:
+    """The Image Library :func:`build_sr` would make of ``source_images``.
+
+    It needs the source headers only, so the node makes it while the study is registered
+    (0.17 s of a 512 x 512 x 200 report otherwise made after the model) and passes it on.
+    Raises ValueError for unusable sources, as :func:`build_sr` does.
+    """
+    _, sources = _slice_ordered(source_images)
+    items = _image_library([_library_entry(image) for image in sources])
+    return ImageLibrary(tuple(items), tuple(str(ds.SOPInstanceUID) for ds in sources))
+
+
 def _insert_image_library(sr: Any, library: Sequence[Any]) -> None:
     """Put the Image Library into a built report where TID 1500 has it: after the procedure
     reported, before the first CONTAINS item (Imaging Measurements or Qualitative Evaluations).
@@ -646,6 +681,7 @@ def build_sr(
     sop_class: str = "comprehensive",
     predecessor: Dataset | None = None,
     study: Dataset | None = None,
+    library: ImageLibrary | None = None,
 ) -> Any:
     """Build the TID 1500 measurement report of one analysis.
 
@@ -679,6 +715,10 @@ def build_sr(
         study attributes are copied from it, and it is the evidence of a study-level report.
         Required when ``source_images`` is empty; otherwise optional (the first source image is
         used), and then of the same study.
+    library
+        The Image Library as :func:`image_library` made it of the same ``source_images``
+        (made here when None, or when it lists other images); its items join this report,
+        so it serves one report.
 
     Returns
     -------
@@ -696,9 +736,8 @@ def build_sr(
     references: list[SliceReference] = []
     sources: list[Dataset] = []
     if len(source_images) > 0:
-        references = slice_references(source_images)
-        # Image Library and evidence in slice order (one entry for an Enhanced CT object).
-        sources = list({ref.sop_instance_uid: ref.dataset for ref in references}.values())
+        # Image Library and evidence in slice order.
+        references, sources = _slice_ordered(source_images)
     elif result.scored:
         raise ValueError("a scored result needs its source images")
     elif study is None:
@@ -767,7 +806,12 @@ def build_sr(
     else:
         sr = hd.sr.ComprehensiveSR(**kwargs)
     if sources:
-        _insert_image_library(sr, _image_library([_library_entry(image) for image in sources]))
+        listed = tuple(str(ds.SOPInstanceUID) for ds in sources)
+        if library is not None and library.sop_instance_uids == listed:
+            items: Sequence[Any] = library.items
+        else:
+            items = _image_library([_library_entry(image) for image in sources])
+        _insert_image_library(sr, items)
     copy_patient_study(sr, patient_study)
     set_equipment(sr, algorithm)
     add_coding_schemes(sr, private_codes=True)

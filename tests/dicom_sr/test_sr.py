@@ -22,7 +22,7 @@ from dicom_sr.common import (
     series_description,
     slice_references,
 )
-from dicom_sr.sr import SOP_CLASSES, SUPPLIED_VERSION, build_sr, tumor_outline
+from dicom_sr.sr import SOP_CLASSES, SUPPLIED_VERSION, build_sr, image_library, tumor_outline
 from tests.conftest import require_tool, run_tool
 from tests.dicom_sr.conftest import (
     ALGORITHM,
@@ -482,6 +482,29 @@ def _grouped(library: Any) -> list[Any]:
         entry.ContentSequence = split(entry)[1]
     group.ContentSequence = [*head, *shared, *entries]
     return list(library)
+
+
+def test_an_image_library_made_beforehand_is_the_one_the_report_makes(classic: Case) -> None:
+    """The node makes the library while the study is registered; the report is the same, and a
+    library of other images is not taken."""
+    files = sorted((classic.folder / "study_0001" / "SE0003").glob("*.dcm"))
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+
+    def library_of(sr: Any) -> bytes:
+        names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in sr.ContentSequence]
+        return _encoded([sr.ContentSequence[names.index("Image Library")]])
+
+    def report(**kwargs: Any) -> Any:
+        return build_sr(
+            classic.result, sources, classic.seg, algorithm=ALGORITHM, uids=classic.uids, **kwargs
+        )
+
+    own = library_of(report())
+    made = image_library(list(reversed(sources)))  # any order: the library is in slice order
+    assert len(made.sop_instance_uids) == len(sources)
+    assert library_of(report(library=made)) == own
+    # Made of fewer images (another series, a file replaced since): the report makes its own.
+    assert library_of(report(library=image_library(sources[1:]))) == own
 
 
 @pytest.mark.parametrize(

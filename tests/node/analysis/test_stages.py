@@ -144,7 +144,8 @@ def test_the_outputs_are_built_from_the_arterial_headers_pairing_read_without_th
     assert kept and not any("PixelData" in ds for ds in kept)
 
     paths = list(reversed(series[uid].paths))  # the order asked for, not the order read
-    sources = _source_datasets(paths, kept)
+    sources, taken = _source_datasets(paths, kept)
+    assert taken
     assert all(any(ds is k for k in kept) for ds in sources)
     fresh = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
     assert [str(ds.filename) for ds in sources] == [str(path) for path in paths]
@@ -152,13 +153,13 @@ def test_the_outputs_are_built_from_the_arterial_headers_pairing_read_without_th
     assert [ds.SOPInstanceUID for ds in sources] == [ds.SOPInstanceUID for ds in fresh]
 
     # A file rewritten since, or a path pairing never read: every header is read again.
-    partial = _source_datasets(paths, kept[1:])
-    assert not any(ds is k for ds in partial for k in kept)
+    partial, taken = _source_datasets(paths, kept[1:])
+    assert not taken and not any(ds is k for ds in partial for k in kept)
     changed = Path(paths[0])
     stamp = changed.stat().st_mtime
     os.utime(changed, (stamp + 5, stamp + 5))
-    again = _source_datasets(paths, kept)
-    assert not any(ds is k for ds in again for k in kept)
+    again, taken = _source_datasets(paths, kept)
+    assert not taken and not any(ds is k for ds in again for k in kept)
     assert [ds.SOPInstanceUID for ds in again] == [ds.SOPInstanceUID for ds in fresh]
 
 
