@@ -118,7 +118,7 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             ratios.setdefault("encode/whole", []).append(
                 float(timings.get("encode", 0.0)) / (elapsed - QUIET_S)
             )
-            # What no stage times: the job's start, writing and recording the objects, delivery.
+            # What no stage times: the job's start, recording the objects, delivery.
             stages.setdefault("rest", []).append(
                 elapsed - QUIET_S - sum(float(v) for v in timings.values())
             )

@@ -743,11 +743,14 @@ def write_outputs(analysis: Analysis, folder: Path) -> dict[ObjectKind, Path]:
     from node.core.dicom import file_bytes
     from node.receive.spool import make_folder_durably, write_durably
 
+    started = time.perf_counter()
     make_folder_durably(folder)
     paths: dict[ObjectKind, Path] = {}
     for kind, dataset in analysis.objects.items():
         written = write_durably(folder, OUTPUT_NAMES[kind], [file_bytes(dataset)])
         paths[kind] = written.path
+    # Encoding the objects into files is a stage of its own (0.4 s at 512 x 512 x 200).
+    analysis.result.timings_s["write"] = round(time.perf_counter() - started, 3)
     analysis.result.outputs = {kind: path.name for kind, path in paths.items()}
     write_durably(folder, "result.json", [result_text(analysis.result).encode()])
     return paths
