@@ -14,7 +14,15 @@ Two ratios from the same run, since absolute CPU times differ between machines: 
 taking up to ``pipeline.batch_size`` per claim): studies/hour. A CUDA run is ``--device cuda``;
 without a CUDA device the GPU figures are printed as not measured.
 
+The results go to DCMTK's ``storescp`` (``--pacs storescp``, the default): a C++ SCP in a
+process of its own, as a site's PACS is, with its default 16 KB PDUs; the time of arrival is
+when it finished writing the last object (the file's modification time). ``--pacs mini`` sends
+them to the demo's mini PACS instead, a pynetdicom SCP inside this process, whose decoding of
+each object shares the interpreter lock with the node's dispatcher (the figures before
+2026-12-07 evening).
+
 Usage: python bench/e2e.py [--runs 5] [--sizes 256x64,512x200] [--device auto] [--batch 8]
+       [--pacs storescp|mini]
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from node.analysis.models import demo_fusion_dir, demo_segmenter_dir
 from node.core.logging import configure_logging
@@ -65,6 +74,74 @@ def _settings(data: Path, pacs_port: int, segmenter: Path, model: Path, device: 
     )
 
 
+class Destination(Protocol):
+    """Where the node sends its results: what arrived, and when (``time.perf_counter()``)."""
+
+    port: int
+
+    def received(self) -> dict[str, float]: ...
+
+    def stop(self) -> None: ...
+
+
+class MiniDestination:
+    """The demo's mini PACS (pynetdicom, in this process)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.pacs = MiniPacs(folder).start()
+        self.port = self.pacs.port
+
+    def received(self) -> dict[str, float]:
+        return {
+            str(path): at
+            for (_, path), at in zip(self.pacs.received, self.pacs.received_at, strict=True)
+        }
+
+    def stop(self) -> None:
+        self.pacs.stop()
+
+
+class StoreScpDestination:
+    """DCMTK's storescp in a process of its own; an object arrived when its file was last
+    written (storescp answers the C-STORE after writing it)."""
+
+    def __init__(self, folder: Path) -> None:
+        from bench.ingest import dcmtk_env, wait_listening
+        from tests.conftest import find_tool
+        from tests.orthanc import free_port
+
+        tool = find_tool("storescp")
+        if tool is None:
+            raise SystemExit("storescp not found: apt-get install dcmtk (or --pacs mini)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [tool, "-aet", "MINI_PACS", "-od", str(folder), str(self.port)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_listening(self.port, self.process)
+
+    def received(self) -> dict[str, float]:
+        # File times are wall-clock; this clock's offset from perf_counter is read alongside.
+        offset = time.time() - time.perf_counter()
+        return {
+            str(path): path.stat().st_mtime - offset
+            for path in self.folder.iterdir()
+            if path.is_file() and not path.name.startswith(".")
+        }
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _destination(kind: str, folder: Path) -> Destination:
+    return StoreScpDestination(folder) if kind == "storescp" else MiniDestination(folder)
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -75,7 +152,7 @@ def _peak_rss_mb(pid: int) -> float:
 def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: Path) -> None:
     cohort = root / f"cohort-{size}"
     write_cohort(cohort, CohortOptions(studies=runs + 1, seed=11, size=size, slices=slices))
-    pacs = MiniPacs(root / f"pacs-{size}").start()
+    pacs = _destination(args.pacs, root / f"pacs-{size}")
     settings = _settings(root / f"node-{size}", pacs.port, args.segmenter, args.model, args.device)
     node = start_node(settings)
     latencies: list[float] = []
@@ -83,8 +160,7 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
     ratios: dict[str, list[float]] = {}
     try:
         for index, study in enumerate(sorted(cohort.glob("study_*"))):
-            before = sum(len(v) for v in pacs.kinds().values())
-            first = len(pacs.received_at)
+            before = pacs.received()
             send_study(study, settings.node.port)
             acknowledged = time.perf_counter()
             while True:
@@ -101,12 +177,14 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
                     latest = node.store.latest_result(rows[0].study_uid)
                 if latest is not None:
                     wanted = len(latest.result.outputs)
-                    if sum(len(v) for v in pacs.kinds().values()) - before >= wanted:
+                    if len(pacs.received()) - len(before) >= wanted:
                         break
                 if time.perf_counter() - acknowledged > 600:
                     raise RuntimeError("no result after 600 s")
-            # When the mini PACS stored the last object, not when this loop looked (every 50 ms).
-            elapsed = max(pacs.received_at[first:]) - acknowledged
+            time.sleep(0.3)  # a file written as this loop looked is complete by now
+            # When the PACS stored the last object, not when this loop looked (every 50 ms).
+            arrived = [at for name, at in pacs.received().items() if name not in before]
+            elapsed = max(arrived) - acknowledged
             if index == 0:
                 continue  # warm-up: the worker loads the models on its first job
             latencies.append(elapsed - QUIET_S)
@@ -149,7 +227,7 @@ def run_batch(size: int, slices: int, count: int, args: argparse.Namespace, root
     """``count`` studies sent back to back, then the time until every result is at the PACS."""
     cohort = root / f"batch-{size}"
     write_cohort(cohort, CohortOptions(studies=count + 1, seed=12, size=size, slices=slices))
-    pacs = MiniPacs(root / f"batch-pacs-{size}").start()
+    pacs = _destination(args.pacs, root / f"batch-pacs-{size}")
     settings = _settings(
         root / f"batch-node-{size}", pacs.port, args.segmenter, args.model, args.device
     )
@@ -173,7 +251,7 @@ def run_batch(size: int, slices: int, count: int, args: argparse.Namespace, root
     )
 
 
-def _wait_done(node: Any, studies: int, pacs: MiniPacs, timeout: float = 3600) -> None:
+def _wait_done(node: Any, studies: int, pacs: Destination, timeout: float = 3600) -> None:
     """Until ``studies`` studies are final and their outputs are at the PACS."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -186,7 +264,7 @@ def _wait_done(node: Any, studies: int, pacs: MiniPacs, timeout: float = 3600) -
         for row in final:
             latest = node.store.latest_result(row.study_uid)
             wanted += len(latest.result.outputs) if latest is not None else 0
-        if sum(len(v) for v in pacs.kinds().values()) >= wanted:
+        if len(pacs.received()) >= wanted:
             return
     raise RuntimeError(f"{studies} studies not done after {timeout:.0f} s")
 
@@ -199,10 +277,12 @@ def main() -> None:
     parser.add_argument("--segmenter", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--batch", type=int, default=0, help="Studies waiting at once (0: none).")
+    parser.add_argument("--pacs", choices=("storescp", "mini"), default="storescp")
     args = parser.parse_args()
     args.segmenter = args.segmenter or demo_segmenter_dir()
     args.model = args.model or demo_fusion_dir()
     configure_logging("warning")
+    print(f"results destination: {args.pacs}")
     with tempfile.TemporaryDirectory(prefix="mvi-e2e-") as tmp:
         for item in args.sizes.split(","):
             size, slices = (int(v) for v in item.split("x"))

@@ -591,10 +591,13 @@ def encode_objects(
     formats = set(settings.results.formats)
     objects: dict[ObjectKind, Dataset] = {}
     study = pydicom.dcmread(study_file, stop_before_pixels=True) if study_file else None
+    prebuilt: ImageLibrary | None = None
     try:
         # Headers only: no output needs the source pixels (the SC draws from ``arterial``), and
         # a 512 x 512 x 200 series holds 100 MB of them.
         sources, kept = _source_datasets(source_paths, source_headers)
+        # Waited for first: the thread making it reads the same headers.
+        prebuilt = _ready(library) if kept else None
         if sources and not analysis.scored:
             from dicom_sr.common import slice_references
 
@@ -632,7 +635,7 @@ def encode_objects(
             uids=uids,
             sop_class=settings.results.sr_sop_class,
             study=study,
-            library=_ready(library) if kept else None,
+            library=prebuilt,
         )
     if "sc" in formats:
         hu = sitk.GetArrayViewFromImage(arterial) if arterial is not None else None

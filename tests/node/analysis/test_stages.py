@@ -7,13 +7,14 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from node.analysis.dicomio import DicomIOError, scan_folder
+from node.analysis.dicomio import DicomIOError, SeriesFiles, scan_folder
 from node.analysis.models import Models
 from node.analysis.pipeline import Prepared, prepare_study
 from node.core.settings import Settings
@@ -84,21 +85,30 @@ def test_the_working_spacing_is_the_configured_one_or_two_mm(spacing: float | No
     assert working_spacing_mm(settings.pipeline) == (spacing or 2.0)
 
 
+def _paired(
+    folder: Path, cohort_factory: Callable[..., Path], seed: int
+) -> tuple[dict[str, SeriesFiles], Any, dict[str, tuple[Dataset, ...]]]:
+    """A phantom study copied to ``folder``, paired: its series, the pairing and the headers
+    pairing handed on."""
+    from node.analysis import stages
+    from node.core.settings import PhasesSection
+
+    cohort = cohort_factory(studies=1, seed=seed, size=64, slices=16)
+    shutil.copytree(cohort / "study_0001", folder)
+    ((_, series),) = scan_folder(folder).items()
+    headers: dict[str, tuple[Dataset, ...]] = {}
+    pairing = stages.pair(series, PhasesSection(), working_spacing_mm=2.0, headers=headers)
+    return dict(series), pairing, headers
+
+
 def test_the_chosen_pair_is_loaded_from_the_headers_pairing_read(
     tmp_path: Path, cohort_factory: Callable[..., Path]
 ) -> None:
     from dataclasses import replace
 
     from node.analysis import stages
-    from node.core.settings import PhasesSection
 
-    cohort = cohort_factory(studies=1, seed=84, size=64, slices=16)
-    study = tmp_path / "study"
-    shutil.copytree(cohort / "study_0001", study)
-    ((_, series),) = scan_folder(study).items()
-    headers: dict[str, tuple[Dataset, ...]] = {}
-    pairing = stages.pair(series, PhasesSection(), working_spacing_mm=2.0, headers=headers)
-
+    series, pairing, headers = _paired(tmp_path / "study", cohort_factory, seed=84)
     # The chosen two only: the study's other series (non-contrast, delayed) are let go.
     assert pairing.status == "paired" and len(series) > 2
     assert set(headers) == {pairing.arterial, pairing.portal_venous}
@@ -130,14 +140,8 @@ def test_the_outputs_are_built_from_the_arterial_headers_pairing_read_without_th
 
     from node.analysis import stages
     from node.analysis.pipeline import _source_datasets
-    from node.core.settings import PhasesSection
 
-    cohort = cohort_factory(studies=1, seed=85, size=64, slices=16)
-    study = tmp_path / "study"
-    shutil.copytree(cohort / "study_0001", study)
-    ((_, series),) = scan_folder(study).items()
-    headers: dict[str, tuple[Dataset, ...]] = {}
-    pairing = stages.pair(series, PhasesSection(), working_spacing_mm=2.0, headers=headers)
+    series, pairing, headers = _paired(tmp_path / "study", cohort_factory, seed=85)
     uid = str(pairing.arterial)
     stages.load(series, uid, headers[uid])
     kept = stages.without_pixels(headers[uid])
