@@ -1,11 +1,12 @@
 """End-to-end latency: last instance acknowledged → last result object at the receiving PACS.
 
-One node (in this process; its worker is a separate process, as in `mvi-node serve`) with a mini
-PACS as its results destination. For each size, a cohort of phantom studies (a warm-up study, then
-``--runs`` measured ones) is sent one after another; for each: the time from the last C-STORE
-response to the arrival of the last result object at the PACS, with the quiet period
-(``completion.quiet_seconds``) reported separately, the job's stage timings, and the worker's peak
-RSS. Uses the demo models (built by `mvi-node demo`) unless --segmenter/--model are given.
+One node (in this process; its worker is a separate process, as in `mvi-node serve`) with a PACS
+as its results destination (below). For each size, a cohort of phantom studies (a warm-up
+study, then ``--runs`` measured ones) is sent one after another; for each: the time from the
+last C-STORE response to the arrival of the last result object at the PACS, with the quiet
+period (``completion.quiet_seconds``) reported separately, the job's stage timings, and the
+worker's peak RSS. Uses the demo models (built by `mvi-node demo`) unless --segmenter/--model
+are given.
 
 Two ratios from the same run, since absolute CPU times differ between machines: the whole
 (last instance to last object at the PACS, quiet period excluded) against the compute stages
@@ -92,10 +93,7 @@ class MiniDestination:
         self.port = self.pacs.port
 
     def received(self) -> dict[str, float]:
-        return {
-            str(path): at
-            for (_, path), at in zip(self.pacs.received, self.pacs.received_at, strict=True)
-        }
+        return self.pacs.arrivals()
 
     def stop(self) -> None:
         self.pacs.stop()
@@ -122,10 +120,15 @@ class StoreScpDestination:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_listening(self.port, self.process)
+        try:
+            wait_listening(self.port, self.process)
+        except BaseException:
+            self.stop()
+            raise
 
     def received(self) -> dict[str, float]:
-        # File times are wall-clock; this clock's offset from perf_counter is read alongside.
+        # File times are wall-clock (to the kernel's tick, a few ms); this clock's offset from
+        # perf_counter is read alongside.
         offset = time.time() - time.perf_counter()
         return {
             str(path): path.stat().st_mtime - offset
@@ -142,6 +145,15 @@ def _destination(kind: str, folder: Path) -> Destination:
     return StoreScpDestination(folder) if kind == "storescp" else MiniDestination(folder)
 
 
+def _start(settings: Settings, pacs: Destination) -> Any:
+    """The node, or the destination stopped and the error raised."""
+    try:
+        return start_node(settings)
+    except BaseException:
+        pacs.stop()
+        raise
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -154,7 +166,7 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
     write_cohort(cohort, CohortOptions(studies=runs + 1, seed=11, size=size, slices=slices))
     pacs = _destination(args.pacs, root / f"pacs-{size}")
     settings = _settings(root / f"node-{size}", pacs.port, args.segmenter, args.model, args.device)
-    node = start_node(settings)
+    node = _start(settings, pacs)
     latencies: list[float] = []
     stages: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
@@ -184,7 +196,8 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             time.sleep(0.3)  # a file written as this loop looked is complete by now
             # When the PACS stored the last object, not when this loop looked (every 50 ms).
             arrived = [at for name, at in pacs.received().items() if name not in before]
-            elapsed = max(arrived) - acknowledged
+            # A study with no objects (none configured) ends when its job does.
+            elapsed = (max(arrived) if arrived else time.perf_counter()) - acknowledged
             if index == 0:
                 continue  # warm-up: the worker loads the models on its first job
             latencies.append(elapsed - QUIET_S)
@@ -231,7 +244,7 @@ def run_batch(size: int, slices: int, count: int, args: argparse.Namespace, root
     settings = _settings(
         root / f"batch-node-{size}", pacs.port, args.segmenter, args.model, args.device
     )
-    node = start_node(settings)
+    node = _start(settings, pacs)
     try:
         studies = sorted(cohort.glob("study_*"))
         # Warm-up: the worker loads its models on its first job.

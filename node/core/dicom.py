@@ -172,11 +172,15 @@ def file_bytes(dataset: Dataset) -> bytes:
     pydicom corrects the ambiguous VRs (``US or SS``…) of a dataset not read from a file before
     writing it, and does so again for each item of a sequence at every level it is written
     from: the items of an SR's image library or of a SEG's per-frame groups, 4–6 levels deep,
-    are walked four times over on average (a quarter of the writing at 512 x 512 x 200). For an
-    explicit-VR transfer syntax the tree is corrected once here and every dataset in it marked
-    as already in the file's encoding, so the writer writes each element as it stands; the
-    bytes are the same. ``dataset`` stays marked: a later write in another encoding corrects
-    it again, and an ambiguous VR added meanwhile fails loudly instead of being guessed.
+    are walked four times over on average (a quarter of the writing at 512 x 512 x 200). For a
+    built dataset and a native explicit-VR transfer syntax the tree is corrected once here and
+    every built dataset in it marked as already in the file's encoding, so the writer writes
+    their elements as they stand; items read from a file (a source header's sequence items
+    copied into the output) are left to pydicom's own rule, which copies their raw elements
+    byte for byte. The bytes are pydicom's. ``dataset`` stays marked: a later write in another
+    encoding corrects it again, and an ambiguous VR added meanwhile fails loudly instead of
+    being guessed. Anything else (a dataset read from a file, implicit VR, compressed pixels)
+    is written by pydicom as it is.
     """
     from io import BytesIO
 
@@ -184,7 +188,12 @@ def file_bytes(dataset: Dataset) -> bytes:
 
     meta = getattr(dataset, "file_meta", None)
     syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-    if syntax is not None and not syntax.is_implicit_VR:
+    if (
+        syntax is not None
+        and not syntax.is_implicit_VR
+        and not syntax.is_encapsulated
+        and _built(dataset)
+    ):
         correct_ambiguous_vr(dataset, syntax.is_little_endian)
         _mark_encoded(dataset, syntax.is_little_endian)
     buffer = BytesIO()
@@ -192,12 +201,20 @@ def file_bytes(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def _built(dataset: Dataset) -> bool:
+    """Made in memory, not read from a file (pydicom knows no encoding it was read in)."""
+    return dataset.original_encoding == (None, None)
+
+
 def _mark_encoded(dataset: Dataset, little_endian: bool) -> None:
     for tag in list(dataset.keys()):
-        element = dataset[tag]  # a raw element is decoded first, with its own character set
+        # A raw element of a built dataset is decoded first (with its own character set), as
+        # the writer would; the items of a sequence read from a file keep theirs.
+        element = dataset[tag]
         if element.VR == "SQ":
             for item in element.value:
-                _mark_encoded(item, little_endian)
+                if _built(item):
+                    _mark_encoded(item, little_endian)
     # The writer compares these with the dataset's own to decide whether to correct it.
     dataset.set_original_encoding(False, little_endian, dataset._character_set)
 

@@ -220,6 +220,13 @@ class MiniPacs:
             self.received_at.append(time.perf_counter())
         return SUCCESS
 
+    def arrivals(self) -> dict[str, float]:
+        """Each file received, with when it was stored (``time.perf_counter()``)."""
+        with self._lock:
+            return {
+                str(path): at for (_, path), at in zip(self.received, self.received_at, strict=True)
+            }
+
     def kinds(self) -> dict[str, list[Path]]:
         """Received result objects by kind (seg, sr, sc)."""
         found: dict[str, list[Path]] = {}

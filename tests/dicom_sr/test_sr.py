@@ -502,9 +502,14 @@ def test_an_image_library_made_beforehand_is_the_one_the_report_makes(classic: C
     own = library_of(report())
     made = image_library(list(reversed(sources)))  # any order: the library is in slice order
     assert len(made.sop_instance_uids) == len(sources)
-    assert library_of(report(library=made)) == own
+    taken = report(library=made)
+    assert library_of(taken) == own
+    assert any(item is made.items[0] for item in taken.ContentSequence)  # taken, not remade
     # Made of fewer images (another series, a file replaced since): the report makes its own.
-    assert library_of(report(library=image_library(sources[1:]))) == own
+    fewer = image_library(sources[1:])
+    other = report(library=fewer)
+    assert library_of(other) == own
+    assert not any(item is fewer.items[0] for item in other.ContentSequence)
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,14 @@ def test_training_and_inference_cut_identical_rois_with_a_configured_working_spa
 
     prepared = prepare_study(study_uid, series, settings, models)
     assert isinstance(prepared, Prepared), "the study must reach the model"
+    # The outputs will take the arterial headers pairing read, pixels let go, and the SR's
+    # image library made of them while the study was registered.
+    kept = prepared.context.headers[prepared.arterial_uid]
+    assert len(kept) == len(series[prepared.arterial_uid].paths)
+    assert not any("PixelData" in ds for ds in kept)
+    assert prepared.context.library is not None
+    library = prepared.context.library.result(timeout=60)
+    assert sorted(library.sop_instance_uids) == sorted(str(ds.SOPInstanceUID) for ds in kept)
     (sample,), skipped = study_rois(
         cohort, labels, settings, models, models.fusion().spec, cache=None
     )

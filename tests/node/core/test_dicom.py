@@ -105,6 +105,25 @@ def test_file_bytes_of_a_dataset_read_in_another_encoding() -> None:
     assert dicom.file_bytes(read) == expected
 
 
+def test_file_bytes_copy_the_items_read_from_a_file_as_pydicom_does() -> None:
+    # A source header's sequence item copied into an output keeps its raw bytes, padding and
+    # all, as pydicom's writer keeps them; decoding it would write "AB" for "AB  ".
+    source = _built(ExplicitVRLittleEndian)
+    source.ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning = "AB  "
+    read = pydicom.dcmread(BytesIO(_plain(source)))
+    item = read.ContentSequence[0]
+
+    def output() -> Dataset:
+        ds = _built(ExplicitVRLittleEndian)
+        ds.OtherPatientIDsSequence = DicomSequence([item])
+        return ds
+
+    assert b"AB  " in dicom.file_bytes(output())
+    assert dicom.file_bytes(output()) == _plain(output())
+    # A dataset read from a file is pydicom's to write, as it is.
+    assert dicom.file_bytes(read) == _plain(pydicom.dcmread(BytesIO(_plain(source))))
+
+
 def test_every_node_error_has_one_base_and_a_role() -> None:
     assert issubclass(ConfigError, ConfigurationError) and issubclass(TLSConfigError, NodeError)
     assert not issubclass(TLSConfigError, ValueError)  # callers catch the role, not ValueError
