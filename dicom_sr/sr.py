@@ -416,7 +416,11 @@ def image_library(source_images: Sequence[Dataset]) -> ImageLibrary:
     (0.17 s of a 512 x 512 x 200 report otherwise made after the model) and passes it on.
     Raises ValueError for unusable sources, as :func:`build_sr` does.
     """
-    _, sources = _slice_ordered(source_images)
+    return _library_of(_slice_ordered(source_images)[1])
+
+
+def _library_of(sources: Sequence[Dataset]) -> ImageLibrary:
+    """The library of images already in slice order."""
     items = _image_library([_library_entry(image) for image in sources])
     return ImageLibrary(tuple(items), tuple(str(ds.SOPInstanceUID) for ds in sources))
 
@@ -807,11 +811,9 @@ def build_sr(
         sr = hd.sr.ComprehensiveSR(**kwargs)
     if sources:
         listed = tuple(str(ds.SOPInstanceUID) for ds in sources)
-        if library is not None and library.sop_instance_uids == listed:
-            items: Sequence[Any] = library.items
-        else:
-            items = _image_library([_library_entry(image) for image in sources])
-        _insert_image_library(sr, items)
+        if library is None or library.sop_instance_uids != listed:
+            library = _library_of(sources)
+        _insert_image_library(sr, library.items)
     copy_patient_study(sr, patient_study)
     set_equipment(sr, algorithm)
     add_coding_schemes(sr, private_codes=True)
