@@ -199,7 +199,10 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             # A study with no objects (none configured) ends when its job does.
             elapsed = (max(arrived) if arrived else time.perf_counter()) - acknowledged
             if index == 0:
-                continue  # warm-up: the worker loads the models on its first job
+                # Warm-up: the worker loads the models on its first job. Printed, since the
+                # first study after a start is what a site sees after each restart.
+                first = (elapsed - QUIET_S, dict(latest.result.timings_s))
+                continue
             latencies.append(elapsed - QUIET_S)
             for stage, seconds in latest.result.timings_s.items():
                 stages.setdefault(stage, []).append(float(seconds))
@@ -225,6 +228,8 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
         f"instance (+{QUIET_S:.0f} s quiet period), runs {', '.join(f'{v:.2f}' for v in latencies)}"
     )
     print(f"  stages (median s): {breakdown}")
+    first_stages = ", ".join(f"{k} {float(v):.2f}" for k, v in first[1].items())
+    print(f"  first study after the start: {first[0]:.2f} s ({first_stages})")
     print(
         f"  whole / compute ({' + '.join(COMPUTE_STAGES)}): "
         f"{statistics.median(ratios['whole/compute']):.2f}; encode / whole: "

@@ -181,6 +181,19 @@ class Models:
             record_model_load(self.settings, "MVI model", None, folder)
         return self._fusion
 
+    def load(self) -> list[str]:
+        """Load both models now, as a worker does before its first job (which then waits
+        for neither torch's imports nor the weights); the problems of those that did not load,
+        recorded for ``/healthz`` as a job's load records them. A model that did not load is
+        tried again by the job that needs it, which fails with its error as before."""
+        problems: list[str] = []
+        for name, load in (("segmenter", self.segmenter), ("MVI model", self.fusion)):
+            try:
+                load()
+            except Exception as exc:
+                problems.append(f"{name}: {type(exc).__name__}: {exc}")
+        return problems
+
     def on_cpu(self) -> Models:
         """The same models on the CPU (the retry after a CUDA out-of-memory)."""
         return Models(self.settings, device="cpu")

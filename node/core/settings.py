@@ -288,7 +288,8 @@ class PipelineSection(_Section):
     model_dir: Path | None = None
     workers: int = Field(default=1, ge=1, le=64)
     #: ``serve`` loads the models in a child process before it starts (device, weights) and
-    #: refuses to start when they do not load; off, the first job finds out.
+    #: refuses to start when they do not load, and each worker loads them before its first
+    #: job, which then waits for neither; off, the first job finds out (and loads them).
     load_models_at_start: bool = True
     max_attempts: int = Field(default=3, ge=1, le=20)
     #: A worker process holds the memory a job frees for the next job, which reuses it instead

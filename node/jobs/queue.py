@@ -48,9 +48,11 @@ def serve_jobs(
     """
     import procrastinate
 
-    worker = Worker(store, settings, device, run_batch, freeze=True)  # the process is its own
-    if worker.models is not None and settings.pipeline.load_models_at_start:
-        # The first study should not wait for the models.
+    # The process is its own: its memory held, its collector spared, its models loaded now.
+    warm_up = settings.pipeline.load_models_at_start
+    worker = Worker(store, settings, device, run_batch, freeze=True, warm_up=warm_up)
+    if worker.models is not None and warm_up:
+        # Loaded by the warm-up; one that did not load stops this worker now, with its error.
         worker.models.segmenter()
         worker.models.fusion()
     app = procrastinate.App(

@@ -318,3 +318,40 @@ def test_a_job_s_series_carry_every_sop_class_of_their_files(
     assert len([f for f in series.values() if f.sop_classes & SEG_CLASSES]) == 1
     assert own == []
     store.close()
+
+
+def test_a_worker_loads_its_models_before_its_first_job_and_starts_without_them(
+    tmp_path: Path,
+) -> None:
+    """``pipeline.load_models_at_start``: a worker process loads the models before it claims
+    anything (the first study then waits for neither torch's imports nor the weights) and says
+    so to /healthz; a model that does not load does not stop the worker — the job that needs it
+    fails with its error, as without the warm-up."""
+    import json
+
+    from node.jobs import runner
+
+    settings = Settings.model_validate(node_settings(tmp_path / "data"))
+    store = Store(settings.database_url)
+    loads = settings.node.data_dir / "model-loads.json"
+    try:
+        runner.Worker(store, settings, "cpu")
+        assert not loads.exists(), "without the warm-up the first job loads the models"
+        runner.Worker(store, settings, "cpu", warm_up=True)
+        recorded = json.loads(loads.read_text())
+        assert recorded["segmenter"]["ok"] and recorded["MVI model"]["ok"]
+
+        loads.unlink()
+        broken = Settings.model_validate(
+            node_settings(
+                tmp_path / "data", extra={"pipeline": {"model_dir": str(tmp_path / "none")}}
+            )
+        )
+        worker = runner.Worker(store, broken, "cpu", warm_up=True)
+        recorded = json.loads(loads.read_text())
+        assert recorded["segmenter"]["ok"] and not recorded["MVI model"]["ok"]
+        assert worker.models is not None
+        with pytest.raises(Exception, match="none"):
+            worker.models.fusion()
+    finally:
+        store.close()
