@@ -199,8 +199,8 @@ def run_size(size: int, slices: int, runs: int, args: argparse.Namespace, root: 
             # A study with no objects (none configured) ends when its job does.
             elapsed = (max(arrived) if arrived else time.perf_counter()) - acknowledged
             if index == 0:
-                # Warm-up: the worker loads the models on its first job. Printed, since the
-                # first study after a start is what a site sees after each restart.
+                # The first study after the start: printed, not in the median (what a site
+                # sees after each restart).
                 first = (elapsed - QUIET_S, dict(latest.result.timings_s))
                 continue
             latencies.append(elapsed - QUIET_S)
@@ -252,7 +252,7 @@ def run_batch(size: int, slices: int, count: int, args: argparse.Namespace, root
     node = _start(settings, pacs)
     try:
         studies = sorted(cohort.glob("study_*"))
-        # Warm-up: the worker loads its models on its first job.
+        # The first study after the start: not timed.
         send_study(studies[0], settings.node.port)
         _wait_done(node, 1, pacs)
         started = time.perf_counter()

@@ -51,10 +51,11 @@ def serve_jobs(
     # The process is its own: its memory held, its collector spared, its models loaded now.
     warm_up = settings.pipeline.load_models_at_start
     worker = Worker(store, settings, device, run_batch, freeze=True, warm_up=warm_up)
-    if worker.models is not None and warm_up:
-        # Loaded by the warm-up; one that did not load stops this worker now, with its error.
-        worker.models.segmenter()
-        worker.models.fusion()
+    if worker.not_loaded:
+        from node.analysis.models import ModelUnavailable
+
+        # What the warm-up could not load stops this worker now, with what failed.
+        raise ModelUnavailable("; ".join(worker.not_loaded))
     app = procrastinate.App(
         connector=procrastinate.PsycopgConnector(conninfo=conninfo(settings.database_url))
     )

@@ -471,9 +471,11 @@ class Worker:
         self.size = batch_size(settings, self.models) if self.models is not None else 1
         self.freeze = freeze
         self.keep_mb = settings.pipeline.worker_keep_memory_mb
+        #: What the warm-up could not load (empty without one).
+        self.not_loaded: list[str] = []
         if warm_up and self.models is not None:
             # Before the first claim, and before the freeze below takes in what it imports.
-            warm(self.models)
+            self.not_loaded = warm(self.models)
         if freeze:  # elsewhere the first batch's release is the first needed
             release(freeze, self.keep_mb)
 
@@ -551,20 +553,24 @@ _STAGE_MODULES = (
 )
 
 
-def warm(models: Models) -> None:
-    """What the first study of a fresh worker process would otherwise wait for: the models'
-    weights and the modules the stages import (torch and MONAI, SimpleITK's registration,
-    highdicom), 6.6 s of a first 512 x 512 x 200 study's 16.6 s on 2 cores (2026-12-08). A
-    model that does not load is logged here and reported by the job that needs it."""
+def warm(models: Models) -> list[str]:
+    """Load what the first study of a fresh worker process would otherwise wait for: the
+    models' weights and the modules the stages import (torch and MONAI, SimpleITK's
+    registration, highdicom); README, Benchmarks, has what it saves. Returns the problems of
+    what did not load, logged here; the job that needs it reports it as before."""
     started = time.perf_counter()
     problems = models.load()
     for module in _STAGE_MODULES:
-        importlib.import_module(module)
-    log.info(
-        "worker warmed up",
-        seconds=round(time.perf_counter() - started, 2),
-        models_not_loaded=problems or None,
-    )
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a broken install: the job says so, the worker stays
+            problems.append(f"{module}: {type(exc).__name__}: {exc}")
+    seconds = round(time.perf_counter() - started, 2)
+    if problems:
+        log.warning("worker warmed up without", problems=problems, seconds=seconds)
+    else:
+        log.info("worker warmed up", seconds=seconds)
+    return problems
 
 
 def work(

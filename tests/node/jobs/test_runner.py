@@ -327,8 +327,10 @@ def test_a_worker_loads_its_models_before_its_first_job_and_starts_without_them(
     anything (the first study then waits for neither torch's imports nor the weights) and says
     so to /healthz; a model that does not load does not stop the worker — the job that needs it
     fails with its error, as without the warm-up."""
+    import importlib.util
     import json
 
+    from node.analysis.models import ModelUnavailable
     from node.jobs import runner
 
     settings = Settings.model_validate(node_settings(tmp_path / "data"))
@@ -350,8 +352,36 @@ def test_a_worker_loads_its_models_before_its_first_job_and_starts_without_them(
         worker = runner.Worker(store, broken, "cpu", warm_up=True)
         recorded = json.loads(loads.read_text())
         assert recorded["segmenter"]["ok"] and not recorded["MVI model"]["ok"]
+        (problem,) = worker.not_loaded
+        assert problem.startswith("MVI model: ModelUnavailable: no MVI model at")
         assert worker.models is not None
-        with pytest.raises(Exception, match="none"):
+        with pytest.raises(ModelUnavailable, match=r"no MVI model at .*none"):
             worker.models.fusion()
     finally:
         store.close()
+    # Every module the warm-up imports exists (a renamed one would be a warm-up problem).
+    assert all(importlib.util.find_spec(name) for name in runner._STAGE_MODULES)
+
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_a_worker_process_warms_up_as_load_models_at_start_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_start: bool
+) -> None:
+    from node.jobs import runner
+
+    made: list[dict[str, object]] = []
+
+    class Made:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            made.append(kwargs)
+
+    monkeypatch.setattr(runner, "Worker", Made)
+    extra = {"pipeline": {"load_models_at_start": at_start}}
+    settings = Settings.model_validate(node_settings(tmp_path / "data", extra=extra))
+    store = Store(settings.database_url)
+    try:
+        runner.work(store, settings, "cpu", lambda: False, freeze=True)  # its own process
+        runner.work(store, settings, "cpu", lambda: False)  # inside another program
+    finally:
+        store.close()
+    assert [kwargs["warm_up"] for kwargs in made] == [at_start, False]
